@@ -1,0 +1,79 @@
+"""The Python API: ``graphopt.optimize(model, "fold")`` on an ONNX path/ModelProto or an nn.Module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from graphopt.ir import Graph, load_model
+from graphopt.passes.base import PassContext
+from graphopt.passes.instruments import NumericCheck, Snapshot, Verify
+from graphopt.passes.manager import PassManager, RunReport
+from graphopt.passes.pipeline import format_passes, resolve
+from graphopt.plugins import Registry, load_registry
+
+_registry: Registry | None = None
+
+
+def default_registry() -> Registry:
+    """Every plugin autoloaded once per process (``GRAPHOPT_DISABLE_PLUGIN_AUTOLOAD`` is honoured)."""
+    global _registry
+    if _registry is None:
+        _registry = load_registry()
+    return _registry
+
+
+@dataclass
+class OptimizeResult:
+    graph: Graph
+    report: RunReport
+    pipeline: str  # the resolved pipeline, aliases expanded
+
+    @property
+    def model(self) -> Any:
+        """The optimized model in its native form: ``onnx.ModelProto`` or ``torch.fx.GraphModule``."""
+        return self.graph.to_model() if self.graph.ir == "onnx" else self.graph.gm
+
+    def save(self, path: str) -> None:
+        self.graph.save(path)
+
+
+def optimize(
+    model: Any,
+    passes: str = "fold",
+    *,
+    example_inputs: Any = None,
+    verify_each: bool = False,
+    check: bool = True,
+    rtol: float = 1e-4,
+    snapshot_dir: str | None = None,
+    instruments: Iterable[Any] = (),
+    registry: Registry | None = None,
+    ctx: PassContext | None = None,
+) -> OptimizeResult:
+    """Run a textual pipeline on ``model``.
+
+    ``check`` runs the numeric-check instrument (every pass declared exact must keep the outputs within
+    ``rtol``); ``verify_each`` runs the onnx checker / FX lint after every modifying pass (the final graph is
+    always verified). ``model`` is never modified.
+    """
+    registry = registry or default_registry()
+    graph = load_model(model, example_inputs)
+    pass_list = resolve(passes, registry)
+    chain = list(instruments)
+    if verify_each:
+        chain.append(Verify())
+    if check:
+        chain.append(NumericCheck(rtol=rtol))
+    if snapshot_dir:
+        chain.append(Snapshot(snapshot_dir))
+    ctx = ctx or PassContext(registry=registry)
+    out, report = PassManager(pass_list, chain, ctx).run(graph)
+    if out is not graph and report.modified and not verify_each:
+        try:
+            out.verify()
+        except ValueError as exc:
+            from graphopt.errors import VerificationError
+
+            raise VerificationError(report.records[-1].name if report.records else "?", f"pipeline output is invalid: {exc}")
+    return OptimizeResult(out, report, format_passes(pass_list))

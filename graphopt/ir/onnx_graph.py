@@ -1,0 +1,205 @@
+"""OnnxGraph: an ONNX model held as an onnx-graphsurgeon graph.
+
+Loading checks the file (exists, parses, passes the onnx checker) and reads external data; saving writes
+external data beside the output when the input had it or the model is over protobuf's 2 GB limit. Passes edit
+``graph.gs`` with onnx-graphsurgeon; they never change a ``gs.Constant``'s array in place (``copy()`` shares
+weights), they put a new Constant in its slot.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+
+from graphopt.errors import ModelLoadError
+from graphopt.ir.base import Graph
+from graphopt.ir.ops import OpKind, onnx_kind
+
+_PROTOBUF_LIMIT = 2**31 - 1
+_META_FIELDS = ("doc_string", "domain", "model_version")
+
+
+class OnnxGraph(Graph):
+    ir = "onnx"
+
+    def __init__(self, graph: gs.Graph, meta: onnx.ModelProto | None = None, external_data: bool = False):
+        self.gs = graph
+        self._meta = meta if meta is not None else onnx.ModelProto()  # model-level fields gs does not carry
+        self.external_data = external_data
+
+    # -- loading and saving ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str) -> "OnnxGraph":
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise ModelLoadError(f"{path}: no such file")
+        if os.path.isdir(path):
+            raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
+        try:
+            model = onnx.load(path, load_external_data=False)
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(exc)}); truncated or not ONNX?")
+        if not model.graph.node and not model.graph.output:
+            raise ModelLoadError(f"{path}: not an ONNX model (no graph, no outputs)")
+        external = any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+        if external:
+            try:
+                onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(f"{path}: external data could not be read ({_first_line(exc)})")
+        try:
+            if model.ByteSize() > _PROTOBUF_LIMIT:
+                onnx.checker.check_model(path)
+            else:
+                onnx.checker.check_model(model)
+        except (onnx.checker.ValidationError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: invalid ONNX graph: {_first_line(exc)}")
+        return cls.from_model(model, external_data=external)
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto, external_data: bool = False) -> "OnnxGraph":
+        meta = onnx.ModelProto()
+        for name in _META_FIELDS:
+            setattr(meta, name, getattr(model, name))
+        meta.metadata_props.extend(model.metadata_props)
+        try:
+            graph = gs.import_onnx(model)
+        except Exception as exc:
+            raise ModelLoadError(f"onnx-graphsurgeon could not import the model: {_first_line(exc)}")
+        return cls(graph, meta, external_data)
+
+    def to_model(self) -> onnx.ModelProto:
+        model = gs.export_onnx(self.gs, do_type_check=False)
+        for name in _META_FIELDS:
+            setattr(model, name, getattr(self._meta, name))
+        del model.metadata_props[:]
+        model.metadata_props.extend(self._meta.metadata_props)
+        return model
+
+    def save(self, path: str) -> None:
+        model = self.to_model()
+        path = os.fspath(path)
+        if self.external_data or model.ByteSize() > _PROTOBUF_LIMIT:
+            location = os.path.basename(path) + ".data"
+            onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=location, size_threshold=1024)
+        else:
+            onnx.save_model(model, path)
+
+    def copy(self) -> "OnnxGraph":
+        return OnnxGraph(self.gs.copy(), self._meta, self.external_data)
+
+    # -- the protocol -------------------------------------------------------------------------------------
+    @property
+    def opset(self) -> int:
+        return int(self.gs.opset)
+
+    def kind(self, node: gs.Node) -> OpKind:
+        return onnx_kind(node.op) if node.domain in ("", "ai.onnx", None) else OpKind.OTHER
+
+    def op_counts(self) -> Counter:
+        return Counter(node.op for node in self.gs.nodes)
+
+    def num_parameters(self) -> int:
+        return int(sum(t.values.size for t in self.gs.tensors().values() if isinstance(t, gs.Constant)))
+
+    def infer_shapes(self) -> None:
+        model = onnx.shape_inference.infer_shapes(self.to_model(), check_type=True, strict_mode=True, data_prop=True)
+        self.gs = gs.import_onnx(model)
+
+    def verify(self) -> None:
+        """The onnx checker (full check, with shape inference) on the exported model."""
+        model = self.to_model()
+        try:
+            if model.ByteSize() > _PROTOBUF_LIMIT:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = os.path.join(tmp, "model.onnx")
+                    onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+                    onnx.checker.check_model(path, full_check=True)
+            else:
+                onnx.checker.check_model(model, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise ValueError(_first_line(exc)) from exc
+
+    def sample_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for tensor in self.gs.inputs:
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in (tensor.shape or [])]
+            dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
+            if np.issubdtype(dtype, np.floating):
+                feeds[tensor.name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype == np.bool_:
+                feeds[tensor.name] = np.zeros(shape, dtype)
+            else:
+                feeds[tensor.name] = rng.integers(0, 2, size=shape).astype(dtype)
+        return feeds
+
+    def session(self, threads: int = 0):
+        """An onnxruntime CPU session on the current graph (through a temporary file past 2 GB)."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        model = self.to_model()
+        if model.ByteSize() <= _PROTOBUF_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray(o) for o in self.session().run(None, inputs)]
+
+    # -- helpers passes share -----------------------------------------------------------------------------
+    @staticmethod
+    def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+        """The value of a tensor known at compile time: an initializer, or the output of a Constant node."""
+        if isinstance(tensor, gs.Constant):
+            return tensor.values
+        if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+            attrs = tensor.inputs[0].attrs
+            if isinstance(attrs.get("value"), gs.Constant):
+                return attrs["value"].values
+        return None
+
+    def splice_out(self, node: gs.Node, keep: gs.Tensor) -> bool:
+        """Remove ``node`` whose (first) output equals its input ``keep``, rewiring every use; graph output
+        names are preserved. Returns False (and leaves the graph alone) when that cannot be done without an
+        Identity: the output is a graph output and ``keep`` is a graph input, an initializer or itself an output."""
+        out = node.outputs[0]
+        if out in self.gs.outputs:
+            producer = keep.inputs[0] if len(keep.inputs) == 1 else None
+            if producer is None or keep in self.gs.outputs or keep in self.gs.inputs:
+                return False
+        node.inputs.clear()
+        node.outputs.clear()
+        if out in self.gs.outputs:
+            # the producer now writes the graph output directly; other readers of `keep` read it too
+            for consumer in list(keep.outputs):
+                _replace_input(consumer, keep, out)
+            producer.outputs[producer.outputs.index(keep)] = out
+        else:
+            for consumer in list(out.outputs):
+                _replace_input(consumer, out, keep)
+        return True
+
+
+def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    for i, tensor in enumerate(node.inputs):
+        if tensor is old:
+            node.inputs[i] = new
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,139 @@
+"""The pass contract.
+
+A pass is a class with a ``name``, the ``irs`` it supports, how faithful it is (``equivalence``), typed
+``Options`` (a frozen dataclass), and ``run_<ir>(graph, ctx) -> PassResult`` for each IR it declares. It may
+check ``requires`` (preconditions) and ``ensures`` (postconditions); both raise errors that name the pass.
+
+``PassResult.modified`` must be honest: a second run of a pass on its own output reports ``False``. ``stats``
+are counts for the report, keyed ``"<verb> <object>"`` (``{"folded BatchNormalization": 20}`` is shown as
+"folded 20 BatchNormalization").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, ClassVar
+
+from graphopt.errors import PassError, UnsupportedIRError
+from graphopt.ir.base import Graph
+
+IRS = frozenset({"onnx", "fx"})
+
+
+class Equivalence(str, Enum):
+    """What the numeric-check instrument holds a pass to."""
+
+    EXACT = "exact"  # outputs equal the input model's within float tolerance
+    APPROXIMATE = "approximate"  # outputs close (quantization, fp16): measured and reported, not enforced
+    NONE = "none"  # outputs are meant to change (pruning before fine-tuning): not compared
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """This pass takes no options."""
+
+
+@dataclass
+class PassResult:
+    graph: Graph
+    modified: bool
+    stats: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # things the user should know (skipped nodes, ...)
+
+    def describe(self) -> str:
+        parts = []
+        for key, count in self.stats.items():
+            verb, _, obj = key.partition(" ")
+            parts.append(f"{verb} {count} {obj}".rstrip())
+        return ", ".join(parts) if parts else ("changed" if self.modified else "no change")
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may need besides the graph. No pass keeps global state."""
+
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("graphopt"))
+    seed: int = 0
+    backend: Any = None  # the target backend, whose capabilities passes read (later issues)
+    calibration: Any = None  # calibration data source (int8 issue)
+    registry: Any = None  # the plugin Registry (channel handlers, importance criteria, ...)
+    warnings: list[str] = field(default_factory=list)
+    _analyses: dict[str, Any] = field(default_factory=dict)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.log.warning(message)
+
+    def analysis(self, key: str, compute: Callable[[], Any]) -> Any:
+        """A cached analysis; dropped after any pass that modifies the graph and does not preserve it."""
+        if key not in self._analyses:
+            self._analyses[key] = compute()
+        return self._analyses[key]
+
+    def invalidate(self, preserved: frozenset[str] = frozenset()) -> None:
+        for key in [k for k in self._analyses if k not in preserved]:
+            del self._analyses[key]
+
+
+class Pass:
+    """Base class of every pass. Subclasses set the class attributes and implement ``run_<ir>``."""
+
+    name: ClassVar[str] = ""
+    irs: ClassVar[frozenset[str]] = frozenset()
+    equivalence: ClassVar[Equivalence] = Equivalence.EXACT
+    Options: ClassVar[type] = NoOptions
+    preserves: ClassVar[frozenset[str]] = frozenset()  # analyses still valid after this pass
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+        if not isinstance(self.options, self.Options):
+            raise TypeError(f"{self.name}: options must be {self.Options.__name__}, got {type(self.options).__name__}")
+
+    @classmethod
+    def validate_class(cls) -> None:
+        """Checked when a plugin registers the pass, so a malformed pass fails at load time, by name."""
+        from graphopt.errors import PluginError
+
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        if not cls.name or not all(c.isalnum() or c == "-" for c in cls.name):
+            raise PluginError(f"{where}: pass name {cls.name!r} must be non-empty, letters, digits and '-'")
+        if not cls.irs or not cls.irs <= IRS:
+            raise PluginError(f"{where}: irs must be a non-empty subset of {sorted(IRS)}")
+        missing = [ir for ir in cls.irs if not callable(getattr(cls, f"run_{ir}", None))]
+        if missing:
+            raise PluginError(f"{where}: declares irs {sorted(cls.irs)} but has no run_{missing[0]}()")
+        if not (dataclasses.is_dataclass(cls.Options) and cls.Options.__dataclass_params__.frozen):
+            raise PluginError(f"{where}: Options must be a frozen dataclass")
+
+    def requires(self, graph: Graph, ctx: PassContext) -> None:
+        """Precondition; raise :class:`PassError` (via ``self.fail``) when the pass cannot run on ``graph``."""
+
+    def ensures(self, graph: Graph, ctx: PassContext) -> None:
+        """Postcondition on the pass's own output."""
+
+    def fail(self, message: str) -> PassError:
+        return PassError(self.name, message)
+
+    def __call__(self, graph: Graph, ctx: PassContext | None = None) -> PassResult:
+        ctx = ctx or PassContext()
+        if graph.ir not in self.irs:
+            raise UnsupportedIRError(
+                self.name,
+                f"runs on {' and '.join(sorted(self.irs))} graphs, not {graph.ir} "
+                f"(convert the model, or drop the pass from the pipeline)",
+            )
+        self.requires(graph, ctx)
+        result = getattr(self, f"run_{graph.ir}")(graph, ctx)
+        if not isinstance(result, PassResult):
+            raise self.fail(f"returned {type(result).__name__}, not a PassResult")
+        self.ensures(result.graph, ctx)
+        return result
+
+    def __repr__(self) -> str:
+        from graphopt.passes.options import format_options
+
+        text = format_options(self.options)
+        return f"{self.name}:{text}" if text else self.name

@@ -1,0 +1,111 @@
+"""Typed pass options: parsed from the textual pipeline and printed back.
+
+Options are frozen dataclasses. Supported field types: ``bool``, ``int``, ``float``, ``str``, ``Literal[...]``,
+``Optional[...]`` of those, and ``tuple[T, ...]`` (items joined with ``+`` in text). Printing writes the fields
+that differ from their defaults, in declaration order, so ``format(parse(text)) == text`` for canonical text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from graphopt.errors import PipelineError
+
+LIST_SEP = "+"
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _fields(options_cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(options_cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(options_cls)}
+
+
+def _convert(pass_name: str, key: str, text: str, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    bad = lambda what: PipelineError(f"pass '{pass_name}': option '{key}' expects {what}, got '{text}'")  # noqa: E731
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if text.lower() == "none" and len(inner) < len(args):
+            return None
+        return _convert(pass_name, key, text, inner[0] if len(inner) == 1 else str)
+    if origin is typing.Literal:
+        for choice in args:
+            if str(choice) == text:
+                return choice
+        raise bad("one of " + ", ".join(str(a) for a in args))
+    if origin is tuple:
+        item = args[0] if args else str
+        return tuple(_convert(pass_name, key, part, item) for part in text.split(LIST_SEP)) if text else ()
+    if hint is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise bad("true or false")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise bad("an integer") from None
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise bad("a number") from None
+    if hint is str:
+        return text
+    raise PipelineError(f"pass '{pass_name}': option '{key}' has a type graphopt cannot parse ({hint})")
+
+
+def parse_options(pass_name: str, options_cls: type, items: dict[str, str]) -> Any:
+    """Build ``options_cls`` from ``{"key": "text"}``, naming the pass and option in every error."""
+    fields = _fields(options_cls)
+    values = {}
+    for key, text in items.items():
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise PipelineError(f"pass '{pass_name}' has no option '{key}' (its options: {known})")
+        values[key] = _convert(pass_name, key, text, fields[key][1])
+    try:
+        return options_cls(**values)
+    except (TypeError, ValueError) as exc:  # __post_init__ validation
+        raise PipelineError(f"pass '{pass_name}': {exc}") from None
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return LIST_SEP.join(format_value(v) for v in value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def format_options(options: Any) -> str:
+    """``key=value`` pairs joined by ``:`` for the fields that differ from their defaults."""
+    parts = []
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if value != default:
+            parts.append(f"{f.name}={format_value(value)}")
+    return ":".join(parts)
+
+
+def describe_options(options_cls: type) -> list[tuple[str, str, str]]:
+    """``(name, type, default)`` for each option, for ``graphopt passes``."""
+    rows = []
+    for name, (f, hint) in _fields(options_cls).items():
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        type_name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        rows.append((name, type_name, format_value(default)))
+    return rows

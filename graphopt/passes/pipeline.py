@@ -1,0 +1,103 @@
+"""The textual pipeline: ``fold,prune:ratio=0.5:round_to=8,int8``.
+
+Passes are separated by ``,``; each may carry ``:key=value`` options; list values join items with ``+``.
+Every character in this syntax passes through an unquoted POSIX shell untouched. Brackets, braces and
+parentheses are refused with a message saying how to write the options instead (``prune{ratio=0.5,x=1}``
+unquoted is split by bash's brace expansion; ``prune(ratio=0.5)`` is a shell syntax error).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from graphopt.errors import PipelineError
+from graphopt.passes.options import format_options, parse_options
+
+_ALLOWED = re.compile(r"^[A-Za-z0-9_.,:=+\-/@]*$")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9\-]*$")
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """One element of a pipeline as written: a pass or alias name and its raw options."""
+
+    name: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        return ":".join([self.name, *(f"{k}={v}" for k, v in self.options)])
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    specs: tuple[PassSpec, ...] = field(default_factory=tuple)
+
+    def __str__(self) -> str:
+        return ",".join(str(s) for s in self.specs)
+
+
+def parse_pipeline(text: str) -> Pipeline:
+    text = text.strip()
+    if not text:
+        raise PipelineError("empty pipeline: give passes like --passes fold")
+    bad = sorted({c for c in text if not _ALLOWED.match(c)})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise PipelineError(
+            f"pipeline '{text}' has characters the syntax does not use ({shown}); write options as "
+            f"pass:key=value:key2=value2 and lists as a+b, e.g. prune:ratio=0.5:round_to=8"
+        )
+    specs = []
+    for element in text.split(","):
+        name, *opts = element.split(":")
+        if not name:
+            raise PipelineError(f"pipeline '{text}': empty pass name (doubled or trailing ',' or ':'?)")
+        if "=" in name:
+            raise PipelineError(
+                f"'{name}' is not a pass name: options follow the pass after ':' (prune:ratio=0.5); if you typed "
+                f"prune{{ratio=0.5,x=1}} unquoted, the shell split it by brace expansion"
+            )
+        if not _NAME.match(name):
+            raise PipelineError(f"'{name}' is not a valid pass name (letters, digits and '-')")
+        items: list[tuple[str, str]] = []
+        for opt in opts:
+            key, eq, value = opt.partition("=")
+            if not eq or not key:
+                raise PipelineError(f"pass '{name}': option '{opt}' is not key=value")
+            if key in dict(items):
+                raise PipelineError(f"pass '{name}': option '{key}' given twice")
+            items.append((key, value))
+        specs.append(PassSpec(name, tuple(items)))
+    return Pipeline(tuple(specs))
+
+
+def resolve(pipeline: Pipeline | str, registry, _seen: tuple[str, ...] = ()) -> list:
+    """Expand aliases and build each pass with its typed options."""
+    if isinstance(pipeline, str):
+        pipeline = parse_pipeline(pipeline)
+    passes = []
+    for spec in pipeline.specs:
+        if spec.name in registry.pipelines:
+            if spec.options:
+                alias = registry.pipelines[spec.name]
+                raise PipelineError(
+                    f"'{spec.name}' is a pipeline alias ({alias.text}) and takes no options: "
+                    f"spell out its passes with the options you want"
+                )
+            if spec.name in _seen:
+                raise PipelineError(f"pipeline alias '{spec.name}' refers to itself ({' -> '.join(_seen)})")
+            passes += resolve(registry.pipelines[spec.name].text, registry, (*_seen, spec.name))
+            continue
+        cls = registry.pass_class(spec.name)
+        passes.append(cls(parse_options(spec.name, cls.Options, dict(spec.options))))
+    return passes
+
+
+def format_passes(passes: list) -> str:
+    """The textual pipeline of resolved passes (aliases expanded, options canonical)."""
+    out = []
+    for p in passes:
+        opts = format_options(p.options)
+        out.append(f"{p.name}:{opts}" if opts else p.name)
+    return ",".join(out)

@@ -1,0 +1,162 @@
+"""The plugin manager: pluggy + the ``graphopt.plugins`` entry-point group.
+
+Built-in passes (``plugins/`` in the source tree, importable as ``graphopt_plugins``) are declared in graphopt's
+own ``pyproject.toml`` under that group, so they are found exactly as a third-party plugin is. A plugin that
+fails to import is recorded by name in :attr:`Registry.failed` and the rest still load. Autoloading of
+*third-party* plugins is turned off by ``GRAPHOPT_DISABLE_PLUGIN_AUTOLOAD=1`` or ``--no-plugins`` (graphopt's own
+entry points still load, as pytest does with its built-ins); ``-p NAME`` loads one named plugin anyway.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pluggy
+
+from graphopt import hookspecs
+from graphopt.errors import PluginError
+
+ENTRY_POINT_GROUP = "graphopt.plugins"
+AUTOLOAD_ENV = "GRAPHOPT_DISABLE_PLUGIN_AUTOLOAD"
+OWN_DISTRIBUTION = "graphopt"
+
+
+@dataclass
+class PipelineAlias:
+    name: str
+    text: str
+    doc: str
+    plugin: str | None = None
+
+
+@dataclass
+class Registry:
+    """What the loaded plugins provide. Hooks receive it and call its ``add_*`` methods."""
+
+    passes: dict[str, type] = field(default_factory=dict)
+    pipelines: dict[str, PipelineAlias] = field(default_factory=dict)
+    instruments: dict[str, type] = field(default_factory=dict)
+    backends: dict[str, Any] = field(default_factory=dict)
+    channel_handlers: dict[tuple[str, str], Any] = field(default_factory=dict)
+    importance: dict[str, Any] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)  # pass/alias name -> plugin name
+    failed: dict[str, str] = field(default_factory=dict)  # plugin name -> one-line reason
+    _current_plugin: str | None = None
+
+    # -- the add_* API plugins use ------------------------------------------------------------------------
+    def add_pass(self, cls: type) -> None:
+        from graphopt.passes.base import Pass
+
+        if not (isinstance(cls, type) and issubclass(cls, Pass)):
+            raise PluginError(f"plugin '{self._current_plugin}' registered {cls!r}, which is not a Pass subclass")
+        cls.validate_class()
+        self._claim(cls.name)
+        self.passes[cls.name] = cls
+
+    def add_pipeline(self, name: str, text: str, doc: str = "") -> None:
+        self._claim(name)
+        self.pipelines[name] = PipelineAlias(name, text, doc, self._current_plugin)
+
+    def add_instrument(self, name: str, cls: type) -> None:
+        self.instruments[name] = cls
+
+    def add_backend(self, name: str, backend: Any) -> None:
+        self.backends[name] = backend
+
+    def add_channel_handler(self, ir: str, op_type: str, handler: Any) -> None:
+        self.channel_handlers[(ir, op_type)] = handler
+
+    def add_importance(self, name: str, fn: Any) -> None:
+        self.importance[name] = fn
+
+    # -- lookups ------------------------------------------------------------------------------------------
+    def _claim(self, name: str) -> None:
+        if name in self.passes or name in self.pipelines:
+            raise PluginError(
+                f"plugin '{self._current_plugin}' registers '{name}', already registered by "
+                f"plugin '{self.origin.get(name)}'"
+            )
+        self.origin[name] = self._current_plugin or "<api>"
+
+    def pass_class(self, name: str) -> type:
+        from graphopt.errors import PipelineError
+
+        if name not in self.passes:
+            known = ", ".join(sorted([*self.passes, *self.pipelines]))
+            raise PipelineError(f"unknown pass '{name}' (known: {known}; `graphopt passes` describes them)")
+        return self.passes[name]
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    return sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+
+
+def _is_own(ep: importlib.metadata.EntryPoint) -> bool:
+    dist = getattr(ep, "dist", None)
+    return dist is not None and dist.metadata["Name"] == OWN_DISTRIBUTION
+
+
+def autoload_disabled() -> bool:
+    return os.environ.get(AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class PluginManager:
+    """Loads plugins and collects what their hooks register into one :class:`Registry`."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.registry = Registry()
+
+    def load(
+        self, *, autoload: bool | None = None, extra: Iterable[str] = (), modules: Iterable[Any] = ()
+    ) -> Registry:
+        """Load graphopt's own entry points, third-party ones unless autoload is off, the entry points or
+        modules named in ``extra`` (like ``-p NAME``), and plugin objects in ``modules``; then call the hooks."""
+        if autoload is None:
+            autoload = not autoload_disabled()
+        wanted = set(extra)
+        for ep in _entry_points():
+            if _is_own(ep) or autoload or ep.name in wanted:
+                wanted.discard(ep.name)
+                self._register(ep.name, ep.load)
+        for name in sorted(wanted):  # not an entry point: treat as an importable module name
+            self._register(name, lambda name=name: importlib.import_module(name))
+        for module in modules:
+            self._register(getattr(module, "__name__", repr(module)), lambda m=module: m)
+        self.pm.check_pending()
+        for hook in (
+            "graphopt_register_passes",
+            "graphopt_register_pipelines",
+            "graphopt_register_instruments",
+            "graphopt_register_backends",
+            "graphopt_register_channel_handlers",
+            "graphopt_register_importance",
+        ):
+            for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+                self.registry._current_plugin = impl.plugin_name
+                try:
+                    impl.function(registry=self.registry)
+                except PluginError:
+                    raise
+                except Exception as exc:  # a broken plugin is reported by name; the rest keep working
+                    self.registry.failed[impl.plugin_name] = f"{hook} raised {type(exc).__name__}: {exc}"
+            self.registry._current_plugin = None
+        return self.registry
+
+    def _register(self, name: str, load) -> None:
+        if self.pm.has_plugin(name):
+            return
+        try:
+            plugin = load()
+            self.pm.register(plugin, name=name)
+        except Exception as exc:
+            self.registry.failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def load_registry(*, autoload: bool | None = None, extra: Iterable[str] = (), modules: Iterable[Any] = ()) -> Registry:
+    """A fresh registry with every plugin loaded (see :meth:`PluginManager.load`)."""
+    return PluginManager().load(autoload=autoload, extra=extra, modules=modules)

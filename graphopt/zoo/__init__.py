@@ -1,0 +1,10 @@
+"""Small reference networks built in code (no downloads) for examples, tests and benchmarks. Needs torch.
+
+They follow the published architectures' layer patterns (conv -> BN -> ReLU, residual Adds, inverted residuals
+with depthwise convs and ReLU6) so graph passes meet the same shapes as on the real models.
+"""
+
+from graphopt.zoo.cnn import mobilenet_v2_like, resnet18_like, resnet50_like, tiny_resnet
+from graphopt.zoo.export import export_onnx
+
+__all__ = ["export_onnx", "mobilenet_v2_like", "resnet18_like", "resnet50_like", "tiny_resnet"]
