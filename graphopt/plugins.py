@@ -85,8 +85,9 @@ class Registry:
         from graphopt.errors import PipelineError
 
         if name not in self.passes:
-            known = ", ".join(sorted([*self.passes, *self.pipelines]))
-            raise PipelineError(f"unknown pass '{name}' (known: {known}; `graphopt passes` describes them)")
+            known = ", ".join(sorted([*self.passes, *self.pipelines])) or "none"
+            failed = f"; plugins that failed to load: {', '.join(sorted(self.failed))}" if self.failed else ""
+            raise PipelineError(f"unknown pass '{name}' (known: {known}{failed}; `graphopt passes` lists them)")
         return self.passes[name]
 
 
@@ -119,7 +120,9 @@ class PluginManager:
         if autoload is None:
             autoload = not autoload_disabled()
         wanted = set(extra)
-        for ep in _entry_points():
+        eps = _entry_points()
+        # graphopt's own first, so a third-party plugin that reuses a built-in name is the one reported
+        for ep in [e for e in eps if _is_own(e)] + [e for e in eps if not _is_own(e)]:
             if _is_own(ep) or autoload or ep.name in wanted:
                 wanted.discard(ep.name)
                 self._register(ep.name, ep.load)
@@ -136,14 +139,13 @@ class PluginManager:
             "graphopt_register_channel_handlers",
             "graphopt_register_importance",
         ):
-            for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+            for impl in getattr(self.pm.hook, hook).get_hookimpls():  # in registration order
                 self.registry._current_plugin = impl.plugin_name
                 try:
                     impl.function(registry=self.registry)
-                except PluginError:
-                    raise
                 except Exception as exc:  # a broken plugin is reported by name; the rest keep working
-                    self.registry.failed[impl.plugin_name] = f"{hook} raised {type(exc).__name__}: {exc}"
+                    reason = str(exc) if isinstance(exc, PluginError) else f"{hook} raised {type(exc).__name__}: {exc}"
+                    self.registry.failed[impl.plugin_name] = reason.splitlines()[0]
             self.registry._current_plugin = None
         return self.registry
 
@@ -152,6 +154,8 @@ class PluginManager:
             return
         try:
             plugin = load()
+            if self.pm.is_registered(plugin):  # e.g. `-p module` naming an entry point's module
+                return
             self.pm.register(plugin, name=name)
         except Exception as exc:
             self.registry.failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]

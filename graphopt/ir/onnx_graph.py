@@ -51,7 +51,7 @@ class OnnxGraph(Graph):
         if external:
             try:
                 onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # onnx raises OSError, ValueError or its own ValidationError here
                 raise ModelLoadError(f"{path}: external data could not be read ({_first_line(exc)})")
         try:
             if model.ByteSize() > _PROTOBUF_LIMIT:
@@ -173,8 +173,9 @@ class OnnxGraph(Graph):
         return None
 
     def splice_out(self, node: gs.Node, keep: gs.Tensor) -> bool:
-        """Remove ``node`` whose (first) output equals its input ``keep``, rewiring every use; graph output
-        names are preserved. Returns False (and leaves the graph alone) when that cannot be done without an
+        """Disconnect ``node`` whose (first) output equals its input ``keep``, rewiring every use to ``keep``;
+        graph output names are preserved. The node is left with no inputs or outputs: the caller drops it from
+        ``graph.gs.nodes`` (or ``gs.cleanup()`` does). Returns False (and leaves the graph alone) when that cannot be done without an
         Identity: the output is a graph output and ``keep`` is a graph input, an initializer or itself an output."""
         out = node.outputs[0]
         if out in self.gs.outputs:

@@ -1,0 +1,415 @@
+"""fold-bn: fold BatchNormalization into the Conv, ConvTranspose or Gemm that feeds it."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import operator
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt import Equivalence, OpKind, Pass, PassResult, hookimpl
+
+FOLDABLE = (OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.GEMM)
+FOLDED = "folded BatchNormalization"
+
+# Why a BatchNormalization is left as is; the result's notes count each.
+TRAINING = "in training mode (batch statistics)"
+STATS_USED = "whose running-statistics outputs are read"
+NOT_AFTER_FOLDABLE = "not after a foldable op (Conv, ConvTranspose, Gemm/Linear)"
+SHARED = "after an op whose output is also read elsewhere"
+NOT_CONSTANT = "with weights or statistics that are not constants"
+GEMM_OFF = "after a Gemm/Linear (fold_into_gemm=false)"
+GEMM_C = "after a Gemm whose C is not one value per output feature"
+CHANNELS = "whose statistics are not one per output channel of the op before it"
+SHAPE = "after an op whose output is not (batch, channels, ...) or has an unknown shape"
+
+
+class FoldBatchNorm(Pass):
+    """Fold BatchNormalization into the Conv, ConvTranspose or Gemm that feeds it.
+
+    In inference BatchNormalization is per channel ``y * scale + shift``, ``scale = gamma / sqrt(var + eps)``,
+    ``shift = beta - mean * scale``. When its input is the output of a Conv, ConvTranspose or Gemm (Linear)
+    that nothing else reads, each output channel's weights are multiplied by ``scale``, the bias becomes
+    ``bias * scale + shift`` (added where there was none) and the BatchNormalization is removed. New weights
+    are computed in float64 and cast back to the weights' dtype. Chains (Conv -> BN -> BN) fold completely.
+
+    A BatchNormalization stays, counted in a note, when it is in training mode or its statistics outputs are
+    read, when its input is not such an op's output or that output is read elsewhere (or is a graph output),
+    or when weights or statistics are not compile-time constants.
+
+    ONNX: new Constants replace the weights (never changed in place); the folded op writes the BN's output
+    tensor, so its name (perhaps a graph output) is kept. Grouped/depthwise Conv and grouped ConvTranspose are
+    handled. A Gemm folds when B is constant and C is absent or per feature (scalar, (N,), (1, N)); beta -> 1.
+
+    FX: ``Conv*d`` / ``ConvTranspose*d`` / ``Linear`` module calls (replaced by a fused copy of the module)
+    and ``F.conv*d`` / ``F.conv_transpose*d`` / ``F.linear`` on parameters, then a ``BatchNorm*d`` module in
+    eval mode with running statistics or ``F.batch_norm(training=False)`` on buffers. From torch.export:
+    ``aten.conv*d`` / ``conv_transpose*d`` / ``convolution`` / ``linear``, then ``aten.batch_norm`` (training
+    False) or ``aten._native_batch_norm_legit_no_training`` (only output 0 read); folded weights become new
+    parameters. Not matched: a decomposed linear (``aten.addmm`` on a permuted weight). The op's output must be
+    (batch, channels, ...) by the recorded or propagated shapes. Unused submodules and attribute reads go.
+
+    Option ``fold_into_gemm=false`` leaves a BatchNormalization after a Gemm / Linear alone.
+    """
+
+    name = "fold-bn"
+    irs = frozenset({"onnx", "fx"})
+    equivalence = Equivalence.EXACT
+
+    @dataclass(frozen=True)
+    class Options:
+        fold_into_gemm: bool = True
+
+    # -- ONNX -------------------------------------------------------------------------------------------------
+    def run_onnx(self, graph, ctx) -> PassResult:
+        names = set(graph.gs.tensors())
+        bns = [n for n in graph.gs.nodes if graph.kind(n) == OpKind.BATCH_NORM]
+        result = _fold_each(graph, bns, lambda bn: self._onnx_plan(graph, bn),
+                            lambda bn, plan: _onnx_fold(graph, bn, plan, names))
+        if result.modified:
+            graph.gs.cleanup().toposort()
+        return result
+
+    def _onnx_plan(self, graph, bn: gs.Node) -> "_Fold | str":
+        """What folding ``bn`` takes, or why it cannot be folded."""
+        outputs = graph.gs.outputs
+        if bn.attrs.get("training_mode", 0):
+            return TRAINING
+        if any(t.outputs or t in outputs for t in bn.outputs[1:]):
+            return STATS_USED
+        x = bn.inputs[0]
+        op = x.inputs[0] if len(x.inputs) == 1 else None
+        kind = graph.kind(op) if op is not None else OpKind.OTHER
+        if kind not in FOLDABLE:
+            return NOT_AFTER_FOLDABLE
+        if kind == OpKind.GEMM and not self.options.fold_into_gemm:
+            return GEMM_OFF
+        if len(x.outputs) != 1 or x in outputs:
+            return SHARED
+        stats = [graph.constant_value(t) for t in bn.inputs[1:5]]
+        w = graph.constant_value(op.inputs[1])
+        has_bias = len(op.inputs) > 2 and op.inputs[2].name != ""
+        bias = graph.constant_value(op.inputs[2]) if has_bias else None
+        if any(v is None for v in stats) or w is None or (has_bias and bias is None) or w.dtype.kind != "f":
+            return NOT_CONSTANT
+        group, trans_b = int(op.attrs.get("group", 1)), bool(op.attrs.get("transB", 0))
+        n = out_channels(kind, w.shape, group, trans_b)
+        if any(v.size != n for v in stats):
+            return CHANNELS
+        if kind == OpKind.GEMM and bias is not None:  # beta * C, one value per feature
+            if bias.size != 1 and not (bias.ndim <= 2 and bias.size == n and bias.shape[-1] == n):
+                return GEMM_C
+            bias = np.broadcast_to(bias.astype(np.float64).reshape(-1), (n,)) * float(op.attrs.get("beta", 1.0))
+        return _Fold(op, kind, w, bias, group, trans_b)
+
+    # -- FX ---------------------------------------------------------------------------------------------------
+    def run_fx(self, graph, ctx) -> PassResult:
+        gm, shapes = graph.gm, _Shapes(graph)
+        bns = [node for node in gm.graph.nodes if _fx_batch_norm(graph, node) is not None]
+        result = _fold_each(graph, bns, lambda node: self._fx_plan(graph, node, shapes),
+                            lambda node, plan: _fx_fold(gm, *plan))
+        if result.modified:
+            for node in list(gm.graph.nodes):  # reads of old weights and statistics (attribute reads are pure)
+                if node.op == "get_attr" and not node.users:
+                    gm.graph.erase_node(node)
+            gm.delete_all_unused_submodules()
+            gm.graph.lint()
+            gm.recompile()
+        return result
+
+    def _fx_plan(self, graph, node, shapes: "_Shapes") -> "tuple[_FxNorm, _Fold] | str":
+        bn = _fx_batch_norm(graph, node)  # now: an earlier fold may have rewired its input
+        if bn.reason:
+            return bn.reason
+        op = _fx_foldable_op(graph, bn.x)
+        if isinstance(op, str):
+            return op
+        if op.kind == OpKind.GEMM and not self.options.fold_into_gemm:
+            return GEMM_OFF
+        if len(op.op.users) != 1:
+            return SHARED
+        if op.weight is None or op.bias is _COMPUTED or any(s is _COMPUTED for s in bn.stats):
+            return NOT_CONSTANT
+        if any(s.numel() != out_channels(op.kind, tuple(op.weight.shape), op.group) for s in bn.stats if s is not None):
+            return CHANNELS
+        if shapes.rank(op.op) != (2 if op.kind == OpKind.GEMM else op.weight.dim()):
+            return SHAPE
+        return bn, op
+
+
+# -- the math, shared by both IRs -------------------------------------------------------------------------------
+def bn_affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Inference BatchNormalization as ``y * scale + shift`` per channel, in float64 (gamma/beta None: 1/0)."""
+    mean, var = (np.asarray(a, np.float64).reshape(-1) for a in (mean, var))
+    gamma = np.ones_like(mean) if gamma is None else np.asarray(gamma, np.float64).reshape(-1)
+    beta = np.zeros_like(mean) if beta is None else np.asarray(beta, np.float64).reshape(-1)
+    scale = gamma / np.sqrt(var + float(eps))
+    return scale, beta - mean * scale
+
+
+def out_channels(kind: OpKind, w_shape: tuple, group: int = 1, trans_b: bool = True) -> int:
+    """Output channels of an op from its weight's shape (layouts as in :func:`fold_weights`)."""
+    if kind == OpKind.CONV:
+        return w_shape[0]
+    if kind == OpKind.CONV_TRANSPOSE:
+        return w_shape[1] * group
+    return w_shape[0] if trans_b else w_shape[1]
+
+
+def fold_weights(kind: OpKind, w, b, scale, shift, group: int = 1, trans_b: bool = True):
+    """Weight and bias of ``op`` such that ``op'(x) == op(x) * scale + shift`` per output channel (float64).
+
+    Layouts: Conv (out, in/group, k...); ConvTranspose (in, out/group, k...), output channel
+    ``g * out/group + j``; Gemm / Linear (out, in) when ``trans_b`` else (in, out). ``b`` None means zeros.
+    """
+    w = np.asarray(w, np.float64)
+    if kind == OpKind.CONV:
+        w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    elif kind == OpKind.CONV_TRANSPOSE:
+        grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
+        w = (grouped * scale.reshape((group, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
+    else:
+        w = w * (scale[:, None] if trans_b else scale[None, :])
+    b = np.zeros_like(scale) if b is None else np.asarray(b, np.float64).reshape(-1)
+    return w, b * scale + shift
+
+
+@dataclass
+class _Fold:
+    """A foldable op: its node, kind, weight, bias (None: none; a Gemm's is beta * C), group and layout."""
+
+    op: Any
+    kind: OpKind
+    weight: Any
+    bias: Any
+    group: int = 1
+    trans_b: bool = True
+    call: tuple | None = None  # FX call_function: the call's parameter names; None for a module call
+
+
+def _fold_each(graph, bns: list, plan, fold) -> PassResult:
+    """Fold each batch norm ``plan(bn)`` allows; count the reasons of the others in notes."""
+    folded, left = 0, Counter()
+    for bn in bns:
+        how = plan(bn)
+        if isinstance(how, str):
+            left[how] += 1
+        else:
+            fold(bn, how)
+            folded += 1
+    notes = [f"{n} BatchNormalization {reason}: left as is" for reason, n in left.items()]
+    return PassResult(graph, folded > 0, {FOLDED: folded} if folded else {}, notes)
+
+
+# -- ONNX rewrite -------------------------------------------------------------------------------------------------
+def _onnx_fold(graph, bn: gs.Node, plan: _Fold, names: set[str]) -> None:
+    gamma, beta, mean, var = (graph.constant_value(t) for t in bn.inputs[1:5])
+    scale, shift = bn_affine(gamma, beta, mean, var, bn.attrs.get("epsilon", 1e-5))
+    w, b = fold_weights(plan.kind, plan.weight, plan.bias, scale, shift, plan.group, plan.trans_b)
+    op, dtype = plan.op, plan.weight.dtype
+    op.inputs[1] = gs.Constant(_fresh(names, f"{op.inputs[1].name}_bnfold"), w.astype(dtype))
+    bias = gs.Constant(_fresh(names, f"{op.name or op.outputs[0].name}_bias_bnfold"), b.astype(dtype))
+    if len(op.inputs) > 2:
+        op.inputs[2] = bias
+    else:
+        op.inputs.append(bias)
+    if plan.kind == OpKind.GEMM:
+        op.attrs["beta"] = 1.0
+    y = bn.outputs[0]  # the op now writes the BN's output tensor: its name (maybe a graph output) is kept
+    bn.inputs.clear()
+    bn.outputs.clear()
+    op.outputs[0] = y
+    graph.gs.nodes.remove(bn)
+
+
+def _fresh(names: set[str], base: str) -> str:
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}_{i}", i + 1
+    names.add(name)
+    return name
+
+
+# -- FX matching ------------------------------------------------------------------------------------------------
+_COMPUTED = object()  # a weight or statistic computed at run time, not a parameter or buffer
+_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONVOLUTION = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups")
+_LINEAR = ("input", "weight", "bias")
+_F_BN = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_ATEN_BN = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")
+_ATEN_BN_EVAL = ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps")
+_DEFAULTS = {"groups": 1, "training": False, "eps": 1e-5}
+
+
+@functools.cache
+def _fx_calls() -> tuple[dict, dict]:
+    """Function targets: foldable ops -> (kind, parameter names); batch norms -> parameter names."""
+    import torch
+
+    F, aten = torch.nn.functional, torch.ops.aten
+    convs = [F.conv1d, F.conv2d, F.conv3d] + [getattr(getattr(aten, f"conv{d}d"), o) for d in "123" for o in
+                                               ("default", "padding")]
+    transposed = [F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, aten.conv_transpose1d.default,
+                  aten.conv_transpose2d.input, aten.conv_transpose3d.input]
+    ops = {f: (OpKind.CONV, _CONV) for f in convs} | {f: (OpKind.CONV_TRANSPOSE, _CONV_T) for f in transposed}
+    ops[aten.convolution.default] = (None, _CONVOLUTION)  # kind from its `transposed` argument
+    ops.update({f: (OpKind.GEMM, _LINEAR) for f in (F.linear, aten.linear.default)})
+    norms = {F.batch_norm: _F_BN, aten.batch_norm.default: _ATEN_BN,
+             aten._native_batch_norm_legit_no_training.default: _ATEN_BN_EVAL}
+    return ops, norms
+
+
+def _arg(node, names: tuple, name: str) -> Any:
+    if name in node.kwargs:
+        return node.kwargs[name]
+    i = names.index(name)
+    return node.args[i] if i < len(node.args) else _DEFAULTS.get(name)
+
+
+def _set_arg(node, names: tuple, name: str, value: Any) -> None:
+    i = names.index(name)
+    if name not in node.kwargs and i <= len(node.args):
+        node.args = (*node.args[:i], value, *node.args[i + 1:])
+    else:
+        node.update_kwarg(name, value)
+
+
+def _param(gm, arg) -> Any:
+    """The tensor a ``get_attr`` node reads; None for None; ``_COMPUTED`` for anything else."""
+    if arg is None:
+        return None
+    if getattr(arg, "op", None) == "get_attr":
+        return functools.reduce(getattr, arg.target.split("."), gm)
+    return _COMPUTED
+
+
+@dataclass
+class _FxNorm:
+    node: Any
+    x: Any  # the normalized node
+    outs: list  # the nodes whose value is the normalized tensor
+    stats: tuple = ()  # gamma, beta, mean, var (gamma / beta may be None)
+    eps: float = 1e-5
+    reason: str | None = None
+
+
+def _fx_batch_norm(graph, node) -> _FxNorm | None:
+    """``node`` as a batch norm (with the reason it cannot fold, if any), or None if it is none."""
+    gm = graph.gm
+    if node.op == "call_module" and graph.kind(node) == OpKind.BATCH_NORM:
+        m = gm.get_submodule(node.target)
+        if m.training or m.running_mean is None or m.running_var is None:
+            return _FxNorm(node, None, [node], reason=TRAINING)
+        return _FxNorm(node, node.args[0], [node], (m.weight, m.bias, m.running_mean, m.running_var), m.eps)
+    _, norms = _fx_calls()
+    if node.op != "call_function" or node.target not in norms:
+        return None
+    names = norms[node.target]
+    outs = [node]
+    if names is _ATEN_BN_EVAL:  # returns (output, saved mean, saved invstd)
+        outs = list(node.users)
+        if not all(u.target is operator.getitem and u.args[1] == 0 for u in outs):
+            return _FxNorm(node, None, outs, reason=STATS_USED)
+    stats = tuple(_param(gm, _arg(node, names, k)) for k in ("weight", "bias", "running_mean", "running_var"))
+    eps = _arg(node, names, "eps")
+    if ("training" in names and _arg(node, names, "training") is not False) or stats[2] is None or stats[3] is None:
+        return _FxNorm(node, None, outs, reason=TRAINING)
+    if not isinstance(eps, (int, float)):
+        return _FxNorm(node, None, outs, reason=NOT_CONSTANT)
+    return _FxNorm(node, _arg(node, names, "input"), outs, stats, float(eps))
+
+
+def _fx_foldable_op(graph, node) -> _Fold | str:
+    """``node`` as a Conv / ConvTranspose / Linear with its parameters, or why it is not one."""
+    gm = graph.gm
+    if getattr(node, "op", None) == "call_module" and graph.kind(node) in FOLDABLE:
+        m = gm.get_submodule(node.target)
+        return _Fold(node, graph.kind(node), m.weight, m.bias, getattr(m, "groups", 1))
+    ops, _ = _fx_calls()
+    if getattr(node, "op", None) != "call_function" or node.target not in ops:
+        return NOT_AFTER_FOLDABLE
+    kind, names = ops[node.target]
+    if kind is None:
+        transposed = _arg(node, names, "transposed")
+        if not isinstance(transposed, bool):
+            return NOT_CONSTANT
+        kind = OpKind.CONV_TRANSPOSE if transposed else OpKind.CONV
+    weight, bias = _param(gm, _arg(node, names, "weight")), _param(gm, _arg(node, names, "bias"))
+    group = _arg(node, names, "groups") if "groups" in names else 1
+    if weight is None or weight is _COMPUTED or not isinstance(group, int):
+        weight = None  # _fx_plan reports NOT_CONSTANT
+    return _Fold(node, kind, weight, bias, group if isinstance(group, int) else 1, call=names)
+
+
+class _Shapes:
+    """Output ranks: as torch.export recorded them, else from FX ShapeProp (run once, when first needed)."""
+
+    def __init__(self, graph):
+        self.graph, self.tried = graph, False
+
+    def rank(self, node) -> int | None:
+        val, meta = node.meta.get("val"), node.meta.get("tensor_meta")
+        if hasattr(val, "dim") or hasattr(meta, "shape"):
+            return val.dim() if hasattr(val, "dim") else len(meta.shape)
+        if self.tried:
+            return None
+        self.tried = True
+        try:
+            self.graph.infer_shapes()
+        except Exception:  # shapes stay unknown: the batch norm is left as is
+            return None
+        return self.rank(node)
+
+
+# -- FX rewrite -------------------------------------------------------------------------------------------------
+def _fx_fold(gm, bn: _FxNorm, op: _Fold) -> None:
+    import torch
+
+    def numpy(t):
+        return None if t is None else t.detach().cpu().to(torch.float64).numpy()
+
+    def parameter(a):
+        ref = op.weight
+        return torch.nn.Parameter(torch.from_numpy(a).to(ref.dtype).to(ref.device), requires_grad=ref.requires_grad)
+
+    scale, shift = bn_affine(*(numpy(t) for t in bn.stats), bn.eps)
+    w, b = fold_weights(op.kind, numpy(op.weight), numpy(op.bias), scale, shift, op.group)
+    node = op.op
+    if op.call is None:  # a module call: a fused copy of the module takes its place
+        fused = copy.deepcopy(gm.get_submodule(node.target))
+        fused.weight, fused.bias = parameter(w), parameter(b)
+        if any(n is not node and n.op == "call_module" and n.target == node.target for n in gm.graph.nodes):
+            node.target = _fresh_attr(gm, node.target.replace(".", "_") + "_bnfold")  # the module is reused
+        gm.add_submodule(node.target, fused)
+    else:  # a function call on parameters: new parameters, read by new get_attr nodes
+        with gm.graph.inserting_before(node):
+            for name, value in (("weight", w), ("bias", b)):
+                old = _arg(node, op.call, name)
+                base = old.target if old is not None else f"{node.name}.{name}"
+                attr = _fresh_attr(gm, base.replace(".", "_") + "_bnfold")
+                gm.register_parameter(attr, parameter(value))
+                _set_arg(node, op.call, name, gm.graph.get_attr(attr))
+    for out in bn.outs:
+        out.replace_all_uses_with(node)
+    for out in bn.outs:
+        if out is not bn.node:
+            gm.graph.erase_node(out)
+    gm.graph.erase_node(bn.node)
+
+
+def _fresh_attr(gm, base: str) -> str:
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+@hookimpl
+def graphopt_register_passes(registry):
+    registry.add_pass(FoldBatchNorm)

@@ -1,0 +1,296 @@
+"""fold-constants: compute, once, every value that depends only on constants, and store it as a constant."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from graphopt import Pass, PassResult, hookimpl
+
+# never evaluated at compile time: Q/DQ must stay for quantization passes; the rest are random
+_ONNX_NO_FOLD = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Dropout", "RandomNormal", "RandomUniform",
+    "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+})
+# FX targets whose name has a word starting with one of these are random (or uninitialized): never folded
+_FX_RANDOM = ("rand", "dropout", "bernoulli", "multinomial", "normal", "uniform", "poisson", "empty", "rrelu",
+              "exponential", "geometric", "cauchy")
+
+
+class FoldConstants(Pass):
+    """Evaluate subgraphs whose inputs are all compile-time constants and replace them by their values.
+
+    ONNX (top-level graph; If/Loop bodies are left alone): ``Constant`` nodes become initializers; then
+    onnx-graphsurgeon's ``fold_constants`` evaluates, with onnxruntime, every node whose inputs are all
+    initializers, and with ``fold_shapes``, ``Shape`` (and ``Shape -> Gather/Slice``) of tensors whose shape
+    is static, so the exporters' ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape`` chains collapse to a
+    constant shape. Shapes for that come from ONNX shape inference and are not left in the graph. Nodes left
+    unused are removed (dead nodes that were already there are removed first and counted apart).
+
+    Never folded: ``QuantizeLinear``/``DequantizeLinear`` (Q/DQ on constant weights is how a quantized model
+    says where int8 runs), ``Dropout`` and random ops, ops outside the default ONNX domain, and results
+    larger than ``size_limit_mb`` (0: no limit). A subgraph onnxruntime cannot evaluate is left as it is,
+    with a note.
+
+    FX: a ``call_function``/``call_method`` node, or a ``call_module`` of a module without parameters or
+    buffers, whose inputs are all ``get_attr`` tensors or other such nodes (nothing reaches a placeholder) is
+    evaluated once with torch; where such a value is read by the rest of the graph it becomes a buffer
+    (``_folded_<name>``) read with ``get_attr``. Skipped: random ops (``rand*``, ``dropout``, ...), in-place
+    and side-effecting ops, and non-tensor results (those stay computed at run time). Parameters and buffers
+    no longer read are deleted. Exact: onnxruntime / torch compute the same values they computed at run time.
+    """
+
+    name = "fold-constants"
+    irs = frozenset({"onnx", "fx"})
+
+    @dataclass(frozen=True)
+    class Options:
+        fold_shapes: bool = True  # fold Shape of statically shaped tensors (ONNX)
+        size_limit_mb: float = 0  # do not materialize a folded tensor bigger than this; 0: no limit
+
+        def __post_init__(self):
+            if self.size_limit_mb < 0:
+                raise ValueError(f"size_limit_mb must be >= 0, got {self.size_limit_mb}")
+
+    def _size_limit_bytes(self) -> int | None:
+        return int(self.options.size_limit_mb * 2**20) if self.options.size_limit_mb > 0 else None
+
+    # -- ONNX -------------------------------------------------------------------------------------------------
+    def run_onnx(self, graph, ctx):
+        g = graph.gs
+        stats: Counter = Counter()
+        notes: list[str] = []
+        count = len(g.nodes)
+        g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
+        if len(g.nodes) < count:
+            stats["removed dead nodes"] = count - len(g.nodes)
+        before = list(g.nodes)
+        variables = {id(t) for t in g.tensors().values() if not _is_constant(t)}
+        added_shapes = _add_inferred_shapes(graph, notes) if self.options.fold_shapes else []
+        g.toposort(recurse_subgraphs=False, recurse_functions=False)
+        kwargs = dict(fold_shapes=self.options.fold_shapes, recurse_subgraphs=False, flatten_subgraphs=False,
+                      recurse_functions=False, size_threshold=self._size_limit_bytes(),
+                      should_exclude_node=_onnx_never_fold)
+        try:
+            g.fold_constants(partitioning=None, error_ok=False, **kwargs)
+        except Exception as exc:  # evaluate the foldable parts one by one, keeping what onnxruntime can run
+            notes.append(f"onnxruntime could not evaluate every constant subgraph ({_first_line(exc)}); "
+                         f"those it could not are left in the graph")
+            g.fold_constants(partitioning="recursive", error_ok=True, **kwargs)
+        g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
+        for tensor, dtype in added_shapes:  # shapes were only needed for folding; later passes may change them
+            if not _is_constant(tensor):
+                tensor.shape, tensor.dtype = None, dtype
+        after = {id(n) for n in g.nodes}
+        gone = [n for n in before if id(n) not in after]
+        stats["converted Constant"] = sum(n.op == "Constant" for n in gone)
+        stats["folded nodes"] = len(gone) - stats["converted Constant"]
+        # a node can also lose only some outputs to folding (the others over size_limit_mb)
+        now_constant = sum(1 for t in g.tensors().values() if _is_constant(t) and id(t) in variables)
+        stats = {k: v for k, v in stats.items() if v}
+        return PassResult(graph, bool(stats) or now_constant > 0, stats, notes)
+
+    # -- FX ---------------------------------------------------------------------------------------------------
+    def run_fx(self, graph, ctx):
+        import torch
+
+        from graphopt_plugins.eliminate_dead import delete_unread_attributes
+
+        gm = graph.gm
+        limit = self._size_limit_bytes()
+        constant = _fx_constant_nodes(gm)
+        values: dict = {}
+        folded: list = []
+        skipped_big = 0
+        notes: list[str] = []
+        read_before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        for node in list(gm.graph.nodes):
+            if node not in constant:
+                continue
+            try:
+                values[node] = _fx_evaluate(node, gm, values)
+            except Exception as exc:  # leave it, and what depends on it, to run time
+                notes.append(f"could not evaluate '{node.name}' at compile time ({_first_line(exc)}); left as is")
+                constant -= {node, *_descendants(node)}
+                continue
+            readers = [u for u in node.users if u not in constant and u.op != "output"]
+            value = values[node]
+            if node.op == "get_attr" or not readers or not isinstance(value, torch.Tensor):
+                continue  # a value only constants read, or the graph's result, or an int/shape: run time
+            if limit is not None and value.numel() * value.element_size() > limit:
+                skipped_big += 1
+                continue
+            name = _fresh_attr(gm, f"_folded_{node.name}")
+            gm.register_buffer(name, value.detach().clone())
+            with gm.graph.inserting_before(node):
+                getter = gm.graph.get_attr(name)
+            getter.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")})
+            node.replace_all_uses_with(getter, delete_user_cb=lambda user: user.op != "output")
+            folded.append(node)
+        if skipped_big:
+            notes.append(f"{skipped_big} constant tensors over size_limit_mb={self.options.size_limit_mb:g} "
+                         f"left computed at run time")
+        if not folded:
+            return PassResult(graph, False, {}, notes)
+        erased, used = 0, _ancestors(folded, constant)
+        for node in reversed(list(gm.graph.nodes)):  # what computed the folded values, if nothing else reads it
+            if node in used and not node.users:
+                erased += node.op != "get_attr"
+                gm.graph.erase_node(node)
+        deleted = delete_unread_attributes(gm, read_before)
+        gm.delete_all_unused_submodules()
+        # a folded value the graph also returns stays computed for that output: then no node is erased
+        stats = {k: v for k, v in (("folded nodes", erased), ("removed parameters/buffers", deleted)) if v}
+        gm.recompile()
+        return PassResult(graph, True, stats, notes)
+
+
+# -- ONNX helpers --------------------------------------------------------------------------------------------
+def _is_constant(tensor) -> bool:
+    import onnx_graphsurgeon as gs
+
+    return isinstance(tensor, gs.Constant)
+
+
+def _onnx_never_fold(node) -> bool:
+    """Q/DQ, random ops, ops outside the default domain, and nodes whose bodies (If/Loop) hold any of them."""
+    if node.op in _ONNX_NO_FOLD or node.domain not in ("", "ai.onnx", None):
+        return True
+    return any(_onnx_never_fold(inner) for sub in node.subgraphs() for inner in sub.nodes)
+
+
+def _add_inferred_shapes(graph, notes: list[str]) -> list:
+    """Give tensors without a shape the one ONNX shape inference finds; returns (tensor, its dtype before)."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    try:
+        inferred = gs.import_onnx(onnx.shape_inference.infer_shapes(graph.to_model(), data_prop=True))
+    except Exception as exc:  # > 2 GB, or a model the inference rejects: fold without static shapes
+        notes.append(f"shape inference failed ({_first_line(exc)}); Shape nodes not folded")
+        return []
+    known = inferred.tensors()
+    added = []
+    for name, tensor in graph.gs.tensors().items():
+        if _is_constant(tensor) or tensor.shape is not None or name not in known:
+            continue
+        if known[name].shape is not None:
+            added.append((tensor, tensor.dtype))
+            tensor.shape = known[name].shape
+            tensor.dtype = tensor.dtype or known[name].dtype
+    return added
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+# -- FX helpers ----------------------------------------------------------------------------------------------
+def _fx_constant_nodes(gm) -> set:
+    """Nodes whose value does not depend on any placeholder and that are safe to evaluate at compile time.
+    A tensor some in-place op may write to (a buffer updated at run time) is not constant."""
+    import torch
+
+    from graphopt_plugins.eliminate_dead import fx_may_mutate
+
+    def propagate(volatile: set) -> set:
+        constant: set = set()
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                if node.target not in volatile and isinstance(_fetch(gm, node.target), torch.Tensor):
+                    constant.add(node)
+            elif node.op in ("call_function", "call_method", "call_module") and _fx_foldable_op(node, gm):
+                if all(n in constant for n in node.all_input_nodes):
+                    constant.add(node)
+        return constant
+
+    constant = propagate(set())
+    written = [n for n in gm.graph.nodes if fx_may_mutate(n, gm)]
+    reached = _ancestors([i for n in written for i in n.all_input_nodes if i in constant], constant)
+    volatile = {n.target for n in reached if n.op == "get_attr"}
+    return propagate(volatile) if volatile else constant
+
+
+def _descendants(node) -> set:
+    seen, stack = set(), list(node.users)
+    while stack:
+        user = stack.pop()
+        if user not in seen:
+            seen.add(user)
+            stack.extend(user.users)
+    return seen
+
+
+def _ancestors(nodes, within: set) -> set:
+    """``nodes`` and every node in ``within`` they are computed from."""
+    seen, stack = set(), list(nodes)
+    while stack:
+        node = stack.pop()
+        if node in within and node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
+
+
+def _fx_foldable_op(node, gm) -> bool:
+    """Deterministic and free of side effects: neither random, nor in-place, nor impure."""
+    import torch
+
+    from graphopt_plugins.eliminate_dead import fx_may_mutate
+
+    if fx_may_mutate(node, gm):
+        return False
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return (not mod.training and not getattr(mod, "_is_impure", False)
+                and next(mod.parameters(), None) is None and next(mod.buffers(), None) is None)
+    if node.op == "call_method":
+        name = node.target
+    else:
+        if node.is_impure():
+            return False
+        if isinstance(node.target, torch._ops.OpOverload):
+            name = node.target._schema.name.split("::")[-1]
+        else:
+            name = getattr(node.target, "__name__", "")
+    return bool(name) and not any(word.startswith(_FX_RANDOM) for word in re.split(r"[_.:]", name.lower()))
+
+
+def _fetch(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _fx_evaluate(node, gm, values: dict):
+    import torch
+    from torch.fx.node import map_arg
+
+    args = map_arg(node.args, lambda n: values[n])
+    kwargs = map_arg(node.kwargs, lambda n: values[n])
+    with torch.no_grad():
+        if node.op == "get_attr":
+            return _fetch(gm, node.target)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            self_obj, *rest = args
+            return getattr(self_obj, node.target)(*rest, **kwargs)
+        return gm.get_submodule(node.target)(*args, **kwargs)
+
+
+def _fresh_attr(gm, base: str) -> str:
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+@hookimpl
+def graphopt_register_passes(registry):
+    registry.add_pass(FoldConstants)

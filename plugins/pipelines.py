@@ -1,0 +1,15 @@
+"""Pipeline aliases: short names for pass sequences graphopt ships (``--passes fold``)."""
+
+from __future__ import annotations
+
+from graphopt import hookimpl
+
+
+@hookimpl
+def graphopt_register_pipelines(registry):
+    registry.add_pipeline(
+        "fold",
+        "eliminate-identity,fold-constants,fold-bn,eliminate-dead",
+        "exact cleanup: drop Identity/inference Dropout, fold constant subgraphs, fold BatchNorm into the "
+        "Conv/Gemm before it, remove what no output needs",
+    )

@@ -1,0 +1,67 @@
+"""The README's own commands, run as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = open(os.path.join(ROOT, "README.md")).read()
+
+
+def blocks(lang: str, section: str | None = None) -> list[str]:
+    text = README
+    if section:
+        text = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+
+
+def test_install_command_is_the_one_ci_runs():
+    install = blocks("bash", "Set up")[0].splitlines()[0]
+    assert install.startswith("pip install ")
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert install.replace("pip install", "pip install -q") in ci
+
+
+def test_test_command_is_the_one_ci_runs():
+    test_cmd = blocks("bash", "Set up")[1].strip()
+    assert test_cmd in open(os.path.join(ROOT, ".ci", "run")).read()
+
+
+def test_example_build_and_run_command(tmp_path):
+    """The second set-up line, as written (the install line is what .ci/run executed to get here)."""
+    command = blocks("bash", "Set up")[0].splitlines()[1]
+    assert "graphopt run examples/tiny_resnet.onnx --passes fold" in command
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "folded 12 BatchNormalization" in proc.stdout
+    assert "wrote examples/tiny_resnet.opt.onnx: 29 nodes" in proc.stdout
+    # the README's sample output is what the command prints (timings and float error aside)
+    shown = README.split("```\n$ graphopt run examples/tiny_resnet.onnx --passes fold\n", 1)[1].split("```", 1)[0]
+    for line in shown.splitlines():
+        if not line.strip(" -"):  # the rule under the header: its width follows the columns
+            continue
+        stable = re.sub(r"rel\.err \S+|\d+\.\d+ ms", "", line).split()
+        assert any(stable == re.sub(r"rel\.err \S+|\d+\.\d+ ms", "", out).split() for out in proc.stdout.splitlines()), line
+
+
+def test_python_api_example(tmp_path):
+    subprocess.run([sys.executable, os.path.join(ROOT, "examples", "build_example.py"), "-o",
+                    str(tmp_path / "tiny_resnet.onnx")], check=True, capture_output=True)
+    (tmp_path / "examples").mkdir()
+    shutil.move(tmp_path / "tiny_resnet.onnx", tmp_path / "examples" / "tiny_resnet.onnx")
+    code = blocks("python", "The Python API")[0]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    assert (tmp_path / "tiny_resnet.opt.onnx").exists()
+    folded = namespace["folded"]
+    assert not [m for m in folded.modules() if type(m).__name__.startswith("BatchNorm")]
