@@ -9,8 +9,9 @@ cleanup). Then, for every model and tool, in the same process and on the same ma
 
 * nodes after, BatchNormalization left (and Constant nodes among the nodes after);
 * wall time of the tool's Python API call, one untimed warm-up, then the median of ``--repeat`` timed runs
-  (graphopt: from the path with ``check=False`` and ``check=True``, and, for information, from the loaded
-  ModelProto the other tools get); exactly what is timed per tool is in ``TIMED`` below and in the output;
+  (every tool from the same loaded ModelProto; graphopt with ``check=False`` and ``check=True``, and, for
+  information, from the file path, load and onnx checker included); exactly what is timed per tool is in
+  ``TIMED`` below and in the output;
 * the max relative output error against the original on onnxruntime CPU, ``max|a-b| / max|ref|`` over all
   outputs on one fixed-seed input (``graphopt.passes.instruments.relative_error``).
 
@@ -41,7 +42,7 @@ import numpy as np
 import onnx
 
 MODELS = ("resnet18_like", "resnet50_like", "mobilenet_v2_like")
-TOOLS = ("graphopt", "graphopt+check", "graphopt(proto)", "onnxsim", "onnxslim")
+TOOLS = ("graphopt", "graphopt+check", "graphopt(path)", "onnxsim", "onnxslim")
 NODE_BAR_TOOL = "graphopt"  # the graphopt variant the bars judge (check=False, like the others' defaults)
 ERR_BAR = 1e-5
 
@@ -49,16 +50,15 @@ ERR_BAR = 1e-5
 # memory (path: the file exists on disk; ModelProto: onnx.load already done, a fresh deep copy made before the
 # clock starts, since the tools may edit their input) and stops when an optimized onnx.ModelProto is in memory.
 TIMED = {
-    "graphopt": ('graphopt.optimize(path, "fold", check=False).model',
-                 "from the .onnx path: includes loading (onnx.load + onnx checker + graphsurgeon import), the "
-                 "passes, the final onnx full_check verify, and the export back to a ModelProto"),
-    "graphopt+check": ('graphopt.optimize(path, "fold", check=True).model',
+    "graphopt": ('graphopt.optimize(model, "fold", check=False).model',
+                 "from a loaded ModelProto, like onnxsim/onnxslim: graphsurgeon import, the passes, the final "
+                 "onnx full_check verify, and the export back to a ModelProto"),
+    "graphopt+check": ('graphopt.optimize(model, "fold", check=True).model',
                        "as above plus the NumericCheck instrument (onnxruntime runs the model before and after "
                        "each modifying pass)"),
-    "graphopt(proto)": ('graphopt.optimize(model, "fold", check=False).model',
-                        "from a loaded ModelProto, like onnxsim/onnxslim: no file read and no load-time onnx "
-                        "checker (OnnxGraph.from_model skips it); the final verify is included. Informative, "
-                        "not judged by the bars"),
+    "graphopt(path)": ('graphopt.optimize(path, "fold", check=False).model',
+                       "from the .onnx path: adds the file read and the load-time onnx checker. Informative, "
+                       "not judged by the bars (the other tools are handed a loaded ModelProto)"),
     "onnxsim": ("onnxsim.simplify(model)",
                 "its defaults (check_n=0: no numeric check), from a loaded ModelProto"),
     "onnxslim": ("onnxslim.slim(model)", "its defaults, from a loaded ModelProto"),
@@ -66,11 +66,11 @@ TIMED = {
 
 
 # -- tools ------------------------------------------------------------------------------------------------
-def _run_graphopt(check: bool, from_proto: bool = False) -> Callable[[str, onnx.ModelProto], onnx.ModelProto]:
+def _run_graphopt(check: bool, from_path: bool = False) -> Callable[[str, onnx.ModelProto], onnx.ModelProto]:
     def run(path: str, model: onnx.ModelProto) -> onnx.ModelProto:
         import graphopt
 
-        return graphopt.optimize(model if from_proto else path, "fold", check=check).model
+        return graphopt.optimize(path if from_path else model, "fold", check=check).model
 
     return run
 
@@ -93,11 +93,11 @@ def _run_onnxslim(path: str, model: onnx.ModelProto) -> onnx.ModelProto:
 RUNNERS: dict[str, Callable[[str, onnx.ModelProto], onnx.ModelProto]] = {
     "graphopt": _run_graphopt(check=False),
     "graphopt+check": _run_graphopt(check=True),
-    "graphopt(proto)": _run_graphopt(check=False, from_proto=True),
+    "graphopt(path)": _run_graphopt(check=False, from_path=True),
     "onnxsim": _run_onnxsim,
     "onnxslim": _run_onnxslim,
 }
-TAKES_PROTO = {"graphopt(proto)", "onnxsim", "onnxslim"}  # each call gets a fresh copy of the loaded ModelProto
+TAKES_PROTO = {"graphopt", "graphopt+check", "onnxsim", "onnxslim"}  # each call gets a fresh copy of the loaded ModelProto
 
 
 # -- measuring --------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def _ok(row: dict | None) -> bool:
 def verdicts(result: dict[str, Any]) -> dict[str, Any]:
     t = result["tools"]
     g, sim, slim = t.get(NODE_BAR_TOOL), t.get("onnxsim"), t.get("onnxslim")
-    gc_, gp = t.get("graphopt+check"), t.get("graphopt(proto)")
+    gc_, gp = t.get("graphopt+check"), t.get("graphopt(path)")
     v: dict[str, Any] = {}
     others = [r for r in (sim, slim) if _ok(r)]
     if _ok(g) and others:
@@ -251,7 +251,7 @@ def verdicts(result: dict[str, Any]) -> dict[str, Any]:
                 if _ok(gc_):
                     entry["ratio_check"] = gc_["median_s"] / other["median_s"]
                 if _ok(gp):
-                    entry["ratio_proto"] = gp["median_s"] / other["median_s"]
+                    entry["ratio_path"] = gp["median_s"] / other["median_s"]
                 v[f"time_vs_{other_name}"] = entry
     elif not _ok(g):
         v["graphopt_error"] = g.get("error", "no timing") if g else "not run"
@@ -305,7 +305,7 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             e = v.get(f"time_vs_{other}")
             if e:
                 info = [f"{label}: {e[key]:.2f}" for key, label in (("ratio_check", "check=True"),
-                                                                    ("ratio_proto", "from ModelProto"))
+                                                                    ("ratio_path", "from the path"))
                         if key in e]
                 extra = f" ({', '.join(info)})" if info else ""
                 parts.append(f"time graphopt/{other} {e['ratio']:.2f} <= 1: {_mark(e['pass'])}{extra}")
@@ -372,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
 
     table = markdown(results, meta)
     print(table)
+    for out in (args.markdown, args.json):
+        if out and os.path.dirname(out):
+            os.makedirs(os.path.dirname(out), exist_ok=True)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table)

@@ -28,11 +28,14 @@ class OptimizeResult:
     graph: Graph
     report: RunReport
     pipeline: str  # the resolved pipeline, aliases expanded
+    _exported: Any = None
 
     @property
     def model(self) -> Any:
         """The optimized model in its native form: ``onnx.ModelProto`` or ``torch.fx.GraphModule``."""
-        return self.graph.to_model() if self.graph.ir == "onnx" else self.graph.gm
+        if self._exported is None:
+            self._exported = self.graph.export()
+        return self._exported
 
     def save(self, path: str) -> None:
         self.graph.save(path)
@@ -68,12 +71,15 @@ def optimize(
     if snapshot_dir:
         chain.append(Snapshot(snapshot_dir))
     ctx = ctx or PassContext(registry=registry)
-    out, report = PassManager(pass_list, chain, ctx).run(graph)
-    if out is not graph and report.modified and not verify_each:
+    # a graph loaded here is ours alone: the passes may work on it directly (the caller's object is untouched)
+    out, report = PassManager(pass_list, chain, ctx).run(graph, in_place=graph is not model)
+    exported = None
+    if report.modified and not verify_each:  # the input was checked when loaded; a changed graph is checked here
+        exported = out.export()
         try:
-            out.verify()
+            out.verify(exported)
         except ValueError as exc:
             from graphopt.errors import VerificationError
 
-            raise VerificationError(report.records[-1].name if report.records else "?", f"pipeline output is invalid: {exc}")
-    return OptimizeResult(out, report, format_passes(pass_list))
+            raise VerificationError(report.records[-1].name, f"pipeline output is invalid: {exc}") from None
+    return OptimizeResult(out, report, format_passes(pass_list), exported)

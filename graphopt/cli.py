@@ -152,7 +152,8 @@ def cmd_run(args) -> int:
         instruments.append(Snapshot(args.snapshot_dir))
     if args.reproducer:
         instruments.append(CrashReproducer(args.reproducer))
-    out, report = PassManager(passes, instruments, ctx).run(graph)
+    before = graph.describe()
+    out, report = PassManager(passes, instruments, ctx).run(graph, in_place=True)  # the graph is only ours
     if report.modified:
         try:
             out.verify()
@@ -160,7 +161,7 @@ def cmd_run(args) -> int:
             raise GraphoptError(f"the optimized model is invalid ({exc}); nothing written") from None
     _save_atomically(out, output)
 
-    before, after = graph.describe(), out.describe()
+    after = out.describe()
     say(f"{args.model}: {graph.ir}, {before['nodes']} nodes, {before['parameters']:,} parameters")
     say(f"pipeline: {pipeline}" + (f"  (= {format_passes(passes)})" if str(pipeline) != format_passes(passes) else ""))
     say(report.table())

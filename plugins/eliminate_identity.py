@@ -66,7 +66,7 @@ class EliminateIdentity(Pass):
     def run_fx(self, graph, ctx):
         import torch
 
-        from graphopt_plugins.eliminate_dead import fx_may_mutate
+        from graphopt.ir.fx_graph import fx_may_mutate
 
         gm = graph.gm
         stats: Counter = Counter()

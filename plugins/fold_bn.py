@@ -75,10 +75,10 @@ class FoldBatchNorm(Pass):
             graph.gs.cleanup().toposort()
         return result
 
-    def _onnx_plan(self, graph, bn: gs.Node) -> "_Fold | str":
+    def _onnx_plan(self, graph, bn: gs.Node) -> _Fold | str:
         """What folding ``bn`` takes, or why it cannot be folded."""
         outputs = graph.gs.outputs
-        if bn.attrs.get("training_mode", 0):
+        if bn.attrs.get("training_mode", 0) or (graph.opset < 7 and not bn.attrs.get("is_test", 0)):
             return TRAINING
         if any(t.outputs or t in outputs for t in bn.outputs[1:]):
             return STATS_USED
@@ -122,7 +122,7 @@ class FoldBatchNorm(Pass):
             gm.recompile()
         return result
 
-    def _fx_plan(self, graph, node, shapes: "_Shapes") -> "tuple[_FxNorm, _Fold] | str":
+    def _fx_plan(self, graph, node, shapes: _Shapes) -> tuple[_FxNorm, _Fold] | str:
         bn = _fx_batch_norm(graph, node)  # now: an earlier fold may have rewired its input
         if bn.reason:
             return bn.reason
@@ -162,19 +162,21 @@ def out_channels(kind: OpKind, w_shape: tuple, group: int = 1, trans_b: bool = T
 
 
 def fold_weights(kind: OpKind, w, b, scale, shift, group: int = 1, trans_b: bool = True):
-    """Weight and bias of ``op`` such that ``op'(x) == op(x) * scale + shift`` per output channel (float64).
+    """Weight and bias of ``op`` such that ``op'(x) == op(x) * scale + shift`` per output channel (scale and
+    shift in float64; the weight is scaled in its own dtype, the bias returned in float64).
 
     Layouts: Conv (out, in/group, k...); ConvTranspose (in, out/group, k...), output channel
     ``g * out/group + j``; Gemm / Linear (out, in) when ``trans_b`` else (in, out). ``b`` None means zeros.
     """
-    w = np.asarray(w, np.float64)
+    w = np.asarray(w)
+    scale_w = scale.astype(w.dtype)  # the weights are scaled in their own dtype: one rounding, no float64 copy
     if kind == OpKind.CONV:
-        w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+        w = w * scale_w.reshape((-1,) + (1,) * (w.ndim - 1))
     elif kind == OpKind.CONV_TRANSPOSE:
         grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
-        w = (grouped * scale.reshape((group, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
+        w = (grouped * scale_w.reshape((group, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
     else:
-        w = w * (scale[:, None] if trans_b else scale[None, :])
+        w = w * (scale_w[:, None] if trans_b else scale_w[None, :])
     b = np.zeros_like(scale) if b is None else np.asarray(b, np.float64).reshape(-1)
     return w, b * scale + shift
 
@@ -362,7 +364,7 @@ class _Shapes:
         self.tried = True
         try:
             self.graph.infer_shapes()
-        except Exception:  # shapes stay unknown: the batch norm is left as is
+        except Exception:  # noqa: BLE001 - running the model failed: shapes unknown, the batch norm stays
             return None
         return self.rank(node)
 

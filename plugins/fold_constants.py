@@ -57,6 +57,14 @@ class FoldConstants(Pass):
         return int(self.options.size_limit_mb * 2**20) if self.options.size_limit_mb > 0 else None
 
     # -- ONNX -------------------------------------------------------------------------------------------------
+    def _may_fold(self, node) -> bool:
+        """A Constant node, a node whose inputs are all constants, or (fold_shapes) a Shape/Size node."""
+        if _onnx_never_fold(node):
+            return False
+        if self.options.fold_shapes and node.op in ("Shape", "Size"):
+            return True
+        return all(_is_constant(t) for t in node.inputs if t.name)
+
     def run_onnx(self, graph, ctx):
         g = graph.gs
         stats: Counter = Counter()
@@ -65,6 +73,12 @@ class FoldConstants(Pass):
         g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
         if len(g.nodes) < count:
             stats["removed dead nodes"] = count - len(g.nodes)
+        converted = _constant_nodes_to_initializers(g)
+        if converted:
+            stats["converted Constant"] = converted
+            g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
+        if not any(self._may_fold(n) for n in g.nodes):  # spare onnx-graphsurgeon's graph copy and session
+            return PassResult(graph, bool(stats), dict(stats), notes)
         before = list(g.nodes)
         variables = {id(t) for t in g.tensors().values() if not _is_constant(t)}
         added_shapes = _add_inferred_shapes(graph, notes) if self.options.fold_shapes else []
@@ -84,8 +98,8 @@ class FoldConstants(Pass):
                 tensor.shape, tensor.dtype = None, dtype
         after = {id(n) for n in g.nodes}
         gone = [n for n in before if id(n) not in after]
-        stats["converted Constant"] = sum(n.op == "Constant" for n in gone)
-        stats["folded nodes"] = len(gone) - stats["converted Constant"]
+        stats["converted Constant"] += sum(n.op == "Constant" for n in gone)
+        stats["folded nodes"] = sum(n.op != "Constant" for n in gone)
         # a node can also lose only some outputs to folding (the others over size_limit_mb)
         now_constant = sum(1 for t in g.tensors().values() if _is_constant(t) and id(t) in variables)
         stats = {k: v for k, v in stats.items() if v}
@@ -95,7 +109,7 @@ class FoldConstants(Pass):
     def run_fx(self, graph, ctx):
         import torch
 
-        from graphopt_plugins.eliminate_dead import delete_unread_attributes
+        from graphopt.ir.fx_graph import delete_unread_attributes
 
         gm = graph.gm
         limit = self._size_limit_bytes()
@@ -153,6 +167,27 @@ def _is_constant(tensor) -> bool:
     return isinstance(tensor, gs.Constant)
 
 
+def _constant_nodes_to_initializers(g) -> int:
+    """Replace each ``Constant`` node holding a tensor (``value``) by an initializer of its output's name; the
+    other attribute forms (``value_float``, ``value_ints``, ...) are left to onnx-graphsurgeon's folding."""
+    import onnx_graphsurgeon as gs
+
+    from graphopt.ir.onnx_graph import replace_input
+
+    converted = 0
+    for node in g.nodes:
+        value = node.attrs.get("value") if node.op == "Constant" and not node.domain else None
+        if not isinstance(value, gs.Constant) or node.outputs[0] in g.outputs:
+            continue
+        out = node.outputs[0]
+        initializer = gs.Constant(out.name, value.values)
+        for consumer in list(out.outputs):
+            replace_input(consumer, out, initializer)
+        node.outputs.clear()
+        converted += 1
+    return converted
+
+
 def _onnx_never_fold(node) -> bool:
     """Q/DQ, random ops, ops outside the default domain, and nodes whose bodies (If/Loop) hold any of them."""
     if node.op in _ONNX_NO_FOLD or node.domain not in ("", "ai.onnx", None):
@@ -161,24 +196,23 @@ def _onnx_never_fold(node) -> bool:
 
 
 def _add_inferred_shapes(graph, notes: list[str]) -> list:
-    """Give tensors without a shape the one ONNX shape inference finds; returns (tensor, its dtype before)."""
-    import onnx
-    import onnx_graphsurgeon as gs
-
+    """Give tensors without a shape the one ONNX shape inference finds; returns (tensor, its dtype before).
+    Only where a Shape or Size node can use it: shape inference is most of this pass's cost otherwise."""
+    if not any(n.op in ("Shape", "Size") for n in graph.gs.nodes):
+        return []
     try:
-        inferred = gs.import_onnx(onnx.shape_inference.infer_shapes(graph.to_model(), data_prop=True))
-    except Exception as exc:  # > 2 GB, or a model the inference rejects: fold without static shapes
+        known = graph.inferred_shapes()
+    except Exception as exc:  # a model the inference rejects: fold without static shapes
         notes.append(f"shape inference failed ({_first_line(exc)}); Shape nodes not folded")
         return []
-    known = inferred.tensors()
     added = []
     for name, tensor in graph.gs.tensors().items():
         if _is_constant(tensor) or tensor.shape is not None or name not in known:
             continue
-        if known[name].shape is not None:
-            added.append((tensor, tensor.dtype))
-            tensor.shape = known[name].shape
-            tensor.dtype = tensor.dtype or known[name].dtype
+        shape, dtype = known[name]
+        added.append((tensor, tensor.dtype))
+        tensor.shape = shape
+        tensor.dtype = tensor.dtype or dtype
     return added
 
 
@@ -193,7 +227,7 @@ def _fx_constant_nodes(gm) -> set:
     A tensor some in-place op may write to (a buffer updated at run time) is not constant."""
     import torch
 
-    from graphopt_plugins.eliminate_dead import fx_may_mutate
+    from graphopt.ir.fx_graph import fx_may_mutate
 
     def propagate(volatile: set) -> set:
         constant: set = set()
@@ -238,7 +272,7 @@ def _fx_foldable_op(node, gm) -> bool:
     """Deterministic and free of side effects: neither random, nor in-place, nor impure."""
     import torch
 
-    from graphopt_plugins.eliminate_dead import fx_may_mutate
+    from graphopt.ir.fx_graph import fx_may_mutate
 
     if fx_may_mutate(node, gm):
         return False

@@ -113,8 +113,8 @@ def test_conv1d_and_conv3d():
     g = make(CONV_BN.format(conv_inputs="x, w, b").replace("[1,1,1,1]", "[1,1]"), "float[2,3,9] x",
              "float[2,5,9] y", w=rand(5, 3, 3), b=rand(5), **bn_stats(5))
     check_onnx(g, folded=1)
-    g = make(CONV_BN.format(conv_inputs="x, w").replace("[1,1,1,1]", "[0,0,0,0,0,0]"), "float[1,2,4,4,4] x", "float[1,3,4,4,4] y", w=rand(3, 2, 1, 1, 1),
-             **bn_stats(3))
+    body = CONV_BN.format(conv_inputs="x, w").replace("[1,1,1,1]", "[0,0,0,0,0,0]")
+    g = make(body, "float[1,2,4,4,4] x", "float[1,3,4,4,4] y", w=rand(3, 2, 1, 1, 1), **bn_stats(3))
     check_onnx(g, folded=1)
 
 
@@ -134,12 +134,15 @@ def test_shared_weight_is_not_changed_for_its_other_user():
     w = rand(3, 2, 1, 1)
     g = make(body, "float[1,2,4,4] x", "float[1,3,4,4] y, float[1,3,4,4] z", w=w, **bn_stats(3))
     out = check_onnx(g, folded=1)
-    plain = [n for n in out.gs.nodes if n.outputs[0].name == "z"][0]
+    plain = next(n for n in out.gs.nodes if n.outputs[0].name == "z")
     np.testing.assert_array_equal(plain.inputs[1].values, w)
 
 
 def test_two_convs_sharing_a_weight_both_fold_into_distinct_constants():
-    body = "c = Conv (x, w)\ny = BatchNormalization (c, s, bb, m, v)\nd = Conv (x, w)\nz = BatchNormalization (d, s2, bb2, m2, v2)"
+    body = """c = Conv (x, w)
+      y = BatchNormalization (c, s, bb, m, v)
+      d = Conv (x, w)
+      z = BatchNormalization (d, s2, bb2, m2, v2)"""
     g = make(body, "float[1,2,4,4] x", "float[1,3,4,4] y, float[1,3,4,4] z", w=rand(3, 2, 1, 1), **bn_stats(3),
              **bn_stats(3, "2", seed=1))
     out = check_onnx(g, folded=2)
@@ -217,7 +220,10 @@ def test_bn_graph_output_keeps_its_name_and_other_outputs_survive():
 
 
 def test_bn_after_relu_is_left_with_a_note():
-    body = "c = Conv (x, w)\nr = Relu (c)\ny = BatchNormalization (r, s, bb, m, v)\nz = BatchNormalization (x, s2, bb2, m2, v2)"
+    body = """c = Conv (x, w)
+      r = Relu (c)
+      y = BatchNormalization (r, s, bb, m, v)
+      z = BatchNormalization (x, s2, bb2, m2, v2)"""
     g = make(body, "float[1,3,4,4] x", "float[1,3,4,4] y, float[1,3,4,4] z", w=rand(3, 3, 1, 1), **bn_stats(3),
              **bn_stats(3, "2", seed=1))
     check_onnx(g, folded=0, left=2, notes=("2 BatchNormalization not after a foldable op",))

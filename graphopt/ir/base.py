@@ -34,8 +34,13 @@ class Graph(ABC):
         """Propagate shapes and dtypes through the graph (onnx shape inference / FX ShapeProp)."""
 
     @abstractmethod
-    def verify(self) -> None:
-        """Raise :class:`ValueError` with a readable reason if the graph is invalid (checker / lint)."""
+    def export(self) -> Any:
+        """The model in its native form: ``onnx.ModelProto`` / ``torch.fx.GraphModule``."""
+
+    @abstractmethod
+    def verify(self, exported: Any = None) -> None:
+        """Raise :class:`ValueError` with a readable reason if the graph is invalid (checker / lint).
+        ``exported``: this graph's :meth:`export`, when the caller has it already."""
 
     @abstractmethod
     def sample_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:

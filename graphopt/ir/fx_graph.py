@@ -147,7 +147,10 @@ class FxGraph(Graph):
 
         ShapeProp(self.gm).propagate(*self.example_inputs)
 
-    def verify(self) -> None:
+    def export(self):
+        return self.gm
+
+    def verify(self, exported=None) -> None:
         try:
             self.gm.graph.lint()
             self.gm.recompile()
@@ -172,6 +175,60 @@ class FxGraph(Graph):
             out = self.gm(*args)
         flat, _ = torch.utils._pytree.tree_flatten(out)
         return [t.detach().cpu().numpy() for t in flat if isinstance(t, torch.Tensor)]
+
+
+# -- FX helpers passes share ----------------------------------------------------------------------------------
+_INPLACE_OPERATORS = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                      "ilshift", "irshift", "imatmul"})
+
+
+def fx_may_mutate(node, gm) -> bool:
+    """True when ``node`` may write to one of its inputs: an in-place method (``x.add_()``), function
+    (``torch.relu_``, ``operator.iadd``, ``inplace=True``), ATen op with a mutable schema, or a module with
+    ``inplace=True``. ``Node.is_impure()`` misses most of these; removing or reordering them is unsafe."""
+    import inspect
+
+    import torch
+
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return getattr(mod, "inplace", False) is True
+    if node.op != "call_function":
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    name = getattr(node.target, "__name__", "")
+    if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_OPERATORS:
+        return True
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:  # F.relu(x, True), F.hardtanh(x, 0, 6, True): bind positionally against the signature
+        bound = inspect.signature(node.target).bind_partial(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return False
+    return bound.arguments.get("inplace") is True
+
+
+def delete_unread_attributes(gm, candidates) -> int:
+    """Delete the tensors named in ``candidates`` (``get_attr`` targets) that no ``get_attr`` reads now and
+    no called module owns. Returns how many were deleted."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    deleted = 0
+    for target in sorted(set(candidates) - read):
+        owner_path, _, attr = target.rpartition(".")
+        if owner_path and any(owner_path == c or owner_path.startswith(c + ".") for c in called):
+            continue  # the module still runs and reads its own parameters
+        try:
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+        except AttributeError:
+            continue
+        if hasattr(owner, attr):
+            delattr(owner, attr)
+            deleted += 1
+    return deleted
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,6 +22,8 @@ from graphopt.ir.base import Graph
 from graphopt.ir.ops import OpKind, onnx_kind
 
 _PROTOBUF_LIMIT = 2**31 - 1
+_PROTOBUF_MARGIN = 64 * 2**20  # room for everything in a model that is not a weight
+_SKELETON_BYTES = 1024
 _META_FIELDS = ("doc_string", "domain", "model_version")
 
 
@@ -54,10 +56,7 @@ class OnnxGraph(Graph):
             except Exception as exc:  # onnx raises OSError, ValueError or its own ValidationError here
                 raise ModelLoadError(f"{path}: external data could not be read ({_first_line(exc)})")
         try:
-            if model.ByteSize() > _PROTOBUF_LIMIT:
-                onnx.checker.check_model(path)
-            else:
-                onnx.checker.check_model(model)
+            onnx.checker.check_model(path)  # by path: reads external data itself, no 2 GB limit
         except (onnx.checker.ValidationError, ValueError) as exc:
             raise ModelLoadError(f"{path}: invalid ONNX graph: {_first_line(exc)}")
         return cls.from_model(model, external_data=external)
@@ -85,7 +84,7 @@ class OnnxGraph(Graph):
     def save(self, path: str) -> None:
         model = self.to_model()
         path = os.fspath(path)
-        if self.external_data or model.ByteSize() > _PROTOBUF_LIMIT:
+        if self.external_data or self.too_big_for_protobuf():
             location = os.path.basename(path) + ".data"
             onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=location, size_threshold=1024)
@@ -109,21 +108,57 @@ class OnnxGraph(Graph):
     def num_parameters(self) -> int:
         return int(sum(t.values.size for t in self.gs.tensors().values() if isinstance(t, gs.Constant)))
 
-    def infer_shapes(self) -> None:
-        model = onnx.shape_inference.infer_shapes(self.to_model(), check_type=True, strict_mode=True, data_prop=True)
-        self.gs = gs.import_onnx(model)
+    def too_big_for_protobuf(self) -> bool:
+        """Whether the weights alone come near protobuf's 2 GB limit (cheaper than serializing to ask)."""
+        weights = sum(_nbytes(t) for t in self.gs.tensors().values() if isinstance(t, gs.Constant))
+        return weights > _PROTOBUF_LIMIT - _PROTOBUF_MARGIN
 
-    def verify(self) -> None:
-        """The onnx checker (full check, with shape inference) on the exported model."""
-        model = self.to_model()
-        try:
-            if model.ByteSize() > _PROTOBUF_LIMIT:
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = os.path.join(tmp, "model.onnx")
-                    onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
-                    onnx.checker.check_model(path, full_check=True)
+    def skeleton(self, model: onnx.ModelProto | None = None) -> onnx.ModelProto:
+        """The model (``model``, or this graph exported) with every initializer over 1 KB turned into a graph
+        input of the same type and shape: the same structure for the checker and shape inference at a fraction
+        of the bytes. Weights are numpy arrays onnx-graphsurgeon encodes, so their bytes need no checking;
+        small initializers (shapes, axes) stay, for shape inference's data propagation."""
+        model = model if model is not None else self.to_model()
+        skeleton = onnx.ModelProto()
+        for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+            setattr(skeleton, name, getattr(model, name))
+        skeleton.opset_import.extend(model.opset_import)
+        skeleton.functions.extend(model.functions)
+        src, dst = model.graph, skeleton.graph
+        dst.name = src.name
+        for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+            getattr(dst, field).extend(getattr(src, field))
+        for init in src.initializer:
+            if _proto_nbytes(init) > _SKELETON_BYTES:
+                dst.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
             else:
-                onnx.checker.check_model(model, full_check=True)
+                dst.initializer.append(init)
+        return skeleton
+
+    def inferred_shapes(self) -> dict[str, tuple[list, np.dtype]]:
+        """Shape and dtype of every tensor ONNX shape inference can type (run on :meth:`skeleton`)."""
+        model = onnx.shape_inference.infer_shapes(self.skeleton(), check_type=True, data_prop=True)
+        out = {}
+        for vi in [*model.graph.value_info, *model.graph.output]:
+            t = vi.type.tensor_type
+            if vi.type.HasField("tensor_type") and t.HasField("shape"):
+                dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+                out[vi.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+        return out
+
+    def infer_shapes(self) -> None:
+        known = self.inferred_shapes()
+        for name, tensor in self.gs.tensors().items():
+            if not isinstance(tensor, gs.Constant) and name in known:
+                tensor.shape, tensor.dtype = known[name]
+
+    def export(self) -> onnx.ModelProto:
+        return self.to_model()
+
+    def verify(self, exported: onnx.ModelProto | None = None) -> None:
+        """The onnx checker's full check (with strict shape inference), on :meth:`skeleton`."""
+        try:
+            onnx.checker.check_model(self.skeleton(exported), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise ValueError(_first_line(exc)) from exc
 
@@ -150,7 +185,7 @@ class OnnxGraph(Graph):
         if threads:
             options.intra_op_num_threads = threads
         model = self.to_model()
-        if model.ByteSize() <= _PROTOBUF_LIMIT:
+        if not self.too_big_for_protobuf():
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
@@ -187,15 +222,26 @@ class OnnxGraph(Graph):
         if out in self.gs.outputs:
             # the producer now writes the graph output directly; other readers of `keep` read it too
             for consumer in list(keep.outputs):
-                _replace_input(consumer, keep, out)
+                replace_input(consumer, keep, out)
             producer.outputs[producer.outputs.index(keep)] = out
         else:
             for consumer in list(out.outputs):
-                _replace_input(consumer, out, keep)
+                replace_input(consumer, out, keep)
         return True
 
 
-def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+def _proto_nbytes(tensor: onnx.TensorProto) -> int:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return _SKELETON_BYTES + 1
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _nbytes(tensor: gs.Constant) -> int:
+    return int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
+
+
+def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
     for i, tensor in enumerate(node.inputs):
         if tensor is old:
             node.inputs[i] = new

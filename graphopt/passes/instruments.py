@@ -18,6 +18,8 @@ from graphopt.passes.base import Equivalence
 
 
 class Instrument:
+    needs_pass_input = False  # True: the manager keeps each pass's input graph intact (copies before each pass)
+
     def before_pass(self, pass_, graph, ctx) -> None: ...
 
     def after_pass(self, pass_, result, record, ctx) -> None: ...
@@ -105,6 +107,8 @@ class Snapshot(Instrument):
 
 class CrashReproducer(Instrument):
     """When a pass raises, write the graph it was given and the command that reruns that pass to ``DIR``."""
+
+    needs_pass_input = True
 
     def __init__(self, directory: str):
         self.directory = directory

@@ -1,8 +1,9 @@
 """The pass manager: runs resolved passes in order with instruments around each, and records what happened.
 
-Each pass gets its own copy of the graph, so the input model is never mutated and a failing pass leaves the
-previous graph intact. :func:`bisect` names the first pass after which the model's outputs no longer match the
-original's.
+The graph it is given is copied once, so the caller's model is never mutated; passes then work in place on
+that copy. When an instrument needs each pass's input intact (``needs_pass_input``: the crash reproducer) or
+snapshots are kept (:func:`bisect`), every pass gets a copy of its own instead. :func:`bisect` names the first
+pass after which the model's outputs no longer match the original's.
 """
 
 from __future__ import annotations
@@ -70,13 +71,19 @@ def _fmt_seconds(s: float) -> str:
 
 
 class PassManager:
-    def __init__(self, passes: list[Pass], instruments: list[Instrument] = (), ctx: PassContext | None = None):
+    def __init__(self, passes: list[Pass], instruments: list[Instrument] = (), ctx: PassContext | None = None,
+                 copy_each: bool = False):
         self.passes = list(passes)
         self.instruments = list(instruments)
         self.ctx = ctx or PassContext()
+        self.copy_each = copy_each or any(getattr(i, "needs_pass_input", False) for i in self.instruments)
 
-    def run(self, graph: Graph) -> tuple[Graph, RunReport]:
+    def run(self, graph: Graph, *, in_place: bool = False) -> tuple[Graph, RunReport]:
+        """Run every pass. ``in_place=True`` lets the passes work on ``graph`` itself (for a graph nobody
+        else holds, such as one just loaded from a file) instead of on a copy."""
         report = RunReport()
+        if not (self.copy_each or in_place):
+            graph = graph.copy()
         for index, pass_ in enumerate(self.passes, start=1):
             graph, record = self._run_one(index, pass_, graph)
             report.records.append(record)
@@ -89,7 +96,7 @@ class PassManager:
         nodes_before = graph.num_nodes()
         start = time.perf_counter()
         try:
-            result = pass_(graph.copy(), self.ctx)
+            result = pass_(graph.copy() if self.copy_each else graph, self.ctx)
         except Exception as exc:
             for inst in self.instruments:
                 inst.after_pass_failed(pass_, graph, exc, self.ctx)
@@ -124,7 +131,7 @@ def bisect(graph: Graph, passes: list[Pass], ctx: PassContext | None = None, rto
            seed: int = 0) -> BisectResult:
     """Run the pipeline keeping the graph after each pass, then binary-search the snapshots for the first
     one whose outputs differ from the original's by more than ``rtol`` (log2(n) model runs, not n)."""
-    manager = PassManager(passes, ctx=ctx)
+    manager = PassManager(passes, ctx=ctx, copy_each=True)
     snapshots = [graph]
     for index, pass_ in enumerate(passes, start=1):
         snapshots.append(manager._run_one(index, pass_, snapshots[-1])[0])
