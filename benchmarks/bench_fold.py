@@ -101,12 +101,12 @@ TAKES_PROTO = {"graphopt", "graphopt+check", "onnxsim", "onnxslim"}  # each call
 
 
 # -- measuring --------------------------------------------------------------------------------------------
-def export_model(name: str, workdir: str) -> str:
+def export_model(name: str, workdir: str, exporter: str = "torchscript") -> str:
     from graphopt import zoo
 
-    path = os.path.join(workdir, f"{name}.onnx")
+    path = os.path.join(workdir, f"{name}-{exporter}.onnx")
     if not os.path.exists(path):
-        zoo.export_onnx(getattr(zoo, name)(), path, keep_bn=True)
+        zoo.export_onnx(getattr(zoo, name)(), path, keep_bn=True, exporter=exporter)
     return path
 
 
@@ -207,9 +207,9 @@ def relative_error(reference, actual) -> float:
     return rel(reference, actual)
 
 
-def bench_model(name: str, workdir: str, repeat: int, tools: list[str]) -> dict[str, Any]:
+def bench_model(name: str, workdir: str, repeat: int, tools: list[str], exporter: str) -> dict[str, Any]:
     t0 = time.perf_counter()
-    path = export_model(name, workdir)
+    path = export_model(name, workdir, exporter)
     export_s = time.perf_counter() - t0
     model = onnx.load(path)
     feeds = fixed_input(model)
@@ -271,7 +271,8 @@ def _mark(ok: bool) -> str:
 
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
-        f"### graphopt `fold` vs onnxsim / onnxslim (median of {meta['repeat']}, after 1 warm-up)",
+        f"### graphopt `fold` vs onnxsim / onnxslim (median of {meta['repeat']}, after 1 warm-up; "
+        f"{meta.get('exporter', 'torchscript')} export)",
         "",
         "| model | nodes before (BN) | tool | nodes after | BN left | Const nodes | median time | x graphopt "
         "| max rel. err |",
@@ -350,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write every measurement and verdict as JSON")
     ap.add_argument("--markdown", metavar="PATH", help="write the results table and verdicts as Markdown")
     ap.add_argument("--workdir", metavar="DIR", help="export the models here and keep them (default: a temp dir)")
+    ap.add_argument("--exporter", default="torchscript", choices=("torchscript", "dynamo"),
+                    help="torch.onnx exporter: torchscript (training=PRESERVE, no constant folding; the bars' "
+                         "setting) or dynamo (torch's default exporter with optimize=False; needs onnxscript)")
     ap.add_argument("--fail-on-bar", action="store_true", help="exit 1 when graphopt loses a bar")
     args = ap.parse_args(argv)
 
@@ -365,10 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--repeat must be at least 1")
 
     meta = environment(args.repeat, tools)
+    meta["exporter"] = args.exporter
     with tempfile.TemporaryDirectory(prefix="bench_fold_") as tmp:
         workdir = args.workdir or tmp
         os.makedirs(workdir, exist_ok=True)
-        results = [bench_model(m, workdir, args.repeat, tools) for m in models]
+        results = [bench_model(m, workdir, args.repeat, tools, args.exporter) for m in models]
 
     table = markdown(results, meta)
     print(table)

@@ -13,6 +13,7 @@ _ONNX_NO_FOLD = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Dropout", "RandomNormal", "RandomUniform",
     "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
 })
+_MAX_ROUNDS = 4
 # FX targets whose name has a word starting with one of these are random (or uninitialized): never folded
 _FX_RANDOM = ("rand", "dropout", "bernoulli", "multinomial", "normal", "uniform", "poisson", "empty", "rrelu",
               "exponential", "geometric", "cauchy")
@@ -70,29 +71,24 @@ class FoldConstants(Pass):
         stats: Counter = Counter()
         notes: list[str] = []
         count = len(g.nodes)
-        g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
-        if len(g.nodes) < count:
-            stats["removed dead nodes"] = count - len(g.nodes)
-        converted = _constant_nodes_to_initializers(g)
-        if converted:
-            stats["converted Constant"] = converted
-            g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
-        if not any(self._may_fold(n) for n in g.nodes):  # spare onnx-graphsurgeon's graph copy and session
-            return PassResult(graph, bool(stats), dict(stats), notes)
+        _cleanup(g)
+        stats["removed dead nodes"] = count - len(g.nodes)
+        stats["converted Constant"] = _constant_nodes_to_initializers(g)
+        _cleanup(g)
         before = list(g.nodes)
         variables = {id(t) for t in g.tensors().values() if not _is_constant(t)}
-        added_shapes = _add_inferred_shapes(graph, notes) if self.options.fold_shapes else []
-        g.toposort(recurse_subgraphs=False, recurse_functions=False)
-        kwargs = dict(fold_shapes=self.options.fold_shapes, recurse_subgraphs=False, flatten_subgraphs=False,
-                      recurse_functions=False, size_threshold=self._size_limit_bytes(),
-                      should_exclude_node=_onnx_never_fold)
-        try:
-            g.fold_constants(partitioning=None, error_ok=False, **kwargs)
-        except Exception as exc:  # evaluate the foldable parts one by one, keeping what onnxruntime can run
-            notes.append(f"onnxruntime could not evaluate every constant subgraph ({_first_line(exc)}); "
-                         f"those it could not are left in the graph")
-            g.fold_constants(partitioning="recursive", error_ok=True, **kwargs)
-        g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
+        types = _InferredTypes(graph, notes)
+        added_shapes: list = []
+        for _ in range(_MAX_ROUNDS):  # folding can give a CastLike a constant source, and that can fold further
+            if _cast_like_to_constants(g, types) + _shape_of_constants(g):
+                _cleanup(g)
+            if not any(self._may_fold(n) for n in g.nodes):  # spare graphsurgeon's graph copy and session
+                break
+            if self.options.fold_shapes and not added_shapes and any(n.op in ("Shape", "Size") for n in g.nodes):
+                added_shapes = _add_inferred_shapes(graph, types)
+            self._fold_with_onnxruntime(g, notes)
+            if not any(_cast_like_candidate(n) for n in g.nodes):
+                break
         for tensor, dtype in added_shapes:  # shapes were only needed for folding; later passes may change them
             if not _is_constant(tensor):
                 tensor.shape, tensor.dtype = None, dtype
@@ -104,6 +100,19 @@ class FoldConstants(Pass):
         now_constant = sum(1 for t in g.tensors().values() if _is_constant(t) and id(t) in variables)
         stats = {k: v for k, v in stats.items() if v}
         return PassResult(graph, bool(stats) or now_constant > 0, stats, notes)
+
+    def _fold_with_onnxruntime(self, g, notes: list[str]) -> None:
+        g.toposort(recurse_subgraphs=False, recurse_functions=False)
+        kwargs = dict(fold_shapes=self.options.fold_shapes, recurse_subgraphs=False, flatten_subgraphs=False,
+                      recurse_functions=False, size_threshold=self._size_limit_bytes(),
+                      should_exclude_node=_onnx_never_fold)
+        try:
+            g.fold_constants(partitioning=None, error_ok=False, **kwargs)
+        except Exception as exc:  # evaluate the foldable parts one by one, keeping what onnxruntime can run
+            notes.append(f"onnxruntime could not evaluate every constant subgraph ({_first_line(exc)}); "
+                         f"those it could not are left in the graph")
+            g.fold_constants(partitioning="recursive", error_ok=True, **kwargs)
+        _cleanup(g)
 
     # -- FX ---------------------------------------------------------------------------------------------------
     def run_fx(self, graph, ctx):
@@ -188,6 +197,86 @@ def _constant_nodes_to_initializers(g) -> int:
     return converted
 
 
+def _cleanup(g) -> None:
+    g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
+
+
+class _InferredTypes:
+    """ONNX shape inference's shapes and element types, computed once and only if something asks."""
+
+    def __init__(self, graph, notes: list[str]):
+        self.graph, self.notes, self._known = graph, notes, None
+
+    def get(self, name: str):
+        if self._known is None:
+            try:
+                self._known = self.graph.inferred_shapes()
+            except Exception as exc:  # a model the inference rejects: fold without static shapes and types
+                self.notes.append(f"shape inference failed ({_first_line(exc)}); Shape/CastLike of activations "
+                                  f"not folded")
+                self._known = {}
+        return self._known.get(name)
+
+
+def _cast_like_candidate(node) -> bool:
+    return node.op == "CastLike" and not node.domain and len(node.inputs) == 2 and _is_constant(node.inputs[0])
+
+
+def _cast_like_to_constants(g, types: _InferredTypes) -> int:
+    """``CastLike(constant, like)`` needs only ``like``'s element type, not its value: where that type is known
+    (declared, or from shape inference), the result is a constant. The torch.onnx dynamo exporter writes zero
+    conv biases as ``Expand(CastLike(0, x), [C])`` and Clip bounds as ``CastLike(6, x)``; once the CastLike is a
+    constant, those fold (and fold-bn can fold the BatchNormalization after such a conv)."""
+    import onnx_graphsurgeon as gs
+
+    from graphopt.ir.onnx_graph import replace_input
+
+    replaced = 0
+    for node in g.nodes:
+        if not _cast_like_candidate(node) or node.outputs[0] in g.outputs:
+            continue
+        source, like = node.inputs
+        inferred = None if like.dtype is not None else types.get(like.name)
+        dtype = like.dtype if like.dtype is not None else (inferred[1] if inferred else None)
+        if dtype is None:
+            continue
+        out = node.outputs[0]
+        constant = gs.Constant(out.name, source.values.astype(dtype))
+        for consumer in list(out.outputs):
+            replace_input(consumer, out, constant)
+        node.outputs.clear()
+        replaced += 1
+    return replaced
+
+
+def _shape_of_constants(g) -> int:
+    """``Shape`` / ``Size`` of an initializer, computed here: handing them to onnxruntime would ship the weight
+    itself (the dynamo exporter writes conv biases as ``Expand(0, Shape(weight, start=0, end=1))``)."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    from graphopt.ir.onnx_graph import replace_input
+
+    replaced = 0
+    for node in g.nodes:
+        if node.op not in ("Shape", "Size") or node.domain or not node.inputs or not _is_constant(node.inputs[0]):
+            continue
+        out = node.outputs[0]
+        if out in g.outputs:
+            continue
+        shape = list(node.inputs[0].shape)
+        if node.op == "Size":
+            value = np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
+        else:  # opset 15 start/end: Python slice semantics, clamped
+            value = np.array(shape[slice(node.attrs.get("start", 0), node.attrs.get("end"))], dtype=np.int64)
+        constant = gs.Constant(out.name, value)
+        for consumer in list(out.outputs):
+            replace_input(consumer, out, constant)
+        node.outputs.clear()
+        replaced += 1
+    return replaced
+
+
 def _onnx_never_fold(node) -> bool:
     """Q/DQ, random ops, ops outside the default domain, and nodes whose bodies (If/Loop) hold any of them."""
     if node.op in _ONNX_NO_FOLD or node.domain not in ("", "ai.onnx", None):
@@ -195,21 +284,15 @@ def _onnx_never_fold(node) -> bool:
     return any(_onnx_never_fold(inner) for sub in node.subgraphs() for inner in sub.nodes)
 
 
-def _add_inferred_shapes(graph, notes: list[str]) -> list:
-    """Give tensors without a shape the one ONNX shape inference finds; returns (tensor, its dtype before).
-    Only where a Shape or Size node can use it: shape inference is most of this pass's cost otherwise."""
-    if not any(n.op in ("Shape", "Size") for n in graph.gs.nodes):
-        return []
-    try:
-        known = graph.inferred_shapes()
-    except Exception as exc:  # a model the inference rejects: fold without static shapes
-        notes.append(f"shape inference failed ({_first_line(exc)}); Shape nodes not folded")
-        return []
+def _add_inferred_shapes(graph, types: _InferredTypes) -> list:
+    """Give tensors without a shape the one ONNX shape inference finds (for Shape/Size folding); returns
+    (tensor, its dtype before) for each, so the shapes can be taken off again afterwards."""
     added = []
     for name, tensor in graph.gs.tensors().items():
-        if _is_constant(tensor) or tensor.shape is not None or name not in known:
+        known = None if _is_constant(tensor) or tensor.shape is not None else types.get(name)
+        if known is None:
             continue
-        shape, dtype = known[name]
+        shape, dtype = known
         added.append((tensor, tensor.dtype))
         tensor.shape = shape
         tensor.dtype = tensor.dtype or dtype

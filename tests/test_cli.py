@@ -196,3 +196,21 @@ def test_run_on_a_pytorch_file(tmp_path, capsys):
         ref = module(x)
     got = torch.from_numpy(graph.run({graph.input_names()[0]: x.numpy()})[0])
     assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+def test_fold_on_the_dynamo_exporters_raw_output(tmp_path, capsys):
+    """torch.onnx's default exporter with its optimizer off writes zero conv biases as Expand(CastLike(0, x)):
+    fold turns them into constants and then folds every BatchNormalization."""
+    from graphopt import zoo
+
+    path = str(tmp_path / "dyn.onnx")
+    zoo.export_onnx(zoo.tiny_resnet(), path, (1, 3, 32, 32), exporter="dynamo")
+    before = onnx.load(path)
+    assert {"BatchNormalization", "CastLike", "Expand"} <= {n.op_type for n in before.graph.node}
+    assert main(["run", path, "-o", str(tmp_path / "out.onnx"), "--verify-each"]) == 0
+    assert "folded 12 BatchNormalization" in capsys.readouterr().out
+    after = onnx.load(str(tmp_path / "out.onnx"))
+    assert len(after.graph.node) == 29 and not {"BatchNormalization", "CastLike", "Expand"} & {n.op_type for n in after.graph.node}
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    ref, got = run_outputs(path, x), run_outputs(tmp_path / "out.onnx", x)
+    assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref))

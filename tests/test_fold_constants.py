@@ -17,14 +17,19 @@ from tests.conftest import graph_from_text
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
 
 
-def run_pass(registry, graph, name="fold-constants", **options):
-    """Run the pass on a copy; outputs must equal the original's, and a second run must change nothing."""
+def run_pass(registry, graph, name="fold-constants", ulp_close=False, **options):
+    """Run the pass on a copy; outputs must equal the original's (bit for bit, or with ``ulp_close`` within
+    float32 rounding, where onnxruntime picks another kernel for a constant input), and a second run must
+    change nothing."""
     cls = registry.passes[name]
     result = cls(cls.Options(**options))(graph.copy())
     result.graph.verify()
     feeds = graph.sample_inputs(seed=3)
     for before, after in zip(graph.run(feeds), result.graph.run(feeds), strict=True):
-        np.testing.assert_array_equal(before, after)
+        if ulp_close:
+            np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(before, after)
     again = cls(cls.Options(**options))(result.graph.copy())
     assert not again.modified, f"second run still changed the graph: {again.stats}"
     return result
@@ -72,6 +77,37 @@ FLATTEN = HEADER + """
         shape = Concat<axis = 0>(n1, minus1)
         y = Reshape(x, shape)
     }}"""
+
+
+def test_cast_like_of_a_constant_folds_on_the_like_type(registry):
+    """The torch.onnx dynamo exporter's zero bias: Expand(CastLike(0, x), [C]) depends on x's type only."""
+    g = graph_from_text(HEADER + """
+        g (float[2, 3] x) => (float[2, 3] y) <int64 zero = {0}, int64[1] c = {3}> {
+            z = CastLike(zero, x)
+            b = Expand(z, c)
+            y = Add(x, b)
+        }""")
+    result = run_pass(registry, g)
+    assert result.stats == {"folded nodes": 2}
+    (add,) = result.graph.gs.nodes
+    bias = add.inputs[1]
+    assert isinstance(bias, gs.Constant) and bias.values.dtype == np.float32 and bias.values.shape == (3,)
+
+
+def test_shape_of_an_initializer_is_computed_without_running_it(registry):
+    """The dynamo exporter's zero conv bias: Expand(CastLike(0, x), Shape(weight, start=0, end=1))."""
+    g = graph_from_text('<ir_version: 8, opset_import: ["" : 17]>' + """
+        g (float[1, 2, 4, 4] x) => (float[1, 3, 4, 4] y) <float[3, 2, 1, 1] w = {1., 2., 3., 4., 5., 6.},
+                                                          int64 zero = {0}> {
+            n = Shape<start = 0, end = 1>(w)
+            z = CastLike(zero, x)
+            b = Expand(z, n)
+            y = Conv(x, w, b)
+        }""")
+    result = run_pass(registry, g, ulp_close=True)  # Conv with a constant bias runs another kernel
+    assert result.stats == {"folded nodes": 3}
+    (conv,) = result.graph.gs.nodes
+    np.testing.assert_array_equal(conv.inputs[2].values, np.zeros(3, np.float32))
 
 
 def test_static_flatten_shape_chain_folded(registry):

@@ -113,18 +113,27 @@ class OnnxGraph(Graph):
         weights = sum(_nbytes(t) for t in self.gs.tensors().values() if isinstance(t, gs.Constant))
         return weights > _PROTOBUF_LIMIT - _PROTOBUF_MARGIN
 
-    def skeleton(self, model: onnx.ModelProto | None = None) -> onnx.ModelProto:
-        """The model (``model``, or this graph exported) with every initializer over 1 KB turned into a graph
-        input of the same type and shape: the same structure for the checker and shape inference at a fraction
-        of the bytes. Weights are numpy arrays onnx-graphsurgeon encodes, so their bytes need no checking;
-        small initializers (shapes, axes) stay, for shape inference's data propagation."""
-        model = model if model is not None else self.to_model()
+    def skeleton(self, exported: onnx.ModelProto | None = None) -> onnx.ModelProto:
+        """The model with every initializer over 1 KB turned into a graph input of the same type and shape: the
+        same structure for the checker and shape inference at a fraction of the bytes. Weights are numpy arrays
+        onnx-graphsurgeon encodes, so their bytes need no checking; small initializers (shapes, axes) stay, for
+        shape inference's data propagation. Built from ``exported`` (this graph's :meth:`to_model`) when the
+        caller has it, else from the graph without encoding any weight."""
+        if exported is None:
+            g = self.gs.copy()
+            for tensor in list(g.tensors().values()):
+                if isinstance(tensor, gs.Constant) and _nbytes(tensor) > _SKELETON_BYTES and tensor not in g.outputs:
+                    stand_in = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
+                    for consumer in list(tensor.outputs):
+                        replace_input(consumer, tensor, stand_in)
+                    g.inputs.append(stand_in)
+            return gs.export_onnx(g, do_type_check=False)
         skeleton = onnx.ModelProto()
         for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-            setattr(skeleton, name, getattr(model, name))
-        skeleton.opset_import.extend(model.opset_import)
-        skeleton.functions.extend(model.functions)
-        src, dst = model.graph, skeleton.graph
+            setattr(skeleton, name, getattr(exported, name))
+        skeleton.opset_import.extend(exported.opset_import)
+        skeleton.functions.extend(exported.functions)
+        src, dst = exported.graph, skeleton.graph
         dst.name = src.name
         for field in ("node", "input", "output", "value_info", "sparse_initializer"):
             getattr(dst, field).extend(getattr(src, field))
