@@ -97,7 +97,8 @@ RUNNERS: dict[str, Callable[[str, onnx.ModelProto], onnx.ModelProto]] = {
     "onnxsim": _run_onnxsim,
     "onnxslim": _run_onnxslim,
 }
-TAKES_PROTO = {"graphopt", "graphopt+check", "onnxsim", "onnxslim"}  # each call gets a fresh copy of the loaded ModelProto
+# each call of these gets a fresh copy of the loaded ModelProto
+TAKES_PROTO = {"graphopt", "graphopt+check", "onnxsim", "onnxslim"}
 
 
 # -- measuring --------------------------------------------------------------------------------------------

@@ -7,6 +7,12 @@ on one line and exits non-zero; only ``--debug`` shows a traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name if it has none), for one-line errors."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]
+
+
 class GraphoptError(Exception):
     """Base class: an error with a message fit to show a user as it is."""
 

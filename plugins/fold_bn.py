@@ -13,6 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import Equivalence, OpKind, Pass, PassResult, hookimpl
+from graphopt.ir.fx_graph import fresh_attr
 
 FOLDABLE = (OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.GEMM)
 FOLDED = "folded BatchNormalization"
@@ -387,14 +388,14 @@ def _fx_fold(gm, bn: _FxNorm, op: _Fold) -> None:
         fused = copy.deepcopy(gm.get_submodule(node.target))
         fused.weight, fused.bias = parameter(w), parameter(b)
         if any(n is not node and n.op == "call_module" and n.target == node.target for n in gm.graph.nodes):
-            node.target = _fresh_attr(gm, node.target.replace(".", "_") + "_bnfold")  # the module is reused
+            node.target = fresh_attr(gm, node.target.replace(".", "_") + "_bnfold")  # the module is reused
         gm.add_submodule(node.target, fused)
     else:  # a function call on parameters: new parameters, read by new get_attr nodes
         with gm.graph.inserting_before(node):
             for name, value in (("weight", w), ("bias", b)):
                 old = _arg(node, op.call, name)
                 base = old.target if old is not None else f"{node.name}.{name}"
-                attr = _fresh_attr(gm, base.replace(".", "_") + "_bnfold")
+                attr = fresh_attr(gm, base.replace(".", "_") + "_bnfold")
                 gm.register_parameter(attr, parameter(value))
                 _set_arg(node, op.call, name, gm.graph.get_attr(attr))
     for out in bn.outs:
@@ -403,13 +404,6 @@ def _fx_fold(gm, bn: _FxNorm, op: _Fold) -> None:
         if out is not bn.node:
             gm.graph.erase_node(out)
     gm.graph.erase_node(bn.node)
-
-
-def _fresh_attr(gm, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 @hookimpl

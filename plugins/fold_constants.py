@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from graphopt import Pass, PassResult, hookimpl
+from graphopt.errors import first_line
+from graphopt.ir.fx_graph import fresh_attr
 
 # never evaluated at compile time: Q/DQ must stay for quantization passes; the rest are random
 _ONNX_NO_FOLD = frozenset({
@@ -73,14 +75,14 @@ class FoldConstants(Pass):
         count = len(g.nodes)
         _cleanup(g)
         stats["removed dead nodes"] = count - len(g.nodes)
-        stats["converted Constant"] = _constant_nodes_to_initializers(g)
+        stats["converted Constant"] = _constant_nodes_to_initializers(graph)
         _cleanup(g)
         before = list(g.nodes)
         variables = {id(t) for t in g.tensors().values() if not _is_constant(t)}
         types = _InferredTypes(graph, notes)
         added_shapes: list = []
         for _ in range(_MAX_ROUNDS):  # folding can give a CastLike a constant source, and that can fold further
-            if _cast_like_to_constants(g, types) + _shape_of_constants(g):
+            if _cast_like_to_constants(graph, types) + _shape_of_constants(graph):
                 _cleanup(g)
             if not any(self._may_fold(n) for n in g.nodes):  # spare graphsurgeon's graph copy and session
                 break
@@ -109,7 +111,7 @@ class FoldConstants(Pass):
         try:
             g.fold_constants(partitioning=None, error_ok=False, **kwargs)
         except Exception as exc:  # evaluate the foldable parts one by one, keeping what onnxruntime can run
-            notes.append(f"onnxruntime could not evaluate every constant subgraph ({_first_line(exc)}); "
+            notes.append(f"onnxruntime could not evaluate every constant subgraph ({first_line(exc)}); "
                          f"those it could not are left in the graph")
             g.fold_constants(partitioning="recursive", error_ok=True, **kwargs)
         _cleanup(g)
@@ -134,7 +136,7 @@ class FoldConstants(Pass):
             try:
                 values[node] = _fx_evaluate(node, gm, values)
             except Exception as exc:  # leave it, and what depends on it, to run time
-                notes.append(f"could not evaluate '{node.name}' at compile time ({_first_line(exc)}); left as is")
+                notes.append(f"could not evaluate '{node.name}' at compile time ({first_line(exc)}); left as is")
                 constant -= {node, *_descendants(node)}
                 continue
             readers = [u for u in node.users if u not in constant and u.op != "output"]
@@ -144,7 +146,7 @@ class FoldConstants(Pass):
             if limit is not None and value.numel() * value.element_size() > limit:
                 skipped_big += 1
                 continue
-            name = _fresh_attr(gm, f"_folded_{node.name}")
+            name = fresh_attr(gm, f"_folded_{node.name}")
             gm.register_buffer(name, value.detach().clone())
             with gm.graph.inserting_before(node):
                 getter = gm.graph.get_attr(name)
@@ -176,25 +178,13 @@ def _is_constant(tensor) -> bool:
     return isinstance(tensor, gs.Constant)
 
 
-def _constant_nodes_to_initializers(g) -> int:
+def _constant_nodes_to_initializers(graph) -> int:
     """Replace each ``Constant`` node holding a tensor (``value``) by an initializer of its output's name; the
     other attribute forms (``value_float``, ``value_ints``, ...) are left to onnx-graphsurgeon's folding."""
     import onnx_graphsurgeon as gs
 
-    from graphopt.ir.onnx_graph import replace_input
-
-    converted = 0
-    for node in g.nodes:
-        value = node.attrs.get("value") if node.op == "Constant" and not node.domain else None
-        if not isinstance(value, gs.Constant) or node.outputs[0] in g.outputs:
-            continue
-        out = node.outputs[0]
-        initializer = gs.Constant(out.name, value.values)
-        for consumer in list(out.outputs):
-            replace_input(consumer, out, initializer)
-        node.outputs.clear()
-        converted += 1
-    return converted
+    return sum(graph.fold_to_constant(node, node.attrs["value"].values) for node in graph.gs.nodes
+               if node.op == "Constant" and not node.domain and isinstance(node.attrs.get("value"), gs.Constant))
 
 
 def _cleanup(g) -> None:
@@ -212,7 +202,7 @@ class _InferredTypes:
             try:
                 self._known = self.graph.inferred_shapes()
             except Exception as exc:  # a model the inference rejects: fold without static shapes and types
-                self.notes.append(f"shape inference failed ({_first_line(exc)}); Shape/CastLike of activations "
+                self.notes.append(f"shape inference failed ({first_line(exc)}); Shape/CastLike of activations "
                                   f"not folded")
                 self._known = {}
         return self._known.get(name)
@@ -222,58 +212,37 @@ def _cast_like_candidate(node) -> bool:
     return node.op == "CastLike" and not node.domain and len(node.inputs) == 2 and _is_constant(node.inputs[0])
 
 
-def _cast_like_to_constants(g, types: _InferredTypes) -> int:
+def _cast_like_to_constants(graph, types: _InferredTypes) -> int:
     """``CastLike(constant, like)`` needs only ``like``'s element type, not its value: where that type is known
     (declared, or from shape inference), the result is a constant. The torch.onnx dynamo exporter writes zero
     conv biases as ``Expand(CastLike(0, x), [C])`` and Clip bounds as ``CastLike(6, x)``; once the CastLike is a
     constant, those fold (and fold-bn can fold the BatchNormalization after such a conv)."""
-    import onnx_graphsurgeon as gs
-
-    from graphopt.ir.onnx_graph import replace_input
-
     replaced = 0
-    for node in g.nodes:
-        if not _cast_like_candidate(node) or node.outputs[0] in g.outputs:
+    for node in graph.gs.nodes:
+        if not _cast_like_candidate(node):
             continue
         source, like = node.inputs
-        inferred = None if like.dtype is not None else types.get(like.name)
-        dtype = like.dtype if like.dtype is not None else (inferred[1] if inferred else None)
-        if dtype is None:
-            continue
-        out = node.outputs[0]
-        constant = gs.Constant(out.name, source.values.astype(dtype))
-        for consumer in list(out.outputs):
-            replace_input(consumer, out, constant)
-        node.outputs.clear()
-        replaced += 1
+        dtype = like.dtype if like.dtype is not None else (types.get(like.name) or (None, None))[1]
+        if dtype is not None:
+            replaced += graph.fold_to_constant(node, source.values.astype(dtype))
     return replaced
 
 
-def _shape_of_constants(g) -> int:
+def _shape_of_constants(graph) -> int:
     """``Shape`` / ``Size`` of an initializer, computed here: handing them to onnxruntime would ship the weight
     itself (the dynamo exporter writes conv biases as ``Expand(0, Shape(weight, start=0, end=1))``)."""
     import numpy as np
-    import onnx_graphsurgeon as gs
-
-    from graphopt.ir.onnx_graph import replace_input
 
     replaced = 0
-    for node in g.nodes:
+    for node in graph.gs.nodes:
         if node.op not in ("Shape", "Size") or node.domain or not node.inputs or not _is_constant(node.inputs[0]):
-            continue
-        out = node.outputs[0]
-        if out in g.outputs:
             continue
         shape = list(node.inputs[0].shape)
         if node.op == "Size":
             value = np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
         else:  # opset 15 start/end: Python slice semantics, clamped
             value = np.array(shape[slice(node.attrs.get("start", 0), node.attrs.get("end"))], dtype=np.int64)
-        constant = gs.Constant(out.name, value)
-        for consumer in list(out.outputs):
-            replace_input(consumer, out, constant)
-        node.outputs.clear()
-        replaced += 1
+        replaced += graph.fold_to_constant(node, value)
     return replaced
 
 
@@ -297,11 +266,6 @@ def _add_inferred_shapes(graph, types: _InferredTypes) -> list:
         tensor.shape = shape
         tensor.dtype = tensor.dtype or dtype
     return added
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
 
 
 # -- FX helpers ----------------------------------------------------------------------------------------------
@@ -399,13 +363,6 @@ def _fx_evaluate(node, gm, values: dict):
             self_obj, *rest = args
             return getattr(self_obj, node.target)(*rest, **kwargs)
         return gm.get_submodule(node.target)(*args, **kwargs)
-
-
-def _fresh_attr(gm, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 @hookimpl

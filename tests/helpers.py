@@ -26,7 +26,8 @@ class ScaleWeights(Pass):
         for node in graph.gs.nodes:
             for i, t in enumerate(node.inputs):
                 if isinstance(t, gs.Constant) and t.values.dtype == np.float32 and t.values.ndim > 1:
-                    node.inputs[i] = gs.Constant(t.name + "_scaled", (t.values * self.options.factor).astype(np.float32))
+                    scaled = (t.values * self.options.factor).astype(np.float32)
+                    node.inputs[i] = gs.Constant(t.name + "_scaled", scaled)
                     changed += 1
         return PassResult(graph, changed > 0, {"scaled weights": changed})
 

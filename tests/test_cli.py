@@ -18,6 +18,7 @@ import pytest
 from graphopt.cli import main
 
 HELPERS = ["-p", "tests.helpers"]
+FOLD = ["eliminate-identity", "fold-constants", "fold-bn", "eliminate-dead"]
 
 
 def digest(path) -> str:
@@ -53,7 +54,7 @@ def test_run_fold_writes_beside_input_and_reports(model, capsys):
     assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref))
     report = json.loads((model.parent / "report.json").read_text())
     assert report["input"]["nodes"] == 41 and report["output"]["nodes"] == 29
-    assert [p["name"] for p in report["passes"]] == ["eliminate-identity", "fold-constants", "fold-bn", "eliminate-dead"]
+    assert [p["name"] for p in report["passes"]] == FOLD
     fold_bn = report["passes"][2]
     assert fold_bn["modified"] and fold_bn["stats"] == {"folded BatchNormalization": 12}
     assert fold_bn["checks"]["max_rel_err"] <= 1e-5
@@ -70,7 +71,8 @@ def test_second_run_reports_nothing_changed(model, capsys):
 
 def test_snapshots_and_verify_each(model, tmp_path):
     snaps = tmp_path / "snaps"
-    assert main(["run", str(model), "-o", str(tmp_path / "o.onnx"), "--verify-each", "--snapshot-dir", str(snaps), "-q"]) == 0
+    args = ["-o", str(tmp_path / "o.onnx"), "--verify-each", "--snapshot-dir", str(snaps), "-q"]
+    assert main(["run", str(model), *args]) == 0
     assert sorted(os.listdir(snaps)) == ["01-eliminate-identity.onnx", "02-fold-constants.onnx", "03-fold-bn.onnx",
                                          "04-eliminate-dead.onnx"]
 
@@ -98,7 +100,8 @@ def test_approximate_pass_is_measured_not_failed(model, capsys):
 
 
 def test_reproducer_saves_the_failing_input(model, tmp_path, capsys):
-    assert main(["run", str(model), "--passes", "fold,exploding", "--reproducer", str(tmp_path / "crash"), *HELPERS]) == 1
+    args = ["--passes", "fold,exploding", "--reproducer", str(tmp_path / "crash"), *HELPERS]
+    assert main(["run", str(model), *args]) == 1
     assert "pass 'exploding': RuntimeError: boom" in capsys.readouterr().err
     assert (tmp_path / "crash" / "input.onnx").exists()
     assert "--passes exploding" in (tmp_path / "crash" / "reproduce.txt").read_text()
@@ -210,7 +213,8 @@ def test_fold_on_the_dynamo_exporters_raw_output(tmp_path, capsys):
     assert main(["run", path, "-o", str(tmp_path / "out.onnx"), "--verify-each"]) == 0
     assert "folded 12 BatchNormalization" in capsys.readouterr().out
     after = onnx.load(str(tmp_path / "out.onnx"))
-    assert len(after.graph.node) == 29 and not {"BatchNormalization", "CastLike", "Expand"} & {n.op_type for n in after.graph.node}
+    ops = {n.op_type for n in after.graph.node}
+    assert len(after.graph.node) == 29 and not {"BatchNormalization", "CastLike", "Expand"} & ops
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     ref, got = run_outputs(path, x), run_outputs(tmp_path / "out.onnx", x)
     assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref))

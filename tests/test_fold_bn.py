@@ -7,6 +7,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from graphopt_plugins.fold_bn import FOLDED, FoldBatchNorm
 from onnx import numpy_helper
 from torch import nn
 
@@ -15,7 +16,6 @@ from graphopt import zoo
 from graphopt.ir import OnnxGraph
 from graphopt.ir.fx_graph import FxGraph
 from graphopt.passes.instruments import relative_error
-from graphopt_plugins.fold_bn import FOLDED, FoldBatchNorm
 
 RTOL, ATOL = 1e-5, 1e-6
 RNG = np.random.default_rng(0)

@@ -27,7 +27,8 @@ def test_onnx_round_trip_keeps_metadata_and_outputs(zoo_onnx, tmp_path):
     assert graph.num_nodes() == 41 and graph.op_counts()["BatchNormalization"] == 12
     graph.save(str(tmp_path / "out.onnx"))
     again = onnx.load(str(tmp_path / "out.onnx"))
-    assert again.doc_string == "a doc" and {p.key: p.value for p in again.metadata_props} == {"author": "graphopt-tests"}
+    assert again.doc_string == "a doc"
+    assert {p.key: p.value for p in again.metadata_props} == {"author": "graphopt-tests"}
     assert again.ir_version == model.ir_version
     x = graph.sample_inputs(seed=3)
     np.testing.assert_array_equal(graph.run(x)[0], load_model(str(tmp_path / "out.onnx")).run(x)[0])

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from graphopt.errors import ModelLoadError
+from graphopt.errors import ModelLoadError, first_line
 from graphopt.ir.base import Graph
 from graphopt.ir.ops import OpKind
 
@@ -62,7 +62,7 @@ class FxGraph(Graph):
             except Exception as export_error:
                 raise ModelLoadError(
                     f"could not capture {type(module).__name__}: symbolic_trace failed "
-                    f"({_first_line(trace_error)}) and torch.export failed ({_first_line(export_error)})"
+                    f"({first_line(trace_error)}) and torch.export failed ({first_line(export_error)})"
                 ) from None
         return cls(gm, example_inputs, how)
 
@@ -74,7 +74,7 @@ class FxGraph(Graph):
         try:  # a pickled module: only load files you trust, as with torch.load itself
             obj = torch.load(path, weights_only=False, map_location="cpu")
         except Exception as exc:
-            raise ModelLoadError(f"{path}: not a readable PyTorch file ({_first_line(exc)})") from None
+            raise ModelLoadError(f"{path}: not a readable PyTorch file ({first_line(exc)})") from None
         if isinstance(obj, dict) and FORMAT_KEY in obj:
             return cls(obj["module"], example_inputs or obj["example_inputs"], obj.get("captured_with", "fx"))
         if isinstance(obj, torch.nn.Module):
@@ -155,7 +155,7 @@ class FxGraph(Graph):
             self.gm.graph.lint()
             self.gm.recompile()
         except Exception as exc:
-            raise ValueError(f"FX lint: {_first_line(exc)}") from exc
+            raise ValueError(f"FX lint: {first_line(exc)}") from exc
 
     def sample_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
         torch = _torch()
@@ -231,6 +231,9 @@ def delete_unread_attributes(gm, candidates) -> int:
     return deleted
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+def fresh_attr(gm, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: the first name no attribute of ``gm`` has."""
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name

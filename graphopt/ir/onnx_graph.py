@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
-from graphopt.errors import ModelLoadError
+from graphopt.errors import ModelLoadError, first_line
 from graphopt.ir.base import Graph
 from graphopt.ir.ops import OpKind, onnx_kind
 
@@ -46,7 +46,7 @@ class OnnxGraph(Graph):
         try:
             model = onnx.load(path, load_external_data=False)
         except (DecodeError, ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(exc)}); truncated or not ONNX?")
+            raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(exc)}); truncated or not ONNX?")
         if not model.graph.node and not model.graph.output:
             raise ModelLoadError(f"{path}: not an ONNX model (no graph, no outputs)")
         external = any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
@@ -54,11 +54,11 @@ class OnnxGraph(Graph):
             try:
                 onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
             except Exception as exc:  # onnx raises OSError, ValueError or its own ValidationError here
-                raise ModelLoadError(f"{path}: external data could not be read ({_first_line(exc)})")
+                raise ModelLoadError(f"{path}: external data could not be read ({first_line(exc)})")
         try:
             onnx.checker.check_model(path)  # by path: reads external data itself, no 2 GB limit
         except (onnx.checker.ValidationError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: invalid ONNX graph: {_first_line(exc)}")
+            raise ModelLoadError(f"{path}: invalid ONNX graph: {first_line(exc)}")
         return cls.from_model(model, external_data=external)
 
     @classmethod
@@ -70,7 +70,7 @@ class OnnxGraph(Graph):
         try:
             graph = gs.import_onnx(model)
         except Exception as exc:
-            raise ModelLoadError(f"onnx-graphsurgeon could not import the model: {_first_line(exc)}")
+            raise ModelLoadError(f"onnx-graphsurgeon could not import the model: {first_line(exc)}")
         return cls(graph, meta, external_data)
 
     def to_model(self) -> onnx.ModelProto:
@@ -169,7 +169,7 @@ class OnnxGraph(Graph):
         try:
             onnx.checker.check_model(self.skeleton(exported), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            raise ValueError(_first_line(exc)) from exc
+            raise ValueError(first_line(exc)) from exc
 
     def sample_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -216,11 +216,25 @@ class OnnxGraph(Graph):
                 return attrs["value"].values
         return None
 
+    def fold_to_constant(self, node: gs.Node, values: np.ndarray) -> bool:
+        """Replace single-output ``node`` by its value: every reader reads an initializer of the output's name
+        holding ``values``; the node is left disconnected (``gs.cleanup()`` drops it). Returns False, changing
+        nothing, when the output is a graph output (an initializer cannot be one here)."""
+        out = node.outputs[0]
+        if out in self.gs.outputs:
+            return False
+        constant = gs.Constant(out.name, np.asarray(values))
+        for consumer in list(out.outputs):
+            replace_input(consumer, out, constant)
+        node.outputs.clear()
+        return True
+
     def splice_out(self, node: gs.Node, keep: gs.Tensor) -> bool:
         """Disconnect ``node`` whose (first) output equals its input ``keep``, rewiring every use to ``keep``;
         graph output names are preserved. The node is left with no inputs or outputs: the caller drops it from
-        ``graph.gs.nodes`` (or ``gs.cleanup()`` does). Returns False (and leaves the graph alone) when that cannot be done without an
-        Identity: the output is a graph output and ``keep`` is a graph input, an initializer or itself an output."""
+        ``graph.gs.nodes`` (or ``gs.cleanup()`` does). Returns False, leaving the graph alone, when that cannot
+        be done without an Identity: the output is a graph output and ``keep`` is a graph input, an initializer
+        or itself an output."""
         out = node.outputs[0]
         if out in self.gs.outputs:
             producer = keep.inputs[0] if len(keep.inputs) == 1 else None
@@ -254,8 +268,3 @@ def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
     for i, tensor in enumerate(node.inputs):
         if tensor is old:
             node.inputs[i] = new
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -85,7 +85,8 @@ class NumericCheck(Instrument):
         record.checks["max_rel_err"] = err
         if pass_.equivalence == Equivalence.EXACT and not err <= self.rtol:
             raise NumericMismatchError(
-                pass_.name, f"declares itself exact but changed the outputs: max relative error {err:.3g} > {self.rtol:g}"
+                pass_.name,
+                f"declares itself exact but changed the outputs: max relative error {err:.3g} > {self.rtol:g}",
             )
 
 

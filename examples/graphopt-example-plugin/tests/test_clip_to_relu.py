@@ -1,15 +1,15 @@
 """Tests for the example plugin; run them with the package installed: ``pytest tests``."""
 
+import graphopt_example_plugin
 import numpy as np
 import onnx
+from graphopt_example_plugin import ClipToRelu
+from graphopt_example_plugin.clip_to_relu import ClipToReluOptions
 from onnx import TensorProto, helper
 
 import graphopt
-import graphopt_example_plugin
 from graphopt import OnnxGraph
 from graphopt.plugins import load_registry
-from graphopt_example_plugin import ClipToRelu
-from graphopt_example_plugin.clip_to_relu import ClipToReluOptions
 
 
 def clip_model(max_value=None, opset=17, dtype=TensorProto.FLOAT):

@@ -6,7 +6,6 @@ receives the registry and adds what the plugin provides to it.
 """
 
 from graphopt import hookimpl
-
 from graphopt_example_plugin.clip_to_relu import ClipToRelu
 
 __all__ = ["ClipToRelu"]
