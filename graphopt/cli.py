@@ -1,4 +1,4 @@
-"""`graphopt run | passes | inspect | verify` — the command line.
+"""`graphopt run | passes | inspect | verify | bench | compare` — the command line.
 
 Bad input gets one ``graphopt: error: ...`` line on stderr and a non-zero exit (2 for usage, 1 otherwise);
 ``--debug`` shows the traceback. The input file is never written, and no output file is left behind on error.
@@ -14,6 +14,8 @@ import sys
 import tempfile
 import textwrap
 
+from graphopt.backends import get_backend
+from graphopt.cli_backend import add_backend_commands, cmd_bench, cmd_compare, load_npz, registry_from_args
 from graphopt.errors import GraphoptError, UsageError
 
 INTERNAL_ERROR_EXIT = 70
@@ -52,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--snapshot-dir", metavar="DIR", help="save the model after each pass into DIR")
     run.add_argument("--reproducer", metavar="DIR", help="if a pass fails, save its input model and command to DIR")
     run.add_argument("--json", metavar="PATH", help="also write the run report as JSON")
+    run.add_argument("--calib", metavar="DATA",
+                     help="calibration data for int8: .npz (one array per input), .npy, a folder of .npy/.npz or "
+                          "of images (default: synthetic random inputs, with a loud warning)")
+    run.add_argument("--backend", default="onnxruntime",
+                     help="the backend to report latency/accuracy on (default: onnxruntime)")
+    run.add_argument("--eval", metavar="DATA.npz",
+                     help="labelled data (inputs + --labels array): report accuracy, output SQNR and per-layer "
+                          "SQNR of the written model against the input")
+    run.add_argument("--labels", default="labels", metavar="KEY", help="the labels array in --eval (default: labels)")
+    run.add_argument("--bench", action="store_true", help="report latency before and after on the backend")
     run.add_argument("--input-shape", action="append", default=[], metavar="1x3x224x224",
                      help="example input shape for a plain PyTorch module (repeat for several inputs)")
     run.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -70,13 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("model")
     verify.add_argument("--input-shape", action="append", default=[], metavar="1x3x224x224")
     _add_plugin_flags(verify)
+
+    add_backend_commands(sub, _add_plugin_flags)
     return parser
-
-
-def _registry(args):
-    from graphopt.plugins import load_registry
-
-    return load_registry(autoload=False if args.no_plugins else None, extra=args.plugins)
 
 
 def _example_inputs(shapes: list[str]):
@@ -127,15 +135,18 @@ def cmd_run(args) -> int:
     from graphopt.passes.instruments import CrashReproducer, NumericCheck, Snapshot, Verify
     from graphopt.passes.manager import PassManager, bisect
     from graphopt.passes.pipeline import format_passes, parse_pipeline, resolve
+    from graphopt.report.run_report import format_run, jsonable_run, measure_run
 
     pipeline = parse_pipeline(args.passes)  # syntax errors before any loading
-    registry = _registry(args)
+    registry = registry_from_args(args)
     output = args.output or default_output(args.model)
     if _same_file(output, args.model):
         raise UsageError(f"output {output} is the input model; graphopt never overwrites its input")
     passes = resolve(pipeline, registry)
+    backend = get_backend(registry, args.backend)
+    eval_data, labels = _eval_data(args)
     graph = _load(args)
-    ctx = PassContext(registry=registry)
+    ctx = PassContext(registry=registry, calibration=args.calib, backend=backend)
     say = (lambda *a: None) if args.quiet else print
 
     if args.bisect:
@@ -168,18 +179,36 @@ def cmd_run(args) -> int:
     for warning in report.warnings:
         say(f"warning: {warning}")
     say(f"wrote {output}: {after['nodes']} nodes, {after['parameters']:,} parameters")
+    measured = {}
+    if graph.ir == "onnx":
+        measured = measure_run(args.model, output, backend, data=eval_data, labels=labels, labels_key=args.labels,
+                               bench=args.bench)
+        say(format_run(measured))
     if args.json:
         data = {"input": {"path": args.model, **before}, "output": {"path": output, **after},
-                "pipeline": str(pipeline), "resolved": format_passes(passes), **report.to_dict()}
+                "pipeline": str(pipeline), "resolved": format_passes(passes), **report.to_dict(),
+                **jsonable_run(measured)}
         with open(args.json, "w") as f:
             json.dump(data, f, indent=2, default=str)
     return 0
 
 
+def _eval_data(args):
+    """``--eval``'s inputs and labels, read before any pass runs so a bad file fails early."""
+    if not args.eval:
+        return None, None
+    data = load_npz(args.eval)
+    if args.labels not in data:
+        raise UsageError(f"{args.eval} has no labels array '{args.labels}' (it has: {', '.join(sorted(data))}); "
+                         f"name it with --labels")
+    labels = data.pop(args.labels)
+    return data, labels
+
+
 def cmd_passes(args) -> int:
     from graphopt.passes.options import describe_options
 
-    registry = _registry(args)
+    registry = registry_from_args(args)
     names = sorted(registry.passes)
     aliases = sorted(registry.pipelines)
     if args.name:
@@ -233,7 +262,8 @@ def cmd_verify(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "passes": cmd_passes, "inspect": cmd_inspect, "verify": cmd_verify}
+COMMANDS = {"run": cmd_run, "passes": cmd_passes, "inspect": cmd_inspect, "verify": cmd_verify,
+            "bench": cmd_bench, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

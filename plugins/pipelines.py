@@ -13,3 +13,9 @@ def graphopt_register_pipelines(registry):
         "exact cleanup: drop Identity/inference Dropout, fold constant subgraphs, fold BatchNorm into the "
         "Conv/Gemm before it, remove what no output needs",
     )
+    registry.add_pipeline(
+        "int8",
+        "insert-observers,calibrate,place-qdq",
+        "static int8 in the target backend's scheme: observe activations, calibrate ranges on --calib data, "
+        "place Q/DQ where the backend runs int8",
+    )

@@ -202,7 +202,15 @@ class OnnxGraph(Graph):
             return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return [np.asarray(o) for o in self.session().run(None, inputs)]
+        """Outputs on onnxruntime. Float inputs are cast to the input's declared float type, so one set of
+        inputs serves a model before and after a pass that changed its I/O precision (fp16)."""
+        declared = {t.name: t.dtype for t in self.gs.inputs if t.dtype is not None}
+        feeds = {}
+        for name, value in inputs.items():
+            dtype = np.dtype(declared[name]) if name in declared else value.dtype
+            cast = value.dtype != dtype and value.dtype.kind == "f" and dtype.kind == "f"
+            feeds[name] = value.astype(dtype) if cast else value
+        return [np.asarray(o) for o in self.session().run(None, feeds)]
 
     # -- helpers passes share -----------------------------------------------------------------------------
     @staticmethod

@@ -58,8 +58,11 @@ class PassContext:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("graphopt"))
     seed: int = 0
     backend: Any = None  # the target backend, whose capabilities passes read (later issues)
-    calibration: Any = None  # calibration data source (int8 issue)
+    calibration: Any = None  # a graphopt.calib CalibrationData: .batches() yields {input name: array}
     registry: Any = None  # the plugin Registry (channel handlers, importance criteria, ...)
+    # results one pass hands to a later one in the same pipeline (observed tensors, calibrated ranges, ...);
+    # unlike analyses, kept when the graph changes: the pass that reads an entry checks it still applies
+    state: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     _analyses: dict[str, Any] = field(default_factory=dict)
 

@@ -44,6 +44,20 @@ def relative_error(reference: list[np.ndarray], actual: list[np.ndarray]) -> flo
     return worst
 
 
+def _calibration_batch(graph, ctx) -> dict | None:
+    """The first batch of the pipeline's calibration data (real inputs make approximate passes' errors mean
+    something), or None when there is none or it does not fit the graph."""
+    if getattr(ctx, "calibration", None) is None or graph.ir != "onnx":
+        return None
+    from graphopt.calib.sources import input_specs, load_calibration
+
+    try:
+        return next(iter(load_calibration(ctx.calibration, input_specs(graph), batch_size=8, limit=8,
+                                          progress=False).batches()), None)
+    except Exception:  # the numeric check falls back to fixed-seed inputs; calibrate reports data problems
+        return None
+
+
 class Verify(Instrument):
     """Fail the pipeline, naming the pass, when a pass leaves an invalid graph."""
 
@@ -68,7 +82,7 @@ class NumericCheck(Instrument):
 
     def before_pass(self, pass_, graph, ctx) -> None:
         if self._inputs is None:
-            self._inputs = graph.sample_inputs(self.seed)
+            self._inputs = _calibration_batch(graph, ctx) or graph.sample_inputs(self.seed)
         if self._before is None and pass_.equivalence != Equivalence.NONE:
             self._before = graph.run(self._inputs)
 

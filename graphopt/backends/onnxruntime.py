@@ -1,0 +1,189 @@
+"""The onnxruntime CPU backend: its int8 scheme on x86, sessions, timing and evaluation.
+
+The scheme is the form onnxruntime's CPU kernels run fast, read off its QDQ fusion rules
+(``qdq_selector_action_transformer.cc``) and checked on this machine:
+
+- activations **uint8 asymmetric**, weights **int8 symmetric per channel**. The x86 int8 kernels (AVX-512
+  VNNI / AVX2) multiply unsigned activations by signed weights; with int8 activations onnxruntime still fuses
+  the QDQ groups, but the result runs *slower than fp32* (ANCHORS.md: ResNet-18 12.8 ms int8 vs 11.0 ms fp32 vs
+  4.2 ms uint8). int8 activations are honoured on request, with that warning.
+- int8 kernels (requantizing): Conv (QLinearConv), Gemm (QGemm), MatMul (QLinearMatMul), Add and Mul
+  (QLinearAdd/Mul, so both inputs of a residual Add are quantized), Concat (QLinearConcat), AveragePool,
+  GlobalAveragePool, Sigmoid, LeakyRelu (QLinear unary ops).
+- passing int8 through (the DQ -> op -> Q group is dropped): MaxPool, Reshape, Flatten, Transpose, Squeeze,
+  Unsqueeze, Slice, Gather, GatherElements, Expand, Tile, Resize, Split, ReduceMax, ReduceMin.
+- Relu and Clip are absorbed by the QuantizeLinear after them (ReluQuantFusion / ClipQuantFusion).
+- ConvTranspose has **no** int8 CPU kernel: a QDQ ConvTranspose stays DQ -> float ConvTranspose -> Q, slower
+  than leaving it float, so it is not in the scheme (asking for it is an error).
+- Bias stays float: onnxruntime (>= 1.21, ``WeightBiasQuantization``) folds a float Conv/Gemm bias to int32
+  with scale = input scale x weight scale itself. Older versions fuse only an int32 bias behind a
+  DequantizeLinear, so for them the scheme asks place-qdq for ``bias="int32"``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any, Mapping
+
+import numpy as np
+
+from graphopt.backends.base import (
+    Backend,
+    BackendError,
+    InputSpec,
+    QuantRequest,
+    QuantScheme,
+    TensorQuant,
+    UnsupportedRequestError,
+    restrict_ops,
+)
+from graphopt.errors import first_line
+
+QUANTIZED_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool",
+                           "Sigmoid", "LeakyRelu"})
+PASSTHROUGH_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather",
+                             "GatherElements", "Expand", "Tile", "Resize", "Split", "ReduceMax", "ReduceMin"})
+FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+WEIGHT_CHANNEL_AXIS = {"Conv": 0, "Gemm": 1, "MatMul": -1}
+NOT_INT8 = {
+    "ConvTranspose": "onnxruntime's CPU provider has no int8 ConvTranspose; a QDQ ConvTranspose runs in float "
+                     "between a DequantizeLinear and a QuantizeLinear, slower than leaving it float",
+}
+INT8_ACTIVATION_WARNING = (
+    "int8 activations: onnxruntime's x86 int8 kernels multiply uint8 activations by int8 weights (VNNI); with int8 "
+    "activations the quantized model is typically slower than fp32 (ANCHORS.md: ResNet-18 12.8 ms vs 11.0 ms fp32, "
+    "4.2 ms with uint8)")
+UINT8_WEIGHT_WARNING = (
+    "uint8 weights: onnxruntime's fast x86 path is uint8 activations x int8 weights; uint8 weights take a slower "
+    "kernel")
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(bool)": np.bool_,
+}
+
+
+def _ort_version() -> tuple[int, int]:
+    import onnxruntime as ort
+
+    major, minor = ort.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+class OnnxRuntimeBackend(Backend):
+    """onnxruntime's CPU execution provider (``providers`` may name others; the scheme is the x86 CPU one)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                 graph_optimization: str = "all"):
+        self.providers = tuple(providers)
+        self.graph_optimization = graph_optimization
+
+    def __repr__(self) -> str:
+        return f"OnnxRuntimeBackend(providers={self.providers})"
+
+    # -- the scheme ---------------------------------------------------------------------------------------
+    def default_scheme(self) -> QuantScheme:
+        return QuantScheme(
+            backend=self.name,
+            activations=TensorQuant("uint8", symmetric=False),
+            weights=TensorQuant("int8", symmetric=True, per_channel=True, narrow_range=True),
+            weight_channel_axis=WEIGHT_CHANNEL_AXIS,
+            quantized_ops=QUANTIZED_OPS,
+            passthrough_ops=PASSTHROUGH_OPS,
+            fused_activations=FUSED_ACTIVATIONS,
+            residual_add_qdq=True,
+            bias="float" if _ort_version() >= (1, 21) else "int32",
+            format="QDQ",
+            min_opset=13,
+        )
+
+    def scheme(self, request: QuantRequest | None = None) -> QuantScheme:
+        scheme = self.default_scheme()
+        if request is None:
+            return scheme
+        warnings = list(scheme.warnings)
+        acts, weights = scheme.activations, scheme.weights
+        if request.activation_dtype is not None and request.activation_dtype != acts.dtype:
+            acts = TensorQuant(request.activation_dtype, acts.symmetric)
+            if request.activation_dtype == "int8":
+                warnings.append(INT8_ACTIVATION_WARNING)
+        if request.activation_symmetric is not None:
+            acts = TensorQuant(acts.dtype, request.activation_symmetric)
+        if request.weight_dtype is not None and request.weight_dtype != weights.dtype:
+            weights = TensorQuant(request.weight_dtype, weights.symmetric, weights.per_channel, weights.narrow_range)
+            if request.weight_dtype == "uint8":
+                warnings.append(UINT8_WEIGHT_WARNING)
+        if request.weight_symmetric is not None:
+            weights = TensorQuant(weights.dtype, request.weight_symmetric, weights.per_channel,
+                                  narrow_range=request.weight_symmetric)
+        if request.per_channel is not None:
+            weights = TensorQuant(weights.dtype, weights.symmetric, request.per_channel, weights.narrow_range)
+        if weights.dtype == "uint8" and weights.symmetric:
+            raise UnsupportedRequestError(
+                "symmetric uint8 weights (zero point 128) are not a form onnxruntime's int8 kernels take; "
+                "use int8 weights (the default) or asymmetric uint8")
+        scheme = replace(scheme, activations=acts, weights=weights, warnings=tuple(warnings))
+        return restrict_ops(scheme, request, NOT_INT8)
+
+    # -- sessions -------------------------------------------------------------------------------------------
+    def session(self, model: Any, threads: int = 0):
+        """An ``onnxruntime.InferenceSession``: one intra-op pool of ``threads`` (0: onnxruntime's default, one
+        per core), one inter-op thread, sequential execution, every graph optimisation on."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }[self.graph_optimization]
+        if isinstance(model, (str, os.PathLike)):
+            path = os.fspath(model)
+            if not os.path.isfile(path):
+                raise BackendError(f"{path}: no such file")
+            source: Any = path
+        elif isinstance(model, (bytes, bytearray)):
+            source = bytes(model)
+        elif hasattr(model, "to_model"):  # OnnxGraph
+            source = model.to_model().SerializeToString()
+        elif hasattr(model, "SerializeToString"):
+            source = model.SerializeToString()
+        else:
+            raise BackendError(f"onnxruntime cannot run a {type(model).__name__} (give an .onnx path, a ModelProto "
+                               "or an OnnxGraph)")
+        try:
+            return ort.InferenceSession(source, options, providers=list(self.providers))
+        except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeError types
+            where = f"{source}: " if isinstance(source, str) else ""
+            raise BackendError(f"{where}onnxruntime could not load the model: {first_line(exc)}") from exc
+
+    def is_session(self, obj: Any) -> bool:
+        return hasattr(obj, "get_inputs") and hasattr(obj, "run")
+
+    def input_specs(self, session) -> list[InputSpec]:
+        specs = []
+        for arg in session.get_inputs():
+            dims = tuple(d if isinstance(d, int) and d >= 0 else None for d in arg.shape)
+            if arg.type not in _ORT_TYPES:
+                raise BackendError(f"input '{arg.name}' has type {arg.type}, which graphopt cannot feed")
+            specs.append(InputSpec(arg.name, dims, np.dtype(_ORT_TYPES[arg.type])))
+        return specs
+
+    def output_names(self, session) -> list[str]:
+        return [o.name for o in session.get_outputs()]
+
+    def run(self, session, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        session = self._as_session(session)
+        try:
+            return [np.asarray(o) for o in session.run(None, dict(feeds))]
+        except Exception as exc:
+            raise BackendError(f"onnxruntime run failed: {first_line(exc)}") from exc

@@ -1,0 +1,189 @@
+"""`graphopt bench` and `graphopt compare`: the backend's commands (latency, and how far one model is from another).
+
+Split from :mod:`graphopt.cli`, which registers them; the same one-line error rules apply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from graphopt.errors import GraphoptError, UsageError
+
+
+def add_backend_commands(sub, add_plugin_flags) -> None:
+    bench = sub.add_parser("bench", help="latency percentiles of a model on a backend, per batch size and threads")
+    bench.add_argument("model", help="an .onnx file")
+    bench.add_argument("--backend", default="onnxruntime", help="a registered backend (default: onnxruntime)")
+    bench.add_argument("--batch", default="1", metavar="1,8",
+                       help="batch sizes, comma-separated (default 1); they fill the symbolic first dimension")
+    bench.add_argument("--threads", default=str(os.cpu_count() or 1), metavar="1,2",
+                       help=f"intra-op thread counts, comma-separated (default: all {os.cpu_count() or 1} cores)")
+    bench.add_argument("--iters", type=int, default=50, help="timed runs per row (default 50)")
+    bench.add_argument("--warmup", type=int, default=10, help="untimed runs before them (default 10)")
+    bench.add_argument("--shape", action="append", default=[], metavar="NAME=Nx3x64x64",
+                       help="an input's shape, N standing for the batch size (default: the model's, symbolic "
+                            "dims after the first set to 1); repeat per input")
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    add_plugin_flags(bench)
+
+    compare = sub.add_parser("compare", help="how far model B's outputs are from model A's (SQNR, top-1, accuracy)")
+    compare.add_argument("a", help="the reference model (.onnx)")
+    compare.add_argument("b", help="the model compared against it (.onnx)")
+    compare.add_argument("--data", metavar="DATA.npz",
+                         help="inputs: one array per input name, samples on the first axis (default: fixed-seed "
+                              "random samples)")
+    compare.add_argument("--labels", metavar="KEY",
+                         help="the array of integer labels in --data (default: 'labels' when present); prints the "
+                              "accuracy of A and B")
+    compare.add_argument("--samples", type=int, default=16, help="random samples without --data (default 16)")
+    compare.add_argument("--per-layer", action="store_true",
+                         help="also SQNR of every intermediate tensor the two models share by name, worst first")
+    compare.add_argument("--top", type=int, default=20, help="per-layer rows printed (default 20; --json has all)")
+    compare.add_argument("--backend", default="onnxruntime", help="a registered backend (default: onnxruntime)")
+    compare.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
+    add_plugin_flags(compare)
+
+
+def registry_from_args(args):
+    """The plugin registry the command line's --no-plugins / -p flags ask for."""
+    from graphopt.plugins import load_registry
+
+    return load_registry(autoload=False if args.no_plugins else None, extra=args.plugins)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"{flag} '{text}' is not a comma-separated list of positive integers, like 1,8")
+    return values
+
+
+def _shape_overrides(items: list[str]) -> dict[str, list[int | None]]:
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = [None if d.strip().lower() in ("n", "b") else int(d) for d in dims.lower().split("x")]
+            if any(d is not None and d < 1 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"--shape '{item}' is not like input=Nx3x224x224 (N: the batch size)") from None
+        shapes[name] = shape
+    return shapes
+
+
+def _onnx_file(path: str):
+    """An .onnx file as a ModelProto, with the one-line errors `graphopt run` gives for bad models."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from graphopt.errors import ModelLoadError, first_line
+
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
+    try:
+        model = onnx.load(path)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(exc)}); truncated or not ONNX?")
+    if not model.graph.node and not model.graph.output:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph, no outputs)")
+    return model
+
+
+def _write_json(path: str, data) -> None:
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+    except OSError as exc:
+        raise GraphoptError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def cmd_bench(args) -> int:
+    from graphopt.backends import get_backend
+
+    batches, threads = _int_list(args.batch, "--batch"), _int_list(args.threads, "--threads")
+    if args.iters < 1 or args.warmup < 0:
+        raise UsageError(f"--iters must be at least 1 and --warmup at least 0 (got {args.iters}, {args.warmup})")
+    shapes = _shape_overrides(args.shape)
+    backend = get_backend(registry_from_args(args), args.backend)
+    _onnx_file(args.model)  # a missing or broken file gets graphopt's own one-line error
+    result = backend.bench(args.model, batches, threads, warmup=args.warmup, iters=args.iters, shapes=shapes)
+    print(f"{args.model}: {result.size_bytes:,} bytes; backend {backend.name}; {args.warmup} warm-up + "
+          f"{args.iters} timed runs per row, fixed-seed inputs")
+    for batch, feeds in result.input_shapes.items():
+        print(f"  batch {batch}: " + ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in feeds.items()))
+    print(result.table())
+    if args.json:
+        _write_json(args.json, result.to_dict())
+    return 0
+
+
+def load_npz(path: str) -> dict:
+    import zipfile
+
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise GraphoptError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                raise ValueError("a single array, not an .npz archive of named arrays")
+            return {k: archive[k] for k in archive.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise GraphoptError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else exc})")
+
+
+def cmd_compare(args) -> int:
+    from graphopt.backends import get_backend
+    from graphopt.backends.base import model_size_bytes
+    from graphopt.report.metrics import compare_models, outputs_table
+
+    if args.samples < 1 or args.top < 0:
+        raise UsageError(f"--samples must be at least 1 and --top at least 0 (got {args.samples}, {args.top})")
+    if args.labels and not args.data:
+        raise UsageError("--labels names an array in --data; give --data too")
+    backend = get_backend(registry_from_args(args), args.backend)
+    model_a, model_b = _onnx_file(args.a), _onnx_file(args.b)
+    data = labels = None
+    labels_key = args.labels or "labels"
+    if args.data:
+        data = load_npz(args.data)
+        if labels_key in data:
+            labels = data.pop(labels_key)
+        elif args.labels:
+            raise UsageError(f"{args.data} has no array '{args.labels}' (it has: {', '.join(sorted(data))})")
+    result = compare_models(model_a, model_b, data, labels, labels_key=labels_key, samples=args.samples,
+                            per_layer=args.per_layer, backend=backend, data_label=f"{args.data}")
+    print(f"A: {args.a} ({model_size_bytes(args.a):,} bytes)  [reference]")
+    print(f"B: {args.b} ({model_size_bytes(args.b):,} bytes)")
+    print(f"inputs: {result.inputs}" + (f", {result.samples} samples" if args.data else ""))
+    unused = sorted(set(data or {}) - {i.name for i in model_a.graph.input})
+    if unused:
+        print(f"note: {args.data}: not used: {', '.join(unused)} (not model inputs; labels are read from "
+              f"'{labels_key}', see --labels)")
+    print(outputs_table(result.outputs, result.samples))
+    if result.accuracy:
+        acc = result.accuracy
+        print(f"accuracy on {result.samples} labelled samples ('{acc['labels']}'): A {acc['a']}  B {acc['b']}  "
+              f"(B - A: {100 * (acc['b'].accuracy - acc['a'].accuracy):+.2f} points)")
+    if result.per_layer is not None:
+        layers = result.per_layer
+        shown = min(args.top, len(layers.rows))
+        print(f"per-layer SQNR of B against A on {layers.samples} samples, worst first ({shown} of {len(layers.rows)} "
+              f"matched tensors shown; {len(layers.unmatched)} only in A, ignored):")
+        if layers.rows and shown:
+            print(layers.table(args.top))
+    if args.json:
+        _write_json(args.json, {"a": {"path": args.a, "size_bytes": model_size_bytes(args.a)},
+                                "b": {"path": args.b, "size_bytes": model_size_bytes(args.b)},
+                                "backend": backend.name, **result.to_dict()})
+    return 0

@@ -1,0 +1,454 @@
+"""How far one model's outputs are from another's: SQNR, cosine similarity, max relative error, top-1 agreement
+and accuracy, per output and per layer.
+
+Definitions (``ref`` is the reference model's tensor, ``x`` the other's, both as float64):
+
+- SQNR (dB) = 10 log10(sum(ref^2) / sum((x - ref)^2)); +inf when the two are equal.
+- cosine = <ref, x> / (|ref| |x|) over the flattened tensors (1 when both are zero, 0 when one is).
+- max relative error = max |x - ref| / max |ref| (the measure the pass manager's numeric check uses).
+- top-1 agreement = the fraction of samples whose argmax over the class axis (the last) is the same.
+
+Per-layer SQNR runs both models with their intermediate tensors exposed as extra graph outputs and matches
+tensors **by name**, with this rule: for every tensor the reference model A computes (a node output that is not a
+constant, a QuantizeLinear or a DequantizeLinear output), and each of A's graph inputs, B's counterpart is
+
+1. the output of the DequantizeLinear in ``T -> QuantizeLinear -> DequantizeLinear`` when B quantizes the
+   tensor ``T`` of the same name: that is the value B's next layer reads, so it includes the quantization of
+   ``T`` itself (a QDQ model keeps the original name on the float tensor it quantizes, as onnxruntime's
+   quantizer and graphopt's place-qdq do);
+2. otherwise B's own tensor of that name (not for graph inputs: both models read the same feeds);
+3. otherwise nothing: tensors present in only one model (renamed, fused away, or B's Q/DQ tensors) are
+   ignored, and counted as unmatched.
+
+Exposing an intermediate tensor makes it a graph output, which can stop the backend fusing the node that
+produces it (a QDQ Conv then runs as float Conv on dequantized int8 values): the values differ from the fused
+kernel's only by float rounding of the accumulation, far below int8 noise. Final outputs are compared on the
+unmodified models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+# -- elementary metrics ---------------------------------------------------------------------------------------
+def _f64(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def _check_shapes(ref: np.ndarray, x: np.ndarray) -> None:
+    if ref.shape != x.shape:
+        raise ValueError(f"shapes differ: {ref.shape} vs {x.shape}")
+
+
+def sqnr_db(reference, test) -> float:
+    """Signal-to-quantization-noise ratio of ``test`` against ``reference``, in dB (+inf if identical)."""
+    ref, x = _f64(reference), _f64(test)
+    _check_shapes(ref, x)
+    return _sqnr(float(np.sum(ref * ref)), float(np.sum((x - ref) ** 2)))
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def cosine_similarity(a, b) -> float:
+    a, b = _f64(a).ravel(), _f64(b).ravel()
+    _check_shapes(a, b)
+    return _cosine(float(a @ b), float(a @ a), float(b @ b))
+
+
+def _cosine(dot: float, aa: float, bb: float) -> float:
+    if aa == 0.0 and bb == 0.0:
+        return 1.0
+    if aa == 0.0 or bb == 0.0:
+        return 0.0
+    return dot / math.sqrt(aa * bb)
+
+
+def max_rel_error(reference, test) -> float:
+    """max |test - reference| / max |reference| (0 for two empty or all-zero equal tensors)."""
+    ref, x = _f64(reference), _f64(test)
+    _check_shapes(ref, x)
+    if ref.size == 0:
+        return 0.0
+    err = float(np.max(np.abs(x - ref)))
+    return err / max(float(np.max(np.abs(ref))), 1e-12) if err else 0.0
+
+
+def top1(logits, axis: int = -1) -> np.ndarray:
+    return np.argmax(np.asarray(logits), axis=axis)
+
+
+def top1_agreement(logits_a, logits_b, axis: int = -1) -> float:
+    """Fraction of samples on which both models' argmax over ``axis`` (the class axis) agree."""
+    a, b = top1(logits_a, axis), top1(logits_b, axis)
+    _check_shapes(a, b)
+    return float(np.mean(a == b)) if a.size else float("nan")
+
+
+def top1_correct(logits, labels, axis: int = -1) -> int:
+    """How many samples' argmax equals the (integer) label."""
+    pred = top1(logits, axis)
+    labels = np.asarray(labels).reshape(pred.shape) if np.size(labels) == pred.size else np.asarray(labels)
+    _check_shapes(pred, labels)
+    return int(np.sum(pred == labels.astype(np.int64)))
+
+
+def top1_accuracy(logits, labels, axis: int = -1) -> float:
+    n = np.asarray(labels).shape[0]
+    return top1_correct(logits, labels, axis) / n if n else float("nan")
+
+
+def is_logits(array: np.ndarray) -> bool:
+    """Whether an output looks like classification logits: (samples, classes) with more than one class."""
+    return array.ndim == 2 and array.shape[1] > 1
+
+
+def jsonable(value: float | None) -> Any:
+    """A float for JSON: infinities as the strings "inf" / "-inf", NaN as null."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def fmt_db(value: float) -> str:
+    return "inf" if value == math.inf else ("-inf" if value == -math.inf else f"{value:.2f}")
+
+
+# -- per output -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutputComparison:
+    name: str
+    shape: tuple[int, ...]
+    sqnr_db: float
+    cosine: float
+    max_rel_err: float
+    top1_agreement: float | None  # None when the output is not (samples, classes) logits
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "sqnr_db": jsonable(self.sqnr_db),
+                "cosine": self.cosine, "max_rel_err": self.max_rel_err, "top1_agreement": self.top1_agreement}
+
+
+def compare_outputs(reference: list[np.ndarray], test: list[np.ndarray], names: Iterable[str] | None = None
+                    ) -> list[OutputComparison]:
+    """One row per output, matched by position (the names are the reference's, for display)."""
+    if len(reference) != len(test):
+        raise ValueError(f"the models have {len(reference)} and {len(test)} outputs")
+    names = list(names) if names is not None else [f"output {i}" for i in range(len(reference))]
+    rows = []
+    for name, r, x in zip(names, reference, test):
+        r, x = np.asarray(r), np.asarray(x)
+        if r.shape != x.shape:
+            raise ValueError(f"output '{name}' has shape {r.shape} in one model and {x.shape} in the other")
+        rows.append(OutputComparison(name, tuple(r.shape), sqnr_db(r, x), cosine_similarity(r, x),
+                                     max_rel_error(r, x), top1_agreement(r, x) if is_logits(r) else None))
+    return rows
+
+
+def outputs_table(rows: list[OutputComparison], samples: int | None = None) -> str:
+    from graphopt.backends.base import format_table
+
+    table = [("output", "shape", "SQNR dB", "cosine", "max rel err", "top-1 agreement")]
+    for r in rows:
+        agree = "n/a (not logits)"
+        if r.top1_agreement is not None:
+            agree = f"{100 * r.top1_agreement:.2f}%"
+            if samples:
+                agree += f" ({round(r.top1_agreement * samples)}/{samples})"
+        table.append((r.name, "x".join(map(str, r.shape)), fmt_db(r.sqnr_db), f"{r.cosine:.6f}",
+                      f"{r.max_rel_err:.2e}", agree))
+    return format_table(table)
+
+
+# -- per layer ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorMatch:
+    tensor: str  # the name in the reference model A
+    other: str  # the tensor compared in B (A's name, or the DequantizeLinear output that carries it)
+    op_type: str  # the op that produces it in A ("input" for a graph input)
+    index: int  # its position in A's node order (-1 for a graph input)
+
+
+def match_tensors(model_a, model_b) -> tuple[list[TensorMatch], list[str]]:
+    """B's counterpart of each tensor A computes, by the rule in the module docstring. Returns the matches and
+    the names of A's tensors left unmatched."""
+    a, b = _proto(model_a).graph, _proto(model_b).graph
+    b_produced = {o for n in b.node for o in n.output if o}
+    b_names = b_produced | {i.name for i in b.input}
+    consumers: dict[str, list[Any]] = {}
+    for n in b.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def dequantized(name: str) -> str | None:
+        for q in consumers.get(name, []):
+            if q.op_type == "QuantizeLinear" and q.input[0] == name:
+                for dq in consumers.get(q.output[0], []):
+                    if dq.op_type == "DequantizeLinear" and dq.input[0] == q.output[0]:
+                        return dq.output[0]
+        return None
+
+    initializers = {t.name for t in a.initializer}
+    candidates = [(i.name, "input", -1) for i in a.input if i.name not in initializers]
+    for index, node in enumerate(a.node):
+        if node.op_type in QDQ_OPS or node.op_type == "Constant":
+            continue
+        candidates += [(o, node.op_type, index) for o in node.output if o]
+    matches, unmatched = [], []
+    for name, op, index in candidates:
+        other = dequantized(name)
+        if other is None and op != "input" and name in b_names:
+            other = name
+        if other is None:
+            if op != "input":  # an input B feeds as it is needs no row
+                unmatched.append(name)
+        else:
+            matches.append(TensorMatch(name, other, op, index))
+    return matches, unmatched
+
+
+@dataclass
+class LayerSQNR:
+    tensor: str
+    other: str
+    op_type: str
+    index: int
+    signal: float = 0.0
+    noise: float = 0.0
+    dot: float = 0.0
+    other_power: float = 0.0
+    max_abs_ref: float = 0.0
+    max_abs_err: float = 0.0
+
+    def add(self, ref: np.ndarray, x: np.ndarray) -> None:
+        ref, x = _f64(ref), _f64(x)
+        d = x - ref
+        self.signal += float(np.sum(ref * ref))
+        self.noise += float(np.sum(d * d))
+        self.dot += float(np.sum(ref * x))
+        self.other_power += float(np.sum(x * x))
+        if ref.size:
+            self.max_abs_ref = max(self.max_abs_ref, float(np.max(np.abs(ref))))
+            self.max_abs_err = max(self.max_abs_err, float(np.max(np.abs(d))))
+
+    @property
+    def sqnr_db(self) -> float:
+        return _sqnr(self.signal, self.noise)
+
+    @property
+    def cosine(self) -> float:
+        return _cosine(self.dot, self.signal, self.other_power)
+
+    @property
+    def max_rel_err(self) -> float:
+        return self.max_abs_err / max(self.max_abs_ref, 1e-12) if self.max_abs_err else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "compared_with": self.other, "op_type": self.op_type, "index": self.index,
+                "sqnr_db": jsonable(self.sqnr_db), "cosine": self.cosine, "max_rel_err": self.max_rel_err}
+
+
+@dataclass
+class LayerTable:
+    """Per-layer SQNR rows, worst (lowest SQNR) first; ``unmatched``: A's tensors B has no counterpart for;
+    ``skipped``: matched names whose values could not be compared (not float, or shapes differ), with why."""
+
+    rows: list[LayerSQNR]
+    unmatched: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    samples: int = 0
+
+    def table(self, top: int | None = None) -> str:
+        from graphopt.backends.base import format_table
+
+        shown = self.rows if top is None else self.rows[:top]
+        table = [("#", "tensor", "op", "in B", "SQNR dB", "cosine", "max rel err")]
+        for r in shown:
+            table.append((str(r.index) if r.index >= 0 else "input", r.tensor, r.op_type,
+                          "as is" if r.other == r.tensor else "after Q/DQ", fmt_db(r.sqnr_db), f"{r.cosine:.6f}",
+                          f"{r.max_rel_err:.2e}"))
+        return format_table(table)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "layers": [r.to_dict() for r in self.rows], "unmatched": self.unmatched,
+                "skipped": self.skipped}
+
+
+def _proto(model):
+    import onnx
+
+    if hasattr(model, "to_model"):  # OnnxGraph
+        return model.to_model()
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return onnx.load(model)
+
+
+def expose(model, names: Iterable[str]):
+    """A copy of ``model`` with the tensors ``names`` added as graph outputs (types left to the runtime)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(_proto(model))
+    present = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in present:
+            out.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return out
+
+
+def per_layer_sqnr(model_a, model_b, batches: Iterable[Mapping[str, np.ndarray]], backend=None,
+                   threads: int = 0) -> LayerTable:
+    """Per-layer SQNR of B against A (A is the reference), accumulated over ``batches`` of feeds (each a dict
+    input name -> array, or ``(feeds, n)`` where only the first ``n`` samples are real and tensors whose first
+    dimension is the batch are cut to them); SQNR is total signal over total noise, not a mean of per-batch
+    values."""
+    if backend is None:
+        from graphopt.backends.onnxruntime import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend()
+    a, b = _proto(model_a), _proto(model_b)
+    matches, unmatched = match_tensors(a, b)
+    sess_a = backend.session(expose(a, [m.tensor for m in matches]), threads)
+    sess_b = backend.session(expose(b, [m.other for m in matches]), threads)
+    names_a, names_b = backend.output_names(sess_a), backend.output_names(sess_b)
+    acc = {m.tensor: LayerSQNR(m.tensor, m.other, m.op_type, m.index) for m in matches}
+    skipped: dict[str, str] = {}
+    samples = 0
+    for item in batches:
+        feeds, real = item if isinstance(item, tuple) else (item, None)
+        outs_a = dict(zip(names_a, backend.run(sess_a, feeds)))
+        outs_b = dict(zip(names_b, backend.run(sess_b, feeds)))
+        batch = _count(feeds)
+        samples += batch if real is None else real
+        for m in matches:
+            if m.tensor in skipped:
+                continue
+            ra, xb = outs_a[m.tensor], outs_b[m.other]
+            if real is not None and real < batch and ra.ndim and ra.shape[0] == batch and xb.shape[:1] == (batch,):
+                ra, xb = ra[:real], xb[:real]
+            if not (np.issubdtype(ra.dtype, np.floating) and np.issubdtype(xb.dtype, np.floating)):
+                skipped[m.tensor] = f"not float ({ra.dtype} / {xb.dtype})"
+            elif ra.shape != xb.shape:
+                skipped[m.tensor] = f"shapes differ ({ra.shape} / {xb.shape})"
+            else:
+                acc[m.tensor].add(ra, xb)
+    rows = [r for name, r in acc.items() if name not in skipped]
+    rows.sort(key=lambda r: (r.sqnr_db, r.index))
+    return LayerTable(rows, unmatched, skipped, samples)
+
+
+def _count(feeds: Mapping[str, np.ndarray]) -> int:
+    for v in feeds.values():
+        return int(np.shape(v)[0]) if np.ndim(v) else 1
+    return 0
+
+
+# -- a whole comparison ---------------------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    """The result of :func:`compare_models`."""
+
+    inputs: str  # where the inputs came from, said in words
+    samples: int
+    outputs: list[OutputComparison]
+    accuracy: dict[str, Any] | None = None  # {"a": Accuracy, "b": Accuracy, "labels": key} when labels are given
+    per_layer: LayerTable | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"inputs": self.inputs, "samples": self.samples,
+                                "outputs": [o.to_dict() for o in self.outputs]}
+        if self.accuracy is not None:
+            data["accuracy"] = {"labels": self.accuracy["labels"], "a": self.accuracy["a"].to_dict(),
+                                "b": self.accuracy["b"].to_dict()}
+        if self.per_layer is not None:
+            data["per_layer"] = self.per_layer.to_dict()
+        return data
+
+
+def random_dataset(specs, samples: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``samples`` fixed-seed samples per input (symbolic non-batch dims set to 1)."""
+    from graphopt.backends.base import random_inputs
+
+    feeds = random_inputs(specs, 1, seed)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in specs:
+        shape = (samples, *feeds[spec.name].shape[1:]) if feeds[spec.name].ndim else ()
+        if np.issubdtype(spec.dtype, np.floating):
+            out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        else:
+            out[spec.name] = np.zeros(shape, spec.dtype) if spec.dtype == np.bool_ else \
+                rng.integers(0, 2, size=shape).astype(spec.dtype)
+    return out
+
+
+def compare_models(model_a, model_b, data: Mapping[str, np.ndarray] | None = None, labels=None, *,
+                   labels_key: str = "labels", samples: int = 16, seed: int = 0, per_layer: bool = False,
+                   per_layer_samples: int = 64, batch_size: int = 32, backend=None, threads: int = 0,
+                   data_label: str = "the given data") -> Comparison:
+    """Compare B against the reference A on ``data`` (one array per input name, samples on the first axis) or,
+    without data, on ``samples`` fixed-seed random samples. With ``labels`` also the top-1 accuracy of both
+    (first output). ``per_layer`` adds the per-layer SQNR table on the first ``per_layer_samples`` samples."""
+    from graphopt.backends.base import BackendError, check_feeds, iter_batches
+
+    if backend is None:
+        from graphopt.backends.onnxruntime import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend()
+    a, b = _proto(model_a), _proto(model_b)
+    sess_a, sess_b = backend.session(a, threads), backend.session(b, threads)
+    specs_a, specs_b = backend.input_specs(sess_a), backend.input_specs(sess_b)
+    if sorted(s.name for s in specs_a) != sorted(s.name for s in specs_b):
+        raise BackendError(f"the models have different inputs: {', '.join(s.name for s in specs_a)} vs "
+                           f"{', '.join(s.name for s in specs_b)}")
+    if data is None:
+        data = random_dataset(specs_a, samples, seed)
+        inputs = f"{samples} fixed-seed random samples (seed {seed}; no data given)"
+    else:
+        data = {k: np.asarray(v) for k, v in data.items()}
+        inputs = data_label
+    n = check_feeds(specs_a, data)
+    out_a = backend.run_batched(sess_a, data, batch_size)
+    out_b = backend.run_batched(sess_b, data, batch_size)
+    try:
+        rows = compare_outputs(out_a, out_b, backend.output_names(sess_a))
+    except ValueError as exc:
+        raise BackendError(f"the models cannot be compared: {exc}") from None
+    result = Comparison(inputs, n, rows)
+    if labels is not None:
+        from graphopt.backends.base import Accuracy
+
+        labels = np.asarray(labels)
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)):
+            raise BackendError(f"labels must be one integer class per sample; got {labels.dtype} of shape "
+                               f"{labels.shape}")
+        if labels.shape[0] != n:
+            raise BackendError(f"{labels.shape[0]} labels for {n} samples")
+        if not is_logits(out_a[0]):
+            raise BackendError(f"accuracy needs (samples, classes) logits as the first output; it has shape "
+                               f"{out_a[0].shape}")
+        result.accuracy = {"labels": labels_key, "a": Accuracy(top1_correct(out_a[0], labels), n),
+                           "b": Accuracy(top1_correct(out_b[0], labels), n)}
+    if per_layer:
+        subset = {s.name: data[s.name][:per_layer_samples] for s in specs_a}
+        batches = iter_batches(specs_a, subset, batch_size)
+        result.per_layer = per_layer_sqnr(a, b, batches, backend, threads)
+    return result

@@ -1,0 +1,105 @@
+"""calibrate: run calibration data through the model and turn each observer into a quantization range."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import onnx
+
+from graphopt import Pass, PassResult, hookimpl
+from graphopt.backends import QuantRequest, get_backend
+from graphopt.calib.observers import compute_range
+from graphopt.calib.sources import SYNTHETIC_WARNING, input_specs, load_calibration, synthetic
+from graphopt.calib.state import CALIBRATION, OBSERVERS, RANGES
+
+
+class Calibrate(Pass):
+    """Stream the calibration data through the model and compute each observed tensor's range.
+
+    Reads the observers ``insert-observers`` attached and the data in the context (``--calib`` on the CLI,
+    ``calibration=`` in the API). Without data it calibrates on fixed-seed random inputs and says loudly, on
+    screen and in the report, that such scales are not fit for production. The model runs on onnxruntime with
+    the observed tensors as extra outputs, one batch at a time; each batch updates the histograms and is
+    dropped, so memory does not grow with the number of samples.
+
+    ``method``: ``minmax``, ``percentile`` (of |x| or each tail, ``percentile`` option), ``entropy`` (KL
+    divergence, as TensorRT) or ``mse``. Ranges are symmetric when the backend's activations are.
+    """
+
+    name = "calibrate"
+    irs = frozenset({"onnx"})
+
+    @dataclass(frozen=True)
+    class Options:
+        method: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+        percentile: float = 99.999
+        batch_size: int = 8
+        limit: int = 0  # use at most this many samples (0: all)
+        synthetic_samples: int = 32  # random samples when no calibration data is given
+        backend: str = "onnxruntime"
+
+        def __post_init__(self):
+            if not 0 < self.percentile <= 100:
+                raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+            if self.batch_size < 1 or self.limit < 0 or self.synthetic_samples < 1:
+                raise ValueError("batch_size and synthetic_samples must be >= 1, limit >= 0")
+
+    def requires(self, graph, ctx):
+        if OBSERVERS not in ctx.state:
+            raise self.fail("no observers: run insert-observers first (the int8 alias does)")
+
+    def run_onnx(self, graph, ctx):
+        observers = ctx.state[OBSERVERS]
+        data, notes = self._data(graph, ctx)
+        session = _observing_session(graph, list(observers))
+        names = [o.name for o in session.get_outputs()]
+        samples = 0
+        for batch in data.batches():
+            for name, value in zip(names, session.run(names, batch)):
+                if name in observers:
+                    observers[name].update(value)
+            samples += len(next(iter(batch.values())))
+        scheme = get_backend(ctx.registry, self.options.backend).scheme(QuantRequest())
+        symmetric = scheme.activations.symmetric
+        ranges = {}
+        for name, observer in observers.items():
+            if observer.count:
+                ranges[name] = compute_range(observer, self.options.method, symmetric=symmetric,
+                                             percentile=self.options.percentile)
+        ctx.state[RANGES] = ranges
+        ctx.state[CALIBRATION] = {"method": self.options.method, "samples": samples, "synthetic": data.synthetic,
+                                  "source": data.description}
+        notes += [n for n in data.notes if n != SYNTHETIC_WARNING]
+        return PassResult(graph, False, {"calibrated tensors": len(ranges), "read samples": samples}, notes)
+
+    def _data(self, graph, ctx):
+        specs = input_specs(graph)
+        limit = self.options.limit or None
+        if ctx.calibration is None:
+            ctx.warn(f"{self.name}: {SYNTHETIC_WARNING}")
+            return synthetic(specs, self.options.synthetic_samples, batch_size=self.options.batch_size,
+                             progress=False), []
+        return load_calibration(ctx.calibration, specs, batch_size=self.options.batch_size, limit=limit), []
+
+
+def _observing_session(graph, names: list[str]):
+    """An onnxruntime session on the model with ``names`` added as outputs (graph optimizations off, so no
+    fusion hides an observed tensor)."""
+    import onnxruntime as ort
+
+    model = graph.to_model()
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in present:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@hookimpl
+def graphopt_register_passes(registry):
+    registry.add_pass(Calibrate)
+

@@ -1,0 +1,52 @@
+"""insert-observers: choose the tensors calibration watches, and give each a streaming histogram observer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphopt import Pass, PassResult, hookimpl
+from graphopt.calib.observers import HistogramObserver
+from graphopt.calib.state import OBSERVERS
+
+
+class InsertObservers(Pass):
+    """Attach an observer to every float activation: graph inputs and node outputs that are not constants.
+
+    The graph itself is not changed (``calibrate`` runs a copy with those tensors as extra outputs); the
+    observers go into the pipeline's state for ``calibrate`` to fill and ``place-qdq`` to read. Every observer is
+    a fixed-size histogram (``bins``) that also tracks min and max, so every calibration method works from it
+    and memory stays flat in the number of samples. All activations are observed, not only the ones the
+    backend's scheme will quantize: which those are is ``place-qdq``'s decision, and a histogram is cheap.
+    """
+
+    name = "insert-observers"
+    irs = frozenset({"onnx"})
+
+    @dataclass(frozen=True)
+    class Options:
+        bins: int = 2048  # histogram bins per observed tensor
+
+        def __post_init__(self):
+            if self.bins < 16:
+                raise ValueError(f"bins must be >= 16, got {self.bins}")
+
+    def run_onnx(self, graph, ctx):
+        types = graph.inferred_shapes()
+        names = [t.name for t in graph.gs.inputs]
+        names += [t.name for node in graph.gs.nodes for t in node.outputs if t.name and not t.is_empty()]
+        floats = [n for n in dict.fromkeys(names) if _is_float(graph, n, types)]
+        ctx.state[OBSERVERS] = {name: HistogramObserver(self.options.bins) for name in floats}
+        return PassResult(graph, False, {"observed tensors": len(floats)})
+
+
+def _is_float(graph, name: str, types) -> bool:
+    tensor = graph.gs.tensors().get(name)
+    dtype = tensor.dtype if tensor is not None and tensor.dtype is not None else (types.get(name) or (None, None))[1]
+    return dtype is not None and np.issubdtype(np.dtype(dtype), np.floating)
+
+
+@hookimpl
+def graphopt_register_passes(registry):
+    registry.add_pass(InsertObservers)

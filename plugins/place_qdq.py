@@ -1,0 +1,220 @@
+"""place-qdq: put QuantizeLinear/DequantizeLinear pairs where the backend runs int8, from calibrated ranges."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt import Equivalence, Pass, PassResult, hookimpl
+from graphopt.backends import QuantRequest, get_backend
+from graphopt.calib.state import CALIBRATION, RANGES
+from graphopt.ir.onnx_graph import replace_input
+
+_SHAPE_OPS = frozenset({"Shape", "Constant", "ConstantOfShape", "Identity", "QuantizeLinear", "DequantizeLinear"})
+_BIAS_SLOT = {"Conv": 2, "Gemm": 2}
+
+
+class PlaceQdq(Pass):
+    """Insert Q/DQ pairs for the backend's int8 scheme, using the ranges ``calibrate`` computed.
+
+    Everything about *where* and *how* comes from the backend's :class:`~graphopt.backends.QuantScheme`, never
+    from the backend's name: ops in ``quantized_ops`` get a Q/DQ on each float input and a Q/DQ on their
+    output (after a ``fused_activations`` Relu/Clip that alone reads it, so the backend folds the clamp into the
+    requantization); ``passthrough_ops`` (MaxPool, Reshape, Flatten, ...) between quantized tensors reuse their
+    input's scale, so no requantization surrounds them; both inputs of a residual Add are quantized; weights of
+    ``weight_channel_axis`` ops become int8 initializers (symmetric, per output channel) behind a
+    DequantizeLinear; biases stay float for the backend to fold to int32 or, with ``bias="int32"``, are written
+    as int32 with scale = input scale × weight scale. Each tensor gets one pair, shared by all its readers.
+
+    Ops the scheme does not cover stay float and are listed in a note. Options: ``ops`` (quantize only these op
+    types), ``exclude_ops``, ``exclude_nodes`` (node names), ``keep_first`` / ``keep_last`` (the first / last
+    weighted layer stays float). Approximate: outputs move by the quantization error the report measures.
+    """
+
+    name = "place-qdq"
+    irs = frozenset({"onnx"})
+    equivalence = Equivalence.APPROXIMATE
+
+    @dataclass(frozen=True)
+    class Options:
+        ops: tuple[str, ...] = ()  # empty: every op type the backend quantizes
+        exclude_ops: tuple[str, ...] = ()
+        exclude_nodes: tuple[str, ...] = ()
+        keep_first: bool = False
+        keep_last: bool = False
+        backend: str = "onnxruntime"
+
+    def requires(self, graph, ctx):
+        if RANGES not in ctx.state:
+            raise self.fail("no calibrated ranges: run insert-observers and calibrate first (the int8 alias does)")
+
+    def run_onnx(self, graph, ctx):
+        request = QuantRequest(op_types=frozenset(self.options.ops) or None,
+                               exclude_op_types=frozenset(self.options.exclude_ops))
+        scheme = get_backend(ctx.registry, self.options.backend).scheme(request)
+        for warning in scheme.warnings:
+            ctx.warn(f"{self.name}: {warning}")
+        if graph.opset < scheme.min_opset:
+            raise self.fail(f"the {scheme.backend} scheme needs opset {scheme.min_opset}+, the model has {graph.opset}")
+        g = graph.gs
+        g.toposort()
+        nodes = self._nodes_to_quantize(graph, scheme)
+        tensors, shared = _activation_tensors(g, nodes, scheme)
+        ranges, notes = ctx.state[RANGES], []
+        params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        missing = []
+        for name in tensors:
+            source = shared.get(name, name)
+            while source in shared:
+                source = shared[source]
+            if source not in ranges:
+                missing.append(name)
+                continue
+            params[name] = scheme.activations.params(*ranges[source])
+        if missing:
+            notes.append(f"{len(missing)} tensors have no calibrated range and stay float: {', '.join(missing[:5])}")
+        names = set(g.tensors())
+        for name, (scale, zero) in params.items():
+            _insert_qdq(g, tensors[name], scale, zero, names)
+        weights = 0
+        for node in nodes:
+            weights += _quantize_weight(graph, node, scheme, names)
+            if scheme.bias == "int32" and node.inputs[0].name in params:
+                _quantize_bias(graph, node, params[node.inputs[0].name][0], names)
+        g.cleanup().toposort()
+        left = Counter(n.op for n in g.nodes if n not in nodes and n.op not in _SHAPE_OPS
+                       and n.op not in scheme.passthrough_ops and n.op not in scheme.fused_activations)
+        if left:
+            notes.append("stay float (no int8 kernel in the scheme, or excluded): "
+                         + ", ".join(f"{op} x{k}" for op, k in left.most_common()))
+        calibration = ctx.state.get(CALIBRATION, {})
+        if calibration.get("synthetic"):
+            notes.append("scales come from synthetic random inputs: not fit for production")
+        stats = {"quantized nodes": len(nodes), "inserted Q/DQ pairs": len(params), "quantized weights": weights}
+        stats = {k: v for k, v in stats.items() if v}
+        return PassResult(graph, bool(params) or weights > 0, stats, notes)
+
+    def _nodes_to_quantize(self, graph, scheme) -> list[gs.Node]:
+        excluded = set(self.options.exclude_nodes)
+        nodes = [n for n in graph.gs.nodes if n.op in scheme.quantized_ops and not n.domain
+                 and n.name not in excluded and not _already_quantized(n)]
+        weighted = [n for n in nodes if n.op in scheme.weighted_ops]
+        for keep, pick in ((self.options.keep_first, 0), (self.options.keep_last, -1)):
+            if keep and weighted and weighted[pick] in nodes:
+                nodes.remove(weighted[pick])
+        return nodes
+
+
+def _already_quantized(node: gs.Node) -> bool:
+    """Its inputs already come from DequantizeLinear (a second run must change nothing)."""
+    return any(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in node.inputs[:1])
+
+
+def _activation_tensors(g, nodes, scheme) -> tuple[dict[str, gs.Variable], dict[str, str]]:
+    """The float tensors to quantize (name -> tensor, in graph order), and the passthrough outputs that share
+    their input's parameters (output name -> input name)."""
+    quantized = set(map(id, nodes))
+    tensors: dict[str, gs.Variable] = {}
+
+    def add(t):
+        if isinstance(t, gs.Variable) and t.name and not any(c.op == "QuantizeLinear" for c in t.outputs) \
+                and not (t.inputs and t.inputs[0].op == "DequantizeLinear"):
+            tensors.setdefault(t.name, t)
+
+    for node in nodes:
+        for i, t in enumerate(node.inputs):
+            if (i == 1 and node.op in scheme.weighted_ops) or i == _BIAS_SLOT.get(node.op):
+                continue
+            add(t)
+        out = node.outputs[0]
+        readers = out.outputs
+        if len(readers) == 1 and readers[0].op in scheme.fused_activations and out not in g.outputs:
+            out = readers[0].outputs[0]
+        add(out)
+    shared: dict[str, str] = {}
+    for node in g.nodes:  # topological order: chains of passthrough ops share down the chain
+        if node.op in scheme.passthrough_ops and node.inputs and node.inputs[0].name in tensors:
+            out = node.outputs[0]
+            if any(id(r) in quantized or r.op in scheme.passthrough_ops for r in out.outputs):
+                add(out)
+                shared[out.name] = node.inputs[0].name
+    return tensors, shared
+
+
+def _fresh(names: set[str], base: str) -> str:
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}_{i}", i + 1
+    names.add(name)
+    return name
+
+
+def _insert_qdq(g, tensor: gs.Variable, scale, zero, names: set[str]) -> None:
+    readers = list(tensor.outputs)
+    s = gs.Constant(_fresh(names, f"{tensor.name}_scale"), np.asarray(scale, np.float32))
+    z = gs.Constant(_fresh(names, f"{tensor.name}_zero_point"), np.asarray(zero))
+    q = gs.Variable(_fresh(names, f"{tensor.name}_quantized"), dtype=np.asarray(zero).dtype, shape=tensor.shape)
+    dq = gs.Variable(_fresh(names, f"{tensor.name}_dequantized"), dtype=tensor.dtype or np.float32, shape=tensor.shape)
+    g.nodes.append(gs.Node("QuantizeLinear", _fresh(names, f"{tensor.name}_QuantizeLinear"), inputs=[tensor, s, z],
+                           outputs=[q]))
+    g.nodes.append(gs.Node("DequantizeLinear", _fresh(names, f"{tensor.name}_DequantizeLinear"), inputs=[q, s, z],
+                           outputs=[dq]))
+    for reader in readers:
+        replace_input(reader, tensor, dq)
+
+
+def _quantize_weight(graph, node, scheme, names: set[str]) -> int:
+    if node.op not in scheme.weighted_ops or len(node.inputs) < 2:
+        return 0
+    w = graph.constant_value(node.inputs[1])
+    if w is None or w.dtype.kind != "f":
+        return 0
+    axis = scheme.channel_axis(node.op, node.attrs, w.ndim)
+    tq = scheme.weights
+    if axis is None:
+        scale, zero = tq.params(w.min(), w.max())
+        q = np.clip(np.round(w / scale) + zero.astype(np.int64), tq.qmin, tq.qmax)
+    else:
+        others = tuple(i for i in range(w.ndim) if i != axis)
+        scale, zero = tq.params(w.min(axis=others), w.max(axis=others))
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.round(w / scale.reshape(shape)) + zero.astype(np.int64).reshape(shape), tq.qmin, tq.qmax)
+    base = node.inputs[1].name
+    out = gs.Variable(_fresh(names, f"{base}_dequantized"), dtype=w.dtype, shape=list(w.shape))
+    attrs = {"axis": axis} if axis is not None else {}
+    graph.gs.nodes.append(gs.Node("DequantizeLinear", _fresh(names, f"{base}_DequantizeLinear"), attrs=attrs, inputs=[
+        gs.Constant(_fresh(names, f"{base}_quantized"), q.astype(tq.np_dtype)),
+        gs.Constant(_fresh(names, f"{base}_scale"), scale),
+        gs.Constant(_fresh(names, f"{base}_zero_point"), zero)], outputs=[out]))
+    node.inputs[1] = out
+    return 1
+
+
+def _quantize_bias(graph, node, input_scale, names: set[str]) -> None:
+    slot = _BIAS_SLOT.get(node.op)
+    if slot is None or len(node.inputs) <= slot:
+        return
+    bias = graph.constant_value(node.inputs[slot])
+    dq = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
+    if bias is None or dq is None or dq.op != "DequantizeLinear" or bias.ndim != 1:
+        return
+    scale = (np.float32(input_scale) * dq.inputs[1].values).astype(np.float32).reshape(-1)
+    scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
+    q = np.round(bias / scale).astype(np.int32)
+    out = gs.Variable(_fresh(names, f"{node.inputs[slot].name}_dequantized"), dtype=bias.dtype, shape=list(bias.shape))
+    graph.gs.nodes.append(gs.Node("DequantizeLinear", _fresh(names, f"{node.inputs[slot].name}_DequantizeLinear"),
+                                  attrs={"axis": 0}, inputs=[
+        gs.Constant(_fresh(names, f"{node.inputs[slot].name}_quantized"), q),
+        gs.Constant(_fresh(names, f"{node.inputs[slot].name}_scale"), scale),
+        gs.Constant(_fresh(names, f"{node.inputs[slot].name}_zero_point"), np.zeros(bias.shape, np.int32))],
+        outputs=[out]))
+    node.inputs[slot] = out
+
+
+@hookimpl
+def graphopt_register_passes(registry):
+    registry.add_pass(PlaceQdq)

@@ -1,0 +1,383 @@
+"""to-fp16: float16 weights and compute on ONNX, numerically risky ops kept in float32 behind Casts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphopt import Equivalence, OnnxGraph, Pass, PassResult, hookimpl
+from graphopt.errors import first_line
+
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_RESTORE_ELEMENTS = 1024  # a blocked op reading a converted initializer this small gets its float32 original back
+
+# onnxruntime.transformers.float16.DEFAULT_OP_BLOCK_LIST (1.31): ops with no float16 kernel or float16 type in
+# their schema (the ai.onnx.ml ops, RandomUniformLike, Range, TopK, NonMaxSuppression, RoiAlign, CumSum, Min,
+# Max, Upsample); a test keeps this a superset of onnxruntime's list as it evolves.
+ORT_BLOCK_LIST = (
+    "ArrayFeatureExtractor", "Binarizer", "CastMap", "CategoryMapper", "DictVectorizer", "FeatureVectorizer",
+    "Imputer", "LabelEncoder", "LinearClassifier", "LinearRegressor", "Normalizer", "OneHotEncoder",
+    "RandomUniformLike", "SVMClassifier", "SVMRegressor", "Scaler", "TreeEnsembleClassifier",
+    "TreeEnsembleRegressor", "TreeEnsemble", "ZipMap", "NonMaxSuppression", "TopK", "RoiAlign", "Range",
+    "CumSum", "Min", "Max", "Upsample",
+)
+# Ops whose *internal* values leave float16's range or precision while their inputs and outputs stay inside
+# it, so the overflow check (which sees only the tensors between ops) cannot catch them: squares and exps
+# summed inside the op.
+INTERNAL_RISK = (
+    "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp", "ReduceLogSum", "LpNormalization",
+    "MeanVarianceNormalization", "InstanceNormalization", "GroupNormalization",
+)
+DEFAULT_OP_BLOCK_LIST = ORT_BLOCK_LIST + INTERNAL_RISK
+
+
+class ToFloat16(Pass):
+    """Convert initializers and compute to float16, keeping numerically risky ops in float32 behind Casts.
+
+    Built on onnxruntime's maintained converter (``onnxruntime.transformers.float16.convert_float_to_float16``,
+    from onnxconverter-common), fed with graphopt's own shape inference (on the weight-free skeleton: the
+    weights are never serialized for it) and followed by graphopt's cleanup: the nodes are sorted topologically,
+    redundant ``Cast`` pairs are removed (float32 -> float16 -> float32 between two ops kept in float32, or at
+    a float32 graph input / output next to one; float16 -> float32 -> float16, which is exact) and ``Cast``s to
+    the type their input already has go. Float32 initializers read by at least one float16 op become float16
+    (values beyond ±65504 saturate, nonzero values below 6e-8 become ±6e-8); those only blocked ops read stay
+    float32. A blocked op that reads a small converted initializer (≤ 1024 elements) gets the float32 original
+    instead of a ``Cast`` of the rounded one. The result passes the onnx checker's full check (enforced by
+    ``ensures``).
+
+    Options:
+
+    - ``keep_io_types`` (true): float32 graph inputs and outputs stay float32, with Casts at the boundary;
+      false makes them float16 (the caller then feeds and reads float16).
+    - ``op_block_list``: op types kept in float32. The default is onnxruntime's own default list (ops without
+      float16 kernels or float16 in their schema: the ai.onnx.ml ops, TopK, NonMaxSuppression, RoiAlign,
+      Range, CumSum, Min, Max, Upsample, RandomUniformLike) plus ops whose *internal* sums of squares or
+      exponentials overflow or lose precision in float16 while their inputs and outputs stay in range, which
+      the overflow check cannot see: ReduceL2, ReduceSumSquare, ReduceLogSumExp, ReduceLogSum,
+      LpNormalization, MeanVarianceNormalization, InstanceNormalization, GroupNormalization. Not blocked by
+      default: LayerNormalization (its ``stash_type`` computes mean and variance in float32 by the spec),
+      Softmax / LogSoftmax (implementations subtract the maximum first: no exp overflows, the sum is at most
+      the axis length), ReduceSum / ReduceMean / Exp / Pow (their results are tensors the overflow check
+      sees). Add them (``op_block_list=...+Softmax``) for more margin at the cost of Casts.
+    - ``node_block_list``: node names kept in float32 (names not in the graph are warned about).
+    - ``check_overflow`` (true): the float32 model is run on the calibration data (``ctx.calibration``; one
+      fixed-seed synthetic batch when there is none, said in a note) with every intermediate tensor exposed;
+      an op that would compute in float16 and reads or writes a tensor beyond ±65504 is kept in float32
+      (named in a note). Reading counts too: the consumers of an overflowing tensor are kept as well, so the
+      large values never pass through float16.
+
+    A graph that already holds float16 tensors is left alone (modified False, with a note): converting twice
+    is not supported, start from the float32 model. Not handled: tensors inside If/Loop bodies are converted
+    by the converter but not observed by the overflow check; other float types (float64, bfloat16) are left as
+    they are.
+
+    Approximate: float16 keeps about 3 significant digits (relative rounding 4.9e-4 per op). On onnxruntime's
+    CPU provider most ops have no float16 kernel and run in float32 behind Casts onnxruntime inserts: the size
+    halves, the speed gain is on GPUs.
+    """
+
+    name = "to-fp16"
+    irs = frozenset({"onnx"})
+    equivalence = Equivalence.APPROXIMATE
+
+    @dataclass(frozen=True)
+    class Options:
+        keep_io_types: bool = True
+        op_block_list: tuple[str, ...] = DEFAULT_OP_BLOCK_LIST
+        node_block_list: tuple[str, ...] = ()
+        check_overflow: bool = True
+
+    def run_onnx(self, graph, ctx) -> PassResult:
+        exported = graph.to_model()
+        inferred = _infer(graph, exported)
+        types = _tensor_types(graph, inferred)
+        halves = sorted(name for name, dtype in types.items() if dtype == F16)
+        if halves:
+            return PassResult(graph, False, notes=[
+                f"the graph already holds {len(halves)} float16 tensors (e.g. '{halves[0]}'): left as is; "
+                "to convert with other options, start from the float32 model"])
+        if not any(dtype == F32 for dtype in types.values()):
+            return PassResult(graph, False, notes=["no float32 tensors: nothing to convert"])
+
+        opts, notes = self.options, []
+        nodes = list(graph.gs.nodes)
+        names = Counter(n.name for n in nodes)
+        unknown = [name for name in opts.node_block_list if name not in names]
+        if unknown:
+            ctx.warn(f"{self.name}: node_block_list names no node of the graph: {', '.join(unknown)}")
+        blocked = {id(n) for n in nodes if n.op in opts.op_block_list or n.name in opts.node_block_list}
+        overflow = {}
+        if opts.check_overflow:
+            overflow, data_note = self._overflow(graph, ctx, types, nodes, blocked)
+            notes.append(data_note)
+            blocked |= set(overflow)
+
+        # the converter blocks nodes by name: name the unnamed and duplicate ones it must keep
+        used = set(names)
+        for n in nodes:
+            if id(n) in blocked and n.op not in opts.op_block_list and (not n.name or names[n.name] > 1):
+                n.name = _fresh(used, n.name or f"{n.op}_fp32")
+        node_block = sorted({n.name for n in nodes if id(n) in blocked and n.op not in opts.op_block_list})
+
+        exported = graph.to_model()  # again: names may have changed
+        _set_types(exported, inferred)
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        try:
+            converted = convert_float_to_float16(
+                exported, keep_io_types=opts.keep_io_types, disable_shape_infer=True,
+                op_block_list=list(opts.op_block_list), node_block_list=node_block)
+        except Exception as exc:  # the converter asserts and raises plain errors on models it cannot handle
+            raise self.fail(f"onnxruntime's float16 converter failed: {first_line(exc)}") from exc
+        out = OnnxGraph.from_model(converted, external_data=graph.external_data)
+        restored = _restore_constants(out, graph)
+        removed = _remove_redundant_casts(out)
+        out.gs.cleanup(remove_unused_graph_inputs=False).toposort()
+
+        # -- what happened ----------------------------------------------------------------------------------
+        touches_f32 = [n for n in nodes if any(types.get(t.name) == F32 for t in [*n.inputs, *n.outputs])]
+        kept = [n for n in touches_f32 if id(n) in blocked]
+        before_inits = {name: t for name, t in graph.gs.tensors().items() if isinstance(t, gs.Constant)}
+        after_inits = {name: t for name, t in out.gs.tensors().items() if isinstance(t, gs.Constant)}
+        converted_inits = sum(1 for name, t in before_inits.items() if _dtype(t.dtype) == F32
+                              and name in after_inits and _dtype(after_inits[name].dtype) == F16)
+        casts = out.op_counts()["Cast"] - graph.op_counts()["Cast"]
+        if converted_inits == 0 and len(touches_f32) == len(kept):
+            return PassResult(graph, False, notes=[f"all {len(kept)} nodes that compute in float32 are kept in "
+                                                   "float32 (block lists, overflow): nothing converted"])
+        stats = {"converted initializers": converted_inits, "converted nodes": len(touches_f32) - len(kept)}
+        if kept:
+            stats["kept nodes in fp32"] = len(kept)
+        if casts > 0:
+            stats["inserted Casts"] = casts
+        size_before, size_after = _weight_bytes(graph), _weight_bytes(out)
+        notes.insert(0, f"initializers {_fmt_bytes(size_before)} -> {_fmt_bytes(size_after)} "
+                        f"({size_after / max(size_before, 1):.2f}x)")
+        by_list = Counter(n.op for n in kept if id(n) not in overflow)
+        if by_list:
+            notes.append("kept in float32 by op_block_list/node_block_list: "
+                         + ", ".join(f"{k} {op}" for op, k in sorted(by_list.items())))
+        if overflow:
+            shown = sorted(overflow.values(), key=lambda v: -v[2])
+            listed = ", ".join(f"{node.name} ('{tensor}' reaches {value:.3g})" for node, tensor, value in shown[:8])
+            more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
+            notes.append(f"kept {len(overflow)} nodes in float32 because a tensor they read or write exceeds "
+                         f"float16's range (±{FP16_MAX:g}): {listed}{more}")
+        if removed:
+            notes.append(f"removed {removed} redundant Cast pairs (float32 -> float16 -> float32 between nodes "
+                         "kept in float32 or at float32 graph inputs/outputs)")
+        if restored:
+            notes.append(f"{restored} blocked nodes read float32 copies of small shared initializers")
+        return PassResult(out, True, stats, notes)
+
+    def ensures(self, graph, ctx) -> None:
+        try:
+            graph.verify()
+        except ValueError as exc:
+            raise self.fail(f"produced an invalid graph: {exc}") from None
+
+    # -- the overflow check ---------------------------------------------------------------------------------------
+    def _overflow(self, graph, ctx, types, nodes, blocked) -> tuple[dict, str]:
+        """``{id(node): (node, tensor, |max|)}`` for each node not yet blocked that reads or writes a float32
+        tensor beyond float16's range on the calibration data; and a note on which data that was."""
+        peaks = _observe(graph, types, _batches(graph, ctx))
+        found = {}
+        for n in nodes:
+            if id(n) in blocked:
+                continue
+            worst = max(((peaks.get(t.name, _const_peak(t)), t.name) for t in [*n.inputs, *n.outputs]
+                         if types.get(t.name) == F32), default=(0.0, ""))
+            if worst[0] > FP16_MAX:
+                found[id(n)] = (n, worst[1], worst[0])
+        if not self.options.keep_io_types:
+            io = [t.name for t in [*graph.gs.inputs, *graph.gs.outputs]
+                  if types.get(t.name) == F32 and peaks.get(t.name, 0.0) > FP16_MAX]
+            if io:
+                ctx.warn(f"{self.name}: graph inputs/outputs {', '.join(io)} exceed float16's range on the "
+                         "calibration data and become float16 (keep_io_types=false): they will overflow")
+        n_batches = peaks.pop("", 0)
+        source = ("the calibration data" if ctx.calibration is not None
+                  else "synthetic inputs (standard normal; pass calibration data for ranges that mean something)")
+        return found, (f"overflow check on {n_batches} batch{'es' if n_batches != 1 else ''} of {source}: "
+                       f"{len(found)} nodes kept in float32 for overflow")
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+def _dtype(value) -> np.dtype | None:
+    try:
+        return np.dtype(value) if value is not None else None
+    except TypeError:  # onnx types numpy lacks (bfloat16, float8)
+        return None
+
+
+def _onnx_dtype(elem_type: int) -> np.dtype | None:
+    try:
+        return _dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _infer(graph: OnnxGraph, exported: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference on the weight-free skeleton (the graph's value_info types every tensor)."""
+    return onnx.shape_inference.infer_shapes(graph.skeleton(exported), data_prop=True)
+
+
+def _tensor_types(graph: OnnxGraph, inferred: onnx.ModelProto) -> dict[str, np.dtype]:
+    types = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        elem = vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else 0
+        if elem:
+            types[vi.name] = _onnx_dtype(elem)
+    for init in inferred.graph.initializer:
+        types[init.name] = _onnx_dtype(init.data_type)
+    for name, t in graph.gs.tensors().items():
+        if isinstance(t, gs.Constant):
+            types[name] = _dtype(t.dtype)
+    return {k: v for k, v in types.items() if v is not None}
+
+
+def _set_types(model: onnx.ModelProto, inferred: onnx.ModelProto) -> None:
+    """Give ``model`` the inferred type of every intermediate tensor (the converter decides what to cast by
+    them) and of outputs the export left untyped."""
+    inits = {t.name for t in model.graph.initializer}
+    io = {v.name for v in [*model.graph.input, *model.graph.output]}
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in inits | io)
+    typed = {v.name: v for v in inferred.graph.output}
+    for out in model.graph.output:
+        if not out.type.tensor_type.elem_type and out.name in typed:
+            out.CopyFrom(typed[out.name])
+
+
+def _batches(graph: OnnxGraph, ctx):
+    """Feeds for the overflow check: the calibration batches, cast to the inputs' dtypes; else one synthetic
+    batch."""
+    if ctx.calibration is None:
+        yield graph.sample_inputs(ctx.seed)
+        return
+    wanted = {t.name: _dtype(t.dtype) for t in graph.gs.inputs}
+    for batch in ctx.calibration.batches():
+        yield {k: np.asarray(v, dtype=wanted[k] or None) for k, v in batch.items() if k in wanted}
+
+
+def _observe(graph: OnnxGraph, types: dict, batches) -> dict[str, float]:
+    """max |x| of every float32 graph input and node output over ``batches`` (key "" counts the batches)."""
+    g = graph.gs.copy()
+    inputs = {t.name for t in g.inputs}
+    present = {t.name for t in g.outputs}
+    for name, t in g.tensors().items():
+        if isinstance(t, gs.Variable) and types.get(name) == F32 and name not in inputs and name not in present:
+            t.dtype = np.float32
+            g.outputs.append(t)
+    session = OnnxGraph(g).session()
+    names = [o.name for o in session.get_outputs()]
+    peaks: dict[str, float] = {"": 0}
+    for feeds in batches:
+        values = zip(names, session.run(None, feeds))
+        for name, value in [*values, *((k, v) for k, v in feeds.items() if types.get(k) == F32)]:
+            if value.size and value.dtype == F32:
+                peaks[name] = max(peaks.get(name, 0.0), float(np.max(np.abs(value))))
+        peaks[""] += 1
+    return peaks
+
+
+def _const_peak(t) -> float:
+    return float(np.max(np.abs(t.values))) if isinstance(t, gs.Constant) and t.values.size else 0.0
+
+
+def _cast_to(node: gs.Node) -> np.dtype | None:
+    return _onnx_dtype(int(node.attrs["to"])) if "to" in node.attrs else None
+
+
+def _remove_redundant_casts(graph: OnnxGraph) -> int:
+    """Remove x -> Cast -> Cast back to x's float type, and Casts to the type their input has; returns how many
+    pairs went."""
+    pairs, changed = 0, True
+    while changed:
+        changed = False
+        for node in list(graph.gs.nodes):
+            if node.op != "Cast" or not node.inputs or not node.outputs:
+                continue
+            src, to = node.inputs[0], _cast_to(node)
+            if to not in _FLOATS:
+                continue
+            if _dtype(src.dtype) == to:  # a Cast to the type it already has
+                keep = src
+            else:
+                prev = src.inputs[0] if len(src.inputs) == 1 else None
+                if prev is None or prev.op != "Cast" or _cast_to(prev) not in _FLOATS:
+                    continue
+                keep = prev.inputs[0]
+                if _dtype(keep.dtype) != to:
+                    continue
+                pairs += 1
+            if not graph.splice_out(node, keep):
+                node.inputs[0] = keep  # an output that must keep its name: a no-op Cast of the original value
+                if src is keep:
+                    continue
+            changed = True
+    return pairs
+
+
+def _restore_constants(out: OnnxGraph, original: OnnxGraph) -> int:
+    """A Cast to float32 of an initializer the converter made float16 reads back the float32 original (when it
+    is small): no rounding for the blocked op that reads it, no Cast at run time."""
+    before = {name: t for name, t in original.gs.tensors().items() if isinstance(t, gs.Constant)}
+    used = set(out.gs.tensors())
+    restored = 0
+    for node in list(out.gs.nodes):
+        if node.op != "Cast" or _cast_to(node) != F32 or not isinstance(node.inputs[0], gs.Constant):
+            continue
+        orig = before.get(node.inputs[0].name)
+        if orig is None or _dtype(orig.dtype) != F32 or orig.values.size > _RESTORE_ELEMENTS:
+            continue
+        y = node.outputs[0]
+        if y in out.gs.outputs:
+            continue
+        copy = gs.Constant(_fresh(used, f"{orig.name}_fp32"), orig.values)
+        for consumer in list(y.outputs):
+            consumer.inputs[:] = [copy if t is y else t for t in consumer.inputs]
+        node.inputs.clear()
+        node.outputs.clear()
+        restored += 1
+    return restored
+
+
+def _weight_bytes(graph: OnnxGraph) -> int:
+    return int(sum(np.prod(t.shape, dtype=np.int64) * np.dtype(t.dtype).itemsize
+                   for t in graph.gs.tensors().values() if isinstance(t, gs.Constant) and _dtype(t.dtype)))
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _fresh(used: set[str], base: str) -> str:
+    name, i = base, 1
+    while name in used:
+        name, i = f"{base}_{i}", i + 1
+    used.add(name)
+    return name
+
+
+@hookimpl
+def graphopt_register_passes(registry):
+    registry.add_pass(ToFloat16)
+
+
+@hookimpl
+def graphopt_register_pipelines(registry):
+    registry.add_pipeline(
+        "fp16", "to-fp16",
+        "float16 weights and compute, float32 inputs/outputs, numerically risky ops and ops that overflow on "
+        "the calibration data kept in float32",
+    )
