@@ -46,6 +46,7 @@ def optimize(
     passes: str = "fold",
     *,
     example_inputs: Any = None,
+    calibration: Any = None,
     verify_each: bool = False,
     check: bool = True,
     rtol: float = 1e-4,
@@ -56,6 +57,8 @@ def optimize(
 ) -> OptimizeResult:
     """Run a textual pipeline on ``model``.
 
+    ``calibration`` is int8 calibration data: a path (.npz, .npy, folders of them or of images), a mapping
+    ``{input name: array}`` or an iterable of such batches (see :func:`graphopt.calib.sources.load_calibration`).
     ``check`` runs the numeric-check instrument (every pass declared exact must keep the outputs within
     ``rtol``); ``verify_each`` runs the onnx checker / FX lint after every modifying pass (the final graph is
     always verified). ``model`` is never modified.
@@ -70,7 +73,7 @@ def optimize(
         chain.append(NumericCheck(rtol=rtol))
     if snapshot_dir:
         chain.append(Snapshot(snapshot_dir))
-    ctx = ctx or PassContext(registry=registry)
+    ctx = ctx or PassContext(registry=registry, calibration=calibration)
     # a graph loaded here is ours alone: the passes may work on it directly (the caller's object is untouched)
     out, report = PassManager(pass_list, chain, ctx).run(graph, in_place=graph is not model)
     exported = None
