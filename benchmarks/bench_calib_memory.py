@@ -9,12 +9,10 @@ child process, whose peak resident memory (``VmHWM`` from ``/proc/self/status``,
 work is done) is the number reported: the whole process, interpreter and onnxruntime included, as in
 ANCHORS.md. (``ru_maxrss`` of a child is not used: Linux carries the parent's high-water mark into it.)
 
-* ``graphopt``: the observer layer alone (the calibrate pass sits on top of it): the model with every float
-  activation (graph input and every node output) added as a graph output, one onnxruntime session (graph
-  optimizations off, as the calibrate pass runs it, so no fusion hides a tensor; ``--threads`` intra-op threads),
-  the data from ``graphopt.calib.synthetic`` in batches of ``--batch``, each output fed to its own
-  ``HistogramObserver`` (2048 bins), then ``compute_range(obs, "entropy", symmetric=False, num_levels=256)`` and
-  ``scale_zero_point(..., "uint8")`` for every tensor.
+* ``graphopt``: the real pipeline, ``graphopt.optimize(model, "insert-observers,calibrate:method=entropy,
+  place-qdq")`` with the data from ``graphopt.calib.synthetic`` in batches of ``--batch``: every float activation
+  gets a 2048-bin streaming histogram, the model runs with them as extra outputs one batch at a time, then the
+  entropy ranges and the Q/DQ placement.
 * ``onnxruntime``: ``onnxruntime.quantization.quantize_static(model, out, reader, calibrate_method=
   CalibrationMethod.Entropy)`` with its other defaults (QDQ format), the reader yielding the same batches of the
   same synthetic data. It calibrates the tensors of the ops it quantizes, keeps every intermediate output of
@@ -46,46 +44,22 @@ RSS_BAR = 1.2
 
 # -- children ------------------------------------------------------------------------------------------------
 def _child_graphopt(model_path: str, n: int, batch: int, threads: int, seed: int) -> dict:
-    import onnx
-    import onnxruntime as ort
+    """graphopt's real int8 pipeline: insert-observers, calibrate (entropy), place-qdq, on synthetic data."""
+    import graphopt
+    from graphopt.calib import input_specs, synthetic
+    from graphopt.calib.state import OBSERVERS
+    from graphopt.passes.base import PassContext
 
-    from graphopt.calib import HistogramObserver, compute_range, input_specs, scale_zero_point, synthetic
-
-    model = onnx.load(model_path)
-    specs = input_specs(model)
-    model = onnx.shape_inference.infer_shapes(model)
-    float_types = {onnx.TensorProto.FLOAT: "", onnx.TensorProto.FLOAT16: ""}
-    elem = {vi.name: vi.type.tensor_type.elem_type for vi in list(model.graph.value_info) + list(model.graph.input)}
-    names = [vi.name for vi in model.graph.input if elem.get(vi.name) in float_types]
-    names += [o for node in model.graph.node for o in node.output if o and elem.get(o) in float_types]
-    names += [o.name for o in model.graph.output if o.name not in names]
-    present = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in present:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    del model
-    observers = {name: HistogramObserver(2048) for name in names}
-    data = synthetic(specs, n, seed, batch_size=batch, progress=False)
+    data = synthetic(input_specs(model_path), n, seed, batch_size=batch, progress=False)
+    ctx = PassContext(registry=graphopt.default_registry(), calibration=data)
     start = time.perf_counter()
-    seen = 0
-    for feed in data:
-        for name, value in zip(names, session.run(names, feed)):
-            observers[name].update(value)
-        seen += next(iter(feed.values())).shape[0]
-    observed = time.perf_counter()
-    params = {}
-    for name, obs in observers.items():
-        low, high = compute_range(obs, "entropy", symmetric=False, num_levels=256)
-        params[name] = scale_zero_point(low, high, "uint8")
+    result = graphopt.optimize(model_path, f"insert-observers,calibrate:method=entropy:batch_size={batch},place-qdq",
+                               ctx=ctx, check=False)
     done = time.perf_counter()
-    return {"samples": seen, "tensors": len(observers), "observe_s": observed - start,
-            "ranges_s": done - observed, "calib_s": done - start,
-            "observer_state_bytes": sum(o.state_nbytes() for o in observers.values())}
+    calibrate = next(r for r in result.report.records if r.name == "calibrate")
+    return {"samples": calibrate.stats["read samples"], "tensors": calibrate.stats["calibrated tensors"],
+            "calib_s": done - start,
+            "observer_state_bytes": sum(o.state_nbytes() for o in ctx.state[OBSERVERS].values())}
 
 
 def _child_onnxruntime(model_path: str, n: int, batch: int, threads: int, seed: int, out_dir: str) -> dict:

@@ -153,17 +153,29 @@ def _fresh(names: set[str], base: str) -> str:
 
 
 def _insert_qdq(g, tensor: gs.Variable, scale, zero, names: set[str]) -> None:
+    """``tensor -> Q -> DQ``, its readers moved to the DQ. A graph output keeps its name on the DQ's output (the
+    producer writes a renamed float tensor that the Q reads), so the pair survives cleanup and the quantized op
+    before it gets its output Q, as inside the graph."""
     readers = list(tensor.outputs)
     s = gs.Constant(_fresh(names, f"{tensor.name}_scale"), np.asarray(scale, np.float32))
     z = gs.Constant(_fresh(names, f"{tensor.name}_zero_point"), np.asarray(zero))
     q = gs.Variable(_fresh(names, f"{tensor.name}_quantized"), dtype=np.asarray(zero).dtype, shape=tensor.shape)
-    dq = gs.Variable(_fresh(names, f"{tensor.name}_dequantized"), dtype=tensor.dtype or np.float32, shape=tensor.shape)
-    g.nodes.append(gs.Node("QuantizeLinear", _fresh(names, f"{tensor.name}_QuantizeLinear"), inputs=[tensor, s, z],
+    source, dq = tensor, None
+    if any(out is tensor for out in g.outputs) and tensor.inputs:
+        producer = tensor.inputs[0]
+        source = gs.Variable(_fresh(names, f"{tensor.name}_float"), dtype=tensor.dtype, shape=tensor.shape)
+        producer.outputs[producer.outputs.index(tensor)] = source
+        dq = tensor
+    else:
+        dq = gs.Variable(_fresh(names, f"{tensor.name}_dequantized"), dtype=tensor.dtype or np.float32,
+                         shape=tensor.shape)
+    g.nodes.append(gs.Node("QuantizeLinear", _fresh(names, f"{tensor.name}_QuantizeLinear"), inputs=[source, s, z],
                            outputs=[q]))
     g.nodes.append(gs.Node("DequantizeLinear", _fresh(names, f"{tensor.name}_DequantizeLinear"), inputs=[q, s, z],
                            outputs=[dq]))
-    for reader in readers:
-        replace_input(reader, tensor, dq)
+    if dq is not tensor:
+        for reader in readers:
+            replace_input(reader, tensor, dq)
 
 
 def _quantize_weight(graph, node, scheme, names: set[str]) -> int:

@@ -48,3 +48,28 @@ def graph_from_text(text: str) -> OnnxGraph:
     model = onnx.parser.parse_model(text)
     onnx.checker.check_model(model)
     return OnnxGraph.from_model(model)
+
+
+@pytest.fixture(scope="session")
+def digits_trained():
+    """The digits CNN trained once per test process (a few seconds), with its data split."""
+    from graphopt import zoo
+
+    data = zoo.digits_data()
+    return zoo.train_digits_cnn(epochs=6, data=data), data
+
+
+@pytest.fixture(scope="session")
+def digits_files(digits_trained, tmp_path_factory):
+    """A folder with digits.onnx (BatchNorm kept, dynamic batch), calib.npz (256 training images) and eval.npz
+    (the 397 test images and their labels)."""
+    import numpy as np
+
+    from graphopt import zoo
+
+    model, (x_train, _, x_test, y_test) = digits_trained
+    folder = tmp_path_factory.mktemp("digits")
+    zoo.export_onnx(model, str(folder / "digits.onnx"), (1, 1, 16, 16), dynamic_batch=True)
+    np.savez(folder / "calib.npz", input=x_train[:256])
+    np.savez(folder / "eval.npz", input=x_test, labels=y_test)
+    return folder

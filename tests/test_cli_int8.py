@@ -8,19 +8,12 @@ import os
 import numpy as np
 import pytest
 
-from graphopt import zoo
 from graphopt.cli import main
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("digits-cli")
-    x_train, y_train, x_test, y_test = data = zoo.digits_data()
-    zoo.export_onnx(zoo.train_digits_cnn(epochs=6, data=data), str(folder / "digits.onnx"), (1, 1, 16, 16),
-                    dynamic_batch=True)
-    np.savez(folder / "calib.npz", input=x_train[:256])
-    np.savez(folder / "eval.npz", input=x_test, labels=y_test)
-    return folder
+@pytest.fixture
+def digits(digits_files):
+    return digits_files
 
 
 def test_int8_with_calibration_evaluation_and_latency(digits, capsys):

@@ -20,12 +20,9 @@ def reg():
     return load_registry(autoload=False)
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    data = zoo.digits_data()
-    path = str(tmp_path_factory.mktemp("digits") / "digits.onnx")
-    zoo.export_onnx(zoo.train_digits_cnn(epochs=6, data=data), path, (1, 1, 16, 16), dynamic_batch=True)
-    return path, data
+@pytest.fixture
+def digits(digits_files, digits_trained):
+    return str(digits_files / "digits.onnx"), digits_trained[1]
 
 
 def quantize(path_or_graph, reg, calibration=None, passes="fold,int8"):

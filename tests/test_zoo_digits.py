@@ -11,10 +11,9 @@ import graphopt
 from graphopt import zoo
 
 
-@pytest.fixture(scope="module")
-def trained():
-    data = zoo.digits_data()
-    return zoo.train_digits_cnn(epochs=6, data=data), data
+@pytest.fixture
+def trained(digits_trained):
+    return digits_trained
 
 
 def test_digits_cnn_reaches_the_anchor_accuracy(trained):

@@ -71,8 +71,11 @@ class BertLike(nn.Module):
 
 def bert_like(vocab: int = 1000, hidden: int = 256, layers: int = 4, heads: int = 4, seq: int = 128,
               num_classes: int = 2, seed: int = 0) -> BertLike:
-    """A BERT-like encoder classifier in eval mode. ``seq`` is the longest sequence it takes (position table);
-    weights are drawn with BERT's init (normal, std 0.02; zero biases) from ``seed``."""
+    """A BERT-like encoder classifier in eval mode. ``seq`` is the longest sequence it takes (position table).
+
+    Weights are drawn from ``seed`` with BERT's scale (normal, std 0.02); biases and the LayerNorm affine
+    parameters are drawn too (std 0.02 around 0 and 1), as in a trained model: zero biases and unit gains would
+    be identical tensors the exporter merges into one initializer, a graph no real model has."""
     gen = torch.Generator().manual_seed(seed)
     model = BertLike(vocab, hidden, layers, heads, max_seq=seq, num_classes=num_classes)
     with torch.no_grad():
@@ -80,16 +83,19 @@ def bert_like(vocab: int = 1000, hidden: int = 256, layers: int = 4, heads: int 
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.02)
             if isinstance(module, nn.Linear):
-                module.bias.zero_()
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.02)
+            if isinstance(module, nn.LayerNorm):
+                module.weight.copy_(1 + torch.randn(module.weight.shape, generator=gen) * 0.02)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.02)
     return model.eval()
 
 
 def export_transformer_onnx(model: nn.Module, path: str, batch: int = 1, seq: int = 128, dynamic: bool = True,
-                            opset: int = 17, vocab: int | None = None) -> str:
+                            opset: int = 17) -> str:
     """Export with the TorchScript exporter (``dynamo=False``): input ``input_ids`` (int64, batch x seq),
     output ``logits``; with ``dynamic`` the batch and sequence axes are symbolic (``batch``, ``sequence``)."""
     model = model.eval()
-    vocab = vocab or getattr(getattr(model, "token", None), "num_embeddings", 2)
+    vocab = getattr(getattr(model, "token", None), "num_embeddings", 2)  # example ids any vocabulary takes
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     kwargs = dict(input_names=["input_ids"], output_names=["logits"], opset_version=opset, dynamo=False)
     if dynamic:
