@@ -2,19 +2,9 @@
 read by ``place-qdq``) and runs, times and evaluates models (:class:`Backend`). Backends are registered by
 plugins through ``graphopt_register_backends``; the onnxruntime CPU backend ships in ``plugins/backends.py``."""
 
-from graphopt.backends.base import (
-    Accuracy,
-    Backend,
-    BackendError,
-    BenchResult,
-    InputSpec,
-    LatencyStats,
-    QuantRequest,
-    QuantScheme,
-    TensorQuant,
-    UnsupportedRequestError,
-)
+from graphopt.backends.base import Accuracy, Backend, BackendError, BenchResult, InputSpec, LatencyStats
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
+from graphopt.backends.scheme import QuantRequest, QuantScheme, TensorQuant, UnsupportedRequestError
 from graphopt.errors import UsageError
 
 

@@ -28,16 +28,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from graphopt.backends.base import (
-    Backend,
-    BackendError,
-    InputSpec,
-    QuantRequest,
-    QuantScheme,
-    TensorQuant,
-    UnsupportedRequestError,
-    restrict_ops,
-)
+from graphopt.backends.base import Backend, BackendError, InputSpec
+from graphopt.backends.scheme import QuantRequest, QuantScheme, TensorQuant, UnsupportedRequestError, restrict_ops
 from graphopt.errors import first_line
 
 QUANTIZED_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool",

@@ -1,5 +1,10 @@
 """Calibration for int8: where the data come from (``sources``) and what is learnt from them (``observers``).
 
+Modules: ``sources`` (the front doors :func:`load_calibration` and :func:`synthetic`), ``specs`` (model inputs),
+``readers`` and ``images`` (one reader per source kind), ``data`` (:class:`CalibrationData`: batching and
+checks), ``observers`` (streaming observers and :func:`compute_range`), ``ranges`` (the histogram searches behind
+it), ``qparams`` (scale and zero point), ``errors``, ``state`` (the pass-to-pass keys).
+
 A calibrating pass does, in outline::
 
     data = load_calibration("data.npz", model)                  # or synthetic(model, n=32): data.synthetic is True
@@ -13,36 +18,26 @@ A calibrating pass does, in outline::
 numpy only (Pillow for image folders, tqdm for the progress bar, both optional).
 """
 
+from graphopt.calib.data import SYNTHETIC_WARNING, CalibrationData
+from graphopt.calib.errors import (
+    CalibrationDataError,
+    CalibrationInputError,
+    EmptyCalibrationDataError,
+    MissingDependencyError,
+    ObserverError,
+)
+from graphopt.calib.images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, ImageOptions
 from graphopt.calib.observers import (
     METHODS,
     HistogramObserver,
     MinMaxObserver,
     Observer,
-    ObserverError,
-    QuantParams,
     compute_range,
-    dequantize,
     make_observer,
-    quant_range,
-    quantize,
-    scale_zero_point,
 )
-from graphopt.calib.sources import (
-    IMAGE_SUFFIXES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    SYNTHETIC_WARNING,
-    CalibrationData,
-    CalibrationDataError,
-    CalibrationInputError,
-    EmptyCalibrationDataError,
-    ImageOptions,
-    InputSpec,
-    MissingDependencyError,
-    input_specs,
-    load_calibration,
-    synthetic,
-)
+from graphopt.calib.qparams import QuantParams, dequantize, quant_range, quantize, scale_zero_point
+from graphopt.calib.sources import load_calibration, synthetic
+from graphopt.calib.specs import InputSpec, input_specs
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "METHODS", "SYNTHETIC_WARNING", "CalibrationData",

@@ -1,0 +1,248 @@
+"""The int8 quantization scheme as data: what a backend runs fast (:class:`QuantScheme`, one :class:`TensorQuant`
+per class of tensors) and what the user asked for (:class:`QuantRequest`).
+
+What the user asks for (:class:`QuantRequest`: int8 activations, per-tensor weights, only these op types) stays
+separate from what a backend runs well (:class:`QuantScheme`). ``backend.scheme(request)`` reconciles the two:
+a request it can honour changes the scheme, one it can honour only at a cost comes back with the cost in
+``scheme.warnings``, and one it cannot honour raises :class:`UnsupportedRequestError`; nothing is dropped
+silently. ``place-qdq`` reads the scheme and never asks which backend it is talking to, so a backend with another
+scheme (TensorRT: symmetric int8 activations, bias left float) plugs in without changing it or its callers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import numpy as np
+
+from graphopt.errors import UsageError
+
+__all__ = [
+    "BIAS_MODES", "INT8_DTYPES", "FrozenDict", "QuantRequest", "QuantScheme", "TensorQuant", "UnsupportedRequestError",
+    "restrict_ops",
+]
+
+INT8_DTYPES = ("uint8", "int8")
+_QRANGE = {("uint8", False): (0, 255), ("uint8", True): (0, 254), ("int8", False): (-128, 127),
+           ("int8", True): (-127, 127)}
+BIAS_MODES = ("float", "int32")
+
+
+class UnsupportedRequestError(UsageError):
+    """The user asked for quantization the backend cannot honour."""
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """How one class of tensors (activations or weights) is quantized.
+
+    ``dtype``: ``"uint8"`` or ``"int8"``. ``symmetric``: zero point fixed at the middle of the range (0 for
+    int8, 128 for uint8) and the range centred on zero; otherwise the range is [min(lo, 0), max(hi, 0)] with a
+    computed zero point. ``per_channel``: one scale per output channel (weights; the axis comes from
+    :meth:`QuantScheme.channel_axis`). ``narrow_range``: int8 in [-127, 127] (uint8 [0, 254]), the range
+    symmetric weights use so that negation cannot overflow.
+    """
+
+    dtype: str
+    symmetric: bool
+    per_channel: bool = False
+    narrow_range: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in INT8_DTYPES:
+            raise ValueError(f"quantized dtype must be one of {INT8_DTYPES}, got {self.dtype!r}")
+
+    @property
+    def qmin(self) -> int:
+        return _QRANGE[(self.dtype, self.narrow_range)][0]
+
+    @property
+    def qmax(self) -> int:
+        return _QRANGE[(self.dtype, self.narrow_range)][1]
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    def params(self, lo, hi) -> tuple[np.ndarray, np.ndarray]:
+        """Scale (float32) and zero point (this dtype) for real ranges [lo, hi] (scalars, or arrays per channel).
+
+        The range always contains 0 (so that zero padding and Relu's zeros are exact); an empty range (lo = hi
+        = 0) gets scale 1.
+        """
+        lo = np.minimum(np.asarray(lo, np.float64), 0.0)
+        hi = np.maximum(np.asarray(hi, np.float64), 0.0)
+        levels = float(self.qmax - self.qmin)
+        if self.symmetric:
+            amax = np.maximum(-lo, hi)
+            scale = 2.0 * amax / levels
+            zero = np.full(np.shape(scale), 0 if self.dtype == "int8" else 128, np.float64)
+        else:
+            scale = (hi - lo) / levels
+            safe = np.where(scale > 0, scale, 1.0)
+            zero = np.clip(np.round(self.qmin - lo / safe), self.qmin, self.qmax)
+        scale = np.where(scale > 0, scale, 1.0)
+        return scale.astype(np.float32), zero.astype(self.np_dtype)
+
+    def describe(self) -> str:
+        parts = [self.dtype, "symmetric" if self.symmetric else "asymmetric"]
+        if self.per_channel:
+            parts.append("per-channel")
+        if self.narrow_range:
+            parts.append(f"[{self.qmin}, {self.qmax}]")
+        return " ".join(parts)
+
+
+class FrozenDict(dict):
+    """A read-only dict: hashable, picklable and deep-copyable (unlike ``MappingProxyType``)."""
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("a QuantScheme's tables are read-only; make a new scheme with dataclasses.replace")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.items())))
+
+    def __reduce__(self):
+        return (type(self), (dict(self),))
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """What a backend runs fast in int8, as data. ``place-qdq`` reads it; it never branches on the backend.
+
+    Op roles (ONNX op types; an op in none of them stays float, and the report lists it):
+
+    - ``weight_channel_axis``: ops whose weight (input 1) is quantized, with the weight's output-channel axis:
+      Conv 0, ConvTranspose 1, Gemm 1 (``transB=0``; 0 when ``transB=1``, see :meth:`channel_axis`),
+      MatMul -1 (last). Negative axes count from the end.
+    - ``quantized_ops``: ops with an int8 kernel: Q/DQ on their float inputs, a Q on their output with its own
+      scale (they requantize). Weighted ops take int8 weights besides.
+    - ``passthrough_ops``: ops that move int8 values without changing them (MaxPool, Reshape, Transpose, ...):
+      their output shares the input's scale and zero point, so no requantization happens around them.
+    - ``fused_activations``: activations (Relu, Clip) absorbed by the quantization of the op before them: that
+      op's output Q is calibrated on the activation's output, whose clamp the Q's range performs.
+
+    Placement: ``residual_add_qdq`` — both inputs of an Add (the residual one too) get Q/DQ, as the backend's
+    int8 Add / fusion needs. ``bias``: ``"float"`` — the bias of Conv/Gemm stays float and the backend folds it
+    to int32 itself (scale = input scale × weight scale, zero point 0); ``"int32"`` — place-qdq writes it as
+    int32 behind a DequantizeLinear with that scale. ``format`` is ``"QDQ"`` (QuantizeLinear/DequantizeLinear
+    pairs in a float graph, which the backend fuses); ``min_opset`` is the opset the placement needs (13:
+    per-channel DequantizeLinear). ``warnings`` carry the cost of a request honoured against the backend's
+    advice; a pass copies them into its context (``ctx.warn``) so the user sees them.
+    """
+
+    backend: str
+    activations: TensorQuant
+    weights: TensorQuant
+    weight_channel_axis: Mapping[str, int]
+    quantized_ops: frozenset[str]
+    passthrough_ops: frozenset[str] = frozenset()
+    fused_activations: frozenset[str] = frozenset()
+    residual_add_qdq: bool = True
+    bias: str = "float"
+    format: str = "QDQ"
+    min_opset: int = 13
+    warnings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "weight_channel_axis", FrozenDict(self.weight_channel_axis))
+        for name in ("quantized_ops", "passthrough_ops", "fused_activations"):
+            object.__setattr__(self, name, frozenset(getattr(self, name)))
+        object.__setattr__(self, "warnings", tuple(self.warnings))
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.activations.per_channel:
+            raise ValueError("per-channel activations are not a scheme graphopt places (weights only)")
+        missing = set(self.weight_channel_axis) - self.quantized_ops
+        if missing:
+            raise ValueError(f"weighted ops {sorted(missing)} must also be in quantized_ops")
+        both = self.quantized_ops & self.passthrough_ops
+        if both:
+            raise ValueError(f"ops {sorted(both)} cannot both requantize and pass int8 through")
+
+    # -- questions place-qdq asks -------------------------------------------------------------------------
+    @property
+    def weighted_ops(self) -> frozenset[str]:
+        return frozenset(self.weight_channel_axis)
+
+    def takes_int8(self, op_type: str) -> bool:
+        """Whether ``op_type`` runs on int8 inputs (requantizing or passing them through)."""
+        return op_type in self.quantized_ops or op_type in self.passthrough_ops
+
+    def channel_axis(self, op_type: str, attrs: Mapping[str, Any] | None = None, weight_rank: int | None = None
+                     ) -> int | None:
+        """The weight's output-channel axis for per-channel scales (None: per-tensor, or not a weighted op).
+
+        Gemm's weight is ``B``: (K, N) with ``transB=0`` -> axis 1, (N, K) with ``transB=1`` -> axis 0.
+        A negative axis is made positive when ``weight_rank`` is given.
+        """
+        if not self.weights.per_channel or op_type not in self.weight_channel_axis:
+            return None
+        axis = self.weight_channel_axis[op_type]
+        if op_type == "Gemm" and attrs and int(attrs.get("transB", 0)):
+            axis = 0
+        if axis < 0 and weight_rank is not None:
+            axis += weight_rank
+        return axis
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "activations": asdict(self.activations), "weights": asdict(self.weights),
+                "weight_channel_axis": dict(self.weight_channel_axis), "quantized_ops": sorted(self.quantized_ops),
+                "passthrough_ops": sorted(self.passthrough_ops), "fused_activations": sorted(self.fused_activations),
+                "residual_add_qdq": self.residual_add_qdq, "bias": self.bias, "format": self.format,
+                "min_opset": self.min_opset, "warnings": list(self.warnings)}
+
+    def describe(self) -> str:
+        return (f"{self.backend}: activations {self.activations.describe()}, weights {self.weights.describe()}, "
+                f"{self.format}, bias {'folded to int32 by the backend' if self.bias == 'float' else 'int32'}")
+
+
+@dataclass(frozen=True)
+class QuantRequest:
+    """What the user asked for. ``None`` means "the backend's choice".
+
+    ``op_types``: quantize only these op types; ``exclude_op_types``: keep these float. (Excluding single nodes,
+    and keeping the first/last layer float, are placement options of the pass, not part of the scheme.)
+    """
+
+    activation_dtype: str | None = None
+    activation_symmetric: bool | None = None
+    weight_dtype: str | None = None
+    weight_symmetric: bool | None = None
+    per_channel: bool | None = None
+    op_types: frozenset[str] | None = None
+    exclude_op_types: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        for name in ("activation_dtype", "weight_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in INT8_DTYPES:
+                raise UnsupportedRequestError(f"{name.replace('_', ' ')} must be one of {INT8_DTYPES}, got {value!r}")
+        if self.op_types is not None:
+            object.__setattr__(self, "op_types", frozenset(self.op_types))
+        object.__setattr__(self, "exclude_op_types", frozenset(self.exclude_op_types))
+
+
+def restrict_ops(scheme: QuantScheme, request: QuantRequest, why_not: Mapping[str, str] = MappingProxyType({})
+                 ) -> QuantScheme:
+    """``scheme`` limited to the op types ``request`` allows. Asking for an op type the scheme has no int8
+    kernel for raises (``why_not`` may explain a particular op); excluding one is always possible."""
+    known = scheme.quantized_ops | scheme.passthrough_ops | scheme.fused_activations
+    keep = known
+    if request.op_types is not None:
+        unsupported = sorted(request.op_types - known)
+        if unsupported:
+            reasons = "; ".join(f"{op}: {why_not[op]}" for op in unsupported if op in why_not)
+            raise UnsupportedRequestError(
+                f"backend '{scheme.backend}' has no int8 kernel for {', '.join(unsupported)}"
+                + (f" ({reasons})" if reasons else "")
+                + f"; it quantizes {', '.join(sorted(known))}")
+        keep = frozenset(request.op_types)
+    keep = keep - request.exclude_op_types
+    axes = {op: axis for op, axis in scheme.weight_channel_axis.items() if op in keep}
+    return replace(scheme, weight_channel_axis=axes, quantized_ops=scheme.quantized_ops & keep,
+                   passthrough_ops=scheme.passthrough_ops & keep, fused_activations=scheme.fused_activations & keep)
