@@ -30,6 +30,8 @@ def test_int8_with_calibration_evaluation_and_latency(digits, capsys):
     acc = data["comparison"]["accuracy"]
     assert acc["b"]["accuracy"] >= acc["a"]["accuracy"] - 0.003  # the 0.3-point budget
     assert data["latency_ms"]["after"] > 0 and data["latency_ms"]["before"] > 0
+    (output,) = data["comparison"]["outputs"]
+    assert output["sqnr_db"] >= 25 and output["top1_agreement"] >= 0.99  # logits close to fp32 on real data
     layers = data["comparison"]["per_layer"]["layers"]
     assert layers and layers[0]["sqnr_db"] <= layers[-1]["sqnr_db"]  # worst first
 
