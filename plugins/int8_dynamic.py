@@ -15,7 +15,7 @@ from graphopt.errors import UsageError
 from graphopt.ir.ops import OpKind
 
 SUPPORTED_OPS = ("MatMul", "Gemm")
-_NO_DYNAMIC_FORM = {OpKind.CONV: "Conv", OpKind.CONV_TRANSPOSE: "ConvTranspose"}
+_CONVOLUTIONS = frozenset({OpKind.CONV, OpKind.CONV_TRANSPOSE})  # listed in the note when they stay float
 
 
 class Int8Dynamic(Pass):
@@ -89,9 +89,9 @@ class Int8Dynamic(Pass):
         shared_w: dict[tuple, tuple] = {}
         for node in list(g.nodes):
             if node.domain or node.op not in SUPPORTED_OPS:
-                if graph.kind(node) in _NO_DYNAMIC_FORM:
-                    floats.setdefault("no dynamic int8 form; the static int8 pipeline quantizes them", Counter())[
-                        node.op] += 1
+                if graph.kind(node) in _CONVOLUTIONS:
+                    why = "no dynamic int8 form here; the static int8 pipeline quantizes them"
+                    floats.setdefault(why, Counter())[node.op] += 1
                 continue
             weight, why = self._weight(graph, node, excluded)
             if weight is None:

@@ -8,7 +8,6 @@ import onnxruntime as ort
 import pytest
 
 import graphopt
-from graphopt import zoo
 from graphopt.errors import UsageError
 from graphopt.report.metrics import cosine_similarity, expose
 from graphopt.zoo.transformer import bert_like, export_transformer_onnx
@@ -62,8 +61,9 @@ def test_every_constant_weight_matmul_is_quantized(quantized):
         if node.op_type == "MatMulInteger":
             w = inits[node.input[1]]
             assert w.dtype == np.int8 and np.abs(w).max() <= 127 and len(node.input) == 3  # symmetric: no w zero
-        if node.op_type == "Mul" and node.input[1] in inits and node.input[0].endswith("_scale"):
-            assert inits[node.input[1]].ndim == 1 and inits[node.input[1]].size > 1  # one scale per column
+    scales = [inits[n.input[1]] for n in model.graph.node
+              if n.op_type == "Mul" and n.input[1] in inits and n.input[0].endswith("_scale")]
+    assert len(scales) == 6 * LAYERS + 2 and all(s.ndim == 1 and s.size > 1 for s in scales)  # one per column
 
 
 @pytest.mark.parametrize("batch", [1, 3])

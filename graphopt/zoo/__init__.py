@@ -7,6 +7,7 @@ with depthwise convs and ReLU6) so graph passes meet the same shapes as on the r
 from graphopt.zoo.cnn import mobilenet_v2_like, resnet18_like, resnet50_like, tiny_resnet
 from graphopt.zoo.digits import DigitsCNN, accuracy, digits_data, train_digits_cnn
 from graphopt.zoo.export import export_onnx
+from graphopt.zoo.transformer import BertLike, bert_like, export_transformer_onnx
 
-__all__ = ["DigitsCNN", "accuracy", "digits_data", "export_onnx", "mobilenet_v2_like", "resnet18_like",
+__all__ = ["BertLike", "DigitsCNN", "bert_like", "export_transformer_onnx", "accuracy", "digits_data", "export_onnx", "mobilenet_v2_like", "resnet18_like",
            "resnet50_like", "tiny_resnet", "train_digits_cnn"]
