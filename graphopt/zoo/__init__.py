@@ -9,5 +9,7 @@ from graphopt.zoo.digits import DigitsCNN, accuracy, digits_data, train_digits_c
 from graphopt.zoo.export import export_onnx
 from graphopt.zoo.transformer import BertLike, bert_like, export_transformer_onnx
 
-__all__ = ["BertLike", "DigitsCNN", "bert_like", "export_transformer_onnx", "accuracy", "digits_data", "export_onnx", "mobilenet_v2_like", "resnet18_like",
-           "resnet50_like", "tiny_resnet", "train_digits_cnn"]
+__all__ = [
+    "BertLike", "DigitsCNN", "accuracy", "bert_like", "digits_data", "export_onnx", "export_transformer_onnx",
+    "mobilenet_v2_like", "resnet18_like", "resnet50_like", "tiny_resnet", "train_digits_cnn",
+]
