@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -31,7 +32,10 @@ class PlaceQdq(Pass):
 
     Ops the scheme does not cover stay float and are listed in a note. Options: ``ops`` (quantize only these op
     types), ``exclude_ops``, ``exclude_nodes`` (node names), ``keep_first`` / ``keep_last`` (the first / last
-    weighted layer stays float). Approximate: outputs move by the quantization error the report measures.
+    weighted layer stays float), ``activations`` (uint8 / int8) and ``symmetric`` (yes / no) to override the
+    backend's activation scheme: the backend honours, warns about (int8 activations are slow on onnxruntime's
+    x86 kernels) or refuses such a request, never silently drops it. Approximate: outputs move by the
+    quantization error the report measures.
     """
 
     name = "place-qdq"
@@ -45,6 +49,8 @@ class PlaceQdq(Pass):
         exclude_nodes: tuple[str, ...] = ()
         keep_first: bool = False
         keep_last: bool = False
+        activations: Literal["backend", "uint8", "int8"] = "backend"  # activation type (backend: its choice)
+        symmetric: Literal["backend", "yes", "no"] = "backend"  # symmetric activation ranges
         backend: str = "onnxruntime"
 
     def requires(self, graph, ctx):
@@ -52,8 +58,10 @@ class PlaceQdq(Pass):
             raise self.fail("no calibrated ranges: run insert-observers and calibrate first (the int8 alias does)")
 
     def run_onnx(self, graph, ctx):
-        request = QuantRequest(op_types=frozenset(self.options.ops) or None,
-                               exclude_op_types=frozenset(self.options.exclude_ops))
+        request = QuantRequest(
+            op_types=frozenset(self.options.ops) or None, exclude_op_types=frozenset(self.options.exclude_ops),
+            activation_dtype=None if self.options.activations == "backend" else self.options.activations,
+            activation_symmetric=None if self.options.symmetric == "backend" else self.options.symmetric == "yes")
         scheme = get_backend(ctx.registry, self.options.backend).scheme(request)
         for warning in scheme.warnings:
             ctx.warn(f"{self.name}: {warning}")

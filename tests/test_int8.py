@@ -138,3 +138,13 @@ def test_place_qdq_twice_changes_nothing_and_needs_calibration(digits, reg):
         reg.passes["place-qdq"]()(result.graph.copy(), PassContext(registry=reg))
     with pytest.raises(PassError, match="run insert-observers first"):
         reg.passes["calibrate"]()(result.graph.copy(), PassContext(registry=reg))
+
+
+def test_activation_scheme_overrides_go_through_the_backend(digits, reg):
+    path, (x_train, _, x_test, y_test) = digits
+    passes = "fold,insert-observers,calibrate,place-qdq:activations=int8:symmetric=yes"
+    result, ctx = quantize(path, reg, {"input": x_train[:128]}, passes)
+    zero_points = [n.inputs[2].values for n in result.graph.gs.nodes if n.op == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and int(z) == 0 for z in zero_points)  # symmetric int8
+    assert any("int8 activations" in w for w in ctx.warnings)  # honoured, with the backend's warning
+    assert accuracy(result.model, x_test, y_test) >= accuracy(path, x_test, y_test) - 0.01
