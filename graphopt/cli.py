@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calib", metavar="DATA",
                      help="calibration data for int8: .npz (one array per input), .npy, a folder of .npy/.npz or "
                           "of images (default: synthetic random inputs, with a loud warning)")
+    run.add_argument("--calib-resize", type=int, metavar="N", help="images: resize the shorter side to N pixels")
+    run.add_argument("--calib-crop", type=int, metavar="N", help="images: center crop N x N")
+    run.add_argument("--calib-mean", metavar="0.485,0.456,0.406", help="images: per-channel mean (after /255)")
+    run.add_argument("--calib-std", metavar="0.229,0.224,0.225", help="images: per-channel std (after /255)")
     run.add_argument("--backend", default="onnxruntime",
                      help="the backend to report latency/accuracy on (default: onnxruntime)")
     run.add_argument("--eval", metavar="DATA.npz",
@@ -146,7 +150,7 @@ def cmd_run(args) -> int:
     backend = get_backend(registry, args.backend)
     eval_data, labels = _eval_data(args)
     graph = _load(args)
-    ctx = PassContext(registry=registry, calibration=args.calib, backend=backend)
+    ctx = PassContext(registry=registry, calibration=_calibration(args, graph), backend=backend)
     say = (lambda *a: None) if args.quiet else print
 
     if args.bisect:
@@ -191,6 +195,34 @@ def cmd_run(args) -> int:
         with open(args.json, "w") as f:
             json.dump(data, f, indent=2, default=str)
     return 0
+
+
+def _calibration(args, graph):
+    """``--calib`` opened and checked against the model's inputs before any pass runs (image options applied)."""
+    image_flags = (args.calib_resize, args.calib_crop, args.calib_mean, args.calib_std)
+    if not args.calib:
+        if any(f is not None for f in image_flags):
+            raise UsageError("--calib-resize/--calib-crop/--calib-mean/--calib-std need --calib FOLDER of images")
+        return None
+    if graph.ir != "onnx":
+        return args.calib
+    from graphopt.calib.sources import ImageOptions, input_specs, load_calibration
+
+    options = None
+    if any(f is not None for f in image_flags):
+        options = ImageOptions(resize=args.calib_resize, crop=args.calib_crop,
+                               mean=_floats(args.calib_mean, "--calib-mean"),
+                               std=_floats(args.calib_std, "--calib-std"))
+    return load_calibration(args.calib, input_specs(graph), image_options=options)
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{flag} '{text}' is not a comma-separated list of numbers") from None
 
 
 def _eval_data(args):

@@ -57,3 +57,30 @@ def test_bad_calibration_or_evaluation_data_is_one_line(digits, capsys, flag, co
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not os.path.exists(out)
+
+
+def test_calibration_from_a_folder_of_images(digits, capsys, tmp_path):
+    """PNGs of the digits' training images, turned back into model inputs by the image options: 8x8 -> resize
+    to 16 -> /255 -> mean 0.3, std 0.4 (the training normalization)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images = load_digits().images
+    for i, image in enumerate(images[:64]):
+        Image.fromarray(np.uint8(np.round(image / 16 * 255))).save(folder / f"{i:03d}.png")
+    out, report = tmp_path / "img.onnx", tmp_path / "img.json"
+    args = ["--calib", str(folder), "--calib-resize", "16", "--calib-mean", "0.3", "--calib-std", "0.4",
+            "--eval", str(digits / "eval.npz"), "-o", str(out), "--json", str(report)]
+    assert main(["run", str(digits / "digits.onnx"), "--passes", "fold,int8", *args]) == 0
+    text = capsys.readouterr().out
+    assert "read 64 samples" in text and "warning" not in text
+    acc = json.loads(report.read_text())["comparison"]["accuracy"]
+    assert acc["b"]["accuracy"] >= acc["a"]["accuracy"] - 0.01
+
+
+def test_image_options_need_a_calibration_folder(digits, capsys, tmp_path):
+    assert main(["run", str(digits / "digits.onnx"), "--passes", "fold,int8", "--calib-resize", "16",
+                 "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "need --calib FOLDER" in capsys.readouterr().err
