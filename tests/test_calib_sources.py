@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 import tracemalloc
 
 import numpy as np
@@ -182,8 +183,9 @@ def test_unreadable_image_names_the_file(tmp_path):
         list(data)
 
 
-@pytest.mark.skipif(HAS_PIL, reason="Pillow is installed (the tests above read real PNGs)")
-def test_image_folder_without_pillow_says_how_to_install_it(tmp_path):
+def test_image_folder_without_pillow_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as if Pillow were not installed: `import PIL` fails
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
     (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(MissingDependencyError) as info:
         load_calibration(tmp_path, [InputSpec("x", (None, 3, 8, 8), np.float32)])
@@ -272,7 +274,6 @@ def test_bad_batching_options(kwargs, match):
 
 
 def test_progress_bar_only_when_asked(capsys):
-    pytest.importorskip("tqdm")
     data = load_calibration({"input": _samples(6)}, ONE, batch_size=2)
     list(data.batches(progress=True))
     assert "calibration" in capsys.readouterr().err
