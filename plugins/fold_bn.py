@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt import Equivalence, OpKind, Pass, PassResult, hookimpl
 from graphopt.ir.fx_graph import fresh_attr
+from graphopt.ir.onnx_graph import fresh_name
 
 FOLDABLE = (OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.GEMM)
 FOLDED = "folded BatchNormalization"
@@ -215,8 +216,8 @@ def _onnx_fold(graph, bn: gs.Node, plan: _Fold, names: set[str]) -> None:
     scale, shift = bn_affine(gamma, beta, mean, var, bn.attrs.get("epsilon", 1e-5))
     w, b = fold_weights(plan.kind, plan.weight, plan.bias, scale, shift, plan.group, plan.trans_b)
     op, dtype = plan.op, plan.weight.dtype
-    op.inputs[1] = gs.Constant(_fresh(names, f"{op.inputs[1].name}_bnfold"), w.astype(dtype))
-    bias = gs.Constant(_fresh(names, f"{op.name or op.outputs[0].name}_bias_bnfold"), b.astype(dtype))
+    op.inputs[1] = gs.Constant(fresh_name(names, f"{op.inputs[1].name}_bnfold"), w.astype(dtype))
+    bias = gs.Constant(fresh_name(names, f"{op.name or op.outputs[0].name}_bias_bnfold"), b.astype(dtype))
     if len(op.inputs) > 2:
         op.inputs[2] = bias
     else:
@@ -228,14 +229,6 @@ def _onnx_fold(graph, bn: gs.Node, plan: _Fold, names: set[str]) -> None:
     bn.outputs.clear()
     op.outputs[0] = y
     graph.gs.nodes.remove(bn)
-
-
-def _fresh(names: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in names:
-        name, i = f"{base}_{i}", i + 1
-    names.add(name)
-    return name
 
 
 # -- FX matching ------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.backends import QuantRequest, get_backend
 from graphopt.errors import UsageError
+from graphopt.ir.onnx_graph import fresh_name
 from graphopt.ir.ops import OpKind
 
 SUPPORTED_OPS = ("MatMul", "Gemm")
@@ -131,14 +132,6 @@ class Int8Dynamic(Pass):
         return np.ascontiguousarray(w, np.float32), ""
 
 
-def _fresh(names: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in names:
-        name, i = f"{base}_{i}", i + 1
-    names.add(name)
-    return name
-
-
 def _quantize_weight(w: np.ndarray, scheme) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """int8 weight, scale and zero point: per output column (the last axis) when the scheme is per channel."""
     tq = scheme.weights
@@ -155,15 +148,15 @@ def _rewrite(graph, node, w, scheme, names, shared_x, shared_w) -> None:
     base = node.name or y.name
 
     def var(suffix, dtype):  # no shapes: see the class docstring (SkipLayerNormalization)
-        return gs.Variable(_fresh(names, f"{base}_{suffix}"), dtype=dtype)
+        return gs.Variable(fresh_name(names, f"{base}_{suffix}"), dtype=dtype)
 
     def add(op, inputs, outputs, **attrs):
-        g.nodes.append(gs.Node(op, _fresh(names, f"{base}/int8_dynamic_{op}"), attrs, inputs, outputs))
+        g.nodes.append(gs.Node(op, fresh_name(names, f"{base}/int8_dynamic_{op}"), attrs, inputs, outputs))
 
     if id(x) not in shared_x:
-        xq, xs, xz = (gs.Variable(_fresh(names, f"{x.name}_{s}"), dtype=d) for s, d in
+        xq, xs, xz = (gs.Variable(fresh_name(names, f"{x.name}_{s}"), dtype=d) for s, d in
                       (("quantized", np.uint8), ("scale", np.float32), ("zero_point", np.uint8)))
-        g.nodes.append(gs.Node("DynamicQuantizeLinear", _fresh(names, f"{x.name}_DynamicQuantizeLinear"),
+        g.nodes.append(gs.Node("DynamicQuantizeLinear", fresh_name(names, f"{x.name}_DynamicQuantizeLinear"),
                                inputs=[x], outputs=[xq, xs, xz]))
         shared_x[id(x)] = (xq, xs, xz)
     xq, xs, xz = shared_x[id(x)]
@@ -171,9 +164,9 @@ def _rewrite(graph, node, w, scheme, names, shared_x, shared_w) -> None:
     if key not in shared_w:
         q, scale, zero = _quantize_weight(w, scheme)
         wname = node.inputs[1].name
-        shared_w[key] = (gs.Constant(_fresh(names, f"{wname}_quantized"), q),
-                         gs.Constant(_fresh(names, f"{wname}_scale"), scale),
-                         gs.Constant(_fresh(names, f"{wname}_zero_point"), zero) if np.any(zero) else None)
+        shared_w[key] = (gs.Constant(fresh_name(names, f"{wname}_quantized"), q),
+                         gs.Constant(fresh_name(names, f"{wname}_scale"), scale),
+                         gs.Constant(fresh_name(names, f"{wname}_zero_point"), zero) if np.any(zero) else None)
     wq, ws, wz = shared_w[key]
     bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name else None
     node.inputs.clear()
@@ -188,7 +181,7 @@ def _rewrite(graph, node, w, scheme, names, shared_x, shared_w) -> None:
     if bias is not None:
         beta = float(node.attrs.get("beta", 1.0))
         if beta != 1.0:  # a constant C (checked by _weight)
-            bias = gs.Constant(_fresh(names, f"{bias.name}_beta"),
+            bias = gs.Constant(fresh_name(names, f"{bias.name}_beta"),
                                (graph.constant_value(bias) * np.float32(beta)).astype(np.float32))
         add("Add", [prod, bias], [y])
 

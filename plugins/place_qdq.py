@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.backends import QuantRequest, get_backend
 from graphopt.calib.state import CALIBRATION, RANGES
-from graphopt.ir.onnx_graph import replace_input
+from graphopt.ir.onnx_graph import fresh_name, replace_input
 
 _SHAPE_OPS = frozenset({"Shape", "Constant", "ConstantOfShape", "Identity", "QuantizeLinear", "DequantizeLinear"})
 _BIAS_SLOT = {"Conv": 2, "Gemm": 2}
@@ -85,13 +85,14 @@ class PlaceQdq(Pass):
         if missing:
             notes.append(f"{len(missing)} tensors have no calibrated range and stay float: {', '.join(missing[:5])}")
         names = set(g.tensors())
+        first_input = {id(node): node.inputs[0].name for node in nodes}  # before Q/DQ renames what they read
         for name, (scale, zero) in params.items():
             _insert_qdq(g, tensors[name], scale, zero, names)
         weights = 0
         for node in nodes:
             weights += _quantize_weight(graph, node, scheme, names)
-            if scheme.bias == "int32" and node.inputs[0].name in params:
-                _quantize_bias(graph, node, params[node.inputs[0].name][0], names)
+            if scheme.bias == "int32" and first_input[id(node)] in params:
+                _quantize_bias(graph, node, params[first_input[id(node)]][0], names)
         g.cleanup().toposort()
         left = Counter(n.op for n in g.nodes if n not in nodes and n.op not in _SHAPE_OPS
                        and n.op not in scheme.passthrough_ops and n.op not in scheme.fused_activations)
@@ -152,34 +153,26 @@ def _activation_tensors(g, nodes, scheme) -> tuple[dict[str, gs.Variable], dict[
     return tensors, shared
 
 
-def _fresh(names: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in names:
-        name, i = f"{base}_{i}", i + 1
-    names.add(name)
-    return name
-
-
 def _insert_qdq(g, tensor: gs.Variable, scale, zero, names: set[str]) -> None:
     """``tensor -> Q -> DQ``, its readers moved to the DQ. A graph output keeps its name on the DQ's output (the
     producer writes a renamed float tensor that the Q reads), so the pair survives cleanup and the quantized op
     before it gets its output Q, as inside the graph."""
     readers = list(tensor.outputs)
-    s = gs.Constant(_fresh(names, f"{tensor.name}_scale"), np.asarray(scale, np.float32))
-    z = gs.Constant(_fresh(names, f"{tensor.name}_zero_point"), np.asarray(zero))
-    q = gs.Variable(_fresh(names, f"{tensor.name}_quantized"), dtype=np.asarray(zero).dtype, shape=tensor.shape)
+    s = gs.Constant(fresh_name(names, f"{tensor.name}_scale"), np.asarray(scale, np.float32))
+    z = gs.Constant(fresh_name(names, f"{tensor.name}_zero_point"), np.asarray(zero))
+    q = gs.Variable(fresh_name(names, f"{tensor.name}_quantized"), dtype=np.asarray(zero).dtype, shape=tensor.shape)
     source, dq = tensor, None
     if any(out is tensor for out in g.outputs) and tensor.inputs:
         producer = tensor.inputs[0]
-        source = gs.Variable(_fresh(names, f"{tensor.name}_float"), dtype=tensor.dtype, shape=tensor.shape)
+        source = gs.Variable(fresh_name(names, f"{tensor.name}_float"), dtype=tensor.dtype, shape=tensor.shape)
         producer.outputs[producer.outputs.index(tensor)] = source
         dq = tensor
     else:
-        dq = gs.Variable(_fresh(names, f"{tensor.name}_dequantized"), dtype=tensor.dtype or np.float32,
+        dq = gs.Variable(fresh_name(names, f"{tensor.name}_dequantized"), dtype=tensor.dtype or np.float32,
                          shape=tensor.shape)
-    g.nodes.append(gs.Node("QuantizeLinear", _fresh(names, f"{tensor.name}_QuantizeLinear"), inputs=[source, s, z],
+    g.nodes.append(gs.Node("QuantizeLinear", fresh_name(names, f"{tensor.name}_QuantizeLinear"), inputs=[source, s, z],
                            outputs=[q]))
-    g.nodes.append(gs.Node("DequantizeLinear", _fresh(names, f"{tensor.name}_DequantizeLinear"), inputs=[q, s, z],
+    g.nodes.append(gs.Node("DequantizeLinear", fresh_name(names, f"{tensor.name}_DequantizeLinear"), inputs=[q, s, z],
                            outputs=[dq]))
     if dq is not tensor:
         for reader in readers:
@@ -203,14 +196,8 @@ def _quantize_weight(graph, node, scheme, names: set[str]) -> int:
         shape = [1] * w.ndim
         shape[axis] = -1
         q = np.clip(np.round(w / scale.reshape(shape)) + zero.astype(np.int64).reshape(shape), tq.qmin, tq.qmax)
-    base = node.inputs[1].name
-    out = gs.Variable(_fresh(names, f"{base}_dequantized"), dtype=w.dtype, shape=list(w.shape))
-    attrs = {"axis": axis} if axis is not None else {}
-    graph.gs.nodes.append(gs.Node("DequantizeLinear", _fresh(names, f"{base}_DequantizeLinear"), attrs=attrs, inputs=[
-        gs.Constant(_fresh(names, f"{base}_quantized"), q.astype(tq.np_dtype)),
-        gs.Constant(_fresh(names, f"{base}_scale"), scale),
-        gs.Constant(_fresh(names, f"{base}_zero_point"), zero)], outputs=[out]))
-    node.inputs[1] = out
+    node.inputs[1] = _dequantized_constant(graph, names, node.inputs[1].name, w.dtype, q.astype(tq.np_dtype),
+                                           scale, zero, axis)
     return 1
 
 
@@ -225,14 +212,21 @@ def _quantize_bias(graph, node, input_scale, names: set[str]) -> None:
     scale = (np.float32(input_scale) * dq.inputs[1].values).astype(np.float32).reshape(-1)
     scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
     q = np.round(bias / scale).astype(np.int32)
-    out = gs.Variable(_fresh(names, f"{node.inputs[slot].name}_dequantized"), dtype=bias.dtype, shape=list(bias.shape))
-    graph.gs.nodes.append(gs.Node("DequantizeLinear", _fresh(names, f"{node.inputs[slot].name}_DequantizeLinear"),
-                                  attrs={"axis": 0}, inputs=[
-        gs.Constant(_fresh(names, f"{node.inputs[slot].name}_quantized"), q),
-        gs.Constant(_fresh(names, f"{node.inputs[slot].name}_scale"), scale),
-        gs.Constant(_fresh(names, f"{node.inputs[slot].name}_zero_point"), np.zeros(bias.shape, np.int32))],
+    node.inputs[slot] = _dequantized_constant(graph, names, node.inputs[slot].name, bias.dtype, q, scale,
+                                              np.zeros(bias.shape, np.int32), 0)
+
+
+def _dequantized_constant(graph, names: set[str], base: str, dtype, q, scale, zero, axis: int | None) -> gs.Variable:
+    """``DequantizeLinear(q, scale, zero[, axis])``, the stand-in for the float constant named ``base``."""
+    out = gs.Variable(fresh_name(names, f"{base}_dequantized"), dtype=dtype, shape=list(q.shape))
+    graph.gs.nodes.append(gs.Node(
+        "DequantizeLinear", fresh_name(names, f"{base}_DequantizeLinear"),
+        attrs={"axis": axis} if axis is not None else {},
+        inputs=[gs.Constant(fresh_name(names, f"{base}_quantized"), q),
+                gs.Constant(fresh_name(names, f"{base}_scale"), np.asarray(scale, np.float32)),
+                gs.Constant(fresh_name(names, f"{base}_zero_point"), np.asarray(zero))],
         outputs=[out]))
-    node.inputs[slot] = out
+    return out
 
 
 @hookimpl

@@ -148,3 +148,31 @@ def test_activation_scheme_overrides_go_through_the_backend(digits, reg):
     assert zero_points and all(z.dtype == np.int8 and int(z) == 0 for z in zero_points)  # symmetric int8
     assert any("int8 activations" in w for w in ctx.warnings)  # honoured, with the backend's warning
     assert accuracy(result.model, x_test, y_test) >= accuracy(path, x_test, y_test) - 0.01
+
+
+def test_int32_bias_when_the_scheme_asks_for_it(digits):
+    """A backend whose scheme says bias="int32" gets the bias written as int32 with scale = input x weight scale
+    (onnxruntime before 1.21 needs it; the placement code has no idea which backend it serves)."""
+    from dataclasses import replace
+
+    from graphopt.backends import OnnxRuntimeBackend
+
+    class Int32Bias(OnnxRuntimeBackend):
+        def scheme(self, request=None):
+            return replace(super().scheme(request), bias="int32")
+
+    registry = load_registry(autoload=False)
+    registry.add_backend("int32-bias", Int32Bias())
+    path, (x_train, _, x_test, y_test) = digits
+    result, _ = quantize(path, registry, {"input": x_train[:128]},
+                         "fold,insert-observers,calibrate,place-qdq:backend=int32-bias")
+    producers = {t.name: t.inputs[0] for node in result.graph.gs.nodes for t in node.outputs}
+    convs = [n for n in result.graph.gs.nodes if n.op == "Conv" and len(n.inputs) > 2]
+    assert convs
+    for conv in convs:
+        dq = producers[conv.inputs[2].name]
+        assert dq.op == "DequantizeLinear" and dq.inputs[0].values.dtype == np.int32
+        x_scale = float(producers[conv.inputs[0].name].inputs[1].values)
+        w_scale = producers[conv.inputs[1].name].inputs[1].values
+        np.testing.assert_allclose(dq.inputs[1].values, x_scale * w_scale, rtol=1e-6)
+    assert accuracy(result.model, x_test, y_test) >= accuracy(path, x_test, y_test) - 0.003

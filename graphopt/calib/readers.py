@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,14 +26,15 @@ if TYPE_CHECKING:
     from graphopt.calib.data import CalibrationData
 
 
-class _Source:
+class _Source(ABC):
     """Yields ``(where, item)``: ``where`` names the chunk in messages, ``item`` is a dict/array/tuple."""
 
     description = "calibration data"
     reiterable = True
 
+    @abstractmethod
     def chunks(self, read_size: int) -> Iterator[tuple[str, Any]]:
-        raise NotImplementedError
+        """The data in pieces of about ``read_size`` samples (one file, one zip slice, one item...)."""
 
     def count(self) -> int | None:
         """Number of samples, when known without reading the data."""

@@ -272,6 +272,16 @@ def _nbytes(tensor: gs.Constant) -> int:
     return int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
 
 
+def fresh_name(names: set[str], base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: the first not in ``names``, which it is then added to (pass the
+    set of the graph's tensor and node names, so new tensors never collide with existing ones)."""
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}_{i}", i + 1
+    names.add(name)
+    return name
+
+
 def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
     for i, tensor in enumerate(node.inputs):
         if tensor is old:
