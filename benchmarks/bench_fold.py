@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,6 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
+from _common import machine, versions, write_outputs
 
 MODELS = ("resnet18_like", "resnet50_like", "mobilenet_v2_like")
 TOOLS = ("graphopt", "graphopt+check", "graphopt(path)", "onnxsim", "onnxslim")
@@ -331,17 +330,8 @@ def all_pass(results: list[dict[str, Any]]) -> bool:
 
 
 def environment(repeat: int, tools: list[str]) -> dict[str, Any]:
-    import importlib.metadata as md
-
-    versions = []
-    for dist in ("graphopt", "onnxsim", "onnxslim", "onnx", "onnxruntime", "onnx-graphsurgeon", "torch"):
-        try:
-            versions.append(f"{dist} {md.version(dist)}")
-        except md.PackageNotFoundError:
-            versions.append(f"{dist} (not installed)")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     return {"repeat": repeat, "tools": tools, "timed": {t: " -- ".join(TIMED[t]) for t in tools},
-            "machine": machine, "versions": ", ".join(versions), "error_bar": ERR_BAR}
+            "machine": machine(), "versions": versions(("onnxsim", "onnxslim")), "error_bar": ERR_BAR}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,17 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(workdir, exist_ok=True)
         results = [bench_model(m, workdir, args.repeat, tools, args.exporter) for m in models]
 
-    table = markdown(results, meta)
-    print(table)
-    for out in (args.markdown, args.json):
-        if out and os.path.dirname(out):
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2, default=float)
+    write_outputs(markdown(results, meta), {"meta": meta, "results": results}, args.markdown, args.json)
     if args.fail_on_bar and not all_pass(results):
         return 1
     return 0

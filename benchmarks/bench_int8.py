@@ -58,9 +58,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -70,6 +68,7 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+from _common import machine, versions, write_outputs
 
 MODELS = ("resnet18_like", "resnet50_like", "mobilenet_v2_like")
 VARIANTS = ("fp32", "graphopt", "ort-default", "ort-best")
@@ -452,20 +451,11 @@ def all_pass(results: list[dict[str, Any]]) -> bool:
 
 
 def environment(args) -> dict[str, Any]:
-    import importlib.metadata as md
-
     import onnxruntime as ort
 
-    versions = []
-    for dist in ("graphopt", "onnx", "onnxruntime", "onnx-graphsurgeon", "torch"):
-        try:
-            versions.append(f"{dist} {md.version(dist)}")
-        except md.PackageNotFoundError:
-            versions.append(f"{dist} (not installed)")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     return {"repeat": args.repeat, "iters": args.iters, "threads": args.threads, "calib_samples": args.calib_samples,
             "eval_samples": args.eval_samples, "seed": args.seed, "how": HOW, "ort_version": ort.__version__,
-            "ort_defaults": ort_quantize_defaults(), "machine": machine, "versions": ", ".join(versions), "bar": BAR}
+            "ort_defaults": ort_quantize_defaults(), "machine": machine(), "versions": versions(), "bar": BAR}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -504,17 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(workdir, exist_ok=True)
         results = [bench_model(m, workdir, args, registry) for m in models]
 
-    table = markdown(results, meta)
-    print(table)
-    for out in (args.markdown, args.json):
-        if out and os.path.dirname(out):
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2, default=float)
+    write_outputs(markdown(results, meta), {"meta": meta, "results": results}, args.markdown, args.json)
     if args.fail_on_bar and not all_pass(results):
         return 1
     return 0

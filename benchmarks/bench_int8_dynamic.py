@@ -32,10 +32,8 @@ Models live in a temp dir (``--workdir DIR`` keeps them; never commit .onnx file
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -45,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from _common import machine, versions, write_outputs
 
 VARIANTS = ("fp32", "graphopt", "ort-qd", "ort-qd-pc", "graphopt+shapes", "ort-qd-noshapes")
 JUDGED = ("ort-qd", "ort-qd-pc")
@@ -191,18 +190,9 @@ def _mark(ok: bool) -> str:
 
 
 def environment(args) -> dict[str, Any]:
-    import importlib.metadata as md
-
-    versions = []
-    for dist in ("graphopt", "onnx", "onnxruntime", "onnx-graphsurgeon", "torch"):
-        try:
-            versions.append(f"{dist} {md.version(dist)}")
-        except md.PackageNotFoundError:
-            versions.append(f"{dist} (not installed)")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     return {"seq": args.seq, "threads": args.threads, "rounds": args.rounds, "inner": args.inner,
-            "samples": args.samples, "layers": args.layers, "vocab": args.vocab, "machine": machine,
-            "versions": ", ".join(versions), "cosine_bar": COSINE_BAR}
+            "samples": args.samples, "layers": args.layers, "vocab": args.vocab, "machine": machine(),
+            "versions": versions(), "cosine_bar": COSINE_BAR}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,17 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir or tmp
         os.makedirs(workdir, exist_ok=True)
         results = [bench(h, args, workdir) for h in hiddens]
-    table = markdown(results, meta)
-    print(table)
-    for out in (args.markdown, args.json):
-        if out and os.path.dirname(out):
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2, default=float)
+    write_outputs(markdown(results, meta), {"meta": meta, "results": results}, args.markdown, args.json)
     ok = all(e["pass"] for res in results for e in res["verdicts"].values())
     return 1 if args.fail_on_bar and not ok else 0
 
