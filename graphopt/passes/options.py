@@ -8,6 +8,7 @@ that differ from their defaults, in declaration order, so ``format(parse(text)) 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import types
 import typing
 from typing import Any
@@ -109,3 +110,10 @@ def describe_options(options_cls: type) -> list[tuple[str, str, str]]:
         type_name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
         rows.append((name, type_name, format_value(default)))
     return rows
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """How ``ignore``-style options pick nodes: the name itself, anything below it (``layer1`` matches
+    ``layer1.0.conv1`` and ``/layer1/...``), or an fnmatch glob (``*`` only from Python: the pipeline syntax
+    refuses it because an unquoted shell would expand it)."""
+    return name == pattern or name.startswith((pattern + "/", pattern + ".")) or fnmatch.fnmatchcase(name, pattern)
