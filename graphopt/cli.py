@@ -139,7 +139,7 @@ def cmd_run(args) -> int:
     from graphopt.passes.instruments import CrashReproducer, NumericCheck, Snapshot, Verify
     from graphopt.passes.manager import PassManager, bisect
     from graphopt.passes.pipeline import format_passes, parse_pipeline, resolve
-    from graphopt.report.run_report import format_run, jsonable_run, measure_run
+    from graphopt.report.run_report import cost_report, format_run, jsonable_run, measure_costs, measure_run
 
     pipeline = parse_pipeline(args.passes)  # syntax errors before any loading
     registry = registry_from_args(args)
@@ -168,6 +168,7 @@ def cmd_run(args) -> int:
     if args.reproducer:
         instruments.append(CrashReproducer(args.reproducer))
     before = graph.describe()
+    costs_before = measure_costs(graph)  # parameters and MACs, before the passes edit the graph in place
     out, report = PassManager(passes, instruments, ctx).run(graph, in_place=True)  # the graph is only ours
     if report.modified:
         try:
@@ -184,9 +185,13 @@ def cmd_run(args) -> int:
         say(f"warning: {warning}")
     say(f"wrote {output}: {after['nodes']} nodes, {after['parameters']:,} parameters")
     measured = {}
+    costs = (costs_before, measure_costs(out))
     if graph.ir == "onnx":
         measured = measure_run(args.model, output, backend, data=eval_data, labels=labels, labels_key=args.labels,
-                               bench=args.bench)
+                               bench=args.bench, costs=costs)
+        say(format_run(measured))
+    else:  # a PyTorch model: parameters and MACs only
+        measured = cost_report(*costs)
         say(format_run(measured))
     if args.json:
         data = {"input": {"path": args.model, **before}, "output": {"path": output, **after},

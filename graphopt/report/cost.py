@@ -1,0 +1,440 @@
+"""Parameters and multiply-accumulates (MACs) per layer, for an :class:`OnnxGraph` or an :class:`FxGraph`.
+
+Counted the way thop, fvcore and Torch-Pruning (``tp.utils.count_ops_and_params``) count them:
+
+* Conv: ``N * Cout * Hout * Wout * (Cin / groups) * kh * kw`` (output elements times the weight's size past its
+  first axis; the bias adds no MACs). ConvTranspose: input elements times ``(Cout / groups) * kh * kw``.
+* Gemm / Linear / MatMul (and their integer and quantized forms MatMulInteger, QLinearMatMul, ConvInteger,
+  QLinearConv; torch's mm, bmm, addmm, baddbmm, linear, matmul, ATen convolution): output elements times the
+  reduction size. A MatMul between two activations (attention's ``Q @ K^T`` and ``P @ V``) counts the same way,
+  and so does ``scaled_dot_product_attention`` (both products).
+* Everything else (BatchNorm, LayerNorm, activations, elementwise, pooling, Softmax...) counts 0 MACs, and so
+  do ops not listed here (Einsum, recurrent layers, ``nn.MultiheadAttention`` as one FX module) and the nodes
+  inside ONNX If/Loop subgraphs.
+
+A layer's parameters are the elements of its constant inputs: initializers and values computed from constants
+only (a DequantizeLinear of an int8 weight counts as the weight's elements) for ONNX; the module's parameters for
+an FX ``call_module`` node, ``get_attr`` tensors (and values computed from them only) for a ``call_function``.
+int64 and bool constants are shapes, axes and indices, not weights: they are not counted. Nodes that compute
+only from constants are weight preprocessing, not layers.
+
+Shapes come from ONNX shape inference (dimensions it cannot resolve, such as a symbolic batch, count as 1) or
+from running FX's ``ShapeProp`` on the graph's example inputs (whose batch is then counted as given).
+
+The model's parameter total is its own count (:meth:`Graph.num_parameters`: every initializer / every module
+parameter), which can differ from the sum over layers (shape constants, BatchNorm buffers); the MAC total is
+the sum over layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["LayerCost", "LayerDelta", "ModelCosts", "compare_costs", "cost_table", "fmt_count", "layer_costs",
+           "model_costs", "total_costs"]
+
+
+@dataclass
+class LayerCost:
+    """One node: its unique ``name`` in the graph (ONNX node name, FX node name), ``op`` (ONNX op type, FX module
+    class or function name), ``params`` and ``macs`` as described in the module docstring, and its first
+    output's shape where known (symbolic ONNX dimensions as strings)."""
+
+    name: str
+    op: str
+    params: int
+    macs: int
+    out_shape: tuple | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "op": self.op, "params": self.params, "macs": self.macs,
+                "out_shape": list(self.out_shape) if self.out_shape is not None else None}
+
+
+@dataclass
+class ModelCosts:
+    """A model's totals (``params``: the model's own count; ``macs``: the sum over layers) and its layers."""
+
+    params: int
+    macs: int
+    layers: list[LayerCost] = field(default_factory=list)
+
+
+@dataclass
+class LayerDelta:
+    """One layer before and after; ``status`` is ``kept``, ``removed`` (after = 0) or ``added`` (before = 0)."""
+
+    name: str
+    op: str
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    status: str = "kept"
+
+    @property
+    def changed(self) -> bool:
+        return (self.status != "kept" or self.params_before != self.params_after
+                or self.macs_before != self.macs_after)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "op": self.op, "status": self.status,
+                "params": {"before": self.params_before, "after": self.params_after},
+                "macs": {"before": self.macs_before, "after": self.macs_after}}
+
+
+# -- the public functions -------------------------------------------------------------------------------------
+def layer_costs(graph, all_nodes: bool = False) -> list[LayerCost]:
+    """Per-layer parameters and MACs of ``graph`` (an OnnxGraph or an FxGraph), in graph order. Only nodes with
+    parameters or MACs unless ``all_nodes`` (then every compute node but weight preprocessing)."""
+    if graph.ir == "onnx":
+        rows = _onnx_costs(graph)
+    elif graph.ir == "fx":
+        rows = _fx_costs(graph)
+    else:
+        raise ValueError(f"no cost model for the '{graph.ir}' IR")
+    return rows if all_nodes else [r for r in rows if r.params or r.macs]
+
+
+def total_costs(rows: Iterable[LayerCost]) -> tuple[int, int]:
+    """(parameters, MACs) summed over ``rows``."""
+    params = macs = 0
+    for r in rows:
+        params += r.params
+        macs += r.macs
+    return params, macs
+
+
+def model_costs(graph) -> ModelCosts:
+    """The model's parameter count (its own: every initializer / module parameter), MACs summed over its layers,
+    and the layers."""
+    rows = layer_costs(graph)
+    return ModelCosts(int(graph.num_parameters()), total_costs(rows)[1], rows)
+
+
+def compare_costs(before: Sequence[LayerCost], after: Sequence[LayerCost]) -> list[LayerDelta]:
+    """Layers matched by name: ``before``'s in its order (absent after: ``removed``, after = 0), then the layers
+    only ``after`` has (``added``, before = 0)."""
+    after_by_name = {r.name: r for r in after}
+    before_names = set()
+    rows = []
+    for b in before:
+        before_names.add(b.name)
+        a = after_by_name.get(b.name)
+        if a is None:
+            rows.append(LayerDelta(b.name, b.op, b.params, 0, b.macs, 0, "removed"))
+        else:
+            op = b.op if a.op == b.op else f"{b.op}->{a.op}"
+            rows.append(LayerDelta(b.name, op, b.params, a.params, b.macs, a.macs))
+    for a in after:
+        if a.name not in before_names:
+            rows.append(LayerDelta(a.name, a.op, 0, a.params, 0, a.macs, "added"))
+    return rows
+
+
+def cost_table(deltas: Sequence[LayerDelta], top: int | None = 10) -> str:
+    """The changed layers as an aligned text table, biggest change first: by how many MACs changed (either way),
+    then how many parameters, then graph order; at most ``top`` rows."""
+    from graphopt.backends.base import format_table
+
+    changed = [(i, d) for i, d in enumerate(deltas) if d.changed]
+    changed.sort(key=lambda p: (-abs(p[1].macs_before - p[1].macs_after),
+                                -abs(p[1].params_before - p[1].params_after), p[0]))
+    shown = [d for _, d in (changed if top is None else changed[:top])]
+    table = [("layer", "op", "params before", "after", "MACs before", "after", "MACs")]
+    for d in shown:
+        if d.status != "kept":
+            change = d.status
+        else:
+            change = _ratio(d.macs_before, d.macs_after) or _ratio(d.params_before, d.params_after) or "-"
+        table.append((d.name, d.op, f"{d.params_before:,}", f"{d.params_after:,}", fmt_count(d.macs_before),
+                      fmt_count(d.macs_after), change))
+    return format_table(table, right=(2, 3, 4, 5, 6))
+
+
+def fmt_count(n: float, unit: float | None = None) -> str:
+    """1814073344 -> '1.81G', 57802752 -> '57.80M', 960 -> '960'. ``unit`` (1e9, 1e6, 1e3) forces a unit."""
+    if unit is None:
+        unit = next((u for u in (1e9, 1e6, 1e3) if abs(n) >= u), 1)
+    suffix = {1e9: "G", 1e6: "M", 1e3: "K"}.get(unit, "")
+    return f"{n / unit:.2f}{suffix}" if suffix else f"{int(n):,}"
+
+
+def _ratio(before: float, after: float) -> str:
+    return f"{after / before:.2f}x" if before else ""
+
+
+def _numel(dims) -> int:
+    """Elements of a shape; unknown and symbolic dimensions count as 1."""
+    return math.prod(int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in dims)
+
+
+_NOT_WEIGHTS = (np.dtype(np.int64), np.dtype(np.bool_))
+
+
+def _is_weight_dtype(dtype) -> bool:
+    if dtype is None:
+        return True
+    try:
+        return np.dtype(dtype) not in _NOT_WEIGHTS
+    except TypeError:
+        return True
+
+
+# -- ONNX -----------------------------------------------------------------------------------------------------
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                         "Bernoulli"})
+
+
+def _onnx_costs(graph) -> list[LayerCost]:
+    import onnx_graphsurgeon as gs
+
+    g = graph.gs
+    try:
+        known = graph.inferred_shapes()
+    except Exception:  # shape inference refuses some graphs (custom ops, bad value_info): use what gs knows
+        known = {}
+
+    def shape_of(t) -> list | None:
+        if isinstance(t, gs.Constant):
+            return list(t.values.shape)
+        if t.name in known:
+            return list(known[t.name][0])
+        value = graph.constant_value(t)
+        if value is not None:
+            return list(np.shape(value))
+        return list(t.shape) if t.shape is not None else None
+
+    def dtype_of(t):
+        if isinstance(t, gs.Constant):
+            return t.values.dtype
+        if t.name in known:
+            return known[t.name][1]
+        return t.dtype
+
+    # tensors known without running the model: initializers and outputs of nodes reading only those
+    constant = {name for name, t in g.tensors().items() if isinstance(t, gs.Constant)}
+    folded: set[int] = set()
+    grew = True
+    while grew:  # one sweep on a sorted graph, more on an unsorted one
+        grew = False
+        for i, node in enumerate(g.nodes):
+            if i in folded or node.op in _RANDOM_OPS:
+                continue
+            if all(not t.name or t.name in constant for t in node.inputs):
+                folded.add(i)
+                constant.update(o.name for o in node.outputs)
+                grew = True
+
+    def params_of(t) -> int:
+        if not t.name or t.name not in constant or not _is_weight_dtype(dtype_of(t)):
+            return 0
+        if isinstance(t, gs.Constant):
+            return int(t.values.size)
+        shape = shape_of(t)
+        if shape is not None and all(isinstance(d, int) and d >= 0 for d in shape):
+            return _numel(shape) if shape else 1
+        return _root_constant_elements(t)
+
+    rows, names = [], set()
+    for i, node in enumerate(g.nodes):
+        if i in folded:
+            continue
+        seen, params = set(), 0
+        for t in node.inputs:
+            if t.name not in seen:  # a weight read twice by one node counts once
+                seen.add(t.name)
+                params += params_of(t)
+        out = shape_of(node.outputs[0]) if node.outputs else None
+        name = _unique(names, node.name or (node.outputs[0].name if node.outputs else "") or f"{node.op}_{i}")
+        rows.append(LayerCost(name, node.op, params, _onnx_macs(node, out, shape_of),
+                              tuple(out) if out is not None else None))
+    return rows
+
+
+def _root_constant_elements(tensor) -> int:
+    """Elements of the (weight-typed) initializers a constant-only value is computed from."""
+    import onnx_graphsurgeon as gs
+
+    total, stack, seen = 0, [tensor], set()
+    while stack:
+        t = stack.pop()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        if isinstance(t, gs.Constant):
+            total += int(t.values.size) if _is_weight_dtype(t.values.dtype) else 0
+        elif len(t.inputs) == 1:
+            producer = t.inputs[0]
+            if producer.op == "Constant" and isinstance(producer.attrs.get("value"), gs.Constant):
+                value = producer.attrs["value"].values
+                total += int(value.size) if _is_weight_dtype(value.dtype) else 0
+            stack.extend(producer.inputs)
+    return total
+
+
+def _onnx_macs(node, out: list | None, shape_of) -> int:
+    op, inputs = node.op, node.inputs
+    try:
+        if op in ("Conv", "ConvInteger", "QLinearConv"):
+            w = shape_of(inputs[3 if op == "QLinearConv" else 1])
+            return _numel(out) * _numel(w[1:]) if out is not None and w else 0
+        if op == "ConvTranspose":
+            x, w = shape_of(inputs[0]), shape_of(inputs[1])
+            return _numel(x) * _numel(w[1:]) if x is not None and w else 0
+        if op == "Gemm":
+            a = shape_of(inputs[0])
+            k = a[0] if node.attrs.get("transA", 0) else a[1]
+            return _numel(out) * _numel([k]) if out is not None else 0
+        if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "FusedMatMul"):
+            a = shape_of(inputs[0])
+            return _numel(out) * _numel(a[-1:]) if out is not None and a else 0
+    except (IndexError, TypeError):  # a malformed node: no count rather than a failed report
+        return 0
+    return 0
+
+
+def _unique(names: set[str], base: str) -> str:
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}_{i}", i + 1
+    names.add(name)
+    return name
+
+
+# -- FX -------------------------------------------------------------------------------------------------------
+_CONV = ("conv1d", "conv2d", "conv3d")
+_CONV_T = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+_MATMUL = ("matmul", "mm", "bmm", "__matmul__", "__rmatmul__")
+_ADDMM = ("addmm", "baddbmm")
+_SDPA = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+         "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+         "_scaled_dot_product_cudnn_attention")
+
+
+def _fx_costs(graph) -> list[LayerCost]:
+    import torch
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = graph.gm
+    try:
+        with torch.no_grad():
+            inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in graph.example_inputs]
+            ShapeProp(gm).propagate(*inputs)  # on copies: a model may write to its inputs in place
+    except Exception:  # a graph ShapeProp cannot run: the shapes already recorded, if any
+        pass
+
+    constant: set = set()  # nodes whose value needs no input: get_attr and what is computed from them only
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            constant.add(node)
+        elif node.op in ("call_function", "call_method") and all(n in constant for n in node.all_input_nodes):
+            constant.add(node)
+
+    def params_of(node) -> int:
+        if node not in constant:
+            return 0
+        if node.op == "get_attr":
+            value = _fx_attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                return value.numel() if _is_weight_dtype(_np_dtype(value.dtype)) else 0
+            return 0
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            return 0
+        return _numel(meta.shape) if _is_weight_dtype(_np_dtype(meta.dtype)) else 0
+
+    rows = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method") or node in constant:
+            continue
+        if node.op == "call_module":
+            params = sum(p.numel() for p in gm.get_submodule(node.target).parameters())
+        else:
+            params = sum(params_of(n) for n in dict.fromkeys(node.all_input_nodes))
+        out = _fx_shape(node)
+        rows.append(LayerCost(node.name, graph.op_name(node), int(params), int(_fx_macs(gm, node, out)),
+                              tuple(out) if out is not None else None))
+    return rows
+
+
+def _np_dtype(torch_dtype):
+    import torch
+
+    try:
+        return torch.empty((), dtype=torch_dtype).numpy().dtype
+    except (TypeError, RuntimeError):  # bfloat16, float8: weights
+        return None
+
+
+def _fx_attr(gm, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _fx_shape(arg) -> list | None:
+    meta = getattr(arg, "meta", {}).get("tensor_meta") if hasattr(arg, "meta") else None
+    shape = getattr(meta, "shape", None)
+    return list(shape) if shape is not None else None
+
+
+def _fx_key(gm, node) -> str:
+    if node.op == "call_method":
+        return node.target
+    schema = getattr(node.target, "_schema", None)  # an ATen OpOverload (torch.export graphs)
+    if schema is not None:
+        return schema.name.split("::")[-1]
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _fx_arg(node, index: int, name: str):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name)
+
+
+def _fx_macs(gm, node, out: list | None) -> int:
+    from torch import nn
+
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        x = _fx_shape(node.args[0]) if node.args else None
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            w = list(mod.weight.shape)
+            if mod.transposed:
+                return _numel(x) * _numel(w[1:]) if x is not None else 0
+            return _numel(out) * _numel(w[1:]) if out is not None else 0
+        if isinstance(mod, nn.Linear):
+            return _numel(out) * mod.in_features if out is not None else 0
+        if isinstance(mod, nn.Bilinear):
+            return _numel(out) * mod.in1_features * mod.in2_features if out is not None else 0
+        return 0
+    key = _fx_key(gm, node)
+    if key in _CONV or key in _CONV_T or key in ("convolution", "_convolution"):
+        w = _fx_shape(_fx_arg(node, 1, "weight"))
+        transposed = key in _CONV_T or (key in ("convolution", "_convolution")
+                                        and bool(_fx_arg(node, 6, "transposed")))
+        if not w:
+            return 0
+        if transposed:
+            x = _fx_shape(_fx_arg(node, 0, "input"))
+            return _numel(x) * _numel(w[1:]) if x is not None else 0
+        return _numel(out) * _numel(w[1:]) if out is not None else 0
+    if key == "linear":
+        w = _fx_shape(_fx_arg(node, 1, "weight"))
+        return _numel(out) * _numel(w[-1:]) if out is not None and w else 0
+    if key in _MATMUL or key in _ADDMM:
+        a = _fx_shape(_fx_arg(node, 1 if key in _ADDMM else 0, "mat1" if key == "addmm" else "input"))
+        return _numel(out) * _numel(a[-1:]) if out is not None and a else 0
+    if key in _SDPA:
+        q, k, v = (_fx_shape(_fx_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+        if q is None or k is None or v is None:
+            return 0
+        return _numel(q[:-1]) * _numel(k[-2:-1]) * (_numel(q[-1:]) + _numel(v[-1:]))
+    return 0
