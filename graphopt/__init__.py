@@ -1,6 +1,6 @@
 """graphopt: a plugin-based, compiler-style graph optimizer for neural networks (ONNX and PyTorch)."""
 
-from graphopt.api import OptimizeResult, default_registry, optimize
+from graphopt.api import FineTune, OptimizeResult, default_registry, optimize
 from graphopt.errors import GraphoptError
 from graphopt.hookspecs import hookimpl
 from graphopt.ir import Graph, OnnxGraph, OpKind, load_model
@@ -10,6 +10,6 @@ from graphopt.passes.manager import PassManager
 __version__ = "0.1.0"
 
 __all__ = [
-    "Equivalence", "Graph", "GraphoptError", "NoOptions", "OnnxGraph", "OpKind", "OptimizeResult", "Pass",
+    "Equivalence", "FineTune", "Graph", "GraphoptError", "NoOptions", "OnnxGraph", "OpKind", "OptimizeResult", "Pass",
     "PassContext", "PassManager", "PassResult", "default_registry", "hookimpl", "load_model", "optimize",
 ]

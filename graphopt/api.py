@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+from graphopt.errors import UsageError
 from graphopt.ir import Graph, load_model
 from graphopt.passes.base import PassContext
-from graphopt.passes.instruments import NumericCheck, Snapshot, Verify
+from graphopt.passes.instruments import Instrument, NumericCheck, Snapshot, Verify
 from graphopt.passes.manager import PassManager, RunReport
 from graphopt.passes.pipeline import format_passes, resolve
 from graphopt.plugins import Registry, load_registry
@@ -21,6 +23,30 @@ def default_registry() -> Registry:
     if _registry is None:
         _registry = load_registry()
     return _registry
+
+
+class FineTune(Instrument):
+    """Runs the user's training loop on the model right after each modifying pass named in ``after``.
+
+    ``fn(module)`` receives the FX ``GraphModule`` (parameters are trainable ``nn.Parameter``s; call ``.train()``
+    as your loop needs) and trains it in place or returns a replacement. The module is put back in eval mode and
+    its shapes re-propagated before the next pass, so ``prune, fine-tune, int8`` is one pipeline.
+    """
+
+    def __init__(self, fn: Callable[[Any], Any], after: Iterable[str] = ("prune-channels",)):
+        self.fn, self.after = fn, frozenset(after)
+
+    def after_pass(self, pass_, result, record, ctx) -> None:
+        if pass_.name not in self.after or not result.modified:
+            return
+        graph, start = result.graph, time.perf_counter()
+        returned = self.fn(graph.gm)
+        if returned is not None:
+            graph.gm = returned
+        graph.gm.eval()
+        graph.infer_shapes()
+        name = getattr(self.fn, "__name__", type(self.fn).__name__)
+        record.notes.append(f"fine-tuned by {name}() in {time.perf_counter() - start:.1f} s")
 
 
 @dataclass
@@ -54,6 +80,8 @@ def optimize(
     instruments: Iterable[Any] = (),
     registry: Registry | None = None,
     ctx: PassContext | None = None,
+    finetune: Callable[[Any], Any] | None = None,
+    finetune_after: Iterable[str] = ("prune-channels",),
 ) -> OptimizeResult:
     """Run a textual pipeline on ``model``.
 
@@ -62,11 +90,20 @@ def optimize(
     ``check`` runs the numeric-check instrument (every pass declared exact must keep the outputs within
     ``rtol``); ``verify_each`` runs the onnx checker / FX lint after every modifying pass (the final graph is
     always verified). ``model`` is never modified.
+
+    ``finetune(module)`` is your training loop, called right after each pass named in ``finetune_after`` that
+    changed the model (pruning, by default) on the FX ``GraphModule``; see :class:`FineTune`. It needs an
+    ``nn.Module`` model.
     """
     registry = registry or default_registry()
     graph = load_model(model, example_inputs)
     pass_list = resolve(passes, registry)
     chain = list(instruments)
+    if finetune is not None:
+        if graph.ir != "fx":
+            raise UsageError("finetune= needs a PyTorch model (nn.Module with example_inputs): an ONNX model "
+                             "cannot be trained here")
+        chain.insert(0, FineTune(finetune, finetune_after))
     if verify_each:
         chain.append(Verify())
     if check:

@@ -19,3 +19,9 @@ def graphopt_register_pipelines(registry):
         "static int8 in the target backend's scheme: observe activations, calibrate ranges on --calib data, "
         "place Q/DQ where the backend runs int8",
     )
+    registry.add_pipeline(
+        "prune",
+        "prune-channels",
+        "structured channel pruning with its defaults: l1 criterion, half of each group's channels, graph "
+        "outputs (the classifier) kept; takes prune-channels' options (prune:ratio=0.3:round_to=8)",
+    )

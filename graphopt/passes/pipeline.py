@@ -79,15 +79,20 @@ def resolve(pipeline: Pipeline | str, registry, _seen: tuple[str, ...] = ()) -> 
     passes = []
     for spec in pipeline.specs:
         if spec.name in registry.pipelines:
-            if spec.options:
-                alias = registry.pipelines[spec.name]
-                raise PipelineError(
-                    f"'{spec.name}' is a pipeline alias ({alias.text}) and takes no options: "
-                    f"spell out its passes with the options you want"
-                )
+            alias = registry.pipelines[spec.name]
             if spec.name in _seen:
                 raise PipelineError(f"pipeline alias '{spec.name}' refers to itself ({' -> '.join(_seen)})")
-            passes += resolve(registry.pipelines[spec.name].text, registry, (*_seen, spec.name))
+            inner = parse_pipeline(alias.text)
+            if spec.options:  # an alias of one pass takes that pass's options (prune:ratio=0.3)
+                if len(inner.specs) != 1:
+                    raise PipelineError(
+                        f"'{spec.name}' is a pipeline alias ({alias.text}) and takes no options: "
+                        f"spell out its passes with the options you want"
+                    )
+                only = inner.specs[0]
+                merged = {**dict(only.options), **dict(spec.options)}
+                inner = Pipeline((PassSpec(only.name, tuple(merged.items())),))
+            passes += resolve(inner, registry, (*_seen, spec.name))
             continue
         cls = registry.pass_class(spec.name)
         passes.append(cls(parse_options(spec.name, cls.Options, dict(spec.options))))

@@ -1,0 +1,118 @@
+"""Show an OnnxGraph to the pruning engine and apply its plan.
+
+The view names values by tensor name; shapes come from ONNX shape inference. Constant-node outputs are lifted
+to initializers and subgraphs of constants folded (onnx-graphsurgeon's ``fold_constants``) first, so every weight
+and shape target is a ``gs.Constant`` (torch's exporter writes ``MatMul(x, Transpose(W))`` without folding).
+Applying a plan puts new Constants in the slots of sliced weights (never changing an array in place), writes new
+Reshape targets, Split sizes and Slice bounds as fresh Constants (the old ones may be shared) and updates Conv
+``group``. Inferred shapes of intermediate tensors are dropped; the pass then checks the result (strict shape
+inference, a run on onnxruntime).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.ir.onnx_graph import OnnxGraph, fresh_name, replace_input
+from graphopt.prune.view import ChannelView, Plan, PNode
+
+
+class OnnxChannels:
+    def __init__(self, graph: OnnxGraph):
+        self.graph = graph
+        self.nodes: dict[str, gs.Node] = {}
+
+    def _lift_constant_nodes(self) -> None:
+        for node in self.graph.gs.nodes:
+            if node.op == "Constant" and len(node.outputs) == 1 and isinstance(node.attrs.get("value"), gs.Constant):
+                out = node.outputs[0]
+                if out in self.graph.gs.outputs:
+                    continue
+                const = gs.Constant(out.name, node.attrs["value"].values)
+                for consumer in list(out.outputs):
+                    replace_input(consumer, out, const)
+                node.outputs.clear()
+        self.graph.gs.cleanup()
+
+    def _fold_weight_preprocessing(self) -> None:
+        """Fold subgraphs computed from constants alone (a Transpose of a Linear weight, a Reshape target built by
+        Concat(Unsqueeze(...)), a chunk's bounds from static shapes), so weights and targets are constants."""
+        g = self.graph.gs
+        constant = lambda t: isinstance(t, gs.Constant) or not t.name  # noqa: E731
+        if any(n.inputs and all(constant(t) for t in n.inputs) or n.op == "Shape" for n in g.nodes):
+            self.graph.infer_shapes()  # static shapes let Shape ops fold too
+            g.fold_constants(error_ok=True)
+            g.cleanup()
+
+    def view(self) -> ChannelView:
+        g = self.graph.gs
+        self._lift_constant_nodes()
+        self._fold_weight_preprocessing()
+        self._lift_constant_nodes()
+        g.toposort()
+        shapes: dict[str, tuple] = {}
+        for t in g.inputs:
+            shapes[t.name] = tuple(d if isinstance(d, int) else None for d in (t.shape or ())) if t.shape else None
+        for name, (dims, _) in self.graph.inferred_shapes().items():
+            shapes[name] = tuple(d if isinstance(d, int) and d > 0 else None for d in dims)
+        consts = {}
+        for name, t in g.tensors().items():
+            if isinstance(t, gs.Constant):
+                consts[name] = t.values
+                shapes[name] = tuple(t.values.shape)
+        names = {n.name for n in g.nodes if n.name}
+        nodes = []
+        for node in g.nodes:
+            if not node.name or node.name in self.nodes:
+                node.name = fresh_name(names, f"{node.op}_{len(self.nodes)}")
+                names.add(node.name)
+            self.nodes[node.name] = node
+            nodes.append(PNode(node.name, node.op, [t.name or None for t in node.inputs],
+                               [t.name for t in node.outputs], dict(node.attrs)))
+        return ChannelView(nodes, shapes, consts, [t.name for t in g.inputs], [t.name for t in g.outputs], "onnx")
+
+    # -- applying a plan ----------------------------------------------------------------------------------
+    def _const_input(self, node: gs.Node, index: int, values, dtype=np.int64) -> None:
+        names = set(self.graph.gs.tensors())
+        old = node.inputs[index] if index < len(node.inputs) else None
+        dtype = old.values.dtype if isinstance(old, gs.Constant) else dtype
+        const = gs.Constant(fresh_name(names, f"{node.name}_{index}"), np.asarray(values, dtype=dtype))
+        if old is None:
+            while len(node.inputs) < index:
+                node.inputs.append(gs.Variable.empty())
+            node.inputs.append(const)
+        else:
+            node.inputs[index] = const
+
+    def apply(self, plan: Plan) -> None:
+        g = self.graph.gs
+        tensors = g.tensors()
+        for name, array in plan.consts.items():
+            old = tensors[name]
+            new = gs.Constant(name, np.ascontiguousarray(array))
+            for consumer in list(old.outputs):
+                replace_input(consumer, old, new)
+        for (node_name, key), value in plan.attrs.items():
+            node = self.nodes[node_name]
+            if key == "group":
+                node.attrs["group"] = int(value)
+            elif key == "shape":
+                self._const_input(node, 1, value)
+            elif key == "split":
+                if "split" in node.attrs:
+                    node.attrs["split"] = [int(v) for v in value]
+                else:
+                    node.attrs.pop("num_outputs", None)
+                    self._const_input(node, 1, value)
+            elif key == "slice":
+                starts, ends = value
+                self._const_input(node, 1, starts)
+                self._const_input(node, 2, ends)
+            else:
+                raise ValueError(f"the ONNX pruning adapter cannot set '{key}' on {node.op} '{node_name}'")
+        outputs = {t.name for t in g.inputs} | {t.name for t in g.outputs}
+        for name, t in g.tensors().items():
+            if isinstance(t, gs.Variable) and name not in outputs:
+                t.shape = None
+        g.cleanup()
