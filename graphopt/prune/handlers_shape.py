@@ -50,18 +50,32 @@ def reshape(node: PNode, prop: Propagation) -> None:
         else:
             for column in grid.reshape(-1, grid.shape[-1]).T:
                 prop.unify_all(column)
-    if node.op == "Reshape":
-        target = prop.const(node.input(1))
-        if target is None:
-            prop.block(t.atoms, f"Reshape '{node.name}' computes its target shape at run time (run fold first)")
-            return
+    if node.op == "Reshape" and not _reshape_target(node, prop, y, axes):
+        prop.block(t.atoms, f"Reshape '{node.name}' computes the size of a channel axis at run time")
+        return
+    prop.set(y, Tracked(axes, np.ascontiguousarray(grid)))
+
+
+def _reshape_target(node: PNode, prop: Propagation, y: str, axes: tuple[int, ...]) -> bool:
+    """Record the edit of a Reshape's target at the channel axes: a constant target, or a Concat of one-element
+    pieces (dynamic batch/sequence sizes from Shape ops, constant channel sizes). False when it cannot."""
+    target = prop.const(node.input(1))
+    if target is not None:
         target = [int(v) for v in target]
         if any(target[a] > 0 for a in axes):
-            def new_target(kept, target=target, axes=axes):
-                return [kept.count(y, a) if a in axes and v > 0 else v for a, v in enumerate(target)]
-
-            prop.edit(node, "shape", new_target)
-    prop.set(y, Tracked(axes, np.ascontiguousarray(grid)))
+            prop.edit(node, "shape", lambda kept: [kept.count(y, a) if a in axes and v > 0 else v
+                                                   for a, v in enumerate(target)])
+        return True
+    concat = prop.producer(node.input(1))
+    if concat is None or concat.op != "Concat" or len(concat.inputs) != len(prop.shape(y) or ()):
+        return False
+    pieces = [prop.const(v) for v in concat.inputs]
+    if any(pieces[a] is None or pieces[a].size != 1 for a in axes):
+        return False
+    for a in axes:
+        if int(pieces[a].ravel()[0]) > 0:
+            prop.edit(concat, f"input:{a}", lambda kept, a=a: [kept.count(y, a)])
+    return True
 
 
 def transpose(node: PNode, prop: Propagation) -> None:

@@ -41,7 +41,10 @@ class OnnxChannels:
         g = self.graph.gs
         constant = lambda t: isinstance(t, gs.Constant) or not t.name  # noqa: E731
         if any(n.inputs and all(constant(t) for t in n.inputs) or n.op == "Shape" for n in g.nodes):
+            import onnxruntime
+
             self.graph.infer_shapes()  # static shapes let Shape ops fold too
+            onnxruntime.set_default_logger_severity(3)  # its graph optimizer's notes are not the user's business
             g.fold_constants(error_ok=True)
             g.cleanup()
 
@@ -105,6 +108,8 @@ class OnnxChannels:
                 else:
                     node.attrs.pop("num_outputs", None)
                     self._const_input(node, 1, value)
+            elif key.startswith("input:"):  # a one-element piece of a Reshape target built by Concat
+                self._const_input(node, int(key.partition(":")[2]), value)
             elif key == "slice":
                 starts, ends = value
                 self._const_input(node, 1, starts)

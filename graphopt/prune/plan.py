@@ -182,13 +182,22 @@ def select(prop: Propagation, roots: np.ndarray, groups: list[Group], scores: di
         n_drop = per_group[id(g)]
         if n_drop <= 0:
             continue
-        order = np.argsort(score_of[id(g)], kind="stable")
-        trial = g.classes[order[:n_drop]]
-        problem = checker.try_drop(trial)
-        if problem:
-            g.blocked = f"pruning it: {problem}"
+        ranked = g.classes[np.argsort(score_of[id(g)], kind="stable")]
+        problem = checker.try_drop(ranked[:n_drop])
+        if problem is None:
+            g.dropped = np.sort(ranked[:n_drop])
+            continue
+        chosen: list[int] = []  # the lowest-scored set fails: take classes one by one, skipping any that fails
+        for c in ranked.tolist():
+            if len(chosen) == n_drop:
+                break
+            if checker.try_drop(np.array(chosen + [c]), commit=False) is None:
+                chosen.append(c)
+        if chosen:
+            checker.try_drop(np.array(chosen))
+            g.dropped = np.sort(np.array(chosen))
         else:
-            g.dropped = np.sort(trial)
+            g.blocked = f"pruning it: {problem}"
     sel.dropped = checker.dropped
     return sel
 
@@ -204,7 +213,7 @@ class _Checker:
             for c in np.unique(roots[t.atoms]).tolist():
                 self.values_of.setdefault(c, []).append(value)
 
-    def try_drop(self, classes: np.ndarray) -> str | None:
+    def try_drop(self, classes: np.ndarray, commit: bool = True) -> str | None:
         trial = np.concatenate([self.dropped, classes])
         kept = Kept(self.prop, self.roots, trial)
         touched = {v for c in classes.tolist() for v in self.values_of.get(c, [])}
@@ -215,7 +224,8 @@ class _Checker:
         for value, axis, why in self.prop.fixed:
             if value in touched and kept.count(value, axis) != self.prop.shape(value)[axis]:
                 return f"it would shrink an axis of '{value}' that must keep its size ({why})"
-        self.dropped = trial
+        if commit:
+            self.dropped = trial
         return None
 
 

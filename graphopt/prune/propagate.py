@@ -126,6 +126,12 @@ class Propagation:
     def const(self, value: str | None) -> np.ndarray | None:
         return self.view.const(value)
 
+    def producer(self, value: str | None) -> PNode | None:
+        """The node that writes ``value`` (None for inputs and constants)."""
+        if not hasattr(self, "_producers"):
+            self._producers = {out: node for node in self.view.nodes for out in node.outputs}
+        return self._producers.get(value)
+
     def channel(self, node: PNode, value: str | None, axis: int) -> np.ndarray | None:
         """The atoms of ``value`` along ``axis``; a value tracked on any other axis is blocked (None)."""
         t = self.get(value)
