@@ -123,6 +123,20 @@ class Shuffle(nn.Module):
         return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
 
 
+class Upsample(nn.Module):
+    """conv -> ConvTranspose -> grouped ConvTranspose (3 groups) -> conv, a decoder's shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.up = _conv(3, 8), nn.ConvTranspose2d(8, 6, 2, stride=2, bias=False)
+        self.up_grouped = nn.ConvTranspose2d(6, 6, 3, padding=1, groups=3, bias=False)
+        self.head, self.fc = _conv(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.up_grouped(torch.relu(self.up(torch.relu(self.conv(x))))))
+        return self.fc(torch.relu(self.head(x)).mean((2, 3)))
+
+
 class Mlp(nn.Module):
     def __init__(self):
         super().__init__()
@@ -175,6 +189,9 @@ PATTERNS = {
     "grouped": (Grouped, (1, 3, 8, 8), {"reduce.weight": (8, 3, 1, 1), "grouped.weight": (8, 4, 3, 3),
                                         "restore.weight": (4, 8, 1, 1)}),
     "shuffle": (Shuffle, (1, 3, 8, 8), {"conv1.weight": (6, 3, 3, 3), "conv2.weight": (4, 6, 3, 3)}),
+    # the grouped ConvTranspose couples up's 6 outputs into 3 groups of 2: one group of the 3 goes
+    "conv-transpose": (Upsample, (1, 3, 4, 4), {"conv.weight": (4, 3, 3, 3), "up.weight": (4, 4, 2, 2),
+                                                "up_grouped.weight": (4, 2, 3, 3), "head.weight": (4, 4, 3, 3)}),
     "mlp": (Mlp, (1, 12), {"fc1.weight": (16, 12), "fc2.weight": (8, 16), "fc3.weight": (4, 8)}),
     "attention-size": (Attention, (1, 6, 12), {"q.weight": (16, 16), "k.weight": (16, 16), "v.weight": (16, 16),
                                                "out.weight": (16, 16), "embed.weight": (16, 12)}),

@@ -86,6 +86,18 @@ def _weight_or_block(node: PNode, prop: Propagation, index: int) -> np.ndarray |
     return w
 
 
+def _couple_groups(node: PNode, prop: Propagation, tx: np.ndarray | None, out: np.ndarray, groups: int) -> bool:
+    """A grouped conv's group j is its inputs' block j and its outputs' block j: one class, pruned whole."""
+    if tx is None:
+        prop.block(out, f"grouped {node.op} '{node.name}' reads channels graphopt cannot follow")
+        return False
+    cin_g, cout_g, y = tx.size // groups, out.size // groups, node.outputs[0]
+    for j in range(groups):
+        prop.unify_all(np.concatenate([tx[j * cin_g:(j + 1) * cin_g], out[j * cout_g:(j + 1) * cout_g]]))
+    prop.edit(node, "group", lambda kept: kept.count(y, 1) // cout_g)
+    return True
+
+
 def conv(node: PNode, prop: Propagation) -> None:
     """Conv: input channels index weight axis 1, new output channels weight axis 0 and the bias. A grouped or
     depthwise Conv couples each group's input and output channels: whole groups are pruned, ``group`` updated."""
@@ -93,19 +105,14 @@ def conv(node: PNode, prop: Propagation) -> None:
     w = _weight_or_block(node, prop, 1)
     if w is None:
         return
-    groups, cout, cin_g = int(node.attrs.get("group", 1)), w.shape[0], w.shape[1]
-    out = prop.fresh(cout)
+    groups = int(node.attrs.get("group", 1))
+    out = prop.fresh(w.shape[0])
     tx = prop.channel(node, x, 1)
     if groups == 1:
         if tx is not None:
             prop.slice(node, w_name, 1, tx)
-    elif tx is None:
-        prop.block(out, f"grouped Conv '{node.name}' reads channels graphopt cannot follow")
     else:
-        cout_g = cout // groups
-        for j in range(groups):
-            prop.unify_all(np.concatenate([tx[j * cin_g:(j + 1) * cin_g], out[j * cout_g:(j + 1) * cout_g]]))
-        prop.edit(node, "group", lambda kept: kept.count(y, 1) // cout_g)
+        _couple_groups(node, prop, tx, out, groups)
     prop.slice(node, w_name, 0, out)
     prop.slice(node, b_name, 0, out, "bias")
     prop.source(node, y, out)
@@ -118,21 +125,15 @@ def conv_transpose(node: PNode, prop: Propagation) -> None:
     w = _weight_or_block(node, prop, 1)
     if w is None:
         return
-    groups, cin, cout_g = int(node.attrs.get("group", 1)), w.shape[0], w.shape[1]
-    out = prop.fresh(cout_g * groups)
+    groups = int(node.attrs.get("group", 1))
+    out = prop.fresh(w.shape[1] * groups)
     tx = prop.channel(node, x, 1)
     if groups == 1:
         if tx is not None:
             prop.slice(node, w_name, 0, tx)
         prop.slice(node, w_name, 1, out)
-    elif tx is None:
-        prop.block(out, f"grouped ConvTranspose '{node.name}' reads channels graphopt cannot follow")
-    else:
-        cin_g = cin // groups
-        for j in range(groups):
-            prop.unify_all(np.concatenate([tx[j * cin_g:(j + 1) * cin_g], out[j * cout_g:(j + 1) * cout_g]]))
+    elif _couple_groups(node, prop, tx, out, groups):
         prop.slice(node, w_name, 0, tx)
-        prop.edit(node, "group", lambda kept: kept.count(y, 1) // cout_g)
     prop.slice(node, b_name, 0, out, "bias")
     prop.source(node, y, out)
     prop.set(y, Tracked((1,), out))
