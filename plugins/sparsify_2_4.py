@@ -1,20 +1,17 @@
-"""sparsify-2-4: 2:4 semi-structured sparsity, two zeros in every four weights along the reduction dimension."""
+"""sparsify-2-4: 2:4 semi-structured sparsity, two zeros in every four weights along the reduction dimension.
+
+The layer machinery (layers, reduction axes, ``ignore``, shared weights, write-back, the report) is
+:mod:`graphopt.sparsity`, shared with ``sparsify``; this pass chooses the zeros and which layers suit 2:4.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from graphopt_plugins.sparsify_magnitude import (
-    FxWeights,
-    Layer,
-    OnnxWeights,
-    check_common_options,
-    magnitudes,
-    sparsify,
-)
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
+from graphopt.sparsity import FxWeights, Layer, OnnxWeights, check_common_options, magnitudes, sparsify
 
 NOT_MULTIPLE = "reduction dimension not a multiple of 4"
 AXES_DIFFER = "weight shared by layers that reduce along different axes"
