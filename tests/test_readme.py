@@ -69,3 +69,18 @@ def test_python_api_example(tmp_path):
     assert (tmp_path / "tiny_resnet.opt.onnx").exists()
     folded = namespace["folded"]
     assert not [m for m in folded.modules() if type(m).__name__.startswith("BatchNorm")]
+
+
+def test_python_api_pruning_example(tmp_path):
+    """The prune-then-fine-tune example, with the first example's imports."""
+    code = "import graphopt, numpy as np, torch\nfrom graphopt import zoo\n" + blocks("python", "The Python API")[1]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    assert (tmp_path / "digits.pruned.pt").exists()
+    notes = namespace["pruned"].report.records[-1].notes
+    assert any("fine-tuned by train()" in n for n in notes)
