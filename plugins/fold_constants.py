@@ -104,6 +104,9 @@ class FoldConstants(Pass):
         return PassResult(graph, bool(stats) or now_constant > 0, stats, notes)
 
     def _fold_with_onnxruntime(self, g, notes: list[str]) -> None:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)  # its graph optimizer's warnings on the subgraphs are noise here
         g.toposort(recurse_subgraphs=False, recurse_functions=False)
         kwargs = dict(fold_shapes=self.options.fold_shapes, recurse_subgraphs=False, flatten_subgraphs=False,
                       recurse_functions=False, size_threshold=self._size_limit_bytes(),

@@ -3,19 +3,21 @@
 Removes whole channels — Conv filters, Linear features, attention head dims — so the model gets smaller and
 faster on any backend. Channels that must shrink together are found by following every channel through the
 graph (:mod:`graphopt.prune`): conv → BN → activation → conv, both sides of residual Adds, each input's slice of a
-Concat, Split/Slice bounds, depthwise and grouped convs (whole groups, ``group`` updated), Flatten/Reshape → Gemm
-(one channel is H×W features), global pooling, MLP chains and attention (head size, or whole heads with
-``split=count``). An op without a channel handler blocks the channels that reach it; graph outputs keep their
-shape (so the classifier's outputs are never pruned) and nodes matching ``ignore`` keep their output channels.
-Plugins teach it new ops (``graphopt_register_channel_handlers``) and criteria (``graphopt_register_importance``).
+Concat, Split/Slice bounds, grouped convs (the same width from every group, or whole groups with ``split=count``;
+depthwise convs by whole groups, ``group`` updated), Flatten/Reshape → Gemm (one channel is H×W features), global
+pooling, MLP chains and attention (head size, or whole heads with ``split=count``). An op without a channel
+handler blocks the channels that reach it; graph outputs keep their shape (so the classifier's outputs are never
+pruned) and nodes matching ``ignore`` keep their output channels. Plugins teach it new ops
+(``graphopt_register_channel_handlers``) and criteria (``graphopt_register_importance``).
 
 Options: ``ratio`` (fraction of each group's channels removed, default 0.5), ``scope`` (``uniform``: each group
 loses ``ratio``; ``global``: ``ratio`` of all channels, lowest normalized scores first), ``layer_ratios``
-(``name@ratio`` items joined by ``+``, node-name globs, first match wins), ``criterion`` (l1, l2, bn-scale,
-taylor — taylor needs an FX graph and calibration data), ``round_to`` (channel counts kept to multiples of it),
-``min_channels`` (per group), ``ignore`` (node-name globs), ``split`` (``size``/``count``, see
-:mod:`graphopt.prune.handlers_shape`). Before it returns the pass re-infers shapes with the onnx checker's strict
-inference, runs the model on onnxruntime and checks the outputs keep their shapes (FX: runs the module).
+(``name@ratio`` items joined by ``+``, names matched like ``ignore``, first match wins), ``criterion`` (l1, l2,
+bn-scale, taylor — taylor needs an FX graph and calibration data), ``round_to`` (channel counts kept to multiples
+of it), ``min_channels`` (per group), ``ignore`` (node names, everything below them, or globs from Python),
+``split`` (``size``/``count``, see :mod:`graphopt.prune.handlers_shape`). Before it returns the pass re-infers
+shapes with the onnx checker's strict inference, runs the model on onnxruntime and checks the outputs keep their
+shapes (FX: runs the module).
 """
 
 from __future__ import annotations

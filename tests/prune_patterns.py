@@ -97,7 +97,7 @@ class DepthwiseSE(nn.Module):
 
 
 class Grouped(nn.Module):
-    """1x1 -> grouped 3x3 (4 groups of 4) -> 1x1: whole groups go, ``groups`` shrinks."""
+    """1x1 -> grouped 3x3 (4 groups of 4) -> 1x1."""
 
     def __init__(self):
         super().__init__()
@@ -186,12 +186,13 @@ PATTERNS = {
     "depthwise-se": (DepthwiseSE, (1, 3, 8, 8), {"expand.weight": (8, 3, 1, 1), "dw.weight": (8, 1, 3, 3),
                                                  "se_reduce.weight": (2, 8, 1, 1), "se_expand.weight": (8, 2, 1, 1),
                                                  "project.weight": (4, 8, 1, 1)}),
-    "grouped": (Grouped, (1, 3, 8, 8), {"reduce.weight": (8, 3, 1, 1), "grouped.weight": (8, 4, 3, 3),
+    # 4 groups kept, each half as wide (split=count removes whole groups instead: test_prune_patterns.py)
+    "grouped": (Grouped, (1, 3, 8, 8), {"reduce.weight": (8, 3, 1, 1), "grouped.weight": (8, 2, 3, 3),
                                         "restore.weight": (4, 8, 1, 1)}),
     "shuffle": (Shuffle, (1, 3, 8, 8), {"conv1.weight": (6, 3, 3, 3), "conv2.weight": (4, 6, 3, 3)}),
-    # the grouped ConvTranspose couples up's 6 outputs into 3 groups of 2: one group of the 3 goes
-    "conv-transpose": (Upsample, (1, 3, 4, 4), {"conv.weight": (4, 3, 3, 3), "up.weight": (4, 4, 2, 2),
-                                                "up_grouped.weight": (4, 2, 3, 3), "head.weight": (4, 4, 3, 3)}),
+    # the grouped ConvTranspose (3 groups of 2) loses the same position in every group: up keeps 3 of 6
+    "conv-transpose": (Upsample, (1, 3, 4, 4), {"conv.weight": (4, 3, 3, 3), "up.weight": (4, 3, 2, 2),
+                                                "up_grouped.weight": (3, 1, 3, 3), "head.weight": (4, 3, 3, 3)}),
     "mlp": (Mlp, (1, 12), {"fc1.weight": (16, 12), "fc2.weight": (8, 16), "fc3.weight": (4, 8)}),
     "attention-size": (Attention, (1, 6, 12), {"q.weight": (16, 16), "k.weight": (16, 16), "v.weight": (16, 16),
                                                "out.weight": (16, 16), "embed.weight": (16, 12)}),

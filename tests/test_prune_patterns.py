@@ -114,9 +114,15 @@ def test_attention_heads_count_mode_removes_whole_heads(tmp_path):
     assert all(n.args[3:] == (4, 4) for n in views), [n.args for n in views]  # 4 heads, each 4 wide
 
 
-def test_grouped_conv_groups_are_updated(tmp_path):
+def test_grouped_conv_keeps_its_groups_or_loses_whole_ones(tmp_path):
     model, x, _, path = _build("grouped", tmp_path)
     fx = optimize(model, "prune", example_inputs=(torch.from_numpy(x),), check=False)
-    assert fx.model.get_submodule("grouped").groups == 2
-    onnx_route = optimize(path, "prune", check=False)
+    assert fx.model.get_submodule("grouped").groups == 4  # each group half as wide
+    whole = optimize(model, "prune:split=count", example_inputs=(torch.from_numpy(x),), check=False)
+    assert whole.model.get_submodule("grouped").groups == 2
+    assert tuple(whole.model.get_submodule("grouped").weight.shape) == (8, 4, 3, 3)
+    onnx_route = optimize(path, "prune:split=count", check=False)
     assert [n.attrs["group"] for n in onnx_route.graph.gs.nodes if n.op == "Conv" and n.attrs["group"] > 1] == [2]
+    with torch.no_grad():
+        np.testing.assert_allclose(whole.model(torch.from_numpy(x)).numpy(), onnx_route.graph.run({"input": x})[0],
+                                   **TOL)

@@ -86,21 +86,35 @@ def _weight_or_block(node: PNode, prop: Propagation, index: int) -> np.ndarray |
     return w
 
 
-def _couple_groups(node: PNode, prop: Propagation, tx: np.ndarray | None, out: np.ndarray, groups: int) -> bool:
-    """A grouped conv's group j is its inputs' block j and its outputs' block j: one class, pruned whole."""
+def _couple_groups(node: PNode, prop: Propagation, tx: np.ndarray | None, out: np.ndarray, groups: int,
+                   cin_g: int) -> str:
+    """How a grouped conv prunes; returns the mode, or "" when its channels are blocked.
+
+    ``size`` (the ``split`` setting's default): the same positions go in every group — input position k of every
+    group is one class, output position k another — and the group count stays (Torch-Pruning's choice; a
+    ResNeXt block keeps its cardinality). ``count`` (``split=count``, and always for depthwise convs, whose
+    groups hold one input channel): group j's inputs and outputs are one class, whole groups go, ``group`` is
+    updated."""
+    cout_g, y = out.size // groups, node.outputs[0]
+    if prop.settings.get("split", "size") == "size" and cin_g > 1:
+        for column in out.reshape(groups, cout_g).T:
+            prop.unify_all(column)
+        if tx is not None:
+            for column in tx.reshape(groups, cin_g).T:
+                prop.unify_all(column)
+        return "size"
     if tx is None:
         prop.block(out, f"grouped {node.op} '{node.name}' reads channels graphopt cannot follow")
-        return False
-    cin_g, cout_g, y = tx.size // groups, out.size // groups, node.outputs[0]
+        return ""
     for j in range(groups):
         prop.unify_all(np.concatenate([tx[j * cin_g:(j + 1) * cin_g], out[j * cout_g:(j + 1) * cout_g]]))
     prop.edit(node, "group", lambda kept: kept.count(y, 1) // cout_g)
-    return True
+    return "count"
 
 
 def conv(node: PNode, prop: Propagation) -> None:
-    """Conv: input channels index weight axis 1, new output channels weight axis 0 and the bias. A grouped or
-    depthwise Conv couples each group's input and output channels: whole groups are pruned, ``group`` updated."""
+    """Conv: input channels index weight axis 1, new output channels weight axis 0 and the bias. Grouped and
+    depthwise convs: see :func:`_couple_groups`."""
     x, w_name, b_name, y = node.input(0), node.input(1), node.input(2), node.outputs[0]
     w = _weight_or_block(node, prop, 1)
     if w is None:
@@ -111,8 +125,8 @@ def conv(node: PNode, prop: Propagation) -> None:
     if groups == 1:
         if tx is not None:
             prop.slice(node, w_name, 1, tx)
-    else:
-        _couple_groups(node, prop, tx, out, groups)
+    elif _couple_groups(node, prop, tx, out, groups, w.shape[1]) == "size" and tx is not None:
+        prop.slice(node, w_name, 1, tx.reshape(groups, -1)[0])
     prop.slice(node, w_name, 0, out)
     prop.slice(node, b_name, 0, out, "bias")
     prop.source(node, y, out)
@@ -120,7 +134,7 @@ def conv(node: PNode, prop: Propagation) -> None:
 
 
 def conv_transpose(node: PNode, prop: Propagation) -> None:
-    """ConvTranspose: weight is (in, out / group, ...); grouped ones prune whole groups like Conv."""
+    """ConvTranspose: weight is (in, out / group, ...); grouped ones as Conv (:func:`_couple_groups`)."""
     x, w_name, b_name, y = node.input(0), node.input(1), node.input(2), node.outputs[0]
     w = _weight_or_block(node, prop, 1)
     if w is None:
@@ -132,8 +146,12 @@ def conv_transpose(node: PNode, prop: Propagation) -> None:
         if tx is not None:
             prop.slice(node, w_name, 0, tx)
         prop.slice(node, w_name, 1, out)
-    elif _couple_groups(node, prop, tx, out, groups):
-        prop.slice(node, w_name, 0, tx)
+    else:
+        mode = _couple_groups(node, prop, tx, out, groups, w.shape[0] // groups)
+        if mode and tx is not None:
+            prop.slice(node, w_name, 0, tx)
+        if mode == "size":
+            prop.slice(node, w_name, 1, out.reshape(groups, -1)[0])
     prop.slice(node, b_name, 0, out, "bias")
     prop.source(node, y, out)
     prop.set(y, Tracked((1,), out))
