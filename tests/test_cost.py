@@ -248,3 +248,15 @@ def test_cli_run_on_a_pytorch_file_reports_params_and_macs(tmp_path, capsys):
     assert report["params"]["after"] == report["output"]["parameters"] and report["macs"]["after"] > 0
     assert report["macs"]["before"] == report["macs"]["after"]
     assert "params: " in capsys.readouterr().out
+
+
+def test_sizes_computed_from_shape_ops_are_resolved(tmp_path):
+    """torch's export of ``chunk`` computes the split point from Shape ops; shape inference alone leaves the
+    branches' sizes symbolic (counted as 1). With static inputs the counter folds a copy and infers again."""
+    path = str(tmp_path / "shufflenet.onnx")
+    zoo.export_onnx(zoo.shufflenet_v2_like(), path, (1, 3, 64, 64))
+    graph = OnnxGraph.load(path)
+    nodes = len(graph.gs.nodes)
+    fx = FxGraph.from_module(zoo.shufflenet_v2_like(), (torch.randn(1, 3, 64, 64),))
+    assert model_costs(graph).macs == model_costs(fx).macs
+    assert len(graph.gs.nodes) == nodes  # the graph counted is not changed

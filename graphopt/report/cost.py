@@ -194,6 +194,30 @@ _RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "R
                          "Bernoulli"})
 
 
+def _static_inputs(g) -> bool:
+    return all(t.shape is not None and all(isinstance(d, int) for d in t.shape) for t in g.inputs)
+
+
+def _shapes_after_folding(graph, known: dict) -> dict:
+    """Shapes of a model with static inputs whose inference stops at a size computed from Shape ops (torch's
+    export of ``chunk``): inferred again on a copy with its constant subgraphs folded."""
+    import onnx_graphsurgeon as gs
+    import onnxruntime
+
+    copy = graph.copy()
+    try:
+        copy.infer_shapes()
+        onnxruntime.set_default_logger_severity(3)
+        copy.gs.fold_constants(error_ok=True).cleanup()
+        ends = {t.name for t in [*copy.gs.inputs, *copy.gs.outputs]}
+        for name, t in copy.gs.tensors().items():
+            if not isinstance(t, gs.Constant) and name not in ends:
+                t.shape = None  # the symbolic shapes inferred before folding would stick
+        return {**known, **copy.inferred_shapes()}
+    except Exception:  # counting must not fail where inference on the original worked: keep what we had
+        return known
+
+
 def _onnx_costs(graph) -> list[LayerCost]:
     import onnx_graphsurgeon as gs
 
@@ -202,6 +226,12 @@ def _onnx_costs(graph) -> list[LayerCost]:
         known = graph.inferred_shapes()
     except Exception:  # shape inference refuses some graphs (custom ops, bad value_info): use what gs knows
         known = {}
+
+    def unknown(name: str) -> bool:
+        return name not in known or not all(isinstance(d, int) for d in known[name][0])
+
+    if _static_inputs(g) and any(unknown(t.name) for node in g.nodes for t in node.outputs):
+        known = _shapes_after_folding(graph, known)
 
     def shape_of(t) -> list | None:
         if isinstance(t, gs.Constant):
