@@ -6,6 +6,7 @@ type or function name, which has no handler, so the channels reaching it are blo
 named by their qualified name; shapes come from ShapeProp. Applying a plan replaces parameters and buffers with
 sliced ones, updates module attributes (``in_channels``, ``num_features``, ``normalized_shape``, ``groups``, ...),
 rewrites literal ints in ``view``/``reshape`` targets and turns a ``chunk`` whose parts changed into a ``split``.
+A graph ``torch.export`` captured (ATen ops on ``get_attr`` parameters) is read through :mod:`graphopt.prune.fx_aten`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.ir.fx_graph import _torch
+from graphopt.prune import fx_aten
 from graphopt.prune.view import ChannelView, Plan, PNode
 
 torch = _torch()
@@ -70,7 +72,7 @@ class FxChannels:
         tensor = self.gm.get_parameter(qualified) if qualified in dict(self.gm.named_parameters()) else \
             self.gm.get_buffer(qualified) if qualified in dict(self.gm.named_buffers()) else None
         if tensor is None:
-            tensor = getattr(self.gm, qualified)
+            tensor = fx_aten.fetch(self.gm, qualified)
         self.consts[qualified] = tensor.detach().cpu().numpy()
         self.shapes[qualified] = tuple(tensor.shape)
         return qualified
@@ -111,6 +113,8 @@ class FxChannels:
         out = [node.name]
         if node.op == "call_module":
             mod = self.gm.get_submodule(node.target)
+            if type(mod).__name__ == "GuardsFn":
+                return None  # torch.export's checks of the input shapes
             name, x = node.target, val(node.args[0])
             p = lambda attr: self._param(f"{node.target}.{attr}") if getattr(mod, attr, None) is not None else None  # noqa: E731
             if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -139,6 +143,8 @@ class FxChannels:
             if _is_tuple(node.args[0]):
                 return None  # a part of a split/chunk: the split's outputs already name it
             return PNode(node.name, "Index", [val(node.args[0])], out, {"index": node.args[1]})
+        if node.op == "call_function" and fx_aten.op_of(target) is not None:
+            return fx_aten.describe(self, node)
         x = val(node.args[0]) if node.args else None
         if target in _BINARY:
             return PNode(node.name, _BINARY[target], [val(a, i) for i, a in enumerate(node.args[:2])], out)
@@ -190,11 +196,16 @@ class FxChannels:
             new = torch.from_numpy(np.ascontiguousarray(array)).to(old.dtype)
             if isinstance(old, nn.Parameter):
                 setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
-            else:
-                owner.register_buffer(attr, new)
+            elif attr in owner._buffers:
+                owner.register_buffer(attr, new, persistent=attr not in owner._non_persistent_buffers_set)
+            else:  # a plain tensor attribute (a constant torch.export lifted)
+                setattr(owner, attr, new)
         for (name, key), value in plan.attrs.items():
             node = self.by_name[name]
-            if key == "group":
+            if node.op == "call_function" and fx_aten.op_of(node.target) is not None:
+                if not fx_aten.apply_edit(node, key, value):
+                    raise ValueError(f"the FX pruning adapter cannot set '{key}' on '{name}'")
+            elif key == "group":
                 self.gm.get_submodule(node.target).groups = int(value)
             elif key == "shape":
                 dims = list(node.args[1]) if isinstance(_arg(node, 1, "shape"), (tuple, list)) else list(node.args[1:])
@@ -209,6 +220,7 @@ class FxChannels:
                 raise ValueError(f"the FX pruning adapter cannot set '{key}' on '{name}'")
         for module in self.gm.modules():
             _fix_sizes(module)
+        fx_aten.fix_sizes(self.gm)
         self.gm.recompile()
 
     def check(self, view: ChannelView) -> None:
