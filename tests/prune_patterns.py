@@ -178,9 +178,9 @@ PATTERNS = {
                                           "fc.weight": (4, 4)}),
     "concat": (ConcatOffsets, (1, 3, 8, 8), {"left.weight": (2, 3, 3, 3), "right.weight": (3, 3, 1, 1),
                                              "mix.weight": (4, 5, 3, 3)}),
-    # the halves lose what l1 picks, not necessarily two channels each: None is any size
-    "split": (SplitHalves, (1, 3, 8, 8), {"stem.weight": (4, 3, 3, 3), "top.weight": (3, None, 3, 3),
-                                          "bottom.weight": (3, None, 3, 3), "fc.weight": (4, 6)}),
+    # each half loses its share of the stem's channels (the halves stay halves)
+    "split": (SplitHalves, (1, 3, 8, 8), {"stem.weight": (4, 3, 3, 3), "top.weight": (3, 2, 3, 3),
+                                          "bottom.weight": (3, 2, 3, 3), "fc.weight": (4, 6)}),
     "flatten-gemm": (FlattenGemm, (1, 3, 4, 4), {"conv.weight": (4, 3, 3, 3), "fc1.weight": (8, 64),
                                                  "fc2.weight": (4, 8)}),
     "depthwise-se": (DepthwiseSE, (1, 3, 8, 8), {"expand.weight": (8, 3, 1, 1), "dw.weight": (8, 1, 3, 3),

@@ -250,7 +250,8 @@ def concat(node: PNode, prop: Propagation) -> None:
 
 
 def split(node: PNode, prop: Propagation) -> None:
-    """Split on a channel axis hands each output its slice of the channels; sizes are rewritten."""
+    """Split on a channel axis hands each output its slice of the channels; sizes are rewritten, and a group
+    spread over several outputs loses the same share in each (ShuffleNet's halves stay halves)."""
     x = node.input(0)
     t = prop.get(x)
     if t is None:
@@ -270,6 +271,7 @@ def split(node: PNode, prop: Propagation) -> None:
     offsets = np.cumsum([0, *sizes])
     for out, lo, hi in zip(node.outputs, offsets[:-1], offsets[1:]):
         prop.set(out, Tracked((axis,), t.atoms[lo:hi]))
+    prop.balance([t.atoms[lo:hi] for lo, hi in zip(offsets[:-1], offsets[1:])])
     outputs = list(node.outputs)
     prop.edit(node, "split", lambda kept: [kept.count(out, axis) for out in outputs])
 
@@ -310,6 +312,7 @@ def slice_(node: PNode, prop: Propagation) -> None:
             return new_starts, new_ends
 
         prop.edit(node, "slice", bounds)
+        prop.cuts.setdefault(x, []).append(atoms)
     prop.set(y, Tracked(t.axes, atoms))
 
 

@@ -183,9 +183,10 @@ def select(prop: Propagation, roots: np.ndarray, groups: list[Group], scores: di
         if n_drop <= 0:
             continue
         ranked = g.classes[np.argsort(score_of[id(g)], kind="stable")]
-        problem = checker.try_drop(ranked[:n_drop])
+        first = _spread(ranked, n_drop, _parts(prop, roots, g))
+        problem = checker.try_drop(first)
         if problem is None:
-            g.dropped = np.sort(ranked[:n_drop])
+            g.dropped = np.sort(first)
             continue
         chosen: list[int] = []  # the lowest-scored set fails: take classes one by one, skipping any that fails
         for c in ranked.tolist():
@@ -200,6 +201,37 @@ def select(prop: Propagation, roots: np.ndarray, groups: list[Group], scores: di
             g.blocked = f"pruning it: {problem}"
     sel.dropped = checker.dropped
     return sel
+
+
+def _parts(prop: Propagation, roots: np.ndarray, g: Group) -> list[set[int]]:
+    """The group's classes split by the first Split that divides them (a channel split, as in ShuffleNet)."""
+    mine = set(g.classes.tolist())
+    for outputs in prop.balanced:
+        parts = [mine & set(np.unique(roots[atoms]).tolist()) for atoms in outputs]
+        parts = [p for p in parts if p]
+        if len(parts) > 1:
+            rest = mine - set().union(*parts)
+            return parts + ([rest] if rest else [])
+    return []
+
+
+def _spread(ranked: np.ndarray, n_drop: int, parts: list[set[int]]) -> np.ndarray:
+    """The ``n_drop`` lowest-ranked classes, each part losing its share (so a split's outputs shrink alike)."""
+    if not parts:
+        return ranked[:n_drop]
+    quota = [int(n_drop * len(p) / ranked.size) for p in parts]
+    chosen = []
+    for c in ranked.tolist():
+        i = next(i for i, p in enumerate(parts) if c in p)
+        if quota[i] > 0:
+            chosen.append(c)
+            quota[i] -= 1
+    for c in ranked.tolist():  # what rounding left over, lowest first
+        if len(chosen) >= n_drop:
+            break
+        if c not in chosen:
+            chosen.append(c)
+    return np.array(chosen[:n_drop], dtype=np.int64)
 
 
 class _Checker:

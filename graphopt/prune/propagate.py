@@ -115,6 +115,8 @@ class Propagation:
     edits: list[Edit] = field(default_factory=list)
     blocked: list[tuple[np.ndarray, str]] = field(default_factory=list)
     fixed: list[tuple[str, int, str]] = field(default_factory=list)  # (value, axis, why): must keep its size
+    balanced: list[list[np.ndarray]] = field(default_factory=list)  # parts to prune alike (a Split's outputs)
+    cuts: dict[str, list[np.ndarray]] = field(default_factory=dict)  # value -> channels its Slices take
 
     # -- reading ------------------------------------------------------------------------------------------
     def get(self, value: str | None) -> Tracked | None:
@@ -196,6 +198,10 @@ class Propagation:
     def edit(self, node: PNode, key: str, compute: Callable[[Any], Any]) -> None:
         self.edits.append(Edit(node.name, key, compute))
 
+    def balance(self, parts: list[np.ndarray]) -> None:
+        """Prune these parts of a group in proportion to their sizes (a Split's outputs), not lowest-first."""
+        self.balanced.append([np.asarray(p).ravel() for p in parts])
+
     def keep_size(self, value: str, axis: int, why: str) -> None:
         self.fixed.append((value, axis, why))
 
@@ -214,6 +220,7 @@ def propagate(view: ChannelView, handlers: dict[str, Handler], fallback: Handler
         if ignore(node):
             for src in prop.sources[before:]:
                 prop.block(src.atoms, f"'{node.name}' is in the ignore list")
+    prop.balanced += [parts for parts in prop.cuts.values() if len(parts) > 1]  # Slices of one value: a Split
     for value in view.outputs:
         t = prop.get(value)
         if t is not None:
