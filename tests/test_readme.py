@@ -53,19 +53,24 @@ def _stable(line: str) -> list[str]:
     return re.sub(r"rel\.err \S+|\d+\.\d+ ms", "", line).split()
 
 
+def _exec_in(folder, code: str) -> dict:
+    """Run README code with ``folder`` as the working directory; its namespace afterwards."""
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+        return namespace
+    finally:
+        os.chdir(cwd)
+
+
 def test_python_api_example(tmp_path):
     subprocess.run([sys.executable, os.path.join(ROOT, "examples", "build_example.py"), "-o",
                     str(tmp_path / "tiny_resnet.onnx")], check=True, capture_output=True)
     (tmp_path / "examples").mkdir()
     shutil.move(tmp_path / "tiny_resnet.onnx", tmp_path / "examples" / "tiny_resnet.onnx")
-    code = blocks("python", "The Python API")[0]
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        namespace: dict = {}
-        exec(compile(code, "README.md", "exec"), namespace)
-    finally:
-        os.chdir(cwd)
+    namespace = _exec_in(tmp_path, blocks("python", "The Python API")[0])
     assert (tmp_path / "tiny_resnet.opt.onnx").exists()
     folded = namespace["folded"]
     assert not [m for m in folded.modules() if type(m).__name__.startswith("BatchNorm")]
@@ -74,13 +79,7 @@ def test_python_api_example(tmp_path):
 def test_python_api_pruning_example(tmp_path):
     """The prune-then-fine-tune example, with the first example's imports."""
     code = "import graphopt, numpy as np, torch\nfrom graphopt import zoo\n" + blocks("python", "The Python API")[1]
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        namespace: dict = {}
-        exec(compile(code, "README.md", "exec"), namespace)
-    finally:
-        os.chdir(cwd)
+    namespace = _exec_in(tmp_path, code)
     assert (tmp_path / "digits.pruned.pt").exists()
     notes = namespace["pruned"].report.records[-1].notes
     assert any("fine-tuned by train()" in n for n in notes)
