@@ -83,3 +83,21 @@ def test_pruned_equals_masked_original(name, tmp_path):
     adapter.apply(outcome.plan)
     graph.verify()
     np.testing.assert_allclose(graph.run({"input": x})[0], masked.run({"input": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_dynamo_exports_channel_split_as_a_sequence(tmp_path):
+    """torch's default exporter, optimizer off, writes ``chunk`` as SplitToSequence + SequenceAt."""
+    model, shape = _model("shufflenet_v2_like")
+    x = _input("shufflenet_v2_like", shape)
+    path = zoo.export_onnx(model, str(tmp_path / "dynamo.onnx"), shape, exporter="dynamo", keep_bn=True)
+    graph = optimize(path, "fold", check=False).graph  # its zero conv biases are Shape/Expand chains until folded
+    assert "SplitToSequence" in graph.op_counts()
+    adapter = OnnxChannels(graph)
+    view = adapter.view()
+    outcome = prune_view(view, handlers=BUILTIN_HANDLERS, criterion=l1, fallback=l1, ratio=0.5)
+    assert set(outcome.blocked_reasons()) == {f"graph output '{view.outputs[0]}' keeps its shape"}
+    masked = _masked(graph, view, outcome)
+    adapter.apply(outcome.plan)
+    graph.verify()
+    name = graph.gs.inputs[0].name
+    np.testing.assert_allclose(graph.run({name: x})[0], masked.run({name: x})[0], rtol=1e-4, atol=1e-5)

@@ -276,6 +276,40 @@ def split(node: PNode, prop: Propagation) -> None:
     prop.edit(node, "split", lambda kept: [kept.count(out, axis) for out in outputs])
 
 
+def split_to_sequence(node: PNode, prop: Propagation) -> None:
+    """SplitToSequence with constant sizes (torch's dynamo export of ``chunk``): like Split, into a sequence whose
+    items SequenceAt picks."""
+    x, sizes = node.input(0), prop.const(node.input(1))
+    t = prop.get(x)
+    if t is None:
+        return
+    axis = int(node.attrs.get("axis", 0)) % len(prop.shape(x))
+    if axis not in t.axes:
+        prop.sequences[node.outputs[0]] = [t]  # any item carries the same channels: SequenceAt reads item 0
+        return
+    if t.axes != (axis,) or sizes is None or sizes.ndim > 1 or not int(node.attrs.get("keepdims", 1)):
+        prop.block(t.atoms, f"SplitToSequence '{node.name}' splits a channel axis by sizes it cannot rewrite")
+        return
+    if sizes.ndim == 0:  # one size: chunks of it, the last one shorter (rewritten as explicit sizes)
+        sizes = np.array([min(int(sizes), t.atoms.size - lo) for lo in range(0, t.atoms.size, int(sizes))])
+    offsets = np.cumsum([0, *sizes.tolist()])
+    parts = [t.atoms[lo:hi] for lo, hi in zip(offsets[:-1], offsets[1:])]
+    prop.sequences[node.outputs[0]] = [Tracked((axis,), p) for p in parts]
+    prop.balance(parts)
+    prop.edit(node, "input:1", lambda kept: [int(kept.keep_atom[p].sum()) for p in parts])
+
+
+def sequence_at(node: PNode, prop: Propagation) -> None:
+    items, position = prop.sequences.get(node.input(0)), prop.const(node.input(1))
+    if items is None:
+        return
+    if position is None:
+        for item in items:
+            prop.block(item.atoms, f"SequenceAt '{node.name}' picks an item by a run-time position")
+        return
+    prop.set(node.outputs[0], items[0] if len(items) == 1 else items[int(position)])
+
+
 def slice_(node: PNode, prop: Propagation) -> None:
     """Slice with constant starts/ends (step 1) on a channel axis keeps that range of channels; the bounds are
     rewritten to the same channels' new positions."""

@@ -230,6 +230,7 @@ BUILTIN = {
     "BatchNormalization": h.batch_norm, "InstanceNormalization": h.batch_norm,
     "LayerNormalization": h.layer_norm,
     "Concat": h.concat, "Split": h.split, "Slice": h.slice_, "Gather": gather, "Index": index,
+    "SplitToSequence": h.split_to_sequence, "SequenceAt": h.sequence_at,
     "Reshape": reshape, "Flatten": reshape, "Squeeze": reshape, "Unsqueeze": reshape, "Transpose": transpose,
     "Expand": expand, "Pad": pad, "Shape": h.opaque, "Size": h.opaque,
     **{op: h.reduce for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",

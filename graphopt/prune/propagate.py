@@ -117,6 +117,7 @@ class Propagation:
     fixed: list[tuple[str, int, str]] = field(default_factory=list)  # (value, axis, why): must keep its size
     balanced: list[list[np.ndarray]] = field(default_factory=list)  # parts to prune alike (a Split's outputs)
     cuts: dict[str, list[np.ndarray]] = field(default_factory=dict)  # value -> channels its Slices take
+    sequences: dict[str, list[Tracked]] = field(default_factory=dict)  # a tensor sequence -> its items' channels
 
     # -- reading ------------------------------------------------------------------------------------------
     def get(self, value: str | None) -> Tracked | None:
@@ -179,7 +180,11 @@ class Propagation:
         if value is None:
             return
         array = self.const(value)
-        if array is None or array.ndim == 0:
+        if array is None:  # a bias or scale computed at run time cannot be sliced: its channels stay
+            self.block(atoms, f"'{value}', read by {node.op} '{node.name}', is computed at run time (fold first: "
+                              "--passes fold,prune)")
+            return
+        if array.ndim == 0:
             return
         axis = axis % array.ndim
         if array.shape[axis] != atoms.size:
