@@ -90,6 +90,9 @@ class PruneChannels(Pass):
         ctx.state["prune"] = outcome.rows()
         notes = [f"{count} channel group(s) kept whole: {reason}"
                  for reason, count in outcome.blocked_reasons().most_common(5)]
+        if not outcome.groups:
+            notes.append("found no layer whose output channels it can prune (weights must be constants: prune "
+                         "before quantizing)")
         if outcome.fallback_criterion:
             notes.append(f"criterion '{self.options.criterion}' scored nothing in {len(outcome.fallback_criterion)} "
                          f"group(s) (e.g. '{outcome.fallback_criterion[0]}'); they were ranked by l1")

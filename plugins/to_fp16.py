@@ -10,6 +10,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import Equivalence, OnnxGraph, Pass, PassResult, hookimpl
+from graphopt.calib.sources import load_calibration
+from graphopt.calib.specs import input_specs
 from graphopt.errors import first_line
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -262,7 +264,7 @@ def _batches(graph: OnnxGraph, ctx):
         yield graph.sample_inputs(ctx.seed)
         return
     wanted = {t.name: _dtype(t.dtype) for t in graph.gs.inputs}
-    for batch in ctx.calibration.batches():
+    for batch in load_calibration(ctx.calibration, input_specs(graph)).batches():  # a path, a mapping, ...
         yield {k: np.asarray(v, dtype=wanted[k] or None) for k, v in batch.items() if k in wanted}
 
 

@@ -267,3 +267,12 @@ def test_everything_blocked_is_no_change(tiny):
     result = convert(tiny, op_block_list=ops)
     assert not result.modified and result.stats == {} and "nothing converted" in result.notes[0]
     assert result.graph.op_counts() == tiny.op_counts()
+
+
+def test_calibration_given_to_the_api_as_a_mapping(zoo_onnx):
+    """optimize(calibration={name: array}) reaches the overflow check as it reaches calibrate."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    result = graphopt.optimize(zoo_onnx("tiny_resnet"), "fold,fp16", calibration={"input": x})
+    record = result.report.records[-1]
+    assert record.stats["converted nodes"] > 0
+    assert any("the calibration data" in n for n in record.notes), record.notes

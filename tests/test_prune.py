@@ -172,3 +172,12 @@ def test_digits_half_pruned_and_fine_tuned_keeps_its_accuracy(digits_trained):
     assert any("fine-tuned by" in n for n in result.report.records[-1].notes)
     assert sum(p.numel() for p in result.model.parameters()) < 0.3 * sum(p.numel() for p in model.parameters())
     assert pruned >= fp32 - 0.005, (fp32, pruned)
+
+
+def test_a_quantized_model_has_nothing_to_prune_and_says_why(zoo_onnx):
+    x = {"input": np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)}
+    result = optimize(zoo_onnx("tiny_resnet"), "fold,int8,prune", calibration=x, check=False)
+    record = result.report.records[-1]
+    assert not record.modified
+    assert record.notes == ["found no layer whose output channels it can prune (weights must be constants: "
+                            "prune before quantizing)"]
