@@ -264,7 +264,9 @@ def _batches(graph: OnnxGraph, ctx):
         yield graph.sample_inputs(ctx.seed)
         return
     wanted = {t.name: _dtype(t.dtype) for t in graph.gs.inputs}
-    for batch in load_calibration(ctx.calibration, input_specs(graph)).batches():  # a path, a mapping, ...
+    data = ctx.calibration  # CalibrationData (the CLI), anything with batches(), or what calibrate= takes
+    data = data if callable(getattr(data, "batches", None)) else load_calibration(data, input_specs(graph))
+    for batch in data.batches():
         yield {k: np.asarray(v, dtype=wanted[k] or None) for k, v in batch.items() if k in wanted}
 
 
