@@ -73,6 +73,9 @@ def test_ignore_keeps_a_layer_and_global_scope_meets_the_ratio(zoo_onnx):
     assert conv.inputs[1].values.shape[0] == 8
     widths = _conv_widths(optimize(path, "fold,prune:scope=global").graph)
     assert len(set(w / b for w, b in zip(widths, before))) > 1  # not uniform
+    pinned = optimize(path, "fold,prune:scope=global:layer_ratios=/layer1/layer1.0/conv1@0.25").graph
+    conv = next(n for n in pinned.gs.nodes if n.name == "/layer1/layer1.0/conv1/Conv")
+    assert conv.inputs[1].values.shape[0] == 6  # a layer ratio holds under global scope too
     # every residual group counts once however many convs share it; the total removed is half of the classes
     assert 0.3 < sum(widths) / sum(before) < 0.7
 

@@ -68,9 +68,10 @@ def prune_view(view: ChannelView, *, handlers: dict, criterion: Importance, fall
         g.ratio = ratio
         for pattern, value in (layer_ratios or {}).items():
             if any(name_matches(pattern, s.node) for s in g.sources):
-                g.ratio = value
+                g.ratio, g.pinned = value, True
                 break
     scores = score_classes(prop, roots, criterion)
     backup = score_classes(prop, roots, fallback) if fallback is not criterion else scores
-    sel = select(prop, roots, groups, scores, backup, scope=scope, round_to=round_to, min_channels=min_channels)
+    sel = select(prop, roots, groups, scores, backup, scope=scope, ratio=ratio, round_to=round_to,
+                 min_channels=min_channels)
     return Outcome(build_plan(prop, roots, sel.dropped), groups, prop, sel.fallback_criterion)

@@ -28,6 +28,7 @@ class Group:
     sources: list[Source]
     width: int  # channels of the first source per class (1, or the channels of one group of a grouped conv)
     ratio: float = 0.0
+    pinned: bool = False  # its ratio came from layer_ratios (global scope leaves it alone)
     blocked: str | None = None
     dropped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
@@ -141,7 +142,7 @@ def _keep_count(n: int, ratio: float, width: int, round_to: int, min_channels: i
 
 
 def select(prop: Propagation, roots: np.ndarray, groups: list[Group], scores: dict[int, float],
-           fallback: dict[int, float], *, scope: str, round_to: int, min_channels: int) -> Selection:
+           fallback: dict[int, float], *, scope: str, ratio: float, round_to: int, min_channels: int) -> Selection:
     """Choose the classes to drop in each unblocked group, lowest score first, validating group by group."""
     sel = Selection(groups, np.zeros(0, dtype=np.int64))
     live = [g for g in groups if g.blocked is None and g.ratio > 0]
@@ -152,31 +153,10 @@ def select(prop: Propagation, roots: np.ndarray, groups: list[Group], scores: di
         else:
             sel.fallback_criterion.append(g.name)
             score_of[id(g)] = np.array([fallback.get(c, 0.0) for c in g.classes.tolist()])
-    if scope == "global" and live:
-        ranked = []
-        for g in live:
-            s = score_of[id(g)]
-            ranked += [(v / (s.mean() or 1.0), id(g), i) for i, v in enumerate(s.tolist())]
-        ranked.sort()
-        budget = int(sum(g.classes.size for g in live) * live[0].ratio + 1e-9)
-        floor = {id(g): _keep_count(g.classes.size, 1.0, g.width, 1, min_channels) for g in live}
-        left = {id(g): g.classes.size for g in live}
-        chosen: dict[int, list[int]] = {id(g): [] for g in live}
-        for _, gid, i in ranked:
-            if budget <= 0:
-                break
-            if left[gid] > floor[gid]:
-                chosen[gid].append(i)
-                left[gid] -= 1
-                budget -= 1
-        per_group = {}
-        for g in live:
-            keep = _keep_count(g.classes.size, 1 - left[id(g)] / g.classes.size, g.width, round_to, min_channels)
-            keep = max(keep, left[id(g)])
-            per_group[id(g)] = g.classes.size - keep
-    else:
-        per_group = {id(g): g.classes.size - _keep_count(g.classes.size, g.ratio, g.width, round_to, min_channels)
-                     for g in live}
+    per_group = {id(g): g.classes.size - _keep_count(g.classes.size, g.ratio, g.width, round_to, min_channels)
+                 for g in live}
+    if scope == "global":  # groups with a layer ratio keep it; the others share the global budget
+        per_group.update(_global_counts([g for g in live if not g.pinned], score_of, ratio, round_to, min_channels))
     checker = _Checker(prop, roots)
     for g in live:
         n_drop = per_group[id(g)]
@@ -201,6 +181,27 @@ def select(prop: Propagation, roots: np.ndarray, groups: list[Group], scores: di
             g.blocked = f"pruning it: {problem}"
     sel.dropped = checker.dropped
     return sel
+
+
+def _global_counts(groups: list[Group], score_of: dict[int, np.ndarray], ratio: float, round_to: int,
+                   min_channels: int) -> dict[int, int]:
+    """How many classes each group loses when ``ratio`` of all their classes go, lowest normalized score first
+    (each group's scores divided by their mean, as Torch-Pruning's global pruning normalizes)."""
+    ranked = sorted((v / (score_of[id(g)].mean() or 1.0), id(g)) for g in groups for v in score_of[id(g)].tolist())
+    budget = int(sum(g.classes.size for g in groups) * ratio + 1e-9)
+    left = {id(g): g.classes.size for g in groups}
+    floor = {id(g): _keep_count(g.classes.size, 1.0, g.width, 1, min_channels) for g in groups}
+    for _, gid in ranked:
+        if budget <= 0:
+            break
+        if left[gid] > floor[gid]:
+            left[gid] -= 1
+            budget -= 1
+    counts = {}
+    for g in groups:
+        keep = _keep_count(g.classes.size, 1 - left[id(g)] / g.classes.size, g.width, round_to, min_channels)
+        counts[id(g)] = g.classes.size - max(keep, left[id(g)])
+    return counts
 
 
 def _parts(prop: Propagation, roots: np.ndarray, g: Group) -> list[set[int]]:
