@@ -161,6 +161,24 @@ class OnnxGraph(Graph):
             if not isinstance(tensor, gs.Constant) and name in known:
                 tensor.shape, tensor.dtype = known[name]
 
+    def forget_shapes(self) -> None:
+        """Drop the shapes of intermediate tensors (after a change that resized them); inputs and outputs keep
+        theirs. The next inference starts afresh instead of keeping stale, or symbolic, dimensions."""
+        ends = {t.name for t in [*self.gs.inputs, *self.gs.outputs]}
+        for name, tensor in self.gs.tensors().items():
+            if isinstance(tensor, gs.Variable) and name not in ends:
+                tensor.shape = None
+
+    def fold_constant_subgraphs(self) -> None:
+        """Evaluate every subgraph computed from constants alone — with static input shapes, Shape ops too —
+        with onnx-graphsurgeon's ``fold_constants`` on onnxruntime. What onnxruntime cannot evaluate stays."""
+        import onnxruntime
+
+        self.infer_shapes()
+        onnxruntime.set_default_logger_severity(3)  # its optimizer's warnings on the subgraphs are noise here
+        self.gs.fold_constants(error_ok=True).cleanup()
+        self.forget_shapes()
+
     def export(self) -> onnx.ModelProto:
         return self.to_model()
 

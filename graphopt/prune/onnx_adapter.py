@@ -41,12 +41,7 @@ class OnnxChannels:
         g = self.graph.gs
         constant = lambda t: isinstance(t, gs.Constant) or not t.name  # noqa: E731
         if any(n.inputs and all(constant(t) for t in n.inputs) or n.op == "Shape" for n in g.nodes):
-            import onnxruntime
-
-            self.graph.infer_shapes()  # static shapes let Shape ops fold too
-            onnxruntime.set_default_logger_severity(3)  # its graph optimizer's notes are not the user's business
-            g.fold_constants(error_ok=True)
-            g.cleanup()
+            self.graph.fold_constant_subgraphs()
 
     def view(self) -> ChannelView:
         g = self.graph.gs
@@ -116,8 +111,5 @@ class OnnxChannels:
                 self._const_input(node, 2, ends)
             else:
                 raise ValueError(f"the ONNX pruning adapter cannot set '{key}' on {node.op} '{node_name}'")
-        outputs = {t.name for t in g.inputs} | {t.name for t in g.outputs}
-        for name, t in g.tensors().items():
-            if isinstance(t, gs.Variable) and name not in outputs:
-                t.shape = None
+        self.graph.forget_shapes()
         g.cleanup()

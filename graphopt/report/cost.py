@@ -201,18 +201,9 @@ def _static_inputs(g) -> bool:
 def _shapes_after_folding(graph, known: dict) -> dict:
     """Shapes of a model with static inputs whose inference stops at a size computed from Shape ops (torch's
     export of ``chunk``): inferred again on a copy with its constant subgraphs folded."""
-    import onnx_graphsurgeon as gs
-    import onnxruntime
-
     copy = graph.copy()
     try:
-        copy.infer_shapes()
-        onnxruntime.set_default_logger_severity(3)
-        copy.gs.fold_constants(error_ok=True).cleanup()
-        ends = {t.name for t in [*copy.gs.inputs, *copy.gs.outputs]}
-        for name, t in copy.gs.tensors().items():
-            if not isinstance(t, gs.Constant) and name not in ends:
-                t.shape = None  # the symbolic shapes inferred before folding would stick
+        copy.fold_constant_subgraphs()
         return {**known, **copy.inferred_shapes()}
     except Exception:  # counting must not fail where inference on the original worked: keep what we had
         return known
