@@ -169,6 +169,16 @@ class Attention(nn.Module):
         return self.fc(x + self.out(ctx))
 
 
+class FusedAttention(Attention):
+    """The same block through ``F.scaled_dot_product_attention`` (FX sees one call; ONNX, MatMuls)."""
+
+    def forward(self, x):
+        x = self.embed(x)
+        q, k, v = self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x))
+        ctx = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 6, 32)
+        return self.fc(x + self.out(ctx))
+
+
 # name -> (module class, input shape, {parameter: shape after prune at ratio 0.5})
 PATTERNS = {
     "conv-bn-conv": (ConvChain, (1, 3, 8, 8), {"conv1.weight": (4, 3, 3, 3), "bn1.weight": (4,),
@@ -194,6 +204,8 @@ PATTERNS = {
     "conv-transpose": (Upsample, (1, 3, 4, 4), {"conv.weight": (4, 3, 3, 3), "up.weight": (4, 3, 2, 2),
                                                 "up_grouped.weight": (3, 1, 3, 3), "head.weight": (4, 3, 3, 3)}),
     "mlp": (Mlp, (1, 12), {"fc1.weight": (16, 12), "fc2.weight": (8, 16), "fc3.weight": (4, 8)}),
+    "attention-fused": (FusedAttention, (1, 6, 12), {"q.weight": (16, 16), "k.weight": (16, 16),
+                                                     "v.weight": (16, 16), "out.weight": (16, 16)}),
     "attention-size": (Attention, (1, 6, 12), {"q.weight": (16, 16), "k.weight": (16, 16), "v.weight": (16, 16),
                                                "out.weight": (16, 16), "embed.weight": (16, 12)}),
 }

@@ -202,3 +202,28 @@ def test_core_aten_graph_prunes_everything_before_the_decomposed_linear():
     assert _shapes(decomposed.model) == _shapes(traced.model)
     with torch.no_grad():
         torch.testing.assert_close(decomposed.model(x), traced.model(x), **TOL)
+
+
+class GroupNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.gn, self.c2 = nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.Conv2d(16, 8, 3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.c2(torch.relu(self.gn(self.c1(x)))).mean((2, 3)))
+
+
+def test_group_norm_keeps_its_groups_on_both_fx_captures():
+    torch.manual_seed(0)
+    model = GroupNormed().eval()
+    x = torch.randn(1, 3, 10, 10)
+    traced = optimize(model, "prune", example_inputs=(x,), check=False)
+    gn = traced.model.get_submodule("gn")
+    assert (gn.num_groups, gn.num_channels, tuple(gn.weight.shape)) == (4, 8, (8,))  # 4 groups of 2
+    exported = optimize(FxGraph(torch.export.export(model, (x,)).module(), (x,), "torch.export"), "prune",
+                        check=False)
+    assert _shapes(exported.model) == _shapes(traced.model)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.model(x), traced.model(x), **TOL)
+

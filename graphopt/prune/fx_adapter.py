@@ -129,6 +129,8 @@ class FxChannels:
             if isinstance(mod, nn.LayerNorm) and mod.elementwise_affine:
                 return PNode(name, "LayerNormalization", [x, p("weight"), p("bias")], out,
                              {"axis": -len(mod.normalized_shape)})
+            if isinstance(mod, nn.GroupNorm) and mod.affine:
+                return PNode(name, "GroupNorm", [x, p("weight"), p("bias")], out, {"num_groups": mod.num_groups})
             if isinstance(mod, nn.Embedding):
                 return PNode(name, "Gather", [p("weight"), x], out, {"axis": 0})
             if isinstance(mod, nn.Flatten):
@@ -154,6 +156,9 @@ class FxChannels:
         if target in (torch.cat, torch.concat):
             return PNode(node.name, "Concat", [val(a, i) for i, a in enumerate(node.args[0])], out,
                          {"axis": _arg(node, 1, "dim", 0)})
+        if target is F.scaled_dot_product_attention:
+            return PNode(node.name, "ScaledDotProductAttention", [val(a, i) for i, a in enumerate(node.args[:3])],
+                         out, {"scale": node.kwargs.get("scale")})
         if target in (torch.matmul, operator.matmul, torch.bmm, "matmul"):
             return PNode(node.name, "MatMul", [x, val(node.args[1], 1)], out)
         if target in (torch.flatten, "flatten", "view", "reshape", torch.reshape, "unsqueeze", "squeeze",
@@ -213,6 +218,8 @@ class FxChannels:
                 packed = isinstance(_arg(node, 1, "shape"), (tuple, list))
                 node.args = (node.args[0], tuple(dims)) if packed else (node.args[0], *dims)
                 node.kwargs = {k: v for k, v in node.kwargs.items() if k != "shape"}
+            elif key == "scale":  # scaled_dot_product_attention keeps the scale of the head size it had
+                node.kwargs = {**node.kwargs, "scale": float(value)}
             elif key == "split":
                 node.target, node.op = "split", "call_method"
                 node.args, node.kwargs = (node.args[0], [int(v) for v in value]), {"dim": _arg(node, 2, "dim", 0)}
@@ -269,5 +276,7 @@ def _fix_sizes(module) -> None:
         module.num_features = (w if w is not None else module.running_mean).shape[0]
     elif isinstance(module, nn.LayerNorm) and w is not None:
         module.normalized_shape = tuple(w.shape)
+    elif isinstance(module, nn.GroupNorm) and w is not None:
+        module.num_channels = w.shape[0]
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = w.shape[1]

@@ -42,6 +42,7 @@ OPS: dict[str, str] = {
     "linear": "Linear", "matmul": "MatMul", "mm": "MatMul", "bmm": "MatMul",
     "batch_norm": "BatchNormalization", "_native_batch_norm_legit_no_training": "BatchNormalization",
     "layer_norm": "LayerNormalization", "native_layer_norm": "LayerNormalization", "embedding": "Gather",
+    "group_norm": "GroupNorm", "scaled_dot_product_attention": "ScaledDotProductAttention",
     "cat": "Concat", "concat": "Concat", "view": "Reshape", "reshape": "Reshape", "_unsafe_view": "Reshape",
     **{name: "Flatten" for name in ("flatten", "unsqueeze", "squeeze")},
     **{name: "Transpose" for name in ("permute", "transpose", "t")},
@@ -116,6 +117,15 @@ def describe(fx, node) -> PNode | None:
             return PNode(name, packet, [x], out)  # normalized_shape could not follow the channels: no handler
         return PNode(name, op, [x, val(arg(node, "weight"), 2), val(arg(node, "bias"), 3)], out,
                      {"axis": -len(arg(node, "normalized_shape"))})
+    if op == "GroupNorm":
+        if arg(node, "weight") is None:
+            return PNode(name, packet, [x], out)
+        return PNode(name, op, [x, val(arg(node, "weight"), 2), val(arg(node, "bias"), 3)], out,
+                     {"num_groups": int(arg(node, "num_groups"))})
+    if op == "ScaledDotProductAttention":
+        mask = arg(node, "attn_mask")
+        return PNode(name, op, [x, val(arg(node, "key"), 1), val(arg(node, "value"), 2),
+                                *([val(mask, 3)] if mask is not None else [])], out, {"scale": arg(node, "scale")})
     if op == "Gather":
         if packet == "embedding":
             return PNode(name, op, [x, val(node.args[1], 1)], out, {"axis": 0})
@@ -184,6 +194,8 @@ def apply_edit(node, key: str, value: Any) -> bool:
         starts, ends = value
         set_arg(node, "start", int(starts[0]))
         set_arg(node, "end", int(ends[0]))
+    elif key == "scale":
+        set_arg(node, "scale", float(value))
     else:
         return False
     return True

@@ -225,10 +225,62 @@ def matmul(node: PNode, prop: Propagation) -> None:
         prop.set(y, Tracked(tuple(every), np.ascontiguousarray(grid)))
 
 
+def attention(node: PNode, prop: Propagation) -> None:
+    """Fused attention ``softmax(q·kᵀ)·v`` on (batch, heads, seq, dim) tensors (``scaled_dot_product_attention``):
+    q's and k's channels are unified (heads and dims contracted together), v's carry through to the output; the
+    heads of q/k and of v are unified where whole heads go (``split=count``), else every head axis keeps its
+    size. The scale stays 1/sqrt(head size before pruning), as an attention written out with a constant keeps it."""
+    (q, k, v), y = node.inputs[:3], node.outputs[0]
+    tq, tk, tv = prop.get(q), prop.get(k), prop.get(v)
+    rank = len(prop.shape(y) or ())
+    head, dim = rank - 3, rank - 1
+    ok = all(t is None or set(t.axes) <= {head, dim} for t in (tq, tk, tv))
+    if not ok or any(prop.get(extra) is not None for extra in node.inputs[3:]) or (tq is None) != (tk is None):
+        h.unknown(node, prop)
+        return
+    if tq is not None:
+        if tq.axes != tk.axes:
+            h.unknown(node, prop)
+            return
+        prop.unify(tq.atoms, tk.atoms)
+        if dim in tq.axes:  # the softmax keeps its temperature: 1/sqrt(the head size before pruning)
+            scale = node.attrs.get("scale") or prop.shape(q)[dim] ** -0.5
+            prop.edit(node, "scale", lambda kept: scale)
+        heads_whole = tq.axes == (head, dim) and (lambda c: (c == c[:, :1]).all())(prop.uf.find(tq.atoms))
+        if heads_whole and tv is not None and head in tv.axes and tv.axes[0] == head:
+            prop.unify(tq.atoms[:, :1], tv.atoms.reshape(tv.atoms.shape[0], -1))
+        elif head in tq.axes:
+            for value in (q, k):
+                prop.keep_size(value, head, f"attention '{node.name}' needs the same heads in q, k and v")
+    if tv is not None:
+        if head in tv.axes and (tq is None or head not in tq.axes):
+            prop.keep_size(v, head, f"attention '{node.name}' needs the same heads in q, k and v")
+        prop.set(y, tv)
+
+
+def group_norm(node: PNode, prop: Propagation) -> None:
+    """GroupNorm (``num_groups`` groups over axis 1, per-channel scale and bias): every group loses the same
+    positions, so the group count and each group's size stay consistent."""
+    x, y = node.input(0), node.outputs[0]
+    tx = prop.channel(node, x, 1)
+    groups = int(node.attrs.get("num_groups", 1))
+    if tx is None:
+        return
+    if tx.size % groups:
+        prop.block(tx, f"GroupNorm '{node.name}' has channels that do not split into its groups")
+        return
+    for column in tx.reshape(groups, -1).T:
+        prop.unify_all(column)
+    prop.slice(node, node.input(1), 0, tx, "norm_scale")
+    prop.slice(node, node.input(2), 0, tx, "bias")
+    prop.set(y, Tracked((1,), tx))
+
+
 BUILTIN = {
     "Conv": h.conv, "ConvTranspose": h.conv_transpose, "Gemm": h.gemm, "Linear": h.linear, "MatMul": matmul,
     "BatchNormalization": h.batch_norm, "InstanceNormalization": h.batch_norm,
-    "LayerNormalization": h.layer_norm,
+    "LayerNormalization": h.layer_norm, "GroupNorm": group_norm,
+    "ScaledDotProductAttention": attention,  # torch's fused attention (FX); ONNX writes it out as MatMuls
     "Concat": h.concat, "Split": h.split, "Slice": h.slice_, "Gather": gather, "Index": index,
     "SplitToSequence": h.split_to_sequence, "SequenceAt": h.sequence_at,
     "Reshape": reshape, "Flatten": reshape, "Squeeze": reshape, "Unsqueeze": reshape, "Transpose": transpose,
