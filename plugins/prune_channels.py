@@ -108,13 +108,15 @@ class PruneChannels(Pass):
         if getattr(criterion, "needs_gradients", False):
             raise self.fail(f"criterion '{self.options.criterion}' needs gradients: prune the PyTorch model "
                             "(FX, graphopt.optimize(module, ...)) with calibration data")
-        adapter = OnnxChannels(graph)
+        work = graph.copy()  # the view folds weight preprocessing: an unpruned graph is returned as it came
+        adapter = OnnxChannels(work)
         view = adapter.view()
         outcome = self._prune(view, handlers, criterion)
-        if outcome.pruned_groups:
-            adapter.apply(outcome.plan)
-            self._check(graph, view)
-        return self._result(graph, outcome, ctx)
+        if not outcome.pruned_groups:
+            return self._result(graph, outcome, ctx)
+        adapter.apply(outcome.plan)
+        self._check(work, view)
+        return self._result(work, outcome, ctx)
 
     def _check(self, graph, view) -> None:
         try:

@@ -184,3 +184,14 @@ def test_a_quantized_model_has_nothing_to_prune_and_says_why(zoo_onnx):
     assert not record.modified
     assert record.notes == ["found no layer whose output channels it can prune (weights must be constants: "
                             "prune before quantizing)"]
+
+
+def test_nothing_to_prune_returns_the_graph_as_it_came(tmp_path):
+    """The raw dynamo export's zero biases are computed (Expand chains): nothing can be pruned before fold, and
+    the view's folding of weight preprocessing must not leak into an unmodified result."""
+    path = zoo.export_onnx(zoo.tiny_resnet(), str(tmp_path / "raw.onnx"), (1, 3, 32, 32), exporter="dynamo")
+    before = OnnxGraph.load(path).num_nodes()
+    result = optimize(path, "prune", check=False)
+    record = result.report.records[-1]
+    assert not record.modified and record.nodes_before == record.nodes_after == before
+    assert any("fold first" in n for n in record.notes)
