@@ -29,6 +29,7 @@ class Outcome:
     plan: Plan
     groups: list[Group]
     prop: Propagation
+    roots: np.ndarray  # each atom's class
     fallback_criterion: list[str]
 
     @property
@@ -37,7 +38,7 @@ class Outcome:
 
     def channels_removed(self) -> int:
         """Channels removed from the sources (a residual group's channels count once per source)."""
-        keep = ~np.isin(self.prop.uf.find(np.arange(len(self.prop.uf.parent))), self._dropped())
+        keep = ~np.isin(self.roots, self._dropped())
         return sum(int((~keep[s.atoms]).sum()) for g in self.groups for s in g.sources)
 
     def _dropped(self) -> np.ndarray:
@@ -74,4 +75,4 @@ def prune_view(view: ChannelView, *, handlers: dict, criterion: Importance, fall
     backup = score_classes(prop, roots, fallback) if fallback is not criterion else scores
     sel = select(prop, roots, groups, scores, backup, scope=scope, ratio=ratio, round_to=round_to,
                  min_channels=min_channels)
-    return Outcome(build_plan(prop, roots, sel.dropped), groups, prop, sel.fallback_criterion)
+    return Outcome(build_plan(prop, roots, sel.dropped), groups, prop, roots, sel.fallback_criterion)

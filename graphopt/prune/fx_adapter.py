@@ -69,10 +69,7 @@ class FxChannels:
         return None
 
     def _param(self, qualified: str) -> str:
-        tensor = self.gm.get_parameter(qualified) if qualified in dict(self.gm.named_parameters()) else \
-            self.gm.get_buffer(qualified) if qualified in dict(self.gm.named_buffers()) else None
-        if tensor is None:
-            tensor = fx_aten.fetch(self.gm, qualified)
+        tensor = fx_aten.fetch(self.gm, qualified)  # a parameter, a buffer or a constant torch.export lifted
         self.consts[qualified] = tensor.detach().cpu().numpy()
         self.shapes[qualified] = tuple(tensor.shape)
         return qualified

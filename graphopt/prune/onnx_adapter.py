@@ -24,15 +24,9 @@ class OnnxChannels:
         self.nodes: dict[str, gs.Node] = {}
 
     def _lift_constant_nodes(self) -> None:
-        for node in self.graph.gs.nodes:
-            if node.op == "Constant" and len(node.outputs) == 1 and isinstance(node.attrs.get("value"), gs.Constant):
-                out = node.outputs[0]
-                if out in self.graph.gs.outputs:
-                    continue
-                const = gs.Constant(out.name, node.attrs["value"].values)
-                for consumer in list(out.outputs):
-                    replace_input(consumer, out, const)
-                node.outputs.clear()
+        for node in list(self.graph.gs.nodes):
+            if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+                self.graph.fold_to_constant(node, node.attrs["value"].values)  # a graph output stays a node
         self.graph.gs.cleanup()
 
     def _fold_weight_preprocessing(self) -> None:

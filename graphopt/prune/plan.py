@@ -43,7 +43,6 @@ class Group:
 
 @dataclass
 class Selection:
-    groups: list[Group]
     dropped: np.ndarray
     fallback_criterion: list[str] = field(default_factory=list)  # groups the criterion could not score
 
@@ -144,7 +143,7 @@ def _keep_count(n: int, ratio: float, width: int, round_to: int, min_channels: i
 def select(prop: Propagation, roots: np.ndarray, groups: list[Group], scores: dict[int, float],
            fallback: dict[int, float], *, scope: str, ratio: float, round_to: int, min_channels: int) -> Selection:
     """Choose the classes to drop in each unblocked group, lowest score first, validating group by group."""
-    sel = Selection(groups, np.zeros(0, dtype=np.int64))
+    sel = Selection(np.zeros(0, dtype=np.int64))
     live = [g for g in groups if g.blocked is None and g.ratio > 0]
     score_of: dict[int, np.ndarray] = {}
     for g in live:

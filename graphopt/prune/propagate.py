@@ -118,6 +118,7 @@ class Propagation:
     balanced: list[list[np.ndarray]] = field(default_factory=list)  # parts to prune alike (a Split's outputs)
     cuts: dict[str, list[np.ndarray]] = field(default_factory=dict)  # value -> channels its Slices take
     sequences: dict[str, list[Tracked]] = field(default_factory=dict)  # a tensor sequence -> its items' channels
+    producers: dict[str, PNode] | None = None  # value -> the node writing it, built on first use
 
     # -- reading ------------------------------------------------------------------------------------------
     def get(self, value: str | None) -> Tracked | None:
@@ -131,9 +132,9 @@ class Propagation:
 
     def producer(self, value: str | None) -> PNode | None:
         """The node that writes ``value`` (None for inputs and constants)."""
-        if not hasattr(self, "_producers"):
-            self._producers = {out: node for node in self.view.nodes for out in node.outputs}
-        return self._producers.get(value)
+        if self.producers is None:
+            self.producers = {out: node for node in self.view.nodes for out in node.outputs}
+        return self.producers.get(value)
 
     def channel(self, node: PNode, value: str | None, axis: int) -> np.ndarray | None:
         """The atoms of ``value`` along ``axis``; a value tracked on any other axis is blocked (None)."""
