@@ -16,9 +16,14 @@ import textwrap
 
 from graphopt.backends import get_backend
 from graphopt.cli_backend import add_backend_commands, cmd_bench, cmd_compare, load_npz, registry_from_args
-from graphopt.errors import GraphoptError, UsageError
-
-INTERNAL_ERROR_EXIT = 70
+from graphopt.errors import (
+    INTERNAL_ERROR_EXIT,
+    EquivalenceError,
+    GraphoptError,
+    ModelLoadError,
+    UsageError,
+    VerificationError,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,7 +161,7 @@ def cmd_run(args) -> int:
     if args.bisect:
         result = bisect(graph, passes, ctx, rtol=args.rtol)
         say(result.describe(args.rtol))
-        return 1 if result.culprit else 0
+        return EquivalenceError.exit_code if result.culprit else 0
 
     instruments = []
     if args.verify_each:
@@ -174,7 +179,8 @@ def cmd_run(args) -> int:
         try:
             out.verify()
         except ValueError as exc:
-            raise GraphoptError(f"the optimized model is invalid ({exc}); nothing written") from None
+            raise VerificationError(report.records[-1].name,
+                                    f"the optimized model is invalid ({exc}); nothing written") from None
     _save_atomically(out, output)
 
     after = out.describe()
@@ -292,7 +298,7 @@ def cmd_verify(args) -> int:
     try:
         graph.verify()
     except ValueError as exc:
-        raise GraphoptError(f"{args.model}: invalid: {exc}") from None
+        raise ModelLoadError(f"{args.model}: invalid: {exc}") from None
     outputs = graph.run(graph.sample_inputs())
     shapes = ", ".join(str(tuple(o.shape)) for o in outputs)
     print(f"{args.model}: valid; ran on sample inputs, outputs {shapes}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from graphopt.errors import GraphoptError, UsageError
+from graphopt.errors import InputError, OutputError, UsageError
 
 
 def add_backend_commands(sub, add_plugin_flags) -> None:
@@ -103,7 +103,7 @@ def _write_json(path: str, data) -> None:
         with open(path, "w") as f:
             json.dump(data, f, indent=2, default=str)
     except OSError as exc:
-        raise GraphoptError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def cmd_bench(args) -> int:
@@ -132,14 +132,14 @@ def load_npz(path: str) -> dict:
     import numpy as np
 
     if not os.path.isfile(path):
-        raise GraphoptError(f"{path}: no such file")
+        raise InputError(f"{path}: no such file")
     try:
         with np.load(path, allow_pickle=False) as archive:
             if not hasattr(archive, "files"):
                 raise ValueError("a single array, not an .npz archive of named arrays")
             return {k: archive[k] for k in archive.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise GraphoptError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else exc})")
+        raise InputError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else exc})")
 
 
 def cmd_compare(args) -> int:

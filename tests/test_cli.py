@@ -78,7 +78,7 @@ def test_snapshots_and_verify_each(model, tmp_path):
 
 
 def test_bisect_names_the_pass_that_broke_equivalence(model, capsys):
-    assert main(["run", str(model), "--passes", "broken-fold", "--bisect", *HELPERS]) == 1
+    assert main(["run", str(model), "--passes", "broken-fold", "--bisect", *HELPERS]) == 6
     out = capsys.readouterr().out
     assert "pass #5 'scale-weights' is the first that broke equivalence" in out
     assert not (model.parent / "model.opt.onnx").exists()
@@ -87,7 +87,7 @@ def test_bisect_names_the_pass_that_broke_equivalence(model, capsys):
 
 
 def test_numeric_check_stops_a_pass_that_lies_about_being_exact(model, capsys):
-    assert main(["run", str(model), "--passes", "broken-fold", *HELPERS]) == 1
+    assert main(["run", str(model), "--passes", "broken-fold", *HELPERS]) == 6
     err = capsys.readouterr().err
     assert err.startswith("graphopt: error: pass 'scale-weights': declares itself exact but changed the outputs")
     assert not (model.parent / "model.opt.onnx").exists()
@@ -101,7 +101,7 @@ def test_approximate_pass_is_measured_not_failed(model, capsys):
 
 def test_reproducer_saves_the_failing_input(model, tmp_path, capsys):
     args = ["--passes", "fold,exploding", "--reproducer", str(tmp_path / "crash"), *HELPERS]
-    assert main(["run", str(model), *args]) == 1
+    assert main(["run", str(model), *args]) == 5
     assert "pass 'exploding': RuntimeError: boom" in capsys.readouterr().err
     assert (tmp_path / "crash" / "input.onnx").exists()
     assert "--passes exploding" in (tmp_path / "crash" / "reproduce.txt").read_text()
@@ -188,7 +188,7 @@ def test_run_on_a_pytorch_file(tmp_path, capsys):
 
     module = tiny_resnet()
     torch.save(module, tmp_path / "m.pt")
-    assert main(["run", str(tmp_path / "m.pt")]) == 1
+    assert main(["run", str(tmp_path / "m.pt")]) == 2
     assert "needs example inputs" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "m.pt"), "--input-shape", "2x3x32x32"]) == 0
     assert "folded 12 BatchNormalization" in capsys.readouterr().out

@@ -81,15 +81,15 @@ def test_bench_usage_errors(models, capsys, argv, exit_code, fragments):
 
 
 def test_bench_bad_models(tmp_path, capsys):
-    one_line_error(capsys, main(["bench", str(tmp_path / "missing.onnx")]), 1, "missing.onnx: no such file")
+    one_line_error(capsys, main(["bench", str(tmp_path / "missing.onnx")]), 3, "missing.onnx: no such file")
     junk = tmp_path / "junk.onnx"
     junk.write_text("not a model")
-    one_line_error(capsys, main(["bench", str(junk)]), 1, "junk.onnx")
+    one_line_error(capsys, main(["bench", str(junk)]), 3, "junk.onnx")
     import onnx
 
     fixed = tmp_path / "fixed.onnx"
     onnx.save(identity_model([1, 3]), str(fixed))
-    one_line_error(capsys, main(["bench", str(fixed), "--batch", "4", "--iters", "1"]), 1,
+    one_line_error(capsys, main(["bench", str(fixed), "--batch", "4", "--iters", "1"]), 2,
                    "fixed batch dimension 1; batch 4")
 
 
@@ -148,20 +148,20 @@ def test_compare_default_labels_key(models, tmp_path, capsys):
 
 def test_compare_errors(models, tmp_path, capsys):
     fp32 = models["fp32"]
-    one_line_error(capsys, main(["compare", fp32, str(tmp_path / "nope.onnx")]), 1, "nope.onnx: no such file")
+    one_line_error(capsys, main(["compare", fp32, str(tmp_path / "nope.onnx")]), 3, "nope.onnx: no such file")
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, images=np.zeros((2, 3, 32, 32), np.float32))
-    one_line_error(capsys, main(["compare", fp32, fp32, "--data", str(wrong)]), 1, "no array for model input",
+    one_line_error(capsys, main(["compare", fp32, fp32, "--data", str(wrong)]), 2, "no array for model input",
                    "input", "images")
     one_line_error(capsys, main(["compare", fp32, fp32, "--data", str(wrong), "--labels", "y"]), 2, "no array 'y'")
     one_line_error(capsys, main(["compare", fp32, fp32, "--labels", "y"]), 2, "--data")
-    one_line_error(capsys, main(["compare", fp32, fp32, "--data", str(tmp_path / "none.npz")]), 1, "no such file")
+    one_line_error(capsys, main(["compare", fp32, fp32, "--data", str(tmp_path / "none.npz")]), 3, "no such file")
     text = tmp_path / "text.npz"
     text.write_text("hello")
-    one_line_error(capsys, main(["compare", fp32, fp32, "--data", str(text)]), 1, "not a readable .npz")
+    one_line_error(capsys, main(["compare", fp32, fp32, "--data", str(text)]), 3, "not a readable .npz")
     onehot = tmp_path / "onehot.npz"
     np.savez(onehot, input=np.zeros((3, 3, 32, 32), np.float32), labels=np.eye(3))
-    one_line_error(capsys, main(["compare", fp32, fp32, "--data", str(onehot)]), 1, "one integer class per sample")
+    one_line_error(capsys, main(["compare", fp32, fp32, "--data", str(onehot)]), 2, "one integer class per sample")
     shape = tmp_path / "shape.npz"
     np.savez(shape, input=np.zeros((2, 3, 16, 16), np.float32))
-    one_line_error(capsys, main(["compare", fp32, fp32, "--data", str(shape)]), 1, "(2, 3, 16, 16)")
+    one_line_error(capsys, main(["compare", fp32, fp32, "--data", str(shape)]), 2, "(2, 3, 16, 16)")

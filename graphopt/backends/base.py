@@ -21,17 +21,22 @@ from graphopt.backends.scheme import (
     UnsupportedRequestError,
     restrict_ops,
 )
-from graphopt.errors import GraphoptError, UsageError
+from graphopt.errors import UnsupportedError, UsageError
 
 __all__ = [
-    "BIAS_MODES", "INT8_DTYPES", "Accuracy", "Backend", "BackendError", "BenchResult", "FrozenDict", "InputSpec",
+    "BIAS_MODES", "INT8_DTYPES", "Accuracy", "Backend", "BackendError", "BenchResult", "DataError", "FrozenDict",
+    "InputSpec",
     "LatencyStats", "QuantRequest", "QuantScheme", "TensorQuant", "UnsupportedRequestError", "check_feeds",
     "format_table", "iter_batches", "model_label", "model_size_bytes", "random_inputs", "restrict_ops",
 ]
 
 
-class BackendError(GraphoptError):
-    """A backend could not build, run or time a model (bad shapes, missing inputs, a runtime failure)."""
+class BackendError(UnsupportedError):
+    """A backend could not build, run or time a model (a runtime failure, an input type it cannot feed)."""
+
+
+class DataError(UsageError):
+    """Data given for a model does not fit it: missing inputs, wrong shapes, labels that do not match."""
 
 
 # -- timing results ----------------------------------------------------------------------------------------
@@ -167,20 +172,20 @@ def check_feeds(specs: list[InputSpec], data: Mapping[str, np.ndarray], what: st
     names = [s.name for s in specs]
     missing = [n for n in names if n not in data]
     if missing:
-        raise BackendError(f"{what} has no array for model input(s) {', '.join(missing)} "
+        raise DataError(f"{what} has no array for model input(s) {', '.join(missing)} "
                            f"(model inputs: {', '.join(names)}; {what} has: {', '.join(sorted(data)) or 'nothing'})")
     counts = {n: (np.asarray(data[n]).shape[0] if np.ndim(data[n]) else 1) for n in names}
     if len(set(counts.values())) != 1:
-        raise BackendError(f"{what}: inputs have different sample counts: "
+        raise DataError(f"{what}: inputs have different sample counts: "
                            + ", ".join(f"{n} {c}" for n, c in counts.items()))
     for spec in specs:
         arr = np.asarray(data[spec.name])
         if arr.ndim != len(spec.shape):
-            raise BackendError(f"{what}: input '{spec.name}' has {arr.ndim} dimensions, the model expects "
+            raise DataError(f"{what}: input '{spec.name}' has {arr.ndim} dimensions, the model expects "
                                f"{len(spec.shape)} ({_fmt_shape(spec.shape)})")
         bad = [i for i, d in enumerate(spec.shape) if i > 0 and d is not None and arr.shape[i] != d]
         if bad:
-            raise BackendError(f"{what}: input '{spec.name}' has shape {tuple(arr.shape)}, the model expects "
+            raise DataError(f"{what}: input '{spec.name}' has shape {tuple(arr.shape)}, the model expects "
                                f"{_fmt_shape(spec.shape)}")
     return next(iter(counts.values())) if counts else 0
 
@@ -287,7 +292,7 @@ class Backend(ABC):
             outs = self.run(session, feeds)
             parts.append([o[:n] if np.ndim(o) else o for o in outs])
         if not parts:
-            raise BackendError("no samples to run")
+            raise DataError("no samples to run")
         return [np.concatenate([p[i] for p in parts], axis=0) if np.ndim(parts[0][i]) else parts[0][i]
                 for i in range(len(parts[0]))]
 
@@ -317,7 +322,7 @@ class Backend(ABC):
                 b = int(b)
                 for s in specs:
                     if s.batch_dim is not None and s.batch_dim != b and (shapes or {}).get(s.name) is None:
-                        raise BackendError(
+                        raise UsageError(
                             f"input '{s.name}' has a fixed batch dimension {s.batch_dim}; batch {b} needs a model "
                             f"with a dynamic first dimension (export with dynamic_batch=True) or batch {s.batch_dim}")
                 feeds = random_inputs(specs, b, seed, shapes)
@@ -340,5 +345,5 @@ class Backend(ABC):
         logits = self.run_batched(model, data, batch_size, threads)[output]
         labels = np.asarray(labels)
         if labels.shape[0] != logits.shape[0]:
-            raise BackendError(f"{labels.shape[0]} labels for {logits.shape[0]} samples")
+            raise DataError(f"{labels.shape[0]} labels for {logits.shape[0]} samples")
         return Accuracy(top1_correct(logits, labels), int(labels.shape[0]))

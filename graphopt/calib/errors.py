@@ -1,7 +1,7 @@
 """The errors of calibration: data that cannot be read or do not fit the model (:class:`CalibrationDataError` and
 its subclasses), and observers that cannot give a range (:class:`ObserverError`). Messages are one line."""
 
-from graphopt.errors import GraphoptError
+from graphopt.errors import InputError, UnsupportedError
 
 __all__ = [
     "CalibrationDataError", "CalibrationInputError", "EmptyCalibrationDataError", "MissingDependencyError",
@@ -9,7 +9,7 @@ __all__ = [
 ]
 
 
-class CalibrationDataError(GraphoptError):
+class CalibrationDataError(InputError):
     """Calibration data could not be read or used (missing path, unsupported file, unreadable image, ...)."""
 
 
@@ -24,6 +24,8 @@ class EmptyCalibrationDataError(CalibrationDataError):
 class MissingDependencyError(CalibrationDataError):
     """An optional package is needed for this source (Pillow for image folders)."""
 
+    exit_code = UnsupportedError.exit_code
 
-class ObserverError(GraphoptError):
+
+class ObserverError(InputError):
     """An observer cannot give a range: no data seen, an unknown method, or an invalid argument."""

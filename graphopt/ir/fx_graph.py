@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from graphopt.errors import ModelLoadError, first_line
+from graphopt.errors import ModelLoadError, UsageError, first_line
 from graphopt.ir.base import Graph
 from graphopt.ir.ops import OpKind
 
@@ -46,7 +46,7 @@ class FxGraph(Graph):
         if not isinstance(module, torch.nn.Module):
             raise ModelLoadError(f"expected a torch.nn.Module, got {type(module).__name__}")
         if example_inputs is None:
-            raise ModelLoadError("a PyTorch model needs example inputs (example_inputs=... / --input-shape)")
+            raise UsageError("a PyTorch model needs example inputs (example_inputs=... / --input-shape)")
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
         module = copy.deepcopy(module).eval()

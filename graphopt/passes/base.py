@@ -89,6 +89,9 @@ class Pass:
     equivalence: ClassVar[Equivalence] = Equivalence.EXACT
     Options: ClassVar[type] = NoOptions
     preserves: ClassVar[frozenset[str]] = frozenset()  # analyses still valid after this pass
+    # the lowest default-domain ONNX opset the pass handles; the manager upgrades an older model
+    # (onnx.version_converter, numerically checked) before running it. None: any opset.
+    min_opset: ClassVar[int | None] = None
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()

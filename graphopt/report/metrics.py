@@ -405,7 +405,7 @@ def compare_models(model_a, model_b, data: Mapping[str, np.ndarray] | None = Non
     """Compare B against the reference A on ``data`` (one array per input name, samples on the first axis) or,
     without data, on ``samples`` fixed-seed random samples. With ``labels`` also the top-1 accuracy of both
     (first output). ``per_layer`` adds the per-layer SQNR table on the first ``per_layer_samples`` samples."""
-    from graphopt.backends.base import BackendError, check_feeds, iter_batches
+    from graphopt.backends.base import BackendError, DataError, check_feeds, iter_batches
 
     if backend is None:
         from graphopt.backends.onnxruntime import OnnxRuntimeBackend
@@ -415,7 +415,7 @@ def compare_models(model_a, model_b, data: Mapping[str, np.ndarray] | None = Non
     sess_a, sess_b = backend.session(a, threads), backend.session(b, threads)
     specs_a, specs_b = backend.input_specs(sess_a), backend.input_specs(sess_b)
     if sorted(s.name for s in specs_a) != sorted(s.name for s in specs_b):
-        raise BackendError(f"the models have different inputs: {', '.join(s.name for s in specs_a)} vs "
+        raise DataError(f"the models have different inputs: {', '.join(s.name for s in specs_a)} vs "
                            f"{', '.join(s.name for s in specs_b)}")
     if data is None:
         data = random_dataset(specs_a, samples, seed)
@@ -438,12 +438,12 @@ def compare_models(model_a, model_b, data: Mapping[str, np.ndarray] | None = Non
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)):
-            raise BackendError(f"labels must be one integer class per sample; got {labels.dtype} of shape "
+            raise DataError(f"labels must be one integer class per sample; got {labels.dtype} of shape "
                                f"{labels.shape}")
         if labels.shape[0] != n:
-            raise BackendError(f"{labels.shape[0]} labels for {n} samples")
+            raise DataError(f"{labels.shape[0]} labels for {n} samples")
         if not is_logits(out_a[0]):
-            raise BackendError(f"accuracy needs (samples, classes) logits as the first output; it has shape "
+            raise DataError(f"accuracy needs (samples, classes) logits as the first output; it has shape "
                                f"{out_a[0].shape}")
         result.accuracy = {"labels": labels_key, "a": Accuracy(top1_correct(out_a[0], labels), n),
                            "b": Accuracy(top1_correct(out_b[0], labels), n)}
