@@ -73,6 +73,7 @@ def optimize(
     *,
     example_inputs: Any = None,
     calibration: Any = None,
+    backend: Any = "onnxruntime",
     verify_each: bool = False,
     check: bool = True,
     rtol: float = 1e-4,
@@ -85,6 +86,8 @@ def optimize(
 ) -> OptimizeResult:
     """Run a textual pipeline on ``model``.
 
+    ``backend`` is the target: a registered backend's name or a :class:`graphopt.backends.Backend`; its
+    quantization scheme is the one every quantization pass places (a ``ctx`` that has a backend keeps it).
     ``calibration`` is int8 calibration data: a path (.npz, .npy, folders of them or of images), a mapping
     ``{input name: array}`` or an iterable of such batches (see :func:`graphopt.calib.sources.load_calibration`).
     ``check`` runs the numeric-check instrument (every pass declared exact must keep the outputs within
@@ -110,7 +113,13 @@ def optimize(
         chain.append(NumericCheck(rtol=rtol))
     if snapshot_dir:
         chain.append(Snapshot(snapshot_dir))
+    if isinstance(backend, str):
+        from graphopt.backends import get_backend
+
+        backend = get_backend(registry, backend)
     ctx = ctx or PassContext(registry=registry, calibration=calibration)
+    if ctx.backend is None:
+        ctx.backend = backend
     # a graph loaded here is ours alone: the passes may work on it directly (the caller's object is untouched)
     out, report = PassManager(pass_list, chain, ctx).run(graph, in_place=graph is not model)
     exported = None

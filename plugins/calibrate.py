@@ -8,7 +8,7 @@ from typing import Literal
 import onnx
 
 from graphopt import Pass, PassResult, hookimpl
-from graphopt.backends import QuantRequest, get_backend
+from graphopt.backends import QuantRequest
 from graphopt.calib.observers import compute_range
 from graphopt.calib.sources import SYNTHETIC_WARNING, input_specs, load_calibration, synthetic
 from graphopt.calib.state import CALIBRATION, OBSERVERS, RANGES
@@ -37,7 +37,6 @@ class Calibrate(Pass):
         batch_size: int = 8
         limit: int = 0  # use at most this many samples (0: all)
         synthetic_samples: int = 32  # random samples when no calibration data is given
-        backend: str = "onnxruntime"
 
         def __post_init__(self):
             if not 0 < self.percentile <= 100:
@@ -60,7 +59,7 @@ class Calibrate(Pass):
                 if name in observers:
                     observers[name].update(value)
             samples += len(next(iter(batch.values())))
-        scheme = get_backend(ctx.registry, self.options.backend).scheme(QuantRequest())
+        scheme = ctx.scheme(QuantRequest(), self.name)
         symmetric = scheme.activations.symmetric
         ranges = {}
         for name, observer in observers.items():

@@ -10,7 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
-from graphopt.backends import QuantRequest, get_backend
+from graphopt.backends import QuantRequest
 from graphopt.errors import UsageError
 from graphopt.ir.onnx_graph import fresh_name
 from graphopt.ir.ops import OpKind
@@ -44,7 +44,8 @@ class Int8Dynamic(Pass):
     weights that are not float32 or are 1-D, Gemm with ``transA``, nodes excluded by the options, and
     convolutions (no dynamic int8 form here: use the static ``int8`` pipeline). Options: ``ops`` (which of
     MatMul, Gemm), ``exclude_nodes`` (node names), ``per_channel`` (false: one scale per weight),
-    ``min_weight_elements`` (smaller weights stay float), ``backend`` (whose weight scheme). A second run finds
+    ``min_weight_elements`` (smaller weights stay float); the weight scheme is the run's backend's. A second run
+    finds
     nothing left to quantize. Approximate: outputs move by the rounding of weights and activations.
     """
 
@@ -58,7 +59,6 @@ class Int8Dynamic(Pass):
         exclude_nodes: tuple[str, ...] = ()
         per_channel: bool = True
         min_weight_elements: int = 0
-        backend: str = "onnxruntime"
 
     def requires(self, graph, ctx):
         unknown = [op for op in self.options.ops if op not in SUPPORTED_OPS]
@@ -69,12 +69,7 @@ class Int8Dynamic(Pass):
             raise self.fail(f"DynamicQuantizeLinear needs opset 11+, the model has {graph.opset}")
 
     def run_onnx(self, graph, ctx):
-        registry = ctx.registry
-        if registry is None:
-            from graphopt.api import default_registry
-
-            registry = default_registry()
-        scheme = get_backend(registry, self.options.backend).scheme(QuantRequest(per_channel=self.options.per_channel))
+        scheme = ctx.scheme(QuantRequest(per_channel=self.options.per_channel), self.name)
         if scheme.activations.dtype != "uint8":
             raise self.fail(f"the {scheme.backend} scheme has {scheme.activations.dtype} activations; "
                             "DynamicQuantizeLinear produces uint8 only")

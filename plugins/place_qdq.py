@@ -10,7 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
-from graphopt.backends import QuantRequest, get_backend
+from graphopt.backends import QuantRequest
 from graphopt.calib.state import CALIBRATION, RANGES
 from graphopt.ir.onnx_graph import fresh_name, replace_input
 
@@ -51,7 +51,6 @@ class PlaceQdq(Pass):
         keep_last: bool = False
         activations: Literal["backend", "uint8", "int8"] = "backend"  # activation type (backend: its choice)
         symmetric: Literal["backend", "yes", "no"] = "backend"  # symmetric activation ranges
-        backend: str = "onnxruntime"
 
     def requires(self, graph, ctx):
         if RANGES not in ctx.state:
@@ -62,7 +61,7 @@ class PlaceQdq(Pass):
             op_types=frozenset(self.options.ops) or None, exclude_op_types=frozenset(self.options.exclude_ops),
             activation_dtype=None if self.options.activations == "backend" else self.options.activations,
             activation_symmetric=None if self.options.symmetric == "backend" else self.options.symmetric == "yes")
-        scheme = get_backend(ctx.registry, self.options.backend).scheme(request)
+        scheme = ctx.scheme(request, self.name)
         for warning in scheme.warnings:
             ctx.warn(f"{self.name}: {warning}")
         if graph.opset < scheme.min_opset:

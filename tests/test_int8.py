@@ -25,9 +25,9 @@ def digits(digits_files, digits_trained):
     return str(digits_files / "digits.onnx"), digits_trained[1]
 
 
-def quantize(path_or_graph, reg, calibration=None, passes="fold,int8"):
+def quantize(path_or_graph, reg, calibration=None, passes="fold,int8", backend="onnxruntime"):
     ctx = PassContext(registry=reg, calibration=calibration)
-    return graphopt.optimize(path_or_graph, passes, registry=reg, ctx=ctx, check=False), ctx
+    return graphopt.optimize(path_or_graph, passes, registry=reg, ctx=ctx, check=False, backend=backend), ctx
 
 
 def accuracy(model: onnx.ModelProto | str, x, y) -> float:
@@ -164,8 +164,7 @@ def test_int32_bias_when_the_scheme_asks_for_it(digits):
     registry = load_registry(autoload=False)
     registry.add_backend("int32-bias", Int32Bias())
     path, (x_train, _, x_test, y_test) = digits
-    result, _ = quantize(path, registry, {"input": x_train[:128]},
-                         "fold,insert-observers,calibrate,place-qdq:backend=int32-bias")
+    result, _ = quantize(path, registry, {"input": x_train[:128]}, backend="int32-bias")
     producers = {t.name: t.inputs[0] for node in result.graph.gs.nodes for t in node.outputs}
     convs = [n for n in result.graph.gs.nodes if n.op == "Conv" and len(n.inputs) > 2]
     assert convs

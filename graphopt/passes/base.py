@@ -15,9 +15,9 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Protocol
 
-from graphopt.errors import PassError, UnsupportedIRError
+from graphopt.errors import PassError, UnsupportedIRError, UsageError
 from graphopt.ir.base import Graph
 
 IRS = frozenset({"onnx", "fx"})
@@ -51,13 +51,22 @@ class PassResult:
         return ", ".join(parts) if parts else ("changed" if self.modified else "no change")
 
 
+class SchemeSource(Protocol):
+    """What a pass needs of the run's backend: its quantization scheme (:class:`graphopt.backends.Backend`)."""
+
+    name: str
+
+    def scheme(self, request: Any = None) -> Any: ...
+
+
 @dataclass
 class PassContext:
     """Everything a pass may need besides the graph. No pass keeps global state."""
 
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("graphopt"))
     seed: int = 0
-    backend: Any = None  # the target backend, whose capabilities passes read (later issues)
+    # the run's backend (graphopt run --backend, optimize(backend=)): every quantization pass reads its scheme
+    backend: SchemeSource | None = None
     calibration: Any = None  # a graphopt.calib CalibrationData: .batches() yields {input name: array}
     registry: Any = None  # the plugin Registry (channel handlers, importance criteria, ...)
     # results one pass hands to a later one in the same pipeline (observed tensors, calibrated ranges, ...);
@@ -69,6 +78,13 @@ class PassContext:
     def warn(self, message: str) -> None:
         self.warnings.append(message)
         self.log.warning(message)
+
+    def scheme(self, request: Any = None, who: str = "a pass") -> Any:
+        """The run's backend's quantization scheme for ``request``: the one place quantization passes get it."""
+        if self.backend is None:
+            raise UsageError(f"{who}: no backend in the pass context (graphopt.optimize and graphopt run set one; "
+                             f"give PassContext(backend=...) when running passes directly)")
+        return self.backend.scheme(request)
 
     def analysis(self, key: str, compute: Callable[[], Any]) -> Any:
         """A cached analysis; dropped after any pass that modifies the graph and does not preserve it."""
