@@ -21,7 +21,8 @@ from graphopt.backends import (
     TensorQuant,
     UnsupportedRequestError,
 )
-from graphopt.backends.base import LatencyStats, iter_batches
+from graphopt.backends.base import DataError, LatencyStats, iter_batches
+from graphopt.errors import UsageError
 from graphopt.report.metrics import (
     compare_models,
     cosine_similarity,
@@ -93,7 +94,7 @@ def tiny_int8(tiny_folded, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ort_backend():
-    return OnnxRuntimeBackend()
+    return OnnxRuntimeBackend(reduce_range=False)  # the scheme of a CPU with VNNI; reduce_range is tested apart
 
 
 # -- the scheme -----------------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def test_registered_through_the_plugin_hook(registry):
 
 def test_onnxruntime_scheme_is_the_fast_x86_form(ort_backend):
     s = ort_backend.scheme()
-    # uint8 asymmetric activations x int8 symmetric per-channel weights (ANCHORS.md: int8 activations are slower)
+    # uint8 asymmetric activations x int8 symmetric per-channel weights (int8 activations are slower on x86)
     assert (s.activations.dtype, s.activations.symmetric, s.activations.per_channel) == ("uint8", False, False)
     assert (s.weights.dtype, s.weights.symmetric, s.weights.per_channel) == ("int8", True, True)
     assert (s.weights.qmin, s.weights.qmax) == (-127, 127) and (s.activations.qmin, s.activations.qmax) == (0, 255)
@@ -127,7 +128,7 @@ def test_onnxruntime_scheme_is_the_fast_x86_form(ort_backend):
     assert s.residual_add_qdq is True
     assert s.bias == "float"  # onnxruntime >= 1.21 folds a float bias to int32 itself (1.31 here)
     assert s.to_dict()["activations"] == {"dtype": "uint8", "symmetric": False, "per_channel": False,
-                                          "narrow_range": False}
+                                          "narrow_range": False, "reduce_range": False}
     assert ort_backend.scheme(QuantRequest()) == s and hash(ort_backend.scheme()) == hash(s)
     assert copy.deepcopy(s) == s and pickle.loads(pickle.dumps(s)) == s  # a context holding it can be copied
     with pytest.raises(TypeError, match="read-only"):
@@ -156,8 +157,25 @@ def test_requests_are_honoured_warned_or_refused(ort_backend):
         ort_backend.scheme(QuantRequest(weight_dtype="uint8"))
 
 
+def test_weights_use_the_reduced_range_where_u8s8_kernels_saturate(monkeypatch):
+    """Without VNNI, onnxruntime's uint8 x int8 kernels add two products in an int16 (vpmaddubsw): full-range
+    weights saturate it. The backend then asks for weights in [-64, 64]; 255 * 64 * 2 fits in an int16."""
+    import graphopt.backends.onnxruntime as ort_module
+
+    reduced = OnnxRuntimeBackend(reduce_range=True).scheme().weights
+    assert (reduced.qmin, reduced.qmax) == (-64, 64) and 255 * reduced.qmax * 2 <= 2**15 - 1
+    scale, zero = reduced.params(-1.0, 0.5)
+    assert float(scale) == np.float32(1 / 64) and int(zero) == 0
+    assert OnnxRuntimeBackend(reduce_range=True).scheme(QuantRequest(per_channel=False)).weights.reduce_range
+    for machine, vnni, expected in [("x86_64", False, True), ("x86_64", True, False), ("x86_64", None, True),
+                                    ("aarch64", None, False)]:
+        monkeypatch.setattr(ort_module.platform, "machine", lambda machine=machine: machine)
+        monkeypatch.setattr(ort_module, "cpu_has_vnni", lambda vnni=vnni: vnni)
+        assert OnnxRuntimeBackend().reduce_range is expected, (machine, vnni)
+
+
 def test_tensorrt_like_symmetric_scheme_fits_the_same_data():
-    """TensorRT's explicit-quantization rules (ANCHORS.md) written as a QuantScheme: nothing TensorRT-specific
+    """TensorRT's explicit-quantization rules written as a QuantScheme: nothing TensorRT-specific
     is needed by a reader of the scheme."""
     trt = QuantScheme(
         backend="tensorrt", activations=TensorQuant("int8", symmetric=True, narrow_range=True),
@@ -246,7 +264,7 @@ def test_session_threads_and_shapes(ort_backend):
 
 
 def test_bench_refuses_a_batch_a_fixed_model_cannot_take(ort_backend):
-    with pytest.raises(BackendError, match="fixed batch dimension 1; batch 4"):
+    with pytest.raises(UsageError, match="fixed batch dimension 1; batch 4"):
         ort_backend.bench(identity_model([1, 3]), [4], [1], warmup=0, iters=1)
     with pytest.raises(BackendError, match="no such file"):
         ort_backend.session("/nonexistent/model.onnx")
@@ -258,7 +276,7 @@ def test_evaluate_counts_exactly(ort_backend, shape, batch_size):
     labels = np.array([1, 0, 2, 2, 0])  # argmax is 1, 0, 2, 1, 0: four of five right
     acc = ort_backend.evaluate(identity_model(shape), {"x": logits}, labels, batch_size=batch_size)
     assert (acc.correct, acc.total) == (4, 5) and acc.accuracy == pytest.approx(0.8)
-    with pytest.raises(BackendError, match="no array for model input"):
+    with pytest.raises(DataError, match="no array for model input"):
         ort_backend.evaluate(identity_model(shape), {"images": logits}, labels)
 
 

@@ -5,14 +5,19 @@ The scheme is the form onnxruntime's CPU kernels run fast, read off its QDQ fusi
 
 - activations **uint8 asymmetric**, weights **int8 symmetric per channel**. The x86 int8 kernels (AVX-512
   VNNI / AVX2) multiply unsigned activations by signed weights; with int8 activations onnxruntime still fuses
-  the QDQ groups, but the result runs *slower than fp32* (ANCHORS.md: ResNet-18 12.8 ms int8 vs 11.0 ms fp32 vs
-  4.2 ms uint8). int8 activations are honoured on request, with that warning.
+  the QDQ groups, but the result runs *slower than fp32* (measured on ResNet-18: about 1.2x fp32 with int8
+  activations, 0.4x with uint8). int8 activations are honoured on request, with that warning.
 - int8 kernels (requantizing): Conv (QLinearConv), Gemm (QGemm), MatMul (QLinearMatMul), Add and Mul
   (QLinearAdd/Mul, so both inputs of a residual Add are quantized), Concat (QLinearConcat), AveragePool,
   GlobalAveragePool, Sigmoid, LeakyRelu (QLinear unary ops).
 - passing int8 through (the DQ -> op -> Q group is dropped): MaxPool, Reshape, Flatten, Transpose, Squeeze,
   Unsqueeze, Slice, Gather, GatherElements, Expand, Tile, Resize, Split, ReduceMax, ReduceMin.
 - Relu and Clip are absorbed by the QuantizeLinear after them (ReluQuantFusion / ClipQuantFusion).
+- on an x86 CPU **without VNNI** (AVX2 only, or AVX-512 without VNNI) the uint8 x int8 kernels multiply with
+  ``vpmaddubsw``, which adds two products in an int16 and saturates when weights use the full int8 range (the
+  digits CNN loses 2 points of accuracy that way; onnxruntime 1.31 and 1.32 alike). There the weights use the
+  reduced range [-64, 64], as onnxruntime's own quantizer does with ``reduce_range=True``: no saturation, the
+  same kernels, half a bit of weight precision. With VNNI (``vpdpbusd`` accumulates in int32) the full range.
 - ConvTranspose has **no** int8 CPU kernel: a QDQ ConvTranspose stays DQ -> float ConvTranspose -> Q, slower
   than leaving it float, so it is not in the scheme (asking for it is an error).
 - Bias stays float: onnxruntime (>= 1.21, ``WeightBiasQuantization``) folds a float Conv/Gemm bias to int32
@@ -23,7 +28,9 @@ The scheme is the form onnxruntime's CPU kernels run fast, read off its QDQ fusi
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import replace
+from functools import lru_cache
 from typing import Any, Mapping
 
 import numpy as np
@@ -43,9 +50,8 @@ NOT_INT8 = {
                      "between a DequantizeLinear and a QuantizeLinear, slower than leaving it float",
 }
 INT8_ACTIVATION_WARNING = (
-    "int8 activations: onnxruntime's x86 int8 kernels multiply uint8 activations by int8 weights (VNNI); with int8 "
-    "activations the quantized model is typically slower than fp32 (ANCHORS.md: ResNet-18 12.8 ms vs 11.0 ms fp32, "
-    "4.2 ms with uint8)")
+    "int8 activations: onnxruntime's fast x86 int8 kernels multiply uint8 activations by int8 weights; with int8 "
+    "activations a quantized CNN typically runs slower than fp32 (compare with --bench)")
 UINT8_WEIGHT_WARNING = (
     "uint8 weights: onnxruntime's fast x86 path is uint8 activations x int8 weights; uint8 weights take a slower "
     "kernel")
@@ -55,6 +61,27 @@ _ORT_TYPES = {
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
     "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(bool)": np.bool_,
 }
+
+
+@lru_cache(maxsize=1)
+def cpu_has_vnni() -> bool | None:
+    """Whether this x86 CPU has an int8 dot product that accumulates in int32 (AVX-512 VNNI, AVX-VNNI, AMX);
+    None when that cannot be read (not Linux). Not asked on other architectures: see :func:`u8s8_saturates`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
+
+def u8s8_saturates() -> bool:
+    """Whether onnxruntime's uint8 x int8 CPU kernels may saturate here (x86 without VNNI, or unknown x86)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    return cpu_has_vnni() is not True
 
 
 def _ort_version() -> tuple[int, int]:
@@ -70,9 +97,11 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                 graph_optimization: str = "all"):
+                 graph_optimization: str = "all", reduce_range: bool | None = None):
+        """``reduce_range``: weights in [-64, 64] (see the module docstring); None: when this CPU needs it."""
         self.providers = tuple(providers)
         self.graph_optimization = graph_optimization
+        self.reduce_range = u8s8_saturates() if reduce_range is None else reduce_range
 
     def __repr__(self) -> str:
         return f"OnnxRuntimeBackend(providers={self.providers})"
@@ -82,7 +111,8 @@ class OnnxRuntimeBackend(Backend):
         return QuantScheme(
             backend=self.name,
             activations=TensorQuant("uint8", symmetric=False),
-            weights=TensorQuant("int8", symmetric=True, per_channel=True, narrow_range=True),
+            weights=TensorQuant("int8", symmetric=True, per_channel=True, narrow_range=True,
+                                reduce_range=self.reduce_range),
             weight_channel_axis=WEIGHT_CHANNEL_AXIS,
             quantized_ops=QUANTIZED_OPS,
             passthrough_ops=PASSTHROUGH_OPS,
@@ -106,14 +136,13 @@ class OnnxRuntimeBackend(Backend):
         if request.activation_symmetric is not None:
             acts = TensorQuant(acts.dtype, request.activation_symmetric)
         if request.weight_dtype is not None and request.weight_dtype != weights.dtype:
-            weights = TensorQuant(request.weight_dtype, weights.symmetric, weights.per_channel, weights.narrow_range)
+            weights = replace(weights, dtype=request.weight_dtype)
             if request.weight_dtype == "uint8":
                 warnings.append(UINT8_WEIGHT_WARNING)
         if request.weight_symmetric is not None:
-            weights = TensorQuant(weights.dtype, request.weight_symmetric, weights.per_channel,
-                                  narrow_range=request.weight_symmetric)
+            weights = replace(weights, symmetric=request.weight_symmetric, narrow_range=request.weight_symmetric)
         if request.per_channel is not None:
-            weights = TensorQuant(weights.dtype, weights.symmetric, request.per_channel, weights.narrow_range)
+            weights = replace(weights, per_channel=request.per_channel)
         if weights.dtype == "uint8" and weights.symmetric:
             raise UnsupportedRequestError(
                 "symmetric uint8 weights (zero point 128) are not a form onnxruntime's int8 kernels take; "

@@ -27,6 +27,8 @@ __all__ = [
 INT8_DTYPES = ("uint8", "int8")
 _QRANGE = {("uint8", False): (0, 255), ("uint8", True): (0, 254), ("int8", False): (-128, 127),
            ("int8", True): (-127, 127)}
+# reduce_range: the widest ranges whose products with a uint8 activation, summed in pairs, fit in int16
+_REDUCED = {"uint8": (0, 127), "int8": (-64, 64)}
 BIAS_MODES = ("float", "int32")
 
 
@@ -42,25 +44,32 @@ class TensorQuant:
     int8, 128 for uint8) and the range centred on zero; otherwise the range is [min(lo, 0), max(hi, 0)] with a
     computed zero point. ``per_channel``: one scale per output channel (weights; the axis comes from
     :meth:`QuantScheme.channel_axis`). ``narrow_range``: int8 in [-127, 127] (uint8 [0, 254]), the range
-    symmetric weights use so that negation cannot overflow.
+    symmetric weights use so that negation cannot overflow. ``reduce_range``: int8 in [-64, 64] (uint8
+    [0, 127]), for kernels that add two uint8 x int8 products in an int16 (x86 ``vpmaddubsw`` without VNNI),
+    which saturate on full-range weights.
     """
 
     dtype: str
     symmetric: bool
     per_channel: bool = False
     narrow_range: bool = False
+    reduce_range: bool = False
 
     def __post_init__(self):
         if self.dtype not in INT8_DTYPES:
             raise ValueError(f"quantized dtype must be one of {INT8_DTYPES}, got {self.dtype!r}")
 
     @property
+    def qrange(self) -> tuple[int, int]:
+        return _REDUCED[self.dtype] if self.reduce_range else _QRANGE[(self.dtype, self.narrow_range)]
+
+    @property
     def qmin(self) -> int:
-        return _QRANGE[(self.dtype, self.narrow_range)][0]
+        return self.qrange[0]
 
     @property
     def qmax(self) -> int:
-        return _QRANGE[(self.dtype, self.narrow_range)][1]
+        return self.qrange[1]
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -78,7 +87,8 @@ class TensorQuant:
         if self.symmetric:
             amax = np.maximum(-lo, hi)
             scale = 2.0 * amax / levels
-            zero = np.full(np.shape(scale), 0 if self.dtype == "int8" else 128, np.float64)
+            zero = np.full(np.shape(scale), 0 if self.dtype == "int8" else (64 if self.reduce_range else 128),
+                           np.float64)
         else:
             scale = (hi - lo) / levels
             safe = np.where(scale > 0, scale, 1.0)
@@ -90,7 +100,7 @@ class TensorQuant:
         parts = [self.dtype, "symmetric" if self.symmetric else "asymmetric"]
         if self.per_channel:
             parts.append("per-channel")
-        if self.narrow_range:
+        if self.narrow_range or self.reduce_range:
             parts.append(f"[{self.qmin}, {self.qmax}]")
         return " ".join(parts)
 
