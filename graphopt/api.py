@@ -1,52 +1,21 @@
-"""The Python API: ``graphopt.optimize(model, "fold")`` on an ONNX path/ModelProto or an nn.Module."""
+"""The Python API: ``graphopt.optimize(model, "fold")`` on an ONNX path/ModelProto or an nn.Module.
+
+It builds a :class:`graphopt.driver.RunConfig` and runs it through the same :class:`graphopt.driver.Driver` as
+`graphopt run`: the same passes, instruments, checks and report for the same pipeline.
+"""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from graphopt.errors import UsageError
-from graphopt.ir import Graph, load_model
+from graphopt.driver import Driver, FineTune, RunConfig
+from graphopt.ir import Graph
 from graphopt.passes.base import PassContext
-from graphopt.passes.instruments import Instrument, NumericCheck, Snapshot, Verify
-from graphopt.passes.manager import PassManager, RunReport
-from graphopt.passes.pipeline import format_passes, resolve
-from graphopt.plugins import Registry, load_registry
+from graphopt.passes.manager import RunReport
+from graphopt.plugins import Registry, default_registry
 
-_registry: Registry | None = None
-
-
-def default_registry() -> Registry:
-    """Every plugin autoloaded once per process (``GRAPHOPT_DISABLE_PLUGIN_AUTOLOAD`` is honoured)."""
-    global _registry
-    if _registry is None:
-        _registry = load_registry()
-    return _registry
-
-
-class FineTune(Instrument):
-    """Runs the user's training loop on the model right after each modifying pass named in ``after``.
-
-    ``fn(module)`` receives the FX ``GraphModule`` (parameters are trainable ``nn.Parameter``s; call ``.train()``
-    as your loop needs) and trains it in place or returns a replacement. The module is put back in eval mode and
-    its shapes re-propagated before the next pass, so ``prune, fine-tune, int8`` is one pipeline.
-    """
-
-    def __init__(self, fn: Callable[[Any], Any], after: Iterable[str] = ("prune-channels",)):
-        self.fn, self.after = fn, frozenset(after)
-
-    def after_pass(self, pass_, result, record, ctx) -> None:
-        if pass_.name not in self.after or not result.modified:
-            return
-        graph, start = result.graph, time.perf_counter()
-        returned = self.fn(graph.gm)
-        if returned is not None:
-            graph.gm = returned
-        graph.gm.eval()
-        graph.infer_shapes()
-        name = getattr(self.fn, "__name__", type(self.fn).__name__)
-        record.notes.append(f"fine-tuned by {name}() in {time.perf_counter() - start:.1f} s")
+__all__ = ["FineTune", "OptimizeResult", "default_registry", "optimize"]
 
 
 @dataclass
@@ -64,7 +33,15 @@ class OptimizeResult:
         return self._exported
 
     def save(self, path: str) -> None:
-        self.graph.save(path)
+        """Write the model to ``path`` (ONNX: external data beside it when it has any; atomically)."""
+        from graphopt.paths import Staged
+
+        staged = Staged(path)
+        try:
+            self.graph.save(staged.staged_path)
+            staged.commit()
+        finally:
+            staged.discard()
 
 
 def optimize(
@@ -82,53 +59,30 @@ def optimize(
     registry: Registry | None = None,
     ctx: PassContext | None = None,
     finetune: Callable[[Any], Any] | None = None,
-    finetune_after: Iterable[str] = ("prune-channels",),
+    finetune_after: Iterable[str] | None = None,
+    trust_pickle: bool = False,
+    output: str | None = None,
 ) -> OptimizeResult:
-    """Run a textual pipeline on ``model``.
+    """Run a textual pipeline on ``model`` (an .onnx / .pt2 path, an ``onnx.ModelProto``, an ``nn.Module`` with
+    ``example_inputs``, or a graphopt Graph); ``model`` is never modified.
 
     ``backend`` is the target: a registered backend's name or a :class:`graphopt.backends.Backend`; its
     quantization scheme is the one every quantization pass places (a ``ctx`` that has a backend keeps it).
     ``calibration`` is int8 calibration data: a path (.npz, .npy, folders of them or of images), a mapping
     ``{input name: array}`` or an iterable of such batches (see :func:`graphopt.calib.sources.load_calibration`).
-    ``check`` runs the numeric-check instrument (every pass declared exact must keep the outputs within
-    ``rtol``); ``verify_each`` runs the onnx checker / FX lint after every modifying pass (the final graph is
-    always verified). ``model`` is never modified.
+    ``check`` runs the numeric check (exact passes must keep the outputs within ``rtol``; approximate ones are
+    measured and warned about past the accuracy threshold; see :mod:`graphopt.passes.check`); ``verify_each``
+    runs the onnx checker / FX lint and the comparison after every modifying pass (the final graph is always
+    verified). ``output``: also write the result there, atomically, checked on the written file.
 
-    ``finetune(module)`` is your training loop, called right after each pass named in ``finetune_after`` that
-    changed the model (pruning, by default) on the FX ``GraphModule``; see :class:`FineTune`. It needs an
-    ``nn.Module`` model.
+    ``finetune(module)`` is your training loop, called on the FX ``GraphModule`` right after each pass that changed
+    the model and is named in ``finetune_after`` (default: every pass meant to change the outputs — pruning,
+    sparsity); see :class:`FineTune`. It needs an ``nn.Module`` model.
     """
-    registry = registry or default_registry()
-    graph = load_model(model, example_inputs)
-    pass_list = resolve(passes, registry)
-    chain = list(instruments)
-    if finetune is not None:
-        if graph.ir != "fx":
-            raise UsageError("finetune= needs a PyTorch model (nn.Module with example_inputs): an ONNX model "
-                             "cannot be trained here")
-        chain.insert(0, FineTune(finetune, finetune_after))
-    if verify_each:
-        chain.append(Verify())
-    if check:
-        chain.append(NumericCheck(rtol=rtol))
-    if snapshot_dir:
-        chain.append(Snapshot(snapshot_dir))
-    if isinstance(backend, str):
-        from graphopt.backends import get_backend
-
-        backend = get_backend(registry, backend)
-    ctx = ctx or PassContext(registry=registry, calibration=calibration)
-    if ctx.backend is None:
-        ctx.backend = backend
-    # a graph loaded here is ours alone: the passes may work on it directly (the caller's object is untouched)
-    out, report = PassManager(pass_list, chain, ctx).run(graph, in_place=graph is not model)
-    exported = None
-    if report.modified and not verify_each:  # the input was checked when loaded; a changed graph is checked here
-        exported = out.export()
-        try:
-            out.verify(exported)
-        except ValueError as exc:
-            from graphopt.errors import VerificationError
-
-            raise VerificationError(report.records[-1].name, f"pipeline output is invalid: {exc}") from None
-    return OptimizeResult(out, report, format_passes(pass_list), exported)
+    after = None if finetune_after is None else tuple(finetune_after)
+    config = RunConfig(passes=passes, backend=backend, example_inputs=example_inputs, calibration=calibration,
+                       check=check, rtol=rtol, verify_each=verify_each, snapshot_dir=snapshot_dir,
+                       instruments=tuple(instruments), finetune=finetune, finetune_after=after,
+                       trust_pickle=trust_pickle)
+    result = Driver(config, registry or default_registry(), ctx).run(model, output)
+    return OptimizeResult(result.graph, result.report, result.resolved)

@@ -9,12 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import textwrap
 
-from graphopt.backends import get_backend
 from graphopt.cli_backend import add_backend_commands, cmd_bench, cmd_compare, load_npz, registry_from_args
 from graphopt.errors import (
     INTERNAL_ERROR_EXIT,
@@ -22,7 +19,6 @@ from graphopt.errors import (
     GraphoptError,
     ModelLoadError,
     UsageError,
-    VerificationError,
 )
 
 
@@ -39,8 +35,15 @@ def _add_plugin_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a .pt holding a pickled module: loading it runs the code it carries (only for files "
+                        "you trust); without it only weights and torch.export programs (.pt2) are read")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphopt", description="A compiler-style graph optimizer for neural networks.")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -49,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--passes", "-P", default="fold",
                      help="textual pipeline, e.g. fold or fold,prune:ratio=0.5 (default: fold)")
     run.add_argument("-o", "--output", help="output path (default: beside the input, with .opt before the suffix)")
-    run.add_argument("--verify-each", action="store_true", help="onnx checker / FX lint after every pass")
+    run.add_argument("--verify-each", action="store_true",
+                     help="onnx checker / FX lint and the numeric comparison after every modifying pass")
     run.add_argument("--no-check", action="store_true",
-                     help="skip the numeric check (outputs before vs after each pass on fixed-seed inputs)")
+                     help="skip the numeric check (the outputs of the original against the result's, on --eval or "
+                          "--calib samples or generated inputs)")
     run.add_argument("--rtol", type=float, default=1e-4,
                      help="max relative output error allowed for exact passes (default 1e-4)")
     run.add_argument("--bisect", action="store_true",
@@ -67,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calib-mean", metavar="0.485,0.456,0.406", help="images: per-channel mean (after /255)")
     run.add_argument("--calib-std", metavar="0.229,0.224,0.225", help="images: per-channel std (after /255)")
     run.add_argument("--backend", default="onnxruntime",
-                     help="the backend to report latency/accuracy on (default: onnxruntime)")
+                     help="the target backend: its quantization scheme is what int8 places, and latency/accuracy "
+                          "are measured on it (default: onnxruntime)")
     run.add_argument("--eval", metavar="DATA.npz",
                      help="labelled data (inputs + --labels array): report accuracy, output SQNR and per-layer "
                           "SQNR of the written model against the input")
@@ -75,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bench", action="store_true", help="report latency before and after on the backend")
     run.add_argument("--input-shape", action="append", default=[], metavar="1x3x224x224",
                      help="example input shape for a plain PyTorch module (repeat for several inputs)")
+    run.add_argument("--instrument", action="append", default=[], metavar="NAME",
+                     help="also run this instrument around every pass (one a plugin registered; repeatable)")
     run.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     _add_plugin_flags(run)
+    _add_trust_flag(run)
 
     passes = sub.add_parser("passes", help="list every pass and pipeline alias with its options")
     passes.add_argument("name", nargs="?", help="describe only this pass or alias")
@@ -86,14 +95,32 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model")
     inspect.add_argument("--input-shape", action="append", default=[], metavar="1x3x224x224")
     _add_plugin_flags(inspect)
+    _add_trust_flag(inspect)
 
     verify = sub.add_parser("verify", help="check a model: onnx checker with shape inference, and one run")
     verify.add_argument("model")
     verify.add_argument("--input-shape", action="append", default=[], metavar="1x3x224x224")
     _add_plugin_flags(verify)
+    _add_trust_flag(verify)
 
     add_backend_commands(sub, _add_plugin_flags)
     return parser
+
+
+def version_line() -> str:
+    """``graphopt 0.1.0 (onnx 1.23.2, onnxruntime 1.32.0, ...)``: graphopt and the libraries it runs on, read
+    from their package metadata (nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import graphopt
+
+    parts = []
+    for dist in ("onnx", "onnxruntime", "onnx-graphsurgeon", "numpy", "torch"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            pass
+    return f"graphopt {graphopt.__version__} ({', '.join(parts)})"
 
 
 def _example_inputs(shapes: list[str]):
@@ -113,118 +140,134 @@ def _example_inputs(shapes: list[str]):
 def _load(args):
     from graphopt.ir import load_model
 
-    return load_model(args.model, _example_inputs(args.input_shape))
+    return load_model(args.model, _example_inputs(args.input_shape), trust_pickle=getattr(args, "trust_pickle", False))
 
 
-def default_output(path: str) -> str:
+def default_output(path: str, ir: str = "onnx") -> str:
     root, ext = os.path.splitext(path)
-    return f"{root}.opt{ext or '.onnx'}"
+    return f"{root}.opt.onnx" if ir == "onnx" else f"{root}.opt.pt2"
 
 
-def _same_file(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
+def _io_plan(args, passes, output: str):
+    """Every file the run reads and writes, checked against each other before any pass runs."""
+    from graphopt.paths import IOPlan
+
+    plan = IOPlan()
+    plan.read("input model", args.model)
+    for data_file in _external_data_files(args.model):
+        plan.read("input model's external data", data_file)
+    plan.read("calibration data", args.calib)
+    plan.read("evaluation data", args.eval)
+    plan.write("-o", output)
+    plan.write("-o (its external data)", output + ".data")
+    plan.write("--json", args.json)
+    ext = os.path.splitext(output)[1] or ".onnx"
+    snapshots = [f"{i:02d}-{p.name}{ext}" for i, p in enumerate(passes, start=1)]
+    plan.write_into("--snapshot-dir", args.snapshot_dir, snapshots + [n + ".data" for n in snapshots])
+    plan.write_into("--reproducer", args.reproducer, [f"input{ext}", f"input{ext}.data", "reproduce.txt"])
+    plan.check()
 
 
-def _save_atomically(graph, path: str) -> None:
-    """Write into a temporary folder beside ``path``, then move the files into place (model + external data)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"output folder {folder} does not exist")
-    tmp = tempfile.mkdtemp(prefix=".graphopt-", dir=folder)
+def _external_data_files(path: str) -> list[str]:
+    """The external data files an ONNX model at ``path`` reads (none for other files, or unreadable ones)."""
     try:
-        graph.save(os.path.join(tmp, os.path.basename(path)))
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        from graphopt.ir.onnx_io import external_data_files
+    except ImportError:  # pragma: no cover - before onnx_io existed
+        external_data_files = None
+    if external_data_files is not None:
+        return external_data_files(path)
+    import onnx
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:
+        return []
+    folder = os.path.dirname(os.path.abspath(path))
+    return sorted({os.path.join(folder, e.value) for t in model.graph.initializer for e in t.external_data
+                   if e.key == "location"})
 
 
 def cmd_run(args) -> int:
-    from graphopt.passes.base import PassContext
-    from graphopt.passes.instruments import CrashReproducer, NumericCheck, Snapshot, Verify
-    from graphopt.passes.manager import PassManager, bisect
-    from graphopt.passes.pipeline import format_passes, parse_pipeline, resolve
+    from graphopt.driver import Driver, RunConfig
+    from graphopt.passes.manager import bisect
+    from graphopt.paths import atomic_write
     from graphopt.report.run_report import cost_report, format_run, jsonable_run, measure_costs, measure_run
 
-    pipeline = parse_pipeline(args.passes)  # syntax errors before any loading
     registry = registry_from_args(args)
-    output = args.output or default_output(args.model)
-    if _same_file(output, args.model):
-        raise UsageError(f"output {output} is the input model; graphopt never overwrites its input")
-    passes = resolve(pipeline, registry)
-    backend = get_backend(registry, args.backend)
     eval_data, labels = _eval_data(args)
-    graph = _load(args)
-    ctx = PassContext(registry=registry, calibration=_calibration(args, graph), backend=backend)
+    config = RunConfig(passes=args.passes, backend=args.backend, example_inputs=_example_inputs(args.input_shape),
+                       calibration=args.calib, image_options=_image_options(args), eval_inputs=eval_data,
+                       check=not args.no_check, rtol=args.rtol, verify_each=args.verify_each,
+                       snapshot_dir=args.snapshot_dir, reproducer=args.reproducer,
+                       instruments=tuple(args.instrument), trust_pickle=args.trust_pickle)
+    driver = Driver(config, registry)  # pipeline, passes, backend, instruments: usage errors before loading
+    is_torch = os.path.splitext(args.model)[1].lower() in (".pt", ".pth", ".pt2")
+    output = args.output or default_output(args.model, "fx" if is_torch else "onnx")
+    _io_plan(args, driver.passes, output)
+    graph = driver.load(args.model)
     say = (lambda *a: None) if args.quiet else print
 
     if args.bisect:
-        result = bisect(graph, passes, ctx, rtol=args.rtol)
+        result = bisect(graph, driver.passes, driver.context(graph), rtol=args.rtol)
         say(result.describe(args.rtol))
         return EquivalenceError.exit_code if result.culprit else 0
 
-    instruments = []
-    if args.verify_each:
-        instruments.append(Verify())
-    if not args.no_check:
-        instruments.append(NumericCheck(rtol=args.rtol))
-    if args.snapshot_dir:
-        instruments.append(Snapshot(args.snapshot_dir))
-    if args.reproducer:
-        instruments.append(CrashReproducer(args.reproducer))
-    before = graph.describe()
     costs_before = measure_costs(graph)  # parameters and MACs, before the passes edit the graph in place
-    out, report = PassManager(passes, instruments, ctx).run(graph, in_place=True)  # the graph is only ours
-    if report.modified:
-        try:
-            out.verify()
-        except ValueError as exc:
-            raise VerificationError(report.records[-1].name,
-                                    f"the optimized model is invalid ({exc}); nothing written") from None
-    _save_atomically(out, output)
-
+    run = driver.run(args.model, output, graph=graph)
+    out, report, before = run.graph, run.report, run.source
     after = out.describe()
-    say(f"{args.model}: {graph.ir}, {before['nodes']} nodes, {before['parameters']:,} parameters")
-    say(f"pipeline: {pipeline}" + (f"  (= {format_passes(passes)})" if str(pipeline) != format_passes(passes) else ""))
+    say(f"{args.model}: {before['ir']}, {before['nodes']} nodes, {before['parameters']:,} parameters")
+    say(f"pipeline: {run.pipeline}" + (f"  (= {run.resolved})" if run.pipeline != run.resolved else ""))
     say(report.table())
+    numeric = report.checks.get("numeric")
+    if numeric and numeric.get("compared"):
+        say(f"check: {_check_line(numeric)}")
     for warning in report.warnings:
         say(f"warning: {warning}")
     say(f"wrote {output}: {after['nodes']} nodes, {after['parameters']:,} parameters")
-    measured = {}
     costs = (costs_before, measure_costs(out))
-    if graph.ir == "onnx":
-        measured = measure_run(args.model, output, backend, data=eval_data, labels=labels, labels_key=args.labels,
-                               bench=args.bench, costs=costs)
-        say(format_run(measured))
+    if out.ir == "onnx":
+        measured = measure_run(args.model, output, driver.backend, data=eval_data, labels=labels,
+                               labels_key=args.labels, bench=args.bench, costs=costs)
     else:  # a PyTorch model: parameters and MACs only
         measured = cost_report(*costs)
-        say(format_run(measured))
+    say(format_run(measured))
     if args.json:
         data = {"input": {"path": args.model, **before}, "output": {"path": output, **after},
-                "pipeline": str(pipeline), "resolved": format_passes(passes), **report.to_dict(),
-                **jsonable_run(measured)}
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=2, default=str)
+                "backend": driver.backend.name, **run.to_dict(), **jsonable_run(measured)}
+        atomic_write(args.json, json.dumps(data, indent=2, default=_json_default), "--json")
     return 0
 
 
-def _calibration(args, graph):
-    """``--calib`` opened and checked against the model's inputs before any pass runs (image options applied)."""
-    image_flags = (args.calib_resize, args.calib_crop, args.calib_mean, args.calib_std)
-    if not args.calib:
-        if any(f is not None for f in image_flags):
-            raise UsageError("--calib-resize/--calib-crop/--calib-mean/--calib-std need --calib FOLDER of images")
-        return None
-    if graph.ir != "onnx":
-        return args.calib
-    from graphopt.calib.sources import ImageOptions, input_specs, load_calibration
+def _check_line(numeric: dict) -> str:
+    from graphopt.numeric import fmt_db
 
-    options = None
-    if any(f is not None for f in image_flags):
-        options = ImageOptions(resize=args.calib_resize, crop=args.calib_crop,
-                               mean=_floats(args.calib_mean, "--calib-mean"),
-                               std=_floats(args.calib_std, "--calib-std"))
-    return load_calibration(args.calib, input_specs(graph), image_options=options)
+    comparisons = numeric["comparisons"]
+    exact = [c for c in comparisons if c["equivalence"] == "exact"]
+    parts = []
+    if exact:
+        worst = max(c["max_rel_err"] for c in exact)
+        parts.append(f"exact passes keep the outputs: max rel. error {worst:.1e} <= {numeric['rtol']:g}")
+    for c in comparisons:
+        if c["equivalence"] != "exact":
+            parts.append(f"{' + '.join(c['passes'])}: SQNR {fmt_db(c['sqnr_db'])} dB, cosine {c['cosine']:.4f}")
+    return "; ".join(parts) + f" (on {numeric['inputs']})" if parts else "nothing to compare"
+
+
+def _json_default(value):
+    return str(value)
+
+
+def _image_options(args):
+    image_flags = (args.calib_resize, args.calib_crop, args.calib_mean, args.calib_std)
+    if not any(f is not None for f in image_flags):
+        return None
+    if not args.calib:
+        raise UsageError("--calib-resize/--calib-crop/--calib-mean/--calib-std need --calib FOLDER of images")
+    from graphopt.calib.sources import ImageOptions
+
+    return ImageOptions(resize=args.calib_resize, crop=args.calib_crop,
+                        mean=_floats(args.calib_mean, "--calib-mean"), std=_floats(args.calib_std, "--calib-std"))
 
 
 def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:

@@ -47,9 +47,14 @@ def add_backend_commands(sub, add_plugin_flags) -> None:
 
 def registry_from_args(args):
     """The plugin registry the command line's --no-plugins / -p flags ask for."""
+    from graphopt.errors import PluginError
     from graphopt.plugins import load_registry
 
-    return load_registry(autoload=False if args.no_plugins else None, extra=args.plugins)
+    registry = load_registry(autoload=False if args.no_plugins else None, extra=args.plugins)
+    for name in args.plugins:  # a plugin asked for by name must load: silence would run without it
+        if name in registry.failed:
+            raise PluginError(f"-p {name}: the plugin could not be loaded ({registry.failed[name]})")
+    return registry
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -164,3 +164,14 @@ class PluginManager:
 def load_registry(*, autoload: bool | None = None, extra: Iterable[str] = (), modules: Iterable[Any] = ()) -> Registry:
     """A fresh registry with every plugin loaded (see :meth:`PluginManager.load`)."""
     return PluginManager().load(autoload=autoload, extra=extra, modules=modules)
+
+
+_default: Registry | None = None
+
+
+def default_registry() -> Registry:
+    """Every plugin autoloaded once per process (``GRAPHOPT_DISABLE_PLUGIN_AUTOLOAD`` is honoured)."""
+    global _default
+    if _default is None:
+        _default = load_registry()
+    return _default

@@ -12,7 +12,8 @@ from graphopt import Pass, PassContext, PassManager, PassResult
 from graphopt.errors import NumericMismatchError, UnsupportedIRError, VerificationError
 from graphopt.ir import load_model
 from graphopt.passes import bisect, resolve
-from graphopt.passes.instruments import NumericCheck, Verify, relative_error
+from graphopt.passes.check import NumericCheck
+from graphopt.passes.instruments import Verify, relative_error
 from graphopt.plugins import load_registry
 from graphopt.zoo import tiny_resnet
 from tests import helpers

@@ -22,6 +22,7 @@ from graphopt.backends.scheme import (
     restrict_ops,
 )
 from graphopt.errors import UnsupportedError, UsageError
+from graphopt.table import format_table
 
 __all__ = [
     "BIAS_MODES", "INT8_DTYPES", "Accuracy", "Backend", "BackendError", "BenchResult", "DataError", "FrozenDict",
@@ -113,19 +114,6 @@ class Accuracy:
 
     def to_dict(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total}
-
-
-def format_table(rows: list[tuple[str, ...]], right: Iterable[int] = ()) -> str:
-    """Rows of strings as aligned columns, a dashed rule under the header (the style of the run report)."""
-    right = set(right)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-
-    def line(row):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-
-    lines = [line(row).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 # -- inputs -------------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ from graphopt.ir.ops import OpKind
 TORCH_SUFFIXES = (".pt", ".pth", ".pt2")
 
 
-def load_model(model: Any, example_inputs: Any = None) -> Graph:
-    """A path (``.onnx``, ``.pt``), an ``onnx.ModelProto``, an ``nn.Module`` or an existing Graph -> Graph."""
+def load_model(model: Any, example_inputs: Any = None, *, trust_pickle: bool = False) -> Graph:
+    """A path (``.onnx``, ``.pt``), an ``onnx.ModelProto``, an ``nn.Module`` or an existing Graph -> Graph.
+    ``trust_pickle``: a pickled module may be loaded, running the code it carries (only for files you trust)."""
     if isinstance(model, Graph):
         return model
     if isinstance(model, (str, os.PathLike)):

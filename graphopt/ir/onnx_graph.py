@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 from graphopt.errors import ModelLoadError, first_line
 from graphopt.ir.base import Graph
+from graphopt.ir.feeds import Spec, feeds, input_roles
 from graphopt.ir.ops import OpKind, onnx_kind
 
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -189,28 +190,28 @@ class OnnxGraph(Graph):
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise ValueError(first_line(exc)) from exc
 
-    def sample_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(seed)
-        feeds = {}
-        for tensor in self.gs.inputs:
-            shape = [d if isinstance(d, int) and d > 0 else 1 for d in (tensor.shape or [])]
-            dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
-            if np.issubdtype(dtype, np.floating):
-                feeds[tensor.name] = rng.standard_normal(shape).astype(dtype)
-            elif dtype == np.bool_:
-                feeds[tensor.name] = np.zeros(shape, dtype)
-            else:
-                feeds[tensor.name] = rng.integers(0, 2, size=shape).astype(dtype)
-        return feeds
+    def input_specs(self) -> list[Spec]:
+        return [Spec(t.name, tuple(t.shape or ()), np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32))
+                for t in self.gs.inputs]
 
-    def session(self, threads: int = 0):
-        """An onnxruntime CPU session on the current graph (through a temporary file past 2 GB)."""
+    def sample_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Fixed-seed inputs (:func:`graphopt.ir.feeds.feeds`): data random, indices/shapes/axes valid."""
+        return feeds(self.input_specs(), seed, roles=input_roles(self.gs))
+
+    def session(self, threads: int = 0, *, optimized: bool = True, path: str | None = None):
+        """An onnxruntime CPU session on the current graph (through a temporary file past 2 GB), or on the file
+        at ``path`` that holds it. ``optimized=False``: onnxruntime's graph optimizations off (quicker to build;
+        for comparisons that need no fused kernels)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        if not optimized:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if path is not None:
+            return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
         model = self.to_model()
         if not self.too_big_for_protobuf():
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

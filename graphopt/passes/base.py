@@ -108,6 +108,13 @@ class Pass:
     # the lowest default-domain ONNX opset the pass handles; the manager upgrades an older model
     # (onnx.version_converter, numerically checked) before running it. None: any opset.
     min_opset: ClassVar[int | None] = None
+    # the mutation contract: True, the pass may edit the graph it is given (and returns it, or a new one);
+    # False, it is functional: it builds a new graph and leaves its input as it was. The manager copies a graph
+    # before a pass only when the pass may edit it and someone still needs the original (the caller's model,
+    # the crash reproducer, bisect's snapshots).
+    changes_input: ClassVar[bool] = True
+    # what to do when the numeric check finds the outputs moved past the accuracy threshold (approximate passes)
+    recovery: ClassVar[str] = ""
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
@@ -151,6 +158,9 @@ class Pass:
         result = getattr(self, f"run_{graph.ir}")(graph, ctx)
         if not isinstance(result, PassResult):
             raise self.fail(f"returned {type(result).__name__}, not a PassResult")
+        if not self.changes_input and result.modified and result.graph is graph:
+            raise self.fail("declares changes_input=False (functional) but returned its input graph modified; "
+                            "build a new graph, or declare changes_input=True")
         self.ensures(result.graph, ctx)
         return result
 

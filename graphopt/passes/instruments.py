@@ -1,20 +1,18 @@
-"""Instruments wrap every pass the manager runs: ``before_pass``, ``after_pass``, ``after_pass_failed``.
+"""Instruments wrap every pass the manager runs: ``before_pass``, ``after_pass``, ``after_pass_failed``, and
+``after_pipeline`` once the last pass has run.
 
-Built in: :class:`Verify` (onnx checker with shape inference / FX lint after each pass), :class:`NumericCheck`
-(the model run before and after each modifying pass on fixed-seed inputs; passes that declare themselves exact
-must match within ``rtol``), :class:`Snapshot` (the graph after each pass, to a folder) and
+Built in: :class:`Verify` (onnx checker with shape inference / FX lint after each pass), the numeric check
+(:mod:`graphopt.passes.check`), :class:`Snapshot` (the graph after each pass, to a folder) and
 :class:`CrashReproducer` (the input graph and the failing pipeline, when a pass raises). Timing is recorded by
-the manager for every pass. Plugins add more through ``graphopt_register_instruments``.
+the manager for every pass. Plugins add more through ``graphopt_register_instruments`` (``--instrument NAME``).
 """
 
 from __future__ import annotations
 
 import os
 
-import numpy as np
-
-from graphopt.errors import NumericMismatchError, VerificationError
-from graphopt.passes.base import Equivalence
+from graphopt.errors import VerificationError
+from graphopt.numeric import relative_error  # noqa: F401  (re-exported: tests and plugins compare outputs)
 
 
 class Instrument:
@@ -26,36 +24,8 @@ class Instrument:
 
     def after_pass_failed(self, pass_, graph, exc, ctx) -> None: ...
 
-
-def relative_error(reference: list[np.ndarray], actual: list[np.ndarray]) -> float:
-    """max |a - r| / max |r| over all outputs (a relative error that ignores near-zero elements' noise)."""
-    if len(reference) != len(actual):
-        return float("inf")
-    worst = 0.0
-    for r, a in zip(reference, actual):
-        if r.shape != a.shape:
-            return float("inf")
-        r64, a64 = r.astype(np.float64), a.astype(np.float64)
-        if not np.issubdtype(r.dtype, np.floating):
-            worst = max(worst, float(np.any(r64 != a64)))
-            continue
-        scale = max(float(np.max(np.abs(r64))) if r64.size else 0.0, 1e-12)
-        worst = max(worst, float(np.max(np.abs(a64 - r64))) / scale if r64.size else 0.0)
-    return worst
-
-
-def _calibration_batch(graph, ctx) -> dict | None:
-    """The first batch of the pipeline's calibration data (real inputs make approximate passes' errors mean
-    something), or None when there is none or it does not fit the graph."""
-    if getattr(ctx, "calibration", None) is None or graph.ir != "onnx":
-        return None
-    from graphopt.calib.sources import input_specs, load_calibration
-
-    try:
-        return next(iter(load_calibration(ctx.calibration, input_specs(graph), batch_size=8, limit=8,
-                                          progress=False).batches()), None)
-    except Exception:  # the numeric check falls back to fixed-seed inputs; calibrate reports data problems
-        return None
+    def after_pipeline(self, graph, report, ctx) -> None:
+        """Once, after the last pass, on the result (before it is written)."""
 
 
 class Verify(Instrument):
@@ -69,39 +39,6 @@ class Verify(Instrument):
         except ValueError as exc:
             raise VerificationError(pass_.name, f"left an invalid graph: {exc}") from None
         record.checks["verified"] = True
-
-
-class NumericCheck(Instrument):
-    """Run the graph before and after each modifying pass on the same fixed-seed inputs."""
-
-    def __init__(self, rtol: float = 1e-4, seed: int = 0):
-        self.rtol = rtol
-        self.seed = seed
-        self._inputs = None
-        self._before = None
-
-    def before_pass(self, pass_, graph, ctx) -> None:
-        if self._inputs is None:
-            self._inputs = _calibration_batch(graph, ctx) or graph.sample_inputs(self.seed)
-        if self._before is None and pass_.equivalence != Equivalence.NONE:
-            self._before = graph.run(self._inputs)
-
-    def after_pass(self, pass_, result, record, ctx) -> None:
-        if not result.modified:
-            return
-        if pass_.equivalence == Equivalence.NONE:
-            self._before = None  # outputs are meant to change; the next pass compares against this graph
-            record.checks["numeric"] = "not compared"
-            return
-        after = result.graph.run(self._inputs)
-        err = relative_error(self._before, after)
-        self._before = after
-        record.checks["max_rel_err"] = err
-        if pass_.equivalence == Equivalence.EXACT and not err <= self.rtol:
-            raise NumericMismatchError(
-                pass_.name,
-                f"declares itself exact but changed the outputs: max relative error {err:.3g} > {self.rtol:g}",
-            )
 
 
 class Snapshot(Instrument):

@@ -1,9 +1,16 @@
 """The pass manager: runs resolved passes in order with instruments around each, and records what happened.
 
-The graph it is given is copied once, so the caller's model is never mutated; passes then work in place on
-that copy. When an instrument needs each pass's input intact (``needs_pass_input``: the crash reproducer) or
-snapshots are kept (:func:`bisect`), every pass gets a copy of its own instead. :func:`bisect` names the first
-pass after which the model's outputs no longer match the original's.
+Copies follow each pass's mutation contract (``Pass.changes_input``): a graph is copied before a pass only when
+that pass may edit it and the original is still needed — the caller's graph (``run(graph)`` without
+``in_place``) before the first such pass, and every pass's input when an instrument needs it intact
+(``needs_pass_input``: the crash reproducer) or snapshots are kept (:func:`bisect`). A functional pass
+(``changes_input = False``) is never given a copy.
+
+Before a pass whose ``min_opset`` is above an ONNX model's opset, the model is converted (``upgrade-opset``, a
+step of its own in the report, held to exactness by the numeric check like any exact pass). After the last pass
+every instrument's ``after_pipeline`` runs (:meth:`PassManager.finish`; ``run(..., finish=False)`` leaves that
+to a caller that first writes the result, so the check can run the written file). :func:`bisect` names the
+first pass after which the model's outputs no longer match the original's.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ from typing import Any
 
 from graphopt.errors import GraphoptError, PassError
 from graphopt.ir.base import Graph
-from graphopt.passes.base import Pass, PassContext
-from graphopt.passes.instruments import Instrument, relative_error
+from graphopt.numeric import relative_error
+from graphopt.passes.base import Equivalence, Pass, PassContext, PassResult
+from graphopt.passes.instruments import Instrument
+from graphopt.table import format_table
 
 
 @dataclass
@@ -35,11 +44,21 @@ class PassRecord:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def check_cell(self) -> str:
+        if "max_rel_err" in self.checks:
+            cell = f"rel.err {self.checks['max_rel_err']:.1e}"
+            sqnr = self.checks.get("sqnr_db")
+            if self.checks.get("past_threshold") or (sqnr is not None and sqnr < 60):
+                cell += f", SQNR {sqnr:.1f} dB" if sqnr not in (float("inf"), float("-inf")) else f", SQNR {sqnr}"
+            return cell
+        return str(self.checks.get("numeric", ""))
+
 
 @dataclass
 class RunReport:
     records: list[PassRecord] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)  # what instruments found over the whole run
 
     @property
     def modified(self) -> bool:
@@ -48,26 +67,40 @@ class RunReport:
     def table(self) -> str:
         rows = [("#", "pass", "nodes", "changes", "check", "time")]
         for r in self.records:
-            check = ""
-            if "max_rel_err" in r.checks:
-                check = f"rel.err {r.checks['max_rel_err']:.1e}"
-            elif "numeric" in r.checks:
-                check = r.checks["numeric"]
-            rows.append((str(r.index), r.text, f"{r.nodes_before} -> {r.nodes_after}", r.changes, check,
+            rows.append((str(r.index), r.text, f"{r.nodes_before} -> {r.nodes_after}", r.changes, r.check_cell(),
                          _fmt_seconds(r.seconds)))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = [format_table(rows)]
         for r in self.records:
             lines += [f"  note ({r.name}): {n}" for n in r.notes]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passes": [r.to_dict() for r in self.records], "warnings": list(self.warnings)}
+        return {"passes": [r.to_dict() for r in self.records], "warnings": list(self.warnings),
+                "checks": dict(self.checks)}
 
 
 def _fmt_seconds(s: float) -> str:
     return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+class UpgradeOpset(Pass):
+    """Convert the model to a newer default-domain opset (onnx.version_converter), for a pass that needs it."""
+
+    name = "upgrade-opset"
+    irs = frozenset({"onnx"})
+
+    def __init__(self, target: int):
+        super().__init__()
+        self.target = target
+
+    def run_onnx(self, graph, ctx):
+        before = graph.opset
+        note = graph.upgrade_opset(self.target)
+        return PassResult(graph, graph.opset != before, {f"converted opset {before} -> {graph.opset}": 1}
+                          if graph.opset != before else {}, [note] if note else [])
+
+    def __repr__(self) -> str:
+        return f"{self.name} (to {self.target})"
 
 
 class PassManager:
@@ -78,25 +111,47 @@ class PassManager:
         self.ctx = ctx or PassContext()
         self.copy_each = copy_each or any(getattr(i, "needs_pass_input", False) for i in self.instruments)
 
-    def run(self, graph: Graph, *, in_place: bool = False) -> tuple[Graph, RunReport]:
+    def run(self, graph: Graph, *, in_place: bool = False, finish: bool = True) -> tuple[Graph, RunReport]:
         """Run every pass. ``in_place=True`` lets the passes work on ``graph`` itself (for a graph nobody
-        else holds, such as one just loaded from a file) instead of on a copy."""
+        else holds, such as one just loaded from a file) instead of on a copy. ``finish=False``: the caller
+        calls :meth:`finish` itself (after writing the result)."""
         report = RunReport()
-        if not (self.copy_each or in_place):
-            graph = graph.copy()
-        for index, pass_ in enumerate(self.passes, start=1):
-            graph, record = self._run_one(index, pass_, graph)
+        owned = in_place
+        index = 0
+        for pass_ in self.passes:
+            for step in self._steps_before(pass_, graph):
+                index += 1
+                graph, record = self._run_one(index, step, graph, owned)
+                owned = owned or step.changes_input
+                report.records.append(record)
+            index += 1
+            graph, record = self._run_one(index, pass_, graph, owned)
+            owned = owned or pass_.changes_input
             report.records.append(record)
-        report.warnings = list(self.ctx.warnings)
+        report.warnings = self.ctx.warnings  # the same list: warnings added by finish() show up too
+        if finish:
+            self.finish(graph, report)
         return graph, report
 
-    def _run_one(self, index: int, pass_: Pass, graph: Graph):
+    def finish(self, graph: Graph, report: RunReport) -> None:
+        for inst in self.instruments:
+            inst.after_pipeline(graph, report, self.ctx)
+
+    def _steps_before(self, pass_: Pass, graph: Graph) -> list[Pass]:
+        """Core steps a pass needs first: an opset upgrade when it needs a newer opset than the model has."""
+        need = pass_.min_opset
+        if graph.ir == "onnx" and need is not None and graph.opset < need and "onnx" in pass_.irs:
+            return [UpgradeOpset(need)]
+        return []
+
+    def _run_one(self, index: int, pass_: Pass, graph: Graph, owned: bool = True):
         for inst in self.instruments:
             inst.before_pass(pass_, graph, self.ctx)
         nodes_before = graph.num_nodes()
+        copy = pass_.changes_input and (self.copy_each or not owned)
         start = time.perf_counter()
         try:
-            result = pass_(graph.copy() if self.copy_each else graph, self.ctx)
+            result = pass_(graph.copy() if copy else graph, self.ctx)
         except Exception as exc:
             for inst in self.instruments:
                 inst.after_pass_failed(pass_, graph, exc, self.ctx)
@@ -130,11 +185,17 @@ class BisectResult:
 def bisect(graph: Graph, passes: list[Pass], ctx: PassContext | None = None, rtol: float = 1e-4,
            seed: int = 0) -> BisectResult:
     """Run the pipeline keeping the graph after each pass, then binary-search the snapshots for the first
-    one whose outputs differ from the original's by more than ``rtol`` (log2(n) model runs, not n)."""
-    manager = PassManager(passes, ctx=ctx, copy_each=True)
+    one whose outputs differ from the original's by more than ``rtol`` (log2(n) model runs, not n). Only
+    exact passes can break equivalence: the search runs over the pipeline up to its first approximate pass."""
+    exact = []
+    for pass_ in passes:
+        if pass_.equivalence != Equivalence.EXACT:
+            break
+        exact.append(pass_)
+    manager = PassManager(exact, ctx=ctx, copy_each=True)
     snapshots = [graph]
-    for index, pass_ in enumerate(passes, start=1):
-        snapshots.append(manager._run_one(index, pass_, snapshots[-1])[0])
+    for index, pass_ in enumerate(exact, start=1):
+        snapshots.append(manager._run_one(index, pass_, snapshots[-1], owned=False)[0])
     inputs = graph.sample_inputs(seed)
     reference = graph.run(inputs)
     errors: dict[int, float] = {}
@@ -144,8 +205,8 @@ def bisect(graph: Graph, passes: list[Pass], ctx: PassContext | None = None, rto
             errors[k] = relative_error(reference, snapshots[k].run(inputs))
         return not errors[k] <= rtol
 
-    lo, hi = 1, len(passes)
-    if not passes or not broken(hi):
+    lo, hi = 1, len(exact)
+    if not exact or not broken(hi):
         return BisectResult(None, errors, passes)
     while lo < hi:
         mid = (lo + hi) // 2

@@ -107,9 +107,22 @@ def describe_options(options_cls: type) -> list[tuple[str, str, str]]:
     for name, (f, hint) in _fields(options_cls).items():
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        type_name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-        rows.append((name, type_name, format_value(default)))
+        rows.append((name, _type_name(hint), format_value(default)))
     return rows
+
+
+def _type_name(hint: Any) -> str:
+    """How ``graphopt passes`` shows an option's type: ``one of l1|l2`` for a Literal, ``list of str`` for a
+    tuple, ``float or none`` for an Optional."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + "|".join(format_value(a) for a in args)
+    if origin is tuple:
+        return f"list of {_type_name(args[0]) if args else 'str'} (joined by {LIST_SEP})"
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_type_name(a) for a in inner) + (" or none" if len(inner) < len(args) else "")
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def name_matches(pattern: str, name: str) -> bool:

@@ -143,7 +143,7 @@ def compare_costs(before: Sequence[LayerCost], after: Sequence[LayerCost]) -> li
 def cost_table(deltas: Sequence[LayerDelta], top: int | None = 10) -> str:
     """The changed layers as an aligned text table, biggest change first: by how many MACs changed (either way),
     then how many parameters, then graph order; at most ``top`` rows."""
-    from graphopt.backends.base import format_table
+    from graphopt.table import format_table
 
     changed = [(i, d) for i, d in enumerate(deltas) if d.changed]
     changed.sort(key=lambda p: (-abs(p[1].macs_before - p[1].macs_after),

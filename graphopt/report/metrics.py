@@ -160,7 +160,7 @@ def compare_outputs(reference: list[np.ndarray], test: list[np.ndarray], names: 
 
 
 def outputs_table(rows: list[OutputComparison], samples: int | None = None) -> str:
-    from graphopt.backends.base import format_table
+    from graphopt.table import format_table
 
     table = [("output", "shape", "SQNR dB", "cosine", "max rel err", "top-1 agreement")]
     for r in rows:
@@ -273,7 +273,7 @@ class LayerTable:
     samples: int = 0
 
     def table(self, top: int | None = None) -> str:
-        from graphopt.backends.base import format_table
+        from graphopt.table import format_table
 
         shown = self.rows if top is None else self.rows[:top]
         table = [("#", "tensor", "op", "in B", "SQNR dB", "cosine", "max rel err")]

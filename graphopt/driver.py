@@ -1,0 +1,225 @@
+"""The driver: one way to run a pipeline, behind both `graphopt run` and `graphopt.optimize`.
+
+A :class:`RunConfig` says what to run (pipeline, backend, data, checks, instruments); :class:`Driver` resolves it
+once (syntax, passes, backend, instruments: every usage error before a model is read), loads the model, runs
+the pass manager with the instruments the config asks for, verifies the result, and — when it is given an
+output path — writes it beside its final place, runs the numeric check's last comparison on the written file,
+and moves it into place only if everything passed. The command line adds what is only about a terminal:
+argument parsing, the output-path plan (:mod:`graphopt.paths`), printing and the JSON report.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from graphopt.errors import NumericMismatchError, UsageError, VerificationError
+from graphopt.ir import Graph, load_model
+from graphopt.passes.base import Equivalence, PassContext
+from graphopt.passes.check import CHECK_SAMPLES, NumericCheck
+from graphopt.passes.instruments import CrashReproducer, Instrument, Snapshot, Verify
+from graphopt.passes.manager import PassManager, RunReport
+from graphopt.passes.pipeline import format_passes, parse_pipeline, resolve
+from graphopt.paths import Staged
+
+DEFAULT_PIPELINE = "fold"  # an alias the registry resolves (graphopt's own plugins register it)
+
+
+class FineTune(Instrument):
+    """Runs the user's training loop on the model right after each modifying pass named in ``after`` (None:
+    every pass meant to change the outputs, ``equivalence = none``: pruning, sparsity).
+
+    ``fn(module)`` receives the FX ``GraphModule`` (parameters are trainable ``nn.Parameter``s; call ``.train()``
+    as your loop needs) and trains it in place or returns a replacement. The module is put back in eval mode and
+    its shapes re-propagated before the next pass, so ``prune, fine-tune, int8`` is one pipeline.
+    """
+
+    def __init__(self, fn: Callable[[Any], Any], after: Iterable[str] | None = None):
+        self.fn, self.after = fn, None if after is None else frozenset(after)
+
+    def after_pass(self, pass_, result, record, ctx) -> None:
+        chosen = pass_.equivalence == Equivalence.NONE if self.after is None else pass_.name in self.after
+        if not chosen or not result.modified:
+            return
+        graph, start = result.graph, time.perf_counter()
+        returned = self.fn(graph.gm)
+        if returned is not None:
+            graph.gm = returned
+        graph.gm.eval()
+        graph.infer_shapes()
+        name = getattr(self.fn, "__name__", type(self.fn).__name__)
+        record.notes.append(f"fine-tuned by {name}() in {time.perf_counter() - start:.1f} s")
+
+
+@dataclass
+class RunConfig:
+    """What a run does. ``calibration``: int8 calibration data (a path, a mapping or an iterable; see
+    :func:`graphopt.calib.sources.load_calibration`); ``eval_inputs``: labelled evaluation inputs (a mapping),
+    whose first samples the numeric check compares on; ``instruments``: instrument objects, or names a plugin
+    registered (``--instrument NAME``)."""
+
+    passes: str = DEFAULT_PIPELINE
+    backend: Any = "onnxruntime"
+    example_inputs: Any = None
+    calibration: Any = None
+    image_options: Any = None
+    eval_inputs: dict | None = None
+    check: bool = True
+    rtol: float = 1e-4
+    verify_each: bool = False
+    snapshot_dir: str | None = None
+    reproducer: str | None = None
+    instruments: tuple = ()
+    finetune: Callable[[Any], Any] | None = None
+    finetune_after: tuple | None = None
+    trust_pickle: bool = False
+
+
+@dataclass
+class RunResult:
+    graph: Graph
+    report: RunReport
+    pipeline: str  # as written
+    resolved: str  # aliases expanded, options canonical
+    ctx: PassContext
+    source: dict[str, Any] = field(default_factory=dict)  # the input's describe(): ir, nodes, parameters
+    written: list[str] = field(default_factory=list)  # the files written (the model, its external data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pipeline": self.pipeline, "resolved": self.resolved, **self.report.to_dict()}
+
+
+class Driver:
+    def __init__(self, config: RunConfig, registry=None, ctx: PassContext | None = None):
+        from graphopt.plugins import default_registry
+
+        self.config = config
+        self.registry = registry or default_registry()
+        self.pipeline = parse_pipeline(config.passes)
+        self.passes = resolve(self.pipeline, self.registry)
+        self.backend = self._backend(config.backend)
+        self.extra_instruments = [self._instrument(i) for i in config.instruments]
+        self.ctx = ctx
+        if config.finetune is not None and not callable(config.finetune):
+            raise UsageError(f"finetune= must be a function of the module, got {type(config.finetune).__name__}")
+
+    def _backend(self, backend):
+        if isinstance(backend, str):
+            from graphopt.backends import get_backend
+
+            return get_backend(self.registry, backend)
+        return backend
+
+    def _instrument(self, spec) -> Instrument:
+        if not isinstance(spec, str):
+            return spec
+        if spec not in self.registry.instruments:
+            known = ", ".join(sorted(self.registry.instruments)) or "none registered"
+            raise UsageError(f"unknown instrument '{spec}' (known: {known}; plugins add them with "
+                             f"graphopt_register_instruments)")
+        return self.registry.instruments[spec]()
+
+    # -- loading ------------------------------------------------------------------------------------------
+    def load(self, model: Any) -> Graph:
+        return load_model(model, self.config.example_inputs, trust_pickle=self.config.trust_pickle)
+
+    def context(self, graph: Graph) -> PassContext:
+        ctx = self.ctx or PassContext(registry=self.registry)
+        if ctx.registry is None:
+            ctx.registry = self.registry
+        if ctx.backend is None:
+            ctx.backend = self.backend
+        if ctx.calibration is None and self.config.calibration is not None:
+            ctx.calibration = self._calibration(graph)
+        return ctx
+
+    def _calibration(self, graph: Graph):
+        """Calibration data opened and checked against the model's inputs before any pass runs."""
+        if graph.ir != "onnx":
+            return self.config.calibration
+        from graphopt.calib.sources import input_specs, load_calibration
+
+        return load_calibration(self.config.calibration, input_specs(graph), image_options=self.config.image_options)
+
+    # -- running ------------------------------------------------------------------------------------------
+    def instruments(self, graph: Graph, model: Any) -> tuple[list[Instrument], NumericCheck | None]:
+        config, chain = self.config, []
+        if config.finetune is not None:
+            if graph.ir != "fx":
+                raise UsageError("finetune= needs a PyTorch model (nn.Module with example_inputs): an ONNX model "
+                                 "cannot be trained here")
+            chain.append(FineTune(config.finetune, config.finetune_after))
+        if config.verify_each:
+            chain.append(Verify())
+        check = None
+        if config.check:
+            inputs, label = None, ""
+            if config.eval_inputs:
+                inputs = {k: v[:CHECK_SAMPLES] for k, v in config.eval_inputs.items()}
+                label = f"{len(next(iter(inputs.values())))} samples of the evaluation data"
+            reference = os.fspath(model) if isinstance(model, (str, os.PathLike)) and graph.ir == "onnx" else None
+            check = NumericCheck(rtol=config.rtol, per_pass=config.verify_each, inputs=inputs, inputs_label=label,
+                                 reference_path=reference)
+            chain.append(check)
+        if config.snapshot_dir:
+            chain.append(Snapshot(config.snapshot_dir))
+        if config.reproducer:
+            chain.append(CrashReproducer(config.reproducer))
+        chain.extend(self.extra_instruments)
+        return chain, check
+
+    def run(self, model: Any, output: str | None = None, *, graph: Graph | None = None) -> RunResult:
+        """Run the pipeline on ``model`` (a path, ModelProto, nn.Module or Graph; never modified). With
+        ``output``, the result is written there (atomically, checked on the written file first)."""
+        owned = graph is not None or not isinstance(model, Graph)
+        graph = graph if graph is not None else self.load(model)
+        ctx = self.context(graph)
+        original = None if owned else graph  # the caller's graph: the manager copies it before editing
+        try:
+            return self._execute(model, graph, owned, ctx, output)
+        except NumericMismatchError as exc:
+            if len(getattr(exc, "passes", ())) > 1:
+                self._blame(model, original, ctx)
+            raise
+
+    def _execute(self, model: Any, graph: Graph, owned: bool, ctx: PassContext, output: str | None) -> RunResult:
+        chain, check = self.instruments(graph, model)
+        source = graph.describe()
+        manager = PassManager(self.passes, chain, ctx)
+        out, report = manager.run(graph, in_place=owned, finish=False)
+        if report.modified and not self.config.verify_each:
+            try:
+                out.verify()
+            except ValueError as exc:
+                raise VerificationError(_last_modifying(report), f"the optimized model is invalid ({exc}); "
+                                        "nothing written") from None
+        written: list[str] = []
+        if output is None:
+            manager.finish(out, report)
+        else:
+            staged = Staged(output)
+            try:
+                out.save(staged.staged_path)
+                if check is not None and out.ir == "onnx":
+                    check.final_path = staged.staged_path
+                manager.finish(out, report)
+                written = staged.commit()
+            finally:
+                staged.discard()
+        return RunResult(out, report, str(self.pipeline), format_passes(self.passes), ctx, source, written)
+
+    def _blame(self, model: Any, original: Graph | None, ctx: PassContext) -> None:
+        """Several exact passes together changed the outputs: run the pipeline again from the original with a
+        comparison after every pass, which raises the error naming the first culprit (if it reproduces)."""
+        graph = original if original is not None else self.load(model)
+        _, check = self.instruments(graph, model)
+        check.per_pass, check.reference_path = True, None
+        fresh = PassContext(registry=ctx.registry, backend=ctx.backend, calibration=ctx.calibration, seed=ctx.seed)
+        PassManager(self.passes, [check], fresh).run(graph, in_place=original is None)
+
+
+def _last_modifying(report: RunReport) -> str:
+    modified = [r.name for r in report.records if r.modified]
+    return modified[-1] if modified else (report.records[-1].name if report.records else "pipeline")

@@ -1,0 +1,223 @@
+"""The numeric check: the model's outputs before and after the passes, on the same inputs.
+
+Passes come in runs of the same kind (``equivalence``): exact passes (fold) must keep the outputs within
+``rtol``; approximate ones (int8, fp16) and those meant to change them (pruning, sparsity) are measured, and
+when they move the outputs past the accuracy threshold (output cosine < ``min_cosine`` or SQNR <
+``min_sqnr_db``) the run says so, with what to do. By default the model is run once at the start and once at the
+end of each run of passes (``fold`` = one comparison: the original's outputs against the result's), which is
+what makes the verified default cheap; ``per_pass=True`` (``--verify-each``) compares after every modifying
+pass, naming the culprit directly. A run of several exact passes that breaks equivalence is blamed on the one
+that changed the model, or on all that did with the advice to rerun with ``--verify-each``.
+
+Inputs: the data the caller gives (``inputs=``: ``--eval`` / ``--calib`` samples), else the calibration data in
+the context, else generated ones (:mod:`graphopt.ir.feeds`: random data, valid indices / shapes / axes). When
+the original model does not run on any of them, or onnxruntime cannot run it at all (a custom-domain op, an
+opset newer than it knows), nothing is compared and the run says "not compared: <why>" instead of failing.
+
+Models are run by onnxruntime with graph optimizations off for exact runs (nothing to fuse, less to build) and
+with the backend's optimizations for approximate ones (so int8 is measured on the kernels that will run it).
+The first reference and the final result may be run from files (``reference_path`` / ``final_path``): a model
+of several GB is then never serialized in memory for the check.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from graphopt.errors import NumericMismatchError, PassError, first_line
+from graphopt.numeric import Difference, fmt_db, max_difference
+from graphopt.passes.base import Equivalence
+from graphopt.passes.instruments import Instrument
+
+DEFAULT_MIN_COSINE = 0.99
+DEFAULT_MIN_SQNR_DB = 20.0
+CHECK_SAMPLES = 8
+
+
+class NotRunnable(Exception):
+    """The model cannot be run on the check inputs (the reason is the message)."""
+
+
+def run_model(graph, inputs: dict, *, optimized: bool, path: str | None = None) -> list[np.ndarray]:
+    """The outputs of ``graph`` (or of the ONNX file at ``path``, the same model) on ``inputs``."""
+    if graph.ir != "onnx":
+        return graph.run(inputs)
+    try:
+        session = graph.session(optimized=optimized, path=path)
+    except Exception as exc:
+        raise NotRunnable(f"onnxruntime cannot load it: {first_line(exc)}") from exc
+    declared = {i.name: i.type for i in session.get_inputs()}
+    feeds = {}
+    for name, value in inputs.items():
+        if name not in declared:
+            continue
+        if declared[name] == "tensor(float16)" and value.dtype.kind == "f":
+            value = value.astype(np.float16)
+        elif declared[name] == "tensor(float)" and value.dtype.kind == "f":
+            value = value.astype(np.float32)
+        feeds[name] = value
+    try:
+        return [np.asarray(o) for o in session.run(None, feeds)]
+    except Exception as exc:
+        raise NotRunnable(f"onnxruntime cannot run it on these inputs: {first_line(exc)}") from exc
+
+
+class NumericCheck(Instrument):
+    """Compare the outputs across each run of passes of one kind; see the module docstring."""
+
+    def __init__(self, rtol: float = 1e-4, seed: int = 0, *, per_pass: bool = False, inputs: dict | None = None,
+                 inputs_label: str = "", min_cosine: float = DEFAULT_MIN_COSINE,
+                 min_sqnr_db: float = DEFAULT_MIN_SQNR_DB, reference_path: str | None = None):
+        self.rtol, self.seed, self.per_pass = rtol, seed, per_pass
+        self.min_cosine, self.min_sqnr_db = min_cosine, min_sqnr_db
+        self.reference_path = reference_path  # the original model's file, run for the first reference
+        self.final_path: str | None = None  # set by the caller: the result's file, run for the last comparison
+        self._inputs, self._label = inputs, inputs_label
+        self.not_compared: str | None = None
+        self.comparisons: list[dict[str, Any]] = []
+        self._ref: list[np.ndarray] | None = None
+        self._segment: list[tuple[Any, Any]] = []  # (pass, record) of the modifying passes not yet compared
+        self._kind: Equivalence | None = None
+
+    # -- the instrument hooks -------------------------------------------------------------------------------
+    def before_pass(self, pass_, graph, ctx) -> None:
+        if self.not_compared:
+            return
+        kind = Equivalence.EXACT if pass_.equivalence == Equivalence.EXACT else Equivalence.APPROXIMATE
+        if self._segment and kind != self._kind:
+            self._close(graph, ctx)
+        if self._ref is None and not self._start(graph, ctx):
+            return
+        self._kind = kind
+
+    def after_pass(self, pass_, result, record, ctx) -> None:
+        if not result.modified:
+            return
+        if self.not_compared:
+            record.checks["numeric"] = "not compared"
+            return
+        self._segment.append((pass_, record))
+        if self.per_pass:
+            self._close(result.graph, ctx)
+
+    def after_pipeline(self, graph, report, ctx) -> None:
+        if self._segment and not self.not_compared:
+            self._close(graph, ctx, path=self.final_path)
+        report.checks = {"numeric": self.summary()}
+
+    def summary(self) -> dict[str, Any]:
+        if self.not_compared:
+            return {"compared": False, "reason": self.not_compared}
+        return {"compared": True, "inputs": self._label, "rtol": self.rtol, "min_cosine": self.min_cosine,
+                "min_sqnr_db": self.min_sqnr_db, "comparisons": self.comparisons}
+
+    # -- inputs and the first reference --------------------------------------------------------------------
+    def _start(self, graph, ctx) -> bool:
+        """Choose the inputs (if not yet) and compute the reference outputs; False (and ``not_compared`` set)
+        when the model does not run on any."""
+        path = self.reference_path if not self.comparisons else None
+        self.reference_path = None  # only the original graph is that file
+        candidates = self._candidates(graph, ctx)
+        reason = ""
+        for label, inputs in candidates:
+            try:
+                self._ref = run_model(graph, inputs, optimized=False, path=path)
+            except NotRunnable as exc:
+                reason = str(exc)
+                if reason.startswith("onnxruntime cannot load"):
+                    break
+                continue
+            self._inputs, self._label = inputs, label
+            return True
+        what = "the model" if not self.comparisons else "the model after the previous passes"
+        self.not_compared = f"not compared: {what} does not run here ({reason})" + (
+            "" if self._label or "cannot load" in reason else "; give --calib or --eval data to check it")
+        ctx.warn(f"numeric check: {self.not_compared}")
+        return False
+
+    def _candidates(self, graph, ctx):
+        if self._inputs is not None:
+            return [(self._label or "the given inputs", self._inputs)]
+        batch = _calibration_batch(graph, ctx)
+        if batch is not None:
+            return [(f"{len(next(iter(batch.values())))} calibration samples", batch)]
+        if graph.ir != "onnx":
+            return [(f"fixed-seed random inputs (seed {self.seed})", graph.sample_inputs(self.seed))]
+        from graphopt.ir.feeds import candidate_feeds, input_roles
+
+        roles = input_roles(graph.gs)
+        return [(f"fixed-seed generated inputs (seed {self.seed})", f)
+                for f in candidate_feeds(graph.input_specs(), roles, self.seed)]
+
+    # -- one comparison ------------------------------------------------------------------------------------
+    def _close(self, graph, ctx, path: str | None = None) -> None:
+        segment, self._segment = self._segment, []
+        exact = self._kind == Equivalence.EXACT
+        names = [p.name for p, _ in segment]
+        try:
+            outputs = run_model(graph, self._inputs, optimized=not exact, path=path)
+        except NotRunnable as exc:
+            raise PassError(_who(names), f"left a model that no longer runs ({exc})") from None
+        diff = max_difference(self._ref, outputs)
+        record = segment[-1][1]
+        record.checks.update({"max_rel_err": diff.max_rel_err, "sqnr_db": diff.sqnr_db, "cosine": diff.cosine})
+        if len(segment) > 1:
+            record.checks["compared_passes"] = names
+        entry = {"passes": names, "equivalence": self._kind.value, "max_rel_err": diff.max_rel_err,
+                 "sqnr_db": diff.sqnr_db, "cosine": diff.cosine, "nonfinite_mismatches": diff.nonfinite_mismatches}
+        self.comparisons.append(entry)
+        self._ref = outputs
+        if exact:
+            if not diff.max_rel_err <= self.rtol:
+                error = NumericMismatchError(_who(names), _mismatch(diff, self.rtol, len(segment)))
+                error.passes = names
+                raise error
+            return
+        if diff.cosine < self.min_cosine or diff.sqnr_db < self.min_sqnr_db or diff.nonfinite_mismatches:
+            hints = [h for h in dict.fromkeys(getattr(p, "recovery", "") for p, _ in segment) if h]
+            entry["past_threshold"] = True
+            record.checks["past_threshold"] = True
+            ctx.warn(f"{', '.join(names)}: the outputs moved past the accuracy threshold on {self._label} "
+                     f"({_moved(diff, self.min_cosine, self.min_sqnr_db)}): "
+                     + ("; ".join(hints) or "measure the accuracy with --eval data before using this model"))
+
+
+def _who(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else " + ".join(names)
+
+
+def _mismatch(diff: Difference, rtol: float, count: int) -> str:
+    what = (f"{diff.shape_mismatch}" if not diff.comparable else
+            f"{diff.nonfinite_mismatches} output element(s) became NaN/Inf" if diff.nonfinite_mismatches else
+            f"max relative error {diff.max_rel_err:.3g} > {rtol:g}")
+    head = "declares itself exact but changed the outputs" if count == 1 else \
+        "declare themselves exact but together changed the outputs"
+    tail = "" if count == 1 else " (rerun with --verify-each to name the pass)"
+    return f"{head}: {what}{tail}"
+
+
+def _moved(diff: Difference, min_cosine: float, min_sqnr: float) -> str:
+    parts = [f"cosine {diff.cosine:.4f}" + (f" < {min_cosine:g}" if diff.cosine < min_cosine else ""),
+             f"SQNR {fmt_db(diff.sqnr_db)} dB" + (f" < {min_sqnr:g}" if diff.sqnr_db < min_sqnr else "")]
+    if diff.nonfinite_mismatches:
+        parts.append(f"{diff.nonfinite_mismatches} NaN/Inf elements")
+    return ", ".join(parts)
+
+
+def _calibration_batch(graph, ctx) -> dict | None:
+    """The first samples of the pipeline's calibration data (real inputs make approximate passes' errors mean
+    something), or None when there is none or it does not fit the graph."""
+    if getattr(ctx, "calibration", None) is None or graph.ir != "onnx":
+        return None
+    from graphopt.calib.sources import input_specs, load_calibration
+
+    try:
+        return next(iter(load_calibration(ctx.calibration, input_specs(graph), batch_size=CHECK_SAMPLES,
+                                          limit=CHECK_SAMPLES, progress=False).batches()), None)
+    except Exception:  # the check falls back to generated inputs; calibrate reports data problems itself
+        return None
+
+
+__all__ = ["CHECK_SAMPLES", "DEFAULT_MIN_COSINE", "DEFAULT_MIN_SQNR_DB", "NotRunnable", "NumericCheck", "run_model"]
