@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--input-shape", action="append", default=[], metavar="1x3x224x224")
     _add_plugin_flags(verify)
 
+    for p in (run, inspect, verify):
+        p.add_argument("--trust-pickle", action="store_true",
+                       help="load a pickled nn.Module (torch.save of a module): this runs the code the file carries, "
+                            "so only for a file you trust")
     add_backend_commands(sub, _add_plugin_flags)
     return parser
 
@@ -113,7 +117,7 @@ def _example_inputs(shapes: list[str]):
 def _load(args):
     from graphopt.ir import load_model
 
-    return load_model(args.model, _example_inputs(args.input_shape))
+    return load_model(args.model, _example_inputs(args.input_shape), trust_pickle=args.trust_pickle)
 
 
 def default_output(path: str) -> str:
