@@ -37,8 +37,8 @@ def _add_plugin_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_trust_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow a .pt holding a pickled module: loading it runs the code it carries (only for files "
-                        "you trust); without it only weights and torch.export programs (.pt2) are read")
+                   help="load a pickled nn.Module (torch.save of a module): this runs the code the file carries, so "
+                        "only for a file you trust; without it only weights and torch.export programs (.pt2) are read")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     run = sub.add_parser("run", help="run a pipeline of passes on a model")
-    run.add_argument("model", help="an .onnx file, or a .pt file saved by graphopt / torch.save(module)")
+    run.add_argument("model", help="an .onnx file or a torch.export .pt2 (a torch.save'd module needs --trust-pickle)")
     run.add_argument("--passes", "-P", default="fold",
                      help="textual pipeline, e.g. fold or fold,prune:ratio=0.5 (default: fold)")
     run.add_argument("-o", "--output", help="output path (default: beside the input, with .opt before the suffix)")
@@ -140,7 +140,7 @@ def _example_inputs(shapes: list[str]):
 def _load(args):
     from graphopt.ir import load_model
 
-    return load_model(args.model, _example_inputs(args.input_shape), trust_pickle=getattr(args, "trust_pickle", False))
+    return load_model(args.model, _example_inputs(args.input_shape), trust_pickle=args.trust_pickle)
 
 
 def default_output(path: str, ir: str = "onnx") -> str:

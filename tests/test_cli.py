@@ -187,13 +187,17 @@ def test_run_on_a_pytorch_file(tmp_path, capsys):
     from graphopt.zoo import tiny_resnet
 
     module = tiny_resnet()
-    torch.save(module, tmp_path / "m.pt")  # a pickled module: loading it runs code, so it needs --trust-pickle
+    torch.save(module, tmp_path / "m.pt")
+    assert main(["run", str(tmp_path / "m.pt"), "--input-shape", "2x3x32x32"]) == 3  # a pickle carries code
+    err = capsys.readouterr().err
+    assert "holds a pickled nn.Module" in err and "--trust-pickle" in err
     assert main(["run", str(tmp_path / "m.pt"), "--trust-pickle"]) == 2
     assert "needs example inputs" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "m.pt"), "--trust-pickle", "--input-shape", "2x3x32x32"]) == 0
     assert "folded 12 BatchNormalization" in capsys.readouterr().out
-    graph = load_model(str(tmp_path / "m.opt.pt2"))  # graphopt's output keeps the example inputs
-    assert graph.ir == "fx" and "BatchNorm2d" not in graph.op_counts()
+    graph = load_model(str(tmp_path / "m.opt.pt2"))  # a torch.export program: reloads without trusting a pickle
+    assert graph.captured_with == "torch.export" and tuple(graph.example_inputs[0].shape) == (2, 3, 32, 32)
+    assert graph.ir == "fx" and "batch_norm.default" not in graph.op_counts()  # ATen names now
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = module(x)

@@ -242,8 +242,9 @@ def test_cli_run_reports_params_and_macs(tmp_path, zoo_onnx, capsys):
 
 
 def test_cli_run_on_a_pytorch_file_reports_params_and_macs(tmp_path, capsys):
-    torch.save(zoo.tiny_resnet(), tmp_path / "m.pt")
-    assert main(["run", str(tmp_path / "m.pt"), "--input-shape", "1x3x32x32", "--json", str(tmp_path / "r.json")]) == 0
+    program = torch.export.export(zoo.tiny_resnet().eval(), (torch.randn(1, 3, 32, 32),))
+    torch.export.save(program, tmp_path / "m.pt2")  # a whole program: it keeps its example inputs
+    assert main(["run", str(tmp_path / "m.pt2"), "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["params"]["after"] == report["output"]["parameters"] and report["macs"]["after"] > 0
     assert report["macs"]["before"] == report["macs"]["after"]

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from graphopt.errors import ModelLoadError
+from graphopt.errors import ModelLoadError, UsageError
 from graphopt.ir import OnnxGraph, load_model
 from graphopt.ir.fx_graph import FxGraph
 from graphopt.zoo import tiny_resnet
@@ -124,5 +124,5 @@ def test_fx_save_and_load_round_trip(tmp_path):
 
 
 def test_fx_needs_example_inputs():
-    with pytest.raises(ModelLoadError, match="example inputs"):
+    with pytest.raises(UsageError, match="example inputs"):
         load_model(tiny_resnet())

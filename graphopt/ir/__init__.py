@@ -9,29 +9,39 @@ from graphopt.errors import ModelLoadError
 from graphopt.ir.base import Graph
 from graphopt.ir.onnx_graph import OnnxGraph
 from graphopt.ir.ops import OpKind
+from graphopt.ir.torch_files import looks_like_torch_file
 
 TORCH_SUFFIXES = (".pt", ".pth", ".pt2")
 
 
 def load_model(model: Any, example_inputs: Any = None, *, trust_pickle: bool = False) -> Graph:
-    """A path (``.onnx``, ``.pt``), an ``onnx.ModelProto``, an ``nn.Module`` or an existing Graph -> Graph.
-    ``trust_pickle``: a pickled module may be loaded, running the code it carries (only for files you trust)."""
+    """A path, an ``onnx.ModelProto``, an ``nn.Module``, a ``torch.export.ExportedProgram`` or a Graph -> Graph.
+
+    A path ending in ``.pt``/``.pth``/``.pt2``, or whose content is a zip archive or a pickle, is a PyTorch file
+    (a torch.export program, or a ``torch.save``d module: see :mod:`graphopt.ir.torch_files`); any other is ONNX.
+    ``trust_pickle`` lets a pickled nn.Module load, which runs the code the file carries: only for files you trust.
+    """
     if isinstance(model, Graph):
         return model
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
-        if path.endswith(TORCH_SUFFIXES):
+        if path.endswith(TORCH_SUFFIXES) or (not path.endswith(".onnx") and looks_like_torch_file(path)):
             from graphopt.ir.fx_graph import FxGraph
 
-            return FxGraph.load(path, example_inputs)
+            return FxGraph.load(path, example_inputs, trust_pickle=trust_pickle)
         return OnnxGraph.load(path)
     if type(model).__name__ == "ModelProto":
         return OnnxGraph.from_model(model)
+    if type(model).__name__ == "ExportedProgram":
+        from graphopt.ir.fx_graph import FxGraph
+
+        return FxGraph.from_exported(model, example_inputs)
     if hasattr(model, "named_parameters") and hasattr(model, "forward"):
         from graphopt.ir.fx_graph import FxGraph
 
         return FxGraph.from_module(model, example_inputs)
-    raise ModelLoadError(f"cannot load a {type(model).__name__} as a model (give a path, ModelProto or nn.Module)")
+    raise ModelLoadError(f"cannot load a {type(model).__name__} as a model (give a path, ModelProto, nn.Module or "
+                         f"ExportedProgram)")
 
 
 __all__ = ["Graph", "OnnxGraph", "OpKind", "load_model"]

@@ -3,23 +3,22 @@
 An ``nn.Module`` is captured with ``torch.fx.symbolic_trace`` (module calls stay ``call_module`` nodes, so
 parameters keep their names); where tracing fails (data-dependent control flow, unsupported Python), with
 ``torch.export`` (ATen-level ``call_function`` nodes). Shapes come from FX's ``ShapeProp`` on the example
-inputs. Saved as ``.pt`` (the module with its example inputs) or exported to ``.onnx``.
+inputs. Files are read by :mod:`graphopt.ir.torch_files` (no pickled code runs unless the user trusts the file);
+saved as a torch.export program (``torch.export.save`` of the module and its example inputs, whatever the suffix:
+it reloads without trusting a pickle) or exported to ``.onnx``.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 from collections import Counter
 from typing import Any, Sequence
 
 import numpy as np
 
-from graphopt.errors import ModelLoadError, UsageError, first_line
+from graphopt.errors import ModelLoadError, OutputError, UnsupportedError, UsageError, first_line
 from graphopt.ir.base import Graph
 from graphopt.ir.ops import OpKind
-
-FORMAT_KEY = "graphopt_fx"
 
 
 def _torch():
@@ -67,27 +66,59 @@ class FxGraph(Graph):
         return cls(gm, example_inputs, how)
 
     @classmethod
-    def load(cls, path: str, example_inputs: Sequence[Any] | None = None) -> "FxGraph":
+    def from_exported(cls, program, example_inputs: Sequence[Any] | None = None, where: str = "the program"):
+        """An ``ExportedProgram`` as its FX module; example inputs from ``example_inputs``, else the program's
+        own, else random ones made from its static input specs."""
         torch = _torch()
-        if not os.path.exists(path):
-            raise ModelLoadError(f"{path}: no such file")
-        try:  # a pickled module: only load files you trust, as with torch.load itself
-            obj = torch.load(path, weights_only=False, map_location="cpu")
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        inputs = tuple(example_inputs) if example_inputs is not None else _program_inputs(program)
+        if inputs is None:
+            raise UsageError(f"{where}: the program keeps no example inputs and its input shapes are not static "
+                             f"(give example inputs: --input-shape 1x3x224x224 / example_inputs=...)")
+        try:
+            gm = program.module()
         except Exception as exc:
-            raise ModelLoadError(f"{path}: not a readable PyTorch file ({first_line(exc)})") from None
-        if isinstance(obj, dict) and FORMAT_KEY in obj:
-            return cls(obj["module"], example_inputs or obj["example_inputs"], obj.get("captured_with", "fx"))
-        if isinstance(obj, torch.nn.Module):
-            return cls.from_module(obj, example_inputs)
-        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a torch.nn.Module")
+            raise ModelLoadError(f"{where}: torch.export could not rebuild the program's module "
+                                 f"({first_line(exc)})") from None
+        return cls(gm, inputs, "torch.export")
+
+    @classmethod
+    def load(cls, path: str, example_inputs: Sequence[Any] | None = None, *, trust_pickle: bool = False) -> "FxGraph":
+        """A torch.export ``.pt2`` program, or (``trust_pickle`` only) a ``torch.save``d nn.Module: see
+        :func:`graphopt.ir.torch_files.read_torch_file`. The file is told by its content, not its suffix."""
+        torch = _torch()
+        from graphopt.ir.torch_files import read_torch_file
+
+        obj = read_torch_file(path, trust_pickle=trust_pickle)
+        if isinstance(obj, torch.export.ExportedProgram):
+            return cls.from_exported(obj, example_inputs, where=path)
+        module = obj
+        if isinstance(obj, tuple):  # graphopt's pickled format of before: the module and its example inputs
+            module, saved_inputs = obj
+            example_inputs = example_inputs if example_inputs is not None else saved_inputs
+        if example_inputs is None:
+            raise UsageError(f"{path}: a pickled nn.Module needs example inputs (--input-shape 1x3x224x224 / "
+                             f"example_inputs=...)")
+        return cls.from_module(module, example_inputs)
 
     def save(self, path: str) -> None:
+        """``.onnx``: torch.onnx.export. Any other suffix: a torch.export program of the module and its example
+        inputs (``torch.export.save``), which graphopt reloads without trusting a pickle."""
         torch = _torch()
         if str(path).endswith(".onnx"):
             torch.onnx.export(self.gm, self.example_inputs, path, input_names=self.input_names(), dynamo=False)
-        else:
-            torch.save({FORMAT_KEY: 1, "module": self.gm, "example_inputs": self.example_inputs,
-                        "captured_with": self.captured_with}, path)
+            return
+        try:
+            program = torch.export.export(self.gm, tuple(self.example_inputs))
+        except Exception as exc:
+            raise UnsupportedError(f"{path}: torch.export cannot capture the optimized module ({first_line(exc)}) "
+                                   f"(write it as .onnx instead, or keep the Python API's result.model)") from None
+        try:
+            with open(path, "wb") as f:
+                torch.export.save(program, f)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot be written ({exc.strerror or first_line(exc)})") from None
 
     def copy(self) -> "FxGraph":
         return FxGraph(copy.deepcopy(self.gm), self.example_inputs, self.captured_with)
@@ -175,6 +206,25 @@ class FxGraph(Graph):
             out = self.gm(*args)
         flat, _ = torch.utils._pytree.tree_flatten(out)
         return [t.detach().cpu().numpy() for t in flat if isinstance(t, torch.Tensor)]
+
+
+def _program_inputs(program) -> tuple | None:
+    """The example inputs saved with an ExportedProgram, or random ones from its input specs when every input
+    is a tensor of static shape; None when neither is there."""
+    import torch
+
+    saved = program.example_inputs
+    if saved is not None:
+        args, kwargs = saved
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            return tuple(args)
+    user_inputs = set(program.graph_signature.user_inputs)
+    specs = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    if not specs or not all(isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape) for v in specs):
+        return None
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point()
+                 else torch.zeros(v.shape, dtype=v.dtype) for v in specs)
 
 
 # -- FX helpers passes share ----------------------------------------------------------------------------------
