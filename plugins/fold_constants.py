@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from graphopt import Pass, PassResult, hookimpl
 from graphopt.errors import first_line
 from graphopt.ir.fx_graph import fresh_attr
+from graphopt.ir.ops import is_standard_domain
 
 # never evaluated at compile time: Q/DQ must stay for quantization passes; the rest are random
 _ONNX_NO_FOLD = frozenset({
@@ -60,13 +61,10 @@ class FoldConstants(Pass):
         return int(self.options.size_limit_mb * 2**20) if self.options.size_limit_mb > 0 else None
 
     # -- ONNX -------------------------------------------------------------------------------------------------
-    def _may_fold(self, node) -> bool:
-        """A Constant node, a node whose inputs are all constants, or (fold_shapes) a Shape/Size node."""
-        if _onnx_never_fold(node):
-            return False
-        if self.options.fold_shapes and node.op in ("Shape", "Size"):
-            return True
-        return all(_is_constant(t) for t in node.inputs if t.name)
+    @staticmethod
+    def _may_fold(node) -> bool:
+        """What onnxruntime may evaluate: a node whose inputs are all constants (shapes are folded here)."""
+        return not _onnx_never_fold(node) and all(_is_constant(t) for t in node.inputs if t.name)
 
     def run_onnx(self, graph, ctx):
         g = graph.gs
@@ -80,20 +78,16 @@ class FoldConstants(Pass):
         before = list(g.nodes)
         variables = {id(t) for t in g.tensors().values() if not _is_constant(t)}
         types = _InferredTypes(graph, notes)
-        added_shapes: list = []
-        for _ in range(_MAX_ROUNDS):  # folding can give a CastLike a constant source, and that can fold further
-            if _cast_like_to_constants(graph, types) + _shape_of_constants(graph):
+        for _ in range(_MAX_ROUNDS):  # each kind of folding can give the others constant inputs
+            changed = _cast_like_to_constants(graph, types) + _fold_shapes(graph, types, self.options.fold_shapes)
+            if changed:
                 _cleanup(g)
-            if not any(self._may_fold(n) for n in g.nodes):  # spare graphsurgeon's graph copy and session
+            if any(self._may_fold(n) for n in g.nodes):  # spare graphsurgeon's graph copy and session
+                count = len(g.nodes)
+                self._fold_with_onnxruntime(g, notes)
+                changed += count - len(g.nodes)
+            if not changed:
                 break
-            if self.options.fold_shapes and not added_shapes and any(n.op in ("Shape", "Size") for n in g.nodes):
-                added_shapes = _add_inferred_shapes(graph, types)
-            self._fold_with_onnxruntime(g, notes)
-            if not any(_cast_like_candidate(n) for n in g.nodes):
-                break
-        for tensor, dtype in added_shapes:  # shapes were only needed for folding; later passes may change them
-            if not _is_constant(tensor):
-                tensor.shape, tensor.dtype = None, dtype
         after = {id(n) for n in g.nodes}
         gone = [n for n in before if id(n) not in after]
         stats["converted Constant"] += sum(n.op == "Constant" for n in gone)
@@ -108,14 +102,18 @@ class FoldConstants(Pass):
 
         onnxruntime.set_default_logger_severity(3)  # its graph optimizer's warnings on the subgraphs are noise here
         g.toposort(recurse_subgraphs=False, recurse_functions=False)
-        kwargs = dict(fold_shapes=self.options.fold_shapes, recurse_subgraphs=False, flatten_subgraphs=False,
+        # fold_shapes=False: graphsurgeon's shape folding ignores Shape's start/end and its "cast elision"
+        # rewrites Cast(int -> float) -> Mul(0.5) -> Cast(int) as an integer Mul by 0; _fold_shapes does it here
+        kwargs = dict(fold_shapes=False, recurse_subgraphs=False, flatten_subgraphs=False,
                       recurse_functions=False, size_threshold=self._size_limit_bytes(),
                       should_exclude_node=_onnx_never_fold)
         try:
             g.fold_constants(partitioning=None, error_ok=False, **kwargs)
         except Exception as exc:  # evaluate the foldable parts one by one, keeping what onnxruntime can run
-            notes.append(f"onnxruntime could not evaluate every constant subgraph ({first_line(exc)}); "
-                         f"those it could not are left in the graph")
+            note = (f"onnxruntime could not evaluate every constant subgraph ({first_line(exc)}); "
+                    f"those it could not are left in the graph")
+            if note not in notes:
+                notes.append(note)
             g.fold_constants(partitioning="recursive", error_ok=True, **kwargs)
         _cleanup(g)
 
@@ -231,44 +229,109 @@ def _cast_like_to_constants(graph, types: _InferredTypes) -> int:
     return replaced
 
 
-def _shape_of_constants(graph) -> int:
-    """``Shape`` / ``Size`` of an initializer, computed here: handing them to onnxruntime would ship the weight
-    itself (the dynamo exporter writes conv biases as ``Expand(0, Shape(weight, start=0, end=1))``)."""
+def _fold_shapes(graph, types: _InferredTypes, activations: bool) -> int:
+    """Shapes known at compile time, computed here (not by onnxruntime, which would ship a weight to read its
+    shape; the dynamo exporter writes conv biases as ``Expand(0, Shape(weight, start=0, end=1))``):
+    ``Shape`` / ``Size`` of an initializer, and with ``activations`` (fold_shapes) of any tensor whose shape
+    (declared, or from ONNX shape inference) is static in the dims read, and ``Gather`` / ``Slice`` of a
+    ``Shape`` that pick static dims only (``Gather(Shape(x), 1)`` with a dynamic batch). ``Shape``'s opset-15
+    ``start`` / ``end`` and ``Gather``'s / ``Slice``'s negative and out-of-range indices follow the ONNX spec,
+    which on one axis is Python's slicing; an index out of range (an error at run time) is not folded."""
     import numpy as np
 
     replaced = 0
     for node in graph.gs.nodes:
-        if node.op not in ("Shape", "Size") or node.domain or not node.inputs or not _is_constant(node.inputs[0]):
+        if not node.outputs or not node.inputs or not is_standard_domain(node.domain):
             continue
-        shape = list(node.inputs[0].shape)
-        if node.op == "Size":
-            value = np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
-        else:  # opset 15 start/end: Python slice semantics, clamped
-            value = np.array(shape[slice(node.attrs.get("start", 0), node.attrs.get("end"))], dtype=np.int64)
-        replaced += graph.fold_to_constant(node, value)
+        x = node.inputs[0]
+        if not activations and not _is_constant(x):
+            continue
+        value = None
+        if node.op == "Shape":
+            value = _shape_vector(node, types)
+        elif node.op == "Size":
+            dims = _dims(x, types)
+            value = None if dims is None or not _static(dims) else np.prod(dims, dtype=np.int64)
+        elif node.op in ("Gather", "Slice") and len(x.inputs) == 1 and x.inputs[0].op == "Shape":
+            dims = _shape_vector(x.inputs[0], types, static=False)
+            if dims is not None:
+                value = (_gather(dims, node) if node.op == "Gather" else _slice(dims, node, graph.opset))
+        if value is not None:
+            replaced += graph.fold_to_constant(node, np.asarray(value, dtype=np.int64))
     return replaced
+
+
+def _static(dims) -> bool:
+    return all(isinstance(d, int) and d >= 0 for d in dims)
+
+
+def _dims(tensor, types: _InferredTypes) -> list | None:
+    """The dims of ``tensor`` (ints; anything else is dynamic), or None when its rank is unknown."""
+    if _is_constant(tensor):
+        return list(tensor.values.shape)
+    shape = tensor.shape if tensor.shape is not None else (types.get(tensor.name) or (None, None))[0]
+    return None if shape is None else [d if isinstance(d, int) and d >= 0 else None for d in shape]
+
+
+def _shape_vector(shape_node, types: _InferredTypes, static: bool = True) -> list | None:
+    """The value of ``Shape(x, start, end)``: x's dims from start to end (None where dynamic; with ``static``,
+    None unless every one is known)."""
+    if not is_standard_domain(shape_node.domain):
+        return None
+    dims = _dims(shape_node.inputs[0], types)
+    if dims is None:
+        return None
+    dims = dims[slice(int(shape_node.attrs.get("start", 0)), _opt_int(shape_node.attrs.get("end")))]
+    return dims if not static or _static(dims) else None
+
+
+def _opt_int(value):
+    return None if value is None else int(value)
+
+
+def _gather(dims: list, node):
+    """``Gather(shape_vector, indices)`` when the indices are a constant and pick static dims in range."""
+    import numpy as np
+
+    if len(node.inputs) < 2 or not _is_constant(node.inputs[1]) or int(node.attrs.get("axis", 0)) not in (0, -1):
+        return None
+    indices = node.inputs[1].values
+    if indices.dtype.kind not in "iu" or np.any(indices < -len(dims)) or np.any(indices >= len(dims)):
+        return None
+    picked = [dims[int(i)] for i in indices.reshape(-1)]
+    return np.array(picked, dtype=np.int64).reshape(indices.shape) if _static(picked) else None
+
+
+def _slice(dims: list, node, opset: int):
+    """``Slice(shape_vector, starts, ends[, axes, steps])`` when its arguments are constants and the dims it
+    keeps are static (a shape vector is 1-D: one start, end, step on axis 0)."""
+    import numpy as np
+
+    if opset < 10:
+        starts, ends, axes = (node.attrs.get(k) for k in ("starts", "ends", "axes"))
+        steps = None
+    else:
+        given = node.inputs[1:5]
+        if any(t.name and not _is_constant(t) for t in given):
+            return None
+        starts, ends, axes, steps = ([t.values if t.name else None for t in given] + [None] * 4)[:4]
+    starts, ends, axes, steps = (None if a is None else np.asarray(a).reshape(-1) for a in (starts, ends, axes, steps))
+    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+        return None
+    if axes is not None and (axes.size != 1 or int(axes[0]) not in (0, -1)):
+        return None
+    step = 1 if steps is None else int(steps[0]) if steps.size == 1 else 0
+    if step == 0:
+        return None
+    kept = dims[slice(int(starts[0]), int(ends[0]), step)]
+    return np.array(kept, dtype=np.int64) if _static(kept) else None
 
 
 def _onnx_never_fold(node) -> bool:
     """Q/DQ, random ops, ops outside the default domain, and nodes whose bodies (If/Loop) hold any of them."""
-    if node.op in _ONNX_NO_FOLD or node.domain not in ("", "ai.onnx", None):
+    if node.op in _ONNX_NO_FOLD or not is_standard_domain(node.domain):
         return True
     return any(_onnx_never_fold(inner) for sub in node.subgraphs() for inner in sub.nodes)
-
-
-def _add_inferred_shapes(graph, types: _InferredTypes) -> list:
-    """Give tensors without a shape the one ONNX shape inference finds (for Shape/Size folding); returns
-    (tensor, its dtype before) for each, so the shapes can be taken off again afterwards."""
-    added = []
-    for name, tensor in graph.gs.tensors().items():
-        known = None if _is_constant(tensor) or tensor.shape is not None else types.get(name)
-        if known is None:
-            continue
-        shape, dtype = known
-        added.append((tensor, tensor.dtype))
-        tensor.shape = shape
-        tensor.dtype = tensor.dtype or dtype
-    return added
 
 
 # -- FX helpers ----------------------------------------------------------------------------------------------
