@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from graphopt import Pass, PassResult, hookimpl
 from graphopt.errors import first_line
+from graphopt.ir import onnx_shapes
 from graphopt.ir.fx_graph import fresh_attr
 from graphopt.ir.ops import is_standard_domain
 
@@ -27,9 +28,12 @@ class FoldConstants(Pass):
 
     ONNX (top-level graph; If/Loop bodies are left alone): ``Constant`` nodes become initializers; then
     onnx-graphsurgeon's ``fold_constants`` evaluates, with onnxruntime, every node whose inputs are all
-    initializers, and with ``fold_shapes``, ``Shape`` (and ``Shape -> Gather/Slice``) of tensors whose shape
-    is static, so the exporters' ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape`` chains collapse to a
-    constant shape. Shapes for that come from ONNX shape inference and are not left in the graph. Nodes left
+    initializers. ``Shape`` / ``Size`` of an initializer are computed here (onnxruntime would be shipped the
+    weight), and with ``fold_shapes`` ``Shape`` (with its opset-15 ``start`` / ``end``) of tensors whose dims
+    read are static and ``Gather`` / ``Slice`` of a ``Shape`` that pick static dims
+    (:mod:`graphopt.ir.onnx_shapes`, by the ONNX spec), so the exporters' ``Shape -> Gather -> Unsqueeze ->
+    Concat -> Reshape`` chains collapse to a constant shape. Shapes for that come from ONNX shape inference
+    and are not left in the graph. Nodes left
     unused are removed (dead nodes that were already there are removed first and counted apart).
 
     Never folded: ``QuantizeLinear``/``DequantizeLinear`` (Q/DQ on constant weights is how a quantized model
@@ -79,7 +83,8 @@ class FoldConstants(Pass):
         variables = {id(t) for t in g.tensors().values() if not _is_constant(t)}
         types = _InferredTypes(graph, notes)
         for _ in range(_MAX_ROUNDS):  # each kind of folding can give the others constant inputs
-            changed = _cast_like_to_constants(graph, types) + _fold_shapes(graph, types, self.options.fold_shapes)
+            changed = _cast_like_to_constants(graph, types)
+            changed += onnx_shapes.fold_shapes(graph, types.get, activations=self.options.fold_shapes)
             if changed:
                 _cleanup(g)
             if any(self._may_fold(n) for n in g.nodes):  # spare graphsurgeon's graph copy and session
@@ -103,7 +108,7 @@ class FoldConstants(Pass):
         onnxruntime.set_default_logger_severity(3)  # its graph optimizer's warnings on the subgraphs are noise here
         g.toposort(recurse_subgraphs=False, recurse_functions=False)
         # fold_shapes=False: graphsurgeon's shape folding ignores Shape's start/end and its "cast elision"
-        # rewrites Cast(int -> float) -> Mul(0.5) -> Cast(int) as an integer Mul by 0; _fold_shapes does it here
+        # rewrites Cast(int -> float) -> Mul(0.5) -> Cast(int) as an integer Mul by 0; graphopt.ir.onnx_shapes does it
         kwargs = dict(fold_shapes=False, recurse_subgraphs=False, flatten_subgraphs=False,
                       recurse_functions=False, size_threshold=self._size_limit_bytes(),
                       should_exclude_node=_onnx_never_fold)
@@ -227,104 +232,6 @@ def _cast_like_to_constants(graph, types: _InferredTypes) -> int:
         if dtype is not None:
             replaced += graph.fold_to_constant(node, source.values.astype(dtype))
     return replaced
-
-
-def _fold_shapes(graph, types: _InferredTypes, activations: bool) -> int:
-    """Shapes known at compile time, computed here (not by onnxruntime, which would ship a weight to read its
-    shape; the dynamo exporter writes conv biases as ``Expand(0, Shape(weight, start=0, end=1))``):
-    ``Shape`` / ``Size`` of an initializer, and with ``activations`` (fold_shapes) of any tensor whose shape
-    (declared, or from ONNX shape inference) is static in the dims read, and ``Gather`` / ``Slice`` of a
-    ``Shape`` that pick static dims only (``Gather(Shape(x), 1)`` with a dynamic batch). ``Shape``'s opset-15
-    ``start`` / ``end`` and ``Gather``'s / ``Slice``'s negative and out-of-range indices follow the ONNX spec,
-    which on one axis is Python's slicing; an index out of range (an error at run time) is not folded."""
-    import numpy as np
-
-    replaced = 0
-    for node in graph.gs.nodes:
-        if not node.outputs or not node.inputs or not is_standard_domain(node.domain):
-            continue
-        x = node.inputs[0]
-        if not activations and not _is_constant(x):
-            continue
-        value = None
-        if node.op == "Shape":
-            value = _shape_vector(node, types)
-        elif node.op == "Size":
-            dims = _dims(x, types)
-            value = None if dims is None or not _static(dims) else np.prod(dims, dtype=np.int64)
-        elif node.op in ("Gather", "Slice") and len(x.inputs) == 1 and x.inputs[0].op == "Shape":
-            dims = _shape_vector(x.inputs[0], types, static=False)
-            if dims is not None:
-                value = (_gather(dims, node) if node.op == "Gather" else _slice(dims, node, graph.opset))
-        if value is not None:
-            replaced += graph.fold_to_constant(node, np.asarray(value, dtype=np.int64))
-    return replaced
-
-
-def _static(dims) -> bool:
-    return all(isinstance(d, int) and d >= 0 for d in dims)
-
-
-def _dims(tensor, types: _InferredTypes) -> list | None:
-    """The dims of ``tensor`` (ints; anything else is dynamic), or None when its rank is unknown."""
-    if _is_constant(tensor):
-        return list(tensor.values.shape)
-    shape = tensor.shape if tensor.shape is not None else (types.get(tensor.name) or (None, None))[0]
-    return None if shape is None else [d if isinstance(d, int) and d >= 0 else None for d in shape]
-
-
-def _shape_vector(shape_node, types: _InferredTypes, static: bool = True) -> list | None:
-    """The value of ``Shape(x, start, end)``: x's dims from start to end (None where dynamic; with ``static``,
-    None unless every one is known)."""
-    if not is_standard_domain(shape_node.domain):
-        return None
-    dims = _dims(shape_node.inputs[0], types)
-    if dims is None:
-        return None
-    dims = dims[slice(int(shape_node.attrs.get("start", 0)), _opt_int(shape_node.attrs.get("end")))]
-    return dims if not static or _static(dims) else None
-
-
-def _opt_int(value):
-    return None if value is None else int(value)
-
-
-def _gather(dims: list, node):
-    """``Gather(shape_vector, indices)`` when the indices are a constant and pick static dims in range."""
-    import numpy as np
-
-    if len(node.inputs) < 2 or not _is_constant(node.inputs[1]) or int(node.attrs.get("axis", 0)) not in (0, -1):
-        return None
-    indices = node.inputs[1].values
-    if indices.dtype.kind not in "iu" or np.any(indices < -len(dims)) or np.any(indices >= len(dims)):
-        return None
-    picked = [dims[int(i)] for i in indices.reshape(-1)]
-    return np.array(picked, dtype=np.int64).reshape(indices.shape) if _static(picked) else None
-
-
-def _slice(dims: list, node, opset: int):
-    """``Slice(shape_vector, starts, ends[, axes, steps])`` when its arguments are constants and the dims it
-    keeps are static (a shape vector is 1-D: one start, end, step on axis 0)."""
-    import numpy as np
-
-    if opset < 10:
-        starts, ends, axes = (node.attrs.get(k) for k in ("starts", "ends", "axes"))
-        steps = None
-    else:
-        given = node.inputs[1:5]
-        if any(t.name and not _is_constant(t) for t in given):
-            return None
-        starts, ends, axes, steps = ([t.values if t.name else None for t in given] + [None] * 4)[:4]
-    starts, ends, axes, steps = (None if a is None else np.asarray(a).reshape(-1) for a in (starts, ends, axes, steps))
-    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
-        return None
-    if axes is not None and (axes.size != 1 or int(axes[0]) not in (0, -1)):
-        return None
-    step = 1 if steps is None else int(steps[0]) if steps.size == 1 else 0
-    if step == 0:
-        return None
-    kept = dims[slice(int(starts[0]), int(ends[0]), step)]
-    return np.array(kept, dtype=np.int64) if _static(kept) else None
 
 
 def _onnx_never_fold(node) -> bool:
