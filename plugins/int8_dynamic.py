@@ -122,16 +122,17 @@ class Int8Dynamic(Pass):
         w = graph.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
         if w is None:
             return None, "weight not constant: both inputs are activations, e.g. attention's Q·Kᵀ and scores·V"
+        label = node.name or node.outputs[0].name
         if w.dtype == np.float16:
             raise UnsupportedError(
-                f"pass '{self.name}': {node.op} '{node.name}' computes in float16 (weight '{node.inputs[1].name}'); "
+                f"pass '{self.name}': {node.op} '{label}' computes in float16 (weight '{node.inputs[1].name}'); "
                 f"dynamic int8 quantizes float32 MatMul/Gemm: quantize the float32 model, and convert to fp16 "
                 f"neither before nor after int8")
         if w.dtype != np.float32 or w.ndim < 2:
             return None, "weight not a float32 matrix"
         bad = int(w.size - np.count_nonzero(np.isfinite(w)))
         if bad:
-            ctx.warn(f"{self.name}: {node.op} '{node.name}' stays float: its weight '{node.inputs[1].name}' holds "
+            ctx.warn(f"{self.name}: {node.op} '{label}' stays float: its weight '{node.inputs[1].name}' holds "
                      f"{bad} non-finite values (NaN/inf) of {w.size}")
             return None, "weight holds NaN/inf"
         if w.size < self.options.min_weight_elements:

@@ -138,16 +138,16 @@ class PlaceQdq(Pass):
                 value = graph.constant_value(node.inputs[slot]) if len(node.inputs) > slot else None
                 bad = _count_nonfinite(value)
                 if bad:
-                    what = "weight" if slot == 1 else "bias"
-                    ctx.warn(f"{self.name}: {node.op} '{node.name}' stays float: its {what} '{node.inputs[slot].name}'"
-                             f" holds {bad} non-finite values (NaN/inf) of {value.size}")
+                    what, label = "weight" if slot == 1 else "bias", node.name or node.outputs[0].name
+                    ctx.warn(f"{self.name}: {node.op} '{label}' stays float: its {what} '{node.inputs[slot].name}' "
+                             f"holds {bad} non-finite values (NaN/inf) of {value.size}")
                     nonfinite.append(node)
                     break
         notes = []
         if nonfinite:
             nodes = [n for n in nodes if n not in nonfinite]
             notes.append(f"{len(nonfinite)} nodes stay float, their weights hold NaN/inf: "
-                         + ", ".join(f"'{n.name}'" for n in nonfinite[:5]))
+                         + ", ".join(f"'{n.name or n.outputs[0].name}'" for n in nonfinite[:5]))
         return nodes, notes
 
 
