@@ -12,6 +12,8 @@ from graphopt.backends import QuantRequest
 from graphopt.calib.observers import compute_range
 from graphopt.calib.sources import SYNTHETIC_WARNING, input_specs, load_calibration, synthetic
 from graphopt.calib.state import CALIBRATION, OBSERVERS, RANGES
+from graphopt.errors import UnsupportedError, first_line
+from graphopt.ir.ops import custom_ops
 
 
 class Calibrate(Pass):
@@ -51,11 +53,11 @@ class Calibrate(Pass):
     def run_onnx(self, graph, ctx):
         observers = ctx.state[OBSERVERS]
         data, notes = self._data(graph, ctx)
-        session = _observing_session(graph, list(observers))
+        session = self._run(graph, lambda: _observing_session(graph, list(observers)))
         names = [o.name for o in session.get_outputs()]
         samples = 0
         for batch in data.batches():
-            for name, value in zip(names, session.run(names, batch)):
+            for name, value in zip(names, self._run(graph, lambda: session.run(names, batch))):
                 if name in observers:
                     observers[name].update(value)
             samples += len(next(iter(batch.values())))
@@ -67,10 +69,24 @@ class Calibrate(Pass):
                 ranges[name] = compute_range(observer, self.options.method, symmetric=symmetric,
                                              percentile=self.options.percentile)
         ctx.state[RANGES] = ranges
+        _warn_nonfinite(self.name, ctx, observers)
         ctx.state[CALIBRATION] = {"method": self.options.method, "samples": samples, "synthetic": data.synthetic,
                                   "source": data.description}
         notes += [n for n in data.notes if n != SYNTHETIC_WARNING]
         return PassResult(graph, False, {"calibrated tensors": len(ranges), "read samples": samples}, notes)
+
+    def _run(self, graph, call):
+        """``call()`` on onnxruntime; an op outside the domains it knows is a clear UnsupportedError."""
+        try:
+            return call()
+        except Exception as exc:  # onnxruntime's own error types
+            ops = custom_ops(graph.gs.nodes)
+            if not ops:
+                raise
+            raise UnsupportedError(
+                f"pass '{self.name}': onnxruntime cannot run {', '.join(ops)} (domain:op), so the model cannot be "
+                f"run to calibrate it: {first_line(exc, 160)} (int8-dynamic quantizes MatMul/Gemm without "
+                f"calibration)") from exc
 
     def _data(self, graph, ctx):
         specs = input_specs(graph)
@@ -80,6 +96,18 @@ class Calibrate(Pass):
             return synthetic(specs, self.options.synthetic_samples, batch_size=self.options.batch_size,
                              progress=False), []
         return load_calibration(ctx.calibration, specs, batch_size=self.options.batch_size, limit=limit), []
+
+
+def _warn_nonfinite(pass_name: str, ctx, observers) -> None:
+    """Name the tensors that computed NaN/inf on the (finite) calibration data: the model makes them, so the
+    observers leave those values out; a tensor with nothing else gets no range and place-qdq leaves it float."""
+    for what, names in (("were NaN/inf on every sample (no range: they stay float)",
+                         [n for n, o in observers.items() if o.nonfinite and not o.count]),
+                        ("held NaN/inf values, left out of their ranges",
+                         [n for n, o in observers.items() if o.nonfinite and o.count])):
+        if names:
+            ctx.warn(f"{pass_name}: {len(names)} tensors {what}: {', '.join(names[:5])}"
+                     + (" ..." if len(names) > 5 else ""))
 
 
 def _observing_session(graph, names: list[str]):

@@ -29,6 +29,8 @@ GEMM_OFF = "after a Gemm/Linear (fold_into_gemm=false)"
 GEMM_C = "after a Gemm whose C is not one value per output feature"
 CHANNELS = "whose statistics are not one per output channel of the op before it"
 SHAPE = "after an op whose output is not (batch, channels, ...) or has an unknown shape"
+NONPOSITIVE_VAR = "with var + epsilon <= 0 in some channel (it divides by zero or takes a negative root)"
+NONFINITE = "whose statistics give a NaN/inf scale or shift, or whose folded weights would overflow their dtype"
 
 
 class FoldBatchNorm(Pass):
@@ -42,7 +44,11 @@ class FoldBatchNorm(Pass):
 
     A BatchNormalization stays, counted in a note, when it is in training mode or its statistics outputs are
     read, when its input is not such an op's output or that output is read elsewhere (or is a graph output),
-    or when weights or statistics are not compile-time constants.
+    or when weights or statistics are not compile-time constants. It stays too (the note names it) when
+    ``var + epsilon <= 0`` in a channel, when the statistics give a NaN or infinite scale or shift (a NaN
+    statistic, an infinite mean or gamma), or when the folded weights or bias would hold an infinity the
+    originals do not: folding would put NaN/inf into weights, where the model as written may compute finite
+    values (an infinite scale times a zero weight is NaN; the unfolded -inf a Relu clamps to 0 is not).
 
     ONNX: new Constants replace the weights (never changed in place); the folded op writes the BN's output
     tensor, so its name (perhaps a graph output) is kept. Grouped/depthwise Conv and grouped ConvTranspose are
@@ -150,8 +156,9 @@ def bn_affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarra
     mean, var = (np.asarray(a, np.float64).reshape(-1) for a in (mean, var))
     gamma = np.ones_like(mean) if gamma is None else np.asarray(gamma, np.float64).reshape(-1)
     beta = np.zeros_like(mean) if beta is None else np.asarray(beta, np.float64).reshape(-1)
-    scale = gamma / np.sqrt(var + float(eps))
-    return scale, beta - mean * scale
+    with np.errstate(invalid="ignore", divide="ignore"):  # var + eps <= 0, NaN: see unsafe_fold
+        scale = gamma / np.sqrt(var + float(eps))
+        return scale, beta - mean * scale
 
 
 def out_channels(kind: OpKind, w_shape: tuple, group: int = 1, trans_b: bool = True) -> int:
@@ -197,27 +204,55 @@ class _Fold:
 
 
 def _fold_each(graph, bns: list, plan, fold) -> PassResult:
-    """Fold each batch norm ``plan(bn)`` allows; count the reasons of the others in notes."""
-    folded, left = 0, Counter()
+    """Fold each batch norm ``plan(bn)`` allows and ``fold(bn, plan)`` does (it returns None, or why not before
+    changing anything); count the reasons of the others in notes, naming those with broken statistics."""
+    folded, left, named = 0, Counter(), {}
     for bn in bns:
         how = plan(bn)
-        if isinstance(how, str):
-            left[how] += 1
-        else:
-            fold(bn, how)
+        why = how if isinstance(how, str) else fold(bn, how)
+        if why is None:
             folded += 1
-    notes = [f"{n} BatchNormalization {reason}: left as is" for reason, n in left.items()]
+            continue
+        left[why] += 1
+        if why in (NONPOSITIVE_VAR, NONFINITE):
+            named.setdefault(why, []).append(getattr(bn, "name", "") or "?")
+    notes = [f"{n} BatchNormalization {reason}: left as is"
+             + (f" ({', '.join(named[reason][:5])})" if reason in named else "") for reason, n in left.items()]
     return PassResult(graph, folded > 0, {FOLDED: folded} if folded else {}, notes)
 
 
+def unsafe_fold(var, eps: float, scale, shift, pairs) -> str | None:
+    """Why folding a batch norm would change what the model computes, or None. ``var`` as the model holds it
+    (``var + eps`` is evaluated in its dtype, as a runtime does), ``scale`` / ``shift`` from :func:`bn_affine`,
+    ``pairs`` (original, folded) weight and bias arrays in the dtype they are written in."""
+    var = np.asarray(var)
+    dtype = var.dtype if var.dtype.kind == "f" else np.dtype(np.float64)
+    with np.errstate(invalid="ignore"):
+        if np.any(var.astype(dtype) + dtype.type(eps) <= 0):
+            return NONPOSITIVE_VAR
+    if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
+        return NONFINITE
+    for before, after in pairs:
+        if np.any(np.isfinite(before) & ~np.isfinite(after)):
+            return NONFINITE
+    return None
+
+
 # -- ONNX rewrite -------------------------------------------------------------------------------------------------
-def _onnx_fold(graph, bn: gs.Node, plan: _Fold, names: set[str]) -> None:
+def _onnx_fold(graph, bn: gs.Node, plan: _Fold, names: set[str]) -> str | None:
     gamma, beta, mean, var = (graph.constant_value(t) for t in bn.inputs[1:5])
-    scale, shift = bn_affine(gamma, beta, mean, var, bn.attrs.get("epsilon", 1e-5))
-    w, b = fold_weights(plan.kind, plan.weight, plan.bias, scale, shift, plan.group, plan.trans_b)
+    eps = float(bn.attrs.get("epsilon", 1e-5))
+    scale, shift = bn_affine(gamma, beta, mean, var, eps)
     op, dtype = plan.op, plan.weight.dtype
-    op.inputs[1] = gs.Constant(fresh_name(names, f"{op.inputs[1].name}_bnfold"), w.astype(dtype))
-    bias = gs.Constant(fresh_name(names, f"{op.name or op.outputs[0].name}_bias_bnfold"), b.astype(dtype))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow and NaN: unsafe_fold refuses them
+        w, b = fold_weights(plan.kind, plan.weight, plan.bias, scale, shift, plan.group, plan.trans_b)
+        w, b = w.astype(dtype), b.astype(dtype)
+    old_bias = np.zeros(1) if plan.bias is None else plan.bias
+    why = unsafe_fold(var, eps, scale, shift, [(plan.weight, w), (old_bias, b)])
+    if why:
+        return why
+    op.inputs[1] = gs.Constant(fresh_name(names, f"{op.inputs[1].name}_bnfold"), w)
+    bias = gs.Constant(fresh_name(names, f"{op.name or op.outputs[0].name}_bias_bnfold"), b)
     if len(op.inputs) > 2:
         op.inputs[2] = bias
     else:
@@ -229,6 +264,7 @@ def _onnx_fold(graph, bn: gs.Node, plan: _Fold, names: set[str]) -> None:
     bn.outputs.clear()
     op.outputs[0] = y
     graph.gs.nodes.remove(bn)
+    return None
 
 
 # -- FX matching ------------------------------------------------------------------------------------------------
@@ -364,7 +400,7 @@ class _Shapes:
 
 
 # -- FX rewrite -------------------------------------------------------------------------------------------------
-def _fx_fold(gm, bn: _FxNorm, op: _Fold) -> None:
+def _fx_fold(gm, bn: _FxNorm, op: _Fold) -> str | None:
     import torch
 
     def numpy(t):
@@ -374,8 +410,17 @@ def _fx_fold(gm, bn: _FxNorm, op: _Fold) -> None:
         ref = op.weight
         return torch.nn.Parameter(torch.from_numpy(a).to(ref.dtype).to(ref.device), requires_grad=ref.requires_grad)
 
-    scale, shift = bn_affine(*(numpy(t) for t in bn.stats), bn.eps)
-    w, b = fold_weights(op.kind, numpy(op.weight), numpy(op.bias), scale, shift, op.group)
+    stats = [numpy(t) for t in bn.stats]
+    scale, shift = bn_affine(*stats, bn.eps)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow and NaN: unsafe_fold refuses them
+        w, b = fold_weights(op.kind, numpy(op.weight), numpy(op.bias), scale, shift, op.group)
+    written = [numpy(torch.from_numpy(a).to(op.weight.dtype)) for a in (w, b)]  # as the parameters will hold them
+    var = bn.stats[3].detach().cpu()
+    var = var.numpy() if var.dtype in (torch.float32, torch.float64) else stats[3]  # var + eps in its own dtype
+    old_bias = np.zeros(1) if op.bias is None else numpy(op.bias)
+    why = unsafe_fold(var, bn.eps, scale, shift, [(numpy(op.weight), written[0]), (old_bias, written[1])])
+    if why:
+        return why
     node = op.op
     if op.call is None:  # a module call: a fused copy of the module takes its place
         fused = copy.deepcopy(gm.get_submodule(node.target))
@@ -397,6 +442,7 @@ def _fx_fold(gm, bn: _FxNorm, op: _Fold) -> None:
         if out is not bn.node:
             gm.graph.erase_node(out)
     gm.graph.erase_node(bn.node)
+    return None
 
 
 @hookimpl

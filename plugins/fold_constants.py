@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 from graphopt import Pass, PassResult, hookimpl
 from graphopt.errors import first_line
+from graphopt.ir import onnx_shapes
 from graphopt.ir.fx_graph import fresh_attr
+from graphopt.ir.ops import is_standard_domain
 
 # never evaluated at compile time: Q/DQ must stay for quantization passes; the rest are random
 _ONNX_NO_FOLD = frozenset({
@@ -26,9 +28,12 @@ class FoldConstants(Pass):
 
     ONNX (top-level graph; If/Loop bodies are left alone): ``Constant`` nodes become initializers; then
     onnx-graphsurgeon's ``fold_constants`` evaluates, with onnxruntime, every node whose inputs are all
-    initializers, and with ``fold_shapes``, ``Shape`` (and ``Shape -> Gather/Slice``) of tensors whose shape
-    is static, so the exporters' ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape`` chains collapse to a
-    constant shape. Shapes for that come from ONNX shape inference and are not left in the graph. Nodes left
+    initializers. ``Shape`` / ``Size`` of an initializer are computed here (onnxruntime would be shipped the
+    weight), and with ``fold_shapes`` ``Shape`` (with its opset-15 ``start`` / ``end``) of tensors whose dims
+    read are static and ``Gather`` / ``Slice`` of a ``Shape`` that pick static dims
+    (:mod:`graphopt.ir.onnx_shapes`, by the ONNX spec), so the exporters' ``Shape -> Gather -> Unsqueeze ->
+    Concat -> Reshape`` chains collapse to a constant shape. Shapes for that come from ONNX shape inference
+    and are not left in the graph. Nodes left
     unused are removed (dead nodes that were already there are removed first and counted apart).
 
     Never folded: ``QuantizeLinear``/``DequantizeLinear`` (Q/DQ on constant weights is how a quantized model
@@ -60,13 +65,10 @@ class FoldConstants(Pass):
         return int(self.options.size_limit_mb * 2**20) if self.options.size_limit_mb > 0 else None
 
     # -- ONNX -------------------------------------------------------------------------------------------------
-    def _may_fold(self, node) -> bool:
-        """A Constant node, a node whose inputs are all constants, or (fold_shapes) a Shape/Size node."""
-        if _onnx_never_fold(node):
-            return False
-        if self.options.fold_shapes and node.op in ("Shape", "Size"):
-            return True
-        return all(_is_constant(t) for t in node.inputs if t.name)
+    @staticmethod
+    def _may_fold(node) -> bool:
+        """What onnxruntime may evaluate: a node whose inputs are all constants (shapes are folded here)."""
+        return not _onnx_never_fold(node) and all(_is_constant(t) for t in node.inputs if t.name)
 
     def run_onnx(self, graph, ctx):
         g = graph.gs
@@ -80,20 +82,17 @@ class FoldConstants(Pass):
         before = list(g.nodes)
         variables = {id(t) for t in g.tensors().values() if not _is_constant(t)}
         types = _InferredTypes(graph, notes)
-        added_shapes: list = []
-        for _ in range(_MAX_ROUNDS):  # folding can give a CastLike a constant source, and that can fold further
-            if _cast_like_to_constants(graph, types) + _shape_of_constants(graph):
+        for _ in range(_MAX_ROUNDS):  # each kind of folding can give the others constant inputs
+            changed = _cast_like_to_constants(graph, types)
+            changed += onnx_shapes.fold_shapes(graph, types.get, activations=self.options.fold_shapes)
+            if changed:
                 _cleanup(g)
-            if not any(self._may_fold(n) for n in g.nodes):  # spare graphsurgeon's graph copy and session
+            if any(self._may_fold(n) for n in g.nodes):  # spare graphsurgeon's graph copy and session
+                count = len(g.nodes)
+                self._fold_with_onnxruntime(g, notes)
+                changed += count - len(g.nodes)
+            if not changed:
                 break
-            if self.options.fold_shapes and not added_shapes and any(n.op in ("Shape", "Size") for n in g.nodes):
-                added_shapes = _add_inferred_shapes(graph, types)
-            self._fold_with_onnxruntime(g, notes)
-            if not any(_cast_like_candidate(n) for n in g.nodes):
-                break
-        for tensor, dtype in added_shapes:  # shapes were only needed for folding; later passes may change them
-            if not _is_constant(tensor):
-                tensor.shape, tensor.dtype = None, dtype
         after = {id(n) for n in g.nodes}
         gone = [n for n in before if id(n) not in after]
         stats["converted Constant"] += sum(n.op == "Constant" for n in gone)
@@ -108,14 +107,18 @@ class FoldConstants(Pass):
 
         onnxruntime.set_default_logger_severity(3)  # its graph optimizer's warnings on the subgraphs are noise here
         g.toposort(recurse_subgraphs=False, recurse_functions=False)
-        kwargs = dict(fold_shapes=self.options.fold_shapes, recurse_subgraphs=False, flatten_subgraphs=False,
+        # fold_shapes=False: graphsurgeon's shape folding ignores Shape's start/end and its "cast elision"
+        # rewrites Cast(int -> float) -> Mul(0.5) -> Cast(int) as an integer Mul by 0; graphopt.ir.onnx_shapes does it
+        kwargs = dict(fold_shapes=False, recurse_subgraphs=False, flatten_subgraphs=False,
                       recurse_functions=False, size_threshold=self._size_limit_bytes(),
                       should_exclude_node=_onnx_never_fold)
         try:
             g.fold_constants(partitioning=None, error_ok=False, **kwargs)
         except Exception as exc:  # evaluate the foldable parts one by one, keeping what onnxruntime can run
-            notes.append(f"onnxruntime could not evaluate every constant subgraph ({first_line(exc)}); "
-                         f"those it could not are left in the graph")
+            note = (f"onnxruntime could not evaluate every constant subgraph ({first_line(exc)}); "
+                    f"those it could not are left in the graph")
+            if note not in notes:
+                notes.append(note)
             g.fold_constants(partitioning="recursive", error_ok=True, **kwargs)
         _cleanup(g)
 
@@ -231,44 +234,11 @@ def _cast_like_to_constants(graph, types: _InferredTypes) -> int:
     return replaced
 
 
-def _shape_of_constants(graph) -> int:
-    """``Shape`` / ``Size`` of an initializer, computed here: handing them to onnxruntime would ship the weight
-    itself (the dynamo exporter writes conv biases as ``Expand(0, Shape(weight, start=0, end=1))``)."""
-    import numpy as np
-
-    replaced = 0
-    for node in graph.gs.nodes:
-        if node.op not in ("Shape", "Size") or node.domain or not node.inputs or not _is_constant(node.inputs[0]):
-            continue
-        shape = list(node.inputs[0].shape)
-        if node.op == "Size":
-            value = np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
-        else:  # opset 15 start/end: Python slice semantics, clamped
-            value = np.array(shape[slice(node.attrs.get("start", 0), node.attrs.get("end"))], dtype=np.int64)
-        replaced += graph.fold_to_constant(node, value)
-    return replaced
-
-
 def _onnx_never_fold(node) -> bool:
     """Q/DQ, random ops, ops outside the default domain, and nodes whose bodies (If/Loop) hold any of them."""
-    if node.op in _ONNX_NO_FOLD or node.domain not in ("", "ai.onnx", None):
+    if node.op in _ONNX_NO_FOLD or not is_standard_domain(node.domain):
         return True
     return any(_onnx_never_fold(inner) for sub in node.subgraphs() for inner in sub.nodes)
-
-
-def _add_inferred_shapes(graph, types: _InferredTypes) -> list:
-    """Give tensors without a shape the one ONNX shape inference finds (for Shape/Size folding); returns
-    (tensor, its dtype before) for each, so the shapes can be taken off again afterwards."""
-    added = []
-    for name, tensor in graph.gs.tensors().items():
-        known = None if _is_constant(tensor) or tensor.shape is not None else types.get(name)
-        if known is None:
-            continue
-        shape, dtype = known
-        added.append((tensor, tensor.dtype))
-        tensor.shape = shape
-        tensor.dtype = tensor.dtype or dtype
-    return added
 
 
 # -- FX helpers ----------------------------------------------------------------------------------------------

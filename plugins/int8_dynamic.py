@@ -11,9 +11,9 @@ import onnx_graphsurgeon as gs
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.backends import QuantRequest
-from graphopt.errors import UsageError
+from graphopt.errors import UnsupportedError, UsageError
 from graphopt.ir.onnx_graph import fresh_name
-from graphopt.ir.ops import OpKind
+from graphopt.ir.ops import OpKind, is_standard_domain
 
 SUPPORTED_OPS = ("MatMul", "Gemm")
 _CONVOLUTIONS = frozenset({OpKind.CONV, OpKind.CONV_TRANSPOSE})  # listed in the note when they stay float
@@ -45,13 +45,19 @@ class Int8Dynamic(Pass):
     convolutions (no dynamic int8 form here: use the static ``int8`` pipeline). Options: ``ops`` (which of
     MatMul, Gemm), ``exclude_nodes`` (node names), ``per_channel`` (false: one scale per weight),
     ``min_weight_elements`` (smaller weights stay float); the weight scheme is the run's backend's. A second run
-    finds
-    nothing left to quantize. Approximate: outputs move by the rounding of weights and activations.
+    finds nothing left to quantize. Approximate: outputs move by the rounding of weights and activations.
+
+    A weight holding NaN or infinity stays float (no scale represents it), with a warning naming the tensor and
+    how many of its values are not finite. A MatMul/Gemm with a float16 weight is refused: quantize the float32
+    model. ``DynamicQuantizeLinear`` needs opset 11 (``min_opset``: the pass manager converts an older model
+    first); called directly on an older model the pass refuses, unless there is nothing to quantize (then the
+    model comes back unchanged, with a note). Nodes outside the default ONNX domain are left alone.
     """
 
     name = "int8-dynamic"
     irs = frozenset({"onnx"})
     equivalence = Equivalence.APPROXIMATE
+    min_opset = 11  # DynamicQuantizeLinear, MatMulInteger
 
     @dataclass(frozen=True)
     class Options:
@@ -65,8 +71,6 @@ class Int8Dynamic(Pass):
         if unknown:
             raise UsageError(f"pass '{self.name}': ops must be among {', '.join(SUPPORTED_OPS)}, not "
                              f"{', '.join(unknown)} (convolutions: the static int8 pipeline, --passes fold,int8)")
-        if graph.opset < 11:
-            raise self.fail(f"DynamicQuantizeLinear needs opset 11+, the model has {graph.opset}")
 
     def run_onnx(self, graph, ctx):
         scheme = ctx.scheme(QuantRequest(per_channel=self.options.per_channel), self.name)
@@ -79,30 +83,37 @@ class Int8Dynamic(Pass):
         missing = sorted(excluded - {n.name for n in g.nodes})
         if missing:
             ctx.warn(f"{self.name}: exclude_nodes names no node in the graph: {', '.join(missing)}")
-        done: Counter = Counter()
         floats: dict[str, Counter] = {}
-        shared_x: dict[int, tuple] = {}
-        shared_w: dict[tuple, tuple] = {}
+        todo = []
         for node in list(g.nodes):
-            if node.domain or node.op not in SUPPORTED_OPS:
+            if not is_standard_domain(node.domain) or node.op not in SUPPORTED_OPS:
                 if graph.kind(node) in _CONVOLUTIONS:
                     why = "no dynamic int8 form here; the static int8 pipeline quantizes them"
                     floats.setdefault(why, Counter())[node.op] += 1
                 continue
-            weight, why = self._weight(graph, node, excluded)
+            weight, why = self._weight(graph, node, excluded, ctx)
             if weight is None:
                 floats.setdefault(why, Counter())[node.op] += 1
-                continue
-            _rewrite(graph, node, weight, scheme, names, shared_x, shared_w)
-            done[node.op] += 1
+            else:
+                todo.append((node, weight))
         notes = [f"stay float ({why}): " + ", ".join(f"{op} x{k}" for op, k in c.most_common())
                  for why, c in floats.items()]
-        if not done:
-            return PassResult(graph, False, {}, notes)
+        if not todo:
+            return PassResult(graph, False, {}, notes + ["no MatMul/Gemm with a constant float32 weight to "
+                                                         "quantize: nothing to do"])
+        if graph.opset < self.min_opset:
+            raise self.fail(f"DynamicQuantizeLinear needs opset {self.min_opset}+, the model has {graph.opset} "
+                            f"(convert it with onnx.version_converter, or run the pass in a pipeline, which does)")
+        done: Counter = Counter()
+        shared_x: dict[int, tuple] = {}
+        shared_w: dict[tuple, tuple] = {}
+        for node, weight in todo:
+            _rewrite(graph, node, weight, scheme, names, shared_x, shared_w)
+            done[node.op] += 1
         g.cleanup().toposort()
         return PassResult(graph, True, {f"quantized {op}": done[op] for op in SUPPORTED_OPS if done[op]}, notes)
 
-    def _weight(self, graph, node, excluded) -> tuple[np.ndarray | None, str]:
+    def _weight(self, graph, node, excluded, ctx) -> tuple[np.ndarray | None, str]:
         """The weight as a float32 (..., K, N) array with Gemm's alpha and transB folded in, or why not."""
         if node.op not in self.options.ops:
             return None, f"not in ops={'+'.join(self.options.ops)}"
@@ -111,8 +122,19 @@ class Int8Dynamic(Pass):
         w = graph.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
         if w is None:
             return None, "weight not constant: both inputs are activations, e.g. attention's Q·Kᵀ and scores·V"
+        label = node.name or node.outputs[0].name
+        if w.dtype == np.float16:
+            raise UnsupportedError(
+                f"pass '{self.name}': {node.op} '{label}' computes in float16 (weight '{node.inputs[1].name}'); "
+                f"dynamic int8 quantizes float32 MatMul/Gemm: quantize the float32 model, and convert to fp16 "
+                f"neither before nor after int8")
         if w.dtype != np.float32 or w.ndim < 2:
             return None, "weight not a float32 matrix"
+        bad = int(w.size - np.count_nonzero(np.isfinite(w)))
+        if bad:
+            ctx.warn(f"{self.name}: {node.op} '{label}' stays float: its weight '{node.inputs[1].name}' holds "
+                     f"{bad} non-finite values (NaN/inf) of {w.size}")
+            return None, "weight holds NaN/inf"
         if w.size < self.options.min_weight_elements:
             return None, f"weight under min_weight_elements={self.options.min_weight_elements}"
         if node.op == "Gemm":

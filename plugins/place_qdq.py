@@ -12,7 +12,9 @@ import onnx_graphsurgeon as gs
 from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.backends import QuantRequest
 from graphopt.calib.state import CALIBRATION, RANGES
+from graphopt.errors import UnsupportedError
 from graphopt.ir.onnx_graph import fresh_name, replace_input
+from graphopt.ir.ops import is_standard_domain
 
 _SHAPE_OPS = frozenset({"Shape", "Constant", "ConstantOfShape", "Identity", "QuantizeLinear", "DequantizeLinear"})
 _BIAS_SLOT = {"Conv": 2, "Gemm": 2}
@@ -36,11 +38,20 @@ class PlaceQdq(Pass):
     backend's activation scheme: the backend honours, warns about (int8 activations are slow on onnxruntime's
     x86 kernels) or refuses such a request, never silently drops it. Approximate: outputs move by the
     quantization error the report measures.
+
+    Left alone: ops outside the default ONNX domain (never quantized, nor treated as passthrough), and weighted
+    ops whose weight or bias (which the backend, or ``bias="int32"``, makes int32) holds NaN or infinity: no
+    scale represents those, so the node stays float and a warning names the tensor and how many of its values
+    are not finite. Refused: a model that computes in float16 (Q/DQ pairs take float32 scales, onnxruntime's
+    QDQ kernels float32 tensors): quantize the float32 model. The placement needs the scheme's opset (13 for
+    onnxruntime: per-channel DequantizeLinear); ``min_opset`` has the pass manager convert an older model first,
+    and called directly on one the pass refuses, unless it finds nothing to quantize.
     """
 
     name = "place-qdq"
     irs = frozenset({"onnx"})
     equivalence = Equivalence.APPROXIMATE
+    min_opset = 13  # the onnxruntime scheme's (QuantScheme.min_opset); checked again against the run's scheme
 
     @dataclass(frozen=True)
     class Options:
@@ -64,13 +75,18 @@ class PlaceQdq(Pass):
         scheme = ctx.scheme(request, self.name)
         for warning in scheme.warnings:
             ctx.warn(f"{self.name}: {warning}")
-        if graph.opset < scheme.min_opset:
-            raise self.fail(f"the {scheme.backend} scheme needs opset {scheme.min_opset}+, the model has {graph.opset}")
         g = graph.gs
         g.toposort()
-        nodes = self._nodes_to_quantize(graph, scheme)
+        nodes, notes = self._nodes_to_quantize(graph, scheme, ctx)
+        if not nodes:
+            return PassResult(graph, False, {}, notes + ["no node the scheme quantizes: nothing to quantize"])
+        if graph.opset < scheme.min_opset:
+            raise self.fail(f"the {scheme.backend} scheme needs opset {scheme.min_opset}+, the model has "
+                            f"{graph.opset} (convert it with onnx.version_converter, or run the pass in a pipeline, "
+                            f"which does)")
         tensors, shared = _activation_tensors(g, nodes, scheme)
-        ranges, notes = ctx.state[RANGES], []
+        _refuse_float16(self.name, graph, nodes, tensors)
+        ranges = ctx.state[RANGES]
         params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         missing = []
         for name in tensors:
@@ -93,8 +109,9 @@ class PlaceQdq(Pass):
             if scheme.bias == "int32" and first_input[id(node)] in params:
                 _quantize_bias(graph, node, params[first_input[id(node)]][0], names)
         g.cleanup().toposort()
-        left = Counter(n.op for n in g.nodes if n not in nodes and n.op not in _SHAPE_OPS
-                       and n.op not in scheme.passthrough_ops and n.op not in scheme.fused_activations)
+        left = Counter(n.op if is_standard_domain(n.domain) else f"{n.domain}:{n.op}" for n in g.nodes
+                       if n not in nodes and n.op not in _SHAPE_OPS and n.op not in scheme.passthrough_ops
+                       and n.op not in scheme.fused_activations)
         if left:
             notes.append("stay float (no int8 kernel in the scheme, or excluded): "
                          + ", ".join(f"{op} x{k}" for op, k in left.most_common()))
@@ -105,15 +122,55 @@ class PlaceQdq(Pass):
         stats = {k: v for k, v in stats.items() if v}
         return PassResult(graph, bool(params) or weights > 0, stats, notes)
 
-    def _nodes_to_quantize(self, graph, scheme) -> list[gs.Node]:
+    def _nodes_to_quantize(self, graph, scheme, ctx) -> tuple[list[gs.Node], list[str]]:
+        """The nodes to quantize, and notes on the ones left float for their weights."""
         excluded = set(self.options.exclude_nodes)
-        nodes = [n for n in graph.gs.nodes if n.op in scheme.quantized_ops and not n.domain
+        nodes = [n for n in graph.gs.nodes if n.op in scheme.quantized_ops and is_standard_domain(n.domain)
                  and n.name not in excluded and not _already_quantized(n)]
         weighted = [n for n in nodes if n.op in scheme.weighted_ops]
         for keep, pick in ((self.options.keep_first, 0), (self.options.keep_last, -1)):
             if keep and weighted and weighted[pick] in nodes:
                 nodes.remove(weighted[pick])
-        return nodes
+        nonfinite = []
+        for node in [n for n in nodes if n.op in scheme.weighted_ops]:
+            slots = [1] + ([_BIAS_SLOT[node.op]] if node.op in _BIAS_SLOT else [])  # a float bias: the backend's int32
+            for slot in slots:
+                value = graph.constant_value(node.inputs[slot]) if len(node.inputs) > slot else None
+                bad = _count_nonfinite(value)
+                if bad:
+                    what, label = "weight" if slot == 1 else "bias", node.name or node.outputs[0].name
+                    ctx.warn(f"{self.name}: {node.op} '{label}' stays float: its {what} '{node.inputs[slot].name}' "
+                             f"holds {bad} non-finite values (NaN/inf) of {value.size}")
+                    nonfinite.append(node)
+                    break
+        notes = []
+        if nonfinite:
+            nodes = [n for n in nodes if n not in nonfinite]
+            notes.append(f"{len(nonfinite)} nodes stay float, their weights hold NaN/inf: "
+                         + ", ".join(f"'{n.name or n.outputs[0].name}'" for n in nonfinite[:5]))
+        return nodes, notes
+
+
+def _count_nonfinite(value) -> int:
+    """How many values of a float array are NaN or infinite (0 for None and non-float arrays)."""
+    if value is None or value.dtype.kind != "f":
+        return 0
+    return int(value.size - np.count_nonzero(np.isfinite(value)))
+
+
+def _refuse_float16(pass_name: str, graph, nodes, tensors) -> None:
+    """Q/DQ on a float16 tensor is not a graph onnxruntime's QDQ kernels run: refuse, saying what to do."""
+    typed = None
+    for name, tensor in [*tensors.items(), *((n.inputs[1].name, n.inputs[1]) for n in nodes if len(n.inputs) > 1)]:
+        dtype = tensor.dtype
+        if dtype is None:
+            typed = graph.inferred_shapes() if typed is None else typed
+            dtype = (typed.get(name) or (None, None))[1]
+        if dtype is not None and np.dtype(dtype) == np.float16:
+            raise UnsupportedError(
+                f"pass '{pass_name}': the model computes in float16 (tensor '{name}'); int8 quantization takes "
+                f"float32 models (Q/DQ scales and onnxruntime's QDQ kernels are float32): quantize the float32 "
+                f"model, and convert to fp16 neither before nor after int8")
 
 
 def _already_quantized(node: gs.Node) -> bool:
@@ -139,14 +196,17 @@ def _activation_tensors(g, nodes, scheme) -> tuple[dict[str, gs.Variable], dict[
             add(t)
         out = node.outputs[0]
         readers = out.outputs
-        if len(readers) == 1 and readers[0].op in scheme.fused_activations and out not in g.outputs:
+        if len(readers) == 1 and readers[0].op in scheme.fused_activations and is_standard_domain(readers[0].domain) \
+                and out not in g.outputs:
             out = readers[0].outputs[0]
         add(out)
     shared: dict[str, str] = {}
     for node in g.nodes:  # topological order: chains of passthrough ops share down the chain
-        if node.op in scheme.passthrough_ops and node.inputs and node.inputs[0].name in tensors:
+        if node.op in scheme.passthrough_ops and is_standard_domain(node.domain) and node.inputs \
+                and node.inputs[0].name in tensors:
             out = node.outputs[0]
-            if any(id(r) in quantized or r.op in scheme.passthrough_ops for r in out.outputs):
+            if any(id(r) in quantized or (r.op in scheme.passthrough_ops and is_standard_domain(r.domain))
+                   for r in out.outputs):
                 add(out)
                 shared[out.name] = node.inputs[0].name
     return tensors, shared

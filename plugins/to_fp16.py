@@ -13,6 +13,7 @@ from graphopt import Equivalence, OnnxGraph, Pass, PassResult, hookimpl
 from graphopt.calib.sources import load_calibration
 from graphopt.calib.specs import input_specs
 from graphopt.errors import first_line
+from graphopt.ir.ops import custom_ops, is_standard_domain
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
@@ -48,10 +49,13 @@ class ToFloat16(Pass):
     redundant ``Cast`` pairs are removed (float32 -> float16 -> float32 between two ops kept in float32, or at
     a float32 graph input / output next to one; float16 -> float32 -> float16, which is exact) and ``Cast``s to
     the type their input already has go. Float32 initializers read by at least one float16 op become float16
-    (values beyond ±65504 saturate, nonzero values below 6e-8 become ±6e-8); those only blocked ops read stay
-    float32. A blocked op that reads a small converted initializer (≤ 1024 elements) gets the float32 original
-    instead of a ``Cast`` of the rounded one. The result passes the onnx checker's full check (enforced by
-    ``ensures``).
+    (values beyond ±65504 saturate, nonzero values below 6e-8 become ±6e-8; NaN and inf stay: a warning
+    names each initializer that saturates or holds NaN/inf); those only blocked ops read stay float32. Nodes
+    outside the default ONNX domain are kept in float32 (graphopt cannot know their float16 support), as are
+    nodes that read or write a tensor ONNX shape inference cannot type (computed from such a node's output:
+    the converter could not cast it) and Constant nodes only kept nodes read. A
+    blocked op that reads a small converted initializer (≤ 1024 elements) gets the float32 original instead of
+    a ``Cast`` of the rounded one. The result passes the onnx checker's full check (enforced by ``ensures``).
 
     Options:
 
@@ -72,7 +76,8 @@ class ToFloat16(Pass):
       fixed-seed synthetic batch when there is none, said in a note) with every intermediate tensor exposed;
       an op that would compute in float16 and reads or writes a tensor beyond ±65504 is kept in float32
       (named in a note). Reading counts too: the consumers of an overflowing tensor are kept as well, so the
-      large values never pass through float16.
+      large values never pass through float16. NaN values do not hide large ones beside them. When
+      onnxruntime cannot run the model (an op outside its domains), the check is skipped with a warning.
 
     A graph that already holds float16 tensors is left alone (modified False, with a note): converting twice
     is not supported, start from the float32 model. Not handled: tensors inside If/Loop bodies are converted
@@ -114,11 +119,28 @@ class ToFloat16(Pass):
         if unknown:
             ctx.warn(f"{self.name}: node_block_list names no node of the graph: {', '.join(unknown)}")
         blocked = {id(n) for n in nodes if n.op in opts.op_block_list or n.name in opts.node_block_list}
+        foreign = [n for n in nodes if not is_standard_domain(n.domain)]
+        # the converter casts by tensor types: a node touching a tensor of unknown type (an output of a custom
+        # op, and what is computed from it) would get float16 weights beside a float32 input, so it stays
+        untyped = [n for n in nodes if is_standard_domain(n.domain)
+                   and any(t.name and t.name not in types for t in [*n.inputs, *n.outputs])]
+        blocked |= {id(n) for n in [*foreign, *untyped]}
         overflow = {}
         if opts.check_overflow:
             overflow, data_note = self._overflow(graph, ctx, types, nodes, blocked)
             notes.append(data_note)
             blocked |= set(overflow)
+
+        # a Constant node only kept nodes read stays float32 too (not rounded to float16 and cast back)
+        consumers = {}
+        for n in nodes:
+            for t in n.inputs:
+                consumers.setdefault(t.name, []).append(n)
+        outputs = {t.name for t in graph.gs.outputs}
+        for n in nodes:
+            readers = consumers.get(n.outputs[0].name) if n.op == "Constant" and n.outputs else None
+            if readers and n.outputs[0].name not in outputs and all(id(c) in blocked for c in readers):
+                blocked.add(id(n))
 
         # the converter blocks nodes by name: name the unnamed and duplicate ones it must keep
         used = set(names)
@@ -161,7 +183,15 @@ class ToFloat16(Pass):
         size_before, size_after = _weight_bytes(graph), _weight_bytes(out)
         notes.insert(0, f"initializers {_fmt_bytes(size_before)} -> {_fmt_bytes(size_after)} "
                         f"({size_after / max(size_before, 1):.2f}x)")
-        by_list = Counter(n.op for n in kept if id(n) not in overflow)
+        reasons = {id(n) for n in [*foreign, *untyped]} | set(overflow)
+        by_list = Counter(n.op for n in kept if id(n) not in reasons and n.op != "Constant")
+        if foreign:
+            notes.append(f"kept {len(foreign)} nodes outside the default ONNX domain in float32 (their float16 "
+                         f"support is unknown): {', '.join(custom_ops(foreign))}")
+        if untyped:
+            notes.append(f"kept {len(untyped)} nodes in float32 that read or write tensors of unknown type (computed "
+                         f"from ops outside the default domain): " + ", ".join(n.name or n.op for n in untyped[:8]))
+        notes += _report_weights(self.name, ctx, before_inits, after_inits)
         if by_list:
             notes.append("kept in float32 by op_block_list/node_block_list: "
                          + ", ".join(f"{k} {op}" for op, k in sorted(by_list.items())))
@@ -188,7 +218,11 @@ class ToFloat16(Pass):
     def _overflow(self, graph, ctx, types, nodes, blocked) -> tuple[dict, str]:
         """``{id(node): (node, tensor, |max|)}`` for each node not yet blocked that reads or writes a float32
         tensor beyond float16's range on the calibration data; and a note on which data that was."""
-        peaks = _observe(graph, types, _batches(graph, ctx))
+        try:
+            peaks = _observe(graph, types, _batches(graph, ctx))
+        except _CannotRun as exc:
+            ctx.warn(f"{self.name}: overflow check skipped: {exc} (check_overflow=false skips it quietly)")
+            return {}, f"no overflow check: {exc}"
         found = {}
         for n in nodes:
             if id(n) in blocked:
@@ -279,20 +313,69 @@ def _observe(graph: OnnxGraph, types: dict, batches) -> dict[str, float]:
         if isinstance(t, gs.Variable) and types.get(name) == F32 and name not in inputs and name not in present:
             t.dtype = np.float32
             g.outputs.append(t)
-    session = OnnxGraph(g).session()
+    try:
+        session = OnnxGraph(g).session()
+    except Exception as exc:  # onnxruntime's own error types: an op it has no kernel for, ...
+        raise _CannotRun(_why_not(graph, exc)) from exc
     names = [o.name for o in session.get_outputs()]
     peaks: dict[str, float] = {"": 0}
     for feeds in batches:
-        values = zip(names, session.run(None, feeds))
+        try:
+            values = zip(names, session.run(None, feeds))
+        except Exception as exc:
+            raise _CannotRun(_why_not(graph, exc)) from exc
         for name, value in [*values, *((k, v) for k, v in feeds.items() if types.get(k) == F32)]:
             if value.size and value.dtype == F32:
-                peaks[name] = max(peaks.get(name, 0.0), float(np.max(np.abs(value))))
+                peaks[name] = max(peaks.get(name, 0.0), _peak(value))
         peaks[""] += 1
     return peaks
 
 
+class _CannotRun(Exception):
+    """onnxruntime could not run the model for the overflow check (the message says why)."""
+
+
+def _why_not(graph: OnnxGraph, exc: Exception) -> str:
+    ops = custom_ops(graph.gs.nodes)
+    if ops:
+        return f"onnxruntime cannot run {', '.join(ops)}"
+    return f"onnxruntime could not run the model ({first_line(exc)})"
+
+
+def _peak(values: np.ndarray) -> float:
+    """max |x| over the values that are not NaN (a NaN must not hide a large value beside it; inf counts)."""
+    return float(np.max(np.abs(values), initial=0.0, where=~np.isnan(values)))
+
+
 def _const_peak(t) -> float:
-    return float(np.max(np.abs(t.values))) if isinstance(t, gs.Constant) and t.values.size else 0.0
+    return _peak(t.values) if isinstance(t, gs.Constant) and t.values.size else 0.0
+
+
+def _report_weights(pass_name: str, ctx, before: dict, after: dict) -> list[str]:
+    """Name the float32 initializers made float16 that hold NaN/inf (kept as they are) or finite values beyond
+    ±65504 (saturated to ±65504 by the converter): a warning each (the first 8), and a note listing them."""
+    found = []
+    for name, t in before.items():
+        if _dtype(t.dtype) != F32 or name not in after or _dtype(after[name].dtype) != F16:
+            continue
+        finite = np.isfinite(t.values)
+        nonfinite = int(t.values.size - np.count_nonzero(finite))
+        over = int(np.count_nonzero(finite & (np.abs(t.values) > FP16_MAX)))
+        what = [f"{nonfinite} non-finite values (NaN/inf), which stay NaN/inf"] if nonfinite else []
+        if over:
+            what.append(f"{over} values beyond float16's range (±{FP16_MAX:g}), saturated to ±{FP16_MAX:g} "
+                        f"(check_overflow=true keeps its readers in float32)")
+        if what:
+            found.append(name)
+            if len(found) <= 8:
+                ctx.warn(f"{pass_name}: initializer '{name}' made float16 holds {' and '.join(what)}")
+    if not found:
+        return []
+    if len(found) > 8:
+        ctx.warn(f"{pass_name}: {len(found) - 8} more initializers made float16 hold NaN/inf or values beyond "
+                 f"±{FP16_MAX:g} (the report's notes name up to 32)")
+    return [f"{len(found)} initializers made float16 hold NaN/inf or values beyond ±{FP16_MAX:g}: "
+            + ", ".join(f"'{n}'" for n in found[:32]) + (" ..." if len(found) > 32 else "")]
 
 
 def _cast_to(node: gs.Node) -> np.dtype | None:

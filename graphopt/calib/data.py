@@ -9,7 +9,8 @@ differ (e.g. sequence lengths) are never concatenated: a batch ends where the sh
 Validation, per model input: the name must be present; the sample shape must match every fixed dimension of
 the model input; floats are cast to the input's float type (with a note in ``data.notes``); integer or boolean
 data for a float input (and floats for an integer input) are refused; integers are cast between integer types
-only when the values fit. Problems raise :class:`CalibrationDataError` subclasses with a one-line message that
+only when the values fit; float data holding NaN or inf (also after the cast) are refused, with the number of
+such values and samples. Problems raise :class:`CalibrationDataError` subclasses with a one-line message that
 names the input. Files are never read whole (Fortran-ordered ``.npz`` members excepted): at most one batch,
 plus one decoded image or one ``.npz`` read block, is in memory at a time.
 """
@@ -275,7 +276,9 @@ class CalibrationData:
                     yield self._flush(pending)
                     pending, pending_n = [], 0
                 take = int(min(size - pending_n, n - start, remaining))
-                pending.append((where, {k: v[start:start + take] for k, v in arrays.items()}))
+                piece = {k: v[start:start + take] for k, v in arrays.items()}
+                self._check_finite(piece, where, start)
+                pending.append((where, piece))
                 pending_n, pending_key = pending_n + take, key
                 start += take
                 remaining -= take
@@ -365,6 +368,24 @@ class CalibrationData:
             return
         raise CalibrationInputError(f"{where}: input '{spec.name}' is {dtype} but the model takes {want}; "
                                     "convert it yourself")
+
+    def _check_finite(self, piece: Mapping[str, np.ndarray], where: str, start: int) -> None:
+        """Float inputs must be finite (after the cast to the model's type): a NaN or inf would reach every
+        observer downstream and leave it nothing to calibrate on, so the data are refused, naming the input."""
+        for spec in self.specs:
+            if not np.issubdtype(spec.dtype, np.floating):
+                continue
+            with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported below
+                values = np.asarray(piece[spec.name], dtype=spec.dtype)
+            finite = np.isfinite(values)
+            if finite.all():
+                continue
+            bad = finite.size - int(np.count_nonzero(finite))
+            rows = np.flatnonzero(~finite.reshape(len(values), -1).all(axis=1))
+            samples = (f"sample {start}" if len(values) == 1 else f"{len(rows)} of samples {start}.."
+                       f"{start + len(values) - 1} (first: sample {start + int(rows[0])})")
+            raise CalibrationInputError(f"{where}: input '{spec.name}' has {bad} non-finite values (NaN/inf) in "
+                                        f"{samples}; calibration needs finite inputs: check how the data were made")
 
     def _check_int_values(self, spec: InputSpec, part: np.ndarray, where: str) -> None:
         if part.dtype == spec.dtype or part.size == 0 or np.can_cast(part.dtype, spec.dtype, "safe"):

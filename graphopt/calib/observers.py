@@ -156,8 +156,13 @@ class HistogramObserver(Observer):
     def _cover(self, lo: float, hi: float, min_exp: int | None = None) -> None:
         """Grow the window (coarsening exactly) until it holds [lo, hi] and the data seen so far."""
         if self._exp is None:
-            span = hi - lo
-            start = _EXP_MIN if span <= 0 else max(_EXP_MIN, math.floor(math.log2(span / self.bins)) - 1)
+            span, start = hi - lo, _EXP_MIN
+            if span > 0:  # log2(span / bins); past float64's range (|x| near 1.8e308) from the halves
+                if math.isfinite(span):
+                    log = math.log2(span / self.bins)
+                else:
+                    log = math.log2((hi / 2 - lo / 2) / self.bins) + 1
+                start = max(_EXP_MIN, math.floor(log) - 1)
             if min_exp is not None:
                 start = max(start, min_exp)
             self._exp, self._first = self._fit(lo, hi, start)
@@ -250,6 +255,14 @@ def compute_range(observer: Observer, method: str = "minmax", *, symmetric: bool
     contains 0); the default follows ``symmetric``. ``percentile`` is in (0, 100]. Asymmetric ``minmax`` and
     ``percentile`` ranges may exclude 0 (``scale_zero_point`` widens them).
     """
+    low, high = _compute_range(observer, method, symmetric, num_levels, percentile)
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):  # never hand out a NaN or inf range
+        raise ObserverError(f"{method} range of {observer!r} is not a finite interval: [{low}, {high}]")
+    return low, high
+
+
+def _compute_range(observer: Observer, method: str, symmetric: bool, num_levels: int | None,
+                   percentile: float) -> tuple[float, float]:
     _check_method(method)
     observer._check_seen()
     if num_levels is None:

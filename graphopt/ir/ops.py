@@ -57,3 +57,14 @@ ONNX_KINDS: dict[str, OpKind] = {
 
 def onnx_kind(op_type: str) -> OpKind:
     return ONNX_KINDS.get(op_type, OpKind.OTHER)
+
+
+def is_standard_domain(domain: str | None) -> bool:
+    """Whether an ONNX node's domain is the default one (``""`` or ``"ai.onnx"``)."""
+    return domain in ("", "ai.onnx", None)
+
+
+def custom_ops(nodes) -> list[str]:
+    """``domain:op`` of every node (onnx-graphsurgeon) outside the default ONNX domain, sorted: ops whose
+    semantics and kernels graphopt does not know (a runtime here may not have them)."""
+    return sorted({f"{n.domain}:{n.op}" for n in nodes if not is_standard_domain(n.domain)})
