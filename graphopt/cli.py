@@ -148,8 +148,9 @@ def default_output(path: str, ir: str = "onnx") -> str:
     return f"{root}.opt.onnx" if ir == "onnx" else f"{root}.opt.pt2"
 
 
-def _io_plan(args, passes, output: str):
+def _io_plan(args, steps, output: str, suffix: str):
     """Every file the run reads and writes, checked against each other before any pass runs."""
+    from graphopt.passes.instruments import snapshot_name
     from graphopt.paths import IOPlan
 
     plan = IOPlan()
@@ -161,10 +162,9 @@ def _io_plan(args, passes, output: str):
     plan.write("-o", output)
     plan.write("-o (its external data)", output + ".data")
     plan.write("--json", args.json)
-    ext = os.path.splitext(output)[1] or ".onnx"
-    snapshots = [f"{i:02d}-{p.name}{ext}" for i, p in enumerate(passes, start=1)]
+    snapshots = [snapshot_name(i, p.name, suffix) for i, p in enumerate(steps, start=1)]
     plan.write_into("--snapshot-dir", args.snapshot_dir, snapshots + [n + ".data" for n in snapshots])
-    plan.write_into("--reproducer", args.reproducer, [f"input{ext}", f"input{ext}.data", "reproduce.txt"])
+    plan.write_into("--reproducer", args.reproducer, [f"input{suffix}", f"input{suffix}.data", "reproduce.txt"])
     plan.check()
 
 
@@ -189,7 +189,8 @@ def _external_data_files(path: str) -> list[str]:
 
 def cmd_run(args) -> int:
     from graphopt.driver import Driver, RunConfig
-    from graphopt.passes.manager import bisect
+    from graphopt.passes.instruments import model_suffix
+    from graphopt.passes.manager import PassManager, bisect
     from graphopt.paths import atomic_write
     from graphopt.report.run_report import cost_report, format_run, jsonable_run, measure_costs, measure_run
 
@@ -201,10 +202,9 @@ def cmd_run(args) -> int:
                        snapshot_dir=args.snapshot_dir, reproducer=args.reproducer,
                        instruments=tuple(args.instrument), trust_pickle=args.trust_pickle)
     driver = Driver(config, registry)  # pipeline, passes, backend, instruments: usage errors before loading
-    is_torch = os.path.splitext(args.model)[1].lower() in (".pt", ".pth", ".pt2")
-    output = args.output or default_output(args.model, "fx" if is_torch else "onnx")
-    _io_plan(args, driver.passes, output)
-    graph = driver.load(args.model)
+    graph = driver.load(args.model)  # reading writes nothing; what it reads is known once it is loaded
+    output = args.output or default_output(args.model, graph.ir)
+    _io_plan(args, PassManager(driver.passes).plan(graph), output, model_suffix(graph))
     say = (lambda *a: None) if args.quiet else print
 
     if args.bisect:

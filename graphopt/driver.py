@@ -189,12 +189,13 @@ class Driver:
         source = graph.describe()
         manager = PassManager(self.passes, chain, ctx)
         out, report = manager.run(graph, in_place=owned, finish=False)
-        if report.modified and not self.config.verify_each:
+        if not (self.config.verify_each and report.modified):  # what is written is always checked once
             try:
                 out.verify()
             except ValueError as exc:
-                raise VerificationError(_last_modifying(report), f"the optimized model is invalid ({exc}); "
-                                        "nothing written") from None
+                who, hint = _culprits(report)
+                raise VerificationError(who, f"the result is not a valid model ({exc}); nothing written{hint}") \
+                    from None
         written: list[str] = []
         if output is None:
             manager.finish(out, report)
@@ -220,6 +221,11 @@ class Driver:
         PassManager(self.passes, [check], fresh).run(graph, in_place=original is None)
 
 
-def _last_modifying(report: RunReport) -> str:
+def _culprits(report: RunReport) -> tuple[str, str]:
+    """Who to name for a result that fails verification, and a hint when it could be any of several passes."""
     modified = [r.name for r in report.records if r.modified]
-    return modified[-1] if modified else (report.records[-1].name if report.records else "pipeline")
+    if len(modified) == 1:
+        return modified[0], ""
+    if not modified:
+        return "load", " (the model as loaded, before any pass changed it)"
+    return " + ".join(modified), " (rerun with --verify-each to name the pass)"

@@ -97,7 +97,18 @@ def _entry_points() -> list[importlib.metadata.EntryPoint]:
 
 def _is_own(ep: importlib.metadata.EntryPoint) -> bool:
     dist = getattr(ep, "dist", None)
-    return dist is not None and dist.metadata["Name"] == OWN_DISTRIBUTION
+    return dist is not None and _dist_name(dist) == OWN_DISTRIBUTION
+
+
+def _dist_name(dist) -> str:
+    """A distribution's name, read from its metadata once per process (reading it is most of a small run's time)."""
+    key = getattr(dist, "_path", None) or id(dist)
+    if key not in _DIST_NAMES:
+        _DIST_NAMES[key] = dist.metadata["Name"]
+    return _DIST_NAMES[key]
+
+
+_DIST_NAMES: dict = {}
 
 
 def autoload_disabled() -> bool:

@@ -105,7 +105,7 @@ class FoldConstants(Pass):
     def _fold_with_onnxruntime(self, g, notes: list[str]) -> None:
         import onnxruntime
 
-        onnxruntime.set_default_logger_severity(3)  # its graph optimizer's warnings on the subgraphs are noise here
+        onnxruntime.set_default_logger_severity(4)  # its graph optimizer's warnings on the subgraphs are noise here
         g.toposort(recurse_subgraphs=False, recurse_functions=False)
         # fold_shapes=False: graphsurgeon's shape folding ignores Shape's start/end and its "cast elision"
         # rewrites Cast(int -> float) -> Mul(0.5) -> Cast(int) as an integer Mul by 0; graphopt.ir.onnx_shapes does it

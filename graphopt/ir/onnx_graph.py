@@ -176,7 +176,7 @@ class OnnxGraph(Graph):
         import onnxruntime
 
         self.infer_shapes()
-        onnxruntime.set_default_logger_severity(3)  # its optimizer's warnings on the subgraphs are noise here
+        onnxruntime.set_default_logger_severity(4)  # its optimizer's warnings on the subgraphs are noise here
         self.gs.fold_constants(error_ok=True).cleanup()
         self.forget_shapes()
 
@@ -204,8 +204,9 @@ class OnnxGraph(Graph):
         for comparisons that need no fused kernels)."""
         import onnxruntime as ort
 
+        ort.set_default_logger_severity(4)  # failures come back as exceptions, not also as a log line
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4
         if threads:
             options.intra_op_num_threads = threads
         if not optimized:

@@ -41,18 +41,24 @@ class Verify(Instrument):
         record.checks["verified"] = True
 
 
+def model_suffix(graph) -> str:
+    """The suffix graphopt writes a graph of this IR with: .onnx, or .pt2 (a torch.export program)."""
+    return ".onnx" if graph.ir == "onnx" else ".pt2"
+
+
+def snapshot_name(index: int, pass_name: str, suffix: str) -> str:
+    return f"{index:02d}-{pass_name}{suffix}"
+
+
 class Snapshot(Instrument):
-    """Save the graph after each pass as ``DIR/NN-<pass>.<ext>``."""
+    """Save the graph after each pass as ``DIR/NN-<pass>.<ext>`` (NN: the step's number in the report)."""
 
     def __init__(self, directory: str):
         self.directory = directory
-        self.count = 0
 
     def after_pass(self, pass_, result, record, ctx) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        self.count += 1
-        ext = "onnx" if result.graph.ir == "onnx" else "pt"
-        path = os.path.join(self.directory, f"{self.count:02d}-{pass_.name}.{ext}")
+        path = os.path.join(self.directory, snapshot_name(record.index, pass_.name, model_suffix(result.graph)))
         result.graph.save(path)
         record.checks["snapshot"] = path
 
@@ -67,8 +73,12 @@ class CrashReproducer(Instrument):
 
     def after_pass_failed(self, pass_, graph, exc, ctx) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        ext = "onnx" if graph.ir == "onnx" else "pt"
-        graph.save(os.path.join(self.directory, f"input.{ext}"))
+        path = os.path.join(self.directory, "input" + model_suffix(graph))
+        try:
+            graph.save(path)
+            saved = ""
+        except Exception as save_error:  # never hide the pass's own error behind the reproducer's
+            saved = f"(the input could not be saved: {type(save_error).__name__}: {save_error})\n"
         with open(os.path.join(self.directory, "reproduce.txt"), "w") as f:
-            f.write(f"failing pass: {pass_!r}\nerror: {exc}\n")
-            f.write(f"graphopt run {self.directory}/input.{ext} --passes {pass_!r} --debug\n")
+            f.write(f"failing pass: {pass_!r}\nerror: {exc}\n{saved}")
+            f.write(f"graphopt run {path} --passes {pass_!r} --debug\n")

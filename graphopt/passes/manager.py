@@ -133,14 +133,25 @@ class PassManager:
             self.finish(graph, report)
         return graph, report
 
+    def plan(self, graph: Graph) -> list[Pass]:
+        """The steps :meth:`run` will take on ``graph``, in order: the passes and the core steps before them."""
+        steps, opset = [], graph.opset if graph.ir == "onnx" else None
+        for pass_ in self.passes:
+            for step in self._steps_before(pass_, graph, opset):
+                steps.append(step)
+                opset = step.target
+            steps.append(pass_)
+        return steps
+
     def finish(self, graph: Graph, report: RunReport) -> None:
         for inst in self.instruments:
             inst.after_pipeline(graph, report, self.ctx)
 
-    def _steps_before(self, pass_: Pass, graph: Graph) -> list[Pass]:
+    def _steps_before(self, pass_: Pass, graph: Graph, opset: int | None = None) -> list[Pass]:
         """Core steps a pass needs first: an opset upgrade when it needs a newer opset than the model has."""
         need = pass_.min_opset
-        if graph.ir == "onnx" and need is not None and graph.opset < need and "onnx" in pass_.irs:
+        opset = opset if opset is not None else (graph.opset if graph.ir == "onnx" else None)
+        if graph.ir == "onnx" and need is not None and opset < need and "onnx" in pass_.irs:
             return [UpgradeOpset(need)]
         return []
 
