@@ -8,6 +8,7 @@ from typing import Any
 from graphopt.errors import ModelLoadError
 from graphopt.ir.base import Graph
 from graphopt.ir.onnx_graph import OnnxGraph
+from graphopt.ir.onnx_io import external_data_files
 from graphopt.ir.ops import OpKind
 
 TORCH_SUFFIXES = (".pt", ".pth", ".pt2")
@@ -33,4 +34,4 @@ def load_model(model: Any, example_inputs: Any = None) -> Graph:
     raise ModelLoadError(f"cannot load a {type(model).__name__} as a model (give a path, ModelProto or nn.Module)")
 
 
-__all__ = ["Graph", "OnnxGraph", "OpKind", "load_model"]
+__all__ = ["Graph", "OnnxGraph", "OpKind", "external_data_files", "load_model"]
