@@ -15,6 +15,7 @@ shares weights; mapped weights are read-only), they put a new Constant in its sl
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -303,7 +304,8 @@ class OnnxGraph(Graph):
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NotImplemented
             if not any(m in str(exc) for m in _NO_KERNEL):
                 raise
-            raise UnsupportedError(f"onnxruntime cannot run this model: {first_line(exc)} (an op outside the "
+            reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Fatal error: )?", "", first_line(exc))
+            raise UnsupportedError(f"onnxruntime cannot run this model: {reason} (an op outside the "
                                    f"standard domains needs its custom-op library; or skip running the model, "
                                    f"e.g. with --no-check)") from None
         session._graphopt_arrays = (values, arrays)  # onnxruntime reads them in place: they must outlive it
