@@ -11,8 +11,11 @@ disk.
     python benchmarks/bench_big_model.py --mb 1100 1100 --what run-check ort
 
 ``--what``: ``run`` (``graphopt run big.onnx --passes fold --no-check -o out.onnx``), ``run-check`` (the same
-with the numeric check), ``ort`` (one onnxruntime session on the file and one run), ``load`` (``OnnxGraph.load``
-then ``save``). Needs free disk for two copies of the model; ``--keep`` leaves the folder.
+with the numeric check), ``ort`` (one onnxruntime session on the file and one run; ``ort-noprepack``: with
+``session.disable_prepacking``), ``load`` (``OnnxGraph.load`` then ``save``), ``plan-check`` (``fold``, then
+onnxruntime on the input file and on the temporary output in ``save``'s ``before_move``, prepacking off;
+``plan-check-prepack``: on), ``api`` (``graphopt.optimize(path, "fold", check=False).save(out)``). Needs free
+disk for two copies of the model; ``--keep`` leaves the folder.
 """
 
 from __future__ import annotations
@@ -40,6 +43,38 @@ session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionPro
 x = np.ones((1, %d), np.float32)
 print([o.shape for o in session.run(None, {"x": x})])
 """ % ROWS
+
+# the check planned for `graphopt run`: onnxruntime on the input file, then on the written temporary output
+# (OnnxGraph.save's before_move) before it is moved into place; argv: model, out, prepack (0/1)
+_PLAN_SCRIPT = """
+import sys, numpy as np, onnxruntime as ort
+from graphopt.ir import load_model
+from graphopt.passes.base import PassContext
+from graphopt.passes.manager import PassManager
+from graphopt.passes.pipeline import resolve
+from graphopt.plugins import load_registry
+src, out, prepack = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+def outputs(path):
+    options = ort.SessionOptions()
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": np.ones((1, %d), np.float32)})
+registry = load_registry(autoload=False)
+graph, report = PassManager(resolve("fold", registry), [], PassContext(registry=registry)).run(load_model(src),
+                                                                                               in_place=True)
+graph.verify()  # as `graphopt run` does (the API's optimize() verifies an export(): every weight copied)
+reference = outputs(src)
+def check(temporary):
+    assert all(np.allclose(a, b, rtol=1e-5) for a, b in zip(reference, outputs(temporary)))
+graph.save(out, before_move=check)
+""" % ROWS
+
+_API_SCRIPT = """
+import sys
+from graphopt import optimize
+optimize(sys.argv[1], "fold", check=False).save(sys.argv[2])
+"""
 
 _LOAD_SCRIPT = """
 import sys
@@ -131,8 +166,12 @@ def commands(what: str, model: str, out: str) -> list[str]:
         return ["-c", _ORT_SCRIPT, model]
     if what == "ort-noprepack":
         return ["-c", _ORT_SCRIPT, model, "session.disable_prepacking=1"]
+    if what in ("plan-check", "plan-check-prepack"):
+        return ["-c", _PLAN_SCRIPT, model, out, "1" if what.endswith("prepack") else "0"]
     if what == "load":
         return ["-c", _LOAD_SCRIPT, model, out]
+    if what == "api":
+        return ["-c", _API_SCRIPT, model, out]
     raise SystemExit(f"unknown --what {what}")
 
 
@@ -140,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, nargs="+", default=[1100, 1100], help="size of each weight in MB")
     parser.add_argument("--what", nargs="+", default=["run"],
-                        choices=["run", "run-check", "ort", "ort-noprepack", "load"])
+                        choices=["run", "run-check", "ort", "ort-noprepack", "load", "plan-check",
+                                 "plan-check-prepack", "api"])
     parser.add_argument("--workdir", help="folder for the model (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="leave the folder and its models")
     args = parser.parse_args(argv)

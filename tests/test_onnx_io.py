@@ -334,6 +334,32 @@ def test_save_refuses_to_overwrite_the_data_it_reads(tmp_path):
     assert {p: digest(tmp_path / p) for p in os.listdir(tmp_path)} == before
 
 
+def test_before_move_checks_the_written_file_before_it_lands(tmp_path):
+    from graphopt.errors import EquivalenceError
+
+    src = save_external(mlp(), tmp_path / "in.onnx")
+    graph = OnnxGraph.load(src)
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    seen = []
+
+    def check(temporary):  # the lead's numeric check: onnxruntime on the file about to be moved into place
+        assert os.path.dirname(temporary) != str(out.parent) and not out.exists()
+        seen.append(ort_run(temporary, x_feed()))
+
+    graph.save(str(out), before_move=check)
+    assert_close(seen[0], ort_run(src, x_feed()))
+    assert sorted(os.listdir(out.parent)) == ["o.onnx", "o.onnx.data"]
+    before = {p: digest(out.parent / p) for p in os.listdir(out.parent)}
+
+    def refuse(temporary):
+        raise EquivalenceError("fold", "outputs moved")
+
+    with pytest.raises(EquivalenceError):
+        graph.save(str(out), before_move=refuse)
+    assert {p: digest(out.parent / p) for p in os.listdir(out.parent)} == before  # the earlier output untouched
+
+
 def _write_failures(tmp_path, monkeypatch):
     """(name, path, expected message part, setup): every way writing can fail."""
     (tmp_path / "adir").mkdir()

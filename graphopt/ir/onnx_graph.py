@@ -97,14 +97,15 @@ class OnnxGraph(Graph):
         values = [c._values for c in onnx_io.constants(self.gs)] + list(self.defaults.values())
         return {s.path for s in map(onnx_external.file_source, values) if s is not None}
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, before_move=None) -> None:
         """Write the model to ``path`` atomically (temporary files beside it, then moved into place), with its
         weights in ``<path>.data`` when the input had external data or they come near 2 GB. OutputError with
-        the path when it cannot be written."""
+        the path when it cannot be written. ``before_move(temporary_path)`` may check the written file (run
+        it, say) before it is moved into place: if it raises, nothing is written."""
         defaults = self._default_constants()
         external = self.external_data or self.too_big_for_protobuf()
         onnx_io.write_files(path, [*onnx_io.constants(self.gs), *defaults], lambda: self._export(defaults),
-                            external, self._reads())
+                            external, self._reads(), before_move)
 
     def copy(self) -> "OnnxGraph":
         return OnnxGraph(self.gs.copy(), self._meta, self.external_data, dict(self.defaults), list(self.notes))

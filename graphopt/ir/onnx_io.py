@@ -283,67 +283,81 @@ def export_with_references(consts: list[gs.Constant], export: Callable[[], onnx.
             const._values = values
 
 
-def write_files(path: str, consts: list[gs.Constant], export: Callable[[], onnx.ModelProto],
-                external: bool, reads: set[str]) -> None:
+def write_files(path: str, consts: list[gs.Constant], export: Callable[[], onnx.ModelProto], external: bool,
+                reads: set[str], before_move: Callable[[str], None] | None = None) -> None:
     """Write the model ``export()`` gives to ``path``, atomically; with ``external``, every Constant of ``consts``
     over 1 KB goes to ``<path>.data`` (written from where it lies). ``reads``: files the model's values come from,
-    which must not be overwritten. OutputError (UsageError for an output over an input) on failure."""
+    which must not be overwritten. ``before_move(temporary_path)`` sees the written model (its data beside it)
+    before it is moved into place; what it raises propagates and nothing is moved. OutputError (UsageError for an
+    output over an input) when writing fails; nothing is left behind."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
-    data_name = base + ".data"
     if not os.path.isdir(folder):
         raise OutputError(f"{path}: cannot write: folder {folder} does not exist (create it first)")
     if os.path.isdir(path):
         raise OutputError(f"{path}: cannot write: it is a directory (give a file name)")
-    for target in (path, os.path.join(folder, data_name)):
+    for target in (path, os.path.join(folder, base + ".data")):
         if os.path.realpath(target) in reads:
             raise UsageError(f"{path}: writing it would overwrite {target}, which the model reads its weights "
                              f"from (choose another output name)")
     try:
         tmp = tempfile.mkdtemp(prefix=".graphopt-", dir=folder)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc}) (check the folder's permissions)") from None
+        raise _output_error(path, exc) from None
     try:
-        moved = []
-        if external:
-            data_path = os.path.join(tmp, data_name)
-            with open(data_path, "wb") as data:
-
-                def write(const, data_type, size):
-                    offset = data.seek(0, os.SEEK_END)
-                    if offset % _ALIGN:
-                        data.write(b"\0" * (_ALIGN - offset % _ALIGN))
-                        offset = data.seek(0, os.SEEK_END)
-                    _write_values(const, data)
-                    if data.tell() - offset != size:
-                        raise OSError(errno.EIO, f"tensor '{const.name}': wrote {data.tell() - offset} of {size} "
-                                                 f"bytes")
-                    return data_name, offset
-
-                big = [c for c in consts if nbytes(c) > EXTERNAL_THRESHOLD]
-                model = export_with_references(big, export, write)
-                wrote_data = data.tell() > 0
-            if wrote_data:
-                moved.append(data_name)
-        else:
-            model = export()
         try:
-            blob = model.SerializeToString()
-        except (ValueError, EncodeError) as exc:  # protobuf: over 2 GB although the weights went out
-            raise OutputError(f"{path}: cannot write: {first_line(exc)} (the graph alone is over 2 GB)") from None
-        with open(os.path.join(tmp, base), "wb") as f:
-            f.write(blob)
-        moved.append(base)
-        _move_into_place(tmp, folder, moved)
-    except OSError as exc:
-        reason = exc.strerror or first_line(exc)
-        hint = {errno.ENOSPC: "free some disk space", errno.EACCES: "check the folder's permissions",
-                errno.EROFS: "the folder is read-only; write elsewhere", errno.EISDIR: "give a file name",
-                errno.EDQUOT: "free some disk space"}.get(exc.errno, "check the output path")
-        raise OutputError(f"{path}: cannot write ({reason}) ({hint})") from None
+            written = _write_into(tmp, base, consts, export, external, path)
+        except OSError as exc:
+            raise _output_error(path, exc) from None
+        if before_move is not None:
+            before_move(os.path.join(tmp, base))
+        try:
+            _move_into_place(tmp, folder, written)
+        except OSError as exc:
+            raise _output_error(path, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _output_error(path: str, exc: OSError) -> OutputError:
+    reason = exc.strerror or first_line(exc)
+    hint = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space",
+            errno.EACCES: "check the folder's permissions", errno.EPERM: "check the folder's permissions",
+            errno.EROFS: "the folder is read-only; write elsewhere", errno.EISDIR: "give a file name",
+            }.get(exc.errno, "check the output path")
+    return OutputError(f"{path}: cannot write ({reason}) ({hint})")
+
+
+def _write_into(tmp: str, base: str, consts: list[gs.Constant], export: Callable[[], onnx.ModelProto],
+                external: bool, path: str) -> list[str]:
+    """Write the model (and with ``external`` its data) into ``tmp``; returns the names written, data first."""
+    written = []
+    model = None
+    if external:
+        data_name = base + ".data"
+        with open(os.path.join(tmp, data_name), "wb") as data:
+
+            def write(const, data_type, size):
+                offset = data.seek(0, os.SEEK_END)
+                if offset % _ALIGN:
+                    data.write(b"\0" * (_ALIGN - offset % _ALIGN))
+                    offset = data.seek(0, os.SEEK_END)
+                _write_values(const, data)
+                if data.tell() - offset != size:
+                    raise OSError(errno.EIO, f"tensor '{const.name}': wrote {data.tell() - offset} of {size} bytes")
+                return data_name, offset
+
+            model = export_with_references([c for c in consts if nbytes(c) > EXTERNAL_THRESHOLD], export, write)
+            if data.tell() > 0:
+                written.append(data_name)
+    try:
+        blob = (model if model is not None else export()).SerializeToString()
+    except (ValueError, EncodeError) as exc:  # protobuf: over 2 GB although the weights went out
+        raise OutputError(f"{path}: cannot write: {first_line(exc)} (the graph alone is over 2 GB)") from None
+    with open(os.path.join(tmp, base), "wb") as f:
+        f.write(blob)
+    return [*written, base]
 
 
 def _move_into_place(tmp: str, folder: str, names: list[str]) -> None:
