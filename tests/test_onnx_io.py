@@ -98,19 +98,21 @@ def test_ir3_model_through_the_cli_is_valid_and_equal(passes, tmp_path):
 
 
 def _with_defaults(ir_version=8) -> onnx.ModelProto:
-    """y = BatchNorm(Conv(x, w)) where the BN scale ``gamma`` is also a graph input: a default that may be fed."""
+    """y = BatchNorm(Conv(x, w)) where the conv weight ``w`` (1,728 bytes) and the BN scale ``gamma`` are also
+    graph inputs: defaults that may be fed."""
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "gamma"),
-             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "beta"),
-             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "mean"),
-             numpy_helper.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "var")]
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, 16).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "beta"),
+             numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "mean"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, 16).astype(np.float32), "var")]
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"])]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
-              helper.make_tensor_value_info("gamma", TensorProto.FLOAT, [8])]
-    graph = helper.make_graph(nodes, "d", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
-                              inits)
+              helper.make_tensor_value_info("gamma", TensorProto.FLOAT, [16]),
+              helper.make_tensor_value_info("w", TensorProto.FLOAT, [16, 3, 3, 3])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])]
+    graph = helper.make_graph(nodes, "d", inputs, outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=ir_version)
 
 
@@ -120,19 +122,24 @@ def test_inputs_with_defaults_keep_their_meaning_through_fold(tmp_path):
     src = tmp_path / "d.onnx"
     onnx.save(_with_defaults(), str(src))
     graph = OnnxGraph.load(str(src))
-    assert [t.name for t in graph.gs.inputs] == ["x", "gamma"] and set(graph.defaults) == {"gamma"}
+    assert [t.name for t in graph.gs.inputs] == ["x", "gamma", "w"] and set(graph.defaults) == {"gamma", "w"}
+    assert graph.op_counts() == {"Conv": 1, "BatchNormalization": 1} and graph.num_parameters() == 496
     assert set(graph.sample_inputs()) == {"x"}  # the default is what the check runs with
     from graphopt.calib.specs import input_specs
 
     assert [spec.name for spec in input_specs(graph)] == ["x"]  # calibration data need not carry the default
     out = str(tmp_path / "o.onnx")
-    graphopt.optimize(str(src), "fold").save(out)
+    result = graphopt.optimize(str(src), "fold")
+    result.graph.verify(result.model)  # also on the export, where the default is an initializer and an input
+    result.save(out)
     onnx.checker.check_model(out, full_check=True)
     saved = onnx.load(out)
-    assert "gamma" in {i.name for i in saved.graph.input} and "gamma" in {i.name for i in saved.graph.initializer}
+    assert [i.name for i in saved.graph.input] == ["x", "gamma", "w"]
+    assert {"gamma", "w"} <= {i.name for i in saved.graph.initializer}
+    assert [n.op_type for n in saved.graph.node] == ["Conv", "BatchNormalization"]  # nothing folded into w
     x = graph.sample_inputs()
     assert_close(ort_run(out, x), ort_run(str(src), x))  # the default
-    gamma = {"gamma": np.linspace(-1, 1, 8).astype(np.float32)}
+    gamma = {"gamma": np.linspace(-1, 1, 16).astype(np.float32)}
     assert_close(ort_run(out, x, **gamma), ort_run(str(src), x, **gamma))  # and an override still works
     assert not np.allclose(ort_run(str(src), x, **gamma)[0], ort_run(str(src), x)[0])
 

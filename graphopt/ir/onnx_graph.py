@@ -148,9 +148,11 @@ class OnnxGraph(Graph):
         dst.name = src.name
         for field in ("node", "input", "output", "value_info", "sparse_initializer"):
             getattr(dst, field).extend(getattr(src, field))
+        inputs = {vi.name for vi in src.input}  # an input with a default is an input already
         for init in src.initializer:
             if _proto_nbytes(init) > _SKELETON_BYTES:
-                dst.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+                if init.name not in inputs:
+                    dst.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
             else:
                 dst.initializer.append(init)
         return skeleton
