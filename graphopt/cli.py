@@ -18,7 +18,9 @@ from graphopt.errors import (
     EquivalenceError,
     GraphoptError,
     ModelLoadError,
+    UnsupportedError,
     UsageError,
+    first_line,
 )
 
 
@@ -170,21 +172,11 @@ def _io_plan(args, steps, output: str, suffix: str):
 
 def _external_data_files(path: str) -> list[str]:
     """The external data files an ONNX model at ``path`` reads (none for other files, or unreadable ones)."""
-    try:
-        from graphopt.ir.onnx_io import external_data_files
-    except ImportError:  # pragma: no cover - before onnx_io existed
-        external_data_files = None
-    if external_data_files is not None:
-        return external_data_files(path)
-    import onnx
+    from graphopt.ir import TORCH_SUFFIXES, external_data_files
 
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception:
+    if path.endswith(TORCH_SUFFIXES) or not os.path.isfile(path):
         return []
-    folder = os.path.dirname(os.path.abspath(path))
-    return sorted({os.path.join(folder, e.value) for t in model.graph.initializer for e in t.external_data
-                   if e.key == "location"})
+    return external_data_files(path)
 
 
 def cmd_run(args) -> int:
@@ -217,6 +209,8 @@ def cmd_run(args) -> int:
     out, report, before = run.graph, run.report, run.source
     after = out.describe()
     say(f"{args.model}: {before['ir']}, {before['nodes']} nodes, {before['parameters']:,} parameters")
+    for note in getattr(graph, "notes", []):  # what loading changed: IR < 4 upgraded, inputs with defaults
+        say(f"note: {note}")
     say(f"pipeline: {run.pipeline}" + (f"  (= {run.resolved})" if run.pipeline != run.resolved else ""))
     say(report.table())
     numeric = report.checks.get("numeric")
@@ -233,7 +227,8 @@ def cmd_run(args) -> int:
         measured = cost_report(*costs)
     say(format_run(measured))
     if args.json:
-        data = {"input": {"path": args.model, **before}, "output": {"path": output, **after},
+        data = {"input": {"path": args.model, **before, "notes": list(getattr(graph, "notes", []))},
+                "output": {"path": output, **after},
                 "backend": driver.backend.name, **run.to_dict(), **jsonable_run(measured)}
         atomic_write(args.json, json.dumps(data, indent=2, default=_json_default), "--json")
     return 0
@@ -342,7 +337,13 @@ def cmd_verify(args) -> int:
         graph.verify()
     except ValueError as exc:
         raise ModelLoadError(f"{args.model}: invalid: {exc}") from None
-    outputs = graph.run(graph.sample_inputs())
+    try:
+        outputs = graph.run(graph.sample_inputs())
+    except UnsupportedError as exc:  # valid, but onnxruntime has no kernel for an op (a custom domain)
+        raise UnsupportedError(f"{args.model}: valid, but not run: {exc}") from None
+    except Exception as exc:  # valid, but onnxruntime refuses these inputs (shape or index inputs, say)
+        raise UnsupportedError(f"{args.model}: valid, but onnxruntime could not run it on generated inputs "
+                               f"({first_line(exc)}); give real inputs with graphopt compare --data") from None
     shapes = ", ".join(str(tuple(o.shape)) for o in outputs)
     print(f"{args.model}: valid; ran on sample inputs, outputs {shapes}")
     return 0

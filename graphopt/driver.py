@@ -199,12 +199,19 @@ class Driver:
         written: list[str] = []
         if output is None:
             manager.finish(out, report)
+        elif out.ir == "onnx":  # written beside its place; the check's last run is on that file, then it moves
+
+            def check_then_move(staged_path: str) -> None:
+                if check is not None:
+                    check.final_path = staged_path
+                manager.finish(out, report)
+
+            out.save(output, before_move=check_then_move)
+            written = [output]
         else:
             staged = Staged(output)
             try:
                 out.save(staged.staged_path)
-                if check is not None and out.ir == "onnx":
-                    check.final_path = staged.staged_path
                 manager.finish(out, report)
                 written = staged.commit()
             finally:

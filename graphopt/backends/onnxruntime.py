@@ -174,8 +174,11 @@ class OnnxRuntimeBackend(Backend):
             source: Any = path
         elif isinstance(model, (bytes, bytearray)):
             source = bytes(model)
-        elif hasattr(model, "to_model"):  # OnnxGraph
-            source = model.to_model().SerializeToString()
+        elif hasattr(model, "to_model"):  # OnnxGraph: weights handed over where they lie, not serialized
+            try:
+                return model.session(threads, options, self.providers)
+            except Exception as exc:
+                raise BackendError(f"onnxruntime could not load the model: {first_line(exc)}") from exc
         elif hasattr(model, "SerializeToString"):
             source = model.SerializeToString()
         else:

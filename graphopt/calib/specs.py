@@ -89,9 +89,10 @@ def input_specs(model) -> tuple[InputSpec, ...]:
                                             "does not support")
             specs.append(InputSpec(arg.name, tuple(arg.shape), _ORT_TYPES[kind]))
         return tuple(specs)
-    if hasattr(model, "gs") and hasattr(model.gs, "inputs"):  # graphopt OnnxGraph
+    if hasattr(model, "gs") and hasattr(model.gs, "inputs"):  # graphopt OnnxGraph (inputs with defaults skipped)
+        defaults = getattr(model, "defaults", {})
         return tuple(InputSpec(t.name, tuple(t.shape or ()), t.dtype if t.dtype is not None else np.float32)
-                     for t in model.gs.inputs)
+                     for t in model.gs.inputs if t.name not in defaults)
     import onnx
 
     if isinstance(model, (str, os.PathLike)):

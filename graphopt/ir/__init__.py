@@ -8,6 +8,7 @@ from typing import Any
 from graphopt.errors import ModelLoadError
 from graphopt.ir.base import Graph
 from graphopt.ir.onnx_graph import OnnxGraph
+from graphopt.ir.onnx_io import external_data_files
 from graphopt.ir.ops import OpKind
 from graphopt.ir.torch_files import looks_like_torch_file
 
@@ -44,4 +45,4 @@ def load_model(model: Any, example_inputs: Any = None, *, trust_pickle: bool = F
                          f"ExportedProgram)")
 
 
-__all__ = ["Graph", "OnnxGraph", "OpKind", "load_model"]
+__all__ = ["Graph", "OnnxGraph", "OpKind", "external_data_files", "load_model"]

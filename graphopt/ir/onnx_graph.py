@@ -1,99 +1,115 @@
 """OnnxGraph: an ONNX model held as an onnx-graphsurgeon graph.
 
-Loading checks the file (exists, parses, passes the onnx checker) and reads external data; saving writes
-external data beside the output when the input had it or the model is over protobuf's 2 GB limit. Passes edit
-``graph.gs`` with onnx-graphsurgeon; they never change a ``gs.Constant``'s array in place (``copy()`` shares
-weights), they put a new Constant in its slot.
+Loading (:mod:`graphopt.ir.onnx_io`) checks the file — it parses, its versions are known to onnx, its external
+data is safe, the onnx checker accepts it — and leaves external weights on disk, memory-mapped when read. IR < 4
+models (which had to list every initializer as a graph input) are upgraded: the initializers are dropped from the
+inputs and ``ir_version`` raised to the one their opsets need (at least 4). In IR >= 4 an initializer that is
+also a graph input is an input with a default value: it stays a graph input here (passes see a run-time input,
+not a constant, as onnxruntime does) and is written back with its default. Saving is atomic and writes external
+data (``<out>.data``) when the input had it or the weights come near protobuf's 2 GB limit.
+
+Passes edit ``graph.gs`` with onnx-graphsurgeon; they never change a ``gs.Constant``'s array in place (``copy()``
+shares weights; mapped weights are read-only), they put a new Constant in its slot.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import re
 from collections import Counter
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from graphopt.errors import ModelLoadError, first_line
+from graphopt.errors import ModelLoadError, UnsupportedError, first_line
+from graphopt.ir import onnx_external, onnx_io
 from graphopt.ir.base import Graph
 from graphopt.ir.feeds import Spec, feeds, input_roles
 from graphopt.ir.ops import OpKind, onnx_kind
 
-_PROTOBUF_LIMIT = 2**31 - 1
 _PROTOBUF_MARGIN = 64 * 2**20  # room for everything in a model that is not a weight
 _SKELETON_BYTES = 1024
 _META_FIELDS = ("doc_string", "domain", "model_version")
+# onnxruntime's words for an op it has no kernel for (a custom domain, an opset it does not support yet)
+_NO_KERNEL = ("is not a registered function/op", "Could not find an implementation", "NOT_IMPLEMENTED",
+              "is under development", "No opset import for domain", "not supported")
+_IN_MEMORY = "graphopt-in-memory"  # the location of weights handed to onnxruntime as arrays (never read)
 
 
 class OnnxGraph(Graph):
     ir = "onnx"
 
-    def __init__(self, graph: gs.Graph, meta: onnx.ModelProto | None = None, external_data: bool = False):
+    def __init__(self, graph: gs.Graph, meta: onnx.ModelProto | None = None, external_data: bool = False,
+                 defaults: dict | None = None, notes: list[str] | None = None):
         self.gs = graph
         self._meta = meta if meta is not None else onnx.ModelProto()  # model-level fields gs does not carry
         self.external_data = external_data
+        # graph inputs that have a default value (IR >= 4 initializers listed as inputs): name -> gs values
+        self.defaults: dict = defaults if defaults is not None else {}
+        self.notes: list[str] = notes if notes is not None else []  # what loading changed, for the report
 
     # -- loading and saving ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str) -> "OnnxGraph":
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise ModelLoadError(f"{path}: no such file")
-        if os.path.isdir(path):
-            raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
-        try:
-            model = onnx.load(path, load_external_data=False)
-        except (DecodeError, ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(exc)}); truncated or not ONNX?")
-        if not model.graph.node and not model.graph.output:
-            raise ModelLoadError(f"{path}: not an ONNX model (no graph, no outputs)")
-        external = any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
-        if external:
-            try:
-                onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
-            except Exception as exc:  # onnx raises OSError, ValueError or its own ValidationError here
-                raise ModelLoadError(f"{path}: external data could not be read ({first_line(exc)})")
-        try:
-            onnx.checker.check_model(path)  # by path: reads external data itself, no 2 GB limit
-        except (onnx.checker.ValidationError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: invalid ONNX graph: {first_line(exc)}")
-        return cls.from_model(model, external_data=external)
+        model, sources = onnx_io.read_model(path)
+        return cls._import(model, path, sources)
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, external_data: bool = False) -> "OnnxGraph":
+        """An OnnxGraph of an in-memory model (not modified; its tensors are shared until a pass replaces them)."""
+        if onnx_external.has_external_data(model):
+            raise ModelLoadError("ModelProto: its tensors refer to external data, which cannot be found without "
+                                 "the model's folder (load the model by path, or with onnx.load(path))")
+        onnx_io.check_versions(model, "ModelProto")
+        return cls._import(model, "ModelProto", {}, external_data)
+
+    @classmethod
+    def _import(cls, model: onnx.ModelProto, where: str, sources: dict, external_data: bool = False) -> "OnnxGraph":
         meta = onnx.ModelProto()
         for name in _META_FIELDS:
             setattr(meta, name, getattr(model, name))
         meta.metadata_props.extend(model.metadata_props)
-        try:
-            graph = gs.import_onnx(model)
-        except Exception as exc:
-            raise ModelLoadError(f"onnx-graphsurgeon could not import the model: {first_line(exc)}")
-        return cls(graph, meta, external_data)
+        graph, defaults, notes = onnx_io.import_graph(model, where, sources)
+        return cls(graph, meta, external_data or bool(sources), defaults, notes)
 
     def to_model(self) -> onnx.ModelProto:
+        """The model as one self-contained ModelProto (external weights read into it: under 2 GB only)."""
+        return self._export(self._default_constants())
+
+    def _export(self, defaults: list[gs.Constant]) -> onnx.ModelProto:
         model = gs.export_onnx(self.gs, do_type_check=False)
         for name in _META_FIELDS:
             setattr(model, name, getattr(self._meta, name))
         del model.metadata_props[:]
         model.metadata_props.extend(self._meta.metadata_props)
+        model.graph.initializer.extend(OnnxExporter.export_tensor_proto(c) for c in defaults)
         return model
 
-    def save(self, path: str) -> None:
-        model = self.to_model()
-        path = os.fspath(path)
-        if self.external_data or self.too_big_for_protobuf():
-            location = os.path.basename(path) + ".data"
-            onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=location, size_threshold=1024)
-        else:
-            onnx.save_model(model, path)
+    def _default_constants(self) -> list[gs.Constant]:
+        """The default values of the graph inputs that have one, as Constants to export beside the graph."""
+        inputs = {t.name for t in self.gs.inputs}
+        return [gs.Constant(name, values) for name, values in self.defaults.items() if name in inputs]
+
+    def _reads(self) -> set[str]:
+        """The files this graph's weights are read from."""
+        values = [c._values for c in onnx_io.constants(self.gs)] + list(self.defaults.values())
+        return {s.path for s in map(onnx_external.file_source, values) if s is not None}
+
+    def save(self, path: str, before_move=None) -> None:
+        """Write the model to ``path`` atomically (temporary files beside it, then moved into place), with its
+        weights in ``<path>.data`` when the input had external data or they come near 2 GB. OutputError with
+        the path when it cannot be written. ``before_move(temporary_path)`` may check the written file (run
+        it, say) before it is moved into place: if it raises, nothing is written."""
+        defaults = self._default_constants()
+        external = self.external_data or self.too_big_for_protobuf()
+        onnx_io.write_files(path, [*onnx_io.constants(self.gs), *defaults], lambda: self._export(defaults),
+                            external, self._reads(), before_move)
 
     def copy(self) -> "OnnxGraph":
-        return OnnxGraph(self.gs.copy(), self._meta, self.external_data)
+        return OnnxGraph(self.gs.copy(), self._meta, self.external_data, dict(self.defaults), list(self.notes))
 
     # -- the protocol -------------------------------------------------------------------------------------
     @property
@@ -107,12 +123,14 @@ class OnnxGraph(Graph):
         return Counter(node.op for node in self.gs.nodes)
 
     def num_parameters(self) -> int:
-        return int(sum(t.values.size for t in self.gs.tensors().values() if isinstance(t, gs.Constant)))
+        """Elements of every initializer (default values of graph inputs included), counted without reading them."""
+        consts = [t for t in self.gs.tensors().values() if isinstance(t, gs.Constant)] + self._default_constants()
+        return int(sum(np.prod(t.shape, dtype=np.int64) for t in consts))
 
     def too_big_for_protobuf(self) -> bool:
         """Whether the weights alone come near protobuf's 2 GB limit (cheaper than serializing to ask)."""
-        weights = sum(_nbytes(t) for t in self.gs.tensors().values() if isinstance(t, gs.Constant))
-        return weights > _PROTOBUF_LIMIT - _PROTOBUF_MARGIN
+        weights = sum(onnx_io.nbytes(c) for c in [*onnx_io.constants(self.gs), *self._default_constants()])
+        return weights > onnx_io.PROTOBUF_LIMIT - _PROTOBUF_MARGIN
 
     def skeleton(self, exported: onnx.ModelProto | None = None) -> onnx.ModelProto:
         """The model with every initializer over 1 KB turned into a graph input of the same type and shape: the
@@ -121,14 +139,7 @@ class OnnxGraph(Graph):
         shape inference's data propagation. Built from ``exported`` (this graph's :meth:`to_model`) when the
         caller has it, else from the graph without encoding any weight."""
         if exported is None:
-            g = self.gs.copy()
-            for tensor in list(g.tensors().values()):
-                if isinstance(tensor, gs.Constant) and _nbytes(tensor) > _SKELETON_BYTES and tensor not in g.outputs:
-                    stand_in = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
-                    for consumer in list(tensor.outputs):
-                        replace_input(consumer, tensor, stand_in)
-                    g.inputs.append(stand_in)
-            return gs.export_onnx(g, do_type_check=False)
+            return gs.export_onnx(self._skeleton_graph()[0], do_type_check=False)
         skeleton = onnx.ModelProto()
         for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
             setattr(skeleton, name, getattr(exported, name))
@@ -138,12 +149,63 @@ class OnnxGraph(Graph):
         dst.name = src.name
         for field in ("node", "input", "output", "value_info", "sparse_initializer"):
             getattr(dst, field).extend(getattr(src, field))
+        inputs = {vi.name for vi in src.input}  # an input with a default is an input already
         for init in src.initializer:
             if _proto_nbytes(init) > _SKELETON_BYTES:
-                dst.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+                if init.name not in inputs:
+                    dst.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
             else:
                 dst.initializer.append(init)
         return skeleton
+
+    def _skeleton_graph(self) -> tuple[gs.Graph, dict]:
+        """A copy of the graph whose initializers over 1 KB are graph inputs; and their values by name."""
+        g = self.gs.copy()
+        values = {}
+        for tensor in list(g.tensors().values()):
+            big = isinstance(tensor, gs.Constant) and onnx_io.nbytes(tensor) > _SKELETON_BYTES
+            if big and tensor not in g.outputs:
+                stand_in = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
+                for consumer in list(tensor.outputs):
+                    replace_input(consumer, tensor, stand_in)
+                g.inputs.append(stand_in)
+                values[tensor.name] = tensor._values
+        return g, values
+
+    def upgrade_opset(self, target: int) -> str:
+        """Convert the graph to default-domain opset ``target`` with onnx.version_converter, in place; returns a
+        one-line note. The converter sees the graph without its weights (initializers over 1 KB stand in as
+        inputs; they are put back after), so the model's size does not matter. Ops in other domains are left as
+        they are. UnsupportedError (with what to do) when it cannot convert."""
+        current = self.opset
+        if target <= current:
+            return f"opset {current}: not converted (already >= {target})"
+        newest = onnx.defs.onnx_opset_version()
+        if target > newest:
+            raise UnsupportedError(f"opset {current} -> {target}: onnx {onnx.__version__} knows opsets up to "
+                                   f"{newest} (upgrade onnx)")
+        others = sorted({n.domain for n in self.gs.nodes if n.domain not in ("", "ai.onnx", None)})
+        skeleton, weights = self._skeleton_graph()
+        try:
+            converted = onnx.version_converter.convert_version(gs.export_onnx(skeleton, do_type_check=False), target)
+            onnx.checker.check_model(converted)
+        except Exception as exc:  # the converter raises RuntimeError, ConvertError, IndexError, ...
+            domains = f"; it converts only the default domain, the model also has {', '.join(others)}" if others else ""
+            raise UnsupportedError(f"opset {current} -> {target}: onnx.version_converter failed: {first_line(exc)}"
+                                   f"{domains} (re-export the model at opset {target} or newer)") from None
+        try:
+            graph = gs.import_onnx(converted)
+        except Exception as exc:
+            raise UnsupportedError(f"opset {current} -> {target}: the converted model could not be imported "
+                                   f"({first_line(exc)}) (re-export the model at opset {target})") from None
+        tensors = graph.tensors()
+        for name, values in weights.items():
+            if isinstance(tensors.get(name), gs.Variable):
+                tensors[name].to_constant(values)
+        graph.inputs = [t for t in graph.inputs if not isinstance(t, gs.Constant)]
+        graph.ir_version = max(converted.ir_version, onnx_io.min_ir_version(converted.opset_import))
+        self.gs = graph
+        return f"opset {current} -> {target} (onnx.version_converter)"
 
     def inferred_shapes(self) -> dict[str, tuple[list, np.dtype]]:
         """Shape and dtype of every tensor ONNX shape inference can type (run on :meth:`skeleton`)."""
@@ -191,35 +253,60 @@ class OnnxGraph(Graph):
             raise ValueError(first_line(exc)) from exc
 
     def input_specs(self) -> list[Spec]:
+        """The inputs to feed (those with a default value run with it), as :class:`graphopt.ir.feeds.Spec`."""
         return [Spec(t.name, tuple(t.shape or ()), np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32))
-                for t in self.gs.inputs]
+                for t in self.gs.inputs if t.name not in self.defaults]
 
     def sample_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
         """Fixed-seed inputs (:func:`graphopt.ir.feeds.feeds`): data random, indices/shapes/axes valid."""
         return feeds(self.input_specs(), seed, roles=input_roles(self.gs))
 
-    def session(self, threads: int = 0, *, optimized: bool = True, path: str | None = None):
-        """An onnxruntime CPU session on the current graph (through a temporary file past 2 GB), or on the file
-        at ``path`` that holds it. ``optimized=False``: onnxruntime's graph optimizations off (quicker to build;
-        for comparisons that need no fused kernels)."""
+    def session(self, threads: int = 0, options=None, providers=("CPUExecutionProvider",), *, optimized: bool = True,
+                path: str | None = None):
+        """An onnxruntime session on the current graph, built without copying the model in memory: weights still
+        in their (validated) data file are referred to there, so onnxruntime maps them; weights in memory are
+        handed over as arrays (``add_external_initializers``; onnxruntime copies them once). No 2 GB limit.
+        Without ``options``: a session for a few runs (checks), so weights are not pre-packed (that would copy
+        every MatMul weight again). ``optimized=False``: onnxruntime's graph optimizations off (quicker to build,
+        for comparisons that need no fused kernel). ``path``: the file that holds this very graph, run from there.
+        UnsupportedError when onnxruntime cannot build it (an op without a kernel)."""
         import onnxruntime as ort
 
         ort.set_default_logger_severity(4)  # failures come back as exceptions, not also as a log line
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        if threads:
-            options.intra_op_num_threads = threads
-        if not optimized:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if options is None:
+            options = ort.SessionOptions()
+            options.log_severity_level = 4
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            if threads:
+                options.intra_op_num_threads = threads
+            if not optimized:
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if path is not None:
-            return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-        model = self.to_model()
-        if not self.too_big_for_protobuf():
-            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
-            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            return _create_session(ort, os.fspath(path), options, providers)
+        defaults = self._default_constants()
+        initializers = [t for t in self.gs.tensors().values() if isinstance(t, gs.Constant)]  # not in subgraphs
+        big = [c for c in [*initializers, *defaults] if onnx_io.nbytes(c) > _SKELETON_BYTES]
+        files = {s.path for s in map(onnx_external.file_source, (c._values for c in big)) if s is not None}
+        folder = os.path.commonpath([os.path.dirname(f) for f in files]) if files else None
+        arrays: dict[str, np.ndarray] = {}
+
+        def refer(const, data_type, nbytes):
+            source = onnx_external.file_source(const._values)
+            if source is not None:
+                return os.path.relpath(source.path, folder), source.offset
+            arrays[const.name] = np.ascontiguousarray(const.values)
+            return _IN_MEMORY, 0
+
+        big = [c for c in big if onnx_external.file_source(c._values) or onnx_io.raw_type(c) in onnx_external.RAW_NUMPY]
+        model = onnx_io.export_with_references(big, lambda: self._export(defaults), refer)
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
+        if values:
+            options.add_external_initializers(list(arrays), values)
+        if folder:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        session = _create_session(ort, model.SerializeToString(), options, providers)
+        session._graphopt_arrays = (values, arrays)  # onnxruntime reads them in place: they must outlive it
+        return session
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs on onnxruntime. Float inputs are cast to the input's declared float type, so one set of
@@ -288,10 +375,6 @@ def _proto_nbytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
-def _nbytes(tensor: gs.Constant) -> int:
-    return int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
-
-
 def fresh_name(names: set[str], base: str) -> str:
     """``base``, or ``base_1``, ``base_2``, ...: the first not in ``names``, which it is then added to (pass the
     set of the graph's tensor and node names, so new tensors never collide with existing ones)."""
@@ -306,3 +389,15 @@ def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
     for i, tensor in enumerate(node.inputs):
         if tensor is old:
             node.inputs[i] = new
+
+
+def _create_session(ort, source, options, providers):
+    try:
+        return ort.InferenceSession(source, options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NotImplemented
+        if not any(m in str(exc) for m in _NO_KERNEL):
+            raise
+        reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Fatal error: )?", "", first_line(exc))
+        raise UnsupportedError(f"onnxruntime cannot run this model: {reason} (an op outside the standard domains "
+                               f"needs its custom-op library; or skip running the model, e.g. with --no-check)") \
+            from None

@@ -1,0 +1,388 @@
+"""Reading and writing ONNX files: safe external data, lazily mapped weights, atomic and memory-lean saving.
+
+Loading parses the model without its external data, checks every external-data reference (a plain relative
+path to a regular file in the model's folder or below, reached through no symlink, not hard-linked, offset and
+length inside the file and matching the tensor's size) *before* onnx or onnxruntime reads any of it, then runs
+the onnx checker on the file. Weights stay on disk: onnx-graphsurgeon sees :class:`ExternalValues`, which
+memory-map the validated file when a pass asks for the values.
+
+Saving writes weights over 1 KB to ``<out>.data`` straight from where they are (ranges of the input's data file
+are copied file to file; arrays are written from memory), so no protobuf message ever holds them: the model is
+never copied whole in memory and tensors over 2 GB are fine. Model and data are written into a temporary
+folder beside the output and moved into place; nothing is left behind on failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError, EncodeError
+from onnx import TensorProto
+from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from graphopt.errors import ModelLoadError, OutputError, UnsupportedError, UsageError, first_line
+from graphopt.ir.onnx_external import (
+    RAW_NUMPY,
+    ExternalValues,
+    Source,
+    check_external_data,
+    file_source,
+    is_external,
+    model_tensors,
+    reference,
+)
+
+EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inside the model file (onnx's own default)
+_ALIGN = 4096  # data offsets aligned to pages, so onnxruntime can memory-map them
+_COPY_CHUNK = 16 * 2**20
+PROTOBUF_LIMIT = 2**31 - 1
+
+# -- reading ------------------------------------------------------------------------------------------------------
+def parse_model(path: str) -> onnx.ModelProto:
+    """The ModelProto at ``path``, without external data; ModelLoadError for a file that is not one."""
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{path}: no such file (check the path)")
+    if os.path.isdir(path):
+        raise ModelLoadError(f"{path}: is a directory, not an ONNX file (give the .onnx file)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot be read ({exc.strerror or exc}) (check its permissions)") from None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        hint = ("over protobuf's 2 GB limit: save the weights as external data" if len(data) > PROTOBUF_LIMIT
+                else "truncated or not ONNX?")
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(exc)}) ({hint})") from None
+    if not model.graph.node and not model.graph.output:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph, no outputs; is it an ONNX file?)")
+    return model
+
+
+def external_data_files(model_path: str) -> list[str]:
+    """The real paths of the data files the model at ``model_path`` reads, each validated as
+    :func:`check_external_data` does (so no output can be written over them)."""
+    model = parse_model(os.fspath(model_path))
+    return sorted({s.path for s in check_external_data(model, os.fspath(model_path)).values()})
+
+
+def check_versions(model: onnx.ModelProto, where: str) -> None:
+    """UnsupportedError for an IR version or a standard opset newer than the installed onnx knows."""
+    known_ir = onnx.IR_VERSION
+    if model.ir_version > known_ir:
+        raise UnsupportedError(f"{where}: IR version {model.ir_version} is newer than onnx {onnx.__version__} knows "
+                               f"(up to {known_ir}) (upgrade onnx, or re-export the model for an older IR)")
+    for opset in model.opset_import:
+        domain = "" if opset.domain == "ai.onnx" else opset.domain
+        known = [v for (d, v) in onnx.helper.OP_SET_ID_VERSION_MAP if d == (domain or "ai.onnx")]
+        if known and opset.version > max(known):
+            name = f"opset {opset.version}" if not domain else f"{domain} opset {opset.version}"
+            raise UnsupportedError(f"{where}: {name} is newer than onnx {onnx.__version__} knows (up to "
+                                   f"{max(known)}) (re-export the model at opset {max(known)} or lower, or upgrade "
+                                   f"onnx and onnxruntime)")
+
+
+def read_model(path: str) -> tuple[onnx.ModelProto, dict[tuple, Source]]:
+    """Parse, version-check, validate the external data of, and run the onnx checker on the model at ``path``.
+    External tensors that graphsurgeon would not import as Constants of their own are read in here (after
+    validation); the rest stay on disk, described by the returned sources."""
+    model = parse_model(path)
+    check_versions(model, path)
+    sources = check_external_data(model, path)
+    try:
+        onnx.checker.check_model(path)  # by path: it checks the external data references, no 2 GB limit
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: invalid ONNX graph: {first_line(exc)} (fix or re-export the model)") from None
+    for t, own_constant in model_tensors(model):
+        if is_external(t) and not own_constant:
+            t.raw_data = sources[reference(t)].read()
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+    return model, sources
+
+
+def constants(graph: gs.Graph) -> list[gs.Constant]:
+    """Every Constant of ``graph``: its tensors, its nodes' tensor attributes, subgraphs and functions, once each."""
+    seen: dict[int, gs.Constant] = {}
+
+    def walk(g) -> None:
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant):
+                seen.setdefault(id(t), t)
+        for node in g.nodes:
+            for value in node.attrs.values():
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, gs.Constant):
+                        seen.setdefault(id(item), item)
+                    elif isinstance(item, gs.Graph):
+                        walk(item)
+
+    walk(graph)
+    for function in getattr(graph, "functions", []):
+        walk(function)
+    return list(seen.values())
+
+
+def attach_sources(graph: gs.Graph, sources: dict[tuple, Source], where: str) -> None:
+    """Turn the Constants graphsurgeon imported from external tensors into :class:`ExternalValues`."""
+    for const in constants(graph):
+        values = const._values
+        if isinstance(values, LazyValues) and not isinstance(values, ExternalValues) and is_external(values.tensor):
+            key = reference(values.tensor)
+            if key not in sources:  # read_model validated every reference it found; this one it did not see
+                raise ModelLoadError(f"{where}: tensor '{const.name}' refers to external data that was not checked "
+                                     f"(report this with the model)")
+            const._values = ExternalValues(values.tensor, sources[key])
+            const.data_location = None  # else graphsurgeon exports the values, once read, marked as external
+
+
+def min_ir_version(opsets) -> int:
+    """The lowest IR version onnx pairs with these opsets (unknown domains ignored), and at least 4."""
+    return max(4, onnx.helper.find_min_ir_version_for(list(opsets), ignore_unknown=True))
+
+
+def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.Graph, dict, list[str]]:
+    """``model`` as a graphsurgeon graph (``model`` is not modified), with its external tensors left on disk; the
+    default values of graph inputs that have one; and notes on what was changed. IR < 4 (every initializer had
+    to be an input): initializers are initializers only and the IR version is raised to what the opsets need.
+    IR >= 4: initializers also listed as inputs stay graph inputs, their values kept as defaults."""
+    try:
+        graph = gs.import_onnx(model)
+    except Exception as exc:
+        raise ModelLoadError(f"{where}: onnx-graphsurgeon could not import the model ({first_line(exc)}) "
+                             f"(check it with `graphopt verify`; report it if the checker accepts it)") from None
+    attach_sources(graph, sources, where)
+    notes: list[str] = []
+    inits = {t.name for t in model.graph.initializer}
+    listed = [vi for vi in model.graph.input if vi.name in inits]
+    defaults = {}
+    if model.ir_version < 4:
+        graph.ir_version = min_ir_version(model.opset_import)
+        notes.append(f"IR version {model.ir_version} -> {graph.ir_version}: {len(listed)} initializer(s) are no "
+                     f"longer also listed as graph inputs (IR < 4 required it)")
+    elif listed:
+        defaults = _inputs_with_defaults(graph, model, listed)
+        notes.append(f"{len(listed)} graph input(s) have default values (initializers listed as inputs): kept as "
+                     f"inputs, so passes treat them as run-time inputs and do not fold them (re-export without "
+                     f"keep_initializers_as_inputs to let them be folded)")
+    return graph, defaults, notes
+
+
+def _inputs_with_defaults(graph: gs.Graph, model: onnx.ModelProto, listed) -> dict:
+    """Make the initializers ``listed`` among ``model``'s inputs graph inputs again (graphsurgeon imported them as
+    Constants only), typed as the input declares; returns their default values by name."""
+    defaults = {}
+    tensors = graph.tensors()
+    for vi in listed:
+        const = tensors.get(vi.name)
+        if not isinstance(const, gs.Constant):
+            continue
+        declared = OnnxImporter.import_tensor(vi)
+        defaults[vi.name] = const._values
+        const.to_variable(dtype=declared.dtype if declared.dtype is not None else const.dtype,
+                          shape=declared.shape if declared.shape is not None else list(const.shape))
+        const.type = getattr(declared, "type", "tensor_type")
+    order = {vi.name: i for i, vi in enumerate(model.graph.input)}
+    graph.inputs = sorted([*graph.inputs, *(tensors[n] for n in defaults)], key=lambda t: order.get(t.name, 0))
+    return defaults
+
+
+# -- writing ------------------------------------------------------------------------------------------------------
+def _copy_range(source: Source, out) -> None:
+    out.flush()
+    with open(source.path, "rb") as src:
+        offset, left = source.offset, source.length
+        try:
+            while left:
+                n = os.copy_file_range(src.fileno(), out.fileno(), left, offset)
+                if n == 0:
+                    raise OSError(errno.EIO, f"{source.path} ended early")
+                offset, left = offset + n, left - n
+        except OSError as exc:  # not supported here (another filesystem, an old kernel): copy through a buffer
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL) or left != source.length:
+                raise
+            while left:
+                chunk = os.pread(src.fileno(), min(left, _COPY_CHUNK), offset)
+                if not chunk:
+                    raise OSError(errno.EIO, f"{source.path} ended early") from None
+                out.write(chunk)
+                offset, left = offset + len(chunk), left - len(chunk)
+        out.seek(0, os.SEEK_END)
+
+
+def raw_type(const: gs.Constant) -> int | None:
+    """The ONNX type of a Constant whose bytes can be written as they are, else None."""
+    if getattr(const, "_export_dtype", None) is not None and const._export_dtype != const.dtype:
+        return None  # graphsurgeon converts these (float32 -> bfloat16, ...) as it exports them
+    values = const._values
+    if isinstance(values, ExternalValues):  # its bytes on disk are already in ONNX's raw layout
+        return values.meta.data_type if values.meta.data_type != TensorProto.STRING else None
+    if not isinstance(values, np.ndarray) or values.dtype.hasobject:
+        return None
+    try:
+        data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    except (KeyError, ValueError, TypeError):
+        return None
+    return data_type if data_type in RAW_NUMPY else None
+
+
+def nbytes(const: gs.Constant) -> int:
+    """The bytes of a Constant's values, without reading them."""
+    values = const._values
+    if isinstance(values, LazyValues):
+        return int(values.nbytes)
+    return int(values.nbytes) if isinstance(values, np.ndarray) else 0
+
+
+def _write_values(const: gs.Constant, out) -> None:
+    source = file_source(const._values)
+    if source is not None:
+        _copy_range(source, out)
+        return
+    array = np.ascontiguousarray(const.values)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    out.write(memoryview(array.reshape(-1)).cast("B") if array.size else b"")
+
+
+def external_placeholder(name: str, data_type: int, dims, location: str, offset: int, length: int) -> LazyValues:
+    """Values that graphsurgeon's exporter embeds as a reference to ``location`` (no bytes held)."""
+    t = TensorProto(name=name, data_type=data_type, dims=list(dims), data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        t.external_data.add(key=key, value=str(value))
+    return LazyValues(t)
+
+
+def export_with_references(consts: list[gs.Constant], export: Callable[[], onnx.ModelProto],
+                           write: Callable[[gs.Constant, int, int], tuple[str, int]]) -> onnx.ModelProto:
+    """``export()`` with every Constant in ``consts`` exported as an external reference: ``write(const, type,
+    nbytes)`` stores its bytes somewhere and returns ``(location, offset)``. The graph is left as it was."""
+    swapped = []
+    try:
+        for const in consts:
+            data_type = raw_type(const)
+            if data_type is None:
+                continue
+            size = nbytes(const)
+            location, offset = write(const, data_type, size)
+            swapped.append((const, const._values))
+            const._values = external_placeholder(const.name, data_type, const.shape, location, offset, size)
+        return export()
+    finally:
+        for const, values in swapped:
+            const._values = values
+
+
+def write_files(path: str, consts: list[gs.Constant], export: Callable[[], onnx.ModelProto], external: bool,
+                reads: set[str], before_move: Callable[[str], None] | None = None) -> None:
+    """Write the model ``export()`` gives to ``path``, atomically; with ``external``, every Constant of ``consts``
+    over 1 KB goes to ``<path>.data`` (written from where it lies). ``reads``: files the model's values come from,
+    which must not be overwritten. ``before_move(temporary_path)`` sees the written model (its data beside it)
+    before it is moved into place; what it raises propagates and nothing is moved. OutputError (UsageError for an
+    output over an input) when writing fails; nothing is left behind."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    if not os.path.isdir(folder):
+        raise OutputError(f"{path}: cannot write: folder {folder} does not exist (create it first)")
+    if os.path.isdir(path):
+        raise OutputError(f"{path}: cannot write: it is a directory (give a file name)")
+    for target in (path, os.path.join(folder, base + ".data")):
+        if os.path.realpath(target) in reads:
+            raise UsageError(f"{path}: writing it would overwrite {target}, which the model reads its weights "
+                             f"from (choose another output name)")
+    try:
+        tmp = tempfile.mkdtemp(prefix=".graphopt-", dir=folder)
+    except OSError as exc:
+        raise _output_error(path, exc) from None
+    try:
+        try:
+            written = _write_into(tmp, base, consts, export, external, path)
+        except OSError as exc:
+            raise _output_error(path, exc) from None
+        if before_move is not None:
+            before_move(os.path.join(tmp, base))
+        try:
+            _move_into_place(tmp, folder, written)
+        except OSError as exc:
+            raise _output_error(path, exc) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _output_error(path: str, exc: OSError) -> OutputError:
+    reason = exc.strerror or first_line(exc)
+    hint = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space",
+            errno.EACCES: "check the folder's permissions", errno.EPERM: "check the folder's permissions",
+            errno.EROFS: "the folder is read-only; write elsewhere", errno.EISDIR: "give a file name",
+            }.get(exc.errno, "check the output path")
+    return OutputError(f"{path}: cannot write ({reason}) ({hint})")
+
+
+def _write_into(tmp: str, base: str, consts: list[gs.Constant], export: Callable[[], onnx.ModelProto],
+                external: bool, path: str) -> list[str]:
+    """Write the model (and with ``external`` its data) into ``tmp``; returns the names written, data first."""
+    written = []
+    model = None
+    if external:
+        data_name = base + ".data"
+        with open(os.path.join(tmp, data_name), "wb") as data:
+
+            def write(const, data_type, size):
+                offset = data.seek(0, os.SEEK_END)
+                if offset % _ALIGN:
+                    data.write(b"\0" * (_ALIGN - offset % _ALIGN))
+                    offset = data.seek(0, os.SEEK_END)
+                _write_values(const, data)
+                if data.tell() - offset != size:
+                    raise OSError(errno.EIO, f"tensor '{const.name}': wrote {data.tell() - offset} of {size} bytes")
+                return data_name, offset
+
+            model = export_with_references([c for c in consts if nbytes(c) > EXTERNAL_THRESHOLD], export, write)
+            if data.tell() > 0:
+                written.append(data_name)
+    try:
+        blob = (model if model is not None else export()).SerializeToString()
+    except (ValueError, EncodeError) as exc:  # protobuf: over 2 GB although the weights went out
+        raise OutputError(f"{path}: cannot write: {first_line(exc)} (the graph alone is over 2 GB)") from None
+    with open(os.path.join(tmp, base), "wb") as f:
+        f.write(blob)
+    return [*written, base]
+
+
+def _move_into_place(tmp: str, folder: str, names: list[str]) -> None:
+    """Move ``names`` from ``tmp`` into ``folder`` in order (the data first: the model file, moved last, is what
+    makes the new data reachable). If a move fails, the files moved already are put back as they were."""
+    done: list[tuple[str, str | None]] = []
+    try:
+        for name in names:
+            final = os.path.join(folder, name)
+            backup = None
+            if os.path.lexists(final):
+                backup = os.path.join(tmp, name + ".previous")
+                try:
+                    os.link(final, backup, follow_symlinks=False)
+                except OSError:
+                    backup = None
+            os.replace(os.path.join(tmp, name), final)
+            done.append((final, backup))
+    except OSError:
+        for final, backup in reversed(done):
+            try:
+                if backup is not None:
+                    os.replace(backup, final)
+                else:
+                    os.remove(final)
+            except OSError:
+                pass
+        raise
