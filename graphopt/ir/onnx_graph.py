@@ -233,13 +233,21 @@ class OnnxGraph(Graph):
                 tensor.shape = None
 
     def fold_constant_subgraphs(self) -> None:
-        """Evaluate every subgraph computed from constants alone — with static input shapes, Shape ops too —
-        with onnx-graphsurgeon's ``fold_constants`` on onnxruntime. What onnxruntime cannot evaluate stays."""
+        """Evaluate every subgraph computed from constants alone — with static input shapes, Shape ops too (by
+        the ONNX spec, :func:`graphopt.ir.onnx_shapes.fold_shapes`: onnx-graphsurgeon's own shape folding ignores
+        Shape's start/end) — with onnx-graphsurgeon's ``fold_constants`` on onnxruntime. What onnxruntime cannot
+        evaluate stays."""
         import onnxruntime
 
-        self.infer_shapes()
+        from graphopt.ir.onnx_shapes import fold_shapes
+
+        known = self.inferred_shapes()
+        for _ in range(4):  # a folded shape can make another Shape's input static
+            if not fold_shapes(self, known.get):
+                break
+            self.gs.cleanup()
         onnxruntime.set_default_logger_severity(4)  # its optimizer's warnings on the subgraphs are noise here
-        self.gs.fold_constants(error_ok=True).cleanup()
+        self.gs.fold_constants(fold_shapes=False, error_ok=True).cleanup()
         self.forget_shapes()
 
     def export(self) -> onnx.ModelProto:
