@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 
-from graphopt import OpKind, Pass, PassResult, hookimpl
+from graphopt import OpKind, hookimpl
+from graphopt.ir.fx_graph import fx_may_mutate
+from graphopt.passes.rules import Rule, RulePass, Skip
 
 
-class EliminateIdentity(Pass):
+class EliminateIdentity(RulePass):
     """Remove Identity and inference-mode Dropout, rewiring their consumers to the input.
 
     ONNX (top-level graph, not If/Loop bodies):
@@ -32,84 +32,83 @@ class EliminateIdentity(Pass):
     - ``aten.clone`` / ``aten.alias`` from ``torch.export``, only when the graph has no in-place op (a clone
       protects its input from later mutation) and the clone keeps the default memory format.
 
-    Each is replaced by its input; submodules left unused are deleted. Exact: outputs are bit-identical.
+    Each is replaced by its input (one rule per op, :mod:`graphopt.passes.rules`); submodules left unused are
+    deleted. What stays is counted in a note per reason, naming the nodes. Exact: outputs are bit-identical.
     """
 
     name = "eliminate-identity"
     irs = frozenset({"onnx", "fx"})
 
-    # -- ONNX -------------------------------------------------------------------------------------------------
-    def run_onnx(self, graph, ctx):
-        stats: Counter = Counter()
-        notes: list[str] = []
-        removed: set[int] = set()
-        for node in list(graph.gs.nodes):
-            kind = graph.kind(node)
-            if kind not in (OpKind.IDENTITY, OpKind.DROPOUT) or not node.inputs or not node.outputs:
-                continue
-            if kind == OpKind.DROPOUT:
-                reason = _onnx_dropout_blocker(graph, node)
-                if reason:
-                    notes.append(f"kept Dropout '{_label(node)}': {reason}")
-                    continue
-            if not graph.splice_out(node, node.inputs[0]):
-                notes.append(f"kept {node.op} '{_label(node)}': it copies a graph input, initializer or output "
-                             f"to graph output '{node.outputs[0].name}' (the output name is part of the interface)")
-                continue
-            removed.add(id(node))
-            stats[f"removed {node.op}"] += 1
-        if removed:
-            graph.gs.nodes = [n for n in graph.gs.nodes if id(n) not in removed]
-        return PassResult(graph, bool(removed), dict(stats), notes)
-
-    # -- FX ---------------------------------------------------------------------------------------------------
-    def run_fx(self, graph, ctx):
-        import torch
-
-        from graphopt.ir.fx_graph import fx_may_mutate
-
-        gm = graph.gm
-        stats: Counter = Counter()
-        notes: list[str] = []
-        may_mutate = any(fx_may_mutate(n, gm) for n in gm.graph.nodes)
-        for node in list(gm.graph.nodes):
-            what = _fx_identity_like(node, gm)
-            if what is None:
-                continue
-            if what in ("clone", "alias") and may_mutate:
-                notes.append(f"kept {what} '{node.name}': the graph has in-place ops the copy may guard against")
-                continue
-            source = node.args[0] if node.args else None
-            if not isinstance(source, torch.fx.Node):
-                continue
-            node.replace_all_uses_with(source)
-            gm.graph.erase_node(node)
-            stats[f"removed {what}"] += 1
-        if stats:
-            gm.delete_all_unused_submodules()
-            gm.recompile()
-        return PassResult(graph, bool(stats), dict(stats), notes)
+    def rules(self, graph, ctx):
+        return [SpliceOut(OpKind.IDENTITY, "Identity"), SpliceOut(OpKind.DROPOUT, "Dropout", _onnx_dropout_blocker),
+                *(PassThrough(what) for what in ("Identity", "Dropout", "clone", "alias"))]
 
 
-def _label(node) -> str:
-    return node.name or node.outputs[0].name
+class SpliceOut(Rule):
+    """ONNX: a node of ``kind`` (op ``op``) its ``blocker`` (if any) finds nothing against, replaced by its input."""
+
+    irs = frozenset({"onnx"})
+
+    def __init__(self, kind: OpKind, op: str, blocker=None):
+        self.kind, self.blocker = kind, blocker
+        self.name, self.stat = f"remove-{op.lower()}", f"removed {op}"
+
+    def match(self, graph, node):
+        if graph.kind(node) != self.kind or not node.inputs or not node.outputs:
+            return None
+        label = node.name or node.outputs[0].name
+        skip = self.blocker(graph, node, label) if self.blocker else None
+        if skip is None and not graph.can_splice_out(node, node.inputs[0]):
+            skip = Skip("that copies a graph input, initializer or output to a graph output (the output name is "
+                        "part of the interface)", f"'{label}' to graph output '{node.outputs[0].name}'")
+        return skip or node
+
+    def apply(self, graph, node):
+        graph.splice_out(node, node.inputs[0])
 
 
-def _onnx_dropout_blocker(graph, node) -> str | None:
+def _onnx_dropout_blocker(graph, node, label: str) -> Skip | None:
     """Why this ONNX Dropout cannot be removed, or None when it is an inference-mode pass-through."""
     if graph.opset < 7 and node.attrs.get("is_test", 0) == 0:
-        return "is_test=0 (training mode, opset < 7)"
+        return Skip("in training mode (is_test=0, opset < 7)", f"'{label}'")
     if len(node.inputs) > 2 and not node.inputs[2].is_empty():
         value = graph.constant_value(node.inputs[2])
         if value is None:
-            return "training_mode is not a compile-time constant"
+            return Skip("whose training_mode is not a compile-time constant", f"'{label}'")
         if np.any(value):
-            return "training_mode is true"
+            return Skip("in training mode (training_mode is true)", f"'{label}'")
     if len(node.outputs) > 1 and not node.outputs[1].is_empty():
         mask = node.outputs[1]
         if mask.outputs or mask in graph.gs.outputs:
-            return f"its mask output '{mask.name}' is used"
+            return Skip("whose mask output is used (removing it would leave the mask undefined)",
+                        f"'{label}': mask '{mask.name}'")
     return None
+
+
+class PassThrough(Rule):
+    """FX: an identity-like node (see :func:`_fx_identity_like`) replaced by its input."""
+
+    irs = frozenset({"fx"})
+
+    def __init__(self, what: str):
+        self.what, self.mutates = what, None
+        self.name, self.stat = f"remove-{what.lower()}", f"removed {what}"
+
+    def match(self, graph, node):
+        import torch
+
+        if _fx_identity_like(node, graph.gm) != self.what:
+            return None
+        if self.what in ("clone", "alias"):
+            if self.mutates is None:  # removing nodes adds no in-place op: once per graph
+                self.mutates = any(fx_may_mutate(n, graph.gm) for n in graph.gm.graph.nodes)
+            if self.mutates:
+                return Skip("in a graph with in-place ops the copy may guard against", f"'{node.name}'")
+        return node if node.args and isinstance(node.args[0], torch.fx.Node) else None
+
+    def apply(self, graph, node):
+        node.replace_all_uses_with(node.args[0])
+        graph.gm.graph.erase_node(node)
 
 
 _DROPOUT_MODULES = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout")

@@ -5,21 +5,21 @@ from __future__ import annotations
 import copy
 import functools
 import operator
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt import Equivalence, OpKind, Pass, PassResult, hookimpl
+from graphopt import Equivalence, OpKind, hookimpl
 from graphopt.ir.fx_graph import fresh_attr
 from graphopt.ir.onnx_graph import fresh_name
+from graphopt.passes.rules import Rule, RulePass, Skip
 
 FOLDABLE = (OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.GEMM)
 FOLDED = "folded BatchNormalization"
 
-# Why a BatchNormalization is left as is; the result's notes count each.
+# Why a BatchNormalization is left as is (a Skip): the result's notes count each.
 TRAINING = "in training mode (batch statistics)"
 STATS_USED = "whose running-statistics outputs are read"
 NOT_AFTER_FOLDABLE = "not after a foldable op (Conv, ConvTranspose, Gemm/Linear)"
@@ -33,7 +33,7 @@ NONPOSITIVE_VAR = "with var + epsilon <= 0 in some channel (it divides by zero o
 NONFINITE = "whose statistics give a NaN/inf scale or shift, or whose folded weights would overflow their dtype"
 
 
-class FoldBatchNorm(Pass):
+class FoldBatchNorm(RulePass):
     """Fold BatchNormalization into the Conv, ConvTranspose or Gemm that feeds it.
 
     In inference BatchNormalization is per channel ``y * scale + shift``, ``scale = gamma / sqrt(var + eps)``,
@@ -42,9 +42,9 @@ class FoldBatchNorm(Pass):
     ``bias * scale + shift`` (added where there was none) and the BatchNormalization is removed. New weights
     are computed in float64 and cast back to the weights' dtype. Chains (Conv -> BN -> BN) fold completely.
 
-    A BatchNormalization stays, counted in a note, when it is in training mode or its statistics outputs are
-    read, when its input is not such an op's output or that output is read elsewhere (or is a graph output),
-    or when weights or statistics are not compile-time constants. It stays too (the note names it) when
+    A BatchNormalization stays, counted in a note per reason, when it is in training mode or its statistics
+    outputs are read, when its input is not such an op's output or that output is read elsewhere (or is a graph
+    output), or when weights or statistics are not compile-time constants. It stays too (the note names it) when
     ``var + epsilon <= 0`` in a channel, when the statistics give a NaN or infinite scale or shift (a NaN
     statistic, an infinite mean or gamma), or when the folded weights or bias would hold an infinity the
     originals do not: folding would put NaN/inf into weights, where the model as written may compute finite
@@ -73,81 +73,12 @@ class FoldBatchNorm(Pass):
     class Options:
         fold_into_gemm: bool = True
 
-    # -- ONNX -------------------------------------------------------------------------------------------------
-    def run_onnx(self, graph, ctx) -> PassResult:
-        names = set(graph.gs.tensors())
-        bns = [n for n in graph.gs.nodes if graph.kind(n) == OpKind.BATCH_NORM]
-        result = _fold_each(graph, bns, lambda bn: self._onnx_plan(graph, bn),
-                            lambda bn, plan: _onnx_fold(graph, bn, plan, names))
-        if result.modified:
+    def rules(self, graph, ctx):
+        return [OnnxFold(graph, self.options) if graph.ir == "onnx" else FxFold(graph, self.options)]
+
+    def finish(self, graph, outcome):
+        if graph.ir == "onnx":
             graph.gs.cleanup().toposort()
-        return result
-
-    def _onnx_plan(self, graph, bn: gs.Node) -> _Fold | str:
-        """What folding ``bn`` takes, or why it cannot be folded."""
-        outputs = graph.gs.outputs
-        if bn.attrs.get("training_mode", 0) or (graph.opset < 7 and not bn.attrs.get("is_test", 0)):
-            return TRAINING
-        if any(t.outputs or t in outputs for t in bn.outputs[1:]):
-            return STATS_USED
-        x = bn.inputs[0]
-        op = x.inputs[0] if len(x.inputs) == 1 else None
-        kind = graph.kind(op) if op is not None else OpKind.OTHER
-        if kind not in FOLDABLE:
-            return NOT_AFTER_FOLDABLE
-        if kind == OpKind.GEMM and not self.options.fold_into_gemm:
-            return GEMM_OFF
-        if len(x.outputs) != 1 or x in outputs:
-            return SHARED
-        stats = [graph.constant_value(t) for t in bn.inputs[1:5]]
-        w = graph.constant_value(op.inputs[1])
-        has_bias = len(op.inputs) > 2 and op.inputs[2].name != ""
-        bias = graph.constant_value(op.inputs[2]) if has_bias else None
-        if any(v is None for v in stats) or w is None or (has_bias and bias is None) or w.dtype.kind != "f":
-            return NOT_CONSTANT
-        group, trans_b = int(op.attrs.get("group", 1)), bool(op.attrs.get("transB", 0))
-        n = out_channels(kind, w.shape, group, trans_b)
-        if any(v.size != n for v in stats):
-            return CHANNELS
-        if kind == OpKind.GEMM and bias is not None:  # beta * C, one value per feature
-            if bias.size != 1 and not (bias.ndim <= 2 and bias.size == n and bias.shape[-1] == n):
-                return GEMM_C
-            bias = np.broadcast_to(bias.astype(np.float64).reshape(-1), (n,)) * float(op.attrs.get("beta", 1.0))
-        return _Fold(op, kind, w, bias, group, trans_b)
-
-    # -- FX ---------------------------------------------------------------------------------------------------
-    def run_fx(self, graph, ctx) -> PassResult:
-        gm, shapes = graph.gm, _Shapes(graph)
-        bns = [node for node in gm.graph.nodes if _fx_batch_norm(graph, node) is not None]
-        result = _fold_each(graph, bns, lambda node: self._fx_plan(graph, node, shapes),
-                            lambda node, plan: _fx_fold(gm, *plan))
-        if result.modified:
-            for node in list(gm.graph.nodes):  # reads of old weights and statistics (attribute reads are pure)
-                if node.op == "get_attr" and not node.users:
-                    gm.graph.erase_node(node)
-            gm.delete_all_unused_submodules()
-            gm.graph.lint()
-            gm.recompile()
-        return result
-
-    def _fx_plan(self, graph, node, shapes: _Shapes) -> tuple[_FxNorm, _Fold] | str:
-        bn = _fx_batch_norm(graph, node)  # now: an earlier fold may have rewired its input
-        if bn.reason:
-            return bn.reason
-        op = _fx_foldable_op(graph, bn.x)
-        if isinstance(op, str):
-            return op
-        if op.kind == OpKind.GEMM and not self.options.fold_into_gemm:
-            return GEMM_OFF
-        if len(op.op.users) != 1:
-            return SHARED
-        if op.weight is None or op.bias is _COMPUTED or any(s is _COMPUTED for s in bn.stats):
-            return NOT_CONSTANT
-        if any(s.numel() != out_channels(op.kind, tuple(op.weight.shape), op.group) for s in bn.stats if s is not None):
-            return CHANNELS
-        if shapes.rank(op.op) != (2 if op.kind == OpKind.GEMM else op.weight.dim()):
-            return SHAPE
-        return bn, op
 
 
 # -- the math, shared by both IRs -------------------------------------------------------------------------------
@@ -192,7 +123,8 @@ def fold_weights(kind: OpKind, w, b, scale, shift, group: int = 1, trans_b: bool
 
 @dataclass
 class _Fold:
-    """A foldable op: its node, kind, weight, bias (None: none; a Gemm's is beta * C), group and layout."""
+    """A foldable op: its node, kind, weight, bias (None: none; a Gemm's is beta * C), group and layout; as a
+    plan, also the batch norm (ONNX node / :class:`_FxNorm`) and the folded weight and bias."""
 
     op: Any
     kind: OpKind
@@ -201,24 +133,8 @@ class _Fold:
     group: int = 1
     trans_b: bool = True
     call: tuple | None = None  # FX call_function: the call's parameter names; None for a module call
-
-
-def _fold_each(graph, bns: list, plan, fold) -> PassResult:
-    """Fold each batch norm ``plan(bn)`` allows and ``fold(bn, plan)`` does (it returns None, or why not before
-    changing anything); count the reasons of the others in notes, naming those with broken statistics."""
-    folded, left, named = 0, Counter(), {}
-    for bn in bns:
-        how = plan(bn)
-        why = how if isinstance(how, str) else fold(bn, how)
-        if why is None:
-            folded += 1
-            continue
-        left[why] += 1
-        if why in (NONPOSITIVE_VAR, NONFINITE):
-            named.setdefault(why, []).append(getattr(bn, "name", "") or "?")
-    notes = [f"{n} BatchNormalization {reason}: left as is"
-             + (f" ({', '.join(named[reason][:5])})" if reason in named else "") for reason, n in left.items()]
-    return PassResult(graph, folded > 0, {FOLDED: folded} if folded else {}, notes)
+    norm: Any = None
+    folded: tuple = ()
 
 
 def unsafe_fold(var, eps: float, scale, shift, pairs) -> str | None:
@@ -238,33 +154,69 @@ def unsafe_fold(var, eps: float, scale, shift, pairs) -> str | None:
     return None
 
 
-# -- ONNX rewrite -------------------------------------------------------------------------------------------------
-def _onnx_fold(graph, bn: gs.Node, plan: _Fold, names: set[str]) -> str | None:
-    gamma, beta, mean, var = (graph.constant_value(t) for t in bn.inputs[1:5])
-    eps = float(bn.attrs.get("epsilon", 1e-5))
-    scale, shift = bn_affine(gamma, beta, mean, var, eps)
-    op, dtype = plan.op, plan.weight.dtype
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow and NaN: unsafe_fold refuses them
-        w, b = fold_weights(plan.kind, plan.weight, plan.bias, scale, shift, plan.group, plan.trans_b)
-        w, b = w.astype(dtype), b.astype(dtype)
-    old_bias = np.zeros(1) if plan.bias is None else plan.bias
-    why = unsafe_fold(var, eps, scale, shift, [(plan.weight, w), (old_bias, b)])
-    if why:
-        return why
-    op.inputs[1] = gs.Constant(fresh_name(names, f"{op.inputs[1].name}_bnfold"), w)
-    bias = gs.Constant(fresh_name(names, f"{op.name or op.outputs[0].name}_bias_bnfold"), b)
-    if len(op.inputs) > 2:
-        op.inputs[2] = bias
-    else:
-        op.inputs.append(bias)
-    if plan.kind == OpKind.GEMM:
-        op.attrs["beta"] = 1.0
-    y = bn.outputs[0]  # the op now writes the BN's output tensor: its name (maybe a graph output) is kept
-    bn.inputs.clear()
-    bn.outputs.clear()
-    op.outputs[0] = y
-    graph.gs.nodes.remove(bn)
-    return None
+# -- ONNX ----------------------------------------------------------------------------------------------------
+class OnnxFold(Rule):
+    name, irs, stat = "fold-bn", frozenset({"onnx"}), FOLDED
+
+    def __init__(self, graph, options):
+        self.into_gemm, self.names = options.fold_into_gemm, set(graph.gs.tensors())
+
+    def match(self, graph, bn: gs.Node) -> _Fold | Skip | None:
+        if graph.kind(bn) != OpKind.BATCH_NORM:
+            return None
+        outputs = graph.gs.outputs
+        if bn.attrs.get("training_mode", 0) or (graph.opset < 7 and not bn.attrs.get("is_test", 0)):
+            return Skip(TRAINING)
+        if any(t.outputs or t in outputs for t in bn.outputs[1:]):
+            return Skip(STATS_USED)
+        x = bn.inputs[0]
+        op = x.inputs[0] if len(x.inputs) == 1 else None
+        kind = graph.kind(op) if op is not None else OpKind.OTHER
+        if kind not in FOLDABLE:
+            return Skip(NOT_AFTER_FOLDABLE)
+        if kind == OpKind.GEMM and not self.into_gemm:
+            return Skip(GEMM_OFF)
+        if len(x.outputs) != 1 or x in outputs:
+            return Skip(SHARED)
+        stats = [graph.constant_value(t) for t in bn.inputs[1:5]]
+        w = graph.constant_value(op.inputs[1])
+        has_bias = len(op.inputs) > 2 and op.inputs[2].name != ""
+        bias = graph.constant_value(op.inputs[2]) if has_bias else None
+        if any(v is None for v in stats) or w is None or (has_bias and bias is None) or w.dtype.kind != "f":
+            return Skip(NOT_CONSTANT)
+        group, trans_b = int(op.attrs.get("group", 1)), bool(op.attrs.get("transB", 0))
+        n = out_channels(kind, w.shape, group, trans_b)
+        if any(v.size != n for v in stats):
+            return Skip(CHANNELS)
+        if kind == OpKind.GEMM and bias is not None:  # beta * C, one value per feature
+            if bias.size != 1 and not (bias.ndim <= 2 and bias.size == n and bias.shape[-1] == n):
+                return Skip(GEMM_C)
+            bias = np.broadcast_to(bias.astype(np.float64).reshape(-1), (n,)) * float(op.attrs.get("beta", 1.0))
+        eps = float(bn.attrs.get("epsilon", 1e-5))
+        scale, shift = bn_affine(*stats, eps)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow and NaN: unsafe_fold refuses them
+            new_w, new_b = fold_weights(kind, w, bias, scale, shift, group, trans_b)
+            new_w, new_b = new_w.astype(w.dtype), new_b.astype(w.dtype)
+        old_bias = np.zeros(1) if bias is None else bias
+        why = unsafe_fold(stats[3], eps, scale, shift, [(w, new_w), (old_bias, new_b)])
+        if why:
+            return Skip(why, bn.name or "?")
+        return _Fold(op, kind, w, bias, group, trans_b, norm=bn, folded=(new_w, new_b))
+
+    def apply(self, graph, plan: _Fold) -> None:
+        op, bn, (w, b) = plan.op, plan.norm, plan.folded
+        op.inputs[1] = gs.Constant(fresh_name(self.names, f"{op.inputs[1].name}_bnfold"), w)
+        bias = gs.Constant(fresh_name(self.names, f"{op.name or op.outputs[0].name}_bias_bnfold"), b)
+        if len(op.inputs) > 2:
+            op.inputs[2] = bias
+        else:
+            op.inputs.append(bias)
+        if plan.kind == OpKind.GEMM:
+            op.attrs["beta"] = 1.0
+        y = bn.outputs[0]  # the op now writes the BN's output tensor: its name (maybe a graph output) is kept
+        bn.inputs.clear()
+        bn.outputs.clear()
+        op.outputs[0] = y
 
 
 # -- FX matching ------------------------------------------------------------------------------------------------
@@ -375,7 +327,7 @@ def _fx_foldable_op(graph, node) -> _Fold | str:
     weight, bias = _param(gm, _arg(node, names, "weight")), _param(gm, _arg(node, names, "bias"))
     group = _arg(node, names, "groups") if "groups" in names else 1
     if weight is None or weight is _COMPUTED or not isinstance(group, int):
-        weight = None  # _fx_plan reports NOT_CONSTANT
+        weight = None  # FxFold.match skips it: NOT_CONSTANT
     return _Fold(node, kind, weight, bias, group if isinstance(group, int) else 1, call=names)
 
 
@@ -399,50 +351,80 @@ class _Shapes:
         return self.rank(node)
 
 
-# -- FX rewrite -------------------------------------------------------------------------------------------------
-def _fx_fold(gm, bn: _FxNorm, op: _Fold) -> str | None:
-    import torch
+# -- FX ------------------------------------------------------------------------------------------------------
+class FxFold(Rule):
+    name, irs, stat = "fold-bn", frozenset({"fx"}), FOLDED
 
-    def numpy(t):
-        return None if t is None else t.detach().cpu().to(torch.float64).numpy()
+    def __init__(self, graph, options):
+        self.into_gemm, self.shapes = options.fold_into_gemm, _Shapes(graph)
 
-    def parameter(a):
-        ref = op.weight
-        return torch.nn.Parameter(torch.from_numpy(a).to(ref.dtype).to(ref.device), requires_grad=ref.requires_grad)
+    def match(self, graph, node) -> _Fold | Skip | None:
+        import torch
 
-    stats = [numpy(t) for t in bn.stats]
-    scale, shift = bn_affine(*stats, bn.eps)
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow and NaN: unsafe_fold refuses them
-        w, b = fold_weights(op.kind, numpy(op.weight), numpy(op.bias), scale, shift, op.group)
-    written = [numpy(torch.from_numpy(a).to(op.weight.dtype)) for a in (w, b)]  # as the parameters will hold them
-    var = bn.stats[3].detach().cpu()
-    var = var.numpy() if var.dtype in (torch.float32, torch.float64) else stats[3]  # var + eps in its own dtype
-    old_bias = np.zeros(1) if op.bias is None else numpy(op.bias)
-    why = unsafe_fold(var, bn.eps, scale, shift, [(numpy(op.weight), written[0]), (old_bias, written[1])])
-    if why:
-        return why
-    node = op.op
-    if op.call is None:  # a module call: a fused copy of the module takes its place
-        fused = copy.deepcopy(gm.get_submodule(node.target))
-        fused.weight, fused.bias = parameter(w), parameter(b)
-        if any(n is not node and n.op == "call_module" and n.target == node.target for n in gm.graph.nodes):
-            node.target = fresh_attr(gm, node.target.replace(".", "_") + "_bnfold")  # the module is reused
-        gm.add_submodule(node.target, fused)
-    else:  # a function call on parameters: new parameters, read by new get_attr nodes
-        with gm.graph.inserting_before(node):
-            for name, value in (("weight", w), ("bias", b)):
-                old = _arg(node, op.call, name)
-                base = old.target if old is not None else f"{node.name}.{name}"
-                attr = fresh_attr(gm, base.replace(".", "_") + "_bnfold")
-                gm.register_parameter(attr, parameter(value))
-                _set_arg(node, op.call, name, gm.graph.get_attr(attr))
-    for out in bn.outs:
-        out.replace_all_uses_with(node)
-    for out in bn.outs:
-        if out is not bn.node:
-            gm.graph.erase_node(out)
-    gm.graph.erase_node(bn.node)
-    return None
+        bn = _fx_batch_norm(graph, node)  # as the graph is now: an earlier fold may have rewired its input
+        if bn is None:
+            return None
+        if bn.reason:
+            return Skip(bn.reason)
+        op = _fx_foldable_op(graph, bn.x)
+        if isinstance(op, str):
+            return Skip(op)
+        if op.kind == OpKind.GEMM and not self.into_gemm:
+            return Skip(GEMM_OFF)
+        if len(op.op.users) != 1:
+            return Skip(SHARED)
+        if op.weight is None or op.bias is _COMPUTED or any(s is _COMPUTED for s in bn.stats):
+            return Skip(NOT_CONSTANT)
+        if any(s.numel() != out_channels(op.kind, tuple(op.weight.shape), op.group) for s in bn.stats if s is not None):
+            return Skip(CHANNELS)
+        if self.shapes.rank(op.op) != (2 if op.kind == OpKind.GEMM else op.weight.dim()):
+            return Skip(SHAPE)
+
+        def numpy(t):
+            return None if t is None else t.detach().cpu().to(torch.float64).numpy()
+
+        stats = [numpy(t) for t in bn.stats]
+        scale, shift = bn_affine(*stats, bn.eps)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow and NaN: unsafe_fold refuses them
+            w, b = fold_weights(op.kind, numpy(op.weight), numpy(op.bias), scale, shift, op.group)
+        written = [numpy(torch.from_numpy(a).to(op.weight.dtype)) for a in (w, b)]  # as the parameters hold them
+        var = bn.stats[3].detach().cpu()
+        var = var.numpy() if var.dtype in (torch.float32, torch.float64) else stats[3]  # var + eps in its dtype
+        old_bias = np.zeros(1) if op.bias is None else numpy(op.bias)
+        why = unsafe_fold(var, bn.eps, scale, shift, [(numpy(op.weight), written[0]), (old_bias, written[1])])
+        if why:
+            return Skip(why, node.name)
+        op.norm, op.folded = bn, (w, b)
+        return op
+
+    def apply(self, graph, op: _Fold) -> None:
+        import torch
+
+        def parameter(a):
+            ref = op.weight
+            return torch.nn.Parameter(torch.from_numpy(a).to(ref.dtype).to(ref.device), requires_grad=ref.requires_grad)
+
+        gm, node, bn, (w, b) = graph.gm, op.op, op.norm, op.folded
+        if op.call is None:  # a module call: a fused copy of the module takes its place
+            fused = copy.deepcopy(gm.get_submodule(node.target))
+            fused.weight, fused.bias = parameter(w), parameter(b)
+            if any(n is not node and n.op == "call_module" and n.target == node.target for n in gm.graph.nodes):
+                node.target = fresh_attr(gm, node.target.replace(".", "_") + "_bnfold")  # the module is reused
+            gm.add_submodule(node.target, fused)
+        else:  # a function call on parameters: new parameters, read by new get_attr nodes
+            with gm.graph.inserting_before(node):
+                for name, value in (("weight", w), ("bias", b)):
+                    old = _arg(node, op.call, name)
+                    base = old.target if old is not None else f"{node.name}.{name}"
+                    attr = fresh_attr(gm, base.replace(".", "_") + "_bnfold")
+                    gm.register_parameter(attr, parameter(value))
+                    _set_arg(node, op.call, name, self.fx_node(graph, "get_attr", attr))
+        for out in bn.outs:
+            out.replace_all_uses_with(node)
+        for out in bn.outs:
+            if out is not bn.node:
+                gm.graph.erase_node(out)
+        gm.graph.erase_node(bn.node)
 
 
 @hookimpl

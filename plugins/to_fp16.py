@@ -14,6 +14,7 @@ from graphopt.calib.sources import load_calibration
 from graphopt.calib.specs import input_specs
 from graphopt.errors import first_line
 from graphopt.ir.ops import custom_ops, is_standard_domain
+from graphopt.passes.rules import Rule, apply_rules
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
@@ -161,7 +162,7 @@ class ToFloat16(Pass):
             raise self.fail(f"onnxruntime's float16 converter failed: {first_line(exc)}") from exc
         out = OnnxGraph.from_model(converted, external_data=graph.external_data)
         restored = _restore_constants(out, graph)
-        removed = _remove_redundant_casts(out)
+        removed = apply_rules(out, [RedundantCast(False), RedundantCast(True)], repeat=True).stats["removed Cast pairs"]
         out.gs.cleanup(remove_unused_graph_inputs=False).toposort()
 
         # -- what happened ----------------------------------------------------------------------------------
@@ -382,34 +383,31 @@ def _cast_to(node: gs.Node) -> np.dtype | None:
     return _onnx_dtype(int(node.attrs["to"])) if "to" in node.attrs else None
 
 
-def _remove_redundant_casts(graph: OnnxGraph) -> int:
-    """Remove x -> Cast -> Cast back to x's float type, and Casts to the type their input has; returns how many
-    pairs went."""
-    pairs, changed = 0, True
-    while changed:
-        changed = False
-        for node in list(graph.gs.nodes):
-            if node.op != "Cast" or not node.inputs or not node.outputs:
-                continue
-            src, to = node.inputs[0], _cast_to(node)
-            if to not in _FLOATS:
-                continue
-            if _dtype(src.dtype) == to:  # a Cast to the type it already has
-                keep = src
-            else:
-                prev = src.inputs[0] if len(src.inputs) == 1 else None
-                if prev is None or prev.op != "Cast" or _cast_to(prev) not in _FLOATS:
-                    continue
-                keep = prev.inputs[0]
-                if _dtype(keep.dtype) != to:
-                    continue
-                pairs += 1
-            if not graph.splice_out(node, keep):
-                node.inputs[0] = keep  # an output that must keep its name: a no-op Cast of the original value
-                if src is keep:
-                    continue
-            changed = True
-    return pairs
+class RedundantCast(Rule):
+    """A float Cast to its input's type, or (``pair``) x -> Cast -> Cast back to x's type: readers read the input /
+    x. A pair's second Cast that writes a graph output stays, a no-op Cast of x that keeps the output's name."""
+
+    irs = frozenset({"onnx"})
+
+    def __init__(self, pair: bool):
+        self.pair = pair
+        self.name, self.stat = ("remove-cast-pair", "removed Cast pairs") if pair else ("remove-cast", "removed Casts")
+
+    def match(self, graph, node):
+        if node.op != "Cast" or not node.inputs or not node.outputs or _cast_to(node) not in _FLOATS:
+            return None
+        to, src = _cast_to(node), node.inputs[0]
+        if _dtype(src.dtype) == to:
+            return None if self.pair or not graph.can_splice_out(node, src) else (node, src)
+        prev = src.inputs[0] if self.pair and len(src.inputs) == 1 else None
+        if prev is None or prev.op != "Cast" or _cast_to(prev) not in _FLOATS or _dtype(prev.inputs[0].dtype) != to:
+            return None
+        return node, prev.inputs[0]
+
+    def apply(self, graph, plan):
+        node, keep = plan
+        if not graph.splice_out(node, keep):
+            node.inputs[0] = keep
 
 
 def _restore_constants(out: OnnxGraph, original: OnnxGraph) -> int:

@@ -352,17 +352,23 @@ class OnnxGraph(Graph):
         node.outputs.clear()
         return True
 
+    def can_splice_out(self, node: gs.Node, keep: gs.Tensor) -> bool:
+        """Whether :meth:`splice_out` can remove ``node``: not when its output is a graph output and ``keep`` is a
+        graph input, an initializer or itself an output (only a copy can give it the output's name)."""
+        if node.outputs[0] not in self.gs.outputs:
+            return True
+        return len(keep.inputs) == 1 and keep not in self.gs.outputs and keep not in self.gs.inputs
+
     def splice_out(self, node: gs.Node, keep: gs.Tensor) -> bool:
         """Disconnect ``node`` whose (first) output equals its input ``keep``, rewiring every use to ``keep``;
         graph output names are preserved. The node is left with no inputs or outputs: the caller drops it from
         ``graph.gs.nodes`` (or ``gs.cleanup()`` does). Returns False, leaving the graph alone, when that cannot
         be done without an Identity: the output is a graph output and ``keep`` is a graph input, an initializer
         or itself an output."""
+        if not self.can_splice_out(node, keep):
+            return False
         out = node.outputs[0]
-        if out in self.gs.outputs:
-            producer = keep.inputs[0] if len(keep.inputs) == 1 else None
-            if producer is None or keep in self.gs.outputs or keep in self.gs.inputs:
-                return False
+        producer = keep.inputs[0] if len(keep.inputs) == 1 else None
         node.inputs.clear()
         node.outputs.clear()
         if out in self.gs.outputs:

@@ -6,7 +6,8 @@ check ``requires`` (preconditions) and ``ensures`` (postconditions); both raise 
 
 ``PassResult.modified`` must be honest: a second run of a pass on its own output reports ``False``. ``stats``
 are counts for the report, keyed ``"<verb> <object>"`` (``{"folded BatchNormalization": 20}`` is shown as
-"folded 20 BatchNormalization").
+"folded 20 BatchNormalization"); ``skipped`` counts the nodes a pass left alone by reason, ``notes`` say it in words.
+A pass made of rewrite rules (:mod:`graphopt.passes.rules`) fills all three from its rules.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class PassResult:
     modified: bool
     stats: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # things the user should know (skipped nodes, ...)
+    # nodes left as they were, counted by why: "<what> <reason>" -> count (rule passes: graphopt.passes.rules)
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> str:
         parts = []
