@@ -13,9 +13,10 @@ int8 gets the graph's random calibration samples). Every run ends as exactly one
 
 * ``ok`` — the result runs on onnxruntime, on fresh inputs (batch 2 when the batch is dynamic, where the
   numeric check used batch 1), with the original's output shapes and finite values, and within the
-  pipeline's budget: ``fold`` 1e-4 and ``fp16`` :func:`tests.random_graphs.fp16_tolerance` of the original
-  (``max|a - r| / max|r|``); ``prune`` has no more parameters than the original; ``int8``, ``int8-dynamic``
-  and ``sparsify`` change the outputs by design and are only held to validity (their error is summarized);
+  pipeline's budget: ``fold`` 1e-4 of the original (``max|a - r| / max|r|``), ``fp16``
+  :func:`tests.random_graphs.fp16_tolerance` (of ``max|a - r| / max(max|r|, 1)``); ``prune`` has no more
+  parameters than the original; ``int8``, ``int8-dynamic`` and ``sparsify`` change the outputs by design and
+  are only held to validity (their error is summarized);
 * ``refused`` — a :class:`graphopt.errors.GraphoptError` (counted by class) whose cause, if any, is one too:
   graphopt said no, in one line;
 * ``crash`` — any other exception, also one the pass manager wrapped into a ``PassError`` (its cause is not a
@@ -43,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from _common import machine, versions, write_outputs  # noqa: E402
 
-from tests.random_graphs import fp16_tolerance, random_graph  # noqa: E402
+from tests.random_graphs import fp16_error, fp16_tolerance, random_graph  # noqa: E402
 
 PIPELINES = ("fold", "fp16", "prune", "int8", "int8-dynamic", "sparsify")
 FOLD_RTOL = 1e-4  # the numeric check's default: what `fold` promises
@@ -91,7 +92,7 @@ def judge(pipeline: str, graph, reference, feeds) -> tuple[str, str, float | Non
         return "wrong", f"output shapes {[a.shape for a in actual]} != {[r.shape for r in reference]}", None
     if not all(np.isfinite(a).all() for a in actual):
         return "wrong", "non-finite outputs", None
-    err = _relative_error(reference, actual)
+    err = (fp16_error if pipeline == "fp16" else _relative_error)(reference, actual)
     budget = {"fold": FOLD_RTOL, "fp16": fp16_tolerance(graph.model)}.get(pipeline)
     if budget is not None and not err <= budget:
         return "wrong", f"relative error {err:.3g} > {budget:.3g}", err
