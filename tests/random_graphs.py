@@ -500,17 +500,18 @@ def depth(model: onnx.ModelProto) -> int:
 
 
 def fp16_tolerance(model: onnx.ModelProto) -> float:
-    """The budget for :func:`fp16_error` after ``to-fp16``: FP16_ERROR_PER_OP roundoffs per op on the longest
+    """The budget for :func:`unit_scale_error` after ``to-fp16``: FP16_ERROR_PER_OP roundoffs per op on the longest
     path. Every weight and every op's output is rounded to float16 (relative error up to 4.9e-4 each); the
     errors of a chain add up, each op's relative to the values it sums (a dot product of K random-signed terms
     has about sqrt(K) times the rounding of its result), so the budget grows with the depth."""
     return FP16_ERROR_PER_OP * FP16_ROUNDOFF * depth(model)
 
 
-def fp16_error(reference: list[np.ndarray], actual: list[np.ndarray]) -> float:
+def unit_scale_error(reference: list[np.ndarray], actual: list[np.ndarray]) -> float:
     """``max|a - r| / max(max|r|, 1)``: relative to the outputs' scale, but never to a scale below 1. The builder
     keeps values near unit scale (weights drawn with variance 1/fan-in), so outputs much smaller than 1 come from
-    cancellation, and they carry the rounding of the unit-scale values they were computed from."""
+    cancellation (or a Relu of negatives: all zero), and they carry the error of the unit-scale values they were
+    computed from, which an approximation (fp16, int8) does not make smaller."""
     worst = 0.0
     for r, a in zip(reference, actual):
         r64, a64 = np.asarray(r, np.float64), np.asarray(a, np.float64)
