@@ -223,15 +223,15 @@ def _cast_like_to_constants(graph, types: _InferredTypes) -> int:
     (declared, or from shape inference), the result is a constant. The torch.onnx dynamo exporter writes zero
     conv biases as ``Expand(CastLike(0, x), [C])`` and Clip bounds as ``CastLike(6, x)``; once the CastLike is a
     constant, those fold (and fold-bn can fold the BatchNormalization after such a conv)."""
-    replaced = 0
+    # every type is read before anything is folded: a folded node is left disconnected until cleanup, and shape
+    # inference run on such a graph (for the next CastLike) would fail
+    planned = []
     for node in graph.gs.nodes:
-        if not _cast_like_candidate(node):
-            continue
-        source, like = node.inputs
-        dtype = like.dtype if like.dtype is not None else (types.get(like.name) or (None, None))[1]
-        if dtype is not None:
-            replaced += graph.fold_to_constant(node, source.values.astype(dtype))
-    return replaced
+        if _cast_like_candidate(node):
+            like = node.inputs[1]
+            planned.append((node, like.dtype if like.dtype is not None else (types.get(like.name) or (None, None))[1]))
+    return sum(graph.fold_to_constant(node, node.inputs[0].values.astype(dtype)) for node, dtype in planned
+               if dtype is not None)
 
 
 def _onnx_never_fold(node) -> bool:

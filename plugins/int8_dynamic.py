@@ -198,8 +198,8 @@ def _rewrite(graph, node, w, scheme, names, shared_x, shared_w) -> None:
     if bias is not None:
         beta = float(node.attrs.get("beta", 1.0))
         if beta != 1.0:  # a constant C (checked by _weight)
-            bias = gs.Constant(fresh_name(names, f"{bias.name}_beta"),
-                               (graph.constant_value(bias) * np.float32(beta)).astype(np.float32))
+            bias = gs.Constant(fresh_name(names, f"{bias.name}_beta"),  # asarray: a 0-d C times beta is a scalar
+                               np.asarray(graph.constant_value(bias) * np.float32(beta), np.float32))
         add("Add", [prod, bias], [y])
 
 

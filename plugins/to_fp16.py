@@ -13,6 +13,7 @@ from graphopt import Equivalence, OnnxGraph, Pass, PassResult, hookimpl
 from graphopt.calib.sources import load_calibration
 from graphopt.calib.specs import input_specs
 from graphopt.errors import first_line
+from graphopt.ir.onnx_graph import copy_gs
 from graphopt.ir.ops import custom_ops, is_standard_domain
 from graphopt.passes.rules import Rule, apply_rules
 
@@ -307,7 +308,7 @@ def _batches(graph: OnnxGraph, ctx):
 
 def _observe(graph: OnnxGraph, types: dict, batches) -> dict[str, float]:
     """max |x| of every float32 graph input and node output over ``batches`` (key "" counts the batches)."""
-    g = graph.gs.copy()
+    g = copy_gs(graph.gs)
     inputs = {t.name for t in g.inputs}
     present = {t.name for t in g.outputs}
     for name, t in g.tensors().items():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import graphopt
 from graphopt.errors import PipelineError
 from graphopt.ir import OnnxGraph
 from graphopt.ir.fx_graph import FxGraph
@@ -355,3 +356,20 @@ def test_fx_folded_value_also_returned(registry):
     assert result.modified and "_folded_mul" in dict(result.graph.gm.named_buffers())
     out = result.graph.gm(torch.randn(4))[1]
     assert out.data_ptr() != result.graph.gm._folded_mul.data_ptr()  # the output is not the buffer itself
+
+
+def test_chained_castlikes_fold_in_one_run(registry):
+    """The second CastLike's target type comes from shape inference: it must still be readable after the first
+    CastLike was folded (found by tests/test_properties.py: fold was not idempotent)."""
+    g = graph_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,4] x) => (float[1,4] y) <double d1 = {0.25}, double d2 = {0.5}> {
+          c1 = CastLike(d1, x)
+          a = Add(x, c1)
+          c2 = CastLike(d2, a)
+          y = Add(a, c2)
+        }""")
+    once = graphopt.optimize(g, "fold", check=False, registry=registry)
+    assert once.graph.op_counts() == {"Add": 2}
+    again = graphopt.optimize(once.graph, "fold", check=False, registry=registry)
+    assert not again.report.modified

@@ -150,3 +150,17 @@ def test_gemm_attributes_fold_into_the_weight(registry, attrs):
     assert record(result).stats == {"quantized Gemm": 1}
     ref, out = g.run(x)[0], result.graph.run(x)[0]
     assert np.max(np.abs(out - ref)) < 0.05 * np.max(np.abs(ref))
+
+
+def test_gemm_with_a_scalar_c_and_beta(registry):
+    """A 0-d C times beta is a numpy scalar, not an array (found by the random-graph benchmark)."""
+    g = graph_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,4] x) => (float[1,3] y)
+          <float[4,3] w = {0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0,1.1,1.2}, float c = {0.5}> {
+            y = Gemm<beta = 2.0>(x, w, c)
+        }""")
+    x = {"x": np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)}
+    result = graphopt.optimize(g, "int8-dynamic", check=False, registry=registry)
+    ref, out = g.run(x)[0], result.graph.run(x)[0]
+    assert np.max(np.abs(out - ref)) < 0.05 * np.max(np.abs(ref))

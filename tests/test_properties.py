@@ -75,14 +75,8 @@ def test_fold_keeps_outputs(graph):
     assert relative_error(_run(graph.model, feeds), _run(folded.model, feeds)) <= FOLD_RTOL
 
 
-# Narrowed for a bug in plugins/fold_constants.py (reported; use onnx_graphs() when fixed): once one CastLike
-# is folded by a declared type, the output-less node left behind makes shape inference fail for the rest of the
-# pass, so a second CastLike whose target's type needs inference is only folded by a second `fold`.
-NO_CASTLIKE = Spec(constant_forms=("initializer", "constant_node", "subgraph"))
-
-
 @settings(max_examples=100, deadline=10000, **REPRODUCIBLE)
-@given(onnx_graphs(NO_CASTLIKE))
+@given(onnx_graphs())
 def test_a_second_fold_changes_nothing(graph):
     folded = graphopt.optimize(graph.model, "fold", check=False)
     again = graphopt.optimize(folded.model, "fold", check=False)

@@ -109,7 +109,7 @@ class OnnxGraph(Graph):
                             external, self._reads(), before_move)
 
     def copy(self) -> "OnnxGraph":
-        return OnnxGraph(self.gs.copy(), self._meta, self.external_data, dict(self.defaults), list(self.notes))
+        return OnnxGraph(copy_gs(self.gs), self._meta, self.external_data, dict(self.defaults), list(self.notes))
 
     # -- the protocol -------------------------------------------------------------------------------------
     @property
@@ -160,7 +160,7 @@ class OnnxGraph(Graph):
 
     def _skeleton_graph(self) -> tuple[gs.Graph, dict]:
         """A copy of the graph whose initializers over 1 KB are graph inputs; and their values by name."""
-        g = self.gs.copy()
+        g = copy_gs(self.gs)
         values = {}
         for tensor in list(g.tensors().values()):
             big = isinstance(tensor, gs.Constant) and onnx_io.nbytes(tensor) > _SKELETON_BYTES
@@ -403,6 +403,17 @@ def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
     for i, tensor in enumerate(node.inputs):
         if tensor is old:
             node.inputs[i] = new
+
+
+def copy_gs(graph: gs.Graph) -> gs.Graph:
+    """``graph.copy()``, with what onnx-graphsurgeon's copy drops put back: a Variable's ``type`` (a sequence
+    input would come back a tensor, and the model an invalid one)."""
+    out = graph.copy()
+    kinds = {name: t.type for name, t in graph.tensors().items() if getattr(t, "type", "tensor_type") != "tensor_type"}
+    for name, tensor in out.tensors().items():
+        if name in kinds and isinstance(tensor, gs.Variable):
+            tensor.type = kinds[name]
+    return out
 
 
 def _create_session(ort, source, options, providers):

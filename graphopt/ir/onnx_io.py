@@ -156,6 +156,11 @@ def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.
     default values of graph inputs that have one; and notes on what was changed. IR < 4 (every initializer had
     to be an input): initializers are initializers only and the IR version is raised to what the opsets need.
     IR >= 4: initializers also listed as inputs stay graph inputs, their values kept as defaults."""
+    optional = [vi.name for vi in [*model.graph.input, *model.graph.output] if _has_optional(vi.type)]
+    if optional:
+        raise UnsupportedError(f"{where}: graph input/output '{optional[0]}' has an optional type, which "
+                               f"onnx-graphsurgeon (graphopt's ONNX IR) cannot write back (give the model "
+                               f"tensor or sequence inputs and outputs)")
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:
@@ -176,6 +181,18 @@ def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.
                      f"inputs, so passes treat them as run-time inputs and do not fold them (re-export without "
                      f"keep_initializers_as_inputs to let them be folded)")
     return graph, defaults, notes
+
+
+def _has_optional(type_proto) -> bool:
+    """Whether a value's type is optional(...) anywhere (optional of a tensor, a sequence of optionals, ...)."""
+    kind = type_proto.WhichOneof("value")
+    if kind == "optional_type":
+        return True
+    if kind == "sequence_type":
+        return _has_optional(type_proto.sequence_type.elem_type)
+    if kind == "map_type":
+        return _has_optional(type_proto.map_type.value_type)
+    return False
 
 
 def _inputs_with_defaults(graph: gs.Graph, model: onnx.ModelProto, listed) -> dict:

@@ -119,6 +119,13 @@ class NumericCheck(Instrument):
         when the model does not run on any."""
         path = self.reference_path if not self.comparisons else None
         self.reference_path = None  # only the original graph is that file
+        odd = [t for t in graph.gs.inputs if getattr(t, "type", "tensor_type") != "tensor_type"] \
+            if graph.ir == "onnx" else []
+        if odd:
+            kind = odd[0].type.replace("_type", "")
+            self.not_compared = f"not compared: input '{odd[0].name}' is a {kind}, not a tensor"
+            ctx.warn(f"numeric check: {self.not_compared}")
+            return False
         candidates = self._candidates(graph, ctx)
         reason = ""
         for label, inputs in candidates:

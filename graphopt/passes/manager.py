@@ -40,6 +40,7 @@ class PassRecord:
     seconds: float
     notes: list[str] = field(default_factory=list)
     checks: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # why nodes were left as they were (rule passes)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -171,7 +172,8 @@ class PassManager:
             raise PassError(pass_.name, f"{type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - start
         record = PassRecord(index, pass_.name, repr(pass_), nodes_before, result.graph.num_nodes(), result.modified,
-                            result.describe(), dict(result.stats), seconds, list(result.notes))
+                            result.describe(), dict(result.stats), seconds, list(result.notes),
+                            skipped=dict(result.skipped))
         for inst in self.instruments:
             inst.after_pass(pass_, result, record, self.ctx)
         if result.modified:
