@@ -24,6 +24,12 @@ from graphopt.errors import (
 )
 
 
+class _Version(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())  # one line, not argparse's wrapped text
+        parser.exit()
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage dump
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -45,7 +51,7 @@ def _add_trust_flag(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphopt", description="A compiler-style graph optimizer for neural networks.")
-    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument("--version", action=_Version, nargs=0, help="print graphopt's and its libraries' versions")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -246,7 +252,7 @@ def _check_line(numeric: dict) -> str:
     for c in comparisons:
         if c["equivalence"] != "exact":
             parts.append(f"{' + '.join(c['passes'])}: SQNR {fmt_db(c['sqnr_db'])} dB, cosine {c['cosine']:.4f}")
-    return "; ".join(parts) + f" (on {numeric['inputs']})" if parts else "nothing to compare"
+    return "; ".join(parts) + f", on {numeric['inputs']}" if parts else "nothing to compare"
 
 
 def _json_default(value):

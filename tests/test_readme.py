@@ -82,6 +82,6 @@ def test_python_api_pruning_example(tmp_path):
     """The prune-then-fine-tune example, with the first example's imports."""
     code = "import graphopt, numpy as np, torch\nfrom graphopt import zoo\n" + blocks("python", "The Python API")[1]
     namespace = _exec_in(tmp_path, code)
-    assert (tmp_path / "digits.pruned.pt").exists()
+    assert (tmp_path / "digits.pruned.pt2").exists()
     notes = namespace["pruned"].report.records[-1].notes
     assert any("fine-tuned by train()" in n for n in notes)

@@ -151,11 +151,11 @@ class NumericCheck(Instrument):
         if batch is not None:
             return [(f"{len(next(iter(batch.values())))} calibration samples", batch)]
         if graph.ir != "onnx":
-            return [(f"fixed-seed random inputs (seed {self.seed})", graph.sample_inputs(self.seed))]
+            return [(f"fixed-seed random inputs, seed {self.seed}", graph.sample_inputs(self.seed))]
         from graphopt.ir.feeds import candidate_feeds, input_roles
 
         roles = input_roles(graph.gs)
-        return [(f"fixed-seed generated inputs (seed {self.seed})", f)
+        return [(f"fixed-seed generated inputs, seed {self.seed}", f)
                 for f in candidate_feeds(graph.input_specs(), roles, self.seed)]
 
     # -- one comparison ------------------------------------------------------------------------------------
