@@ -256,7 +256,7 @@ def round_ratios(a: list[list[float]], b: list[list[float]]) -> dict[str, Any]:
 
 
 def agreement(sessions: dict[str, Any], backend, samples: np.ndarray) -> dict[str, dict[str, float]]:
-    from graphopt.report.metrics import cosine_similarity, sqnr_db, top1_agreement
+    from graphopt.numeric import cosine_similarity, sqnr_db, top1_agreement
 
     outputs = {v: np.concatenate([backend.run(s, {"input": x[None]})[0] for x in samples]) for v, s in
                sessions.items()}
