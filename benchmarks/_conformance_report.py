@@ -8,6 +8,8 @@ from collections import Counter, defaultdict
 
 from _conformance_cases import FOLDERS
 
+from graphopt.table import format_table
+
 MODES = ("check", "no-check")
 CLASSES = ("folded", "note", "refused", "WRONG", "CRASH")
 
@@ -59,11 +61,11 @@ def _causes(failures: list) -> list:
 def format_summary(summary: dict, modes=MODES, limit_causes: int = 40, passes: str = "fold") -> str:
     lines = []
     folders = [f for f in FOLDERS if f in summary["onnxruntime"]]
-    head = f"{'folder':<18} {'cases':>6} {'ort runs':>8}"
-    lines.append(head)
+    rows = [("folder", "cases", "ort runs")]
     for f in folders:
         o = summary["onnxruntime"][f]
-        lines.append(f"{f:<18} {o.get('total', 0):>6} {o.get('onnxruntime runs', 0):>8}")
+        rows.append((f, str(o.get("total", 0)), str(o.get("onnxruntime runs", 0))))
+    lines.append(format_table(rows, right=(1, 2)))
     if summary["not_run"]:
         lines.append("onnxruntime does not run (count, cause, first models):")
         for _, text, n, ids in summary["not_run"][:limit_causes // 4]:
@@ -72,13 +74,14 @@ def format_summary(summary: dict, modes=MODES, limit_causes: int = 40, passes: s
         lines.append("")
         lines.append(f"mode {m}: graphopt run model.onnx --passes {passes} -o out.onnx"
                      + (" --no-check" if m == "no-check" else ""))
-        lines.append(f"{'folder':<18} " + " ".join(f"{c:>8}" for c in CLASSES))
+        rows = [("folder", *CLASSES)]
         total = Counter()
         for f in folders:
             c = summary["counts"][m].get(f, {})
             total.update(c)
-            lines.append(f"{f:<18} " + " ".join(f"{c.get(k, 0):>8}" for k in CLASSES))
-        lines.append(f"{'all':<18} " + " ".join(f"{total.get(k, 0):>8}" for k in CLASSES))
+            rows.append((f, *(str(c.get(k, 0)) for k in CLASSES)))
+        rows.append(("all", *(str(total.get(k, 0)) for k in CLASSES)))
+        lines.append(format_table(rows, right=range(1, len(CLASSES) + 1)))
     for m in modes:
         if summary["failures"][m]:
             lines.append("")

@@ -6,8 +6,8 @@
 The ResNet-18-like zoo model is exported once (``export_onnx(keep_bn=False, dynamic_batch=True)``: BatchNorm
 folded by the exporter, batch dimension symbolic) to a temporary folder. Every measurement then runs in its own
 child process, whose peak resident memory (``VmHWM`` from ``/proc/self/status``, read by the child when its
-work is done) is the number reported: the whole process, interpreter and onnxruntime included, as in
-ANCHORS.md. (``ru_maxrss`` of a child is not used: Linux carries the parent's high-water mark into it.)
+work is done) is the number reported: the whole process, interpreter and onnxruntime included, as a user sees
+it. (``ru_maxrss`` of a child is not used: Linux carries the parent's high-water mark into it.)
 
 * ``graphopt``: the real pipeline, ``graphopt.optimize(model, "insert-observers,calibrate:method=entropy,
   place-qdq")`` with the data from ``graphopt.calib.synthetic`` in batches of ``--batch``: every float activation
@@ -18,10 +18,10 @@ ANCHORS.md. (``ru_maxrss`` of a child is not used: Linux carries the parent's hi
   same synthetic data. It calibrates the tensors of the ops it quantizes, keeps every intermediate output of
   every batch until the end, then builds its histograms.
 
-Inputs are 1x3x112x112 by default, not the 224x224 of ANCHORS.md: on a 2-core machine running ResNet-18 with
-its ~50 activations as outputs takes ~45 ms per 112x112 sample (~4x that at 224), so the default run (1,344
-samples through graphopt's observers, 320 through onnxruntime's calibration) stays within a few minutes.
-``--size 224`` measures at the anchors' size (expect 10+ minutes and several GB for onnxruntime at 256).
+Inputs are 1x3x112x112 by default, not ImageNet's 224x224: ResNet-18 with its ~50 activations as outputs costs
+about 4x as much per sample at 224 as at 112 (measured), and at 112 the default run (1,344 samples through
+graphopt's observers, 320 through onnxruntime's calibration) stays within a few minutes on a 2-core machine.
+``--size 224`` measures at ImageNet's size (expect several times as long, and several GB for onnxruntime at 256).
 
 The bars (issue #3): graphopt's peak at the largest sample count / at the smallest <= 1.2, and graphopt's peak
 below onnxruntime's at 256 samples. Wall times are for information. ``--fail-on-bar`` exits 1 on a lost bar.
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", default="64,256,1024", help="sample counts for graphopt's observers")
     parser.add_argument("--ort-samples", default="64,256", help="sample counts for onnxruntime ('' to skip)")
-    parser.add_argument("--size", type=int, default=112, help="input height and width (ANCHORS.md: 224)")
+    parser.add_argument("--size", type=int, default=112, help="input height and width (ImageNet: 224)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -15,8 +15,10 @@ opset 17, the graph a user has before any cleanup). From that same file, in the 
 * ``ort-default``: ``quant_pre_process(path, pre)`` then ``quantize_static(pre, out, reader)`` with *all* of
   ``quantize_static``'s defaults (read off its signature at run time and printed: in onnxruntime 1.31 QDQ format,
   int8 activations, int8 per-tensor weights, MinMax);
-* ``ort-best``: the same with the settings ANCHORS.md found fastest on this CPU: ``quant_pre_process``, QDQ,
-  ``per_channel=True``, ``activation_type=QUInt8``, ``weight_type=QInt8``.
+* ``ort-best``: the same with the settings that run fastest on x86 CPUs: ``quant_pre_process``, QDQ,
+  ``per_channel=True``, ``activation_type=QUInt8``, ``weight_type=QInt8`` (onnxruntime's x86 int8 kernels multiply
+  unsigned activations by signed weights; with its default int8 activations the model was measured slower than
+  fp32).
 
 Every quantizer gets the same calibration data: ``--calib-samples`` (32) fixed-seed standard-normal inputs
 (graphopt as one array, onnxruntime through a ``CalibrationDataReader`` yielding them one at a time: the models
@@ -82,7 +84,7 @@ HOW = {
                 "-- graphopt's int8 defaults",
     "ort-default": "quant_pre_process(path, pre); quantize_static(pre, out, reader) -- every default",
     "ort-best": "quant_pre_process(path, pre); quantize_static(pre, out, reader, quant_format=QDQ, per_channel=True, "
-                "activation_type=QUInt8, weight_type=QInt8) -- ANCHORS.md's fastest settings",
+                "activation_type=QUInt8, weight_type=QInt8) -- the fastest settings on x86",
 }
 # compute ops onnxruntime runs in float if it did not fuse their Q/DQ group (what a slow int8 model shows)
 FLOAT_COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool",
@@ -254,7 +256,7 @@ def round_ratios(a: list[list[float]], b: list[list[float]]) -> dict[str, Any]:
 
 
 def agreement(sessions: dict[str, Any], backend, samples: np.ndarray) -> dict[str, dict[str, float]]:
-    from graphopt.report.metrics import cosine_similarity, sqnr_db, top1_agreement
+    from graphopt.numeric import cosine_similarity, sqnr_db, top1_agreement
 
     outputs = {v: np.concatenate([backend.run(s, {"input": x[None]})[0] for x in samples]) for v, s in
                sessions.items()}

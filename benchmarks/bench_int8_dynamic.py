@@ -96,7 +96,8 @@ def fused_ops(path: str, threads: int) -> dict[str, int]:
 # -- measuring --------------------------------------------------------------------------------------------
 def accuracy(paths: dict[str, str], last: str, samples: int, seq: int, vocab: int) -> dict[str, dict[str, float]]:
     from graphopt.backends.onnxruntime import OnnxRuntimeBackend
-    from graphopt.report.metrics import cosine_similarity, expose, sqnr_db
+    from graphopt.numeric import cosine_similarity, sqnr_db
+    from graphopt.report.metrics import expose
 
     backend = OnnxRuntimeBackend()
     ids = np.random.default_rng(0).integers(0, vocab, (samples, seq)).astype(np.int64)

@@ -186,9 +186,9 @@ def _serve(conn, workdir: str, log_path: str) -> None:
 
 def _memoize_plugin_metadata() -> None:
     """graphopt's plugin loading parses each entry point's distribution METADATA file several times on every
-    ``main()`` (``graphopt.plugins._is_own``: about 0.4 s of a 0.5 s run on a one-node model). The answer cannot
-    change while the worker lives, so it is memoized here: the runs are 2-3x faster, and nothing graphopt does
-    with the answer changes."""
+    ``main()`` (``graphopt.plugins._is_own``: measured at about four fifths of a run on a one-node model). The
+    answer cannot change while the worker lives, so it is memoized here: the runs measured 2-3x faster, and
+    nothing graphopt does with the answer changes."""
     import graphopt.plugins as plugins
 
     original, memo = plugins._is_own, {}

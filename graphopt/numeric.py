@@ -11,6 +11,11 @@ NaN and infinities are compared, not skipped: a NaN where the reference has a Na
 it has that infinity, is equal; any other non-finite element on either side is a mismatch, and makes the error
 infinite (``max()`` over errors that contain a NaN would otherwise quietly say 0). The finite elements are
 measured as above.
+
+:func:`difference` compares two outputs as the numeric check does (integer outputs: equal or not);
+:func:`sqnr_db`, :func:`cosine_similarity` and :func:`max_rel_error` measure any two arrays of one shape as
+numbers. :func:`sqnr` and :func:`cosine` give the same measures from running sums, for callers that accumulate
+over batches. Top-1: the argmax over the class axis (the last), against another model's or the labels.
 """
 
 from __future__ import annotations
@@ -64,14 +69,10 @@ def difference(reference, test) -> Difference:
     mismatches = int(np.sum(~both & ~same_nonfinite))
     rf, xf = r64[both], x64[both]
     signal, noise = float(np.sum(rf * rf)), float(np.sum((xf - rf) ** 2))
-    if rf.size:
-        err = float(np.max(np.abs(xf - rf)))
-        rel = err / max(float(np.max(np.abs(rf))), 1e-12) if err else 0.0
-    else:
-        rel = 0.0
+    rel = rel_error(float(np.max(np.abs(xf - rf))), float(np.max(np.abs(rf)))) if rf.size else 0.0
     if mismatches:
-        return Difference(math.inf, -math.inf, _cosine(float(rf @ xf), signal, float(xf @ xf)), mismatches)
-    return Difference(rel, sqnr(signal, noise), _cosine(float(rf @ xf), signal, float(xf @ xf)))
+        return Difference(math.inf, -math.inf, cosine(float(rf @ xf), signal, float(xf @ xf)), mismatches)
+    return Difference(rel, sqnr(signal, noise), cosine(float(rf @ xf), signal, float(xf @ xf)))
 
 
 def max_difference(reference: list, test: list) -> Difference:
@@ -93,6 +94,61 @@ def relative_error(reference: list, test: list) -> float:
     return max_difference(reference, test).max_rel_err
 
 
+def _check_shapes(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+
+
+def _as_numbers(reference, test) -> Difference:
+    r, x = _f64(reference), _f64(test)
+    _check_shapes(r, x)
+    return difference(r, x)
+
+
+def sqnr_db(reference, test) -> float:
+    """Signal-to-quantization-noise ratio of ``test`` against ``reference``, in dB (+inf if identical)."""
+    return _as_numbers(reference, test).sqnr_db
+
+
+def cosine_similarity(reference, test) -> float:
+    """<ref, x> / (|ref| |x|) over the flattened arrays (1 when both are zero, 0 when one is)."""
+    return _as_numbers(reference, test).cosine
+
+
+def max_rel_error(reference, test) -> float:
+    """max |test - reference| / max |reference| (0 for two empty or all-zero equal arrays)."""
+    return _as_numbers(reference, test).max_rel_err
+
+
+def rel_error(max_abs_err: float, max_abs_ref: float) -> float:
+    """The max relative error from its two running maxima (the 1e-12 floor keeps an all-zero reference finite)."""
+    return max_abs_err / max(max_abs_ref, 1e-12) if max_abs_err else 0.0
+
+
+def top1(logits, axis: int = -1) -> np.ndarray:
+    return np.argmax(np.asarray(logits), axis=axis)
+
+
+def top1_agreement(logits_a, logits_b, axis: int = -1) -> float:
+    """Fraction of samples on which both models' argmax over ``axis`` (the class axis) agree."""
+    a, b = top1(logits_a, axis), top1(logits_b, axis)
+    _check_shapes(a, b)
+    return float(np.mean(a == b)) if a.size else float("nan")
+
+
+def top1_correct(logits, labels, axis: int = -1) -> int:
+    """How many samples' argmax equals the (integer) label."""
+    pred = top1(logits, axis)
+    labels = np.asarray(labels).reshape(pred.shape) if np.size(labels) == pred.size else np.asarray(labels)
+    _check_shapes(pred, labels)
+    return int(np.sum(pred == labels.astype(np.int64)))
+
+
+def top1_accuracy(logits, labels, axis: int = -1) -> float:
+    n = np.asarray(labels).shape[0]
+    return top1_correct(logits, labels, axis) / n if n else float("nan")
+
+
 def sqnr(signal: float, noise: float) -> float:
     if noise == 0.0:
         return math.inf
@@ -101,7 +157,7 @@ def sqnr(signal: float, noise: float) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def _cosine(dot: float, aa: float, bb: float) -> float:
+def cosine(dot: float, aa: float, bb: float) -> float:
     if aa == 0.0 and bb == 0.0:
         return 1.0
     if aa == 0.0 or bb == 0.0:

@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import onnx
-
 from graphopt import Pass, PassResult, hookimpl
 from graphopt.backends import QuantRequest
 from graphopt.calib.observers import compute_range
 from graphopt.calib.sources import SYNTHETIC_WARNING, input_specs, load_calibration, synthetic
 from graphopt.calib.state import CALIBRATION, OBSERVERS, RANGES
 from graphopt.errors import UnsupportedError, first_line
+from graphopt.ir.expose import expose
 from graphopt.ir.ops import custom_ops
 
 
@@ -53,7 +52,8 @@ class Calibrate(Pass):
     def run_onnx(self, graph, ctx):
         observers = ctx.state[OBSERVERS]
         data, notes = self._data(graph, ctx)
-        session = self._run(graph, lambda: _observing_session(graph, list(observers)))
+        # graph optimizations off, so that no fusion hides an observed tensor
+        session = self._run(graph, lambda: expose(graph, observers).session(optimized=False))
         names = [o.name for o in session.get_outputs()]
         samples = 0
         for batch in data.batches():
@@ -108,22 +108,6 @@ def _warn_nonfinite(pass_name: str, ctx, observers) -> None:
         if names:
             ctx.warn(f"{pass_name}: {len(names)} tensors {what}: {', '.join(names[:5])}"
                      + (" ..." if len(names) > 5 else ""))
-
-
-def _observing_session(graph, names: list[str]):
-    """An onnxruntime session on the model with ``names`` added as outputs (graph optimizations off, so no
-    fusion hides an observed tensor)."""
-    import onnxruntime as ort
-
-    model = graph.to_model()
-    present = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in present:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4  # errors come back as exceptions; its own log line would be a second
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 @hookimpl

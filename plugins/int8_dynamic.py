@@ -155,8 +155,7 @@ def _quantize_weight(w: np.ndarray, scheme) -> tuple[np.ndarray, np.ndarray, np.
     per_column = scheme.channel_axis("MatMul", None, w.ndim) is not None
     others = tuple(range(w.ndim - 1)) if per_column else None
     scale, zero = tq.params(w.min(axis=others), w.max(axis=others))
-    q = np.clip(np.round(w / scale) + zero.astype(np.int64), tq.qmin, tq.qmax)
-    return q.astype(tq.np_dtype), scale, zero
+    return tq.quantize(w, scale, zero, -1 if per_column else None), scale, zero
 
 
 def _rewrite(graph, node, w, scheme, names, shared_x, shared_w) -> None:

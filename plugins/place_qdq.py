@@ -246,17 +246,10 @@ def _quantize_weight(graph, node, scheme, names: set[str]) -> int:
         return 0
     axis = scheme.channel_axis(node.op, node.attrs, w.ndim)
     tq = scheme.weights
-    if axis is None:
-        scale, zero = tq.params(w.min(), w.max())
-        q = np.clip(np.round(w / scale) + zero.astype(np.int64), tq.qmin, tq.qmax)
-    else:
-        others = tuple(i for i in range(w.ndim) if i != axis)
-        scale, zero = tq.params(w.min(axis=others), w.max(axis=others))
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        q = np.clip(np.round(w / scale.reshape(shape)) + zero.astype(np.int64).reshape(shape), tq.qmin, tq.qmax)
-    node.inputs[1] = _dequantized_constant(graph, names, node.inputs[1].name, w.dtype, q.astype(tq.np_dtype),
-                                           scale, zero, axis)
+    others = None if axis is None else tuple(i for i in range(w.ndim) if i != axis)
+    scale, zero = tq.params(w.min(axis=others), w.max(axis=others))
+    q = tq.quantize(w, scale, zero, axis)
+    node.inputs[1] = _dequantized_constant(graph, names, node.inputs[1].name, w.dtype, q, scale, zero, axis)
     return 1
 
 

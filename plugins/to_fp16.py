@@ -13,7 +13,7 @@ from graphopt import Equivalence, OnnxGraph, Pass, PassResult, hookimpl
 from graphopt.calib.sources import load_calibration
 from graphopt.calib.specs import input_specs
 from graphopt.errors import first_line
-from graphopt.ir.onnx_graph import copy_gs
+from graphopt.ir.expose import expose
 from graphopt.ir.ops import custom_ops, is_standard_domain
 from graphopt.passes.rules import Rule, apply_rules
 
@@ -308,15 +308,11 @@ def _batches(graph: OnnxGraph, ctx):
 
 def _observe(graph: OnnxGraph, types: dict, batches) -> dict[str, float]:
     """max |x| of every float32 graph input and node output over ``batches`` (key "" counts the batches)."""
-    g = copy_gs(graph.gs)
-    inputs = {t.name for t in g.inputs}
-    present = {t.name for t in g.outputs}
-    for name, t in g.tensors().items():
-        if isinstance(t, gs.Variable) and types.get(name) == F32 and name not in inputs and name not in present:
-            t.dtype = np.float32
-            g.outputs.append(t)
+    inputs = {t.name for t in graph.gs.inputs}
+    names = [name for name, t in graph.gs.tensors().items()
+             if isinstance(t, gs.Variable) and types.get(name) == F32 and name not in inputs]
     try:
-        session = OnnxGraph(g).session()
+        session = expose(graph, names).session()
     except Exception as exc:  # onnxruntime's own error types: an op it has no kernel for, ...
         raise _CannotRun(_why_not(graph, exc)) from exc
     names = [o.name for o in session.get_outputs()]

@@ -22,13 +22,14 @@ from graphopt.backends.scheme import (
     restrict_ops,
 )
 from graphopt.errors import UnsupportedError, UsageError
+from graphopt.ir.feeds import InputSpec, feeds
+from graphopt.numeric import top1_correct
 from graphopt.table import format_table
 
 __all__ = [
     "BIAS_MODES", "INT8_DTYPES", "Accuracy", "Backend", "BackendError", "BenchResult", "DataError", "FrozenDict",
-    "InputSpec",
-    "LatencyStats", "QuantRequest", "QuantScheme", "TensorQuant", "UnsupportedRequestError", "check_feeds",
-    "format_table", "iter_batches", "model_label", "model_size_bytes", "random_inputs", "restrict_ops",
+    "InputSpec", "LatencyStats", "QuantRequest", "QuantScheme", "TensorQuant", "UnsupportedRequestError",
+    "check_feeds", "iter_batches", "model_label", "model_size_bytes", "restrict_ops",
 ]
 
 
@@ -116,70 +117,28 @@ class Accuracy:
         return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total}
 
 
-# -- inputs -------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class InputSpec:
-    """A model input as a backend reports it: dims are ints, or None where symbolic / unknown."""
-
-    name: str
-    shape: tuple[int | None, ...]
-    dtype: np.dtype
-
-    def concrete(self, batch: int, override: Iterable[int | None] | None = None) -> tuple[int, ...]:
-        """The shape to feed at ``batch``: symbolic first dim -> ``batch``, other symbolic dims -> 1. An
-        ``override`` replaces the model's shape; its None / -1 entries take the batch size."""
-        if override is not None:
-            return tuple(batch if d is None or d < 0 else int(d) for d in override)
-        return tuple((batch if i == 0 else 1) if d is None else d for i, d in enumerate(self.shape))
-
-    @property
-    def batch_dim(self) -> int | None:
-        """The fixed first dimension, or None if it is symbolic (or the input is a scalar)."""
-        return self.shape[0] if self.shape else None
-
-
-def random_inputs(specs: Iterable[InputSpec], batch: int, seed: int = 0,
-                  shapes: Mapping[str, Iterable[int | None]] | None = None) -> dict[str, np.ndarray]:
-    """Fixed-seed inputs: standard normal floats, 0/1 integers, False booleans."""
-    rng = np.random.default_rng(seed)
-    shapes = shapes or {}
-    feeds = {}
-    for spec in specs:
-        shape = spec.concrete(batch, shapes.get(spec.name))
-        if np.issubdtype(spec.dtype, np.floating):
-            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype == np.bool_:
-            feeds[spec.name] = np.zeros(shape, np.bool_)
-        else:
-            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
-    return feeds
-
-
+# -- data for a model (inputs are :class:`graphopt.ir.feeds.InputSpec`) -----------------------------------
 def check_feeds(specs: list[InputSpec], data: Mapping[str, np.ndarray], what: str = "data") -> int:
     """Check ``data`` has one array per model input with a common first dimension; return that sample count."""
     names = [s.name for s in specs]
     missing = [n for n in names if n not in data]
     if missing:
         raise DataError(f"{what} has no array for model input(s) {', '.join(missing)} "
-                           f"(model inputs: {', '.join(names)}; {what} has: {', '.join(sorted(data)) or 'nothing'})")
+                        f"(model inputs: {', '.join(names)}; {what} has: {', '.join(sorted(data)) or 'nothing'})")
     counts = {n: (np.asarray(data[n]).shape[0] if np.ndim(data[n]) else 1) for n in names}
     if len(set(counts.values())) != 1:
         raise DataError(f"{what}: inputs have different sample counts: "
-                           + ", ".join(f"{n} {c}" for n, c in counts.items()))
+                        + ", ".join(f"{n} {c}" for n, c in counts.items()))
     for spec in specs:
         arr = np.asarray(data[spec.name])
         if arr.ndim != len(spec.shape):
             raise DataError(f"{what}: input '{spec.name}' has {arr.ndim} dimensions, the model expects "
-                               f"{len(spec.shape)} ({_fmt_shape(spec.shape)})")
-        bad = [i for i, d in enumerate(spec.shape) if i > 0 and d is not None and arr.shape[i] != d]
+                            f"{len(spec.shape)} ({spec.shape_str()})")
+        bad = [i for i, d in enumerate(spec.shape) if i > 0 and isinstance(d, int) and arr.shape[i] != d]
         if bad:
             raise DataError(f"{what}: input '{spec.name}' has shape {tuple(arr.shape)}, the model expects "
-                               f"{_fmt_shape(spec.shape)}")
+                            f"{spec.shape_str()}")
     return next(iter(counts.values())) if counts else 0
-
-
-def _fmt_shape(shape) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
 def iter_batches(specs: list[InputSpec], data: Mapping[str, np.ndarray], batch_size: int
@@ -276,8 +235,8 @@ class Backend(ABC):
         session = self._as_session(model, threads)
         specs = self.input_specs(session)
         parts: list[list[np.ndarray]] = []
-        for feeds, n in iter_batches(specs, data, batch_size):
-            outs = self.run(session, feeds)
+        for batch, n in iter_batches(specs, data, batch_size):
+            outs = self.run(session, batch)
             parts.append([o[:n] if np.ndim(o) else o for o in outs])
         if not parts:
             raise DataError("no samples to run")
@@ -288,8 +247,9 @@ class Backend(ABC):
               iters: int = 50, shapes: Mapping[str, Iterable[int | None]] | None = None, seed: int = 0
               ) -> BenchResult:
         """Latency percentiles per (batch size, threads): ``warmup`` untimed runs, then ``iters`` timed ones on
-        fixed-seed inputs (see :meth:`InputSpec.concrete` for how shapes are filled; ``shapes`` overrides them
-        per input name). One session per thread count, shared by the batch sizes."""
+        fixed-seed inputs (:func:`graphopt.ir.feeds.feeds`; see :meth:`InputSpec.concrete` for how shapes are
+        filled; ``shapes`` overrides them per input name). One session per thread count, shared by the batch
+        sizes."""
         batch_sizes, threads = list(batch_sizes), list(threads)
         if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
             raise UsageError(f"batch sizes must be positive integers, got {batch_sizes}")
@@ -313,14 +273,14 @@ class Backend(ABC):
                         raise UsageError(
                             f"input '{s.name}' has a fixed batch dimension {s.batch_dim}; batch {b} needs a model "
                             f"with a dynamic first dimension (export with dynamic_batch=True) or batch {s.batch_dim}")
-                feeds = random_inputs(specs, b, seed, shapes)
-                result.input_shapes[b] = {k: list(v.shape) for k, v in feeds.items()}
+                inputs = feeds(specs, seed, b, shapes=shapes)
+                result.input_shapes[b] = {k: list(v.shape) for k, v in inputs.items()}
                 for _ in range(warmup):
-                    self.run(session, feeds)
+                    self.run(session, inputs)
                 times = []
                 for _ in range(iters):
                     start = time.perf_counter()
-                    self.run(session, feeds)
+                    self.run(session, inputs)
                     times.append(time.perf_counter() - start)
                 result.rows.append(LatencyStats.from_times(b, int(t), times))
         return result
@@ -328,8 +288,6 @@ class Backend(ABC):
     def evaluate(self, model: Any, data: Mapping[str, np.ndarray], labels: np.ndarray, batch_size: int = 64,
                  output: int = 0, threads: int = 0) -> Accuracy:
         """Top-1 accuracy of output ``output`` (logits, classes on the last axis) against integer ``labels``."""
-        from graphopt.report.metrics import top1_correct
-
         logits = self.run_batched(model, data, batch_size, threads)[output]
         labels = np.asarray(labels)
         if labels.shape[0] != logits.shape[0]:

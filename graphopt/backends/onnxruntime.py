@@ -35,9 +35,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from graphopt.backends.base import Backend, BackendError, InputSpec
+from graphopt.backends.base import Backend, BackendError
 from graphopt.backends.scheme import QuantRequest, QuantScheme, TensorQuant, UnsupportedRequestError, restrict_ops
-from graphopt.errors import first_line
+from graphopt.errors import UnsupportedError, first_line
+from graphopt.ir.feeds import InputSpec, session_input_specs
 
 QUANTIZED_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool",
                            "Sigmoid", "LeakyRelu"})
@@ -55,12 +56,6 @@ INT8_ACTIVATION_WARNING = (
 UINT8_WEIGHT_WARNING = (
     "uint8 weights: onnxruntime's fast x86 path is uint8 activations x int8 weights; uint8 weights take a slower "
     "kernel")
-
-_ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(bool)": np.bool_,
-}
 
 
 @lru_cache(maxsize=1)
@@ -194,13 +189,10 @@ class OnnxRuntimeBackend(Backend):
         return hasattr(obj, "get_inputs") and hasattr(obj, "run")
 
     def input_specs(self, session) -> list[InputSpec]:
-        specs = []
-        for arg in session.get_inputs():
-            dims = tuple(d if isinstance(d, int) and d >= 0 else None for d in arg.shape)
-            if arg.type not in _ORT_TYPES:
-                raise BackendError(f"input '{arg.name}' has type {arg.type}, which graphopt cannot feed")
-            specs.append(InputSpec(arg.name, dims, np.dtype(_ORT_TYPES[arg.type])))
-        return specs
+        try:
+            return session_input_specs(session)
+        except UnsupportedError as exc:
+            raise BackendError(str(exc)) from None
 
     def output_names(self, session) -> list[str]:
         return [o.name for o in session.get_outputs()]

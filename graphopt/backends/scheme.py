@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from graphopt.calib.qparams import affine_params, quant_range, quantize
 from graphopt.errors import UsageError
 
 __all__ = [
@@ -25,10 +26,6 @@ __all__ = [
 ]
 
 INT8_DTYPES = ("uint8", "int8")
-_QRANGE = {("uint8", False): (0, 255), ("uint8", True): (0, 254), ("int8", False): (-128, 127),
-           ("int8", True): (-127, 127)}
-# reduce_range: the widest ranges whose products with a uint8 activation, summed in pairs, fit in int16
-_REDUCED = {"uint8": (0, 127), "int8": (-64, 64)}
 BIAS_MODES = ("float", "int32")
 
 
@@ -40,13 +37,13 @@ class UnsupportedRequestError(UsageError):
 class TensorQuant:
     """How one class of tensors (activations or weights) is quantized.
 
-    ``dtype``: ``"uint8"`` or ``"int8"``. ``symmetric``: zero point fixed at the middle of the range (0 for
+    ``dtype``: ``"uint8"`` or ``"int8"``. ``symmetric``: zero point fixed at the middle of the grid (0 for
     int8, 128 for uint8) and the range centred on zero; otherwise the range is [min(lo, 0), max(hi, 0)] with a
-    computed zero point. ``per_channel``: one scale per output channel (weights; the axis comes from
-    :meth:`QuantScheme.channel_axis`). ``narrow_range``: int8 in [-127, 127] (uint8 [0, 254]), the range
-    symmetric weights use so that negation cannot overflow. ``reduce_range``: int8 in [-64, 64] (uint8
-    [0, 127]), for kernels that add two uint8 x int8 products in an int16 (x86 ``vpmaddubsw`` without VNNI),
-    which saturate on full-range weights.
+    computed zero point (the rule: :func:`graphopt.calib.qparams.affine_params`). ``per_channel``: one scale
+    per output channel (weights; the axis comes from :meth:`QuantScheme.channel_axis`). ``narrow_range``: int8
+    in [-127, 127] (uint8 [0, 254]), the range symmetric weights use so that negation cannot overflow.
+    ``reduce_range``: int8 in [-64, 64] (uint8 [0, 127]), for kernels that add two uint8 x int8 products in an
+    int16 (x86 ``vpmaddubsw`` without VNNI), which saturate on full-range weights.
     """
 
     dtype: str
@@ -61,7 +58,7 @@ class TensorQuant:
 
     @property
     def qrange(self) -> tuple[int, int]:
-        return _REDUCED[self.dtype] if self.reduce_range else _QRANGE[(self.dtype, self.narrow_range)]
+        return quant_range(self.dtype, narrow=self.narrow_range, reduced=self.reduce_range)
 
     @property
     def qmin(self) -> int:
@@ -76,25 +73,16 @@ class TensorQuant:
         return np.dtype(self.dtype)
 
     def params(self, lo, hi) -> tuple[np.ndarray, np.ndarray]:
-        """Scale (float32) and zero point (this dtype) for real ranges [lo, hi] (scalars, or arrays per channel).
+        """Scale (float32) and zero point (this dtype) for real ranges [lo, hi] (scalars, or arrays per channel),
+        by :func:`graphopt.calib.qparams.affine_params` on this grid: the range widened to contain 0 (zero
+        padding and Relu's zeros exact), the scale rounded up so every value of it is on the grid, an empty
+        range (lo = hi = 0) with scale 1."""
+        scale, zero = affine_params(lo, hi, self.qmin, self.qmax, self.symmetric)
+        return scale, zero.astype(self.np_dtype)
 
-        The range always contains 0 (so that zero padding and Relu's zeros are exact); an empty range (lo = hi
-        = 0) gets scale 1.
-        """
-        lo = np.minimum(np.asarray(lo, np.float64), 0.0)
-        hi = np.maximum(np.asarray(hi, np.float64), 0.0)
-        levels = float(self.qmax - self.qmin)
-        if self.symmetric:
-            amax = np.maximum(-lo, hi)
-            scale = 2.0 * amax / levels
-            zero = np.full(np.shape(scale), 0 if self.dtype == "int8" else (64 if self.reduce_range else 128),
-                           np.float64)
-        else:
-            scale = (hi - lo) / levels
-            safe = np.where(scale > 0, scale, 1.0)
-            zero = np.clip(np.round(self.qmin - lo / safe), self.qmin, self.qmax)
-        scale = np.where(scale > 0, scale, 1.0)
-        return scale.astype(np.float32), zero.astype(self.np_dtype)
+    def quantize(self, values, scale, zero, axis: int | None = None) -> np.ndarray:
+        """``values`` on this grid (ONNX QuantizeLinear, saturating to [qmin, qmax]); per channel along ``axis``."""
+        return quantize(values, scale, zero, self.dtype, axis, self.qrange)
 
     def describe(self) -> str:
         parts = [self.dtype, "symmetric" if self.symmetric else "asymmetric"]

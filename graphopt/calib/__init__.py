@@ -1,9 +1,10 @@
 """Calibration for int8: where the data come from (``sources``) and what is learnt from them (``observers``).
 
 Modules: ``sources`` (the front doors :func:`load_calibration` and :func:`synthetic`), ``specs`` (model inputs),
-``readers`` and ``images`` (one reader per source kind), ``data`` (:class:`CalibrationData`: batching and
-checks), ``observers`` (streaming observers and :func:`compute_range`), ``ranges`` (the histogram searches behind
-it), ``qparams`` (scale and zero point), ``errors``, ``state`` (the pass-to-pass keys).
+``readers`` and ``images`` (one reader per source kind), ``validate`` (the checks against the model inputs),
+``data`` (:class:`CalibrationData`: batching), ``observers`` (streaming observers and :func:`compute_range`),
+``ranges`` (the histogram searches behind it), ``qparams`` (scale and zero point), ``errors``, ``state`` (the
+pass-to-pass keys).
 
 A calibrating pass does, in outline::
 

@@ -1,5 +1,6 @@
 """The calibration data object, :class:`CalibrationData`: it reads chunks from a source (:mod:`graphopt.calib.readers`,
-:mod:`graphopt.calib.images`), checks them against the model inputs and re-cuts them into batches.
+:mod:`graphopt.calib.images`), checks them against the model inputs (:mod:`graphopt.calib.validate`) and re-cuts
+them into batches.
 
 An array is a batch when it has as many dimensions as the model input, and a single sample when it has one
 fewer. Batches are re-cut to at most ``batch_size`` samples along axis 0 (exactly the model's batch size when its
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +30,24 @@ import numpy as np
 from graphopt.calib.errors import CalibrationDataError, CalibrationInputError, EmptyCalibrationDataError
 from graphopt.calib.images import (
     IMAGE_SUFFIXES,
+    ImageFolderSource,
     ImageOptions,
-    _image_files,
-    _image_options,
-    _ImageFolderSource,
-    _need_pillow,
+    image_files,
+    image_options,
+    need_pillow,
 )
 from graphopt.calib.readers import (
-    _ArraysSource,
-    _IterableSource,
-    _natural_key,
-    _NpyFolderSource,
-    _NpzFolderSource,
-    _NpzSource,
-    _Source,
-    _to_numpy,
+    ArraysSource,
+    IterableSource,
+    NpyFolderSource,
+    NpzFolderSource,
+    NpzSource,
+    Source,
+    natural_key,
+    to_numpy,
 )
-from graphopt.calib.specs import InputSpec, _names, input_specs
+from graphopt.calib.specs import input_specs, quoted_names
+from graphopt.calib.validate import InputChecks
 
 __all__ = ["SYNTHETIC_WARNING", "CalibrationData"]
 
@@ -86,12 +88,13 @@ class CalibrationData:
     ``num_samples`` (after ``limit``; None when unknown before reading, as for generators), ``synthetic`` (True
     for :func:`synthetic` data: callers must warn that such scales are not fit for production, see
     ``SYNTHETIC_WARNING``), ``notes`` (casts, ignored arrays, defaults taken: things to show the user),
-    ``description``, ``reiterable`` (False for a generator, which can be read once).
+    ``description``, ``reiterable`` (False for a generator, which can be read once), ``source`` (the reader the
+    chunks come from) and ``checks`` (the :class:`InputChecks` every chunk goes through).
     """
 
     synthetic: bool = False
 
-    def __init__(self, source: _Source, specs, *, batch_size: int = 8, limit: int | None = None,
+    def __init__(self, source: Source, specs, *, batch_size: int = 8, limit: int | None = None,
                  progress: bool | None = None, synthetic: bool = False, notes: list[str] | None = None):
         self.specs = input_specs(specs)
         if not self.specs:
@@ -104,7 +107,7 @@ class CalibrationData:
             raise CalibrationDataError(f"batch_size must be a positive integer, got {batch_size!r}")
         if limit is not None and (not isinstance(limit, (int, np.integer)) or limit < 1):
             raise CalibrationDataError(f"limit must be a positive integer or None, got {limit!r}")
-        self._source = source
+        self.source = source
         self.synthetic = synthetic
         self.limit = None if limit is None else int(limit)
         self.progress = progress
@@ -116,6 +119,8 @@ class CalibrationData:
             raise CalibrationInputError("model inputs have different fixed batch sizes: "
                                         + ", ".join(f"'{s.name}' {s.batch_dim}" for s in self.specs))
         self.fixed_batch = fixed.pop() if fixed else None
+        if self.fixed_batch == 0:
+            raise CalibrationInputError("the model's batch dimension is fixed at 0: no sample fits it")
         self.batch_size = int(batch_size)
         if self.fixed_batch is not None and self.fixed_batch != self.batch_size:
             self._note(f"the model's batch size is fixed at {self.fixed_batch}: batches of {self.fixed_batch} "
@@ -123,7 +128,8 @@ class CalibrationData:
             self.batch_size = self.fixed_batch
         self._consumed = False
         self._count = None
-        source.check(self)
+        self.checks = InputChecks(self.specs, self._note)
+        source.check(self.checks)
         if synthetic:
             self._note(SYNTHETIC_WARNING)
 
@@ -132,7 +138,7 @@ class CalibrationData:
     def from_npz(cls, path, specs, **kwargs) -> "CalibrationData":
         """A ``.npz`` with one array per input name (samples on axis 0), streamed batch by batch."""
         specs = input_specs(specs)
-        return cls(_NpzSource(Path(path), {s.name: len(s.shape) for s in specs}), specs, **kwargs)
+        return cls(NpzSource(Path(path), {s.name: len(s.shape) for s in specs}), specs, **kwargs)
 
     @classmethod
     def from_npy_folder(cls, folder, specs, **kwargs) -> "CalibrationData":
@@ -140,18 +146,18 @@ class CalibrationData:
         specs = input_specs(specs)
         folder = Path(folder)
         ranks = {s.name: len(s.shape) for s in specs}
-        top = sorted(folder.glob("*.npy"), key=_natural_key)
+        top = sorted(folder.glob("*.npy"), key=natural_key)
         if top:
             if len(specs) > 1:
                 raise CalibrationInputError(
                     f"{folder}: a folder of .npy files feeds a one-input model; the model has inputs "
-                    f"{_names(specs)}: put each input's files in a subfolder named after it")
+                    f"{quoted_names(specs)}: put each input's files in a subfolder named after it")
             files = {specs[0].name: top}
         else:
             files = {}
             for spec in specs:
                 sub = folder / spec.name
-                found = sorted(sub.glob("*.npy"), key=_natural_key) if sub.is_dir() else []
+                found = sorted(sub.glob("*.npy"), key=natural_key) if sub.is_dir() else []
                 if not found:
                     raise CalibrationInputError(f"{folder}: no .npy files for model input '{spec.name}' (expected "
                                                 f"{'*.npy in the folder or ' if len(specs) == 1 else ''}"
@@ -164,17 +170,17 @@ class CalibrationData:
                     odd = sorted(set(listed) ^ set(ref))[:1] or ["(order)"]
                     raise CalibrationInputError(f"{folder}: subfolders '{ref_name}/' and '{name}/' hold different "
                                                 f"files (e.g. {odd[0]}); files pair up by name")
-        return cls(_NpyFolderSource(folder, files, ranks), specs, **kwargs)
+        return cls(NpyFolderSource(folder, files, ranks), specs, **kwargs)
 
     @classmethod
     def from_npz_folder(cls, folder, specs, **kwargs) -> "CalibrationData":
         """A folder of ``.npz`` files, each as :meth:`from_npz`, read in name order."""
         specs = input_specs(specs)
         folder = Path(folder)
-        paths = sorted(folder.glob("*.npz"), key=_natural_key)
+        paths = sorted(folder.glob("*.npz"), key=natural_key)
         if not paths:
             raise EmptyCalibrationDataError(f"{folder}: no .npz files")
-        return cls(_NpzFolderSource(folder, paths, {s.name: len(s.shape) for s in specs}), specs, **kwargs)
+        return cls(NpzFolderSource(folder, paths, {s.name: len(s.shape) for s in specs}), specs, **kwargs)
 
     @classmethod
     def from_image_folder(cls, folder, specs, options: ImageOptions | Mapping | None = None,
@@ -184,20 +190,20 @@ class CalibrationData:
         folder = Path(folder)
         if len(specs) != 1:
             raise CalibrationInputError(f"{folder}: image folders feed one-input models; the model has inputs "
-                                        f"{_names(specs)}")
-        options = _image_options(options)
-        paths = _image_files(folder)
+                                        f"{quoted_names(specs)}")
+        options = image_options(options)
+        paths = image_files(folder)
         if not paths:
             raise EmptyCalibrationDataError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        _need_pillow(folder)
+        need_pillow(folder)
         notes: list[str] = []
-        source = _ImageFolderSource(folder, paths, specs[0], options, notes)
+        source = ImageFolderSource(folder, paths, specs[0], options, notes)
         return cls(source, specs, notes=notes, **kwargs)
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any], specs, **kwargs) -> "CalibrationData":
         """In-memory arrays ``{input name: array}`` with samples on axis 0."""
-        return cls(_ArraysSource(arrays), specs, **kwargs)
+        return cls(ArraysSource(arrays), specs, **kwargs)
 
     @classmethod
     def from_iterable(cls, items, specs, **kwargs) -> "CalibrationData":
@@ -206,22 +212,22 @@ class CalibrationData:
         Each item: ``{name: array}``, a bare array (one-input models) or a tuple/list of arrays in input order;
         torch tensors are accepted. Each array is one sample or a batch (see the module docstring).
         """
-        return cls(_IterableSource(items), specs, **kwargs)
+        return cls(IterableSource(items), specs, **kwargs)
 
     # -- reading ------------------------------------------------------------------------------------------
     @property
     def description(self) -> str:
         """Where the data come from, for messages."""
-        return self._source.description
+        return self.source.description
 
     @property
     def reiterable(self) -> bool:
-        return self._source.reiterable
+        return self.source.reiterable
 
     @property
     def num_samples(self) -> int | None:
         if self._count is None:
-            count = self._source.count()
+            count = self.source.count()
             if count is not None:
                 if self.limit is not None:
                     count = min(count, self.limit)
@@ -265,7 +271,7 @@ class CalibrationData:
         pending: list[tuple[str, dict]] = []
         pending_n, pending_key = 0, None
         self._dropped = 0
-        for where, item in self._source.chunks(size):
+        for where, item in self.source.chunks(size):
             if remaining <= 0:
                 break
             arrays, n = self._prepare(item, where)
@@ -277,7 +283,7 @@ class CalibrationData:
                     pending, pending_n = [], 0
                 take = int(min(size - pending_n, n - start, remaining))
                 piece = {k: v[start:start + take] for k, v in arrays.items()}
-                self._check_finite(piece, where, start)
+                self.checks.finite(piece, where, start)
                 pending.append((where, piece))
                 pending_n, pending_key = pending_n + take, key
                 start += take
@@ -299,7 +305,7 @@ class CalibrationData:
             parts = [arrays[spec.name] for _, arrays in pending]
             if np.issubdtype(spec.dtype, np.integer):
                 for (where, arrays), part in zip(pending, parts):
-                    self._check_int_values(spec, part, where)
+                    self.checks.int_values(spec, part, where)
             if len(parts) == 1:
                 batch[spec.name] = np.array(parts[0], dtype=spec.dtype, order="C", copy=True)
             else:
@@ -312,90 +318,6 @@ class CalibrationData:
             self.notes.append(message)
             log.info(message)
 
-    def _check_names(self, found: Sequence[str], where: str) -> None:
-        missing = [s.name for s in self.specs if s.name not in found]
-        if missing:
-            have = ", ".join(f"'{k}'" for k in found) or "nothing"
-            raise CalibrationInputError(f"{where}: no data for model input '{missing[0]}' (found {have}; model "
-                                        f"inputs {_names(self.specs)})")
-        extra = [k for k in found if k not in {s.name for s in self.specs}]
-        if extra:
-            self._note(f"{where}: arrays that are not model inputs ignored: {', '.join(extra)}")
-
-    def _check_counts(self, counts: Mapping[str, int], where: str) -> None:
-        values = set(counts.values())
-        if len(values) > 1:
-            detail = ", ".join(f"'{k}' {v}" for k, v in counts.items())
-            raise CalibrationInputError(f"{where}: model inputs have different numbers of samples ({detail})")
-        if values == {0}:
-            raise EmptyCalibrationDataError(f"{where}: no calibration samples (0 along axis 0)")
-
-    def _check_array(self, spec: InputSpec, shape: tuple, dtype: np.dtype, where: str) -> bool:
-        """Checks one array against ``spec``; True when it holds a batch (samples on axis 0), False for one sample."""
-        rank = len(spec.shape)
-        if len(shape) == rank:
-            batched, sample = True, tuple(shape[1:])
-        elif len(shape) == rank - 1:
-            batched, sample = False, tuple(shape)
-        else:
-            raise CalibrationInputError(
-                f"{where}: input '{spec.name}' has shape {tuple(shape)}, but the model input is {rank}-D "
-                f"{spec.shape_str()}: give one sample ({rank - 1}-D) or samples on axis 0 ({rank}-D)")
-        want = spec.shape[1:]
-        if any(isinstance(w, int) and w != s for w, s in zip(want, sample)):
-            raise CalibrationInputError(
-                f"{where}: input '{spec.name}' has samples of shape {sample}, the model expects "
-                f"{spec.shape_str(want)} per sample")
-        self._check_dtype(spec, np.dtype(dtype), where)
-        return batched
-
-    def _check_dtype(self, spec: InputSpec, dtype: np.dtype, where: str) -> None:
-        want = spec.dtype
-        if dtype == want:
-            return
-        if np.issubdtype(want, np.floating):
-            if np.issubdtype(dtype, np.floating):
-                self._note(f"input '{spec.name}': {dtype} data cast to the model's {want}")
-                return
-            raise CalibrationInputError(
-                f"{where}: input '{spec.name}' is {dtype} but the model takes {want}; convert it yourself (e.g. "
-                "x.astype(np.float32) / 255 and any mean/std the model expects), or use an image folder")
-        if np.issubdtype(want, np.integer) and np.issubdtype(dtype, np.integer):
-            if not np.can_cast(dtype, want, "safe"):
-                self._note(f"input '{spec.name}': {dtype} data cast to the model's {want} (values checked)")
-            return
-        if want == np.bool_ and dtype == np.bool_:
-            return
-        raise CalibrationInputError(f"{where}: input '{spec.name}' is {dtype} but the model takes {want}; "
-                                    "convert it yourself")
-
-    def _check_finite(self, piece: Mapping[str, np.ndarray], where: str, start: int) -> None:
-        """Float inputs must be finite (after the cast to the model's type): a NaN or inf would reach every
-        observer downstream and leave it nothing to calibrate on, so the data are refused, naming the input."""
-        for spec in self.specs:
-            if not np.issubdtype(spec.dtype, np.floating):
-                continue
-            with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported below
-                values = np.asarray(piece[spec.name], dtype=spec.dtype)
-            finite = np.isfinite(values)
-            if finite.all():
-                continue
-            bad = finite.size - int(np.count_nonzero(finite))
-            rows = np.flatnonzero(~finite.reshape(len(values), -1).all(axis=1))
-            samples = (f"sample {start}" if len(values) == 1 else f"{len(rows)} of samples {start}.."
-                       f"{start + len(values) - 1} (first: sample {start + int(rows[0])})")
-            raise CalibrationInputError(f"{where}: input '{spec.name}' has {bad} non-finite values (NaN/inf) in "
-                                        f"{samples}; calibration needs finite inputs: check how the data were made")
-
-    def _check_int_values(self, spec: InputSpec, part: np.ndarray, where: str) -> None:
-        if part.dtype == spec.dtype or part.size == 0 or np.can_cast(part.dtype, spec.dtype, "safe"):
-            return
-        info = np.iinfo(spec.dtype)
-        lo, hi = part.min(), part.max()
-        if lo < info.min or hi > info.max:
-            raise CalibrationInputError(f"{where}: input '{spec.name}' has values in [{lo}, {hi}], outside the "
-                                        f"model's {spec.dtype}")
-
     def _prepare(self, item, where: str) -> tuple[dict[str, np.ndarray], int]:
         """``item`` as {input name: array with samples on axis 0} (lazy arrays stay lazy) and its sample count."""
         if isinstance(item, Mapping):
@@ -403,22 +325,22 @@ class CalibrationData:
         elif isinstance(item, (tuple, list)):
             if len(item) != len(self.specs):
                 raise CalibrationInputError(f"{where}: {len(item)} arrays for a model with {len(self.specs)} "
-                                            f"input(s) ({_names(self.specs)}); yield dicts keyed by input name")
+                                            f"input(s) ({quoted_names(self.specs)}); yield dicts keyed by input name")
             found = {s.name: v for s, v in zip(self.specs, item)}
         else:
             if len(self.specs) != 1:
                 raise CalibrationInputError(f"{where}: a bare array feeds one-input models; the model has inputs "
-                                            f"{_names(self.specs)}: yield dicts keyed by input name")
+                                            f"{quoted_names(self.specs)}: yield dicts keyed by input name")
             found = {self.specs[0].name: item}
-        self._check_names(list(found), where)
+        self.checks.names(list(found), where)
         arrays, counts = {}, {}
         for spec in self.specs:
-            arr = _to_numpy(found[spec.name], spec.name, where)
-            if not self._check_array(spec, arr.shape, arr.dtype, where):
+            arr = to_numpy(found[spec.name], spec.name, where)
+            if not self.checks.array(spec, arr.shape, arr.dtype, where):
                 arr = arr[None]
             arrays[spec.name], counts[spec.name] = arr, arr.shape[0]
         if len(set(counts.values())) > 1:
-            self._check_counts(counts, where)
+            self.checks.counts(counts, where)
         return arrays, next(iter(counts.values()))
 
     def __repr__(self) -> str:

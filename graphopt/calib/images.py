@@ -7,18 +7,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from graphopt.calib.errors import CalibrationDataError, CalibrationInputError, MissingDependencyError
-from graphopt.calib.readers import _natural_key, _Source
-from graphopt.calib.specs import InputSpec
+from graphopt.calib.readers import Source, natural_key
+from graphopt.calib.validate import InputChecks
+from graphopt.ir.feeds import InputSpec
 
-if TYPE_CHECKING:
-    from graphopt.calib.data import CalibrationData
-
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "ImageOptions"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "ImageFolderSource", "ImageOptions", "image_files",
+           "image_options", "need_pillow"]
 
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
@@ -69,7 +67,7 @@ class ImageOptions:
             raise CalibrationDataError("image std must not contain 0")
 
 
-def _need_pillow(where: object = "image folders"):
+def need_pillow(where: object = "image folders"):
     try:
         from PIL import Image
     except ImportError:
@@ -78,7 +76,7 @@ def _need_pillow(where: object = "image folders"):
     return Image
 
 
-class _ImageFolderSource(_Source):
+class ImageFolderSource(Source):
     def __init__(self, folder: Path, paths: list[Path], spec: InputSpec, options: ImageOptions,
                  notes: list[str]):
         self.folder, self.paths, self.spec = folder, paths, spec
@@ -119,11 +117,11 @@ class _ImageFolderSource(_Source):
     def count(self) -> int | None:
         return len(self.paths)
 
-    def check(self, data: "CalibrationData") -> None:
-        _need_pillow(self.folder)
+    def check(self, checks: InputChecks) -> None:
+        need_pillow(self.folder)
 
     def load(self, path: Path) -> np.ndarray:
-        Image = _need_pillow(path)
+        Image = need_pillow(path)
         try:
             with Image.open(path) as img:
                 img = img.convert("L" if self.channels == 1 else "RGB")
@@ -167,7 +165,7 @@ class _ImageFolderSource(_Source):
             yield str(path), {self.spec.name: self.load(path)}
 
 
-def _image_options(options) -> ImageOptions:
+def image_options(options) -> ImageOptions:
     if options is None:
         return ImageOptions()
     if isinstance(options, ImageOptions):
@@ -180,6 +178,6 @@ def _image_options(options) -> ImageOptions:
     raise CalibrationDataError(f"image options must be an ImageOptions or a dict, got {type(options).__name__}")
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     return sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-                  key=lambda p: [_natural_key(Path(part)) for part in p.relative_to(folder).parts])
+                  key=lambda p: [natural_key(Path(part)) for part in p.relative_to(folder).parts])

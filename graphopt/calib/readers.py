@@ -1,9 +1,10 @@
-"""Readers: where chunks of raw calibration data come from, one :class:`_Source` per kind of source.
+"""Readers: where chunks of raw calibration data come from, one :class:`Source` per kind of source.
 
 A source yields ``(where, item)`` chunks (``where`` names the chunk in messages; ``item`` is a dict, an array or a
-tuple) that :class:`~graphopt.calib.data.CalibrationData` validates and re-cuts into batches: a ``.npz`` (members
-streamed from the zip), ``.npy`` files or per-input folders of them (memory-mapped), a folder of ``.npz``,
-in-memory arrays, an iterable or a function, fixed-seed synthetic samples. Image folders are read in
+tuple) that :class:`~graphopt.calib.data.CalibrationData` validates and re-cuts into batches; at load time it
+checks what it can see cheaply (file headers) with :class:`~graphopt.calib.validate.InputChecks`. The kinds: a
+``.npz`` (members streamed from the zip), ``.npy`` files or per-input folders of them (memory-mapped), a folder
+of ``.npz``, in-memory arrays, an iterable or a function, fixed-seed synthetic samples. Image folders are read in
 :mod:`graphopt.calib.images`; :mod:`graphopt.calib.sources` says which source kind a path or object is.
 """
 
@@ -15,18 +16,19 @@ import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from graphopt.calib.errors import CalibrationDataError, CalibrationInputError
-from graphopt.calib.specs import InputSpec, _dim_str
+from graphopt.calib.validate import InputChecks
+from graphopt.ir.feeds import InputSpec, dim_str, random_array
 
-if TYPE_CHECKING:
-    from graphopt.calib.data import CalibrationData
+__all__ = ["ArraysSource", "IterableSource", "NpyFolderSource", "NpzFolderSource", "NpzSource", "Source",
+           "SyntheticSource", "natural_key", "to_numpy"]
 
 
-class _Source(ABC):
+class Source(ABC):
     """Yields ``(where, item)``: ``where`` names the chunk in messages, ``item`` is a dict/array/tuple."""
 
     description = "calibration data"
@@ -40,11 +42,11 @@ class _Source(ABC):
         """Number of samples, when known without reading the data."""
         return None
 
-    def check(self, data: "CalibrationData") -> None:
+    def check(self, checks: InputChecks) -> None:
         """Cheap checks at load time (names, shapes and dtypes from file headers)."""
 
 
-def _natural_key(path: Path):
+def natural_key(path: Path):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
@@ -58,7 +60,7 @@ def _read_npy_header(fp):
     return None
 
 
-class _NpzSource(_Source):
+class NpzSource(Source):
     def __init__(self, path: Path, ranks: Mapping[str, int]):
         self.path, self.ranks, self.names = path, dict(ranks), list(ranks)
         self.description = str(path)
@@ -94,15 +96,15 @@ class _NpzSource(_Source):
         shape = headers[name][0]
         return shape[0] if len(shape) == self.ranks[name] and shape else 1
 
-    def check(self, data: "CalibrationData") -> None:
+    def check(self, checks: InputChecks) -> None:
         headers = self.headers()
-        data._check_names(list(headers), self.description)
+        checks.names(list(headers), self.description)
         counts = {}
-        for spec in data.specs:
+        for spec in checks.specs:
             shape, dtype, _ = headers[spec.name]
-            batched = data._check_array(spec, shape, dtype, self.description)
+            batched = checks.array(spec, shape, dtype, self.description)
             counts[spec.name] = shape[0] if batched else 1
-        data._check_counts(counts, self.description)
+        checks.counts(counts, self.description)
 
     def chunks(self, read_size: int):
         headers = self.headers()
@@ -152,7 +154,7 @@ def _mmap(path: Path) -> np.ndarray:
         raise CalibrationDataError(f"{path}: not a readable .npy file ({exc})") from None
 
 
-class _NpyFolderSource(_Source):
+class NpyFolderSource(Source):
     """``files[name]`` is the list of .npy files of input ``name``; list i of every input pairs up."""
 
     def __init__(self, folder: Path, files: dict[str, list[Path]], ranks: dict[str, int]):
@@ -171,10 +173,10 @@ class _NpyFolderSource(_Source):
             self._count = total
         return self._count
 
-    def check(self, data: "CalibrationData") -> None:
-        for spec in data.specs:  # the first file of each input; the others are checked as they are read
+    def check(self, checks: InputChecks) -> None:
+        for spec in checks.specs:  # the first file of each input; the others are checked as they are read
             arr = _mmap(self.files[spec.name][0])
-            data._check_array(spec, arr.shape, arr.dtype, str(self.files[spec.name][0]))
+            checks.array(spec, arr.shape, arr.dtype, str(self.files[spec.name][0]))
 
     def chunks(self, read_size: int):
         names = list(self.files)
@@ -183,45 +185,45 @@ class _NpyFolderSource(_Source):
             yield str(path), item
 
 
-class _NpzFolderSource(_Source):
+class NpzFolderSource(Source):
     def __init__(self, folder: Path, paths: list[Path], ranks: Mapping[str, int]):
-        self.parts = [_NpzSource(p, ranks) for p in paths]
+        self.parts = [NpzSource(p, ranks) for p in paths]
         self.description = f"{folder} ({len(paths)} .npz files)"
 
     def count(self) -> int | None:
         return sum(part.count() or 0 for part in self.parts)
 
-    def check(self, data: "CalibrationData") -> None:
-        self.parts[0].check(data)
+    def check(self, checks: InputChecks) -> None:
+        self.parts[0].check(checks)
 
     def chunks(self, read_size: int):
         for part in self.parts:
             yield from part.chunks(read_size)
 
 
-class _ArraysSource(_Source):
+class ArraysSource(Source):
     def __init__(self, arrays: Mapping[str, Any], description: str = "in-memory arrays"):
-        self.arrays = {k: _to_numpy(v, k, description) for k, v in arrays.items()}
+        self.arrays = {k: to_numpy(v, k, description) for k, v in arrays.items()}
         self.description = description
         self._n = None
 
     def count(self) -> int | None:
         return self._n
 
-    def check(self, data: "CalibrationData") -> None:
-        data._check_names(list(self.arrays), self.description)
+    def check(self, checks: InputChecks) -> None:
+        checks.names(list(self.arrays), self.description)
         counts = {}
-        for spec in data.specs:
+        for spec in checks.specs:
             arr = self.arrays[spec.name]
-            counts[spec.name] = arr.shape[0] if data._check_array(spec, arr.shape, arr.dtype, self.description) else 1
-        data._check_counts(counts, self.description)
+            counts[spec.name] = arr.shape[0] if checks.array(spec, arr.shape, arr.dtype, self.description) else 1
+        checks.counts(counts, self.description)
         self._n = next(iter(counts.values()))
 
     def chunks(self, read_size: int):
         yield self.description, self.arrays
 
 
-class _IterableSource(_Source):
+class IterableSource(Source):
     def __init__(self, obj):
         self.obj = obj
         if callable(obj) and not isinstance(obj, Iterable):
@@ -238,7 +240,7 @@ class _IterableSource(_Source):
             yield f"item {i}", item
 
 
-class _SyntheticSource(_Source):
+class SyntheticSource(Source):
     def __init__(self, specs: Sequence[InputSpec], n: int, seed: int, dims: Mapping[str, int], notes: list[str]):
         self.n, self.seed = n, seed
         self.description = f"synthetic data ({n} samples, seed {seed})"
@@ -252,7 +254,7 @@ class _SyntheticSource(_Source):
                     shape.append(int(dims[d]))
                 else:
                     shape.append(1)
-                    notes.append(f"synthetic data: symbolic dimension {_dim_str(d)} of input '{spec.name}' set to "
+                    notes.append(f"synthetic data: symbolic dimension {dim_str(d)} of input '{spec.name}' set to "
                                  "1 (pass dims={name: size})")
             self.shapes[spec.name] = (tuple(shape), spec.dtype)
 
@@ -262,18 +264,11 @@ class _SyntheticSource(_Source):
     def chunks(self, read_size: int):
         for i in range(self.n):  # one generator per sample: the data do not depend on the batch size
             rng = np.random.default_rng([self.seed, i])
-            item = {}
-            for name, (shape, dtype) in self.shapes.items():
-                if np.issubdtype(dtype, np.floating):
-                    item[name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-                elif dtype == np.bool_:
-                    item[name] = np.zeros(shape, dtype)
-                else:
-                    item[name] = rng.integers(0, 2, size=shape).astype(dtype)
-            yield f"synthetic sample {i}", item
+            yield f"synthetic sample {i}", {name: random_array(rng, shape, dtype)
+                                            for name, (shape, dtype) in self.shapes.items()}
 
 
-def _to_numpy(value, name: str, where: str) -> np.ndarray:
+def to_numpy(value, name: str, where: str) -> np.ndarray:
     if isinstance(value, np.ndarray):
         arr = value
     elif hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor

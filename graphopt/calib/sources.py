@@ -45,9 +45,9 @@ from graphopt.calib.errors import (
     MissingDependencyError,
 )
 from graphopt.calib.images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, ImageOptions
-from graphopt.calib.readers import _ArraysSource, _NpyFolderSource, _SyntheticSource
+from graphopt.calib.readers import ArraysSource, NpyFolderSource, SyntheticSource
 from graphopt.calib.specs import Dim as Dim  # re-exported: the type of an InputSpec dim
-from graphopt.calib.specs import InputSpec, _names, input_specs
+from graphopt.calib.specs import InputSpec, input_specs, quoted_names
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "CalibrationData", "CalibrationDataError",
@@ -72,7 +72,7 @@ def load_calibration(source, input_specs_, *, batch_size: int = 8, limit: int | 
     specs = input_specs(input_specs_)
     kwargs = dict(batch_size=batch_size, limit=limit, progress=progress)
     if isinstance(source, CalibrationData):
-        return CalibrationData(source._source, specs, synthetic=source.synthetic, notes=source.notes, **kwargs)
+        return CalibrationData(source.source, specs, synthetic=source.synthetic, notes=source.notes, **kwargs)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
@@ -86,9 +86,9 @@ def load_calibration(source, input_specs_, *, batch_size: int = 8, limit: int | 
             if suffix == ".npy":
                 if len(specs) != 1:
                     raise CalibrationInputError(f"{path}: a .npy file feeds a one-input model; the model has "
-                                                f"inputs {_names(specs)} (use a .npz)")
+                                                f"inputs {quoted_names(specs)} (use a .npz)")
                 ranks = {specs[0].name: len(specs[0].shape)}
-                return CalibrationData(_NpyFolderSource(path, {specs[0].name: [path]}, ranks), specs, **kwargs)
+                return CalibrationData(NpyFolderSource(path, {specs[0].name: [path]}, ranks), specs, **kwargs)
             raise CalibrationDataError(f"{path}: unsupported calibration file type '{suffix}' (expected .npz, "
                                        ".npy, or a folder of .npy, .npz or images)")
         kind = _folder_kind(path, specs)
@@ -99,15 +99,16 @@ def load_calibration(source, input_specs_, *, batch_size: int = 8, limit: int | 
         if kind == "images":
             return CalibrationData.from_image_folder(path, specs, image_options, **kwargs)
         raise EmptyCalibrationDataError(f"{path}: no .npy, .npz or image files (nor .npy subfolders named after "
-                                        f"the model inputs {_names(specs)})")
+                                        f"the model inputs {quoted_names(specs)})")
     if image_options is not None:
         raise CalibrationDataError("image options apply to folders of images only")
     if isinstance(source, Mapping):
         return CalibrationData.from_arrays(source, specs, **kwargs)
     if isinstance(source, np.ndarray):
         if len(specs) != 1:
-            raise CalibrationInputError(f"a bare array feeds one-input models; the model has inputs {_names(specs)}")
-        return CalibrationData(_ArraysSource({specs[0].name: source}, "an array"), specs, **kwargs)
+            raise CalibrationInputError("a bare array feeds one-input models; the model has inputs "
+                                        f"{quoted_names(specs)}")
+        return CalibrationData(ArraysSource({specs[0].name: source}, "an array"), specs, **kwargs)
     if isinstance(source, Iterable) or callable(source):
         return CalibrationData.from_iterable(source, specs, **kwargs)
     raise CalibrationDataError(f"cannot read calibration data from a {type(source).__name__}")
@@ -139,5 +140,5 @@ def synthetic(input_specs_, n: int = 32, seed: int = 0, *, batch_size: int = 8,
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise CalibrationDataError(f"synthetic data needs n >= 1 samples, got {n!r}")
     notes: list[str] = []
-    source = _SyntheticSource(specs, int(n), int(seed), dims or {}, notes)
+    source = SyntheticSource(specs, int(n), int(seed), dims or {}, notes)
     return CalibrationData(source, specs, batch_size=batch_size, progress=progress, synthetic=True, notes=notes)

@@ -1,63 +1,14 @@
-"""Model inputs as calibration sees them: :class:`InputSpec` (a name, a shape whose dims are fixed ints or
-symbolic, a numpy dtype) and :func:`input_specs`, which reads them from a model, a session or a description."""
+"""Model inputs as calibration reads them: :func:`input_specs` gives the :class:`~graphopt.ir.feeds.InputSpec` s of
+a model, a session or a description of its inputs."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Union
 
-import numpy as np
+from graphopt.ir.feeds import Dim, InputSpec, session_input_specs
 
-from graphopt.calib.errors import CalibrationInputError
-
-__all__ = ["InputSpec", "input_specs"]
-
-
-Dim = Union[int, str, None]
-
-
-def _norm_dim(d) -> Dim:
-    if isinstance(d, (int, np.integer)) and not isinstance(d, bool):
-        return int(d) if d > 0 else None  # -1 / 0: unknown, as some tools write it
-    if isinstance(d, str) and d:
-        return d
-    return None
-
-
-def _dim_str(d: Dim) -> str:
-    return str(d) if d is not None else "?"
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One model input: ``name``, ``shape`` (ints are fixed, strings or None symbolic) and numpy ``dtype``."""
-
-    name: str
-    shape: tuple
-    dtype: np.dtype = field(default=np.dtype(np.float32))
-
-    def __post_init__(self):
-        object.__setattr__(self, "shape", tuple(_norm_dim(d) for d in self.shape))
-        object.__setattr__(self, "dtype", np.dtype(self.dtype))
-
-    @property
-    def batch_dim(self) -> int | None:
-        """The fixed size of the first (batch) dimension, or None when it is symbolic."""
-        return self.shape[0] if self.shape and isinstance(self.shape[0], int) else None
-
-    def shape_str(self, dims=None) -> str:
-        dims = self.shape if dims is None else dims
-        return "(" + ", ".join(_dim_str(d) for d in dims) + ")"
-
-    def __str__(self) -> str:
-        return f"'{self.name}' {self.dtype} {self.shape_str()}"
-
-
-_ORT_TYPES = {"float": "float32", "double": "float64", "float16": "float16", "int8": "int8", "uint8": "uint8",
-              "int16": "int16", "uint16": "uint16", "int32": "int32", "uint32": "uint32", "int64": "int64",
-              "uint64": "uint64", "bool": "bool"}
+__all__ = ["Dim", "InputSpec", "input_specs", "quoted_names"]
 
 
 def input_specs(model) -> tuple[InputSpec, ...]:
@@ -81,18 +32,9 @@ def input_specs(model) -> tuple[InputSpec, ...]:
     if isinstance(model, (list, tuple)) and all(isinstance(s, (InputSpec, tuple, list)) for s in model):
         return tuple(s if isinstance(s, InputSpec) else InputSpec(*s) for s in model)
     if hasattr(model, "get_inputs"):  # onnxruntime.InferenceSession
-        specs = []
-        for arg in model.get_inputs():
-            kind = arg.type[len("tensor("):-1] if arg.type.startswith("tensor(") else arg.type
-            if kind not in _ORT_TYPES:
-                raise CalibrationInputError(f"model input '{arg.name}' has type {arg.type}, which calibration "
-                                            "does not support")
-            specs.append(InputSpec(arg.name, tuple(arg.shape), _ORT_TYPES[kind]))
-        return tuple(specs)
-    if hasattr(model, "gs") and hasattr(model.gs, "inputs"):  # graphopt OnnxGraph (inputs with defaults skipped)
-        defaults = getattr(model, "defaults", {})
-        return tuple(InputSpec(t.name, tuple(t.shape or ()), t.dtype if t.dtype is not None else np.float32)
-                     for t in model.gs.inputs if t.name not in defaults)
+        return tuple(session_input_specs(model))
+    if hasattr(model, "gs") and hasattr(model, "input_specs"):  # graphopt OnnxGraph
+        return tuple(model.input_specs())
     import onnx
 
     if isinstance(model, (str, os.PathLike)):
@@ -110,5 +52,6 @@ def input_specs(model) -> tuple[InputSpec, ...]:
     raise TypeError(f"cannot read model inputs from a {type(model).__name__}")
 
 
-def _names(specs: Sequence[InputSpec]) -> str:
+def quoted_names(specs: Sequence[InputSpec]) -> str:
+    """``'image', 'mask'``: the input names for messages."""
     return ", ".join(f"'{s.name}'" for s in specs)

@@ -6,14 +6,19 @@ run the model at all. :func:`input_roles` reads what each graph input feeds (ONN
 gives such inputs values that are valid for most models: indices and axes 0, counts and sizes 1, scales 1.0.
 :func:`candidate_feeds` yields a few alternatives for the caller to try in order when a model does not run on
 the first; the numeric check says "not compared" rather than fail when none runs.
+
+:class:`InputSpec` is the one description of a model input graphopt has (the numeric check, the backends,
+calibration): a name, a shape whose dims are fixed ints or symbolic (a name, or None when unknown), a numpy dtype.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence, Union
 
 import numpy as np
+
+from graphopt.errors import UnsupportedError
 
 # op type -> {input slot: role}. "index": must be a valid index (0 is); "shape": a shape / sizes / repeats
 # (1 keeps every dimension); "axis": axes / a dimension number (0); "count": a count or bound (1); "scale": a
@@ -39,13 +44,69 @@ SLOT_ROLES: dict[str, dict[int, str]] = {
 _ROLE_VALUE = {"index": 0, "axis": 0, "count": 1, "shape": 1, "scale": 1.0}
 
 
+Dim = Union[int, str, None]
+
+
+def _norm_dim(d) -> Dim:
+    if isinstance(d, (int, np.integer)) and not isinstance(d, bool):
+        return int(d) if d >= 0 else None  # -1: unknown, as some tools write it; 0 is an empty dimension
+    if isinstance(d, str) and d:
+        return d
+    return None
+
+
+def dim_str(d: Dim) -> str:
+    """A dim for messages: its size, its symbolic name, or ``?`` when unknown."""
+    return str(d) if d is not None else "?"
+
+
 @dataclass(frozen=True)
-class Spec:
-    """A model input to feed: its name, its shape (ints; None or strings where symbolic) and numpy dtype."""
+class InputSpec:
+    """One model input: ``name``, ``shape`` (ints are fixed; strings, the dim's symbolic name, and None are
+    symbolic) and numpy ``dtype``. Negative dims (how some tools write "unknown") become None."""
 
     name: str
     shape: tuple
-    dtype: np.dtype
+    dtype: np.dtype = np.dtype(np.float32)
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(_norm_dim(d) for d in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
+    @property
+    def batch_dim(self) -> int | None:
+        """The fixed size of the first (batch) dimension, or None when it is symbolic (or the input a scalar)."""
+        return self.shape[0] if self.shape and isinstance(self.shape[0], int) else None
+
+    def concrete(self, batch: int = 1, override: Sequence | None = None) -> tuple[int, ...]:
+        """The shape to feed at ``batch``: see :func:`concrete_shape`."""
+        return concrete_shape(self.shape, batch, override)
+
+    def shape_str(self, dims: Sequence | None = None) -> str:
+        """``(N, 3, 224, 224)``: this input's shape (or ``dims``), unknown dims as ``?``."""
+        return "(" + ", ".join(dim_str(d) for d in (self.shape if dims is None else dims)) + ")"
+
+    def __str__(self) -> str:
+        return f"'{self.name}' {self.dtype} {self.shape_str()}"
+
+
+
+
+_ORT_TYPES = {"float": np.float32, "float16": np.float16, "double": np.float64, "int8": np.int8, "uint8": np.uint8,
+              "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32, "int64": np.int64,
+              "uint64": np.uint64, "bool": np.bool_}
+
+
+def session_input_specs(session) -> list[InputSpec]:
+    """The inputs of an onnxruntime ``InferenceSession`` (symbolic dims by name, as onnxruntime reports them); an
+    input of a type graphopt cannot feed (a string, a sequence, a map) is an :class:`UnsupportedError`."""
+    specs = []
+    for arg in session.get_inputs():
+        kind = arg.type[len("tensor("):-1] if arg.type.startswith("tensor(") else arg.type
+        if kind not in _ORT_TYPES:
+            raise UnsupportedError(f"model input '{arg.name}' has type {arg.type}, which graphopt cannot feed")
+        specs.append(InputSpec(arg.name, tuple(arg.shape), _ORT_TYPES[kind]))
+    return specs
 
 
 def concrete_shape(shape: Sequence, batch: int = 1, override: Sequence | None = None) -> tuple[int, ...]:
@@ -71,13 +132,22 @@ def random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype, role: 
     return rng.integers(0, 2, size=shape).astype(dtype)
 
 
-def feeds(specs: Sequence[Spec], seed: int = 0, batch: int = 1, roles: Mapping[str, str] | None = None,
+def feeds(specs: Sequence[InputSpec], seed: int = 0, batch: int = 1, roles: Mapping[str, str] | None = None,
           shapes: Mapping[str, Sequence] | None = None) -> dict[str, np.ndarray]:
-    """Fixed-seed inputs for ``specs`` (see :func:`random_array`); ``roles`` from :func:`input_roles`."""
+    """Fixed-seed inputs for ``specs`` at ``batch`` (shapes as :func:`concrete_shape` fills them, ``shapes``
+    overriding them per input name; values as :func:`random_array` makes them); ``roles`` from
+    :func:`input_roles`."""
     rng = np.random.default_rng(seed)
     roles, shapes = roles or {}, shapes or {}
     return {s.name: random_array(rng, concrete_shape(s.shape, batch, shapes.get(s.name)), s.dtype,
                                  roles.get(s.name)) for s in specs}
+
+
+def samples(specs: Sequence[InputSpec], n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``n`` fixed-seed samples per input along axis 0, whatever the model's batch dimension (a data set to cut
+    into batches, not one batch); other symbolic dims are 1, scalar inputs stay scalars."""
+    shapes = {s.name: (n, *concrete_shape(s.shape)[1:]) for s in specs if s.shape}
+    return feeds(specs, seed, n, shapes=shapes)
 
 
 def input_roles(gs_graph) -> dict[str, str]:
@@ -106,7 +176,8 @@ def input_roles(gs_graph) -> dict[str, str]:
     return roles
 
 
-def candidate_feeds(specs: Sequence[Spec], roles: Mapping[str, str], seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def candidate_feeds(specs: Sequence[InputSpec], roles: Mapping[str, str], seed: int = 0
+                    ) -> Iterator[dict[str, np.ndarray]]:
     """Inputs to try, best first: random data with role-aware values; then every integer input 0; then every
     integer input 1 and every float 1.0 (a model that runs on none of them is not compared)."""
     yield feeds(specs, seed, roles=roles)

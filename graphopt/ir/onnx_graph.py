@@ -26,7 +26,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from graphopt.errors import ModelLoadError, UnsupportedError, first_line
 from graphopt.ir import onnx_external, onnx_io
 from graphopt.ir.base import Graph
-from graphopt.ir.feeds import Spec, feeds, input_roles
+from graphopt.ir.feeds import InputSpec, feeds, input_roles
 from graphopt.ir.ops import OpKind, onnx_kind
 
 _PROTOBUF_MARGIN = 64 * 2**20  # room for everything in a model that is not a weight
@@ -260,9 +260,9 @@ class OnnxGraph(Graph):
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise ValueError(first_line(exc)) from exc
 
-    def input_specs(self) -> list[Spec]:
-        """The inputs to feed (those with a default value run with it), as :class:`graphopt.ir.feeds.Spec`."""
-        return [Spec(t.name, tuple(t.shape or ()), np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32))
+    def input_specs(self) -> list[InputSpec]:
+        """The inputs to feed (those with a default value run with it), as :class:`graphopt.ir.feeds.InputSpec`."""
+        return [InputSpec(t.name, tuple(t.shape or ()), t.dtype if t.dtype is not None else np.float32)
                 for t in self.gs.inputs if t.name not in self.defaults]
 
     def sample_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:

@@ -1,7 +1,8 @@
 """What graphopt measures about models: accuracy-side metrics (SQNR, cosine, relative error, top-1 agreement
-and accuracy, per output and per layer) and costs (parameters and MACs per layer, :mod:`graphopt.report.cost`).
-Latency and size come from the backends (:mod:`graphopt.backends`)."""
+and accuracy, from :mod:`graphopt.numeric`, per output and per layer) and costs (parameters and MACs per layer,
+:mod:`graphopt.report.cost`). Latency and size come from the backends (:mod:`graphopt.backends`)."""
 
+from graphopt.numeric import cosine_similarity, max_rel_error, sqnr_db, top1_accuracy, top1_agreement
 from graphopt.report.cost import (
     LayerCost,
     LayerDelta,
@@ -19,13 +20,8 @@ from graphopt.report.metrics import (
     OutputComparison,
     compare_models,
     compare_outputs,
-    cosine_similarity,
     match_tensors,
-    max_rel_error,
     per_layer_sqnr,
-    sqnr_db,
-    top1_accuracy,
-    top1_agreement,
 )
 
 __all__ = [

@@ -25,36 +25,24 @@ The model's parameter total is its own count (:meth:`Graph.num_parameters`: ever
 parameter), which can differ from the sum over layers (shape constants, BatchNorm buffers); the MAC total is
 the sum over layers.
 
-The FX counting is in :mod:`graphopt.report.cost_fx`; this module holds the ONNX counting and the public API.
+The FX counting is in :mod:`graphopt.report.cost_fx`, what both count into (:class:`LayerCost`) and the rules
+they share in :mod:`graphopt.report.layer_cost`; this module holds the ONNX counting and the public API.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from graphopt.ir.onnx_graph import fresh_name
+from graphopt.report.cost_fx import fx_costs
+from graphopt.report.layer_cost import LayerCost, is_weight_dtype, numel
+from graphopt.table import format_table
+
 __all__ = ["LayerCost", "LayerDelta", "ModelCosts", "compare_costs", "cost_table", "fmt_count", "layer_costs",
            "model_costs", "total_costs"]
-
-
-@dataclass
-class LayerCost:
-    """One node: its unique ``name`` in the graph (ONNX node name, FX node name), ``op`` (ONNX op type, FX module
-    class or function name), ``params`` and ``macs`` as described in the module docstring, and its first
-    output's shape where known (symbolic ONNX dimensions as strings)."""
-
-    name: str
-    op: str
-    params: int
-    macs: int
-    out_shape: tuple | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "op": self.op, "params": self.params, "macs": self.macs,
-                "out_shape": list(self.out_shape) if self.out_shape is not None else None}
 
 
 @dataclass
@@ -96,8 +84,6 @@ def layer_costs(graph, all_nodes: bool = False) -> list[LayerCost]:
     if graph.ir == "onnx":
         rows = _onnx_costs(graph)
     elif graph.ir == "fx":
-        from graphopt.report.cost_fx import fx_costs  # here: cost_fx imports this module
-
         rows = fx_costs(graph)
     else:
         raise ValueError(f"no cost model for the '{graph.ir}' IR")
@@ -143,8 +129,6 @@ def compare_costs(before: Sequence[LayerCost], after: Sequence[LayerCost]) -> li
 def cost_table(deltas: Sequence[LayerDelta], top: int | None = 10) -> str:
     """The changed layers as an aligned text table, biggest change first: by how many MACs changed (either way),
     then how many parameters, then graph order; at most ``top`` rows."""
-    from graphopt.table import format_table
-
     changed = [(i, d) for i, d in enumerate(deltas) if d.changed]
     changed.sort(key=lambda p: (-abs(p[1].macs_before - p[1].macs_after),
                                 -abs(p[1].params_before - p[1].params_after), p[0]))
@@ -170,23 +154,6 @@ def fmt_count(n: float, unit: float | None = None) -> str:
 
 def _ratio(before: float, after: float) -> str:
     return f"{after / before:.2f}x" if before else ""
-
-
-def _numel(dims) -> int:
-    """Elements of a shape; unknown and symbolic dimensions count as 1."""
-    return math.prod(int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in dims)
-
-
-_NOT_WEIGHTS = (np.dtype(np.int64), np.dtype(np.bool_))
-
-
-def _is_weight_dtype(dtype) -> bool:
-    if dtype is None:
-        return True
-    try:
-        return np.dtype(dtype) not in _NOT_WEIGHTS
-    except TypeError:
-        return True
 
 
 # -- ONNX -----------------------------------------------------------------------------------------------------
@@ -256,13 +223,13 @@ def _onnx_costs(graph) -> list[LayerCost]:
                 grew = True
 
     def params_of(t) -> int:
-        if not t.name or t.name not in constant or not _is_weight_dtype(dtype_of(t)):
+        if not t.name or t.name not in constant or not is_weight_dtype(dtype_of(t)):
             return 0
         if isinstance(t, gs.Constant):
             return int(t.values.size)
         shape = shape_of(t)
         if shape is not None and all(isinstance(d, int) and d >= 0 for d in shape):
-            return _numel(shape) if shape else 1
+            return numel(shape) if shape else 1
         return _root_constant_elements(t)
 
     rows, names = [], set()
@@ -275,7 +242,7 @@ def _onnx_costs(graph) -> list[LayerCost]:
                 seen.add(t.name)
                 params += params_of(t)
         out = shape_of(node.outputs[0]) if node.outputs else None
-        name = _unique(names, node.name or (node.outputs[0].name if node.outputs else "") or f"{node.op}_{i}")
+        name = fresh_name(names, node.name or (node.outputs[0].name if node.outputs else "") or f"{node.op}_{i}")
         rows.append(LayerCost(name, node.op, params, _onnx_macs(node, out, shape_of),
                               tuple(out) if out is not None else None))
     return rows
@@ -292,12 +259,12 @@ def _root_constant_elements(tensor) -> int:
             continue
         seen.add(t.name)
         if isinstance(t, gs.Constant):
-            total += int(t.values.size) if _is_weight_dtype(t.values.dtype) else 0
+            total += int(t.values.size) if is_weight_dtype(t.values.dtype) else 0
         elif len(t.inputs) == 1:
             producer = t.inputs[0]
             if producer.op == "Constant" and isinstance(producer.attrs.get("value"), gs.Constant):
                 value = producer.attrs["value"].values
-                total += int(value.size) if _is_weight_dtype(value.dtype) else 0
+                total += int(value.size) if is_weight_dtype(value.dtype) else 0
             stack.extend(producer.inputs)
     return total
 
@@ -307,25 +274,17 @@ def _onnx_macs(node, out: list | None, shape_of) -> int:
     try:
         if op in ("Conv", "ConvInteger", "QLinearConv"):
             w = shape_of(inputs[3 if op == "QLinearConv" else 1])
-            return _numel(out) * _numel(w[1:]) if out is not None and w else 0
+            return numel(out) * numel(w[1:]) if out is not None and w else 0
         if op == "ConvTranspose":
             x, w = shape_of(inputs[0]), shape_of(inputs[1])
-            return _numel(x) * _numel(w[1:]) if x is not None and w else 0
+            return numel(x) * numel(w[1:]) if x is not None and w else 0
         if op == "Gemm":
             a = shape_of(inputs[0])
             k = a[0] if node.attrs.get("transA", 0) else a[1]
-            return _numel(out) * _numel([k]) if out is not None else 0
+            return numel(out) * numel([k]) if out is not None else 0
         if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "FusedMatMul"):
             a = shape_of(inputs[0])
-            return _numel(out) * _numel(a[-1:]) if out is not None and a else 0
+            return numel(out) * numel(a[-1:]) if out is not None and a else 0
     except (IndexError, TypeError):  # a malformed node: no count rather than a failed report
         return 0
     return 0
-
-
-def _unique(names: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in names:
-        name, i = f"{base}_{i}", i + 1
-    names.add(name)
-    return name

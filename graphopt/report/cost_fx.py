@@ -5,7 +5,7 @@ module's docstring says, with shapes from running FX's ``ShapeProp`` on the grap
 
 from __future__ import annotations
 
-from graphopt.report.cost import LayerCost, _is_weight_dtype, _numel
+from graphopt.report.layer_cost import LayerCost, is_weight_dtype, numel
 
 _CONV = ("conv1d", "conv2d", "conv3d")
 _CONV_T = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
@@ -43,12 +43,12 @@ def fx_costs(graph) -> list[LayerCost]:
         if node.op == "get_attr":
             value = _fx_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
-                return value.numel() if _is_weight_dtype(_np_dtype(value.dtype)) else 0
+                return value.numel() if is_weight_dtype(_np_dtype(value.dtype)) else 0
             return 0
         meta = node.meta.get("tensor_meta")
         if meta is None or not hasattr(meta, "shape"):
             return 0
-        return _numel(meta.shape) if _is_weight_dtype(_np_dtype(meta.dtype)) else 0
+        return numel(meta.shape) if is_weight_dtype(_np_dtype(meta.dtype)) else 0
 
     rows = []
     for node in gm.graph.nodes:
@@ -110,12 +110,12 @@ def _fx_macs(gm, node, out: list | None) -> int:
         if isinstance(mod, nn.modules.conv._ConvNd):
             w = list(mod.weight.shape)
             if mod.transposed:
-                return _numel(x) * _numel(w[1:]) if x is not None else 0
-            return _numel(out) * _numel(w[1:]) if out is not None else 0
+                return numel(x) * numel(w[1:]) if x is not None else 0
+            return numel(out) * numel(w[1:]) if out is not None else 0
         if isinstance(mod, nn.Linear):
-            return _numel(out) * mod.in_features if out is not None else 0
+            return numel(out) * mod.in_features if out is not None else 0
         if isinstance(mod, nn.Bilinear):
-            return _numel(out) * mod.in1_features * mod.in2_features if out is not None else 0
+            return numel(out) * mod.in1_features * mod.in2_features if out is not None else 0
         return 0
     key = _fx_key(gm, node)
     if key in _CONV or key in _CONV_T or key in ("convolution", "_convolution"):
@@ -126,17 +126,17 @@ def _fx_macs(gm, node, out: list | None) -> int:
             return 0
         if transposed:
             x = _fx_shape(_fx_arg(node, 0, "input"))
-            return _numel(x) * _numel(w[1:]) if x is not None else 0
-        return _numel(out) * _numel(w[1:]) if out is not None else 0
+            return numel(x) * numel(w[1:]) if x is not None else 0
+        return numel(out) * numel(w[1:]) if out is not None else 0
     if key == "linear":
         w = _fx_shape(_fx_arg(node, 1, "weight"))
-        return _numel(out) * _numel(w[-1:]) if out is not None and w else 0
+        return numel(out) * numel(w[-1:]) if out is not None and w else 0
     if key in _MATMUL or key in _ADDMM:
         a = _fx_shape(_fx_arg(node, 1 if key in _ADDMM else 0, "mat1" if key == "addmm" else "input"))
-        return _numel(out) * _numel(a[-1:]) if out is not None and a else 0
+        return numel(out) * numel(a[-1:]) if out is not None and a else 0
     if key in _SDPA:
         q, k, v = (_fx_shape(_fx_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
         if q is None or k is None or v is None:
             return 0
-        return _numel(q[:-1]) * _numel(k[-2:-1]) * (_numel(q[-1:]) + _numel(v[-1:]))
+        return numel(q[:-1]) * numel(k[-2:-1]) * (numel(q[-1:]) + numel(v[-1:]))
     return 0

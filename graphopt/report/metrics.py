@@ -1,12 +1,9 @@
 """How far one model's outputs are from another's: SQNR, cosine similarity, max relative error, top-1 agreement
 and accuracy, per output and per layer.
 
-Definitions (``ref`` is the reference model's tensor, ``x`` the other's, both as float64):
-
-- SQNR (dB) = 10 log10(sum(ref^2) / sum((x - ref)^2)); +inf when the two are equal.
-- cosine = <ref, x> / (|ref| |x|) over the flattened tensors (1 when both are zero, 0 when one is).
-- max relative error = max |x - ref| / max |ref| (the measure the pass manager's numeric check uses).
-- top-1 agreement = the fraction of samples whose argmax over the class axis (the last) is the same.
+The measures are :mod:`graphopt.numeric`'s (SQNR, cosine and max relative error NaN-aware; top-1 agreement: the
+fraction of samples whose argmax over the class axis, the last, is the same); this module applies them to whole
+models.
 
 Per-layer SQNR runs both models with their intermediate tensors exposed as extra graph outputs and matches
 tensors **by name**, with this rule: for every tensor the reference model A computes (a node output that is not a
@@ -20,10 +17,10 @@ constant, a QuantizeLinear or a DequantizeLinear output), and each of A's graph 
 3. otherwise nothing: tensors present in only one model (renamed, fused away, or B's Q/DQ tensors) are
    ignored, and counted as unmatched.
 
-Exposing an intermediate tensor makes it a graph output, which can stop the backend fusing the node that
-produces it (a QDQ Conv then runs as float Conv on dequantized int8 values): the values differ from the fused
-kernel's only by float rounding of the accumulation, far below int8 noise. Final outputs are compared on the
-unmodified models.
+Intermediate tensors are exposed as graph outputs (:func:`graphopt.ir.expose.expose`), which can stop the backend
+fusing the node that produces them (a QDQ Conv then runs as float Conv on dequantized int8 values): the values
+differ from the fused kernel's only by float rounding of the accumulation, far below int8 noise. Final outputs are
+compared on the unmodified models.
 """
 
 from __future__ import annotations
@@ -33,81 +30,35 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+import onnx
+
+from graphopt.backends.base import Accuracy, BackendError, DataError, check_feeds, iter_batches
+from graphopt.backends.onnxruntime import OnnxRuntimeBackend
+from graphopt.ir.expose import expose as _expose
+from graphopt.ir.feeds import samples as random_samples
+from graphopt.ir.onnx_graph import OnnxGraph
+from graphopt.numeric import (
+    cosine,
+    cosine_similarity,
+    fmt_db,
+    max_rel_error,
+    rel_error,
+    sqnr,
+    sqnr_db,
+    top1_accuracy,
+    top1_agreement,
+    top1_correct,
+)
+from graphopt.table import format_table
+
+# the measures are graphopt.numeric's; their names stay importable from here
+__all__ = [
+    "Comparison", "LayerSQNR", "LayerTable", "OutputComparison", "TensorMatch", "compare_models", "compare_outputs",
+    "cosine_similarity", "expose", "fmt_db", "is_logits", "jsonable", "match_tensors", "max_rel_error",
+    "outputs_table", "per_layer_sqnr", "sqnr_db", "top1_accuracy", "top1_agreement",
+]
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-
-
-# -- elementary metrics ---------------------------------------------------------------------------------------
-def _f64(a) -> np.ndarray:
-    return np.asarray(a, dtype=np.float64)
-
-
-def _check_shapes(ref: np.ndarray, x: np.ndarray) -> None:
-    if ref.shape != x.shape:
-        raise ValueError(f"shapes differ: {ref.shape} vs {x.shape}")
-
-
-def sqnr_db(reference, test) -> float:
-    """Signal-to-quantization-noise ratio of ``test`` against ``reference``, in dB (+inf if identical)."""
-    ref, x = _f64(reference), _f64(test)
-    _check_shapes(ref, x)
-    return _sqnr(float(np.sum(ref * ref)), float(np.sum((x - ref) ** 2)))
-
-
-def _sqnr(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
-
-
-def cosine_similarity(a, b) -> float:
-    a, b = _f64(a).ravel(), _f64(b).ravel()
-    _check_shapes(a, b)
-    return _cosine(float(a @ b), float(a @ a), float(b @ b))
-
-
-def _cosine(dot: float, aa: float, bb: float) -> float:
-    if aa == 0.0 and bb == 0.0:
-        return 1.0
-    if aa == 0.0 or bb == 0.0:
-        return 0.0
-    return dot / math.sqrt(aa * bb)
-
-
-def max_rel_error(reference, test) -> float:
-    """max |test - reference| / max |reference| (0 for two empty or all-zero equal tensors)."""
-    ref, x = _f64(reference), _f64(test)
-    _check_shapes(ref, x)
-    if ref.size == 0:
-        return 0.0
-    err = float(np.max(np.abs(x - ref)))
-    return err / max(float(np.max(np.abs(ref))), 1e-12) if err else 0.0
-
-
-def top1(logits, axis: int = -1) -> np.ndarray:
-    return np.argmax(np.asarray(logits), axis=axis)
-
-
-def top1_agreement(logits_a, logits_b, axis: int = -1) -> float:
-    """Fraction of samples on which both models' argmax over ``axis`` (the class axis) agree."""
-    a, b = top1(logits_a, axis), top1(logits_b, axis)
-    _check_shapes(a, b)
-    return float(np.mean(a == b)) if a.size else float("nan")
-
-
-def top1_correct(logits, labels, axis: int = -1) -> int:
-    """How many samples' argmax equals the (integer) label."""
-    pred = top1(logits, axis)
-    labels = np.asarray(labels).reshape(pred.shape) if np.size(labels) == pred.size else np.asarray(labels)
-    _check_shapes(pred, labels)
-    return int(np.sum(pred == labels.astype(np.int64)))
-
-
-def top1_accuracy(logits, labels, axis: int = -1) -> float:
-    n = np.asarray(labels).shape[0]
-    return top1_correct(logits, labels, axis) / n if n else float("nan")
 
 
 def is_logits(array: np.ndarray) -> bool:
@@ -122,10 +73,6 @@ def jsonable(value: float | None) -> Any:
     if isinstance(value, float) and math.isinf(value):
         return "inf" if value > 0 else "-inf"
     return value
-
-
-def fmt_db(value: float) -> str:
-    return "inf" if value == math.inf else ("-inf" if value == -math.inf else f"{value:.2f}")
 
 
 # -- per output -----------------------------------------------------------------------------------------------
@@ -160,8 +107,6 @@ def compare_outputs(reference: list[np.ndarray], test: list[np.ndarray], names: 
 
 
 def outputs_table(rows: list[OutputComparison], samples: int | None = None) -> str:
-    from graphopt.table import format_table
-
     table = [("output", "shape", "SQNR dB", "cosine", "max rel err", "top-1 agreement")]
     for r in rows:
         agree = "n/a (not logits)"
@@ -235,7 +180,7 @@ class LayerSQNR:
     max_abs_err: float = 0.0
 
     def add(self, ref: np.ndarray, x: np.ndarray) -> None:
-        ref, x = _f64(ref), _f64(x)
+        ref, x = np.asarray(ref, np.float64), np.asarray(x, np.float64)
         d = x - ref
         self.signal += float(np.sum(ref * ref))
         self.noise += float(np.sum(d * d))
@@ -247,15 +192,15 @@ class LayerSQNR:
 
     @property
     def sqnr_db(self) -> float:
-        return _sqnr(self.signal, self.noise)
+        return sqnr(self.signal, self.noise)
 
     @property
     def cosine(self) -> float:
-        return _cosine(self.dot, self.signal, self.other_power)
+        return cosine(self.dot, self.signal, self.other_power)
 
     @property
     def max_rel_err(self) -> float:
-        return self.max_abs_err / max(self.max_abs_ref, 1e-12) if self.max_abs_err else 0.0
+        return rel_error(self.max_abs_err, self.max_abs_ref)
 
     def to_dict(self) -> dict[str, Any]:
         return {"tensor": self.tensor, "compared_with": self.other, "op_type": self.op_type, "index": self.index,
@@ -273,8 +218,6 @@ class LayerTable:
     samples: int = 0
 
     def table(self, top: int | None = None) -> str:
-        from graphopt.table import format_table
-
         shown = self.rows if top is None else self.rows[:top]
         table = [("#", "tensor", "op", "in B", "SQNR dB", "cosine", "max rel err")]
         for r in shown:
@@ -288,9 +231,7 @@ class LayerTable:
                 "skipped": self.skipped}
 
 
-def _proto(model):
-    import onnx
-
+def _proto(model) -> onnx.ModelProto:
     if hasattr(model, "to_model"):  # OnnxGraph
         return model.to_model()
     if isinstance(model, onnx.ModelProto):
@@ -299,17 +240,9 @@ def _proto(model):
 
 
 def expose(model, names: Iterable[str]):
-    """A copy of ``model`` with the tensors ``names`` added as graph outputs (types left to the runtime)."""
-    import onnx
-
-    out = onnx.ModelProto()
-    out.CopyFrom(_proto(model))
-    present = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in present:
-            out.graph.output.append(onnx.ValueInfoProto(name=name))
-            present.add(name)
-    return out
+    """A ModelProto of ``model`` (a path, ModelProto or OnnxGraph) with the tensors ``names`` added as graph
+    outputs: :func:`graphopt.ir.expose.expose` for callers that hold a ModelProto."""
+    return _expose(OnnxGraph.from_model(_proto(model)), names).to_model()
 
 
 def per_layer_sqnr(model_a, model_b, batches: Iterable[Mapping[str, np.ndarray]], backend=None,
@@ -318,14 +251,11 @@ def per_layer_sqnr(model_a, model_b, batches: Iterable[Mapping[str, np.ndarray]]
     input name -> array, or ``(feeds, n)`` where only the first ``n`` samples are real and tensors whose first
     dimension is the batch are cut to them); SQNR is total signal over total noise, not a mean of per-batch
     values."""
-    if backend is None:
-        from graphopt.backends.onnxruntime import OnnxRuntimeBackend
-
-        backend = OnnxRuntimeBackend()
+    backend = backend or OnnxRuntimeBackend()
     a, b = _proto(model_a), _proto(model_b)
     matches, unmatched = match_tensors(a, b)
-    sess_a = backend.session(expose(a, [m.tensor for m in matches]), threads)
-    sess_b = backend.session(expose(b, [m.other for m in matches]), threads)
+    sess_a = backend.session(_expose(OnnxGraph.from_model(a), [m.tensor for m in matches]), threads)
+    sess_b = backend.session(_expose(OnnxGraph.from_model(b), [m.other for m in matches]), threads)
     names_a, names_b = backend.output_names(sess_a), backend.output_names(sess_b)
     acc = {m.tensor: LayerSQNR(m.tensor, m.other, m.op_type, m.index) for m in matches}
     skipped: dict[str, str] = {}
@@ -381,23 +311,6 @@ class Comparison:
         return data
 
 
-def random_dataset(specs, samples: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """``samples`` fixed-seed samples per input (symbolic non-batch dims set to 1)."""
-    from graphopt.backends.base import random_inputs
-
-    feeds = random_inputs(specs, 1, seed)
-    rng = np.random.default_rng(seed)
-    out = {}
-    for spec in specs:
-        shape = (samples, *feeds[spec.name].shape[1:]) if feeds[spec.name].ndim else ()
-        if np.issubdtype(spec.dtype, np.floating):
-            out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        else:
-            out[spec.name] = np.zeros(shape, spec.dtype) if spec.dtype == np.bool_ else \
-                rng.integers(0, 2, size=shape).astype(spec.dtype)
-    return out
-
-
 def compare_models(model_a, model_b, data: Mapping[str, np.ndarray] | None = None, labels=None, *,
                    labels_key: str = "labels", samples: int = 16, seed: int = 0, per_layer: bool = False,
                    per_layer_samples: int = 64, batch_size: int = 32, backend=None, threads: int = 0,
@@ -405,20 +318,15 @@ def compare_models(model_a, model_b, data: Mapping[str, np.ndarray] | None = Non
     """Compare B against the reference A on ``data`` (one array per input name, samples on the first axis) or,
     without data, on ``samples`` fixed-seed random samples. With ``labels`` also the top-1 accuracy of both
     (first output). ``per_layer`` adds the per-layer SQNR table on the first ``per_layer_samples`` samples."""
-    from graphopt.backends.base import BackendError, DataError, check_feeds, iter_batches
-
-    if backend is None:
-        from graphopt.backends.onnxruntime import OnnxRuntimeBackend
-
-        backend = OnnxRuntimeBackend()
+    backend = backend or OnnxRuntimeBackend()
     a, b = _proto(model_a), _proto(model_b)
     sess_a, sess_b = backend.session(a, threads), backend.session(b, threads)
     specs_a, specs_b = backend.input_specs(sess_a), backend.input_specs(sess_b)
     if sorted(s.name for s in specs_a) != sorted(s.name for s in specs_b):
         raise DataError(f"the models have different inputs: {', '.join(s.name for s in specs_a)} vs "
-                           f"{', '.join(s.name for s in specs_b)}")
+                        f"{', '.join(s.name for s in specs_b)}")
     if data is None:
-        data = random_dataset(specs_a, samples, seed)
+        data = random_samples(specs_a, samples, seed)
         inputs = f"{samples} fixed-seed random samples (seed {seed}; no data given)"
     else:
         data = {k: np.asarray(v) for k, v in data.items()}
@@ -432,19 +340,17 @@ def compare_models(model_a, model_b, data: Mapping[str, np.ndarray] | None = Non
         raise BackendError(f"the models cannot be compared: {exc}") from None
     result = Comparison(inputs, n, rows)
     if labels is not None:
-        from graphopt.backends.base import Accuracy
-
         labels = np.asarray(labels)
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)):
             raise DataError(f"labels must be one integer class per sample; got {labels.dtype} of shape "
-                               f"{labels.shape}")
+                            f"{labels.shape}")
         if labels.shape[0] != n:
             raise DataError(f"{labels.shape[0]} labels for {n} samples")
         if not is_logits(out_a[0]):
             raise DataError(f"accuracy needs (samples, classes) logits as the first output; it has shape "
-                               f"{out_a[0].shape}")
+                            f"{out_a[0].shape}")
         result.accuracy = {"labels": labels_key, "a": Accuracy(top1_correct(out_a[0], labels), n),
                            "b": Accuracy(top1_correct(out_b[0], labels), n)}
     if per_layer:

@@ -12,8 +12,9 @@ from typing import Any
 
 from graphopt.backends.base import model_size_bytes
 from graphopt.errors import first_line
+from graphopt.numeric import fmt_db
 from graphopt.report.cost import ModelCosts, compare_costs, cost_table, fmt_count, model_costs
-from graphopt.report.metrics import compare_models, fmt_db
+from graphopt.report.metrics import compare_models
 
 
 def measure_costs(graph) -> ModelCosts | str:

@@ -1,7 +1,8 @@
 """Real data that ships offline: scikit-learn's digits (1,797 8×8 images), and a small residual CNN for it.
 
-The CNN follows ANCHORS.md: two residual blocks with BatchNorm on 16×16 upsampled inputs; a few epochs on the
-CPU reach about 99 % on the 397 held-out images. Used by tests and benchmarks that need accuracy on real data
+The CNN: two residual blocks with BatchNorm on 16×16 upsampled inputs (a network of this shape reaches 99.7 % on
+the held-out images when trained for minutes); the few epochs on the CPU used here reach about 99 % on the 397
+held-out images. Used by tests and benchmarks that need accuracy on real data
 (int8 accuracy budgets, pruning + fine-tuning).
 """
 

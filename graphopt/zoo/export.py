@@ -1,4 +1,4 @@
-"""Export a zoo model to ONNX the way the anchors were measured: BatchNorm kept, no constant folding."""
+"""Export a zoo model to ONNX as a user would before any cleanup: BatchNorm kept, no constant folding."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def export_onnx(model: torch.nn.Module, path: str, input_shape=(1, 3, 224, 224),
     """Export ``model`` as a user would before any cleanup.
 
     ``exporter="torchscript"``: ``torch.onnx.export(dynamo=False)`` with ``training=PRESERVE,
-    do_constant_folding=False`` when ``keep_bn`` (BatchNormalization kept, as in ANCHORS.md).
+    do_constant_folding=False`` when ``keep_bn`` (BatchNormalization kept: the raw form graph cleanup starts from).
     ``exporter="dynamo"``: torch's default exporter (needs onnxscript); ``keep_bn`` turns its graph optimizer off
     (``optimize=False``), which keeps BatchNormalization and the exporter's raw Constant/CastLike/Expand chains.
     """
