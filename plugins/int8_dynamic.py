@@ -57,6 +57,8 @@ class Int8Dynamic(Pass):
     name = "int8-dynamic"
     irs = frozenset({"onnx"})
     equivalence = Equivalence.APPROXIMATE
+    recovery = ("keep the sensitive MatMuls float (int8-dynamic:exclude_nodes=...), or quantize only large weights "
+                "(min_weight_elements=...)")
     min_opset = 11  # DynamicQuantizeLinear, MatMulInteger
 
     @dataclass(frozen=True)

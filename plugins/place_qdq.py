@@ -51,6 +51,9 @@ class PlaceQdq(Pass):
     name = "place-qdq"
     irs = frozenset({"onnx"})
     equivalence = Equivalence.APPROXIMATE
+    recovery = ("calibrate on more, real samples (--calib), try calibrate:method=entropy or percentile, and keep the "
+                "most sensitive layers float (place-qdq:exclude_nodes=..., keep_first=true, keep_last=true; graphopt "
+                "compare --per-layer shows which)")
     min_opset = 13  # the onnxruntime scheme's (QuantScheme.min_opset); checked again against the run's scheme
 
     @dataclass(frozen=True)

@@ -49,6 +49,8 @@ class PruneChannels(Pass):
     name = "prune-channels"
     irs = frozenset({"onnx", "fx"})
     equivalence = Equivalence.NONE
+    recovery = ("fine-tune after pruning (graphopt.optimize(..., finetune=your_loop)), or prune less "
+                "(prune:ratio=..., layer_ratios=..., ignore=...)")
 
     @dataclass(frozen=True)
     class Options:

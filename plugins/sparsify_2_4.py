@@ -46,6 +46,8 @@ class Sparsify24(Pass):
     name = "sparsify-2-4"
     irs = frozenset({"onnx", "fx"})
     equivalence = Equivalence.NONE
+    recovery = ("fine-tune after sparsifying (graphopt.optimize(..., finetune=your_loop)), or keep sensitive layers "
+                "dense (ignore=...)")
 
     @dataclass(frozen=True)
     class Options:

@@ -73,6 +73,8 @@ class SparsifyMagnitude(Pass):
     name = "sparsify"
     irs = frozenset({"onnx", "fx"})
     equivalence = Equivalence.NONE
+    recovery = ("fine-tune after sparsifying (graphopt.optimize(..., finetune=your_loop)), or sparsify less "
+                "(sparsify:sparsity=..., ignore=...)")
 
     @dataclass(frozen=True)
     class Options:

@@ -94,6 +94,8 @@ class ToFloat16(Pass):
     name = "to-fp16"
     irs = frozenset({"onnx"})
     equivalence = Equivalence.APPROXIMATE
+    recovery = ("keep the ops that lose precision in float32 (to-fp16:op_block_list=... or node_block_list=...), or "
+                "give real --calib data to the overflow check")
 
     @dataclass(frozen=True)
     class Options:

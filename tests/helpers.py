@@ -89,10 +89,50 @@ class Exploding(Pass):
         raise RuntimeError("boom")
 
 
+class NanWeights(Pass):
+    """Puts a NaN into the first float weight while claiming to be exact (a NaN the check must not miss)."""
+
+    name = "nan-weights"
+    irs = frozenset({"onnx"})
+
+    def run_onnx(self, graph, ctx):
+        for node in graph.gs.nodes:
+            for i, t in enumerate(node.inputs):
+                if isinstance(t, gs.Constant) and t.values.dtype == np.float32 and t.values.ndim > 1:
+                    broken = t.values.copy()
+                    broken.flat[0] = np.nan
+                    node.inputs[i] = gs.Constant(t.name + "_nan", broken)
+                    return PassResult(graph, True, {"broke weights": 1})
+        return PassResult(graph, False)
+
+
+class NotePasses:
+    """An instrument (``--instrument note-passes``): adds a note to every pass it sees."""
+
+    needs_pass_input = False
+
+    def before_pass(self, pass_, graph, ctx):
+        pass
+
+    def after_pass(self, pass_, result, record, ctx):
+        record.notes.append("seen by note-passes")
+
+    def after_pass_failed(self, pass_, graph, exc, ctx):
+        pass
+
+    def after_pipeline(self, graph, report, ctx):
+        pass
+
+
 @hookimpl
 def graphopt_register_passes(registry):
-    for cls in (ScaleWeights, TypedOptions, FxOnly, Approximate, Exploding):
+    for cls in (ScaleWeights, TypedOptions, FxOnly, Approximate, Exploding, NanWeights):
         registry.add_pass(cls)
+
+
+@hookimpl
+def graphopt_register_instruments(registry):
+    registry.add_instrument("note-passes", NotePasses)
 
 
 @hookimpl

@@ -120,3 +120,43 @@ def test_an_opset_upgrade_is_a_step_the_check_covers(tmp_path):
     assert names == ["upgrade-opset", "int8-dynamic"] and result.graph.opset >= 11
     assert result.report.checks["numeric"]["comparisons"][0]["passes"] == ["upgrade-opset"]
     assert result.report.checks["numeric"]["comparisons"][0]["max_rel_err"] <= 1e-5
+
+
+def test_outputs_moved_past_the_threshold_are_reported_with_what_to_do(zoo_onnx, tmp_path, capsys):
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main(["run", zoo_onnx("tiny_resnet"), "--passes", "fold,prune:ratio=0.5", "-o", str(out), "--json",
+                 str(report)]) == 0
+    printed = capsys.readouterr().out
+    warning = next(line for line in printed.splitlines() if "past the accuracy threshold" in line)
+    assert warning.startswith("warning: prune-channels:") and "fine-tune" in warning and "cosine" in warning
+    data = json.loads(report.read_text())
+    assert any("past the accuracy threshold" in w for w in data["warnings"])
+    moved = [c for c in data["checks"]["numeric"]["comparisons"] if c.get("past_threshold")]
+    assert moved and moved[0]["passes"] == ["prune-channels"] and moved[0]["cosine"] < 0.99
+
+
+def test_an_exact_pass_that_makes_nan_fails_the_check(zoo_onnx, tmp_path, capsys):
+    assert main(["run", zoo_onnx("tiny_resnet"), "--passes", "nan-weights", "-p", "tests.helpers", "-o",
+                 str(tmp_path / "o.onnx")]) == 6
+    err = capsys.readouterr().err
+    assert "pass 'nan-weights'" in err and "NaN/Inf" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_instruments_a_plugin_registers_run_by_name(zoo_onnx, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    assert main(["run", zoo_onnx("tiny_resnet"), "-p", "tests.helpers", "--instrument", "note-passes", "-o",
+                 str(tmp_path / "o.onnx"), "--json", str(report), "-q"]) == 0
+    assert all("seen by note-passes" in row["notes"] for row in json.loads(report.read_text())["passes"])
+    assert main(["run", zoo_onnx("tiny_resnet"), "--instrument", "nope", "-o", str(tmp_path / "p.onnx")]) == 2
+    assert "unknown instrument 'nope'" in capsys.readouterr().err
+
+
+def test_version_and_literal_choices(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"graphopt {graphopt.__version__} (onnx ") and "onnxruntime" in line and "\n" not in line
+    assert main(["passes", "calibrate"]) == 0
+    assert "option method: one of minmax|percentile|entropy|mse = minmax" in capsys.readouterr().out
