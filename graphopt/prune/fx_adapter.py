@@ -18,6 +18,7 @@ import numpy as np
 
 from graphopt.ir.fx_graph import _torch
 from graphopt.prune import fx_aten
+from graphopt.prune.propagate import internal_reason
 from graphopt.prune.view import ChannelView, Plan, PNode
 
 torch = _torch()
@@ -97,7 +98,13 @@ class FxChannels:
                 flat, _ = torch.utils._pytree.tree_flatten(node.args[0])
                 outputs += [self._value(a, node.name, i) for i, a in enumerate(flat) if isinstance(a, torch.fx.Node)]
             elif node.op in ("call_module", "call_function", "call_method"):
-                pnode = self._describe(node)
+                try:
+                    pnode = self._describe(node)
+                except Exception as exc:  # a node this adapter misreads: the channels reaching it are kept
+                    args = torch.fx.node.map_aggregate((node.args, node.kwargs), lambda a: a)
+                    flat = [a for a in torch.utils._pytree.tree_flatten(args)[0] if isinstance(a, torch.fx.Node)]
+                    pnode = PNode(node.name, "<unreadable>", [self._value(a, node.name, i) for i, a in enumerate(flat)],
+                                  [node.name], {"internal": f"{internal_reason(exc)} (reading '{node.name}')"})
                 if pnode is not None:
                     if pnode.name in self.by_name:
                         pnode.name = f"{pnode.name}@{node.name}"
@@ -190,6 +197,13 @@ class FxChannels:
         return PNode(node.name, name, [val(a, i) for i, a in enumerate(node.args)], out)
 
     # -- applying a plan ----------------------------------------------------------------------------------
+    def fork(self) -> "FxChannels":
+        """An adapter over a copy of the graph as :meth:`view` saw it (same node names), to apply a plan to."""
+        twin = FxChannels(self.graph.copy())
+        by_name = {node.name: node for node in twin.gm.graph.nodes}
+        twin.by_name = {name: by_name[node.name] for name, node in self.by_name.items()}
+        return twin
+
     def apply(self, plan: Plan) -> None:
         for qualified, array in plan.consts.items():
             owner_name, _, attr = qualified.rpartition(".")
