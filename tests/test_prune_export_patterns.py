@@ -248,3 +248,40 @@ def test_when_every_attempt_fails_the_model_comes_back_unchanged_with_the_reason
     assert not record.modified
     assert _conv_outputs(result.graph) == {"/a1/Conv": 8, "/a2/Conv": 8, "/b1/Conv": 8, "/b2/Conv": 8}
     assert any("cannot set 'no-such-attribute'" in n for n in record.notes), record.notes
+
+
+# -- torch.export: tensors inside list arguments -----------------------------------------------------------------
+class EinsumAttention(nn.Module):
+    """MaxViT's attention: q, k, v split into heads and multiplied by ``torch.einsum``, which torch.export records
+    as ``aten.einsum(equation, [q, k])``: its operands sit in a list. A conv stem before it prunes freely."""
+
+    heads, head_dim = 2, 4
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mix = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.qkv, self.out, self.fc = nn.Linear(8, 24), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.mix(torch.relu(self.stem(x))).flatten(2).transpose(1, 2)  # (1, 16 tokens, 8)
+        q, k, v = (t.reshape(1, 16, self.heads, self.head_dim).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        att = torch.einsum("bhid,bhjd->bhij", q, k * self.head_dim ** -0.5).softmax(-1)
+        y = torch.einsum("bhij,bhjd->bhid", att, v).transpose(1, 2).reshape(1, 16, 8)
+        return self.fc(self.out(y).mean(1))
+
+
+def test_torch_export_einsum_blocks_the_operands_in_its_list_and_the_rest_is_pruned():
+    from graphopt.ir.fx_graph import FxGraph
+
+    torch.manual_seed(0)
+    model, x = EinsumAttention().eval(), torch.randn(1, 3, 4, 4)
+    gm = torch.export.export(model, (x,)).module()
+    assert any(n.target is torch.ops.aten.einsum.default and isinstance(n.args[1], (list, tuple))
+               for n in gm.graph.nodes)  # the operands really come as a list
+    result = optimize(FxGraph(gm, (x,), "torch.export"), "prune", check=False)
+    shapes = {n: tuple(p.shape) for n, p in result.model.named_parameters()}
+    assert shapes["stem.weight"] == (4, 3, 3, 3) and shapes["mix.weight"] == (4, 4, 1, 1)  # free: pruned
+    assert shapes["qkv.weight"] == (24, 4)  # q, k and v reach the einsums: kept whole, with the reason
+    assert any("einsum" in n and "no channel handler" in n for n in result.report.records[-1].notes)
+    with torch.no_grad():
+        assert result.model(x).shape == (1, 4)

@@ -101,16 +101,20 @@ class FxChannels:
                 try:
                     pnode = self._describe(node)
                 except Exception as exc:  # a node this adapter misreads: the channels reaching it are kept
-                    args = torch.fx.node.map_aggregate((node.args, node.kwargs), lambda a: a)
-                    flat = [a for a in torch.utils._pytree.tree_flatten(args)[0] if isinstance(a, torch.fx.Node)]
-                    pnode = PNode(node.name, "<unreadable>", [self._value(a, node.name, i) for i, a in enumerate(flat)],
-                                  [node.name], {"internal": f"{internal_reason(exc)} (reading '{node.name}')"})
+                    pnode = PNode(node.name, "<unreadable>", self._tensor_args(node), [node.name],
+                                  {"internal": f"{internal_reason(exc)} (reading '{node.name}')"})
                 if pnode is not None:
                     if pnode.name in self.by_name:
                         pnode.name = f"{pnode.name}@{node.name}"
                     self.by_name[pnode.name] = node
                     nodes.append(pnode)
         return ChannelView(nodes, self.shapes, self.consts, inputs, outputs, "fx")
+
+    def _tensor_args(self, node) -> list[str | None]:
+        """Every node among the arguments, also inside lists and keywords (``einsum(eq, [q, k])``): what an op
+        without a handler must block."""
+        flat = torch.utils._pytree.tree_flatten((node.args, node.kwargs))[0]
+        return [self._value(a, node.name, i) for i, a in enumerate(flat) if isinstance(a, torch.fx.Node)]
 
     def _describe(self, node) -> PNode | None:
         val = lambda a, i=0: self._value(a, node.name, i)  # noqa: E731
@@ -141,7 +145,7 @@ class FxChannels:
                 return PNode(name, "Flatten", [x], out)
             if isinstance(mod, _UNARY_MODULES):
                 return PNode(name, "Unary", [x], out)
-            return PNode(name, type(mod).__name__, [val(a, i) for i, a in enumerate(node.args)], out)
+            return PNode(name, type(mod).__name__, self._tensor_args(node), out)
         target = node.target
         if node.meta.get("tensor_meta") is None:
             return None  # sizes and other Python values: no channels to follow
@@ -194,7 +198,7 @@ class FxChannels:
         if target in ("expand", "expand_as"):
             return PNode(node.name, "Expand", [x], out)
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-        return PNode(node.name, name, [val(a, i) for i, a in enumerate(node.args)], out)
+        return PNode(node.name, name, self._tensor_args(node), out)
 
     # -- applying a plan ----------------------------------------------------------------------------------
     def fork(self) -> "FxChannels":
