@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
-from graphopt.prune import BUILTIN_HANDLERS, BUILTIN_IMPORTANCE, Outcome, prune_view
+from graphopt.errors import GraphoptError
+from graphopt.prune import BUILTIN_HANDLERS, BUILTIN_IMPORTANCE, Outcome, prune_view, settle
 from graphopt.prune.importance import l1
+from graphopt.prune.propagate import internal_reason
 
 
 def _layer_ratios(items: tuple[str, ...]) -> dict[str, float]:
@@ -90,8 +92,16 @@ class PruneChannels(Pass):
 
     def _result(self, graph, outcome: Outcome, ctx) -> PassResult:
         ctx.state["prune"] = outcome.rows()
-        notes = [f"{count} channel group(s) kept whole: {reason}"
-                 for reason, count in outcome.blocked_reasons().most_common(5)]
+        reasons = outcome.blocked_reasons()
+        internal = sum(n for reason, n in reasons.items() if reason.startswith("internal:"))
+        shown = reasons.most_common(5)
+        if internal and not any(reason.startswith("internal:") for reason, _ in shown):  # always said
+            shown.append(next((r, n) for r, n in reasons.most_common() if r.startswith("internal:")))
+        notes = [f"{count} channel group(s) kept whole: {reason}" + (_BUG if reason.startswith("internal:") else "")
+                 for reason, count in shown]
+        if outcome.gave_up:
+            notes.append(f"pruned nothing: every try failed ({outcome.gave_up}); the model is returned unchanged"
+                         f"{_BUG}")
         if not outcome.groups:
             notes.append("found no layer whose output channels it can prune (weights must be constants: prune "
                          "before quantizing)")
@@ -100,7 +110,19 @@ class PruneChannels(Pass):
                          f"group(s) (e.g. '{outcome.fallback_criterion[0]}'); they were ranked by l1")
         pruned = outcome.pruned_groups
         stats = {"pruned channel": outcome.channels_removed(), "pruned group": len(pruned)} if pruned else {}
+        if internal:
+            stats["contained internal-error"] = internal  # groups kept whole by the last line of defence
         return PassResult(graph, bool(pruned), stats, notes)
+
+    def _settle(self, graph, ctx, adapter, view, outcome, check) -> PassResult:
+        def attempt(plan):  # on a fresh copy each time: settle() may retry without the group that failed
+            fork = adapter.fork()
+            fork.apply(plan)
+            check(fork, view)
+            return fork.graph
+
+        pruned = settle(outcome, attempt)
+        return self._result(graph if pruned is None else pruned, outcome, ctx)
 
     # -- ONNX ---------------------------------------------------------------------------------------------
     def run_onnx(self, graph, ctx) -> PassResult:
@@ -110,27 +132,15 @@ class PruneChannels(Pass):
         if getattr(criterion, "needs_gradients", False):
             raise self.fail(f"criterion '{self.options.criterion}' needs gradients: prune the PyTorch model "
                             "(FX, graphopt.optimize(module, ...)) with calibration data")
-        work = graph.copy()  # the view folds weight preprocessing: an unpruned graph is returned as it came
-        adapter = OnnxChannels(work)
-        view = adapter.view()
-        outcome = self._prune(view, handlers, criterion)
-        if not outcome.pruned_groups:
-            return self._result(graph, outcome, ctx)
-        adapter.apply(outcome.plan)
-        self._check(work, view)
-        return self._result(work, outcome, ctx)
-
-    def _check(self, graph, view) -> None:
-        try:
-            graph.verify()
-            outputs = graph.run(graph.sample_inputs())
-        except Exception as exc:  # the checker, shape inference or onnxruntime: any failure is a handler bug
-            raise self.fail(f"the pruned graph does not run ({str(exc).splitlines()[0]}); this is a bug in a "
-                            "channel handler, please report it with the model") from exc
-        for name, out in zip(view.outputs, outputs):
-            want = view.shapes.get(name)
-            if want is not None and any(w is not None and w != d for w, d in zip(want, out.shape)):
-                raise self.fail(f"output '{name}' changed shape {tuple(want)} -> {out.shape} after pruning")
+        adapter = OnnxChannels(graph.copy())  # the view folds weight preprocessing: an unpruned graph comes back
+        try:                                    # as it came
+            view = adapter.view()
+            outcome = self._prune(view, handlers, criterion)
+        except GraphoptError:
+            raise
+        except Exception as exc:  # an engine bug: prune nothing and say so, never fail the pipeline
+            return _unchanged(graph, exc)
+        return self._settle(graph, ctx, adapter, view, outcome, lambda fork, v: _check_onnx(fork.graph, v))
 
     # -- FX -----------------------------------------------------------------------------------------------
     def run_fx(self, graph, ctx) -> PassResult:
@@ -138,7 +148,12 @@ class PruneChannels(Pass):
 
         handlers, criterion = self._lookup("fx", ctx)
         adapter = FxChannels(graph)
-        view = adapter.view()
+        try:
+            view = adapter.view()
+        except GraphoptError:
+            raise
+        except Exception as exc:
+            return _unchanged(graph, exc)
         if getattr(criterion, "needs_gradients", False):
             if ctx.calibration is None:
                 raise self.fail(f"criterion '{self.options.criterion}' needs calibration data (calibration=...)")
@@ -147,15 +162,63 @@ class PruneChannels(Pass):
             specs = [(name, (None, *ex.shape[1:]), ex.detach().numpy().dtype)
                      for name, ex in zip(graph.input_names(), graph.example_inputs)]
             view.grads = adapter.gradients(load_calibration(ctx.calibration, specs, batch_size=32, limit=256))
-        outcome = self._prune(view, handlers, criterion)
-        if outcome.pruned_groups:
-            adapter.apply(outcome.plan)
-            try:
-                adapter.check(view)
-            except Exception as exc:
-                raise self.fail(f"the pruned module does not run ({str(exc).splitlines()[0]}); this is a bug in a "
-                                "channel handler, please report it with the model") from exc
-        return self._result(graph, outcome, ctx)
+        try:
+            outcome = self._prune(view, handlers, criterion)
+        except GraphoptError:
+            raise
+        except Exception as exc:
+            return _unchanged(graph, exc)
+        return self._settle(graph, ctx, adapter, view, outcome, _check_fx)
+
+
+_BUG = " (an error inside graphopt, contained: please report it with the model)"
+
+
+def _unchanged(graph, exc: Exception) -> PassResult:
+    return PassResult(graph, False, {}, [f"pruned nothing: {internal_reason(exc)} while reading the graph; the model "
+                                         f"is returned unchanged{_BUG}"])
+
+
+def _check_fx(fork, view) -> None:
+    try:
+        fork.check(view)
+    except Exception as exc:
+        raise RuntimeError(f"the pruned module does not run ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_onnx(graph, view) -> None:
+    """The pruned graph passes the onnx checker's strict shape inference, runs, and keeps its outputs' shapes."""
+    try:
+        graph.verify()
+        _check_conv_channels(graph)
+        outputs = graph.run(graph.sample_inputs())
+    except Exception as exc:  # the checker, shape inference or onnxruntime: any failure is a handler bug
+        raise RuntimeError(f"the pruned graph does not run ({_first_line(exc)})") from exc
+    for name, out in zip(view.outputs, outputs):
+        want = view.shapes.get(name)
+        if want is not None and any(w is not None and w != d for w, d in zip(want, out.shape)):
+            raise RuntimeError(f"output '{name}' changed shape {tuple(want)} -> {out.shape} after pruning")
+
+
+def _check_conv_channels(graph) -> None:
+    """Every Conv / ConvTranspose reads as many channels as its weight expects (neither onnx shape inference nor
+    onnxruntime's CPU kernels check it: a mismatch runs, reading the wrong memory)."""
+    import onnx_graphsurgeon as gs
+
+    shapes = graph.inferred_shapes()
+    for node in graph.gs.nodes:
+        if node.op not in ("Conv", "ConvTranspose") or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        dims = shapes.get(node.inputs[0].name, ([],))[0]
+        w, groups = node.inputs[1].values.shape, int(node.attrs.get("group", 1))
+        want = w[1] * groups if node.op == "Conv" else w[0]
+        if len(dims) > 1 and isinstance(dims[1], int) and dims[1] != want:
+            raise ValueError(f"{node.op} '{node.name}' reads {dims[1]} channels, its weight expects {want}")
 
 
 @hookimpl

@@ -18,6 +18,7 @@ import numpy as np
 
 from graphopt.ir.fx_graph import _torch
 from graphopt.prune import fx_aten
+from graphopt.prune.propagate import internal_reason
 from graphopt.prune.view import ChannelView, Plan, PNode
 
 torch = _torch()
@@ -97,13 +98,23 @@ class FxChannels:
                 flat, _ = torch.utils._pytree.tree_flatten(node.args[0])
                 outputs += [self._value(a, node.name, i) for i, a in enumerate(flat) if isinstance(a, torch.fx.Node)]
             elif node.op in ("call_module", "call_function", "call_method"):
-                pnode = self._describe(node)
+                try:
+                    pnode = self._describe(node)
+                except Exception as exc:  # a node this adapter misreads: the channels reaching it are kept
+                    pnode = PNode(node.name, "<unreadable>", self._tensor_args(node), [node.name],
+                                  {"internal": f"{internal_reason(exc)} (reading '{node.name}')"})
                 if pnode is not None:
                     if pnode.name in self.by_name:
                         pnode.name = f"{pnode.name}@{node.name}"
                     self.by_name[pnode.name] = node
                     nodes.append(pnode)
         return ChannelView(nodes, self.shapes, self.consts, inputs, outputs, "fx")
+
+    def _tensor_args(self, node) -> list[str | None]:
+        """Every node among the arguments, also inside lists and keywords (``einsum(eq, [q, k])``): what an op
+        without a handler must block."""
+        flat = torch.utils._pytree.tree_flatten((node.args, node.kwargs))[0]
+        return [self._value(a, node.name, i) for i, a in enumerate(flat) if isinstance(a, torch.fx.Node)]
 
     def _describe(self, node) -> PNode | None:
         val = lambda a, i=0: self._value(a, node.name, i)  # noqa: E731
@@ -134,7 +145,7 @@ class FxChannels:
                 return PNode(name, "Flatten", [x], out)
             if isinstance(mod, _UNARY_MODULES):
                 return PNode(name, "Unary", [x], out)
-            return PNode(name, type(mod).__name__, [val(a, i) for i, a in enumerate(node.args)], out)
+            return PNode(name, type(mod).__name__, self._tensor_args(node), out)
         target = node.target
         if node.meta.get("tensor_meta") is None:
             return None  # sizes and other Python values: no channels to follow
@@ -187,9 +198,16 @@ class FxChannels:
         if target in ("expand", "expand_as"):
             return PNode(node.name, "Expand", [x], out)
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-        return PNode(node.name, name, [val(a, i) for i, a in enumerate(node.args)], out)
+        return PNode(node.name, name, self._tensor_args(node), out)
 
     # -- applying a plan ----------------------------------------------------------------------------------
+    def fork(self) -> "FxChannels":
+        """An adapter over a copy of the graph as :meth:`view` saw it (same node names), to apply a plan to."""
+        twin = FxChannels(self.graph.copy())
+        by_name = {node.name: node for node in twin.gm.graph.nodes}
+        twin.by_name = {name: by_name[node.name] for name, node in self.by_name.items()}
+        return twin
+
     def apply(self, plan: Plan) -> None:
         for qualified, array in plan.consts.items():
             owner_name, _, attr = qualified.rpartition(".")

@@ -15,7 +15,7 @@ from graphopt.prune.view import PNode
 
 def unknown(node: PNode, prop: Propagation) -> None:
     """No handler: every channel flowing in is blocked and nothing flows out."""
-    prop.block_inputs(node, f"{node.op} '{node.name}' has no channel handler")
+    prop.block_inputs(node, node.attrs.get("internal") or f"{node.op} '{node.name}' has no channel handler")
 
 
 def opaque(node: PNode, prop: Propagation) -> None:
@@ -174,8 +174,7 @@ def dense(node: PNode, prop: Propagation, w_name: str, k_axis: int, bias: str | 
         prop.block(out, f"{node.op} '{node.name}' has a bias that is not one value per output feature")
     ys = prop.shape(y)
     prop.source(node, y, out)
-    if ys is not None:
-        prop.set(y, Tracked((len(ys) - 1,), out))
+    prop.set(y, Tracked((len(ys) - 1 if ys else 0,), out))  # an unknown shape blocks the new features
 
 
 def gemm(node: PNode, prop: Propagation) -> None:
@@ -217,8 +216,12 @@ def layer_norm(node: PNode, prop: Propagation) -> None:
             if t.axes != (a,):
                 prop.block(t.atoms, f"LayerNormalization '{node.name}' normalizes over several channel axes")
                 return
-            prop.slice(node, node.input(1), a - first, t.atoms, "norm_scale")
-            prop.slice(node, node.input(2), a - first, t.atoms, "bias")
+            for value, role in ((node.input(1), "norm_scale"), (node.input(2), "bias")):  # they shrink together
+                array = prop.const(value)
+                if array is None and value is not None:  # computed at run time: prop.slice blocks the channels
+                    prop.slice(node, value, 0, t.atoms, role)
+                elif array is not None and a - len(xs) + array.ndim >= 0:  # broadcast from the right, as ONNX does
+                    prop.slice(node, value, a - len(xs) + array.ndim, t.atoms, role)
     prop.set(y, t)
 
 
@@ -227,6 +230,9 @@ def concat(node: PNode, prop: Propagation) -> None:
     Concat on another axis unifies the inputs' channels like an elementwise op."""
     y = node.outputs[0]
     rank = len(prop.shape(y) or ())
+    if not rank or any(prop.shape(v) is None for v in node.inputs if v is not None):
+        prop.block_inputs(node, f"Concat '{node.name}' has shapes that are not known statically")
+        return
     axis = int(node.attrs.get("axis", 0)) % rank
     if not any(axis in prop.get(v).axes for v in node.inputs if prop.get(v) is not None):
         elementwise(node, prop)  # no channel on the concat axis: same rule as broadcasting ops
@@ -237,7 +243,7 @@ def concat(node: PNode, prop: Propagation) -> None:
         if t is not None and t.axes == (axis,):
             parts.append(t.atoms)
             continue
-        size = (prop.const(value).shape if prop.const(value) is not None else prop.shape(value))[axis]
+        size = prop.shape(value)[axis]
         atoms = prop.fresh(size)
         if t is not None:
             prop.block(t.atoms, f"Concat '{node.name}' joins '{value}' whose channels lie on other axes")
@@ -287,7 +293,8 @@ def split_to_sequence(node: PNode, prop: Propagation) -> None:
     if axis not in t.axes:
         prop.sequences[node.outputs[0]] = [t]  # any item carries the same channels: SequenceAt reads item 0
         return
-    if t.axes != (axis,) or sizes is None or sizes.ndim > 1 or not int(node.attrs.get("keepdims", 1)):
+    if (t.axes != (axis,) or sizes is None or sizes.ndim > 1 or not int(node.attrs.get("keepdims", 1))
+            or (sizes < 1).any() or (sizes.ndim == 1 and int(sizes.sum()) != t.atoms.size)):
         prop.block(t.atoms, f"SplitToSequence '{node.name}' splits a channel axis by sizes it cannot rewrite")
         return
     if sizes.ndim == 0:  # one size: chunks of it, the last one shorter (rewritten as explicit sizes)

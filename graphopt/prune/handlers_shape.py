@@ -98,10 +98,13 @@ def gather(node: PNode, prop: Propagation) -> None:
         h.unknown(node, prop)
         return
     if table is not None and table.ndim == 2 and axis == 0:
-        out = prop.fresh(table.shape[1])
+        out, ys = prop.fresh(table.shape[1]), prop.shape(y)
         prop.slice(node, data, 1, out)
         prop.source(node, y, out)
-        prop.set(y, Tracked((len(prop.shape(y)) - 1,), out))
+        if ys:
+            prop.set(y, Tracked((len(ys) - 1,), out))
+        else:
+            prop.block(out, f"the shape of '{y}' is not known statically")
         return
     t = prop.get(data)
     if t is None:
@@ -179,13 +182,16 @@ def matmul(node: PNode, prop: Propagation) -> None:
         return
     ys = prop.shape(y)
     shapes = [prop.shape(v) for v in (a, b)]
-    ops = [(v, prop.get(v), _roles(len(s), len(ys), i == 0)) for i, (v, s) in enumerate(zip((a, b), shapes))
-           if prop.get(v) is not None]
-    if not ops:
+    if prop.get(a) is None and prop.get(b) is None:
         return
-    if ys is None or min(len(s) for s in shapes) < 2:
+    if ys is None or any(s is None for s in shapes):
+        prop.block_inputs(node, f"MatMul '{node.name}' has shapes that are not known statically")
+        return
+    if min(len(s) for s in shapes) < 2:
         h.unknown(node, prop)
         return
+    ops = [(v, prop.get(v), _roles(len(s), len(ys), i == 0)) for i, (v, s) in enumerate(zip((a, b), shapes))
+           if prop.get(v) is not None]
     # a role one operand tracks and the other spans without tracking it must keep its size
     every = sorted({r for _, t, roles in ops for r in (roles[ax] for ax in t.axes)}, key=lambda r: (r == "k", r))
     for i, (v, s) in enumerate(zip((a, b), shapes)):

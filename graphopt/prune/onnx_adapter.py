@@ -3,6 +3,9 @@
 The view names values by tensor name; shapes come from ONNX shape inference. Constant-node outputs are lifted
 to initializers and subgraphs of constants folded (onnx-graphsurgeon's ``fold_constants``) first, so every weight
 and shape target is a ``gs.Constant`` (torch's exporter writes ``MatMul(x, Transpose(W))`` without folding).
+A constant several nodes read (torch's TorchScript exporter shares every pair of equal initializers, so with
+random weights all zero biases of one size are one tensor) is shown once per reader, under its own name after the
+first (``name@node``): each reader is pruned with its own channels, never coupled to, nor sliced for, another.
 Applying a plan puts new Constants in the slots of sliced weights (never changing an array in place), writes new
 Reshape targets, Split sizes and Slice bounds as fresh Constants (the old ones may be shared) and updates Conv
 ``group``. Inferred shapes of intermediate tensors are dropped; the pass then checks the result (strict shape
@@ -22,6 +25,9 @@ class OnnxChannels:
     def __init__(self, graph: OnnxGraph):
         self.graph = graph
         self.nodes: dict[str, gs.Node] = {}
+        self.readers: dict[str, tuple[gs.Constant, gs.Node]] = {}  # a constant's view name -> it and its reader
+        self.names: dict[tuple[int, str], str] = {}  # (id of a constant, reader) -> the view's name
+        self.seen: set[int] = set()
 
     def _lift_constant_nodes(self) -> None:
         for node in list(self.graph.gs.nodes):
@@ -48,23 +54,44 @@ class OnnxChannels:
             shapes[t.name] = tuple(d if isinstance(d, int) else None for d in (t.shape or ())) if t.shape else None
         for name, (dims, _) in self.graph.inferred_shapes().items():
             shapes[name] = tuple(d if isinstance(d, int) and d > 0 else None for d in dims)
-        consts = {}
-        for name, t in g.tensors().items():
-            if isinstance(t, gs.Constant):
-                consts[name] = t.values
-                shapes[name] = tuple(t.values.shape)
+        consts: dict[str, np.ndarray] = {}
         names = {n.name for n in g.nodes if n.name}
+        values = set(g.tensors())
         nodes = []
         for node in g.nodes:
             if not node.name or node.name in self.nodes:
                 node.name = fresh_name(names, f"{node.op}_{len(self.nodes)}")
                 names.add(node.name)
             self.nodes[node.name] = node
-            nodes.append(PNode(node.name, node.op, [t.name or None for t in node.inputs],
-                               [t.name for t in node.outputs], dict(node.attrs)))
+            inputs = [self._constant(t, node, consts, shapes, values) if isinstance(t, gs.Constant) else t.name or None
+                      for t in node.inputs]
+            nodes.append(PNode(node.name, node.op, inputs, [t.name for t in node.outputs], dict(node.attrs)))
         return ChannelView(nodes, shapes, consts, [t.name for t in g.inputs], [t.name for t in g.outputs], "onnx")
 
+    def _constant(self, t: gs.Constant, node: gs.Node, consts: dict, shapes: dict, values: set[str]) -> str:
+        """The view's name for constant ``t`` read by ``node``: its own name for its first reader, a fresh one
+        (``name@node``) for each other reader; a node that reads it twice reads one value."""
+        key = (id(t), node.name)
+        if key not in self.names:
+            first = id(t) not in self.seen
+            self.seen.add(id(t))
+            self.names[key] = t.name if first else fresh_name(values, f"{t.name}@{node.name}")
+            self.readers[self.names[key]] = (t, node)
+        name = self.names[key]
+        consts[name], shapes[name] = t.values, tuple(t.values.shape)
+        return name
+
     # -- applying a plan ----------------------------------------------------------------------------------
+    def fork(self) -> "OnnxChannels":
+        """An adapter over a copy of the graph as :meth:`view` left it (same names), to apply a plan to."""
+        twin = OnnxChannels(self.graph.copy())
+        by_name = {node.name: node for node in twin.graph.gs.nodes}
+        twin.nodes = {name: by_name[name] for name in self.nodes}
+        for value, (tensor, reader) in self.readers.items():
+            copy = by_name[reader.name]
+            twin.readers[value] = (next(t for t in copy.inputs if t.name == tensor.name), copy)
+        return twin
+
     def _const_input(self, node: gs.Node, index: int, values, dtype=np.int64) -> None:
         names = set(self.graph.gs.tensors())
         old = node.inputs[index] if index < len(node.inputs) else None
@@ -79,12 +106,13 @@ class OnnxChannels:
 
     def apply(self, plan: Plan) -> None:
         g = self.graph.gs
-        tensors = g.tensors()
+        values = set(g.tensors())
         for name, array in plan.consts.items():
-            old = tensors[name]
-            new = gs.Constant(name, np.ascontiguousarray(array))
-            for consumer in list(old.outputs):
-                replace_input(consumer, old, new)
+            old, reader = self.readers[name]
+            shared = any(consumer is not reader for consumer in old.outputs)  # the other readers keep the original
+            new = gs.Constant(fresh_name(values, f"{old.name}_pruned") if shared else old.name,
+                              np.ascontiguousarray(array))
+            replace_input(reader, old, new)
         for (node_name, key), value in plan.attrs.items():
             node = self.nodes[node_name]
             if key == "group":

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from graphopt.prune.propagate import Propagation, Source
+from graphopt.prune.propagate import Propagation, Source, internal_reason
 from graphopt.prune.view import Plan
 
 # importance(array, axis, role, grad) -> one score per index along axis, or None when it does not read this slice
@@ -158,28 +158,37 @@ def select(prop: Propagation, roots: np.ndarray, groups: list[Group], scores: di
         per_group.update(_global_counts([g for g in live if not g.pinned], score_of, ratio, round_to, min_channels))
     checker = _Checker(prop, roots)
     for g in live:
-        n_drop = per_group[id(g)]
-        if n_drop <= 0:
-            continue
-        ranked = g.classes[np.argsort(score_of[id(g)], kind="stable")]
-        first = _spread(ranked, n_drop, _parts(prop, roots, g))
-        problem = checker.try_drop(first)
-        if problem is None:
-            g.dropped = np.sort(first)
-            continue
-        chosen: list[int] = []  # the lowest-scored set fails: take classes one by one, skipping any that fails
-        for c in ranked.tolist():
-            if len(chosen) == n_drop:
-                break
-            if checker.try_drop(np.array(chosen + [c]), commit=False) is None:
-                chosen.append(c)
-        if chosen:
-            checker.try_drop(np.array(chosen))
-            g.dropped = np.sort(np.array(chosen))
-        else:
-            g.blocked = f"pruning it: {problem}"
+        before = checker.dropped
+        try:
+            _choose(prop, roots, g, per_group[id(g)], score_of[id(g)], checker)
+        except Exception as exc:  # an engine bug must not fail the pass: this group is kept whole
+            checker.dropped, g.dropped, g.blocked = before, np.zeros(0, dtype=np.int64), internal_reason(exc)
     sel.dropped = checker.dropped
     return sel
+
+
+def _choose(prop: Propagation, roots: np.ndarray, g: Group, n_drop: int, scores: np.ndarray,
+            checker: "_Checker") -> None:
+    """Drop ``n_drop`` of ``g``'s classes, lowest score first, skipping any the checker refuses."""
+    if n_drop <= 0:
+        return
+    ranked = g.classes[np.argsort(scores, kind="stable")]
+    first = _spread(ranked, n_drop, _parts(prop, roots, g))
+    problem = checker.try_drop(first)
+    if problem is None:
+        g.dropped = np.sort(first)
+        return
+    chosen: list[int] = []  # the lowest-scored set fails: take classes one by one, skipping any that fails
+    for c in ranked.tolist():
+        if len(chosen) == n_drop:
+            break
+        if checker.try_drop(np.array(chosen + [c]), commit=False) is None:
+            chosen.append(c)
+    if chosen:
+        checker.try_drop(np.array(chosen))
+        g.dropped = np.sort(np.array(chosen))
+    else:
+        g.blocked = f"pruning it: {problem}"
 
 
 def _global_counts(groups: list[Group], score_of: dict[int, np.ndarray], ratio: float, round_to: int,

@@ -153,7 +153,8 @@ class Propagation:
         if tracked is None or tracked.atoms.size == 0:
             return
         shape = self.shape(value)
-        if shape is None or any(shape[a] != tracked.atoms.shape[i] for i, a in enumerate(tracked.axes)):
+        if shape is None or any(a >= len(shape) or shape[a] != tracked.atoms.shape[i]
+                                for i, a in enumerate(tracked.axes)):
             self.block(tracked.atoms, f"the shape of '{value}' is not known statically")
             return
         self.tracked[value] = tracked
@@ -221,14 +222,42 @@ def propagate(view: ChannelView, handlers: dict[str, Handler], fallback: Handler
     prop = Propagation(view, dict(settings or {}))
     for node in view.nodes:
         handler = handlers.get(node.op, fallback)
-        before = len(prop.sources)
-        handler(node, prop)
+        before, atoms, edits = len(prop.sources), len(prop.uf.parent), len(prop.edits)
+        try:
+            handler(node, prop)
+        except Exception as exc:  # a handler bug must not fail the pass: what the node touched is kept whole
+            _contain(prop, node, exc, atoms, edits)
         if ignore(node):
             for src in prop.sources[before:]:
                 prop.block(src.atoms, f"'{node.name}' is in the ignore list")
+    for src in prop.sources:  # channels made where no consumer can follow them cannot go
+        if src.value not in prop.tracked:
+            prop.block(src.atoms, f"{src.op} '{src.node}' writes '{src.value}', whose channels graphopt cannot follow")
     prop.balanced += [parts for parts in prop.cuts.values() if len(parts) > 1]  # Slices of one value: a Split
     for value in view.outputs:
         t = prop.get(value)
         if t is not None:
             prop.block(t.atoms, f"graph output '{value}' keeps its shape")
     return prop
+
+
+def internal_reason(exc: BaseException) -> str:
+    """The reason a group is kept whole after an error inside graphopt (a bug to report)."""
+    text = str(exc).strip().splitlines()
+    return f"internal: {type(exc).__name__}: {text[0][:150] if text else ''}".rstrip(": ")
+
+
+def _contain(prop: Propagation, node: PNode, exc: Exception, atoms: int, edits: int) -> None:
+    """After ``node``'s handler raised: block the channels flowing in and every atom it made, drop the edits it
+    recorded and what it wrote on its outputs (nothing flows out, as for an op without a handler)."""
+    reason = f"{internal_reason(exc)} (in the channel handler of {node.op} '{node.name}')"
+    prop.block_inputs(node, reason)
+    made = np.arange(atoms, len(prop.uf.parent), dtype=np.int64)
+    if made.size:
+        prop.block(made, reason)
+    del prop.edits[edits:]
+    for value in node.outputs:
+        t = prop.tracked.pop(value, None)
+        if t is not None:
+            prop.block(t.atoms, reason)
+        prop.sequences.pop(value, None)
