@@ -92,12 +92,9 @@ def test_fp16_stays_within_float16_rounding_and_valid(graph):
     assert unit_scale_error(_run(graph.model, feeds), _run(half, feeds)) <= fp16_tolerance(graph.model)
 
 
-# Narrowed for a bug in graphopt/prune (reported; remove min_channels when fixed): prune-channels crashes with
-# "ValueError: axes don't match array" (handlers_shape.transpose) when a 1-channel value is reshaped (Flatten or
-# Reshape: handlers_shape.reshape tracks it on no axis, with a 1-D atom array) and then transposed.
 # Every graph starts with a Conv and ends in a Conv / Gemm head: the channels between are free to prune unless
 # a block in between stops them (then the group is kept whole, with a reason).
-PRUNABLE = Spec(min_channels=4, first="conv", head=True)
+PRUNABLE = Spec(first="conv", head=True)
 
 
 @settings(max_examples=150, deadline=10000, **REPRODUCIBLE)

@@ -285,3 +285,20 @@ def test_torch_export_einsum_blocks_the_operands_in_its_list_and_the_rest_is_pru
     assert any("einsum" in n and "no channel handler" in n for n in result.report.records[-1].notes)
     with torch.no_grad():
         assert result.model(x).shape == (1, 4)
+
+
+def test_a_single_channel_reshaped_then_transposed_is_left_alone():
+    """One channel flattened and transposed: nothing to prune, and no crash (found by tests/test_properties.py)."""
+    import onnx
+
+    import graphopt
+
+    m = onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,1,1,1] x) => (float[1,3] y) <float[1,1,1,1] w = {0.5}, float[1,3] v = {0.1,0.2,0.3}> {
+          c = Conv<kernel_shape = [1, 1]>(x, w)
+          f = Flatten<axis = 1>(c)
+          t = Transpose<perm = [1, 0]>(f)
+          y = Gemm<transA = 1>(t, v)
+        }''')
+    result = graphopt.optimize(m, "prune", check=False)
+    assert not result.report.modified

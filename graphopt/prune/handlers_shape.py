@@ -31,13 +31,18 @@ def reshape(node: PNode, prop: Propagation) -> None:
     if xs is None or ys is None:
         prop.block(t.atoms, f"{node.op} '{node.name}' has shapes that are not known statically")
         return
+    static = all(isinstance(d, int) and d > 0 for d in [*xs, *ys])
     xs, ys = _concrete(xs), _concrete(ys)
     if int(np.prod(xs)) != int(np.prod(ys)):
-        prop.block(t.atoms, f"{node.op} '{node.name}': input and output sizes differ")
+        why = "input and output sizes differ" if static else "has dimensions known only at run time"
+        prop.block(t.atoms, f"{node.op} '{node.name}' {why}")
         return
     spread = t.atoms.reshape([xs[a] if a in t.axes else 1 for a in range(len(xs))])
     labels = np.broadcast_to(spread, xs).reshape(ys)
     axes = tuple(a for a in range(len(ys)) if ys[a] > 1 and not (labels == labels.take([0], axis=a)).all())
+    if not axes:  # a single channel: nothing to follow or prune, and no axis to carry it on
+        prop.block(t.atoms, f"{node.op} '{node.name}' leaves a single channel")
+        return
     grid = labels[tuple(slice(None) if a in axes else 0 for a in range(len(ys)))]
     if not np.array_equal(np.broadcast_to(grid.reshape([ys[a] if a in axes else 1 for a in range(len(ys))]), ys),
                           labels):
