@@ -220,7 +220,7 @@ def cmd_run(args) -> int:
     say(f"pipeline: {run.pipeline}" + (f"  (= {run.resolved})" if run.pipeline != run.resolved else ""))
     say(report.table())
     numeric = report.checks.get("numeric")
-    if numeric and numeric.get("compared"):
+    if numeric and numeric.get("compared") and numeric["comparisons"]:
         say(f"check: {_check_line(numeric)}")
     for warning in report.warnings:
         say(f"warning: {warning}")
@@ -252,7 +252,7 @@ def _check_line(numeric: dict) -> str:
     for c in comparisons:
         if c["equivalence"] != "exact":
             parts.append(f"{' + '.join(c['passes'])}: SQNR {fmt_db(c['sqnr_db'])} dB, cosine {c['cosine']:.4f}")
-    return "; ".join(parts) + f", on {numeric['inputs']}" if parts else "nothing to compare"
+    return "; ".join(parts) + f", on {numeric['inputs']}"
 
 
 def _json_default(value):

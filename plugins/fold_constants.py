@@ -16,6 +16,10 @@ from graphopt.ir.ops import is_standard_domain
 _ONNX_NO_FOLD = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Dropout", "RandomNormal", "RandomUniform",
     "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+
+    # sequence and optional values: onnx-graphsurgeon's folding takes every result for an array and fails on them
+    "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SequenceAt", "SequenceLength",
+    "SequenceMap", "SplitToSequence", "ConcatFromSequence", "Optional", "OptionalGetElement", "OptionalHasElement",
 })
 _MAX_ROUNDS = 4
 # FX targets whose name has a word starting with one of these are random (or uninitialized): never folded

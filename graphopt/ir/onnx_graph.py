@@ -22,12 +22,17 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from graphopt.errors import ModelLoadError, UnsupportedError, first_line
 from graphopt.ir import onnx_external, onnx_io
 from graphopt.ir.base import Graph
 from graphopt.ir.feeds import InputSpec, feeds, input_roles
 from graphopt.ir.ops import OpKind, onnx_kind
+
+# graphsurgeon's warnings (a subgraph onnxruntime could not fold, ...) are printed, not raised: graphopt reports
+# what matters in its own notes, so only its errors get through
+G_LOGGER.severity = max(G_LOGGER.severity, G_LOGGER.ERROR)
 
 _PROTOBUF_MARGIN = 64 * 2**20  # room for everything in a model that is not a weight
 _SKELETON_BYTES = 1024
@@ -253,10 +258,11 @@ class OnnxGraph(Graph):
     def export(self) -> onnx.ModelProto:
         return self.to_model()
 
-    def verify(self, exported: onnx.ModelProto | None = None) -> None:
-        """The onnx checker's full check (with strict shape inference), on :meth:`skeleton`."""
+    def verify(self, exported: onnx.ModelProto | None = None, full: bool = True) -> None:
+        """The onnx checker's full check (with strict shape inference; ``full=False``: without), on
+        :meth:`skeleton`."""
         try:
-            onnx.checker.check_model(self.skeleton(exported), full_check=True)
+            onnx.checker.check_model(self.skeleton(exported), full_check=full)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise ValueError(first_line(exc)) from exc
 
@@ -407,13 +413,21 @@ def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
 
 def copy_gs(graph: gs.Graph) -> gs.Graph:
     """``graph.copy()``, with what onnx-graphsurgeon's copy drops put back: a Variable's ``type`` (a sequence
-    input would come back a tensor, and the model an invalid one)."""
+    input would come back a tensor, and the model an invalid one), in the graph and in every subgraph."""
     out = graph.copy()
-    kinds = {name: t.type for name, t in graph.tensors().items() if getattr(t, "type", "tensor_type") != "tensor_type"}
-    for name, tensor in out.tensors().items():
+    _restore_types(graph, out)
+    return out
+
+
+def _restore_types(source: gs.Graph, copy: gs.Graph) -> None:
+    kinds = {name: t.type for name, t in source.tensors().items() if getattr(t, "type", "tensor_type") != "tensor_type"}
+    for name, tensor in copy.tensors().items():
         if name in kinds and isinstance(tensor, gs.Variable):
             tensor.type = kinds[name]
-    return out
+    for original, copied in zip(source.nodes, copy.nodes):
+        for key, value in original.attrs.items():
+            if isinstance(value, gs.Graph) and isinstance(copied.attrs.get(key), gs.Graph):
+                _restore_types(value, copied.attrs[key])
 
 
 def _create_session(ort, source, options, providers):

@@ -14,8 +14,10 @@ the context, else generated ones (:mod:`graphopt.ir.feeds`: random data, valid i
 the original model does not run on any of them, or onnxruntime cannot run it at all (a custom-domain op, an
 opset newer than it knows), nothing is compared and the run says "not compared: <why>" instead of failing.
 
-Models are run by onnxruntime with graph optimizations off for exact runs (nothing to fuse, less to build) and
-with the backend's optimizations for approximate ones (so int8 is measured on the kernels that will run it).
+Models are run by onnxruntime with graph optimizations off for the reference and between exact passes (nothing
+to fuse, less to build), and with its optimizations on for approximate passes (so int8 is measured on the kernels
+that will run it) and for the result (run as a user will load it: onnxruntime's own folding can expose a model it
+then refuses). When nothing could be compared, the result must still load wherever the original did.
 The first reference and the final result may be run from files (``reference_path`` / ``final_path``): a model
 of several GB is then never serialized in memory for the check.
 """
@@ -76,6 +78,7 @@ class NumericCheck(Instrument):
         self.final_path: str | None = None  # set by the caller: the result's file, run for the last comparison
         self._inputs, self._label = inputs, inputs_label
         self.not_compared: str | None = None
+        self._original_loads = False  # not compared, but onnxruntime could build a session on the original
         self.comparisons: list[dict[str, Any]] = []
         self._ref: list[np.ndarray] | None = None
         self._segment: list[tuple[Any, Any]] = []  # (pass, record) of the modifying passes not yet compared
@@ -104,7 +107,15 @@ class NumericCheck(Instrument):
 
     def after_pipeline(self, graph, report, ctx) -> None:
         if self._segment and not self.not_compared:
-            self._close(graph, ctx, path=self.final_path)
+            self._close(graph, ctx, path=self.final_path, final=True)
+        elif self.not_compared and self._original_loads and report.modified and graph.ir == "onnx":
+            # nothing could be compared, but a result onnxruntime cannot even load is still caught
+            try:
+                graph.session(path=self.final_path)  # as a user loads it: optimizations on
+            except Exception as exc:
+                names = [r.name for r in report.records if r.modified]
+                raise PassError(_who(names), f"left a model onnxruntime can no longer load, though it loaded the "
+                                f"original ({first_line(exc)})") from None
         report.checks = {"numeric": self.summary()}
 
     def summary(self) -> dict[str, Any]:
@@ -135,6 +146,7 @@ class NumericCheck(Instrument):
                 reason = str(exc)
                 if reason.startswith("onnxruntime cannot load"):
                     break
+                self._original_loads = True
                 continue
             self._inputs, self._label = inputs, label
             return True
@@ -159,12 +171,12 @@ class NumericCheck(Instrument):
                 for f in candidate_feeds(graph.input_specs(), roles, self.seed)]
 
     # -- one comparison ------------------------------------------------------------------------------------
-    def _close(self, graph, ctx, path: str | None = None) -> None:
+    def _close(self, graph, ctx, path: str | None = None, final: bool = False) -> None:
         segment, self._segment = self._segment, []
         exact = self._kind == Equivalence.EXACT
         names = [p.name for p, _ in segment]
-        try:
-            outputs = run_model(graph, self._inputs, optimized=not exact, path=path)
+        try:  # the result is run as a user will load it, with onnxruntime's optimizations on
+            outputs = run_model(graph, self._inputs, optimized=final or not exact, path=path)
         except NotRunnable as exc:
             raise PassError(_who(names), f"left a model that no longer runs ({exc})") from None
         diff = max_difference(self._ref, outputs)
@@ -177,8 +189,9 @@ class NumericCheck(Instrument):
         self.comparisons.append(entry)
         self._ref = outputs
         if exact:
-            if not diff.max_rel_err <= self.rtol:
-                error = NumericMismatchError(_who(names), _mismatch(diff, self.rtol, len(segment)))
+            rtol = _tolerance(self.rtol, self._ref)
+            if not diff.max_rel_err <= rtol:
+                error = NumericMismatchError(_who(names), _mismatch(diff, rtol, len(segment)))
                 error.passes = names
                 raise error
             return
@@ -189,6 +202,14 @@ class NumericCheck(Instrument):
             ctx.warn(f"{', '.join(names)}: the outputs moved past the accuracy threshold on {self._label} "
                      f"({_moved(diff, self.min_cosine, self.min_sqnr_db)}): "
                      + ("; ".join(hints) or "measure the accuracy with --eval data before using this model"))
+
+
+def _tolerance(rtol: float, reference: list[np.ndarray]) -> float:
+    """What an exact pass must keep: ``rtol``, and at least two float16 ulps when an output is float16 (a folded
+    fp16 value is rounded once where the run rounded it at another step)."""
+    if any(np.asarray(r).dtype == np.float16 for r in reference):
+        return max(rtol, 2 * float(np.finfo(np.float16).eps))
+    return rtol
 
 
 def _who(names: list[str]) -> str:
