@@ -64,6 +64,7 @@ class OnnxGraph(Graph):
             raise ModelLoadError("ModelProto: its tensors refer to external data, which cannot be found without "
                                  "the model's folder (load the model by path, or with onnx.load(path))")
         onnx_io.check_versions(model, "ModelProto")
+        onnx_external.check_tensor_sizes(model, "ModelProto")
         return cls._import(model, "ModelProto", {}, external_data)
 
     @classmethod

@@ -34,6 +34,7 @@ from graphopt.ir.onnx_external import (
     ExternalValues,
     Source,
     check_external_data,
+    check_tensor_sizes,
     file_source,
     is_external,
     model_tensors,
@@ -66,6 +67,9 @@ def parse_model(path: str) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(exc)}) ({hint})") from None
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph, no outputs; is it an ONNX file?)")
+    if not model.graph.output:  # onnx's checker lets it through; nothing can run it
+        raise ModelLoadError(f"{path}: the graph has no outputs, so it computes nothing (re-export the model with "
+                             f"its outputs)")
     return model
 
 
@@ -99,6 +103,7 @@ def read_model(path: str) -> tuple[onnx.ModelProto, dict[tuple, Source]]:
     model = parse_model(path)
     check_versions(model, path)
     sources = check_external_data(model, path)
+    check_tensor_sizes(model, path)
     try:
         onnx.checker.check_model(path)  # by path: it checks the external data references, no 2 GB limit
     except (onnx.checker.ValidationError, ValueError) as exc:
