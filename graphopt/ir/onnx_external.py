@@ -173,41 +173,6 @@ def check_external_data(model: onnx.ModelProto, model_path: str) -> dict[tuple, 
     return sources
 
 
-# byte-aligned types whose element count is checked: itemsize in bytes (sub-byte types are packed; left to onnx)
-_ITEMSIZE = {**{k: np.dtype(v).itemsize for k, v in RAW_NUMPY.items()}, TensorProto.BFLOAT16: 2,
-             **{getattr(TensorProto, n): 1 for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ",
-                                                     "FLOAT8E8M0") if hasattr(TensorProto, n)}}
-
-
-def check_tensor_sizes(model: onnx.ModelProto, where: str) -> None:
-    """ModelLoadError for a tensor stored in the model whose data does not fill its shape (``raw_data`` of
-    another length, or another count of typed values): the onnx checker lets them through, and they fail later,
-    deep inside a pass or onnxruntime."""
-    for t, _ in model_tensors(model):
-        checked = t.data_type in _ITEMSIZE or t.data_type == TensorProto.STRING
-        if is_external(t) or t.HasField("segment") or not checked:
-            continue
-        if any(d < 0 for d in t.dims):
-            problem = f"has a negative dimension {list(t.dims)}"
-        else:
-            count = int(np.prod(t.dims, dtype=np.int64))
-            if t.HasField("raw_data"):
-                need, got, unit = count * _ITEMSIZE.get(t.data_type, 0), len(t.raw_data), "bytes"
-            else:
-                field = onnx.helper.tensor_dtype_to_field(t.data_type)
-                per = 2 if t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128) else 1
-                need, got, unit = count * per, len(getattr(t, field)), f"values in {field}"
-            if t.data_type == TensorProto.STRING and t.HasField("raw_data"):
-                problem = "is a string tensor with raw_data (strings go in string_data)"
-            elif need == got:
-                continue
-            else:
-                problem = (f"holds {got} {unit}, but a {list(t.dims)} "
-                           f"{onnx.helper.tensor_dtype_to_string(t.data_type)} tensor needs {need}")
-        raise ModelLoadError(f"{where}: tensor '{t.name}' {problem} (the file is damaged or was written wrongly; "
-                             f"re-export the model)")
-
-
 def has_external_data(model: onnx.ModelProto) -> bool:
     return any(is_external(t) for t, _ in model_tensors(model))
 

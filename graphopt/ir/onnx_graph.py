@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from graphopt.errors import ModelLoadError, UnsupportedError, first_line
-from graphopt.ir import onnx_external, onnx_io
+from graphopt.ir import onnx_checks, onnx_external, onnx_io
 from graphopt.ir.base import Graph
 from graphopt.ir.feeds import Spec, feeds, input_roles
 from graphopt.ir.ops import OpKind, onnx_kind
@@ -64,7 +64,7 @@ class OnnxGraph(Graph):
             raise ModelLoadError("ModelProto: its tensors refer to external data, which cannot be found without "
                                  "the model's folder (load the model by path, or with onnx.load(path))")
         onnx_io.check_versions(model, "ModelProto")
-        onnx_external.check_tensor_sizes(model, "ModelProto")
+        onnx_checks.check_tensor_sizes(model, "ModelProto")
         return cls._import(model, "ModelProto", {}, external_data)
 
     @classmethod
