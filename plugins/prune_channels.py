@@ -115,15 +115,21 @@ class PruneChannels(Pass):
         if not outcome.pruned_groups:
             return self._result(graph, outcome, ctx)
         adapter.apply(outcome.plan)
-        self._check(work, view)
+        self._check(work, view, graph)
         return self._result(work, outcome, ctx)
 
-    def _check(self, graph, view) -> None:
+    def _check(self, graph, view, original) -> None:
         try:
             graph.verify()
             outputs = graph.run(graph.sample_inputs())
-        except Exception as exc:  # the checker, shape inference or onnxruntime: any failure is a handler bug
-            raise self.fail(f"the pruned graph does not run ({str(exc).splitlines()[0]}); this is a bug in a "
+        except Exception as exc:  # the checker, shape inference or onnxruntime: a handler bug, if the input ran
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            try:
+                original.run(original.sample_inputs())
+            except Exception:  # it did not run before pruning either: not a handler's doing
+                raise self.fail(f"the model does not run on onnxruntime even before pruning ({reason}) (check it "
+                                f"with graphopt verify)") from exc
+            raise self.fail(f"the pruned graph does not run ({reason}); this is a bug in a "
                             "channel handler, please report it with the model") from exc
         for name, out in zip(view.outputs, outputs):
             want = view.shapes.get(name)
