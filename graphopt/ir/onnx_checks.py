@@ -4,7 +4,9 @@ surface deep inside a pass or onnxruntime, or only when the result is written.
 - :func:`check_tensor_sizes`: a tensor whose data does not fill its shape (``raw_data`` of another length, or
   another count of typed values);
 - :func:`check_text`: a string field that is not UTF-8 (protobuf hands it back as bytes; onnx-graphsurgeon
-  fails on it when the model is exported).
+  fails on it when the model is exported);
+- :func:`check_value_types`: a value (graph input, output, value_info, in any subgraph) whose type is set but
+  empty, or opaque (onnx-graphsurgeon imports it, then fails to export it: "unhashable type: 'Opaque'").
 
 Both read metadata only: no tensor's payload is copied.
 """
@@ -15,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from graphopt.errors import ModelLoadError
+from graphopt.errors import ModelLoadError, UnsupportedError
 from graphopt.ir.onnx_external import RAW_NUMPY, is_external, model_tensors
 
 # byte-aligned types whose element count is checked: itemsize in bytes (sub-byte types are packed; left to onnx)
@@ -82,3 +84,28 @@ def _not_text(message, where: str = "") -> str | None:
             if found:
                 return found
     return None
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
+            for g in attr.graphs:
+                yield from _graphs(g)
+
+
+def check_value_types(model: onnx.ModelProto, where: str) -> None:
+    """ModelLoadError for a value whose type is present but empty; UnsupportedError for an opaque one."""
+    for graph in _graphs(model.graph):
+        for vi in [*graph.input, *graph.output, *graph.value_info]:
+            if not vi.HasField("type"):
+                continue
+            kind = vi.type.WhichOneof("value")
+            if kind is None:
+                raise ModelLoadError(f"{where}: value '{vi.name}' of graph '{graph.name}' has a type with nothing in "
+                                     f"it (the file is damaged or was written wrongly; re-export the model)")
+            if kind == "opaque_type":
+                raise UnsupportedError(f"{where}: value '{vi.name}' of graph '{graph.name}' has an opaque type, "
+                                       f"which graphopt cannot handle (give a model of tensors)")

@@ -65,6 +65,7 @@ class OnnxGraph(Graph):
                                  "the model's folder (load the model by path, or with onnx.load(path))")
         onnx_io.check_versions(model, "ModelProto")
         onnx_checks.check_tensor_sizes(model, "ModelProto")
+        onnx_checks.check_value_types(model, "ModelProto")
         return cls._import(model, "ModelProto", {}, external_data)
 
     @classmethod

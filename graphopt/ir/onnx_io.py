@@ -29,7 +29,7 @@ from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt.errors import ModelLoadError, OutputError, UnsupportedError, UsageError, first_line
-from graphopt.ir.onnx_checks import check_tensor_sizes, check_text
+from graphopt.ir.onnx_checks import check_tensor_sizes, check_text, check_value_types
 from graphopt.ir.onnx_external import (
     RAW_NUMPY,
     ExternalValues,
@@ -105,6 +105,7 @@ def read_model(path: str) -> tuple[onnx.ModelProto, dict[tuple, Source]]:
     check_versions(model, path)
     sources = check_external_data(model, path)
     check_tensor_sizes(model, path)
+    check_value_types(model, path)
     try:
         onnx.checker.check_model(path)  # by path: it checks the external data references, no 2 GB limit
     except (onnx.checker.ValidationError, ValueError) as exc:
