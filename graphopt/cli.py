@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import textwrap
@@ -18,6 +19,7 @@ from graphopt.errors import (
     EquivalenceError,
     GraphoptError,
     ModelLoadError,
+    OutputError,
     UnsupportedError,
     UsageError,
     first_line,
@@ -186,6 +188,7 @@ def _external_data_files(path: str) -> list[str]:
 
 
 def cmd_run(args) -> int:
+    from graphopt.backends.base import DataError
     from graphopt.driver import Driver, RunConfig
     from graphopt.passes.instruments import model_suffix
     from graphopt.passes.manager import PassManager, bisect
@@ -211,7 +214,22 @@ def cmd_run(args) -> int:
         return EquivalenceError.exit_code if result.culprit else 0
 
     costs_before = measure_costs(graph)  # parameters and MACs, before the passes edit the graph in place
-    run = driver.run(args.model, output, graph=graph)
+    measured: dict = {}
+
+    def measure(staged_path: str, result) -> None:  # on the written file before it moves: a failure leaves nothing
+        costs = (costs_before, measure_costs(result))
+        if result.ir == "onnx":
+            try:
+                measured.update(measure_run(args.model, staged_path, driver.backend, data=eval_data, labels=labels,
+                                            labels_key=args.labels, bench=args.bench, costs=costs))
+            except DataError as exc:
+                if eval_data is None:
+                    raise
+                raise DataError(f"--eval {args.eval}: {exc} (give data that fits the model's inputs)") from None
+        else:  # a PyTorch model: parameters and MACs only
+            measured.update(cost_report(*costs))
+
+    run = driver.run(args.model, output, graph=graph, before_move=measure)
     out, report, before = run.graph, run.report, run.source
     after = out.describe()
     say(f"{args.model}: {before['ir']}, {before['nodes']} nodes, {before['parameters']:,} parameters")
@@ -225,18 +243,18 @@ def cmd_run(args) -> int:
     for warning in report.warnings:
         say(f"warning: {warning}")
     say(f"wrote {output}: {after['nodes']} nodes, {after['parameters']:,} parameters")
-    costs = (costs_before, measure_costs(out))
-    if out.ir == "onnx":
-        measured = measure_run(args.model, output, driver.backend, data=eval_data, labels=labels,
-                               labels_key=args.labels, bench=args.bench, costs=costs)
-    else:  # a PyTorch model: parameters and MACs only
-        measured = cost_report(*costs)
     say(format_run(measured))
     if args.json:
         data = {"input": {"path": args.model, **before, "notes": list(getattr(graph, "notes", []))},
                 "output": {"path": output, **after},
                 "backend": driver.backend.name, **run.to_dict(), **jsonable_run(measured)}
-        atomic_write(args.json, json.dumps(data, indent=2, default=_json_default), "--json")
+        try:
+            atomic_write(args.json, json.dumps(data, indent=2, default=_json_default), "--json")
+        except OutputError:  # a failed run leaves nothing behind: not the model without its report either
+            for path in run.written:
+                if os.path.lexists(path):
+                    os.remove(path)
+            raise
     return 0
 
 
@@ -348,13 +366,15 @@ def cmd_verify(args) -> int:
     except UnsupportedError as exc:  # valid, but onnxruntime has no kernel for an op (a custom domain)
         raise UnsupportedError(f"{args.model}: valid, but not run: {exc}") from None
     except Exception as exc:  # valid, but onnxruntime refuses these inputs (shape or index inputs, say)
-        raise UnsupportedError(f"{args.model}: valid, but onnxruntime could not run it on generated inputs "
-                               f"({first_line(exc)}); give real inputs with graphopt compare --data") from None
+        raise UnsupportedError(f"{args.model}: valid, but onnxruntime could not run it on generated inputs: "
+                               f"{first_line(exc)} (run it on real inputs: graphopt compare MODEL MODEL --data "
+                               f"DATA.npz)") from None
     shapes = ", ".join(str(tuple(o.shape)) for o in outputs)
     print(f"{args.model}: valid; ran on sample inputs, outputs {shapes}")
     return 0
 
 
+_NULL_HANDLER = logging.NullHandler()
 COMMANDS = {"run": cmd_run, "passes": cmd_passes, "inspect": cmd_inspect, "verify": cmd_verify,
             "bench": cmd_bench, "compare": cmd_compare}
 
@@ -362,6 +382,9 @@ COMMANDS = {"run": cmd_run, "passes": cmd_passes, "inspect": cmd_inspect, "verif
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    # warnings are printed once, on stdout with the report (`warning: ...`): without a handler of its own, the
+    # "graphopt" logger would also print each one on stderr (logging's last resort), where only errors belong
+    logging.getLogger("graphopt").addHandler(_NULL_HANDLER)
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

@@ -15,7 +15,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from graphopt.errors import NumericMismatchError, UsageError, VerificationError
+from graphopt.errors import (
+    GraphoptError,
+    ModelLoadError,
+    NumericMismatchError,
+    PassError,
+    UsageError,
+    VerificationError,
+)
 from graphopt.ir import Graph, load_model
 from graphopt.passes.base import Equivalence, PassContext
 from graphopt.passes.check import CHECK_SAMPLES, NumericCheck
@@ -170,21 +177,28 @@ class Driver:
         chain.extend(self.extra_instruments)
         return chain, check
 
-    def run(self, model: Any, output: str | None = None, *, graph: Graph | None = None) -> RunResult:
+    def run(self, model: Any, output: str | None = None, *, graph: Graph | None = None,
+            before_move: Callable[[str, Graph], None] | None = None) -> RunResult:
         """Run the pipeline on ``model`` (a path, ModelProto, nn.Module or Graph; never modified). With
-        ``output``, the result is written there (atomically, checked on the written file first)."""
+        ``output``, the result is written there (atomically, checked on the written file first).
+        ``before_move(staged_path, result_graph)`` sees the written file, checked, before it moves into place (what
+        the caller still measures on it: a failure there leaves nothing behind)."""
         owned = graph is not None or not isinstance(model, Graph)
         graph = graph if graph is not None else self.load(model)
         ctx = self.context(graph)
         original = None if owned else graph  # the caller's graph: the manager copies it before editing
         try:
-            return self._execute(model, graph, owned, ctx, output)
+            return self._execute(model, graph, owned, ctx, output, before_move)
         except NumericMismatchError as exc:
             if len(getattr(exc, "passes", ())) > 1:
                 self._blame(model, original, ctx)
             raise
+        except PassError:
+            self._refuse_invalid_input(model, original)
+            raise
 
-    def _execute(self, model: Any, graph: Graph, owned: bool, ctx: PassContext, output: str | None) -> RunResult:
+    def _execute(self, model: Any, graph: Graph, owned: bool, ctx: PassContext, output: str | None,
+                 before_move: Callable[[str, Graph], None] | None = None) -> RunResult:
         chain, check = self.instruments(graph, model)
         source = graph.describe()
         manager = PassManager(self.passes, chain, ctx)
@@ -203,14 +217,19 @@ class Driver:
                 if check is not None:
                     check.final_path = staged_path
                 manager.finish(out, report)
+                if before_move is not None:
+                    before_move(staged_path, out)
+                written.extend(os.path.join(os.path.dirname(os.path.abspath(output)), name)
+                               for name in sorted(os.listdir(os.path.dirname(staged_path))))
 
             out.save(output, before_move=check_then_move)
-            written = [output]
         else:
             staged = Staged(output)
             try:
                 out.save(staged.staged_path)
                 manager.finish(out, report)
+                if before_move is not None:
+                    before_move(staged.staged_path, out)
                 written = staged.commit()
             finally:
                 staged.discard()
@@ -237,6 +256,22 @@ class Driver:
                                    f"basic checker, as the input does")
             return
         raise failure from None
+
+    def _refuse_invalid_input(self, model: Any, original: Graph | None) -> None:
+        """A pass failed: when the input itself fails the onnx checker's full check (strict shape inference; loading
+        runs only the plain check), that is the error (unreadable input, exit 3), not the pass that tripped on it."""
+        try:
+            graph = original if original is not None else self.load(model)
+        except GraphoptError:
+            return
+        if graph.ir != "onnx":
+            return
+        try:
+            graph.verify()
+        except ValueError as exc:
+            where = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "the input model"
+            raise ModelLoadError(f"{where}: invalid ONNX graph: {exc} (fix or re-export the model; `graphopt verify` "
+                                 f"runs the same check)") from None
 
     def _blame(self, model: Any, original: Graph | None, ctx: PassContext) -> None:
         """Several exact passes together changed the outputs: run the pipeline again from the original with a

@@ -140,7 +140,20 @@ class PruneChannels(Pass):
             raise
         except Exception as exc:  # an engine bug: prune nothing and say so, never fail the pipeline
             return _unchanged(graph, exc)
-        return self._settle(graph, ctx, adapter, view, outcome, lambda fork, v: _check_onnx(fork.graph, v))
+        return self._settle(graph, ctx, adapter, view, outcome, lambda fork, v: self._check_onnx(fork.graph, v, graph))
+
+    def _check_onnx(self, pruned, view, original) -> None:
+        """:func:`_check_onnx`; when the pruned graph fails and the original does not run either, that is the
+        input's problem (a PassError, not contained as a handler bug)."""
+        try:
+            _check_onnx(pruned, view)
+        except RuntimeError as exc:
+            try:
+                original.run(original.sample_inputs())
+            except Exception as before:
+                raise self.fail(f"the model does not run on onnxruntime even before pruning ({_first_line(before)})"
+                                f" (check it with graphopt verify)") from exc
+            raise
 
     # -- FX -----------------------------------------------------------------------------------------------
     def run_fx(self, graph, ctx) -> PassResult:

@@ -25,7 +25,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from graphopt.errors import ModelLoadError, UnsupportedError, first_line
-from graphopt.ir import onnx_external, onnx_io
+from graphopt.ir import onnx_checks, onnx_external, onnx_io
 from graphopt.ir.base import Graph
 from graphopt.ir.feeds import InputSpec, feeds, input_roles
 from graphopt.ir.ops import OpKind, onnx_kind
@@ -69,6 +69,8 @@ class OnnxGraph(Graph):
             raise ModelLoadError("ModelProto: its tensors refer to external data, which cannot be found without "
                                  "the model's folder (load the model by path, or with onnx.load(path))")
         onnx_io.check_versions(model, "ModelProto")
+        onnx_checks.check_tensor_sizes(model, "ModelProto")
+        onnx_checks.check_value_types(model, "ModelProto")
         return cls._import(model, "ModelProto", {}, external_data)
 
     @classmethod
@@ -268,8 +270,8 @@ class OnnxGraph(Graph):
 
     def input_specs(self) -> list[InputSpec]:
         """The inputs to feed (those with a default value run with it), as :class:`graphopt.ir.feeds.InputSpec`."""
-        return [InputSpec(t.name, tuple(t.shape or ()), t.dtype if t.dtype is not None else np.float32)
-                for t in self.gs.inputs if t.name not in self.defaults]
+        return [InputSpec(t.name, tuple(t.shape or ()), _numpy_dtype(t.dtype)) for t in self.gs.inputs
+                if t.name not in self.defaults]
 
     def sample_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
         """Fixed-seed inputs (:func:`graphopt.ir.feeds.feeds`): data random, indices/shapes/axes valid."""
@@ -388,6 +390,19 @@ class OnnxGraph(Graph):
         return True
 
 
+def _numpy_dtype(dtype) -> np.dtype:
+    """A tensor's dtype as numpy's (onnx-graphsurgeon leaves the ONNX type number where numpy has no dtype:
+    float8, int4, ...; ml_dtypes has one); float32 when unknown."""
+    if dtype is None:
+        return np.dtype(np.float32)
+    if isinstance(dtype, (int, np.integer)):
+        try:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(dtype)))
+        except (KeyError, ValueError, TypeError):
+            return np.dtype(np.float32)
+    return np.dtype(dtype)
+
+
 def _proto_nbytes(tensor: onnx.TensorProto) -> int:
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         return _SKELETON_BYTES + 1
@@ -430,13 +445,25 @@ def _restore_types(source: gs.Graph, copy: gs.Graph) -> None:
                 _restore_types(value, copied.attrs[key])
 
 
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Fatal error: )?(Load model from .*? failed:)?")
+_ORT_SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[^()]*\((?:[^()]|\([^()]*\))*\) )?")  # file:line signature
+_ORT_OPSET = re.compile(r"Opset (\d+) is under development.*support for domain (\S+) is till opset (\d+)", re.S)
+
+
 def _create_session(ort, source, options, providers):
     try:
         return ort.InferenceSession(source, options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NotImplemented
-        if not any(m in str(exc) for m in _NO_KERNEL):
+        text = str(exc)
+        if not any(m in text for m in _NO_KERNEL):
             raise
-        reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Fatal error: )?", "", first_line(exc))
+        opset = _ORT_OPSET.search(text)
+        if opset:
+            version, domain, newest = opset.groups()
+            raise UnsupportedError(f"{domain} opset {version} is newer than onnxruntime {ort.__version__} supports "
+                                   f"(up to {newest}) (re-export the model at opset {newest} or lower, or upgrade "
+                                   f"onnxruntime; --no-check skips running it)") from None
+        reason = _ORT_SOURCE.sub("", _ORT_PREFIX.sub("", text.strip().splitlines()[0]))[:300]
         raise UnsupportedError(f"onnxruntime cannot run this model: {reason} (an op outside the standard domains "
                                f"needs its custom-op library; or skip running the model, e.g. with --no-check)") \
             from None

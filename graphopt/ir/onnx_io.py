@@ -29,6 +29,7 @@ from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt.errors import ModelLoadError, OutputError, UnsupportedError, UsageError, first_line
+from graphopt.ir.onnx_checks import check_tensor_sizes, check_text, check_value_types
 from graphopt.ir.onnx_external import (
     RAW_NUMPY,
     ExternalValues,
@@ -66,6 +67,10 @@ def parse_model(path: str) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(exc)}) ({hint})") from None
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph, no outputs; is it an ONNX file?)")
+    check_text(model, path)
+    if not model.graph.output:  # onnx's checker lets it through; nothing can run it
+        raise ModelLoadError(f"{path}: the graph has no outputs, so it computes nothing (re-export the model with "
+                             f"its outputs)")
     return model
 
 
@@ -99,6 +104,8 @@ def read_model(path: str) -> tuple[onnx.ModelProto, dict[tuple, Source]]:
     model = parse_model(path)
     check_versions(model, path)
     sources = check_external_data(model, path)
+    check_tensor_sizes(model, path)
+    check_value_types(model, path)
     try:
         onnx.checker.check_model(path)  # by path: it checks the external data references, no 2 GB limit
     except (onnx.checker.ValidationError, ValueError) as exc:
@@ -368,8 +375,9 @@ def _write_into(tmp: str, base: str, consts: list[gs.Constant], export: Callable
             model = export_with_references([c for c in consts if nbytes(c) > EXTERNAL_THRESHOLD], export, write)
             if data.tell() > 0:
                 written.append(data_name)
+    model = model if model is not None else export()  # (what export() raises is not protobuf's size limit)
     try:
-        blob = (model if model is not None else export()).SerializeToString()
+        blob = model.SerializeToString()
     except (ValueError, EncodeError) as exc:  # protobuf: over 2 GB although the weights went out
         raise OutputError(f"{path}: cannot write: {first_line(exc)} (the graph alone is over 2 GB)") from None
     with open(os.path.join(tmp, base), "wb") as f:

@@ -45,7 +45,10 @@ class NotRunnable(Exception):
 def run_model(graph, inputs: dict, *, optimized: bool, path: str | None = None) -> list[np.ndarray]:
     """The outputs of ``graph`` (or of the ONNX file at ``path``, the same model) on ``inputs``."""
     if graph.ir != "onnx":
-        return graph.run(inputs)
+        try:
+            return graph.run(inputs)
+        except Exception as exc:  # the module raises on these inputs
+            raise NotRunnable(f"it raises on these inputs: {type(exc).__name__}: {first_line(exc)}") from exc
     try:
         session = graph.session(optimized=optimized, path=path)
     except Exception as exc:
@@ -137,19 +140,21 @@ class NumericCheck(Instrument):
             self.not_compared = f"not compared: input '{odd[0].name}' is a {kind}, not a tensor"
             ctx.warn(f"numeric check: {self.not_compared}")
             return False
-        candidates = self._candidates(graph, ctx)
         reason = ""
-        for label, inputs in candidates:
-            try:
-                self._ref = run_model(graph, inputs, optimized=False, path=path)
-            except NotRunnable as exc:
-                reason = str(exc)
-                if reason.startswith("onnxruntime cannot load"):
-                    break
-                self._original_loads = True
-                continue
-            self._inputs, self._label = inputs, label
-            return True
+        try:
+            for label, inputs in self._candidates(graph, ctx):
+                try:
+                    self._ref = run_model(graph, inputs, optimized=False, path=path)
+                except NotRunnable as exc:
+                    reason = str(exc)
+                    if reason.startswith("onnxruntime cannot load"):
+                        break
+                    self._original_loads = True
+                    continue
+                self._inputs, self._label = inputs, label
+                return True
+        except Exception as exc:  # no inputs can be made for it: a type numpy lacks, a shape too large to allocate
+            reason = f"no inputs can be generated for it: {type(exc).__name__}: {first_line(exc)}"
         what = "the model" if not self.comparisons else "the model after the previous passes"
         self.not_compared = f"not compared: {what} does not run here ({reason})" + (
             "" if self._label or "cannot load" in reason else "; give --calib or --eval data to check it")

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from graphopt.errors import GraphoptError
 from graphopt.passes.options import name_matches
 from graphopt.prune.handlers import unknown
 from graphopt.prune.handlers_shape import BUILTIN as BUILTIN_HANDLERS
@@ -124,5 +125,7 @@ def settle(outcome: Outcome, attempt: Callable[[Plan], Any], limit: int = 3) -> 
 def _try(outcome: Outcome, attempt: Callable[[Plan], Any], groups: list[Group]) -> tuple[Any, Exception | None]:
     try:
         return attempt(outcome.plan_for(groups)), None
+    except GraphoptError:  # the attempt's own verdict on the input, not an engine bug
+        raise
     except Exception as exc:  # an engine bug, contained by settle()
         return None, exc
