@@ -238,16 +238,22 @@ class Driver:
     def _verify_as_the_input_allows(self, model: Any, out: Graph, report: RunReport, exc: ValueError) -> None:
         """The result fails the full check: a pass broke it (VerificationError) — unless the input itself fails
         the same check (onnx's strict inference rejects some valid models, e.g. its own function bodies): then
-        the basic checker must pass, and the report says so."""
+        the basic checker must pass, and the report says so. An input onnxruntime cannot load either is
+        refused as invalid (exit 3)."""
         who, hint = _culprits(report)
         failure = VerificationError(who, f"the result is not a valid model ({exc}); nothing written{hint}")
         if out.ir != "onnx" or isinstance(model, Graph):
             raise failure from None
+        source = self.load(model)
         try:
-            self.load(model).verify()
+            source.verify()
         except ValueError as original:
             if str(original) != str(exc):
                 raise failure from None
+            try:
+                source.session(optimized=False)
+            except Exception:  # neither onnx nor onnxruntime accepts the input: its fault, not the passes'
+                self._refuse_invalid_input(model, source)
             try:
                 out.verify(full=False)
             except ValueError:

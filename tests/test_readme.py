@@ -52,7 +52,7 @@ def test_example_build_and_run_command(tmp_path):
 
 def _stable(line: str) -> list[str]:
     """A report line's words without its timings and float errors."""
-    return re.sub(r"rel\.err \S+|\d+\.\d+ ms", "", line).split()
+    return re.sub(r"rel\.err \S+|rel\. error \S+|\d+\.\d+ ms", "", line).split()
 
 
 def _exec_in(folder, code: str) -> dict:
