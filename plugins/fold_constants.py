@@ -22,6 +22,12 @@ _ONNX_NO_FOLD = frozenset({
     "SequenceMap", "SplitToSequence", "ConcatFromSequence", "Optional", "OptionalGetElement", "OptionalHasElement",
 })
 _MAX_ROUNDS = 4
+# with a constant condition, shape inference (onnx's, and onnxruntime's as it loads a model) types an If's outputs
+# by the branch taken alone, and Loop / Scan bodies by their now constant inputs: folding can then expose a
+# mismatch the original's inference never saw (onnx's own affine_grid function body feeds Range 1-element
+# tensors through an If, which onnxruntime's optimizer inlines once its condition is constant). A graph with
+# control flow is loaded by onnxruntime before it is returned folded.
+_CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 # FX targets whose name has a word starting with one of these are random (or uninitialized): never folded
 _FX_RANDOM = ("rand", "dropout", "bernoulli", "multinomial", "normal", "uniform", "poisson", "empty", "rrelu",
               "exponential", "geometric", "cauchy")
@@ -78,6 +84,7 @@ class FoldConstants(Pass):
         g = graph.gs
         stats: Counter = Counter()
         notes: list[str] = []
+        original = graph.copy() if any(n.op in _CONTROL_FLOW for n in g.nodes) else None
         count = len(g.nodes)
         _cleanup(g)
         stats["removed dead nodes"] = count - len(g.nodes)
@@ -104,7 +111,14 @@ class FoldConstants(Pass):
         # a node can also lose only some outputs to folding (the others over size_limit_mb)
         now_constant = sum(1 for t in g.tensors().values() if _is_constant(t) and id(t) in variables)
         stats = {k: v for k, v in stats.items() if v}
-        return PassResult(graph, bool(stats) or now_constant > 0, stats, notes)
+        changed = bool(stats) or now_constant > 0
+        if changed and original is not None:
+            refusal = _load_refusal(graph, original)
+            if refusal:
+                return PassResult(original, False, {}, notes + [
+                    f"nothing folded: onnxruntime would no longer load the folded model ({refusal}), though it "
+                    f"loads this one; the model is returned unchanged"])
+        return PassResult(graph, changed, stats, notes)
 
     def _fold_with_onnxruntime(self, g, notes: list[str]) -> None:
         import onnxruntime
@@ -182,6 +196,22 @@ class FoldConstants(Pass):
 
 
 # -- ONNX helpers --------------------------------------------------------------------------------------------
+def _load_refusal(folded, original) -> str:
+    """Why onnxruntime refuses to load ``folded`` when it loads ``original`` ('' when it loads, or when it
+    refuses both: then folding took nothing away). With its graph optimizations on, as a user loads it: its own
+    constant folding inlines an If whose condition folding made constant."""
+    try:
+        folded.session()
+        return ""
+    except Exception as exc:
+        reason = first_line(exc)
+    try:
+        original.session()
+    except Exception:
+        return ""
+    return reason
+
+
 def _is_constant(tensor) -> bool:
     import onnx_graphsurgeon as gs
 

@@ -373,3 +373,37 @@ def test_chained_castlikes_fold_in_one_run(registry):
     assert once.graph.op_counts() == {"Add": 2}
     again = graphopt.optimize(once.graph, "fold", check=False, registry=registry)
     assert not again.report.modified
+
+
+def test_folding_that_onnxruntime_would_refuse_to_load_is_given_up(registry, monkeypatch):
+    """onnx's own affine_grid function body, in small: an If whose condition only folding makes constant hands a
+    1-element tensor to Range. onnxruntime loads the original (its inference merges both branches), but, once
+    the condition is constant, its optimizer inlines the branch and its inference rejects Range's input. The
+    pass gives the folding up with a note instead of returning a model that no longer loads."""
+    from graphopt_plugins import fold_constants
+
+    g = graph_from_text(HEADER + """
+        g (int64[4] size) => (int64[N] r) {
+            n = Size(size)
+            four = Constant<value = int64 {4}>()
+            cond = Equal(n, four)
+            w = If(cond) <then_branch = t () => (int64[1] a) { a = Constant<value = int64[1] {3}>() },
+                          else_branch = e () => (int64[1] b) { b = Constant<value = int64[1] {5}>() }>
+            zero = Constant<value = int64 {0}>()
+            one = Constant<value = int64 {1}>()
+            r = Range(zero, w, one)
+        }""")
+    g.session()  # the original loads, with onnxruntime's optimizations on
+    cls = registry.passes["fold-constants"]
+    result = cls()(g.copy())
+    assert not result.modified
+    assert any("onnxruntime would no longer load the folded model" in note and "Range" in note
+               for note in result.notes), result.notes
+    result.graph.session()
+    np.testing.assert_array_equal(result.graph.run({"size": np.int64([1, 1, 2, 3])})[0], np.arange(3))
+    # the guard is what keeps it loadable: without it, the folded model does not load
+    monkeypatch.setattr(fold_constants, "_load_refusal", lambda folded, original: "")
+    folded = cls()(g.copy())
+    assert folded.modified
+    with pytest.raises(Exception, match="Range"):
+        folded.graph.session()
