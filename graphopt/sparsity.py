@@ -251,16 +251,13 @@ class FxWeights(Weights):
         self.graph, self.gm, self.rewired = graph, graph.gm, False
         self.tensors: dict[int, Any] = {}
         nn = torch.nn
-        modules = ((OpKind.CONV, (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
-                   (OpKind.CONV_TRANSPOSE, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)),
-                   (OpKind.GEMM, (nn.Linear,)))
         layer_nodes = set()
         for node in self.gm.graph.nodes:
             if node.op == "call_module":
-                mod = self.gm.get_submodule(node.target)
-                kind = next((k for k, types in modules if isinstance(mod, types)), None)
-                if kind is None:
+                kind = graph.kind(node)
+                if kind not in (OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.GEMM):
                     continue
+                mod = self.gm.get_submodule(node.target)
                 weight, groups, name = getattr(mod, "weight", None), getattr(mod, "groups", 1), node.target
                 op, aliases = type(mod).__name__, (node.name,)
             elif (layer := layer_call(node)) is not None:
