@@ -4,10 +4,11 @@ Where ``symbolic_trace`` fails (Python control flow on shapes, ...) FxGraph capt
 every op is a ``call_function`` on an ATen overload (``aten.conv2d.default(x, weight, bias, stride, padding,
 dilation, groups)``) and parameters are ``get_attr`` nodes under their qualified names, so the adapter slices them
 as it does a module's. :data:`OPS` names each known op in ONNX's vocabulary, keyed by ``"packet.overload"`` or by
-the packet alone for every overload; arguments are read through the op's schema (defaults included). Applying a
-plan rewrites arguments instead of module attributes: ``groups`` of a conv, the size list of ``view``/``reshape``,
-the sizes of a split (``chunk`` and ``split`` become ``split_with_sizes``), the bounds of a ``slice``, and the
-``normalized_shape`` of a ``layer_norm`` whose weight shrank.
+the packet alone for every overload (conv, conv_transpose and linear come from :mod:`graphopt.ir.fx_ops`); arguments
+are read through the op's schema. Applying a plan rewrites arguments instead of module attributes: ``groups`` of a
+conv, the size list of ``view``/``reshape``, the sizes of a split (``chunk`` and ``split`` become
+``split_with_sizes``), the bounds of a ``slice``, and the ``normalized_shape`` of a ``layer_norm`` whose weight
+shrank.
 """
 
 from __future__ import annotations
