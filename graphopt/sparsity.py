@@ -20,7 +20,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir.fx_graph import fresh_attr
+from graphopt.ir.fx_ops import arg, get_attr, layer_call, set_arg
 from graphopt.ir.onnx_graph import fresh_name
+from graphopt.ir.ops import OpKind
 from graphopt.passes.base import Pass, PassResult
 from graphopt.passes.options import name_matches
 
@@ -249,27 +251,22 @@ class FxWeights(Weights):
         self.graph, self.gm, self.rewired = graph, graph.gm, False
         self.tensors: dict[int, Any] = {}
         nn = torch.nn
-        modules = ((nn.Conv1d, nn.Conv2d, nn.Conv3d), (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
-                   (nn.Linear,))
-        calls = _fx_calls()
         layer_nodes = set()
         for node in self.gm.graph.nodes:
             if node.op == "call_module":
-                mod = self.gm.get_submodule(node.target)
-                kind = next((i for i, types in enumerate(modules) if isinstance(mod, types)), None)
-                if kind is None:
+                kind = graph.kind(node)
+                if kind not in (OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.GEMM):
                     continue
+                mod = self.gm.get_submodule(node.target)
                 weight, groups, name = getattr(mod, "weight", None), getattr(mod, "groups", 1), node.target
                 op, aliases = type(mod).__name__, (node.name,)
-            elif node.op == "call_function" and node.target in calls:
-                kind, groups_at = calls[node.target]
-                arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-                if kind is None:  # aten.convolution: transposed is argument 6
-                    transposed = node.args[6] if len(node.args) > 6 else node.kwargs.get("transposed", False)
-                    kind = 1 if transposed is True else 0
-                groups = node.args[groups_at] if len(node.args) > groups_at else node.kwargs.get("groups", 1)
-                weight = _get_attr(self.gm, arg) if getattr(arg, "op", None) == "get_attr" else None
-                path = arg.target if weight is not None else ""
+            elif (layer := layer_call(node)) is not None:
+                kind, names = layer
+                kind = kind or OpKind.CONV  # an aten.convolution whose ``transposed`` is not a constant
+                read = arg(node, names, "weight")
+                groups = arg(node, names, "groups", 1)
+                weight = get_attr(self.gm, read.target) if getattr(read, "op", None) == "get_attr" else None
+                path = read.target if weight is not None else ""
                 name = (path[: -len(".weight")] if path.endswith(".weight") else path) or node.name
                 op, aliases = getattr(node.target, "__name__", str(node.target)), (node.name, path)
             else:
@@ -281,7 +278,7 @@ class FxWeights(Weights):
                 continue
             shape = tuple(weight.shape)
             groups = groups if isinstance(groups, int) and groups > 0 else 1
-            axis, run = (0, shape[0] // groups) if kind == 1 else (1, shape[1])
+            axis, run = (0, shape[0] // groups) if kind == OpKind.CONV_TRANSPOSE else (1, shape[1])
             self.sites.append(Site(node, name, op, id(weight), axis, run, aliases))
             if id(weight) not in self.values:
                 t = weight.detach().cpu()
@@ -318,10 +315,7 @@ class FxWeights(Weights):
                     attr, new)
             with self.gm.graph.inserting_before(site.node):
                 read = self.gm.graph.get_attr(attr)
-            if len(site.node.args) > 1:
-                site.node.update_arg(1, read)
-            else:
-                site.node.update_kwarg("weight", read)
+            set_arg(site.node, layer_call(site.node)[1], "weight", read)
             self.rewired = True
 
     def _readers(self, w) -> list:
@@ -344,25 +338,3 @@ class FxWeights(Weights):
                     self.gm.graph.erase_node(node)
             self.gm.graph.lint()
             self.gm.recompile()
-
-
-def _get_attr(gm, node) -> Any:
-    target = gm
-    for part in node.target.split("."):
-        target = getattr(target, part, None)
-    return target
-
-
-def _fx_calls() -> dict:
-    """Function targets -> (kind: 0 conv, 1 conv_transpose, 2 linear, None aten.convolution; groups' index)."""
-    import torch
-
-    F, aten = torch.nn.functional, torch.ops.aten
-    calls: dict = {f: (0, 6) for f in (F.conv1d, F.conv2d, F.conv3d)}
-    calls.update({getattr(getattr(aten, f"conv{d}d"), o): (0, 6) for d in "123" for o in ("default", "padding")})
-    calls.update({f: (1, 6) for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-                                      aten.conv_transpose1d.default, aten.conv_transpose2d.input,
-                                      aten.conv_transpose3d.input)})
-    calls.update({f: (2, 99) for f in (F.linear, aten.linear.default)})
-    calls[aten.convolution.default] = (None, 8)
-    return calls

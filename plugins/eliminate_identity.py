@@ -6,6 +6,7 @@ import numpy as np
 
 from graphopt import OpKind, hookimpl
 from graphopt.ir.fx_graph import fx_may_mutate
+from graphopt.ir.fx_ops import arg
 from graphopt.passes.rules import Rule, RulePass, Skip
 
 
@@ -135,24 +136,18 @@ def _fx_identity_like(node, gm) -> str | None:
     functional = {getattr(F, name) for name in _DROPOUT_FUNCTIONS if hasattr(F, name)}
     if target in functional:
         # F.dropout(input, p=0.5, training=True, inplace=False): training defaults to True
-        return "Dropout" if _arg(node, 2, "training", True) is False else None
+        return "Dropout" if arg(node, 2, "training", True) is False else None
     if target in (torch.dropout, torch.alpha_dropout, torch.feature_alpha_dropout):
-        return "Dropout" if _arg(node, 2, "train", True) is False else None
+        return "Dropout" if arg(node, 2, "train", True) is False else None
     aten = torch.ops.aten
     if target is aten.dropout.default:
-        return "Dropout" if _arg(node, 2, "train", True) is False else None
+        return "Dropout" if arg(node, 2, "train", True) is False else None
     if target is aten.clone.default:
         fmt = node.kwargs.get("memory_format")
         return "clone" if fmt in (None, torch.preserve_format) else None
     if target is aten.alias.default:
         return "alias"
     return None
-
-
-def _arg(node, index: int, name: str, default):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 @hookimpl

@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt import Equivalence, OpKind, hookimpl
 from graphopt.ir.fx_graph import fresh_attr
+from graphopt.ir.fx_ops import arg, get_attr, layer_call, set_arg
 from graphopt.ir.onnx_graph import fresh_name
 from graphopt.passes.rules import Rule, RulePass, Skip
 
@@ -221,55 +222,27 @@ class OnnxFold(Rule):
 
 # -- FX matching ------------------------------------------------------------------------------------------------
 _COMPUTED = object()  # a weight or statistic computed at run time, not a parameter or buffer
-_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV_T = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
-_CONVOLUTION = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups")
-_LINEAR = ("input", "weight", "bias")
 _F_BN = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _ATEN_BN = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")
 _ATEN_BN_EVAL = ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps")
-_DEFAULTS = {"groups": 1, "training": False, "eps": 1e-5}
 
 
 @functools.cache
-def _fx_calls() -> tuple[dict, dict]:
-    """Function targets: foldable ops -> (kind, parameter names); batch norms -> parameter names."""
+def _fx_norms() -> dict:
+    """Function targets of batch norms -> parameter names."""
     import torch
 
     F, aten = torch.nn.functional, torch.ops.aten
-    convs = [F.conv1d, F.conv2d, F.conv3d] + [getattr(getattr(aten, f"conv{d}d"), o) for d in "123" for o in
-                                               ("default", "padding")]
-    transposed = [F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, aten.conv_transpose1d.default,
-                  aten.conv_transpose2d.input, aten.conv_transpose3d.input]
-    ops = {f: (OpKind.CONV, _CONV) for f in convs} | {f: (OpKind.CONV_TRANSPOSE, _CONV_T) for f in transposed}
-    ops[aten.convolution.default] = (None, _CONVOLUTION)  # kind from its `transposed` argument
-    ops.update({f: (OpKind.GEMM, _LINEAR) for f in (F.linear, aten.linear.default)})
-    norms = {F.batch_norm: _F_BN, aten.batch_norm.default: _ATEN_BN,
-             aten._native_batch_norm_legit_no_training.default: _ATEN_BN_EVAL}
-    return ops, norms
+    return {F.batch_norm: _F_BN, aten.batch_norm.default: _ATEN_BN,
+            aten._native_batch_norm_legit_no_training.default: _ATEN_BN_EVAL}
 
 
-def _arg(node, names: tuple, name: str) -> Any:
-    if name in node.kwargs:
-        return node.kwargs[name]
-    i = names.index(name)
-    return node.args[i] if i < len(node.args) else _DEFAULTS.get(name)
-
-
-def _set_arg(node, names: tuple, name: str, value: Any) -> None:
-    i = names.index(name)
-    if name not in node.kwargs and i <= len(node.args):
-        node.args = (*node.args[:i], value, *node.args[i + 1:])
-    else:
-        node.update_kwarg(name, value)
-
-
-def _param(gm, arg) -> Any:
+def _param(gm, node) -> Any:
     """The tensor a ``get_attr`` node reads; None for None; ``_COMPUTED`` for anything else."""
-    if arg is None:
+    if node is None:
         return None
-    if getattr(arg, "op", None) == "get_attr":
-        return functools.reduce(getattr, arg.target.split("."), gm)
+    if getattr(node, "op", None) == "get_attr":
+        return get_attr(gm, node.target)
     return _COMPUTED
 
 
@@ -291,7 +264,7 @@ def _fx_batch_norm(graph, node) -> _FxNorm | None:
         if m.training or m.running_mean is None or m.running_var is None:
             return _FxNorm(node, None, [node], reason=TRAINING)
         return _FxNorm(node, node.args[0], [node], (m.weight, m.bias, m.running_mean, m.running_var), m.eps)
-    _, norms = _fx_calls()
+    norms = _fx_norms()
     if node.op != "call_function" or node.target not in norms:
         return None
     names = norms[node.target]
@@ -300,13 +273,14 @@ def _fx_batch_norm(graph, node) -> _FxNorm | None:
         outs = list(node.users)
         if not all(u.target is operator.getitem and u.args[1] == 0 for u in outs):
             return _FxNorm(node, None, outs, reason=STATS_USED)
-    stats = tuple(_param(gm, _arg(node, names, k)) for k in ("weight", "bias", "running_mean", "running_var"))
-    eps = _arg(node, names, "eps")
-    if ("training" in names and _arg(node, names, "training") is not False) or stats[2] is None or stats[3] is None:
+    stats = tuple(_param(gm, arg(node, names, k)) for k in ("weight", "bias", "running_mean", "running_var"))
+    eps = arg(node, names, "eps", 1e-5)
+    training = "training" in names and arg(node, names, "training", False) is not False
+    if training or stats[2] is None or stats[3] is None:
         return _FxNorm(node, None, outs, reason=TRAINING)
     if not isinstance(eps, (int, float)):
         return _FxNorm(node, None, outs, reason=NOT_CONSTANT)
-    return _FxNorm(node, _arg(node, names, "input"), outs, stats, float(eps))
+    return _FxNorm(node, arg(node, names, "input"), outs, stats, float(eps))
 
 
 def _fx_foldable_op(graph, node) -> _Fold | str:
@@ -315,17 +289,14 @@ def _fx_foldable_op(graph, node) -> _Fold | str:
     if getattr(node, "op", None) == "call_module" and graph.kind(node) in FOLDABLE:
         m = gm.get_submodule(node.target)
         return _Fold(node, graph.kind(node), m.weight, m.bias, getattr(m, "groups", 1))
-    ops, _ = _fx_calls()
-    if getattr(node, "op", None) != "call_function" or node.target not in ops:
+    layer = layer_call(node)
+    if layer is None:
         return NOT_AFTER_FOLDABLE
-    kind, names = ops[node.target]
-    if kind is None:
-        transposed = _arg(node, names, "transposed")
-        if not isinstance(transposed, bool):
-            return NOT_CONSTANT
-        kind = OpKind.CONV_TRANSPOSE if transposed else OpKind.CONV
-    weight, bias = _param(gm, _arg(node, names, "weight")), _param(gm, _arg(node, names, "bias"))
-    group = _arg(node, names, "groups") if "groups" in names else 1
+    kind, names = layer
+    if kind is None:  # an aten.convolution whose ``transposed`` is not a constant
+        return NOT_CONSTANT
+    weight, bias = _param(gm, arg(node, names, "weight")), _param(gm, arg(node, names, "bias"))
+    group = arg(node, names, "groups", 1)
     if weight is None or weight is _COMPUTED or not isinstance(group, int):
         weight = None  # FxFold.match skips it: NOT_CONSTANT
     return _Fold(node, kind, weight, bias, group if isinstance(group, int) else 1, call=names)
@@ -414,11 +385,11 @@ class FxFold(Rule):
         else:  # a function call on parameters: new parameters, read by new get_attr nodes
             with gm.graph.inserting_before(node):
                 for name, value in (("weight", w), ("bias", b)):
-                    old = _arg(node, op.call, name)
+                    old = arg(node, op.call, name)
                     base = old.target if old is not None else f"{node.name}.{name}"
                     attr = fresh_attr(gm, base.replace(".", "_") + "_bnfold")
                     gm.register_parameter(attr, parameter(value))
-                    _set_arg(node, op.call, name, self.fx_node(graph, "get_attr", attr))
+                    set_arg(node, op.call, name, self.fx_node(graph, "get_attr", attr))
         for out in bn.outs:
             out.replace_all_uses_with(node)
         for out in bn.outs:

@@ -10,6 +10,7 @@ from graphopt import Pass, PassResult, hookimpl
 from graphopt.errors import first_line
 from graphopt.ir import onnx_shapes
 from graphopt.ir.fx_graph import fresh_attr
+from graphopt.ir.fx_ops import get_attr
 from graphopt.ir.ops import is_standard_domain
 
 # never evaluated at compile time: Q/DQ must stay for quantization passes; the rest are random
@@ -287,7 +288,7 @@ def _fx_constant_nodes(gm) -> set:
         constant: set = set()
         for node in gm.graph.nodes:
             if node.op == "get_attr":
-                if node.target not in volatile and isinstance(_fetch(gm, node.target), torch.Tensor):
+                if node.target not in volatile and isinstance(get_attr(gm, node.target), torch.Tensor):
                     constant.add(node)
             elif node.op in ("call_function", "call_method", "call_module") and _fx_foldable_op(node, gm):
                 if all(n in constant for n in node.all_input_nodes):
@@ -346,15 +347,6 @@ def _fx_foldable_op(node, gm) -> bool:
     return bool(name) and not any(word.startswith(_FX_RANDOM) for word in re.split(r"[_.:]", name.lower()))
 
 
-def _fetch(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
 def _fx_evaluate(node, gm, values: dict):
     import torch
     from torch.fx.node import map_arg
@@ -363,7 +355,7 @@ def _fx_evaluate(node, gm, values: dict):
     kwargs = map_arg(node.kwargs, lambda n: values[n])
     with torch.no_grad():
         if node.op == "get_attr":
-            return _fetch(gm, node.target)
+            return get_attr(gm, node.target)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":

@@ -14,6 +14,7 @@ from graphopt.calib.sources import load_calibration
 from graphopt.calib.specs import input_specs
 from graphopt.errors import first_line
 from graphopt.ir.expose import expose
+from graphopt.ir.onnx_graph import fresh_name
 from graphopt.ir.ops import custom_ops, is_standard_domain
 from graphopt.passes.rules import Rule, apply_rules
 
@@ -150,7 +151,7 @@ class ToFloat16(Pass):
         used = set(names)
         for n in nodes:
             if id(n) in blocked and n.op not in opts.op_block_list and (not n.name or names[n.name] > 1):
-                n.name = _fresh(used, n.name or f"{n.op}_fp32")
+                n.name = fresh_name(used, n.name or f"{n.op}_fp32")
         node_block = sorted({n.name for n in nodes if id(n) in blocked and n.op not in opts.op_block_list})
 
         exported = graph.to_model()  # again: names may have changed
@@ -424,7 +425,7 @@ def _restore_constants(out: OnnxGraph, original: OnnxGraph) -> int:
         y = node.outputs[0]
         if y in out.gs.outputs:
             continue
-        copy = gs.Constant(_fresh(used, f"{orig.name}_fp32"), orig.values)
+        copy = gs.Constant(fresh_name(used, f"{orig.name}_fp32"), orig.values)
         for consumer in list(y.outputs):
             consumer.inputs[:] = [copy if t is y else t for t in consumer.inputs]
         node.inputs.clear()
@@ -443,14 +444,6 @@ def _fmt_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
-
-
-def _fresh(used: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in used:
-        name, i = f"{base}_{i}", i + 1
-    used.add(name)
-    return name
 
 
 @hookimpl

@@ -18,6 +18,7 @@ import numpy as np
 
 from graphopt.errors import ModelLoadError, OutputError, UnsupportedError, UsageError, first_line
 from graphopt.ir.base import Graph
+from graphopt.ir.fx_ops import layer_call
 from graphopt.ir.ops import OpKind
 
 
@@ -152,8 +153,10 @@ class FxGraph(Graph):
                 if isinstance(mod, types_):
                     return kind
         if node.op == "call_function":
+            layer = layer_call(node)  # conv / conv_transpose / linear, F.* and ATen
+            if layer is not None:
+                return layer[0] or OpKind.OTHER  # OTHER: an aten.convolution of unknown ``transposed``
             table = {
-                F.conv1d: OpKind.CONV, F.conv2d: OpKind.CONV, F.conv3d: OpKind.CONV, F.linear: OpKind.GEMM,
                 F.batch_norm: OpKind.BATCH_NORM, F.dropout: OpKind.DROPOUT, F.relu: OpKind.RELU,
                 torch.relu: OpKind.RELU, torch.add: OpKind.ADD, torch.matmul: OpKind.MATMUL,
                 torch.cat: OpKind.CONCAT, torch.flatten: OpKind.FLATTEN,

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Sequence
 
 from graphopt.errors import PluginError
+from graphopt.ir.onnx_graph import fresh_name
 from graphopt.passes.base import IRS, Pass, PassResult
 
 RULE_META = "rule"  # FX: node.meta[RULE_META] is the name of the rule that made the node
@@ -84,11 +85,7 @@ class Rule:
         names = getattr(self, "_node_names", None)
         if names is None or names[0] is not graph.gs:
             names = self._node_names = (graph.gs, {n.name for n in graph.gs.nodes})
-        base, name, i = f"{self.name}/{op}", f"{self.name}/{op}", 1
-        while name in names[1]:
-            name, i = f"{base}_{i}", i + 1
-        names[1].add(name)
-        node = gs.Node(op, name, attrs or {}, inputs, outputs, domain=domain)
+        node = gs.Node(op, fresh_name(names[1], f"{self.name}/{op}"), attrs or {}, inputs, outputs, domain=domain)
         graph.gs.nodes.append(node)
         self.made += 1
         return node

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.ir.fx_graph import _torch
+from graphopt.ir.fx_ops import arg, get_attr
 from graphopt.prune import fx_aten
 from graphopt.prune.propagate import internal_reason
 from graphopt.prune.view import ChannelView, Plan, PNode
@@ -35,12 +36,6 @@ _UNARY_METHODS = {"relu", "sigmoid", "tanh", "softmax", "contiguous", "exp", "sq
 _BINARY = {operator.add: "Add", torch.add: "Add", operator.sub: "Sub", torch.sub: "Sub", operator.mul: "Mul",
            torch.mul: "Mul", operator.truediv: "Div", torch.div: "Div", "add": "Add", "sub": "Sub", "mul": "Mul",
            "div": "Div"}
-
-
-def _arg(node, i: int, key: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(key, default)
 
 
 class FxChannels:
@@ -70,7 +65,7 @@ class FxChannels:
         return None
 
     def _param(self, qualified: str) -> str:
-        tensor = fx_aten.fetch(self.gm, qualified)  # a parameter, a buffer or a constant torch.export lifted
+        tensor = get_attr(self.gm, qualified)  # a parameter, a buffer or a constant torch.export lifted
         self.consts[qualified] = tensor.detach().cpu().numpy()
         self.shapes[qualified] = tuple(tensor.shape)
         return qualified
@@ -163,7 +158,7 @@ class FxChannels:
             return PNode(node.name, "Unary", [x], out)
         if target in (torch.cat, torch.concat):
             return PNode(node.name, "Concat", [val(a, i) for i, a in enumerate(node.args[0])], out,
-                         {"axis": _arg(node, 1, "dim", 0)})
+                         {"axis": arg(node, 1, "dim", 0)})
         if target is F.scaled_dot_product_attention:
             return PNode(node.name, "ScaledDotProductAttention", [val(a, i) for i, a in enumerate(node.args[:3])],
                          out, {"scale": node.kwargs.get("scale")})
@@ -173,7 +168,7 @@ class FxChannels:
                       torch.unsqueeze, torch.squeeze):
             pnode = PNode(node.name, "Reshape" if target in ("view", "reshape", torch.reshape) else "Flatten", [x], out)
             if pnode.op == "Reshape":
-                dims = node.args[1:] if not isinstance(_arg(node, 1, "shape"), (tuple, list)) else node.args[1]
+                dims = node.args[1:] if not isinstance(arg(node, 1, "shape"), (tuple, list)) else node.args[1]
                 name = f"{node.name}#shape"
                 self.consts[name] = np.array([d if isinstance(d, int) else 0 for d in dims], dtype=np.int64)
                 pnode.inputs.append(name)
@@ -185,16 +180,16 @@ class FxChannels:
                 a, b = node.args[1] % rank, node.args[2] % rank
                 perm[a], perm[b] = perm[b], perm[a]
             else:
-                perm = list(node.args[1]) if isinstance(_arg(node, 1, "dims"), (tuple, list)) else list(node.args[1:])
+                perm = list(node.args[1]) if isinstance(arg(node, 1, "dims"), (tuple, list)) else list(node.args[1:])
             return PNode(node.name, "Transpose", [x], out, {"perm": [p % rank for p in perm]})
         if target in ("mean", torch.mean, "sum", torch.sum):
-            dims = _arg(node, 1, "dim")
+            dims = arg(node, 1, "dim")
             return PNode(node.name, "ReduceMean", [x], out, {"axes": [dims] if isinstance(dims, int) else dims,
-                                                             "keepdims": int(bool(_arg(node, 2, "keepdim", False)))})
+                                                             "keepdims": int(bool(arg(node, 2, "keepdim", False)))})
         if target in ("chunk", torch.chunk, "split", torch.split):
             parts = len(node.meta["tensor_meta"])
             return PNode(node.name, "Split", [x], [f"{node.name}[{i}]" for i in range(parts)],
-                         {"axis": _arg(node, 2, "dim", 0)})
+                         {"axis": arg(node, 2, "dim", 0)})
         if target in ("expand", "expand_as"):
             return PNode(node.name, "Expand", [x], out)
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
@@ -228,16 +223,16 @@ class FxChannels:
             elif key == "group":
                 self.gm.get_submodule(node.target).groups = int(value)
             elif key == "shape":
-                dims = list(node.args[1]) if isinstance(_arg(node, 1, "shape"), (tuple, list)) else list(node.args[1:])
+                dims = list(node.args[1]) if isinstance(arg(node, 1, "shape"), (tuple, list)) else list(node.args[1:])
                 dims = [int(v) if isinstance(d, int) else d for d, v in zip(dims, value)]
-                packed = isinstance(_arg(node, 1, "shape"), (tuple, list))
+                packed = isinstance(arg(node, 1, "shape"), (tuple, list))
                 node.args = (node.args[0], tuple(dims)) if packed else (node.args[0], *dims)
                 node.kwargs = {k: v for k, v in node.kwargs.items() if k != "shape"}
             elif key == "scale":  # scaled_dot_product_attention keeps the scale of the head size it had
                 node.kwargs = {**node.kwargs, "scale": float(value)}
             elif key == "split":
                 node.target, node.op = "split", "call_method"
-                node.args, node.kwargs = (node.args[0], [int(v) for v in value]), {"dim": _arg(node, 2, "dim", 0)}
+                node.args, node.kwargs = (node.args[0], [int(v) for v in value]), {"dim": arg(node, 2, "dim", 0)}
             else:
                 raise ValueError(f"the FX pruning adapter cannot set '{key}' on '{name}'")
         for module in self.gm.modules():

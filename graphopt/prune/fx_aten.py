@@ -4,10 +4,11 @@ Where ``symbolic_trace`` fails (Python control flow on shapes, ...) FxGraph capt
 every op is a ``call_function`` on an ATen overload (``aten.conv2d.default(x, weight, bias, stride, padding,
 dilation, groups)``) and parameters are ``get_attr`` nodes under their qualified names, so the adapter slices them
 as it does a module's. :data:`OPS` names each known op in ONNX's vocabulary, keyed by ``"packet.overload"`` or by
-the packet alone for every overload; arguments are read through the op's schema (defaults included). Applying a
-plan rewrites arguments instead of module attributes: ``groups`` of a conv, the size list of ``view``/``reshape``,
-the sizes of a split (``chunk`` and ``split`` become ``split_with_sizes``), the bounds of a ``slice``, and the
-``normalized_shape`` of a ``layer_norm`` whose weight shrank.
+the packet alone for every overload (conv, conv_transpose and linear come from :mod:`graphopt.ir.fx_ops`); arguments
+are read through the op's schema. Applying a plan rewrites arguments instead of module attributes: ``groups`` of a
+conv, the size list of ``view``/``reshape``, the sizes of a split (``chunk`` and ``split`` become
+``split_with_sizes``), the bounds of a ``slice``, and the ``normalized_shape`` of a ``layer_norm`` whose weight
+shrank.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.ir import fx_ops
 from graphopt.ir.fx_graph import _torch
+from graphopt.ir.fx_ops import get_attr, layer_call, layer_params
+from graphopt.ir.ops import OpKind
 from graphopt.prune.view import PNode
 
 torch = _torch()
@@ -37,9 +41,7 @@ OPS: dict[str, str] = {
     **{name: "Add" for name in ("add", "add_")}, **{name: "Sub" for name in ("sub", "sub_", "rsub")},
     **{name: "Mul" for name in ("mul", "mul_")}, **{name: "Div" for name in ("div", "div_")},
     "pow.Tensor_Tensor": "Pow", "maximum": "Max", "minimum": "Min", "where.self": "Where",
-    **{name: "Conv" for name in ("conv1d", "conv2d", "conv3d", "convolution")},
-    **{name: "ConvTranspose" for name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")},
-    "linear": "Linear", "matmul": "MatMul", "mm": "MatMul", "bmm": "MatMul",
+    "matmul": "MatMul", "mm": "MatMul", "bmm": "MatMul",
     "batch_norm": "BatchNormalization", "_native_batch_norm_legit_no_training": "BatchNormalization",
     "layer_norm": "LayerNormalization", "native_layer_norm": "LayerNormalization", "embedding": "Gather",
     "group_norm": "GroupNorm", "scaled_dot_product_attention": "ScaledDotProductAttention",
@@ -50,6 +52,7 @@ OPS: dict[str, str] = {
     **{name: "Split" for name in ("split", "split_with_sizes", "chunk")},
     "slice.Tensor": "Slice", "select.int": "Gather", "pad": "Pad", "constant_pad_nd": "Pad",
 }
+_LAYERS = {OpKind.CONV: "Conv", OpKind.CONV_TRANSPOSE: "ConvTranspose", OpKind.GEMM: "Linear", None: "Conv"}
 _ARITY = {"Where": 3}  # elementwise ops read their first two arguments unless listed
 _INT64_MAX = 2 ** 63 - 1
 
@@ -58,25 +61,24 @@ def op_of(target) -> str | None:
     """The op name of an ATen overload, None for anything else (or an ATen op this table does not know)."""
     if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
         return None
+    layer = layer_params(target)  # conv, conv_transpose, linear: graphopt.ir.fx_ops knows them
+    if layer is not None:
+        return _LAYERS[layer[0]]
     packet = target.overloadpacket.__name__
     return OPS.get(f"{packet}.{target._overloadname}", OPS.get(packet))
 
 
+def _names(node) -> tuple[str, ...]:
+    return tuple(a.name for a in node.target._schema.arguments)
+
+
 def arg(node, name: str, default: Any = None) -> Any:
     """Argument ``name`` of an ATen call, positional or keyword, else ``default``."""
-    for i, a in enumerate(node.target._schema.arguments):
-        if a.name == name:
-            return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
-    return default
+    return fx_ops.arg(node, _names(node), name, default)
 
 
 def set_arg(node, name: str, value: Any) -> None:
-    names = [a.name for a in node.target._schema.arguments]
-    i = names.index(name)
-    if i < len(node.args):
-        node.args = (*node.args[:i], value, *node.args[i + 1:])
-    else:
-        node.kwargs = {**node.kwargs, name: value}
+    fx_ops.set_arg(node, _names(node), name, value)
 
 
 def _outputs(node) -> list[str]:
@@ -101,8 +103,7 @@ def describe(fx, node) -> PNode | None:
     if op in ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where"):
         return PNode(name, op, [val(a, i) for i, a in enumerate(node.args[:_ARITY.get(op, 2)])], out)
     if op in ("Conv", "ConvTranspose"):
-        if packet == "convolution" and arg(node, "transposed", False):
-            op = "ConvTranspose"
+        op = _LAYERS[layer_call(node)[0]]  # aten.convolution: by its ``transposed`` argument
         return PNode(name, op, [x, val(arg(node, "weight"), 1), val(arg(node, "bias"), 2)], out,
                      {"group": int(arg(node, "groups", 1))})
     if op == "Linear":
@@ -207,9 +208,4 @@ def fix_sizes(gm) -> None:
         if node.op == "call_function" and op_of(node.target) == "LayerNormalization":
             weight = arg(node, "weight")
             if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
-                set_arg(node, "normalized_shape", list(fetch(gm, weight.target).shape))
-
-
-def fetch(gm, qualified: str):
-    owner, _, attr = qualified.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+                set_arg(node, "normalized_shape", list(get_attr(gm, weight.target).shape))

@@ -5,10 +5,10 @@ module's docstring says, with shapes from running FX's ``ShapeProp`` on the grap
 
 from __future__ import annotations
 
+from graphopt.ir.fx_ops import arg, get_attr, layer_call
+from graphopt.ir.ops import OpKind
 from graphopt.report.layer_cost import LayerCost, is_weight_dtype, numel
 
-_CONV = ("conv1d", "conv2d", "conv3d")
-_CONV_T = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 _MATMUL = ("matmul", "mm", "bmm", "__matmul__", "__rmatmul__")
 _ADDMM = ("addmm", "baddbmm")
 _SDPA = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -41,7 +41,7 @@ def fx_costs(graph) -> list[LayerCost]:
         if node not in constant:
             return 0
         if node.op == "get_attr":
-            value = _fx_attr(gm, node.target)
+            value = get_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
                 return value.numel() if is_weight_dtype(_np_dtype(value.dtype)) else 0
             return 0
@@ -73,13 +73,6 @@ def _np_dtype(torch_dtype):
         return None
 
 
-def _fx_attr(gm, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
-
-
 def _fx_shape(arg) -> list | None:
     meta = getattr(arg, "meta", {}).get("tensor_meta") if hasattr(arg, "meta") else None
     shape = getattr(meta, "shape", None)
@@ -93,12 +86,6 @@ def _fx_key(gm, node) -> str:
     if schema is not None:
         return schema.name.split("::")[-1]
     return getattr(node.target, "__name__", str(node.target))
-
-
-def _fx_arg(node, index: int, name: str):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name)
 
 
 def _fx_macs(gm, node, out: list | None) -> int:
@@ -117,25 +104,24 @@ def _fx_macs(gm, node, out: list | None) -> int:
         if isinstance(mod, nn.Bilinear):
             return numel(out) * mod.in1_features * mod.in2_features if out is not None else 0
         return 0
-    key = _fx_key(gm, node)
-    if key in _CONV or key in _CONV_T or key in ("convolution", "_convolution"):
-        w = _fx_shape(_fx_arg(node, 1, "weight"))
-        transposed = key in _CONV_T or (key in ("convolution", "_convolution")
-                                        and bool(_fx_arg(node, 6, "transposed")))
+    layer = layer_call(node)
+    if layer is not None:
+        kind, names = layer
+        w = _fx_shape(arg(node, names, "weight"))
+        if kind == OpKind.GEMM:
+            return numel(out) * numel(w[-1:]) if out is not None and w else 0
         if not w:
             return 0
-        if transposed:
-            x = _fx_shape(_fx_arg(node, 0, "input"))
+        if kind == OpKind.CONV_TRANSPOSE or (kind is None and bool(arg(node, names, "transposed"))):
+            x = _fx_shape(arg(node, names, "input"))
             return numel(x) * numel(w[1:]) if x is not None else 0
         return numel(out) * numel(w[1:]) if out is not None else 0
-    if key == "linear":
-        w = _fx_shape(_fx_arg(node, 1, "weight"))
-        return numel(out) * numel(w[-1:]) if out is not None and w else 0
+    key = _fx_key(gm, node)
     if key in _MATMUL or key in _ADDMM:
-        a = _fx_shape(_fx_arg(node, 1 if key in _ADDMM else 0, "mat1" if key == "addmm" else "input"))
+        a = _fx_shape(arg(node, 1 if key in _ADDMM else 0, "mat1" if key == "addmm" else "input"))
         return numel(out) * numel(a[-1:]) if out is not None and a else 0
     if key in _SDPA:
-        q, k, v = (_fx_shape(_fx_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+        q, k, v = (_fx_shape(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
         if q is None or k is None or v is None:
             return 0
         return numel(q[:-1]) * numel(k[-2:-1]) * (numel(q[-1:]) + numel(v[-1:]))
