@@ -11,6 +11,7 @@ it reloads without trusting a pickle) or exported to ``.onnx``.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import Counter
 from typing import Any, Sequence
 
@@ -122,7 +123,9 @@ class FxGraph(Graph):
             raise OutputError(f"{path}: cannot be written ({exc.strerror or first_line(exc)})") from None
 
     def copy(self) -> "FxGraph":
-        return FxGraph(copy.deepcopy(self.gm), self.example_inputs, self.captured_with)
+        with warnings.catch_warnings():  # torch 2.13's own graph deepcopy trips its LeafSpec deprecation
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            return FxGraph(copy.deepcopy(self.gm), self.example_inputs, self.captured_with)
 
     # -- the protocol -------------------------------------------------------------------------------------------
     def compute_nodes(self):

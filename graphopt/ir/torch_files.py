@@ -325,12 +325,14 @@ def _weights_only_everywhere():
 
 @contextlib.contextmanager
 def _quiet_torch_logs():
-    """torch.export.load logs failed attempts with their tracebacks before it tries an older format; the error
-    graphopt reports is the one line."""
+    """torch.export.load logs failed attempts with their tracebacks before it tries an older format, and warns
+    about pickle protocols its restricted unpickler reads anyway; the error graphopt reports is the one line."""
     previous = logging.root.manager.disable
     logging.disable(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         logging.disable(previous)
 
