@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import textwrap
+import warnings
 
 from graphopt.cli_backend import add_backend_commands, cmd_bench, cmd_compare, load_npz, registry_from_args
 from graphopt.errors import (
@@ -386,8 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     # "graphopt" logger would also print each one on stderr (logging's last resort), where only errors belong
     logging.getLogger("graphopt").addHandler(_NULL_HANDLER)
     try:
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            if not debug:  # libraries' Python warnings (numpy on odd weights, torch deprecations) are not the
+                warnings.simplefilter("ignore")  # user's to act on; graphopt's own are in the report
+            args = build_parser().parse_args(argv)
+            return COMMANDS[args.command](args)
     except GraphoptError as exc:
         if debug:
             raise

@@ -274,3 +274,26 @@ def test_fold_bn_fx_leaves_negative_running_var(registry):
     assert not result.modified and "var + epsilon <= 0" in result.notes[0]
     with torch.no_grad():
         torch.testing.assert_close(result.graph.gm(x), model(x), equal_nan=True)
+
+
+def test_prune_leaves_a_group_whose_weight_holds_nan_whole_and_names_it(registry):
+    """Channel scores from a NaN/inf weight rank nothing (argsort puts NaN last, so the NaN channels would be
+    kept and the healthy ones dropped): that group is kept whole with the tensor named; the other is pruned."""
+    def chain(tag, w):
+        return [helper.make_node("Conv", ["x", f"w{tag}"], [f"h{tag}"], name=f"conv_{tag}", pads=[1, 1, 1, 1]),
+                helper.make_node("Relu", [f"h{tag}"], [f"r{tag}"]),
+                helper.make_node("Conv", [f"r{tag}", f"v{tag}"], [f"y{tag}"], name=f"out_{tag}")]
+
+    weights = {"wa": bad_conv_weight(), "wb": RNG.standard_normal((4, 3, 3, 3)).astype(np.float32),
+               "va": RNG.standard_normal((2, 4, 1, 1)).astype(np.float32),
+               "vb": RNG.standard_normal((2, 4, 1, 1)).astype(np.float32)}
+    graph = helper.make_graph(
+        chain("a", weights["wa"]) + chain("b", weights["wb"]), "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info(f"y{t}", TensorProto.FLOAT, [1, 2, 8, 8]) for t in "ab"],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = OnnxGraph.from_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    result = registry.passes["prune-channels"]()(model.copy())
+    assert any("'wa' holds NaN or infinite values" in note for note in result.notes), result.notes
+    shapes = {t.name: t.values.shape for t in result.graph.gs.tensors().values() if hasattr(t, "values")}
+    assert shapes["wa"] == (4, 3, 3, 3) and shapes["wb"] == (2, 3, 3, 3)

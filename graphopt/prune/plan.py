@@ -152,6 +152,11 @@ def select(prop: Propagation, roots: np.ndarray, groups: list[Group], scores: di
         else:
             sel.fallback_criterion.append(g.name)
             score_of[id(g)] = np.array([fallback.get(c, 0.0) for c in g.classes.tolist()])
+    for g in live:  # NaN or infinite weights give no ranking: say which tensor, and leave the group whole
+        if not np.isfinite(score_of[id(g)]).all():
+            g.blocked = f"'{_nonfinite_value(prop, roots, g)}' holds NaN or infinite values: its channels cannot be " \
+                        f"ranked"
+    live = [g for g in live if g.blocked is None]
     per_group = {id(g): g.classes.size - _keep_count(g.classes.size, g.ratio, g.width, round_to, min_channels)
                  for g in live}
     if scope == "global":  # groups with a layer ratio keep it; the others share the global budget
@@ -165,6 +170,16 @@ def select(prop: Propagation, roots: np.ndarray, groups: list[Group], scores: di
             checker.dropped, g.dropped, g.blocked = before, np.zeros(0, dtype=np.int64), internal_reason(exc)
     sel.dropped = checker.dropped
     return sel
+
+
+def _nonfinite_value(prop: Propagation, roots: np.ndarray, g: Group) -> str:
+    """The first constant read for ``g``'s channels that holds NaN or infinity (its value name)."""
+    for s in prop.slices.values():
+        values = prop.view.consts[s.value]
+        if np.isin(roots[s.atoms], g.classes).any() and np.issubdtype(values.dtype, np.floating) \
+                and not np.isfinite(values).all():
+            return s.value
+    return "a weight"
 
 
 def _choose(prop: Propagation, roots: np.ndarray, g: Group, n_drop: int, scores: np.ndarray,
