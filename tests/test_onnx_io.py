@@ -584,6 +584,44 @@ def test_opset_newer_than_onnx_knows_is_one_unsupported_line(tmp_path, capsys):
         OnnxGraph.load(path)
 
 
+def _optional_models():
+    """An optional graph output (``Optional(x)``), and an empty optional made from a type attribute inside an If
+    branch (onnx-graphsurgeon drops TYPE_PROTO attributes on import: that branch would come back without it)."""
+    opt_out = helper.make_model(helper.make_graph(
+        [helper.make_node("Optional", ["x"], ["o"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_value_info("o", helper.make_optional_type_proto(helper.make_tensor_type_proto(1, [2])))]),
+        opset_imports=[helper.make_opsetid("", 18)])
+    empty = helper.make_graph([helper.make_node("Optional", [], ["e"], type=helper.make_tensor_type_proto(1, [2])),
+                               helper.make_node("OptionalHasElement", ["e"], ["h"])], "then", [],
+                              [helper.make_tensor_value_info("h", TensorProto.BOOL, [])])
+    full = helper.make_graph([helper.make_node("Identity", ["c"], ["k"])], "else", [],
+                             [helper.make_tensor_value_info("k", TensorProto.BOOL, [])])
+    type_attr = helper.make_model(helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=empty, else_branch=full)], "g",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.BOOL, [])]),
+        opset_imports=[helper.make_opsetid("", 18)])
+    return {"optional output": (opt_out, "graph input/output 'o' has an optional type"),
+            "type attribute": (type_attr, "node 'Optional' (Optional) has a type-valued attribute")}
+
+
+@pytest.mark.parametrize("case", ["optional output", "type attribute"])
+def test_what_onnx_graphsurgeon_cannot_carry_is_refused_not_mangled(case, tmp_path, capsys):
+    """Valid models (onnxruntime runs both) that graphopt's IR would write back wrong: one unsupported line,
+    exit 4, nothing written."""
+    model, message = _optional_models()[case]
+    onnx.checker.check_model(model, full_check=True)
+    ort.InferenceSession(model.SerializeToString())
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    with pytest.raises(UnsupportedError, match=re.escape(message)):
+        OnnxGraph.load(path)
+    assert main(["run", path, "-o", str(tmp_path / "o.onnx")]) == UnsupportedError.exit_code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.rstrip().endswith(")")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
 # -- load errors ----------------------------------------------------------------------------------------------------
 def _invalid(tmp_path):
     model = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17]> g (float[2] x) => (float[2] y) '

@@ -168,6 +168,11 @@ def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.
         raise UnsupportedError(f"{where}: graph input/output '{optional[0]}' has an optional type, which "
                                f"onnx-graphsurgeon (graphopt's ONNX IR) cannot write back (give the model "
                                f"tensor or sequence inputs and outputs)")
+    typed = _node_with_type_attribute(model.graph)
+    if typed is not None:
+        raise UnsupportedError(f"{where}: node '{typed.name or typed.op_type}' ({typed.op_type}) has a type-valued "
+                               f"attribute, which onnx-graphsurgeon (graphopt's ONNX IR) drops on import (give "
+                               f"the op its input instead of a type, e.g. Optional(x))")
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:
@@ -188,6 +193,20 @@ def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.
                      f"inputs, so passes treat them as run-time inputs and do not fold them (re-export without "
                      f"keep_initializers_as_inputs to let them be folded)")
     return graph, defaults, notes
+
+
+def _node_with_type_attribute(graph: onnx.GraphProto):
+    """The first node, in the graph or a subgraph, with a TYPE_PROTO(S) attribute (Optional's ``type``)."""
+    kinds = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type in kinds:
+                return node
+            for sub in [attr.g] * (attr.type == onnx.AttributeProto.GRAPH) + list(attr.graphs):
+                found = _node_with_type_attribute(sub)
+                if found is not None:
+                    return found
+    return None
 
 
 def _has_optional(type_proto) -> bool:
