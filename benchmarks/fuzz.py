@@ -237,7 +237,7 @@ def judge(cmd: Command, status: int | None, stdout: str, stderr: str, before: di
         return fail("no output", "exit 0 but nothing written")
     if status == 5 and PASS_CRASH.search(last):
         verdict["info"].append("pass raised")
-    if status != 0 and not last.rstrip().endswith(")"):
+    if status != 0 and not lines[-1].rstrip().endswith(")"):  # the whole line: `last` is cut at 300
         verdict["info"].append("no what-to-do")
     return verdict
 

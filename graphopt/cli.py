@@ -361,7 +361,7 @@ def cmd_verify(args) -> int:
     try:
         graph.verify()
     except ValueError as exc:
-        raise ModelLoadError(f"{args.model}: invalid: {exc}") from None
+        raise ModelLoadError(f"{args.model}: invalid: {first_line(exc)} (fix or re-export the model)") from None
     try:
         outputs = graph.run(graph.sample_inputs())
     except UnsupportedError as exc:  # valid, but onnxruntime has no kernel for an op (a custom domain)

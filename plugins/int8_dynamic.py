@@ -128,8 +128,8 @@ class Int8Dynamic(Pass):
         if w.dtype == np.float16:
             raise UnsupportedError(
                 f"pass '{self.name}': {node.op} '{label}' computes in float16 (weight '{node.inputs[1].name}'); "
-                f"dynamic int8 quantizes float32 MatMul/Gemm: quantize the float32 model, and convert to fp16 "
-                f"neither before nor after int8")
+                f"dynamic int8 quantizes float32 MatMul/Gemm (quantize the float32 model, and convert to fp16 "
+                f"neither before nor after int8)")
         if w.dtype != np.float32 or w.ndim < 2:
             return None, "weight not a float32 matrix"
         bad = int(w.size - np.count_nonzero(np.isfinite(w)))

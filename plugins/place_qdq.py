@@ -172,8 +172,8 @@ def _refuse_float16(pass_name: str, graph, nodes, tensors) -> None:
         if dtype is not None and np.dtype(dtype) == np.float16:
             raise UnsupportedError(
                 f"pass '{pass_name}': the model computes in float16 (tensor '{name}'); int8 quantization takes "
-                f"float32 models (Q/DQ scales and onnxruntime's QDQ kernels are float32): quantize the float32 "
-                f"model, and convert to fp16 neither before nor after int8")
+                f"float32 models (Q/DQ scales and onnxruntime's QDQ kernels are float32) (quantize the float32 "
+                f"model, and convert to fp16 neither before nor after int8)")
 
 
 def _already_quantized(node: gs.Node) -> bool:

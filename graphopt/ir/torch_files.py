@@ -80,7 +80,7 @@ def read_torch_file(path: str, *, trust_pickle: bool = False):
     except GraphoptError:
         raise
     except Exception as exc:  # torch's readers on a damaged file: one line, never a traceback
-        raise ModelLoadError(f"{path}: not a readable PyTorch file ({first_line(exc)})") from None
+        raise ModelLoadError(f"{path}: not a readable PyTorch file: {first_line(exc)} ({EXPORT_HINT} again)") from None
 
 
 # -- what the bytes are ------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def _kind(path: str) -> str:
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot be read ({exc.strerror})") from None
     if not head:
-        raise ModelLoadError(f"{path}: is empty, not a PyTorch file")
+        raise ModelLoadError(f"{path}: is empty, not a PyTorch file ({EXPORT_HINT} again)")
     container = _container(head)
     if container == "zip":
         return _zip_kind(path)
@@ -122,7 +122,8 @@ def _zip_kind(path: str) -> str:
         return "torchscript"
     if f"{root}/data.pkl" in names:
         return "torch.save"
-    raise ModelLoadError(f"{path}: a zip archive that is neither a torch.export program (.pt2) nor a torch.save file")
+    raise ModelLoadError(f"{path}: a zip archive that is neither a torch.export program (.pt2) nor a torch.save file "
+                         f"({EXPORT_HINT})")
 
 
 # -- torch.save files and pickles ----------------------------------------------------------------------------------
