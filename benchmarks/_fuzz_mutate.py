@@ -23,6 +23,8 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 
+from graphopt.ir.onnx_checks import graphs
+
 OPS = ["Relu", "Add", "Conv", "MatMul", "Gemm", "Reshape", "Shape", "Gather", "Concat", "BatchNormalization",
        "Identity", "Dropout", "If", "Loop", "Cast", "QuantizeLinear", "DequantizeLinear", "Softmax", "Transpose",
        "Slice", "Split", "Resize", "ConstantOfShape", "Constant", "Sigmoid", "Mul", "Sub", "Div", "Pow", "Sqrt",
@@ -112,22 +114,14 @@ def byte_edit(data: bytes, rng: random.Random) -> tuple[bytes, str]:
 
 
 # -- ONNX fields ------------------------------------------------------------------------------------------------
-def _all_graphs(graph):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _all_graphs(attr.g)
-            for g in attr.graphs:
-                yield from _all_graphs(g)
 
 
 def _all_nodes(model):
-    return [(g, n) for g in _all_graphs(model.graph) for n in g.node]
+    return [(g, n) for g in graphs(model.graph) for n in g.node]
 
 
 def _tensors(model):
-    return [t for g in _all_graphs(model.graph) for t in g.initializer] + [
+    return [t for g in graphs(model.graph) for t in g.initializer] + [
         a.t for _, n in _all_nodes(model) for a in n.attribute if a.HasField("t")]
 
 

@@ -86,19 +86,20 @@ def _not_text(message, where: str = "") -> str | None:
     return None
 
 
-def _graphs(graph: onnx.GraphProto):
+def graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph in it, depth first."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("g"):
-                yield from _graphs(attr.g)
+                yield from graphs(attr.g)
             for g in attr.graphs:
-                yield from _graphs(g)
+                yield from graphs(g)
 
 
 def check_value_types(model: onnx.ModelProto, where: str) -> None:
     """ModelLoadError for a value whose type is present but empty; UnsupportedError for an opaque one."""
-    for graph in _graphs(model.graph):
+    for graph in graphs(model.graph):
         for vi in [*graph.input, *graph.output, *graph.value_info]:
             if not vi.HasField("type"):
                 continue
@@ -109,3 +110,11 @@ def check_value_types(model: onnx.ModelProto, where: str) -> None:
             if kind == "opaque_type":
                 raise UnsupportedError(f"{where}: value '{vi.name}' of graph '{graph.name}' has an opaque type, "
                                        f"which graphopt cannot handle (give a model of tensors)")
+
+
+def type_attribute_node(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The first node, in the graph or a subgraph, with a TYPE_PROTO(S) attribute (Optional's ``type``):
+    onnx-graphsurgeon drops such attributes on import."""
+    kinds = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
+    return next((node for graph in graphs(model.graph) for node in graph.node
+                 if any(attr.type in kinds for attr in node.attribute)), None)

@@ -29,7 +29,7 @@ from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt.errors import ModelLoadError, OutputError, UnsupportedError, UsageError, first_line
-from graphopt.ir.onnx_checks import check_tensor_sizes, check_text, check_value_types
+from graphopt.ir.onnx_checks import check_tensor_sizes, check_text, check_value_types, type_attribute_node
 from graphopt.ir.onnx_external import (
     RAW_NUMPY,
     ExternalValues,
@@ -168,7 +168,7 @@ def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.
         raise UnsupportedError(f"{where}: graph input/output '{optional[0]}' has an optional type, which "
                                f"onnx-graphsurgeon (graphopt's ONNX IR) cannot write back (give the model "
                                f"tensor or sequence inputs and outputs)")
-    typed = _node_with_type_attribute(model.graph)
+    typed = type_attribute_node(model)
     if typed is not None:
         raise UnsupportedError(f"{where}: node '{typed.name or typed.op_type}' ({typed.op_type}) has a type-valued "
                                f"attribute, which onnx-graphsurgeon (graphopt's ONNX IR) drops on import (give "
@@ -193,20 +193,6 @@ def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.
                      f"inputs, so passes treat them as run-time inputs and do not fold them (re-export without "
                      f"keep_initializers_as_inputs to let them be folded)")
     return graph, defaults, notes
-
-
-def _node_with_type_attribute(graph: onnx.GraphProto):
-    """The first node, in the graph or a subgraph, with a TYPE_PROTO(S) attribute (Optional's ``type``)."""
-    kinds = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type in kinds:
-                return node
-            for sub in [attr.g] * (attr.type == onnx.AttributeProto.GRAPH) + list(attr.graphs):
-                found = _node_with_type_attribute(sub)
-                if found is not None:
-                    return found
-    return None
 
 
 def _has_optional(type_proto) -> bool:
