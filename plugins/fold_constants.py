@@ -50,7 +50,8 @@ class FoldConstants(Pass):
     Never folded: ``QuantizeLinear``/``DequantizeLinear`` (Q/DQ on constant weights is how a quantized model
     says where int8 runs), ``Dropout`` and random ops, ops outside the default ONNX domain, and results
     larger than ``size_limit_mb`` (0: no limit). A subgraph onnxruntime cannot evaluate is left as it is,
-    with a note.
+    with a note. A graph with control flow (If / Loop / Scan) is loaded by onnxruntime, as a user loads it,
+    before it is returned folded: when it no longer loads (though the input did), nothing is folded, with a note.
 
     FX: a ``call_function``/``call_method`` node, or a ``call_module`` of a module without parameters or
     buffers, whose inputs are all ``get_attr`` tensors or other such nodes (nothing reaches a placeholder) is

@@ -6,9 +6,10 @@ surface deep inside a pass or onnxruntime, or only when the result is written.
 - :func:`check_text`: a string field that is not UTF-8 (protobuf hands it back as bytes; onnx-graphsurgeon
   fails on it when the model is exported);
 - :func:`check_value_types`: a value (graph input, output, value_info, in any subgraph) whose type is set but
-  empty, or opaque (onnx-graphsurgeon imports it, then fails to export it: "unhashable type: 'Opaque'").
+  empty, or opaque (onnx-graphsurgeon imports it, then fails to export it: "unhashable type: 'Opaque'");
+- :func:`type_attribute_node`: a node with a type-valued attribute (onnx-graphsurgeon drops it on import).
 
-Both read metadata only: no tensor's payload is copied.
+They read metadata only: no tensor's payload is copied. :func:`graphs` walks a graph and its subgraphs.
 """
 
 from __future__ import annotations
