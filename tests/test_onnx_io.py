@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.cli import main
 from graphopt.errors import ModelLoadError, OutputError, UnsupportedError, UsageError
-from graphopt.ir import OnnxGraph, external_data_files, onnx_external, onnx_io
+from graphopt.ir import OnnxGraph, external_data_files, onnx_checks, onnx_external, onnx_io
 
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 LIGHT_MODELS = sorted(f[:-5] for f in os.listdir(LIGHT) if f.endswith(".onnx")) if os.path.isdir(LIGHT) else []
@@ -606,20 +606,38 @@ def _optional_models():
 
 
 @pytest.mark.parametrize("case", ["optional output", "type attribute"])
-def test_what_onnx_graphsurgeon_cannot_carry_is_refused_not_mangled(case, tmp_path, capsys):
-    """Valid models (onnxruntime runs both) that graphopt's IR would write back wrong: one unsupported line,
-    exit 4, nothing written."""
-    model, message = _optional_models()[case]
-    onnx.checker.check_model(model, full_check=True)
-    ort.InferenceSession(model.SerializeToString())
-    path = str(tmp_path / "m.onnx")
+def test_optional_values_and_type_attributes_round_trip(case, tmp_path):
+    """What onnx-graphsurgeon cannot carry on its own — an optional-typed graph output (its exporter fails on
+    it) and Optional's type-valued attribute (its importer drops it) — comes back as it was: the written model
+    passes onnx's full check, keeps the optional type and the attribute, and computes what the original does."""
+    model, _ = _optional_models()[case]
+    path, out = str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx")
     onnx.save(model, path)
-    with pytest.raises(UnsupportedError, match=re.escape(message)):
-        OnnxGraph.load(path)
-    assert main(["run", path, "-o", str(tmp_path / "o.onnx")]) == UnsupportedError.exit_code
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err and err.rstrip().endswith(")")
-    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+    assert main(["run", path, "--passes", "fold", "-o", out]) == 0
+    written = onnx.load(out)
+    onnx.checker.check_model(written, full_check=True)
+    types = {vi.name: vi.type.WhichOneof("value") for vi in [*written.graph.input, *written.graph.output]}
+    attrs = [a for g in onnx_checks.graphs(written.graph) for n in g.node for a in n.attribute
+             if a.type == onnx.AttributeProto.TYPE_PROTO]
+    feeds = {"x": np.float32([1, 2])} if case == "optional output" else {"c": np.array(True)}
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+    got = ort.InferenceSession(out).run(None, feeds)
+    if case == "optional output":
+        assert types["o"] == "optional_type"
+        np.testing.assert_array_equal(got[0], expected[0])
+    else:
+        assert len(attrs) == 1 and attrs[0].name == "type"
+        assert got[0] == expected[0] == np.array(False)  # the then-branch: an empty optional has no element
+
+
+def test_an_optional_inside_a_sequence_is_one_unsupported_line():
+    """onnx-graphsurgeon reads a sequence's element as a tensor type: a sequence of optionals cannot be carried."""
+    seq = helper.make_sequence_type_proto(helper.make_optional_type_proto(helper.make_tensor_type_proto(1, [2])))
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g", [helper.make_value_info("x", seq)],
+        [helper.make_value_info("y", seq)]), opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(UnsupportedError, match="'x' has a type with an optional inside a sequence or map"):
+        OnnxGraph.from_model(model)
 
 
 # -- load errors ----------------------------------------------------------------------------------------------------

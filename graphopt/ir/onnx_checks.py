@@ -6,8 +6,7 @@ surface deep inside a pass or onnxruntime, or only when the result is written.
 - :func:`check_text`: a string field that is not UTF-8 (protobuf hands it back as bytes; onnx-graphsurgeon
   fails on it when the model is exported);
 - :func:`check_value_types`: a value (graph input, output, value_info, in any subgraph) whose type is set but
-  empty, or opaque (onnx-graphsurgeon imports it, then fails to export it: "unhashable type: 'Opaque'");
-- :func:`type_attribute_node`: a node with a type-valued attribute (onnx-graphsurgeon drops it on import).
+  empty, or opaque (onnx-graphsurgeon imports it, then fails to export it: "unhashable type: 'Opaque'").
 
 They read metadata only: no tensor's payload is copied. :func:`graphs` walks a graph and its subgraphs.
 """
@@ -112,10 +111,3 @@ def check_value_types(model: onnx.ModelProto, where: str) -> None:
                 raise UnsupportedError(f"{where}: value '{vi.name}' of graph '{graph.name}' has an opaque type, "
                                        f"which graphopt cannot handle (give a model of tensors)")
 
-
-def type_attribute_node(model: onnx.ModelProto) -> onnx.NodeProto | None:
-    """The first node, in the graph or a subgraph, with a TYPE_PROTO(S) attribute (Optional's ``type``):
-    onnx-graphsurgeon drops such attributes on import."""
-    kinds = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
-    return next((node for graph in graphs(model.graph) for node in graph.node
-                 if any(attr.type in kinds for attr in node.attribute)), None)

@@ -87,7 +87,7 @@ class OnnxGraph(Graph):
         return self._export(self._default_constants())
 
     def _export(self, defaults: list[gs.Constant]) -> onnx.ModelProto:
-        model = gs.export_onnx(self.gs, do_type_check=False)
+        model = export_optional_types(self.gs)
         for name in _META_FIELDS:
             setattr(model, name, getattr(self._meta, name))
         del model.metadata_props[:]
@@ -146,7 +146,7 @@ class OnnxGraph(Graph):
         shape inference's data propagation. Built from ``exported`` (this graph's :meth:`to_model`) when the
         caller has it, else from the graph without encoding any weight."""
         if exported is None:
-            return gs.export_onnx(self._skeleton_graph()[0], do_type_check=False)
+            return export_optional_types(self._skeleton_graph()[0])
         skeleton = onnx.ModelProto()
         for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
             setattr(skeleton, name, getattr(exported, name))
@@ -194,7 +194,7 @@ class OnnxGraph(Graph):
         others = sorted({n.domain for n in self.gs.nodes if n.domain not in ("", "ai.onnx", None)})
         skeleton, weights = self._skeleton_graph()
         try:
-            converted = onnx.version_converter.convert_version(gs.export_onnx(skeleton, do_type_check=False), target)
+            converted = onnx.version_converter.convert_version(export_optional_types(skeleton), target)
             onnx.checker.check_model(converted)
         except Exception as exc:  # the converter raises RuntimeError, ConvertError, IndexError, ...
             domains = f"; it converts only the default domain, the model also has {', '.join(others)}" if others else ""
@@ -424,6 +424,35 @@ def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
     for i, tensor in enumerate(node.inputs):
         if tensor is old:
             node.inputs[i] = new
+
+
+def export_optional_types(graph: gs.Graph) -> onnx.ModelProto:
+    """``gs.export_onnx(graph)``, also for values of optional type, which onnx-graphsurgeon imports (``type``
+    "optional_type", ``dtype`` the element's TypeProto) but cannot export: they go out untyped and their
+    ValueInfos (graph and subgraph inputs and outputs) are given the optional type afterwards."""
+    optional = {id(t): t for g in _gs_graphs(graph) for t in g.tensors().values()
+                if isinstance(t, gs.Variable) and getattr(t, "type", "tensor_type") == "optional_type"}
+    saved = {t.name: t.dtype for t in optional.values()}
+    for t in optional.values():
+        t.dtype = None
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for t in optional.values():
+            t.dtype = saved[t.name]
+    if saved:
+        for g in onnx_checks.graphs(model.graph):
+            for vi in [*g.input, *g.output, *g.value_info]:
+                if vi.name in saved and isinstance(saved[vi.name], onnx.TypeProto):
+                    vi.type.CopyFrom(onnx.helper.make_optional_type_proto(saved[vi.name]))
+    return model
+
+
+def _gs_graphs(graph: gs.Graph):
+    yield graph
+    for node in graph.nodes:
+        for sub in node.subgraphs():
+            yield from _gs_graphs(sub)
 
 
 def copy_gs(graph: gs.Graph) -> gs.Graph:

@@ -29,7 +29,7 @@ from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt.errors import ModelLoadError, OutputError, UnsupportedError, UsageError, first_line
-from graphopt.ir.onnx_checks import check_tensor_sizes, check_text, check_value_types, type_attribute_node
+from graphopt.ir.onnx_checks import check_tensor_sizes, check_text, check_value_types
 from graphopt.ir.onnx_external import (
     RAW_NUMPY,
     ExternalValues,
@@ -163,21 +163,17 @@ def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.
     default values of graph inputs that have one; and notes on what was changed. IR < 4 (every initializer had
     to be an input): initializers are initializers only and the IR version is raised to what the opsets need.
     IR >= 4: initializers also listed as inputs stay graph inputs, their values kept as defaults."""
-    optional = [vi.name for vi in [*model.graph.input, *model.graph.output] if _has_optional(vi.type)]
-    if optional:
-        raise UnsupportedError(f"{where}: graph input/output '{optional[0]}' has an optional type, which "
-                               f"onnx-graphsurgeon (graphopt's ONNX IR) cannot write back (give the model "
-                               f"tensor or sequence inputs and outputs)")
-    typed = type_attribute_node(model)
-    if typed is not None:
-        raise UnsupportedError(f"{where}: node '{typed.name or typed.op_type}' ({typed.op_type}) has a type-valued "
-                               f"attribute, which onnx-graphsurgeon (graphopt's ONNX IR) drops on import (give "
-                               f"the op its input instead of a type, e.g. Optional(x))")
+    nested = [vi.name for vi in [*model.graph.input, *model.graph.output] if _nested_optional(vi.type)]
+    if nested:
+        raise UnsupportedError(f"{where}: graph input/output '{nested[0]}' has a type with an optional inside a "
+                               f"sequence or map, which onnx-graphsurgeon (graphopt's ONNX IR) cannot carry (give "
+                               f"the model tensor, sequence or optional inputs and outputs)")
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:
         raise ModelLoadError(f"{where}: onnx-graphsurgeon could not import the model ({first_line(exc)}) "
                              f"(check it with `graphopt verify`; report it if the checker accepts it)") from None
+    _restore_type_attributes(model.graph, graph)
     attach_sources(graph, sources, where)
     notes: list[str] = []
     inits = {t.name for t in model.graph.initializer}
@@ -195,16 +191,34 @@ def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.
     return graph, defaults, notes
 
 
-def _has_optional(type_proto) -> bool:
-    """Whether a value's type is optional(...) anywhere (optional of a tensor, a sequence of optionals, ...)."""
+def _nested_optional(type_proto, inside: bool = False) -> bool:
+    """Whether a value's type has an optional(...) inside a sequence or map (a plain optional is carried: see
+    :func:`graphopt.ir.onnx_graph.export_optional_types`)."""
     kind = type_proto.WhichOneof("value")
     if kind == "optional_type":
-        return True
+        return inside
     if kind == "sequence_type":
-        return _has_optional(type_proto.sequence_type.elem_type)
+        return _nested_optional(type_proto.sequence_type.elem_type, True)
     if kind == "map_type":
-        return _has_optional(type_proto.map_type.value_type)
+        return _nested_optional(type_proto.map_type.value_type, True)
     return False
+
+
+def _restore_type_attributes(proto: onnx.GraphProto, graph: gs.Graph) -> None:
+    """Put back the type-valued attributes (Optional's ``type``) onnx-graphsurgeon's import drops, in the graph and
+    every subgraph (its nodes come in the proto's order); its exporter writes a TypeProto value back as one."""
+    for source, node in zip(proto.node, graph.nodes):
+        for attr in source.attribute:
+            if attr.type == onnx.AttributeProto.TYPE_PROTO:
+                node.attrs[attr.name] = attr.tp
+            elif attr.type == onnx.AttributeProto.TYPE_PROTOS:
+                node.attrs[attr.name] = list(attr.tps)
+            elif attr.type == onnx.AttributeProto.GRAPH and isinstance(node.attrs.get(attr.name), gs.Graph):
+                _restore_type_attributes(attr.g, node.attrs[attr.name])
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub, copied in zip(attr.graphs, node.attrs.get(attr.name) or []):
+                    if isinstance(copied, gs.Graph):
+                        _restore_type_attributes(sub, copied)
 
 
 def _inputs_with_defaults(graph: gs.Graph, model: onnx.ModelProto, listed) -> dict:

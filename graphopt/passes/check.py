@@ -137,7 +137,8 @@ class NumericCheck(Instrument):
             if graph.ir == "onnx" else []
         if odd:
             kind = odd[0].type.replace("_type", "")
-            self.not_compared = f"not compared: input '{odd[0].name}' is a {kind}, not a tensor"
+            self.not_compared = f"not compared: input '{odd[0].name}' is {'an' if kind[0] in 'aeiou' else 'a'} " \
+                                f"{kind}, not a tensor"
             ctx.warn(f"numeric check: {self.not_compared}")
             return False
         reason = ""
