@@ -2,6 +2,7 @@
 
 import logging
 
+from graphopt import train  # torch is imported when a loop runs, not here
 from graphopt.api import FineTune, OptimizeResult, default_registry, optimize
 from graphopt.errors import GraphoptError
 from graphopt.hookspecs import hookimpl
@@ -16,5 +17,5 @@ logging.getLogger("graphopt").addHandler(logging.NullHandler())
 
 __all__ = [
     "Equivalence", "FineTune", "Graph", "GraphoptError", "NoOptions", "OnnxGraph", "OpKind", "OptimizeResult", "Pass",
-    "PassContext", "PassManager", "PassResult", "default_registry", "hookimpl", "load_model", "optimize",
+    "PassContext", "PassManager", "PassResult", "default_registry", "hookimpl", "load_model", "optimize", "train",
 ]

@@ -85,3 +85,12 @@ def test_python_api_pruning_example(tmp_path):
     assert (tmp_path / "digits.pruned.pt2").exists()
     notes = namespace["pruned"].report.records[-1].notes
     assert any("fine-tuned by train()" in n for n in notes)
+
+
+def test_python_api_distillation_example(tmp_path):
+    """The distillation example: a pruned digits CNN trained back from the unpruned one."""
+    code = ("import copy, graphopt, torch\nfrom graphopt import zoo\nmodel = zoo.train_digits_cnn(epochs=2)\n"
+            "x_train, y_train, _, _ = zoo.digits_data(0)\n" + blocks("python", "The Python API")[2])
+    namespace = _exec_in(tmp_path, code)
+    notes = namespace["pruned"].report.records[-1].notes
+    assert any("fine-tuned by" in n for n in notes), notes

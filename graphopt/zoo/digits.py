@@ -83,23 +83,13 @@ def train_digits_cnn(epochs: int = 6, seed: int = 0, model: nn.Module | None = N
 
 def finetune_digits_cnn(model: nn.Module, epochs: int = 5, data: tuple | None = None, lr: float = 3e-3,
                         batch_size: int = 32, seed: int = 0) -> nn.Module:
-    """Fine-tune a (pruned) digits CNN: Adam with a one-cycle learning rate, ``epochs`` passes over the training
-    split. Returns the model in eval mode; usable as ``graphopt.optimize(..., finetune=...)``'s training loop."""
-    torch.manual_seed(seed)
+    """Fine-tune a (pruned) digits CNN on the training split: :func:`graphopt.train.finetune` (Adam with a
+    one-cycle learning rate). Returns the model in eval mode; usable as ``graphopt.optimize(..., finetune=...)``'s
+    training loop."""
+    from graphopt.train import finetune
+
     x_train, y_train, _, _ = data if data is not None else digits_data(seed)
-    xs, ys = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    batches = torch.arange(len(xs)).split(batch_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(batches))
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xs), generator=gen).split(batch_size):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(xs[idx]), ys[idx]).backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
+    return finetune(model, (x_train, y_train), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -1,0 +1,197 @@
+"""Training loops that win accuracy back after a pass changed a PyTorch model: plain fine-tuning and knowledge
+distillation from the original (Hinton et al., 2015), with optional feature (hint) losses (FitNets).
+
+    student = graphopt.optimize(module, "prune:ratio=0.5", example_inputs=(x,),
+                                finetune=graphopt.train.distiller(module, (x_train, y_train), epochs=3)).model
+
+:func:`distill` minimizes ``(1 - alpha) * CE(y, student) + alpha * T**2 * KL(softmax(teacher / T) || softmax(student
+/ T))`` (the ``T**2`` keeps the soft term's gradients on the scale of the hard one's as ``T`` grows), plus
+``hint_weight`` times the mean squared error between named layers' outputs (a 1x1 adapter, trained with the
+student, maps the student's channels to the teacher's when pruning made them differ). The teacher is any
+``nn.Module``; it runs in eval mode without gradients. :func:`fit` is the loop both share (Adam, one-cycle
+learning rate, fixed seed): with the same arguments, distillation and fine-tuning differ only in their loss.
+
+``data`` is ``(inputs, labels)`` (arrays or tensors; batched here, shuffled with ``seed``) or an iterable of
+``(inputs, labels)`` batches that can be iterated once per epoch (a ``DataLoader``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from graphopt.errors import UsageError
+
+
+def distillation_loss(student_logits, teacher_logits, labels, *, T: float = 4.0, alpha: float = 0.7):
+    """``(1 - alpha) * CE(labels, student) + alpha * T**2 * KL(softmax(teacher / T) || softmax(student / T))``,
+    averaged over the batch."""
+    import torch.nn.functional as F
+
+    hard = F.cross_entropy(student_logits, labels)
+    soft = F.kl_div(F.log_softmax(student_logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
+                    reduction="batchmean", log_target=True)
+    return (1 - alpha) * hard + alpha * T * T * soft
+
+
+def fit(model, data, loss: Callable, *, epochs: int = 3, lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
+        extra_parameters: Iterable = ()) -> Any:
+    """Train ``model`` for ``epochs`` passes over ``data`` with Adam and a one-cycle learning rate peaking at
+    ``lr``; ``loss(model, inputs, labels)`` gives the batch's loss. Returns the model in eval mode."""
+    import torch
+
+    _check_positive(epochs=epochs, lr=lr, batch_size=batch_size)
+    torch.manual_seed(seed)
+    batches = _batches(data, batch_size, seed)
+    steps = epochs * len(batches(0))
+    parameters = [p for p in model.parameters() if p.requires_grad] + list(extra_parameters)
+    if not parameters:
+        raise UsageError("the model has no trainable parameters (nothing to fine-tune)")
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1))
+    model.train()
+    for epoch in range(epochs):
+        for inputs, labels in batches(epoch):
+            optimizer.zero_grad()
+            loss(model, inputs, labels).backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def finetune(model, data, *, epochs: int = 3, lr: float = 3e-3, batch_size: int = 32, seed: int = 0):
+    """Plain fine-tuning: :func:`fit` with the cross-entropy of the labels."""
+    import torch.nn.functional as F
+
+    return fit(model, data, lambda m, x, y: F.cross_entropy(m(x), y), epochs=epochs, lr=lr, batch_size=batch_size,
+               seed=seed)
+
+
+def distill(student, teacher, data, *, T: float = 4.0, alpha: float = 0.7, epochs: int = 3, lr: float = 3e-3,
+            batch_size: int = 32, seed: int = 0, hints: dict[str, str] | None = None, hint_weight: float = 1.0):
+    """Train ``student`` on ``data`` with :func:`distillation_loss` against ``teacher``'s logits, plus, with
+    ``hints`` (``{student layer: teacher layer}``, module names), the mean squared error between those layers'
+    outputs. Returns the student in eval mode; the teacher is not changed."""
+    import torch
+
+    if not T > 0:
+        raise UsageError(f"distill: T must be > 0, got {T}")
+    if not 0 <= alpha <= 1:
+        raise UsageError(f"distill: alpha must be in [0, 1], got {alpha}")
+    teacher.eval()
+    taps = _Hints(student, teacher, hints or {}, hint_weight)
+
+    def loss(model, inputs, labels):
+        with torch.no_grad():
+            target = teacher(inputs)
+        value = distillation_loss(model(inputs), target, labels, T=T, alpha=alpha)
+        return value + taps.loss()
+
+    try:
+        taps.start(data, batch_size, seed)
+        return fit(student, data, loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                   extra_parameters=taps.adapter_parameters())
+    finally:
+        taps.stop()
+
+
+def distiller(teacher, data, **options) -> Callable:
+    """``student -> distill(student, teacher, data, **options)``: a ``finetune=`` function for
+    ``graphopt.optimize`` (the teacher is usually the module before pruning: pass a copy if the same module is
+    what is optimized)."""
+    return lambda student: distill(student, teacher, data, **options)
+
+
+# -- hints ------------------------------------------------------------------------------------------------------
+class _Hints:
+    """Forward hooks that keep the named layers' outputs of the last forward pass, and the adapters (a 1x1 Conv2d
+    on NCHW feature maps, a Linear on the last axis otherwise) from the student's channels to the teacher's,
+    built on a first forward pass before training so that the optimizer trains them with the student."""
+
+    def __init__(self, student, teacher, pairs: dict[str, str], weight: float):
+        self.student, self.teacher, self.pairs, self.weight = student, teacher, dict(pairs), weight
+        self.outputs: dict[tuple[str, str], Any] = {}
+        self.handles: list = []
+        self.adapters: dict[str, Any] = {}
+
+    def start(self, data, batch_size: int, seed: int) -> None:
+        import torch
+
+        if not self.pairs:
+            return
+        for side, model in (("student", self.student), ("teacher", self.teacher)):
+            modules = dict(model.named_modules())
+            for name in (self.pairs if side == "student" else self.pairs.values()):
+                if name not in modules:
+                    raise UsageError(f"distill: hint layer '{name}' is not a module of the {side} (names as in "
+                                     f"named_modules(), e.g. {', '.join(list(modules)[1:4])})")
+                self.handles.append(modules[name].register_forward_hook(self._keep(side, name)))
+        inputs, _ = next(iter(_batches(data, batch_size, seed)(0)))
+        with torch.no_grad():
+            self.student.eval()(inputs)
+            self.teacher(inputs)
+        for s_name, t_name in self.pairs.items():
+            got, want = self.outputs[("student", s_name)], self.outputs[("teacher", t_name)]
+            axis = 1 if got.dim() == 4 else -1  # channels: NCHW feature maps, or the last axis
+            rest = [d for i, d in enumerate(got.shape) if i != axis % got.dim()]
+            if got.dim() != want.dim() or rest != [d for i, d in enumerate(want.shape) if i != axis % want.dim()]:
+                raise UsageError(f"distill: hint '{s_name}' -> '{t_name}': outputs {tuple(got.shape)} and "
+                                 f"{tuple(want.shape)} differ in more than their channels")
+            if got.shape[axis] != want.shape[axis]:
+                self.adapters[s_name] = torch.nn.Conv2d(got.shape[1], want.shape[1], 1) if axis == 1 else \
+                    torch.nn.Linear(got.shape[-1], want.shape[-1])
+
+    def _keep(self, side: str, name: str):
+        def hook(module, args, output):
+            self.outputs[(side, name)] = output
+        return hook
+
+    def adapter_parameters(self) -> list:
+        return [p for adapter in self.adapters.values() for p in adapter.parameters()]
+
+    def loss(self):
+        import torch.nn.functional as F
+
+        total = 0.0
+        for s_name, t_name in self.pairs.items():
+            got = self.outputs[("student", s_name)]
+            adapter = self.adapters.get(s_name)
+            if adapter is not None:
+                got = adapter(got)
+            total = total + F.mse_loss(got, self.outputs[("teacher", t_name)].detach())
+        return self.weight * total
+
+    def stop(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+def _batches(data, batch_size: int, seed: int) -> Callable[[int], list]:
+    """``epoch -> list of (inputs, labels) tensors``: ``(inputs, labels)`` arrays shuffled per epoch (from
+    ``seed``), or the batches an iterable yields."""
+    import numpy as np
+    import torch
+
+    if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (tuple, list)):
+        xs, ys = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in data)
+        if len(xs) != len(ys):
+            raise UsageError(f"training data: {len(xs)} inputs but {len(ys)} labels")
+        if len(xs) == 0:
+            raise UsageError("training data is empty")
+
+        def shuffled(epoch: int) -> list:
+            order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            return [(xs[i], ys[i]) for i in order.split(batch_size)]
+
+        return shuffled
+    if not hasattr(data, "__iter__"):
+        raise UsageError(f"training data must be (inputs, labels) or an iterable of such batches, got "
+                         f"{type(data).__name__}")
+    return lambda epoch: list(data)
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise UsageError(f"{name} must be > 0, got {value}")
