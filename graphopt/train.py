@@ -70,7 +70,7 @@ def distill(student, teacher, data, *, T: float = 4.0, alpha: float = 0.7, epoch
             batch_size: int = 32, seed: int = 0, hints: dict[str, str] | None = None, hint_weight: float = 1.0):
     """Train ``student`` on ``data`` with :func:`distillation_loss` against ``teacher``'s logits, plus, with
     ``hints`` (``{student layer: teacher layer}``, module names), the mean squared error between those layers'
-    outputs. Returns the student in eval mode; the teacher is not changed."""
+    outputs. Returns the student in eval mode; the teacher is put in eval mode, its weights never change."""
     import torch
 
     if not T > 0:
