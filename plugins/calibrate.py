@@ -82,7 +82,11 @@ class Calibrate(Pass):
         except Exception as exc:  # onnxruntime's own error types
             ops = custom_ops(graph.gs.nodes)
             if not ops:
-                raise
+                if not type(exc).__module__.startswith("onnxruntime"):
+                    raise  # not onnxruntime's: a bug, reported as one
+                raise self.fail(f"the model does not run on onnxruntime with the calibration data: "
+                                f"{first_line(exc, 160)} (check the model with graphopt verify, and that the data "
+                                f"fits its inputs)") from exc
             raise UnsupportedError(
                 f"pass '{self.name}': onnxruntime cannot run {', '.join(ops)} (domain:op), so the model cannot be "
                 f"run to calibrate it: {first_line(exc, 160)} (int8-dynamic quantizes MatMul/Gemm without "
