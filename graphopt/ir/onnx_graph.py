@@ -28,6 +28,7 @@ from graphopt.errors import ModelLoadError, UnsupportedError, first_line
 from graphopt.ir import onnx_checks, onnx_external, onnx_io
 from graphopt.ir.base import Graph
 from graphopt.ir.feeds import InputSpec, feeds, input_roles
+from graphopt.ir.gs_gaps import copy_gs, export_optional_types
 from graphopt.ir.ops import OpKind, onnx_kind
 
 # graphsurgeon's warnings (a subgraph onnxruntime could not fold, ...) are printed, not raised: graphopt reports
@@ -424,54 +425,6 @@ def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
     for i, tensor in enumerate(node.inputs):
         if tensor is old:
             node.inputs[i] = new
-
-
-def export_optional_types(graph: gs.Graph) -> onnx.ModelProto:
-    """``gs.export_onnx(graph)``, also for values of optional type, which onnx-graphsurgeon imports (``type``
-    "optional_type", ``dtype`` the element's TypeProto) but cannot export: they go out untyped and their
-    ValueInfos (graph and subgraph inputs and outputs) are given the optional type afterwards."""
-    optional = {id(t): t for g in _gs_graphs(graph) for t in g.tensors().values()
-                if isinstance(t, gs.Variable) and getattr(t, "type", "tensor_type") == "optional_type"}
-    saved = {t.name: t.dtype for t in optional.values()}
-    for t in optional.values():
-        t.dtype = None
-    try:
-        model = gs.export_onnx(graph, do_type_check=False)
-    finally:
-        for t in optional.values():
-            t.dtype = saved[t.name]
-    if saved:
-        for g in onnx_checks.graphs(model.graph):
-            for vi in [*g.input, *g.output, *g.value_info]:
-                if vi.name in saved and isinstance(saved[vi.name], onnx.TypeProto):
-                    vi.type.CopyFrom(onnx.helper.make_optional_type_proto(saved[vi.name]))
-    return model
-
-
-def _gs_graphs(graph: gs.Graph):
-    yield graph
-    for node in graph.nodes:
-        for sub in node.subgraphs():
-            yield from _gs_graphs(sub)
-
-
-def copy_gs(graph: gs.Graph) -> gs.Graph:
-    """``graph.copy()``, with what onnx-graphsurgeon's copy drops put back: a Variable's ``type`` (a sequence
-    input would come back a tensor, and the model an invalid one), in the graph and in every subgraph."""
-    out = graph.copy()
-    _restore_types(graph, out)
-    return out
-
-
-def _restore_types(source: gs.Graph, copy: gs.Graph) -> None:
-    kinds = {name: t.type for name, t in source.tensors().items() if getattr(t, "type", "tensor_type") != "tensor_type"}
-    for name, tensor in copy.tensors().items():
-        if name in kinds and isinstance(tensor, gs.Variable):
-            tensor.type = kinds[name]
-    for original, copied in zip(source.nodes, copy.nodes):
-        for key, value in original.attrs.items():
-            if isinstance(value, gs.Graph) and isinstance(copied.attrs.get(key), gs.Graph):
-                _restore_types(value, copied.attrs[key])
 
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Fatal error: )?(Load model from .*? failed:)?")

@@ -29,6 +29,7 @@ from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt.errors import ModelLoadError, OutputError, UnsupportedError, UsageError, first_line
+from graphopt.ir.gs_gaps import restore_type_attributes
 from graphopt.ir.onnx_checks import check_tensor_sizes, check_text, check_value_types
 from graphopt.ir.onnx_external import (
     RAW_NUMPY,
@@ -173,7 +174,7 @@ def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.
     except Exception as exc:
         raise ModelLoadError(f"{where}: onnx-graphsurgeon could not import the model ({first_line(exc)}) "
                              f"(check it with `graphopt verify`; report it if the checker accepts it)") from None
-    _restore_type_attributes(model.graph, graph)
+    restore_type_attributes(model.graph, graph)
     attach_sources(graph, sources, where)
     notes: list[str] = []
     inits = {t.name for t in model.graph.initializer}
@@ -193,7 +194,7 @@ def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.
 
 def _nested_optional(type_proto, inside: bool = False) -> bool:
     """Whether a value's type has an optional(...) inside a sequence or map (a plain optional is carried: see
-    :func:`graphopt.ir.onnx_graph.export_optional_types`)."""
+    :func:`graphopt.ir.gs_gaps.export_optional_types`)."""
     kind = type_proto.WhichOneof("value")
     if kind == "optional_type":
         return inside
@@ -202,23 +203,6 @@ def _nested_optional(type_proto, inside: bool = False) -> bool:
     if kind == "map_type":
         return _nested_optional(type_proto.map_type.value_type, True)
     return False
-
-
-def _restore_type_attributes(proto: onnx.GraphProto, graph: gs.Graph) -> None:
-    """Put back the type-valued attributes (Optional's ``type``) onnx-graphsurgeon's import drops, in the graph and
-    every subgraph (its nodes come in the proto's order); its exporter writes a TypeProto value back as one."""
-    for source, node in zip(proto.node, graph.nodes):
-        for attr in source.attribute:
-            if attr.type == onnx.AttributeProto.TYPE_PROTO:
-                node.attrs[attr.name] = attr.tp
-            elif attr.type == onnx.AttributeProto.TYPE_PROTOS:
-                node.attrs[attr.name] = list(attr.tps)
-            elif attr.type == onnx.AttributeProto.GRAPH and isinstance(node.attrs.get(attr.name), gs.Graph):
-                _restore_type_attributes(attr.g, node.attrs[attr.name])
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub, copied in zip(attr.graphs, node.attrs.get(attr.name) or []):
-                    if isinstance(copied, gs.Graph):
-                        _restore_type_attributes(sub, copied)
 
 
 def _inputs_with_defaults(graph: gs.Graph, model: onnx.ModelProto, listed) -> dict:
