@@ -41,8 +41,8 @@ def fit(model, data, loss: Callable, *, epochs: int = 3, lr: float = 3e-3, batch
 
     _check_positive(epochs=epochs, lr=lr, batch_size=batch_size)
     torch.manual_seed(seed)
-    batches = _batches(data, batch_size, seed)
-    steps = epochs * len(batches(0))
+    per_epoch, batches = _batches(data, batch_size, seed)
+    steps = epochs * per_epoch
     parameters = [p for p in model.parameters() if p.requires_grad] + list(extra_parameters)
     if not parameters:
         raise UsageError("the model has no trainable parameters (nothing to fine-tune)")
@@ -125,7 +125,7 @@ class _Hints:
                     raise UsageError(f"distill: hint layer '{name}' is not a module of the {side} (names as in "
                                      f"named_modules(), e.g. {', '.join(list(modules)[1:4])})")
                 self.handles.append(modules[name].register_forward_hook(self._keep(side, name)))
-        inputs, _ = next(iter(_batches(data, batch_size, seed)(0)))
+        inputs, _ = next(iter(_batches(data, batch_size, seed)[1](0)))
         with torch.no_grad():
             self.student.eval()(inputs)
             self.teacher(inputs)
@@ -167,9 +167,9 @@ class _Hints:
 
 
 # -- data -------------------------------------------------------------------------------------------------------
-def _batches(data, batch_size: int, seed: int) -> Callable[[int], list]:
-    """``epoch -> list of (inputs, labels) tensors``: ``(inputs, labels)`` arrays shuffled per epoch (from
-    ``seed``), or the batches an iterable yields."""
+def _batches(data, batch_size: int, seed: int) -> tuple[int, Callable[[int], Iterable]]:
+    """``(batches per epoch, epoch -> (inputs, labels) batches)``: ``(inputs, labels)`` arrays shuffled per epoch
+    (from ``seed``), or the batches an iterable yields (iterated again each epoch when it has a length)."""
     import numpy as np
     import torch
 
@@ -180,15 +180,18 @@ def _batches(data, batch_size: int, seed: int) -> Callable[[int], list]:
         if len(xs) == 0:
             raise UsageError("training data is empty")
 
-        def shuffled(epoch: int) -> list:
+        def shuffled(epoch: int):
             order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-            return [(xs[i], ys[i]) for i in order.split(batch_size)]
+            return ((xs[i], ys[i]) for i in order.split(batch_size))
 
-        return shuffled
+        return -(-len(xs) // batch_size), shuffled
     if not hasattr(data, "__iter__"):
         raise UsageError(f"training data must be (inputs, labels) or an iterable of such batches, got "
                          f"{type(data).__name__}")
-    return lambda epoch: list(data)
+    if hasattr(data, "__len__"):
+        return len(data), lambda epoch: data
+    items = list(data)  # a one-shot iterator: kept, so every epoch sees its batches
+    return len(items), lambda epoch: items
 
 
 def _check_positive(**values) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from graphopt import Pass, PassResult, hookimpl
 from graphopt.ir.fx_graph import delete_unread_attributes, fx_may_mutate
+from graphopt.ir.gs_gaps import gs_graphs
 
 
 class EliminateDead(Pass):
@@ -63,18 +64,14 @@ class EliminateDead(Pass):
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def _onnx_graphs(g):
-    return [g, *(sub for node in g.nodes for sub in node.subgraphs(recursive=True))]
-
-
 def _onnx_nodes(g) -> set[int]:
-    return {id(n) for sub in _onnx_graphs(g) for n in sub.nodes}
+    return {id(n) for sub in gs_graphs(g) for n in sub.nodes}
 
 
 def _onnx_initializers(g) -> set[int]:
     import onnx_graphsurgeon as gs
 
-    return {id(t) for sub in _onnx_graphs(g) for t in sub.tensors().values() if isinstance(t, gs.Constant)}
+    return {id(t) for sub in gs_graphs(g) for t in sub.tensors().values() if isinstance(t, gs.Constant)}
 
 
 @hookimpl

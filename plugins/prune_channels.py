@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, first_line
 from graphopt.prune import BUILTIN_HANDLERS, BUILTIN_IMPORTANCE, Outcome, prune_view, settle
 from graphopt.prune.importance import l1
 from graphopt.prune.propagate import internal_reason
@@ -140,20 +140,26 @@ class PruneChannels(Pass):
             raise
         except Exception as exc:  # an engine bug: prune nothing and say so, never fail the pipeline
             return _unchanged(graph, exc)
-        return self._settle(graph, ctx, adapter, view, outcome, lambda fork, v: self._check_onnx(fork.graph, v, graph))
+        ran_before: list[str | None] = []  # whether the original runs: asked once, at the first failed attempt
 
-    def _check_onnx(self, pruned, view, original) -> None:
-        """:func:`_check_onnx`; when the pruned graph fails and the original does not run either, that is the
-        input's problem (a PassError, not contained as a handler bug)."""
-        try:
-            _check_onnx(pruned, view)
-        except RuntimeError as exc:
+        def check(fork, v) -> None:
+            """:func:`_check_onnx`; when the pruned graph fails and the original does not run either, that is the
+            input's problem (a PassError, not contained as a handler bug)."""
             try:
-                original.run(original.sample_inputs())
-            except Exception as before:
-                raise self.fail(f"the model does not run on onnxruntime even before pruning ({_first_line(before)})"
-                                f" (check it with graphopt verify)") from exc
-            raise
+                _check_onnx(fork.graph, v)
+            except RuntimeError as exc:
+                if not ran_before:
+                    try:
+                        graph.run(graph.sample_inputs())
+                        ran_before.append(None)
+                    except Exception as before:
+                        ran_before.append(first_line(before))
+                if ran_before[0] is not None:
+                    raise self.fail(f"the model does not run on onnxruntime even before pruning ({ran_before[0]}) "
+                                    f"(check it with graphopt verify)") from exc
+                raise
+
+        return self._settle(graph, ctx, adapter, view, outcome, check)
 
     # -- FX -----------------------------------------------------------------------------------------------
     def run_fx(self, graph, ctx) -> PassResult:
@@ -196,12 +202,7 @@ def _check_fx(fork, view) -> None:
     try:
         fork.check(view)
     except Exception as exc:
-        raise RuntimeError(f"the pruned module does not run ({_first_line(exc)})") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise RuntimeError(f"the pruned module does not run ({first_line(exc)})") from exc
 
 
 def _check_onnx(graph, view) -> None:
@@ -211,7 +212,7 @@ def _check_onnx(graph, view) -> None:
         _check_conv_channels(graph)
         outputs = graph.run(graph.sample_inputs())
     except Exception as exc:  # the checker, shape inference or onnxruntime: any failure is a handler bug
-        raise RuntimeError(f"the pruned graph does not run ({_first_line(exc)})") from exc
+        raise RuntimeError(f"the pruned graph does not run ({first_line(exc)})") from exc
     for name, out in zip(view.outputs, outputs):
         want = view.shapes.get(name)
         if want is not None and any(w is not None and w != d for w, d in zip(want, out.shape)):

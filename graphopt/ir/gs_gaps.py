@@ -17,7 +17,7 @@ def export_optional_types(graph: gs.Graph) -> onnx.ModelProto:
     """``gs.export_onnx(graph)``, also for values of optional type, which onnx-graphsurgeon imports (``type``
     "optional_type", ``dtype`` the element's TypeProto) but cannot export: they go out untyped and their
     ValueInfos (graph and subgraph inputs and outputs) are given the optional type afterwards."""
-    optional = {id(t): t for g in _gs_graphs(graph) for t in g.tensors().values()
+    optional = {id(t): t for g in gs_graphs(graph) for t in g.tensors().values()
                 if isinstance(t, gs.Variable) and getattr(t, "type", "tensor_type") == "optional_type"}
     saved = {t.name: t.dtype for t in optional.values()}
     for t in optional.values():
@@ -35,11 +35,9 @@ def export_optional_types(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-def _gs_graphs(graph: gs.Graph):
-    yield graph
-    for node in graph.nodes:
-        for sub in node.subgraphs():
-            yield from _gs_graphs(sub)
+def gs_graphs(graph: gs.Graph) -> list[gs.Graph]:
+    """``graph`` and every subgraph in it (If / Loop / Scan bodies, nested)."""
+    return [graph, *(sub for node in graph.nodes for sub in node.subgraphs(recursive=True))]
 
 
 def copy_gs(graph: gs.Graph) -> gs.Graph:
