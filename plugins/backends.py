@@ -1,12 +1,15 @@
-"""The backends graphopt ships: onnxruntime's CPU execution provider (``graphopt bench --backend onnxruntime``;
-its int8 scheme is what ``place-qdq`` places for it)."""
+"""The backends graphopt ships: onnxruntime's CPU execution provider for ONNX models, and x86 (inductor with
+freezing, oneDNN int8 kernels) for PyTorch models. Each one's int8 scheme is what the quantization passes place for
+it (``--backend``)."""
 
 from __future__ import annotations
 
 from graphopt import hookimpl
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
+from graphopt.backends.x86 import X86Backend
 
 
 @hookimpl
 def graphopt_register_backends(registry):
     registry.add_backend("onnxruntime", OnnxRuntimeBackend())
+    registry.add_backend("x86", X86Backend())

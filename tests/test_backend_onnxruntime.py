@@ -160,7 +160,7 @@ def test_requests_are_honoured_warned_or_refused(ort_backend):
 def test_weights_use_the_reduced_range_where_u8s8_kernels_saturate(monkeypatch):
     """Without VNNI, onnxruntime's uint8 x int8 kernels add two products in an int16 (vpmaddubsw): full-range
     weights saturate it. The backend then asks for weights in [-64, 64]; 255 * 64 * 2 fits in an int16."""
-    import graphopt.backends.onnxruntime as ort_module
+    import graphopt.backends.cpu as cpu_module
 
     reduced = OnnxRuntimeBackend(reduce_range=True).scheme().weights
     assert (reduced.qmin, reduced.qmax) == (-64, 64) and 255 * reduced.qmax * 2 <= 2**15 - 1
@@ -169,8 +169,8 @@ def test_weights_use_the_reduced_range_where_u8s8_kernels_saturate(monkeypatch):
     assert OnnxRuntimeBackend(reduce_range=True).scheme(QuantRequest(per_channel=False)).weights.reduce_range
     for machine, vnni, expected in [("x86_64", False, True), ("x86_64", True, False), ("x86_64", None, True),
                                     ("aarch64", None, False)]:
-        monkeypatch.setattr(ort_module.platform, "machine", lambda machine=machine: machine)
-        monkeypatch.setattr(ort_module, "cpu_has_vnni", lambda vnni=vnni: vnni)
+        monkeypatch.setattr(cpu_module.platform, "machine", lambda machine=machine: machine)
+        monkeypatch.setattr(cpu_module, "cpu_flags", lambda vnni=vnni: None if vnni is None else frozenset({"avx512_vnni"} if vnni else {"avx2"}))
         assert OnnxRuntimeBackend().reduce_range is expected, (machine, vnni)
 
 

@@ -28,14 +28,13 @@ The scheme is the form onnxruntime's CPU kernels run fast, read off its QDQ fusi
 from __future__ import annotations
 
 import os
-import platform
 from dataclasses import replace
-from functools import lru_cache
 from typing import Any, Mapping
 
 import numpy as np
 
 from graphopt.backends.base import Backend, BackendError
+from graphopt.backends.cpu import u8s8_saturates
 from graphopt.backends.scheme import QuantRequest, QuantScheme, TensorQuant, UnsupportedRequestError, restrict_ops
 from graphopt.errors import UnsupportedError, first_line
 from graphopt.ir.feeds import InputSpec, session_input_specs
@@ -56,27 +55,6 @@ INT8_ACTIVATION_WARNING = (
 UINT8_WEIGHT_WARNING = (
     "uint8 weights: onnxruntime's fast x86 path is uint8 activations x int8 weights; uint8 weights take a slower "
     "kernel")
-
-
-@lru_cache(maxsize=1)
-def cpu_has_vnni() -> bool | None:
-    """Whether this x86 CPU has an int8 dot product that accumulates in int32 (AVX-512 VNNI, AVX-VNNI, AMX);
-    None when that cannot be read (not Linux). Not asked on other architectures: see :func:`u8s8_saturates`."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        return None
-    if flags is None:
-        return None
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
-
-
-def u8s8_saturates() -> bool:
-    """Whether onnxruntime's uint8 x int8 CPU kernels may saturate here (x86 without VNNI, or unknown x86)."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
-        return False
-    return cpu_has_vnni() is not True
 
 
 def _ort_version() -> tuple[int, int]:

@@ -125,7 +125,12 @@ class QuantScheme:
       op's output Q is calibrated on the activation's output, whose clamp the Q's range performs.
 
     Placement: ``residual_add_qdq`` — both inputs of an Add (the residual one too) get Q/DQ, as the backend's
-    int8 Add / fusion needs. ``bias``: ``"float"`` — the bias of Conv/Gemm stays float and the backend folds it
+    int8 Add / fusion needs. ``fused_add`` — an Add that reads the output of a weighted op (read by nothing else)
+    runs as that op's post-op (oneDNN's ``sum``, TensorRT's residual fusion): that input stays float and only the
+    other, residual, input gets Q/DQ. ``requantize_outputs`` — True: every quantized op writes an int8 output with a
+    scale of its own (a Q after it, after its fused activation), as onnxruntime's QLinear kernels do; False: an
+    output is quantized only where an op that takes int8 reads it (Q/DQ on the *inputs* of quantized ops; an op
+    whose readers are float writes float, which x86's oneDNN and TensorRT kernels do without a Q/DQ pair). ``bias``: ``"float"`` — the bias of Conv/Gemm stays float and the backend folds it
     to int32 itself (scale = input scale × weight scale, zero point 0); ``"int32"`` — place-qdq writes it as
     int32 behind a DequantizeLinear with that scale. ``format`` is ``"QDQ"`` (QuantizeLinear/DequantizeLinear
     pairs in a float graph, which the backend fuses); ``min_opset`` is the opset the placement needs (13:
@@ -141,6 +146,8 @@ class QuantScheme:
     passthrough_ops: frozenset[str] = frozenset()
     fused_activations: frozenset[str] = frozenset()
     residual_add_qdq: bool = True
+    fused_add: bool = False
+    requantize_outputs: bool = True
     bias: str = "float"
     format: str = "QDQ"
     min_opset: int = 13
@@ -191,7 +198,8 @@ class QuantScheme:
         return {"backend": self.backend, "activations": asdict(self.activations), "weights": asdict(self.weights),
                 "weight_channel_axis": dict(self.weight_channel_axis), "quantized_ops": sorted(self.quantized_ops),
                 "passthrough_ops": sorted(self.passthrough_ops), "fused_activations": sorted(self.fused_activations),
-                "residual_add_qdq": self.residual_add_qdq, "bias": self.bias, "format": self.format,
+                "residual_add_qdq": self.residual_add_qdq, "fused_add": self.fused_add,
+                "requantize_outputs": self.requantize_outputs, "bias": self.bias, "format": self.format,
                 "min_opset": self.min_opset, "warnings": list(self.warnings)}
 
     def describe(self) -> str:
