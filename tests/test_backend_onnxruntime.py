@@ -170,7 +170,8 @@ def test_weights_use_the_reduced_range_where_u8s8_kernels_saturate(monkeypatch):
     for machine, vnni, expected in [("x86_64", False, True), ("x86_64", True, False), ("x86_64", None, True),
                                     ("aarch64", None, False)]:
         monkeypatch.setattr(cpu_module.platform, "machine", lambda machine=machine: machine)
-        monkeypatch.setattr(cpu_module, "cpu_flags", lambda vnni=vnni: None if vnni is None else frozenset({"avx512_vnni"} if vnni else {"avx2"}))
+        flags = None if vnni is None else frozenset({"avx512_vnni"} if vnni else {"avx2"})
+        monkeypatch.setattr(cpu_module, "cpu_flags", lambda flags=flags: flags)
         assert OnnxRuntimeBackend().reduce_range is expected, (machine, vnni)
 
 

@@ -130,7 +130,8 @@ class QuantScheme:
     other, residual, input gets Q/DQ. ``requantize_outputs`` — True: every quantized op writes an int8 output with a
     scale of its own (a Q after it, after its fused activation), as onnxruntime's QLinear kernels do; False: an
     output is quantized only where an op that takes int8 reads it (Q/DQ on the *inputs* of quantized ops; an op
-    whose readers are float writes float, which x86's oneDNN and TensorRT kernels do without a Q/DQ pair). ``bias``: ``"float"`` — the bias of Conv/Gemm stays float and the backend folds it
+    whose readers are float writes float, which x86's oneDNN and TensorRT kernels do without a Q/DQ pair).
+    ``bias``: ``"float"`` — the bias of Conv/Gemm stays float and the backend folds it
     to int32 itself (scale = input scale × weight scale, zero point 0); ``"int32"`` — place-qdq writes it as
     int32 behind a DequantizeLinear with that scale. ``format`` is ``"QDQ"`` (QuantizeLinear/DequantizeLinear
     pairs in a float graph, which the backend fuses); ``min_opset`` is the opset the placement needs (13:
