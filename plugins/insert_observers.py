@@ -49,7 +49,7 @@ class InsertObservers(Pass):
 
 
     def run_fx(self, graph, ctx):
-        from graphopt.pt2e.prepare import fold_batch_norms, float_activations
+        from graphopt.pt2e.prepare import float_activations, fold_batch_norms
 
         aten = graph.aten()
         folded = fold_batch_norms(aten.gm) if self.options.fold_bn else 0

@@ -68,8 +68,8 @@ class Qat(Pass):
         o = self.options
         quantizer = SchemeQuantizer(scheme, ctx.state[RANGES], exclude=o.exclude_nodes, keep_first=o.keep_first,
                                     keep_last=o.keep_last, qat=True, learn=o.learn_scales)
-        model, schedule = qat.prepare(graph.gm, quantizer, graph.example_inputs,
-                                      freeze_observers_after=o.freeze_observers_after, freeze_bn_after=o.freeze_bn_after)
+        model, schedule = qat.prepare(graph.gm, quantizer, graph.example_inputs, freeze_bn_after=o.freeze_bn_after,
+                                      freeze_observers_after=o.freeze_observers_after)
         returned = ctx.training(model)
         model = returned if returned is not None else model
         schedule.remove()

@@ -69,7 +69,8 @@ def _memoize_patterns() -> None:
     and types; each call gets its own copy of the cached graph module."""
     from torchao.quantization.pt2e import qat_utils, utils
 
-    original = getattr(utils._get_aten_graph_module_for_pattern, "__wrapped__", utils._get_aten_graph_module_for_pattern)
+    current = utils._get_aten_graph_module_for_pattern
+    original = getattr(current, "__wrapped__", current)
     cache: dict = {}
 
     def memoized(pattern, example_inputs, is_cuda=False, **kwargs):
