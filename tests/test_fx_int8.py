@@ -182,3 +182,53 @@ def test_torchao_missing_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torchao)
     with pytest.raises(UnsupportedError, match=r"needs torchao .*pip install 'graphopt\[torch\]'"):
         ta.pt2e()
+
+
+@torch.fx.wrap
+def _sign_flip(x):
+    return x if bool(x.sum() > 0) else -x  # data-dependent control flow: torch.export cannot capture it
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return _sign_flip(self.conv(x))
+
+
+def test_a_module_torch_export_cannot_capture_is_one_clear_error(tmp_path):
+    from graphopt.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match=r"torch.export cannot capture the module: .*make data-dependent"):
+        graphopt.optimize(DataDependent().eval(), "int8", backend="x86", example_inputs=(torch.randn(1, 3, 8, 8),),
+                          calibration=_calib(8), output=str(tmp_path / "m.pt2"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_per_layer_sqnr_on_fx_matches_tensors_by_node_name(registry):
+    """The float ATen graph (as insert-observers leaves it) against its int8 graph: every conv and relu is
+    compared, a quantized tensor after its Q/DQ; the weakest layer is above 25 dB, and the table is sorted."""
+    from graphopt.passes.instruments import Instrument
+    from graphopt.report.metrics import per_layer_sqnr
+
+    kept = {}
+
+    class KeepFloat(Instrument):
+        def after_pass(self, pass_, result, record, ctx):
+            if pass_.name == "insert-observers":
+                kept["float"] = result.graph.copy()
+
+    model = _model()
+    result = graphopt.optimize(model, "int8", backend="x86", example_inputs=(torch.randn(1, 3, 8, 8),),
+                               calibration=_calib(), instruments=[KeepFloat()])
+    data = _calib(32)["x"]
+    table = per_layer_sqnr(kept["float"], result.graph, [{"x": data[:16]}, {"x": data[16:]}])
+    names = {r.tensor: r for r in table.rows}
+    assert {"conv2d", "conv2d_1", "conv2d_2", "relu", "linear"} <= set(names)
+    assert names["relu"].other != "relu"  # the stem's relu is quantized: compared after its Q/DQ
+    assert names["conv2d_2"].other == "conv2d_2"  # fused into the residual add: float output
+    assert table.samples == 32 and not table.unmatched
+    sqnrs = [r.sqnr_db for r in table.rows]
+    assert sqnrs == sorted(sqnrs) and min(sqnrs) > 25

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import graphopt
 from graphopt import zoo
 from graphopt.errors import UnsupportedIRError, UsageError
+from graphopt.numeric import sqnr_db
 from graphopt.pt2e.observers import FakeQuant
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
@@ -83,10 +84,14 @@ def test_qat_with_fixed_scales_trains_folds_batchnorm_and_keeps_activation_scale
     def train(module):
         before.update({n: m.scale.detach().clone() for n, m in _fake_quants(module).items() if not m.observe})
         _loop(digits, epochs=3, record=record)(module)
+        module.eval()  # the trained fake-quantized model, BatchNorm on its running statistics
+        with torch.no_grad():
+            record["fake"] = module(torch.from_numpy(digits[2])).numpy()
+        record["after"] = {n: m.scale.detach().clone() for n, m in _fake_quants(module).items() if not m.observe}
 
     result = _qat(model, digits, qat=train)
     assert record["loss"][2] < 0.7 * record["loss"][0], record["loss"]
-    after = {n: m.scale.detach() for n, m in _fake_quants(record["module"]).items() if not m.observe}
+    after = record["after"]
     assert before and all(torch.equal(before[n], after[n]) for n in before)
     gm = result.model
     assert not any("batch_norm" in str(n.target) for n in gm.graph.nodes)
@@ -95,6 +100,8 @@ def test_qat_with_fixed_scales_trains_folds_batchnorm_and_keeps_activation_scale
     with torch.no_grad():
         logits = gm(torch.from_numpy(digits[2])).numpy()
     assert zoo.accuracy(logits, digits[3]) > 0.9
+    # conversion (BatchNorm folded into the convs, fake quantizers to Q/DQ) computes what the trained model did
+    assert sqnr_db(record["fake"], logits) >= 30
     assert "trained" in result.report.records[-1].notes[0]
 
 

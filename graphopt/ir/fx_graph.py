@@ -217,8 +217,9 @@ class FxGraph(Graph):
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):  # recorded by torch.export: its symbolic dims are dynamic
                 shape = tuple(d if isinstance(d, int) else None for d in val.shape)
-            else:  # a traced module: any batch size
-                shape = (None, *example.shape[1:]) if example.dim() else ()
+            else:  # a traced module: the dimensions export_dynamic makes dynamic
+                dynamic = dynamic_dims(example)
+                shape = tuple(None if i in dynamic else d for i, d in enumerate(example.shape))
             dtype = torch.empty((), dtype=example.dtype).numpy().dtype
             specs.append(InputSpec(node.target, shape, dtype))
         return specs
@@ -250,7 +251,14 @@ class FxGraph(Graph):
         """This graph as ATen ops (itself when it already is): :func:`export_dynamic` of its module."""
         if self.is_aten():
             return self
-        return FxGraph(export_dynamic(self.gm, self.example_inputs).module(), self.example_inputs, "torch.export")
+        try:
+            program = export_dynamic(self.gm, self.example_inputs)
+        except Exception as exc:
+            raise UnsupportedError(
+                f"torch.export cannot capture the module: {type(exc).__name__}: {first_line(exc, 200)} (quantizing a "
+                f"PyTorch model needs one torch.export can capture: make data-dependent branches torch.cond or move "
+                f"them out of forward, or export it to ONNX and quantize that)") from None
+        return FxGraph(program.module(), self.example_inputs, "torch.export")
 
     def infer_shapes(self) -> None:
         from torch.fx.passes.shape_prop import ShapeProp
@@ -287,6 +295,15 @@ class FxGraph(Graph):
         return [t.detach().cpu().numpy() for t in flat if isinstance(t, torch.Tensor)]
 
 
+def dynamic_dims(example) -> list[int]:
+    """The dimensions graphopt keeps dynamic for an example input: the batch (0) of every tensor, and the sequence
+    (1) of an integer (B, S) tensor (token ids)."""
+    torch = _torch()
+    if not isinstance(example, torch.Tensor) or example.dim() == 0:
+        return []
+    return [0] + ([1] if example.dim() == 2 and not example.is_floating_point() else [])
+
+
 def export_dynamic(module, example_inputs: Sequence[Any]):
     """``torch.export.export`` of ``module`` with the batch dimension of every input dynamic, and the sequence
     dimension of integer (B, S) inputs (token ids): one program for any batch size and sequence length. torch
@@ -299,11 +316,11 @@ def export_dynamic(module, example_inputs: Sequence[Any]):
     args = tuple(example_inputs)
     traced, dynamic = [], []
     for a in args:
-        if not isinstance(a, torch.Tensor) or a.dim() == 0:
+        dims = dynamic_dims(a)
+        if not dims:
             traced.append(a)
             dynamic.append(None)
             continue
-        dims = [0] + ([1] if a.dim() == 2 and not a.is_floating_point() else [])
         repeats = [2 if (i in dims and a.shape[i] == 1) else 1 for i in range(a.dim())]
         traced.append(a.repeat(*repeats) if any(r > 1 for r in repeats) else a)
         dynamic.append({i: Dim.AUTO for i in dims})

@@ -6,9 +6,12 @@ ONNX route's place-qdq decides on an ONNX graph:
 
 - a weighted op (Conv, Linear as Gemm) with a constant float weight: its activation input and its weight (per
   output channel on the scheme's axis) are quantized; its bias stays float (both backends fold it to int32);
-- an Add: with ``fused_add``, when one input is the single-use output of a quantized weighted op, only the other
-  (residual) input is quantized — the add runs as that op's post-op; otherwise both inputs with
-  ``residual_add_qdq``, or none;
+- an Add: with ``fused_add``, when one input is the single-use output of a quantized Conv, only the other
+  (residual) input is quantized — the add runs as the conv's post-op; otherwise both inputs with
+  ``residual_add_qdq``, or none. (Not after a Linear: in a transformer the residual is the LayerNorm output the
+  q/k/v projections also read, and inductor merges the dequantize nodes of one tensor, so a quantized residual
+  would keep those three projections from matching its int8 Linear pattern: measured, 6 of 14 Linears of a
+  BERT-like encoder left in float);
 - any other op of ``quantized_ops``: its float inputs;
 - ``requantize_outputs``: the output of each quantized op too (after the fused activation that alone reads it);
 - a passthrough op (MaxPool, Flatten, ...) whose output an int8 op reads: its input is quantized and its output
@@ -130,7 +133,7 @@ def plan(gm, scheme: QuantScheme, exclude: tuple[str, ...] = (), keep_first: boo
             if len(tensors) != 2:
                 continue
             fusable = [a for a in tensors if _through_bn(a, ops) in chosen_set
-                       and ops[_through_bn(a, ops)] in scheme.weighted_ops and len(a.users) == 1]
+                       and ops[_through_bn(a, ops)] == "Conv" and len(a.users) == 1]
             if scheme.fused_add and fusable:
                 result.inputs.add((next(a for a in tensors if a is not fusable[0]), n))
             elif scheme.residual_add_qdq:
@@ -157,6 +160,30 @@ def plan(gm, scheme: QuantScheme, exclude: tuple[str, ...] = (), keep_first: boo
         if n.op == "call_function" and n not in quantized and n not in fused and ops[n] is not None \
                 and ops[n] not in ("Reshape", "Transpose", "Dropout") and _float_tensor(n):
             result.left_float[ops[n]] += 1
+    return result
+
+
+def plan_dynamic(gm, scheme: QuantScheme, ops: tuple[str, ...], exclude: tuple[str, ...] = (),
+                 min_weight_elements: int = 0) -> Plan:
+    """Dynamic int8 (activations quantized at run time): the weighted ops of ``ops`` (Gemm — Linear — and MatMul)
+    whose weight is a constant float matrix of at least ``min_weight_elements``; a MatMul of two activations
+    (attention's) stays float."""
+    result = Plan()
+    for n in gm.graph.nodes:
+        op = onnx_op_type(n)
+        if op not in ops or op not in scheme.weight_channel_axis:
+            if op in ("Gemm", "MatMul", "Conv"):
+                result.left_float[op] += 1
+            continue
+        w = _constant_weight(gm, n)
+        if matches(n, exclude) or w is None or not _float_tensor(n.args[0]) \
+                or w.meta["val"].numel() < min_weight_elements:
+            result.left_float[op] += 1
+            continue
+        axis = scheme.channel_axis(op, {"transB": 1} if op == "Gemm" else None, w.meta["val"].dim())
+        result.weights[n] = (w, axis)
+        result.inputs.add((n.args[0], n))
+        result.quantized.append(n)
     return result
 
 
@@ -209,16 +236,21 @@ class SchemeQuantizer(_ao.Quantizer):
 
     def __init__(self, scheme: QuantScheme, ranges: Mapping[str, tuple[float, float]], *,
                  exclude: tuple[str, ...] = (), keep_first: bool = False, keep_last: bool = False,
-                 qat: bool = False, learn: bool = False):
+                 qat: bool = False, learn: bool = False, dynamic: dict | None = None):
+        """``dynamic``: :func:`plan_dynamic`'s options (``ops``, ``min_weight_elements``) for dynamic int8, whose
+        activations are quantized at run time (no ranges)."""
         super().__init__()
         self.scheme, self.ranges = scheme, dict(ranges)
         self.options = dict(exclude=tuple(exclude), keep_first=keep_first, keep_last=keep_last)
-        self.qat, self.learn = qat, learn
+        self.qat, self.learn, self.dynamic = qat, learn, dynamic
         self.plan: Plan | None = None
         self.unranged: list[str] = []  # QAT: activation tensors no calibration saw (ranged on the first batch)
 
     def _specs(self):
         acts, weights = self.scheme.activations, self.scheme.weights
+        if self.dynamic is not None:
+            ctr = _ao.PlaceholderObserver
+            return qspec(acts, ctr, dynamic=True), lambda axis: qspec(weights, PerChannelWeightObserver, axis)
         if self.qat:
             act_ctr = FakeQuant.with_args(observe=False, learn=self.learn)
             weight_ctr = lambda axis: FakeQuant.with_args(observe=True, learn=self.learn,  # noqa: E731
@@ -228,7 +260,10 @@ class SchemeQuantizer(_ao.Quantizer):
         return qspec(acts, act_ctr), lambda axis: qspec(weights, weight_ctr(axis), axis)
 
     def annotate(self, gm):
-        self.plan = p = plan(gm, self.scheme, **self.options, ranged=None if self.qat else set(self.ranges))
+        if self.dynamic is not None:
+            self.plan = p = plan_dynamic(gm, self.scheme, exclude=self.options["exclude"], **self.dynamic)
+        else:
+            self.plan = p = plan(gm, self.scheme, **self.options, ranged=None if self.qat else set(self.ranges))
         act, weight = self._specs()
         annotations: dict[Any, Any] = {}
 
@@ -262,7 +297,7 @@ class SchemeQuantizer(_ao.Quantizer):
         """Each activation observer gets the union of the calibrated ranges of the tensors it watches."""
         ranges: dict[int, tuple[Any, list]] = {}
         for key, obs in edge_or_node_to_obs_or_fq.items():
-            if isinstance(obs, PerChannelWeightObserver) or (isinstance(obs, FakeQuant) and obs.observe):
+            if not isinstance(obs, (RangeObserver, FakeQuant)) or (isinstance(obs, FakeQuant) and obs.observe):
                 continue
             tensor = key[0] if isinstance(key, tuple) else key
             entry = ranges.setdefault(id(obs), (obs, []))

@@ -53,6 +53,7 @@ def pt2e():
                  "DerivedQuantizationSpec"):
         setattr(ns, name, getattr(quantizer, name))
     ns.ObserverBase = ObserverBase
+    ns.PlaceholderObserver = base.PlaceholderObserver
     for name in ("FakeQuantizeBase", "move_exported_model_to_eval", "move_exported_model_to_train",
                  "allow_exported_model_train_eval", "disable_observer", "enable_observer", "disable_fake_quant",
                  "enable_fake_quant"):
