@@ -241,7 +241,8 @@ class Placement:
     ``ops``: quantize only these op types (empty: every type the backend quantizes); ``exclude_ops``: keep these
     types float; ``exclude_nodes``: keep these nodes float (ONNX node names; on FX, node names or module paths);
     ``keep_first`` / ``keep_last``: the first / last weighted layer stays float; ``activations`` / ``symmetric``:
-    the activation type and symmetry, when not the backend's choice (the backend honours, warns or refuses).
+    the activation type and symmetry, ``per_channel`` one weight scale per output channel or per tensor, when not
+    the backend's choice (the backend honours, warns or refuses).
     """
 
     ops: tuple[str, ...] = ()
@@ -251,13 +252,15 @@ class Placement:
     keep_last: bool = False
     activations: Literal["backend", "uint8", "int8"] = "backend"
     symmetric: Literal["backend", "yes", "no"] = "backend"
+    per_channel: Literal["backend", "yes", "no"] = "backend"
 
     def request(self) -> QuantRequest:
         """The part of it that is a request to the backend's scheme."""
         return QuantRequest(
             op_types=frozenset(self.ops) or None, exclude_op_types=frozenset(self.exclude_ops),
             activation_dtype=None if self.activations == "backend" else self.activations,
-            activation_symmetric=None if self.symmetric == "backend" else self.symmetric == "yes")
+            activation_symmetric=None if self.symmetric == "backend" else self.symmetric == "yes",
+            per_channel=None if self.per_channel == "backend" else self.per_channel == "yes")
 
 
 def restrict_ops(scheme: QuantScheme, request: QuantRequest, why_not: Mapping[str, str] = MappingProxyType({})

@@ -126,8 +126,11 @@ class FakeQuant(_ao.FakeQuantizeBase):
         learned = self.learn and bool(self.initialized)  # a learned scale is the optimizer's: observing would undo it
         if self.observer_enabled[0] and not learned and (self.observe or not bool(self.initialized)):
             x_ = x.detach()
-            lo, hi = _weight_range(x_, self.qscheme, self.ch_axis) if self.per_channel else (x_.min(), x_.max())
-            self.set_range(lo.cpu().numpy(), hi.cpu().numpy())
+            if self.learn and self.observe:  # a weight's LSQ scale starts at 2 mean|w| / sqrt(qmax) (Esser et al.)
+                self._lsq_init(x_)
+            else:
+                lo, hi = _weight_range(x_, self.qscheme, self.ch_axis) if self.per_channel else (x_.min(), x_.max())
+                self.set_range(lo.cpu().numpy(), hi.cpu().numpy())
         if not self.fake_quant_enabled[0]:
             return x
         zero = self.zero_point
@@ -142,6 +145,17 @@ class FakeQuant(_ao.FakeQuantizeBase):
             return torch.fake_quantize_per_channel_affine(x, self.scale.detach(), zero, self.ch_axis,
                                                           self.quant_min, self.quant_max)
         return torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), zero, self.quant_min, self.quant_max)
+
+    def _lsq_init(self, w: torch.Tensor) -> None:
+        """LSQ's initial weight scale, ``2 mean|w| / sqrt(qmax)`` (per channel when per-channel): unlike the range
+        of the weight, one channel of outsized weights does not set it."""
+        flat = w.abs().transpose(0, self.ch_axis).reshape(w.shape[self.ch_axis], -1) if self.per_channel else \
+            w.abs().reshape(1, -1)
+        scale = (2 * flat.mean(dim=1) / math.sqrt(self.quant_max)).clamp_min(torch.finfo(torch.float32).tiny)
+        with torch.no_grad():
+            self.scale.data = scale.float().clone()
+            self.zero_point = torch.zeros_like(scale, dtype=torch.int32)  # symmetric weights
+        self.initialized.fill_(True)
 
     def calculate_qparams(self):
         scale = self.scale.detach().abs().clamp_min(torch.finfo(torch.float32).tiny)
