@@ -49,7 +49,16 @@ def convert_ptq(gm, example_inputs, quantizer):
         prepared = ao.prepare_pt2e(gm, quantizer)
         with torch.no_grad():
             prepared(*example_inputs)
-        return ao.convert_pt2e(prepared)
+        return inference_module(ao.convert_pt2e(prepared))
+
+
+def inference_module(gm):
+    """``gm`` with ``train()`` / ``eval()`` that only set the flag, as on any module. torchao makes them raise on
+    an exported module (its dropout and BatchNorm would not switch); a converted int8 graph has no BatchNorm left
+    and is meant for inference, so a user's ``model.eval()`` must not fail on it."""
+    for name in ("train", "eval"):
+        gm.__dict__.pop(name, None)
+    return gm
 
 
 def qdq_counts(gm) -> dict[str, int]:

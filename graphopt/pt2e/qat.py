@@ -23,6 +23,7 @@ import types
 import torch
 
 from graphopt.pt2e.observers import FakeQuant
+from graphopt.pt2e.prepare import inference_module
 from graphopt.pt2e.torchao import pt2e, quiet_torch_logs
 
 
@@ -100,7 +101,7 @@ def convert(model):
     left = [n.name for n in converted.graph.nodes if n.op == "call_function"
             and "batch_norm" in getattr(getattr(n.target, "overloadpacket", None), "__name__", "")]
     left += [name for name, m in converted.named_modules() if isinstance(m, (FakeQuant, ao.FakeQuantizeBase))]
-    return converted, left
+    return inference_module(converted), left
 
 
 @contextlib.contextmanager
