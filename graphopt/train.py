@@ -9,7 +9,15 @@ distillation from the original (Hinton et al., 2015), with optional feature (hin
 ``hint_weight`` times the mean squared error between named layers' outputs (a 1x1 adapter, trained with the
 student, maps the student's channels to the teacher's when pruning made them differ). The teacher is any
 ``nn.Module``; it runs in eval mode without gradients. :func:`fit` is the loop both share (Adam, one-cycle
-learning rate, fixed seed): with the same arguments, distillation and fine-tuning differ only in their loss.
+learning rate, fixed seed): with the same arguments, distillation and fine-tuning differ only in their loss. Both
+train torch.export and PT2E-prepared (QAT) modules too (:func:`set_mode`).
+
+When distillation pays (measured on the digits CNN, benchmarks/RESULTS.md): the teacher must be better than what
+the student reaches by fine-tuning alone (a teacher that fine-tuning overtakes drags the student down), and the
+budget must let the student come near the teacher. From a student that pruning left at chance, the soft targets
+at ``T = 4`` (close to a regression on all the logits) win accuracy back more slowly than the labels within a
+few epochs; distillation tolerates a higher learning rate than cross-entropy (Hinton et al., section 2), so a
+short budget favours it as ``lr`` grows.
 
 ``data`` is ``(inputs, labels)`` (arrays or tensors; batched here, shuffled with ``seed``) or an iterable of
 ``(inputs, labels)`` batches that can be iterated once per epoch (a ``DataLoader``).
