@@ -187,37 +187,32 @@ class _Hints:
 
 # -- train / eval modes -----------------------------------------------------------------------------------------
 def set_mode(model, training: bool):
-    """``model.train(training)``, returning ``model``, for torch.export modules too: ``ExportedProgram.module()``
-    and PT2E-prepared (QAT) modules refuse ``train()``/``eval()`` (or, after torchao's
-    ``allow_exported_model_train_eval``, return None), because their graph fixed the mode of BatchNorm and dropout
-    when it was captured. Their graph is rewritten instead, with torchao's ``move_exported_model_to_train`` /
-    ``_eval``, and only when it does not already run in that mode; a mode it could not switch is an error, never
-    a silent training-mode BatchNorm at evaluation."""
-    if not _is_exported(model):
-        return model.train(training)
-    if _graph_training(model) in (None, training):
+    """``model.train(training)``, returning ``model``, for ATen graphs too. An FX graph from torch.export (or
+    graphopt's own capture when symbolic_trace fails, or PT2E's QAT preparation) fixed the mode of its BatchNorm
+    and dropout nodes when it was captured: ``train()``/``eval()`` either refuse (``ExportedProgram.module()``),
+    return None (after torchao's ``allow_exported_model_train_eval``) or change nothing. Such a graph is
+    rewritten with torchao's ``move_exported_model_to_train`` / ``_eval``, only when it does not already run in
+    that mode; a mode it could not switch is an error, never a silent training-mode BatchNorm at evaluation."""
+    import torch
+
+    if "train" not in vars(model):  # nn.Module's own: submodules' flags (a symbolic_trace graph's BatchNorms)
+        model.train(training)
+    if not isinstance(model, torch.fx.GraphModule) or _graph_training(model) in (None, training):
         return model
     try:
         from graphopt.pt2e.torchao import pt2e, quiet_torch_logs
 
         ns = pt2e()
     except GraphoptError as exc:
-        raise UnsupportedError(f"switching a torch.export module to {'train' if training else 'eval'} mode needs "
+        raise UnsupportedError(f"switching a torch.export graph to {'train' if training else 'eval'} mode needs "
                                f"torchao ({first_line(exc)})") from None
     with quiet_torch_logs():
         (ns.move_exported_model_to_train if training else ns.move_exported_model_to_eval)(model)
     if _graph_training(model) not in (None, training):
-        raise UnsupportedError(f"could not switch the torch.export module's BatchNorm/dropout to "
+        raise UnsupportedError(f"could not switch the torch.export graph's BatchNorm/dropout to "
                                f"{'train' if training else 'eval'} mode (torchao rewrites only BatchNorm with the "
                                f"default momentum and eps): export the model in the mode it should run in")
     return model
-
-
-def _is_exported(model) -> bool:
-    """A GraphModule whose ``train`` is its own (torch.export and torchao replace it on the instance)."""
-    import torch
-
-    return isinstance(model, torch.fx.GraphModule) and "train" in vars(model)
 
 
 def _graph_training(gm) -> bool | None:
@@ -232,8 +227,11 @@ def _graph_training(gm) -> bool | None:
 
 
 def _in_eval(model) -> Callable[[], None]:
-    """Put ``model`` in eval mode where it is not; returns the function that puts it back as it was."""
-    if _is_exported(model):
+    """Put ``model`` in eval mode where it is not (its ATen graph's BatchNorm/dropout, else its modules' flags);
+    returns the function that puts it back as it was. A model already evaluating is not touched."""
+    import torch
+
+    if isinstance(model, torch.fx.GraphModule) and _graph_training(model) is not None:
         if not _graph_training(model):
             return lambda: None
         set_mode(model, False)
@@ -241,7 +239,7 @@ def _in_eval(model) -> Callable[[], None]:
     was = {m: m.training for m in model.modules()}
     if not any(was.values()):
         return lambda: None
-    model.eval()
+    set_mode(model, False)
 
     def restore() -> None:
         for m, training in was.items():

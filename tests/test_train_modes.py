@@ -1,6 +1,6 @@
-"""graphopt.train on torch.export modules: fine-tuning and distillation switch an exported (or PT2E QAT-prepared)
-module's BatchNorm/dropout between train and eval by rewriting its graph, leave the teacher as it came, and name
-the hint layers that cannot run."""
+"""graphopt.train on ATen graphs: fine-tuning and distillation switch an exported (or PT2E QAT-prepared, or captured
+by graphopt with torch.export) module's BatchNorm/dropout between train and eval by rewriting its graph, leave the
+teacher as it came, and name the hint layers that cannot run."""
 
 from __future__ import annotations
 
@@ -67,6 +67,43 @@ def test_finetune_switches_an_exported_modules_batchnorm_and_dropout(digits):
     with torch.no_grad():
         torch.testing.assert_close(module(x), module(x))
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in frozen.items())
+
+
+class _Loop(nn.Module):
+    """A Python loop over a shape: symbolic_trace cannot capture it, so graphopt captures it with torch.export."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.conv2, self.fc = nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), \
+            nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        for _ in range(x.shape[1]):
+            y = torch.relu(self.conv2(y))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_finetune_after_pruning_a_torch_export_capture_trains_its_batchnorm(digits):
+    """graphopt captured the module in eval mode with torch.export and pruned it (a GraphModule whose train()
+    changes nothing): the finetune= loop trains its BatchNorm on batch statistics and returns it evaluating."""
+    import graphopt
+
+    _torchao()
+    _, (x_train, y_train, _, _) = digits
+    x = torch.from_numpy(x_train[:32])  # the capture keeps the example's batch size: train in batches of 32
+    moved = {}
+
+    def loop(module):
+        before = _stats(module)
+        train.finetune(module, (x_train[:64], y_train[:64]), epochs=1, batch_size=32)
+        moved["stats"] = any(not torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+        return module
+
+    torch.manual_seed(0)
+    result = graphopt.optimize(_Loop(), "prune:ratio=0.5", example_inputs=(x,), check=False, finetune=loop)
+    assert result.model.bn.weight.shape == (4,) and moved["stats"]
+    assert train._graph_training(result.model) is False
 
 
 def test_distill_trains_a_qat_prepared_module_and_leaves_the_teacher_as_it_came(digits):
