@@ -195,6 +195,9 @@ def set_mode(model, training: bool):
     that mode; a mode it could not switch is an error, never a silent training-mode BatchNorm at evaluation."""
     import torch
 
+    if getattr(model, "graphopt_switches_mode", False):  # graphopt's QAT module: its train() keeps frozen BatchNorm
+        model.train(training)
+        return model
     if "train" not in vars(model):  # nn.Module's own: submodules' flags (a symbolic_trace graph's BatchNorms)
         model.train(training)
     if not isinstance(model, torch.fx.GraphModule) or _graph_training(model) in (None, training):

@@ -146,6 +146,29 @@ def test_freeze_schedule_stops_weight_scales_and_batchnorm_statistics(digits):
     assert not changed(snapshots[3][1], snapshots[5][1])  # weight scales frozen from step 3
 
 
+def test_distillation_is_a_qat_loop_and_keeps_frozen_batchnorm_frozen(digits):
+    """graphopt.train.distiller as qat=: fit switches the fake-quantized module with its own train()/eval(), so
+    BatchNorm frozen by the schedule stays frozen through the epochs that follow; the teacher is untouched."""
+    from graphopt import train
+
+    teacher = zoo.train_digits_cnn(epochs=1, data=digits)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    seen = {}
+
+    def loop(module):
+        stats = [b for n, b in module.named_buffers() if n.endswith("running_mean")]
+        train.distill(module, teacher, (digits[0][:256], digits[1][:256]), epochs=1, lr=1e-3)
+        seen["frozen"] = [s.clone() for s in stats]
+        train.distill(module, teacher, (digits[0][:256], digits[1][:256]), epochs=1, lr=1e-3)
+        seen["later"] = [s.clone() for s in stats]
+
+    result = _qat(zoo.train_digits_cnn(epochs=1, data=digits), digits,
+                  passes="int8-qat:freeze_bn_after=4", qat=loop)
+    assert all(torch.equal(a, b) for a, b in zip(seen["frozen"], seen["later"]))
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not any("batch_norm" in str(n.target) for n in result.model.graph.nodes)
+
+
 def test_qat_without_a_training_loop_is_a_usage_error(digits):
     with pytest.raises(UsageError, match="needs a training loop"):
         _qat(zoo.DigitsCNN().eval(), digits)

@@ -58,7 +58,7 @@ class FxGraph(Graph):
             how = "symbolic_trace"
         except Exception as trace_error:  # dynamic control flow etc.: torch.export handles more
             try:
-                gm = torch.export.export(module, tuple(example_inputs)).module()
+                gm = export_dynamic(module, example_inputs).module()
                 how = "torch.export"
             except Exception as export_error:
                 raise ModelLoadError(

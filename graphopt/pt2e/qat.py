@@ -59,7 +59,7 @@ def freeze_observers(model) -> None:
             module.disable_observer()
 
 
-def _set_mode(model, training: bool, bn_frozen: bool = False) -> None:
+def _set_mode(model, training: bool, bn_frozen: bool = False):
     """Dropout in the form of ``training``; BatchNorm too, unless frozen (then always its inference form)."""
     from torchao.quantization.pt2e.export_utils import _replace_batchnorm, _replace_dropout
 
@@ -71,7 +71,7 @@ def _set_mode(model, training: bool, bn_frozen: bool = False) -> None:
         if getattr(model, "_graphopt_bn_training", None) != bn_training:
             _replace_batchnorm(model, train_to_eval=not bn_training)
             model._graphopt_bn_training = bn_training
-    torch.nn.Module.train(model, training)  # the flag, and submodules' (fake quantizers ignore it)
+    return torch.nn.Module.train(model, training)  # the flag, and submodules' (fake quantizers ignore it)
 
 
 def prepare(gm, quantizer, init_inputs, *, freeze_observers_after: int = 0, freeze_bn_after: int = 0):
@@ -84,6 +84,7 @@ def prepare(gm, quantizer, init_inputs, *, freeze_observers_after: int = 0, free
     schedule = QatSchedule(model, freeze_observers_after, freeze_bn_after)
     model.train = types.MethodType(lambda self, mode=True: _set_mode(self, mode, schedule.bn_frozen), model)
     model.eval = types.MethodType(lambda self: _set_mode(self, False, schedule.bn_frozen), model)
+    model.graphopt_switches_mode = True  # graphopt.train.set_mode calls these instead of rewriting the graph itself
     model.eval()
     with torch.no_grad():
         model(*init_inputs)
