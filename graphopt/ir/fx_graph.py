@@ -308,8 +308,9 @@ def export_dynamic(module, example_inputs: Sequence[Any]):
     """``torch.export.export`` of ``module`` with the batch dimension of every input dynamic, and the sequence
     dimension of integer (B, S) inputs (token ids): one program for any batch size and sequence length. torch
     specializes a dimension whose example size is 1, so such examples are repeated to 2 for tracing (the values
-    do not matter to the program). A model that needs its example sizes (a hard-coded reshape) is exported as
-    it is, with static shapes."""
+    do not matter to the program). A model that needs its example sizes (a hard-coded reshape, a loop over a
+    dimension: the program then fails its own guard on the example inputs) is exported as it is, with static
+    shapes."""
     torch = _torch()
     from torch.export import Dim
 
@@ -327,7 +328,10 @@ def export_dynamic(module, example_inputs: Sequence[Any]):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return torch.export.export(module, tuple(traced), dynamic_shapes=tuple(dynamic))
+            program = torch.export.export(module, tuple(traced), dynamic_shapes=tuple(dynamic))
+            with torch.no_grad():  # a dim the trace specialized (range(x.shape[0])) fails the guard on the example
+                program.module()(*args)
+            return program
         except Exception:
             return torch.export.export(module, args)
 
