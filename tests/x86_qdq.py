@@ -65,3 +65,28 @@ def qdq_graph(module, example_inputs, calibration, weight_max: int = 64) -> FxGr
                 prepared(*batch)
         converted = ns.convert_pt2e(prepared)
     return FxGraph(converted, tuple(example_inputs), "torch.export")
+
+
+class SmallNet(torch.nn.Module):
+    """A residual CNN on 3-channel 16x16 images: conv-relu, maxpool, a residual block (conv-relu-conv + add +
+    relu), a 1x1 conv with ReLU6, average pooling, flatten, linear (BatchNorm already folded, as after ``fold``)."""
+
+    def __init__(self, width: int = 8, classes: int = 10):
+        super().__init__()
+        nn = torch.nn
+        self.stem, self.pool = nn.Conv2d(3, width, 3, padding=1), nn.MaxPool2d(2)
+        self.conv1, self.conv2 = nn.Conv2d(width, width, 3, padding=1), nn.Conv2d(width, width, 3, padding=1)
+        self.expand, self.fc = nn.Conv2d(width, 2 * width, 1), nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.stem(x)))
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
+        x = torch.nn.functional.relu6(self.expand(x))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def small_qdq(batch: int = 2, seed: int = 0) -> FxGraph:
+    """:class:`SmallNet` (fixed seed) quantized by :func:`qdq_graph`, example inputs of ``batch`` samples."""
+    torch.manual_seed(seed)
+    shape = (batch, 3, 16, 16)
+    return qdq_graph(SmallNet().eval(), (torch.randn(*shape),), [(torch.randn(*shape),) for _ in range(4)])

@@ -146,17 +146,15 @@ class X86Backend(Backend):
         return self._lower(graph, int(threads))
 
     def _file_kind(self, path: str) -> str:
-        from graphopt.errors import ModelLoadError
-        from graphopt.ir.torch_files import torch_file_kind
+        """What a model file is (:func:`~graphopt.ir.torch_files.torch_file_kind`: a damaged archive is a
+        ModelLoadError); an ONNX file, or anything that is not a PyTorch file, is refused."""
+        from graphopt.ir.torch_files import looks_like_torch_file, torch_file_kind
 
         if not os.path.isfile(path):
             raise BackendError(f"{path}: no such file")
-        if path.endswith(".onnx"):
+        if path.endswith(".onnx") or not looks_like_torch_file(path):
             raise BackendError(f"{path}: {ONNX_REFUSAL}")
-        try:
-            return torch_file_kind(path)
-        except ModelLoadError:
-            raise BackendError(f"{path}: not a PyTorch file; {ONNX_REFUSAL}") from None
+        return torch_file_kind(path)
 
     def _lower(self, graph, threads: int) -> X86Session:
         specs = fx_input_specs(graph)
