@@ -123,7 +123,8 @@ class X86Backend(Backend):
         ``ExportedProgram``, a torch.export ``.pt2``), lowered by this backend's engine (``inductor``: an
         AOTInductor package with freezing, through the compile cache, see :mod:`graphopt.backends.x86_aoti`;
         ``fx-*``: :mod:`graphopt.backends.x86_fx`); or the path of an AOTInductor package graphopt built.
-        ``threads``: torch's intra-op threads during this session's runs (0: torch's default)."""
+        ``threads``: torch's intra-op threads (``torch.set_num_threads``, process-wide) when this session runs; 0
+        leaves torch's setting as it is."""
         if isinstance(model, X86Session):
             return replace(model, threads=int(threads))
         if isinstance(model, (str, os.PathLike)):
@@ -296,16 +297,15 @@ def _feed(spec: InputSpec, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
 
 @contextlib.contextmanager
 def _torch_settings(torch, threads: int, quant_engine: str | None):
-    """torch's intra-op threads (``threads`` > 0) and quantized engine for one run, restored after it."""
-    old_threads, old_engine = torch.get_num_threads(), torch.backends.quantized.engine
-    if threads:
+    """torch's intra-op threads for this run (``threads`` > 0; left set, as switching the OpenMP pool back and forth
+    on every run would cost more than the run) and the quantized engine (restored after the run)."""
+    if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    old_engine = torch.backends.quantized.engine
     if quant_engine:
         torch.backends.quantized.engine = quant_engine
     try:
         yield
     finally:
-        if threads:
-            torch.set_num_threads(old_threads)
         if quant_engine:
             torch.backends.quantized.engine = old_engine

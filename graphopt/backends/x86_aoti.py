@@ -44,9 +44,13 @@ _KERNEL_KINDS = (("int8 conv", re.compile(r"qconv")), ("int8 linear", re.compile
 
 
 def torch_module():
+    """torch, with inductor and the ``quantized_decomposed`` ops a PT2E graph holds (registered on import of
+    ``torch.ao.quantization.fx._decomposed``); a one-line error naming the install when they are missing."""
     try:
-        import torch
-        import torch._inductor  # noqa: F401
+        with _quiet():
+            import torch
+            import torch._inductor  # noqa: F401
+            import torch.ao.quantization.fx._decomposed  # noqa: F401
     except ImportError as exc:
         raise UnsupportedError(f"the x86 backend needs torch with inductor ({exc.msg}): {INSTALL_HINT}") from None
     return torch
