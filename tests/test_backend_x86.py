@@ -275,3 +275,22 @@ def test_model_size_of_graphs_and_packages(qdq, package):
     assert model_size_bytes(package[0]) == os.path.getsize(package[0])
     weights = sum(t.numel() * t.element_size() for t in qdq.gm.state_dict().values())
     assert model_size_bytes(qdq) == weights > 1000
+
+
+def test_token_inputs_get_a_dynamic_batch_and_sequence_unless_the_graph_fixes_them():
+    """The export step alone (no compile): a BERT-like encoder traced from its module frees batch and sequence of
+    its token ids; the same model quantized from a static export has views of the example's [2, 8] baked in, which
+    the probe finds, so it is compiled static rather than wrong."""
+    from graphopt import zoo
+    from graphopt.backends.x86_aoti import export_dynamic
+    from graphopt.ir.fx_graph import FxGraph
+
+    model, ids = zoo.bert_like(hidden=32, layers=1, heads=2, seq=32), torch.randint(0, 1000, (2, 8))
+    traced = FxGraph.from_module(model, (ids,))
+    _, dynamic, reason = export_dynamic(traced.gm, traced.example_inputs)
+    assert dynamic == {"input_ids": [0, 1]} and reason == ""
+    quantized = qdq_graph(model, (ids,), [(ids,)])
+    gm = copy.deepcopy(quantized.gm)
+    strip_guards(gm)
+    _, dynamic, reason = export_dynamic(gm, quantized.example_inputs)
+    assert dynamic == {"input_ids": []} and reason.startswith("the graph holds a size of its example inputs")

@@ -128,29 +128,51 @@ def strip_guards(gm) -> None:
 
 
 def export_dynamic(gm, example_inputs) -> tuple[Any, dict[str, list[int]], str]:
-    """``(exported program, input name -> dynamic dims, why static)``: ``gm`` exported with :func:`dynamic_dims`
-    as ``Dim.AUTO``; when that cannot be traced (a view fixed to the example's batch), exported as it is, static,
+    """``(exported program, input name -> dynamic dims, why static)``. ``gm`` is exported with :func:`dynamic_dims`
+    as ``Dim.AUTO``, then with the batch dims only, and each program is probed: run (eagerly, with torch.export's
+    guards) on inputs one larger in every dim it made dynamic. A graph that fixes a size (a view to the example's
+    ``[2, 8, 4, 16]`` holds only while batch x sequence = 16: export keeps that as a guard, not a static dim, and an
+    AOTInductor package does not check guards) fails the probe; when every attempt fails it is exported static,
     with the reason."""
     torch = torch_module()
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    hazard = _dynamic_hazard(gm)
-    if hazard:
-        return _export_static(gm, example_inputs), {n: [] for n in names}, hazard
+    static = {n: [] for n in names}
+    reason = _dynamic_hazard(gm)
+    if reason:
+        return _export_static(gm, example_inputs), static, reason
     wanted = dynamic_dims(example_inputs)
-    widened = tuple(_widen(x, d) for x, d in zip(example_inputs, wanted))
-    spec = tuple({d: torch.export.Dim.AUTO for d in dims} for dims in wanted)
-    try:
-        program = torch.export.export(gm, widened, dynamic_shapes=spec)
-    except Exception as exc:
-        reason = f"torch.export could not make them dynamic: {first_line(exc, 160)}"
-        return _export_static(gm, example_inputs), {n: [] for n in names}, reason
-    user_inputs = set(program.graph_signature.user_inputs)
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
-    dynamic = {}
-    for name, node in zip(names, placeholders):
-        val = node.meta.get("val")
-        dynamic[name] = [i for i, d in enumerate(getattr(val, "shape", ())) if not isinstance(d, int)]
-    return program, dynamic, ""
+    attempts = [wanted] + ([[d[:1] for d in wanted]] if any(len(d) > 1 for d in wanted) else [])
+    for dims in attempts:
+        widened = tuple(_widen(x, d) for x, d in zip(example_inputs, dims))
+        spec = tuple({d: torch.export.Dim.AUTO for d in ds} for ds in dims)
+        try:
+            program = torch.export.export(gm, widened, dynamic_shapes=spec)
+        except Exception as exc:
+            reason = f"torch.export could not free them: {first_line(exc, 160)}"
+            continue
+        user_inputs = set(program.graph_signature.user_inputs)
+        placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+        dynamic = {name: [i for i, d in enumerate(getattr(node.meta.get("val"), "shape", ()))
+                          if not isinstance(d, int)] for name, node in zip(names, placeholders)}
+        if not any(dynamic.values()):
+            return program, static, "the model fixes every dim torch.export was asked to free"
+        probe = tuple(_grow(x, dynamic[name]) for name, x in zip(names, widened))
+        try:
+            with torch.no_grad():
+                program.module()(*probe)
+        except Exception as exc:
+            reason = f"the graph holds a size of its example inputs: {first_line(exc, 120)}"
+            continue
+        return program, dynamic, ""
+    return _export_static(gm, example_inputs), static, reason
+
+
+def _grow(x, dims: list[int]):
+    """``x`` one larger along each of ``dims`` (its first slice repeated: valid token ids stay valid)."""
+    torch = torch_module()
+    for d in dims:
+        x = torch.cat([x, x.narrow(d, 0, 1)], dim=d)
+    return x
 
 
 def _export_static(gm, example_inputs):
