@@ -19,7 +19,8 @@ import torch
 
 from graphopt.backends.base import BackendError, DataError, model_size_bytes
 from graphopt.backends.x86 import X86Backend
-from graphopt.backends.x86_aoti import package_kernels, strip_guards
+from graphopt.backends.x86_aoti import package_kernels
+from graphopt.backends.x86_export import strip_guards
 from graphopt.cli import main
 from graphopt.errors import UnsupportedError
 from graphopt.numeric import sqnr_db
@@ -115,7 +116,8 @@ def test_a_second_build_comes_from_the_cache(qdq, package, tmp_path):
     assert took < first["compile_s"] / 5, (took, first["compile_s"])  # measured: 0.2 s against ~15 s
     assert open(path, "rb").read() == open(tmp_path / "again.pt2", "rb").read()
     other = small_qdq(batch=2, seed=1)  # other weights: another package
-    from graphopt.backends.x86_aoti import cache_key, dynamic_dims
+    from graphopt.backends.x86_aoti import cache_key
+    from graphopt.backends.x86_export import dynamic_dims
 
     keys = {cache_key(g.gm, g.example_inputs, dynamic_dims(g.example_inputs)) for g in (qdq, other)}
     assert len(keys) == 2
@@ -257,7 +259,7 @@ def test_a_graph_inductor_cannot_compile_writes_nothing(qdq, tmp_path, monkeypat
 
 
 def test_without_inductor_the_error_says_what_to_install(monkeypatch):
-    from graphopt.backends.x86_aoti import torch_module
+    from graphopt.backends.x86_export import torch_module
 
     monkeypatch.setitem(sys.modules, "torch._inductor", None)
     with pytest.raises(UnsupportedError, match=r"the x86 backend needs torch with inductor .*pip install"):
@@ -282,7 +284,7 @@ def test_token_inputs_get_a_dynamic_batch_and_sequence_unless_the_graph_fixes_th
     its token ids; the same model quantized from a static export has views of the example's [2, 8] baked in, which
     the probe finds, so it is compiled static rather than wrong."""
     from graphopt import zoo
-    from graphopt.backends.x86_aoti import export_dynamic
+    from graphopt.backends.x86_export import export_dynamic
     from graphopt.ir.fx_graph import FxGraph
 
     model, ids = zoo.bert_like(hidden=32, layers=1, heads=2, seq=32), torch.randint(0, 1000, (2, 8))

@@ -38,7 +38,8 @@ import numpy as np
 from graphopt.backends.base import Backend, BackendError, DataError
 from graphopt.backends.cpu import u8s8_saturates
 from graphopt.backends.scheme import QuantRequest, QuantScheme, TensorQuant, UnsupportedRequestError, restrict_ops
-from graphopt.backends.x86_aoti import LoweringFacts, build_package, load_package, specs_from_description, torch_module
+from graphopt.backends.x86_aoti import LoweringFacts, build_package, load_package, specs_from_description
+from graphopt.backends.x86_export import torch_module
 from graphopt.errors import OutputError, UsageError, first_line
 from graphopt.ir.feeds import InputSpec
 from graphopt.numeric import fmt_db, sqnr_db

@@ -1,7 +1,7 @@
 """Lowering a PyTorch model to an AOTInductor package for x86 CPUs, with a compile cache.
 
-The FX module is exported (``torch.export``, dynamic dimensions where the model allows, see
-:func:`dynamic_dims`) and compiled by AOTInductor with **freezing** into a ``.pt2`` package: freezing is where
+The FX module is exported (``torch.export``, dynamic dimensions where the model allows and they check out, see
+:mod:`graphopt.backends.x86_export`) and compiled by AOTInductor with **freezing** into a ``.pt2`` package: freezing is where
 inductor's x86 quantization patterns (``torch/_inductor/fx_passes/quantization.py``) turn ``dequantize -> conv /
 linear -> [activation] -> quantize`` into oneDNN int8 kernels (``onednn.qconv_pointwise``, ``qconv2d_pointwise
 .binary`` for conv + add + relu, ``qlinear_pointwise``), with the weights prepacked; a float graph gets oneDNN's
@@ -30,30 +30,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from graphopt.backends.base import BackendError
-from graphopt.errors import UnsupportedError, first_line
+from graphopt.backends.x86_export import attr, dynamic_dims, export_dynamic, quiet, strip_guards, torch_module
+from graphopt.errors import first_line
 from graphopt.ir.feeds import InputSpec
 
 LOWERING_VERSION = 1  # bump when the lowering below changes what a package holds: old cache entries are not reused
 INDUCTOR_CONFIGS = {"freezing": True}
 METADATA_KEY = "graphopt"  # the package's AOTI metadata entry holding its inputs, outputs and dynamic dims
-INSTALL_HINT = "pip install 'graphopt[torch]'"
 # extern kernels in AOTInductor's generated wrapper (aoti_torch_cpu_<op>), by what they compute
 _KERNEL_KINDS = (("int8 conv", re.compile(r"qconv")), ("int8 linear", re.compile(r"qlinear")),
                  ("float conv", re.compile(r"convolution")),
                  ("float linear/matmul", re.compile(r"(^|_)(linear|mm|addmm|bmm|baddbmm|matmul)(_|$)")))
-
-
-def torch_module():
-    """torch, with inductor and the ``quantized_decomposed`` ops a PT2E graph holds (registered on import of
-    ``torch.ao.quantization.fx._decomposed``); a one-line error naming the install when they are missing."""
-    try:
-        with _quiet():
-            import torch
-            import torch._inductor  # noqa: F401
-            import torch.ao.quantization.fx._decomposed  # noqa: F401
-    except ImportError as exc:
-        raise UnsupportedError(f"the x86 backend needs torch with inductor ({exc.msg}): {INSTALL_HINT}") from None
-    return torch
 
 
 def cache_dir() -> str:
@@ -95,129 +82,6 @@ def format_kernels(kernels: dict[str, int]) -> str:
     return shown or "none of conv / linear (elementwise code only)"
 
 
-# -- dynamic dims ------------------------------------------------------------------------------------------
-def dynamic_dims(example_inputs) -> list[tuple[int, ...]]:
-    """The dims asked to be dynamic, per input: the first (batch) of every input; the second of integer and bool
-    inputs of rank >= 2 (token ids, attention masks: the sequence) and of float inputs of rank 3 (a sequence of
-    embeddings). They are asked as ``Dim.AUTO``: a dim the model fixes (a view to a constant size) stays static
-    without an error, and :func:`export_dynamic` reports the dims that did become dynamic."""
-    dims = []
-    for x in example_inputs:
-        chosen = (0,) if x.dim() >= 1 else ()
-        if (not x.is_floating_point() and x.dim() >= 2) or (x.is_floating_point() and x.dim() == 3):
-            chosen = (0, 1)
-        dims.append(chosen)
-    return dims
-
-
-def _widen(x, dims: tuple[int, ...]):
-    """``x`` repeated along each of ``dims`` whose size is 1 (export specializes dims of size 0 or 1)."""
-    for d in dims:
-        if x.shape[d] == 1:
-            x = x.repeat_interleave(2, dim=d)
-    return x
-
-
-def strip_guards(gm) -> None:
-    """Remove the ``_guards_fn`` call a ``torch.export(...).module()`` carries: it asserts the *original*
-    export's input shapes (``x.size()[0] == 2``), which would fix every dim again on re-export."""
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
-            gm.graph.erase_node(node)
-    gm.recompile()
-
-
-def export_dynamic(gm, example_inputs) -> tuple[Any, dict[str, list[int]], str]:
-    """``(exported program, input name -> dynamic dims, why static)``. ``gm`` is exported with :func:`dynamic_dims`
-    as ``Dim.AUTO``, then with the batch dims only, and each program is probed: run (eagerly, with torch.export's
-    guards) on inputs one larger in every dim it made dynamic. A graph that fixes a size (a view to the example's
-    ``[2, 8, 4, 16]`` holds only while batch x sequence = 16: export keeps that as a guard, not a static dim, and an
-    AOTInductor package does not check guards) fails the probe; when every attempt fails it is exported static,
-    with the reason."""
-    torch = torch_module()
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    static = {n: [] for n in names}
-    reason = _dynamic_hazard(gm)
-    if reason:
-        return _export_static(gm, example_inputs), static, reason
-    wanted = dynamic_dims(example_inputs)
-    attempts = [wanted] + ([[d[:1] for d in wanted]] if any(len(d) > 1 for d in wanted) else [])
-    for dims in attempts:
-        widened = tuple(_widen(x, d) for x, d in zip(example_inputs, dims))
-        spec = tuple({d: torch.export.Dim.AUTO for d in ds} for ds in dims)
-        try:
-            program = torch.export.export(gm, widened, dynamic_shapes=spec)
-        except Exception as exc:
-            reason = f"torch.export could not free them: {first_line(exc, 160)}"
-            continue
-        user_inputs = set(program.graph_signature.user_inputs)
-        placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
-        dynamic = {name: [i for i, d in enumerate(getattr(node.meta.get("val"), "shape", ()))
-                          if not isinstance(d, int)] for name, node in zip(names, placeholders)}
-        if not any(dynamic.values()):
-            return program, static, "the model fixes every dim torch.export was asked to free"
-        probe = tuple(_grow(x, dynamic[name]) for name, x in zip(names, widened))
-        try:
-            with torch.no_grad():
-                program.module()(*probe)
-        except Exception as exc:
-            reason = f"the graph holds a size of its example inputs: {first_line(exc, 120)}"
-            continue
-        return program, dynamic, ""
-    return _export_static(gm, example_inputs), static, reason
-
-
-def _grow(x, dims: list[int]):
-    """``x`` one larger along each of ``dims`` (its first slice repeated: valid token ids stay valid)."""
-    torch = torch_module()
-    for d in dims:
-        x = torch.cat([x, x.narrow(d, 0, 1)], dim=d)
-    return x
-
-
-def _export_static(gm, example_inputs):
-    torch = torch_module()
-    try:
-        return torch.export.export(gm, tuple(example_inputs))
-    except Exception as exc:
-        raise UnsupportedError(f"torch.export cannot capture the model for x86 ({first_line(exc)}) (check that the "
-                               f"module runs on its example inputs)") from None
-
-
-def _dynamic_hazard(gm) -> str:
-    """Why dynamic dims would give wrong results, or "". torch 2.13's inductor assumes a *contiguous* output for a
-    conv on a 1-channel input when shapes are dynamic (``mkldnn_ir._prepare_convolution_fusion_create``: such an
-    input is both contiguous and channels-last), which holds for the float kernel but not for oneDNN's int8 conv,
-    whose output is always channels-last: the next op reads it transposed (measured: SQNR < 15 dB against the Q/DQ
-    graph). Such a graph is compiled with static shapes."""
-    torch = torch_module()
-    dq = torch.ops.quantized_decomposed.dequantize_per_tensor
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in (torch.ops.aten.conv2d.default,
-                                                             torch.ops.aten.convolution.default):
-            continue
-        x, w = node.args[0], node.args[1]
-        quantized = isinstance(x, torch.fx.Node) and x.op == "call_function" and x.target in (dq.default, dq.tensor)
-        shape = _weight_shape(gm, w)
-        groups = node.args[6] if node.target == torch.ops.aten.conv2d.default and len(node.args) > 6 else \
-            (node.args[8] if len(node.args) > 8 else 1)
-        if quantized and shape is not None and len(shape) > 1 and shape[1] * groups == 1:
-            return (f"inductor miscompiles an int8 conv on a 1-channel input ('{node.name}') with dynamic shapes, "
-                    f"torch {torch.__version__}")
-    return ""
-
-
-def _weight_shape(gm, node):
-    """The shape of a conv's weight: its example value, or the tensor a (dequantized) get_attr reads."""
-    val = getattr(node, "meta", {}).get("val")
-    if val is not None:
-        return tuple(val.shape)
-    while getattr(node, "op", None) == "call_function" and node.args:  # dequantize_per_channel(get_attr, ...)
-        node = node.args[0]
-    value = _attr(gm, node.target) if getattr(node, "op", None) == "get_attr" else None
-    return tuple(value.shape) if value is not None and hasattr(value, "shape") else None
-
-
 # -- the cache key -------------------------------------------------------------------------------------------
 def _tensor_bytes(t) -> bytes:
     t = t.detach().cpu()
@@ -239,7 +103,7 @@ def cache_key(gm, example_inputs, dims: list[tuple[int, ...]]) -> str:
     tensors = dict(gm.state_dict(keep_vars=True))
     for node in gm.graph.nodes:  # tensors a get_attr reads that are not parameters or buffers (PT2E's scales)
         if node.op == "get_attr" and node.target not in tensors:
-            value = _attr(gm, node.target)
+            value = attr(gm, node.target)
             if isinstance(value, torch.Tensor):
                 tensors[node.target] = value
     for name in sorted(tensors):
@@ -247,13 +111,6 @@ def cache_key(gm, example_inputs, dims: list[tuple[int, ...]]) -> str:
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode() + b"\0")
         h.update(_tensor_bytes(t))
     return h.hexdigest()[:40]
-
-
-def _attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
 
 
 @contextlib.contextmanager
@@ -283,7 +140,7 @@ def build_package(gm, example_inputs, input_names: list[str], output_names: list
     from graphopt.backends.cpu import int8_features
 
     start = time.perf_counter()
-    with _quiet():
+    with quiet():
         gm = copy.deepcopy(gm)
     strip_guards(gm)
     example_inputs = tuple(example_inputs)
@@ -313,7 +170,7 @@ def build_package(gm, example_inputs, input_names: list[str], output_names: list
             except (OSError, ValueError, TypeError):
                 pass  # a damaged entry: compile again over it
         compile_start = time.perf_counter()
-        with _quiet():
+        with quiet():
             program, dynamic, static_reason = export_dynamic(gm, example_inputs)
             metadata = {METADATA_KEY: json.dumps(_describe(program, input_names, output_names, dynamic))}
             staged = os.path.join(folder, f".{key}.{os.getpid()}.pt2")
@@ -357,14 +214,6 @@ def _describe(program, input_names: list[str], output_names: list[str], dynamic:
     return {"inputs": inputs, "outputs": list(output_names), "lowering": LOWERING_VERSION}
 
 
-@contextlib.contextmanager
-def _quiet():
-    from graphopt.pt2e.torchao import quiet_torch_logs
-
-    with quiet_torch_logs():
-        yield
-
-
 # -- reading a package -------------------------------------------------------------------------------------------
 def package_kernels(path: str) -> dict[str, int]:
     """How many extern kernel calls of each kind (int8 / float conv, int8 / float linear or matmul) the package's
@@ -394,7 +243,7 @@ def load_package(path: str):
     if isa and "AVX512" in isa.upper() and "AVX512" not in here.upper():
         raise BackendError(f"{path}: compiled for {isa}; this CPU runs {here} (build the package on this machine)")
     try:
-        with _quiet():
+        with quiet():
             runner = torch._inductor.aoti_load_package(path)
     except Exception as exc:
         raise BackendError(f"{path}: AOTInductor could not load the package: {first_line(exc)} (build it again with "

@@ -23,6 +23,8 @@ from __future__ import annotations
 import operator
 from collections import Counter
 
+from graphopt.backends.x86_export import attr
+
 
 def lower_fx(gm, engine: str, example_inputs):
     """``(module, notes)``: ``gm`` (a Q/DQ GraphModule, not modified) lowered to ``engine``'s eager quantized
@@ -87,11 +89,11 @@ class _Lowering:
         w = node.args[0]
         if not (isinstance(w, torch.fx.Node) and w.op == "get_attr") or node.args[-1] != torch.int8:
             return None
-        value = _attr(self.gm, w.target)
+        value = attr(self.gm, w.target)
         if node.target == self.DQ:
             scale, zp = node.args[1:3]
             return torch._make_per_tensor_quantized_tensor(value, float(scale), int(zp))
-        scales, zps, axis = (_attr(self.gm, a.target) if isinstance(a, torch.fx.Node) else a for a in node.args[1:4])
+        scales, zps, axis = (attr(self.gm, a.target) if isinstance(a, torch.fx.Node) else a for a in node.args[1:4])
         if axis != 0:
             return None
         return torch._make_per_channel_quantized_tensor(value, scales.double(), zps.long(), 0)
@@ -112,14 +114,14 @@ class _Lowering:
             (self.weight(args[1]) if isinstance(args[1], torch.fx.Node) else None)
         if q is None or qweight is None:
             return None
-        bias = _attr(self.gm, args[2].target) if isinstance(args[2], torch.fx.Node) else None
+        bias = attr(self.gm, args[2].target) if isinstance(args[2], torch.fx.Node) else None
         if node.target == self.LINEAR:
             return "linear", q, torch.ops.quantized.linear_prepack(qweight, bias)
         stride, padding, dilation, groups = (args[3] or [1, 1], args[4] or [0, 0], args[5] or [1, 1], args[6] or 1)
         return "conv", q, torch.ops.quantized.conv2d_prepack(qweight, bias, stride, padding, dilation, groups)
 
     # -- emitting ---------------------------------------------------------------------------------------------
-    def attr(self, value) -> object:
+    def constant(self, value) -> object:
         name = f"_x86_{len(self.attrs)}"
         self.attrs[name] = value
         return self.graph.get_attr(name)
@@ -158,7 +160,7 @@ class _Lowering:
                 self.value(node)  # placeholders in order, float ops, the output
         self.graph.eliminate_dead_code()
         self.graph.lint()
-        owned = {n.target: self.attrs[n.target] if n.target in self.attrs else _attr(self.gm, n.target)
+        owned = {n.target: self.attrs[n.target] if n.target in self.attrs else attr(self.gm, n.target)
                  for n in self.graph.nodes if n.op in ("get_attr", "call_module")}
         return self.torch.fx.GraphModule(owned, self.graph)
 
@@ -191,7 +193,7 @@ class _Lowering:
             kind, q_in, packed = found
             op = {("conv", False): qops.conv2d, ("conv", True): qops.conv2d_relu,
                   ("linear", False): qops.linear, ("linear", True): qops.linear_relu}[kind, relu]
-            return self.call(op, self.qenv[q_in], self.attr(packed), scale, zp)
+            return self.call(op, self.qenv[q_in], self.constant(packed), scale, zp)
         if core.target not in self.ADDS or len(core.args) != 2 or core.kwargs:
             return None
         a, b = core.args
@@ -208,11 +210,11 @@ class _Lowering:
         _, q_in, packed = found
         if self.engine == "onednn":
             op = qops.conv2d_add_relu if relu else qops.conv2d_add
-            return self.call(op, self.qenv[q_in], self.qenv[q_res], self.attr(packed), scale, zp)
+            return self.call(op, self.qenv[q_in], self.qenv[q_res], self.constant(packed), scale, zp)
         conv_scale, conv_zp = self.observe(conv)
         self.floats["conv output(s) before a residual Add quantized with scales observed on the example inputs "
                     f"({self.engine} has no conv + add kernel)"] += 1
-        out = self.call(qops.conv2d, self.qenv[q_in], self.attr(packed), conv_scale, conv_zp)
+        out = self.call(qops.conv2d, self.qenv[q_in], self.constant(packed), conv_scale, conv_zp)
         return self.call(qops.add_relu if relu else qops.add, out, self.qenv[q_res], scale, zp)
 
     def passthrough(self, x, scale: float, zp: int):
@@ -247,9 +249,9 @@ class _Lowering:
         if kind == "linear" and self.engine in ("x86", "fbgemm"):
             scale, zp = self.qparams(q_in)
             op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-            return self.call(op, self.value(node.args[0]), scale, zp, self.attr(packed))
+            return self.call(op, self.value(node.args[0]), scale, zp, self.constant(packed))
         self.floats[f"{kind}(s) kept float (output not quantized; {self.engine} has no float-output int8 {kind})"] += 1
-        weight = self.attr(self.weight(node.args[1]).dequantize())
+        weight = self.constant(self.weight(node.args[1]).dequantize())
         args = [self.value(node.args[0]), weight] + [self.value(a) for a in node.args[2:]]
         return self.graph.call_function(node.target, tuple(args), dict(node.kwargs))
 
@@ -273,10 +275,3 @@ class _Lowering:
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         scale = max((hi - lo) / 255.0, 1e-8)
         return scale, int(min(255, max(0, round(-lo / scale))))
-
-
-def _attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
