@@ -1,11 +1,11 @@
 """Lowering a PyTorch model to an AOTInductor package for x86 CPUs, with a compile cache.
 
-The FX module is exported (``torch.export``, dynamic dimensions where the model allows and they check out, see
-:mod:`graphopt.backends.x86_export`) and compiled by AOTInductor with **freezing** into a ``.pt2`` package: freezing is where
-inductor's x86 quantization patterns (``torch/_inductor/fx_passes/quantization.py``) turn ``dequantize -> conv /
-linear -> [activation] -> quantize`` into oneDNN int8 kernels (``onednn.qconv_pointwise``, ``qconv2d_pointwise
-.binary`` for conv + add + relu, ``qlinear_pointwise``), with the weights prepacked; a float graph gets oneDNN's
-float kernels. Freezing only runs with gradients off (``compile_fx``: ``config.freezing and not
+The FX module is exported (``torch.export``, dynamic dimensions where the model allows and they check out: see
+:mod:`graphopt.backends.x86_export`) and compiled by AOTInductor with **freezing** into a ``.pt2`` package:
+freezing is where inductor's x86 quantization patterns (``torch/_inductor/fx_passes/quantization.py``) turn
+``dequantize -> conv / linear -> [activation] -> quantize`` into oneDNN int8 kernels (``onednn.qconv_pointwise``,
+``qconv2d_pointwise.binary`` for conv + add + relu, ``qlinear_pointwise``), with the weights prepacked; a float
+graph gets oneDNN's float kernels. Freezing only runs with gradients off (``compile_fx``: ``config.freezing and not
 torch.is_grad_enabled()``), so the compile runs under ``torch.no_grad()``. The package loads in any process that
 has torch (``torch._inductor.aoti_load_package``), without graphopt.
 
