@@ -68,7 +68,7 @@ class _Lowering:
     # -- pattern helpers ------------------------------------------------------------------------------------
     def qparams(self, node):
         """(scale, zero point) of a uint8 quantize / dequantize node with constant parameters, else None."""
-        if node.op != "call_function" or node.target not in (self.Q, self.DQ):
+        if node.op != "call_function" or node.target not in (self.Q, self.DQ) or len(node.args) < 6:
             return None
         _, scale, zp, _, _, dtype = node.args[:6]
         ok = dtype == self.torch.uint8 and isinstance(scale, float) and isinstance(zp, int)
@@ -84,7 +84,7 @@ class _Lowering:
     def weight(self, node):
         """The quantized weight (qint8, per channel on axis 0 or per tensor) a dequantize node reads, or None."""
         torch = self.torch
-        if node.op != "call_function" or node.target not in (self.DQ_CHANNEL, self.DQ):
+        if node.op != "call_function" or node.target not in (self.DQ_CHANNEL, self.DQ) or len(node.args) < 6:
             return None
         w = node.args[0]
         if not (isinstance(w, torch.fx.Node) and w.op == "get_attr") or node.args[-1] != torch.int8:
