@@ -68,6 +68,7 @@ def optimize(
     ctx: PassContext | None = None,
     finetune: Callable[[Any], Any] | None = None,
     finetune_after: Iterable[str] | None = None,
+    qat: Callable[[Any], Any] | None = None,
     trust_pickle: bool = False,
     output: str | None = None,
 ) -> OptimizeResult:
@@ -86,11 +87,14 @@ def optimize(
     ``finetune(module)`` is your training loop, called on the FX ``GraphModule`` right after each pass that changed
     the model and is named in ``finetune_after`` (default: every pass meant to change the outputs — pruning,
     sparsity); see :class:`FineTune`. It needs an ``nn.Module`` model.
+
+    ``qat(module)`` is your training loop for quantization-aware training (the ``int8-qat`` pipeline, its ``qat``
+    pass): it trains the fake-quantized ``GraphModule`` (in place, or returns it) before conversion to int8.
     """
     after = None if finetune_after is None else tuple(finetune_after)
     config = RunConfig(passes=passes, backend=backend, example_inputs=example_inputs, calibration=calibration,
                        check=check, rtol=rtol, verify_each=verify_each, snapshot_dir=snapshot_dir,
-                       instruments=tuple(instruments), finetune=finetune, finetune_after=after,
+                       instruments=tuple(instruments), finetune=finetune, finetune_after=after, qat=qat,
                        trust_pickle=trust_pickle)
     driver = Driver(config, registry or default_registry(), ctx)
     result = driver.run(model, output)

@@ -37,7 +37,8 @@ DEFAULT_PIPELINE = "fold"  # an alias the registry resolves (graphopt's own plug
 
 class FineTune(Instrument):
     """Runs the user's training loop on the model right after each modifying pass named in ``after`` (None:
-    every pass meant to change the outputs, ``equivalence = none``: pruning, sparsity).
+    every pass meant to change the outputs, ``equivalence = none``: pruning, sparsity; not one that trains the
+    model itself, ``trains``: qat).
 
     ``fn(module)`` receives the FX ``GraphModule`` (parameters are trainable ``nn.Parameter``s; call ``.train()``
     as your loop needs) and trains it in place or returns a replacement. The module is put back in eval mode and
@@ -48,7 +49,10 @@ class FineTune(Instrument):
         self.fn, self.after = fn, None if after is None else frozenset(after)
 
     def after_pass(self, pass_, result, record, ctx) -> None:
-        chosen = pass_.equivalence == Equivalence.NONE if self.after is None else pass_.name in self.after
+        if self.after is None:  # passes meant to change the outputs, except those that train the model themselves
+            chosen = pass_.equivalence == Equivalence.NONE and not pass_.trains
+        else:
+            chosen = pass_.name in self.after
         if not chosen or not result.modified:
             return
         graph, start = result.graph, time.perf_counter()
@@ -82,6 +86,7 @@ class RunConfig:
     instruments: tuple = ()
     finetune: Callable[[Any], Any] | None = None
     finetune_after: tuple | None = None
+    qat: Callable[[Any], Any] | None = None  # the training loop of the passes that train (``trains``): qat
     trust_pickle: bool = False
 
 
@@ -112,8 +117,13 @@ class Driver:
         self.backend = self._backend(config.backend)
         self.extra_instruments = [self._instrument(i) for i in config.instruments]
         self.ctx = ctx
-        if config.finetune is not None and not callable(config.finetune):
-            raise UsageError(f"finetune= must be a function of the module, got {type(config.finetune).__name__}")
+        for name in ("finetune", "qat"):
+            fn = getattr(config, name)
+            if fn is not None and not callable(fn):
+                raise UsageError(f"{name}= must be a function of the module, got {type(fn).__name__}")
+        if config.qat is not None and not any(p.trains for p in self.passes):
+            raise UsageError(f"qat= is given but no pass of '{config.passes}' trains the model (use the int8-qat "
+                             f"pipeline, or the qat pass)")
 
     def _backend(self, backend):
         if isinstance(backend, str):
@@ -146,17 +156,18 @@ class Driver:
             ctx.registry = self.registry
         if ctx.backend is None:
             ctx.backend = self.backend
+        if ctx.training is None:
+            ctx.training = self.config.qat
         if ctx.calibration is None and self.config.calibration is not None:
             ctx.calibration = self._calibration(graph)
         return ctx
 
     def _calibration(self, graph: Graph):
         """Calibration data opened and checked against the model's inputs before any pass runs."""
-        if graph.ir != "onnx":
-            return self.config.calibration
         from graphopt.calib.sources import input_specs, load_calibration
 
-        return load_calibration(self.config.calibration, input_specs(graph), image_options=self.config.image_options)
+        source = graph.as_arrays(self.config.calibration) if graph.ir == "fx" else self.config.calibration
+        return load_calibration(source, input_specs(graph), image_options=self.config.image_options)
 
     # -- running ------------------------------------------------------------------------------------------
     def instruments(self, graph: Graph, model: Any) -> tuple[list[Instrument], NumericCheck | None]:
@@ -294,7 +305,8 @@ class Driver:
         graph = original if original is not None else self.load(model)
         _, check = self.instruments(graph, model)
         check.per_pass, check.reference_path = True, None
-        fresh = PassContext(registry=ctx.registry, backend=ctx.backend, calibration=ctx.calibration, seed=ctx.seed)
+        fresh = PassContext(registry=ctx.registry, backend=ctx.backend, calibration=ctx.calibration, seed=ctx.seed,
+                            training=ctx.training)
         PassManager(self.passes, [check], fresh).run(graph, in_place=original is None)
 
 

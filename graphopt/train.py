@@ -9,7 +9,15 @@ distillation from the original (Hinton et al., 2015), with optional feature (hin
 ``hint_weight`` times the mean squared error between named layers' outputs (a 1x1 adapter, trained with the
 student, maps the student's channels to the teacher's when pruning made them differ). The teacher is any
 ``nn.Module``; it runs in eval mode without gradients. :func:`fit` is the loop both share (Adam, one-cycle
-learning rate, fixed seed): with the same arguments, distillation and fine-tuning differ only in their loss.
+learning rate, fixed seed): with the same arguments, distillation and fine-tuning differ only in their loss. Both
+train torch.export and PT2E-prepared (QAT) modules too (:func:`set_mode`).
+
+When distillation pays (measured on the digits CNN, benchmarks/RESULTS.md): the teacher must be better than what
+the student reaches by fine-tuning alone (a teacher that fine-tuning overtakes drags the student down), and the
+budget must let the student come near the teacher. From a student that pruning left at chance, the soft targets
+at ``T = 4`` (close to a regression on all the logits) win accuracy back more slowly than the labels within a
+few epochs; distillation tolerates a higher learning rate than cross-entropy (Hinton et al., section 2), so a
+short budget favours it as ``lr`` grows.
 
 ``data`` is ``(inputs, labels)`` (arrays or tensors; batched here, shuffled with ``seed``) or an iterable of
 ``(inputs, labels)`` batches that can be iterated once per epoch (a ``DataLoader``).
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from graphopt.errors import UsageError
+from graphopt.errors import GraphoptError, UnsupportedError, UsageError, first_line
 
 
 def distillation_loss(student_logits, teacher_logits, labels, *, T: float = 4.0, alpha: float = 0.7):
@@ -36,7 +44,8 @@ def distillation_loss(student_logits, teacher_logits, labels, *, T: float = 4.0,
 def fit(model, data, loss: Callable, *, epochs: int = 3, lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
         extra_parameters: Iterable = ()) -> Any:
     """Train ``model`` for ``epochs`` passes over ``data`` with Adam and a one-cycle learning rate peaking at
-    ``lr``; ``loss(model, inputs, labels)`` gives the batch's loss. Returns the model in eval mode."""
+    ``lr``; ``loss(model, inputs, labels)`` gives the batch's loss. Returns the model in eval mode (a torch.export
+    module too: see :func:`set_mode`)."""
     import torch
 
     _check_positive(epochs=epochs, lr=lr, batch_size=batch_size)
@@ -48,14 +57,14 @@ def fit(model, data, loss: Callable, *, epochs: int = 3, lr: float = 3e-3, batch
         raise UsageError("the model has no trainable parameters (nothing to fine-tune)")
     optimizer = torch.optim.Adam(parameters, lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1))
-    model.train()
+    set_mode(model, True)
     for epoch in range(epochs):
         for inputs, labels in batches(epoch):
             optimizer.zero_grad()
             loss(model, inputs, labels).backward()
             optimizer.step()
             schedule.step()
-    return model.eval()
+    return set_mode(model, False)
 
 
 def finetune(model, data, *, epochs: int = 3, lr: float = 3e-3, batch_size: int = 32, seed: int = 0):
@@ -70,14 +79,18 @@ def distill(student, teacher, data, *, T: float = 4.0, alpha: float = 0.7, epoch
             batch_size: int = 32, seed: int = 0, hints: dict[str, str] | None = None, hint_weight: float = 1.0):
     """Train ``student`` on ``data`` with :func:`distillation_loss` against ``teacher``'s logits, plus, with
     ``hints`` (``{student layer: teacher layer}``, module names), the mean squared error between those layers'
-    outputs. Returns the student in eval mode; the teacher is put in eval mode, its weights never change."""
+    outputs. Returns the student in eval mode. The teacher runs in eval mode without gradients (its BatchNorm
+    statistics and weights never change) and is left in the mode it came in; a teacher already in eval mode,
+    or a torch.export module whose graph already runs BatchNorm/dropout in eval mode, is not touched."""
     import torch
 
     if not T > 0:
         raise UsageError(f"distill: T must be > 0, got {T}")
     if not 0 <= alpha <= 1:
         raise UsageError(f"distill: alpha must be in [0, 1], got {alpha}")
-    teacher.eval()
+    if teacher is student:
+        raise UsageError("distill: the teacher is the student (pass a copy of the model before it changed)")
+    restore_teacher = _in_eval(teacher)
     taps = _Hints(student, teacher, hints or {}, hint_weight)
 
     def loss(model, inputs, labels):
@@ -92,6 +105,7 @@ def distill(student, teacher, data, *, T: float = 4.0, alpha: float = 0.7, epoch
                    extra_parameters=taps.adapter_parameters())
     finally:
         taps.stop()
+        restore_teacher()
 
 
 def distiller(teacher, data, **options) -> Callable:
@@ -127,8 +141,13 @@ class _Hints:
                 self.handles.append(modules[name].register_forward_hook(self._keep(side, name)))
         inputs, _ = next(iter(_batches(data, batch_size, seed)[1](0)))
         with torch.no_grad():
-            self.student.eval()(inputs)
+            set_mode(self.student, False)(inputs)
             self.teacher(inputs)
+        for side, model in (("student", self.student), ("teacher", self.teacher)):
+            for name in (self.pairs if side == "student" else self.pairs.values()):
+                if (side, name) not in self.outputs:
+                    raise UsageError(f"distill: hint layer '{name}' of the {side} never runs in its forward "
+                                     f"({_called_modules(model)})")
         for s_name, t_name in self.pairs.items():
             got, want = self.outputs[("student", s_name)], self.outputs[("teacher", t_name)]
             axis = 1 if got.dim() == 4 else -1  # channels: NCHW feature maps, or the last axis
@@ -164,6 +183,80 @@ class _Hints:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+# -- train / eval modes -----------------------------------------------------------------------------------------
+def set_mode(model, training: bool):
+    """``model.train(training)``, returning ``model``, for ATen graphs too. An FX graph from torch.export (or
+    graphopt's own capture when symbolic_trace fails, or PT2E's QAT preparation) fixed the mode of its BatchNorm
+    and dropout nodes when it was captured: ``train()``/``eval()`` either refuse (``ExportedProgram.module()``),
+    return None (after torchao's ``allow_exported_model_train_eval``) or change nothing. Such a graph is
+    rewritten with torchao's ``move_exported_model_to_train`` / ``_eval``, only when it does not already run in
+    that mode; a mode it could not switch is an error, never a silent training-mode BatchNorm at evaluation."""
+    import torch
+
+    if "train" not in vars(model):  # nn.Module's own: submodules' flags (a symbolic_trace graph's BatchNorms)
+        model.train(training)
+    if not isinstance(model, torch.fx.GraphModule) or _graph_training(model) in (None, training):
+        return model
+    try:
+        from graphopt.pt2e.torchao import pt2e, quiet_torch_logs
+
+        ns = pt2e()
+    except GraphoptError as exc:
+        raise UnsupportedError(f"switching a torch.export graph to {'train' if training else 'eval'} mode needs "
+                               f"torchao ({first_line(exc)})") from None
+    with quiet_torch_logs():
+        (ns.move_exported_model_to_train if training else ns.move_exported_model_to_eval)(model)
+    if _graph_training(model) not in (None, training):
+        raise UnsupportedError(f"could not switch the torch.export graph's BatchNorm/dropout to "
+                               f"{'train' if training else 'eval'} mode (torchao rewrites only BatchNorm with the "
+                               f"default momentum and eps): export the model in the mode it should run in")
+    return model
+
+
+def _graph_training(gm) -> bool | None:
+    """Whether an ATen graph's BatchNorm / dropout nodes run in training mode; None when it has none."""
+    import torch
+
+    aten = torch.ops.aten
+    where = {aten.batch_norm.default: 5, aten.dropout.default: 2, aten.feature_dropout.default: 2}
+    modes = {bool(n.args[where[n.target]]) for n in gm.graph.nodes
+             if n.op == "call_function" and n.target in where and len(n.args) > where[n.target]}
+    return None if not modes else True in modes
+
+
+def _in_eval(model) -> Callable[[], None]:
+    """Put ``model`` in eval mode where it is not (its ATen graph's BatchNorm/dropout, else its modules' flags);
+    returns the function that puts it back as it was. A model already evaluating is not touched."""
+    import torch
+
+    if isinstance(model, torch.fx.GraphModule) and _graph_training(model) is not None:
+        if not _graph_training(model):
+            return lambda: None
+        set_mode(model, False)
+        return lambda: set_mode(model, True)
+    was = {m: m.training for m in model.modules()}
+    if not any(was.values()):
+        return lambda: None
+    set_mode(model, False)
+
+    def restore() -> None:
+        for m, training in was.items():
+            m.training = training
+    return restore
+
+
+def _called_modules(model) -> str:
+    """For a hint error: which module names run (an FX graph inlines containers' forward; torch.export, all)."""
+    import torch
+
+    if not isinstance(model, torch.fx.GraphModule):
+        return "names as in named_modules()"
+    called = [str(n.target) for n in model.graph.nodes if n.op == "call_module"]
+    if not called:
+        return "a torch.export graph calls no submodules: hints need an nn.Module or a symbolic_trace graph"
+    return f"an FX graph runs only the modules it calls, e.g. {', '.join(called[:4])}"
 
 
 # -- data -------------------------------------------------------------------------------------------------------

@@ -26,10 +26,13 @@ class Calibrate(Pass):
 
     ``method``: ``minmax``, ``percentile`` (of |x| or each tail, ``percentile`` option), ``entropy`` (KL
     divergence, as TensorRT) or ``mse``. Ranges are symmetric when the backend's activations are.
+
+    On a PyTorch model the ATen graph (see insert-observers) runs eagerly with the observed nodes as extra outputs.
+    Its data may also be a tensor, or a tuple of tensors in input order.
     """
 
     name = "calibrate"
-    irs = frozenset({"onnx"})
+    irs = frozenset({"onnx", "fx"})
 
     @dataclass(frozen=True)
     class Options:
@@ -61,6 +64,35 @@ class Calibrate(Pass):
                 if name in observers:
                     observers[name].update(value)
             samples += len(next(iter(batch.values())))
+        return self._ranges(graph, ctx, observers, data, samples, notes)
+
+    def run_fx(self, graph, ctx):
+        import numpy as np
+        import torch
+
+        from graphopt.ir.expose import expose_fx
+
+        observers = ctx.state[OBSERVERS]
+        names = list(observers)
+        data, notes = self._data(graph, ctx)
+        exposed = expose_fx(graph.gm, names)
+        inputs = graph.input_names()
+        samples = 0
+        for batch in data.batches():
+            args = [torch.from_numpy(np.ascontiguousarray(batch[name])) for name in inputs]
+            try:
+                with torch.no_grad():
+                    values = exposed(*args)[-len(names):] if names else ()
+            except Exception as exc:
+                raise self.fail(f"the model raises on the calibration data: {type(exc).__name__}: "
+                                f"{first_line(exc, 160)} (check that the data fits the model's inputs: "
+                                f"{', '.join(f'{s.name} {s.shape_str()}' for s in graph.input_specs())})") from None
+            for name, value in zip(names, values):
+                observers[name].update(value.detach().numpy())
+            samples += len(args[0]) if args else 0
+        return self._ranges(graph, ctx, observers, data, samples, notes)
+
+    def _ranges(self, graph, ctx, observers, data, samples: int, notes: list[str]):
         scheme = ctx.scheme(QuantRequest(), self.name)
         symmetric = scheme.activations.symmetric
         ranges = {}
@@ -73,7 +105,8 @@ class Calibrate(Pass):
         ctx.state[CALIBRATION] = {"method": self.options.method, "samples": samples, "synthetic": data.synthetic,
                                   "source": data.description}
         notes += [n for n in data.notes if n != SYNTHETIC_WARNING]
-        return PassResult(graph, False, {"calibrated tensors": len(ranges), "read samples": samples}, notes)
+        return PassResult(graph, False,
+                          {"calibrated tensors": len(ranges), "read samples": samples}, notes)
 
     def _run(self, graph, call):
         """``call()`` on onnxruntime; an op outside the domains it knows is a clear UnsupportedError."""

@@ -19,14 +19,21 @@ class InsertObservers(Pass):
     a fixed-size histogram (``bins``) that also tracks min and max, so every calibration method works from it
     and memory stays flat in the number of samples. All activations are observed, not only the ones the
     backend's scheme will quantize: which those are is ``place-qdq``'s decision, and a histogram is cheap.
+
+    On a PyTorch model (FX) the module is first captured as ATen ops (torch.export, batch and token dimensions
+    dynamic), the graph PT2E quantization works on, and — with ``fold_bn`` — its BatchNorms folded into the
+    convolutions before them, as PT2E's prepare does, so that calibration observes the tensors place-qdq will
+    quantize. Both are exact. The QAT pipeline (``int8-qat``) keeps BatchNorm: QAT trains through it and folds it
+    when it converts.
     """
 
     name = "insert-observers"
-    irs = frozenset({"onnx"})
+    irs = frozenset({"onnx", "fx"})
 
     @dataclass(frozen=True)
     class Options:
         bins: int = 2048  # histogram bins per observed tensor
+        fold_bn: bool = True  # FX: fold BatchNorm into the conv before it first (ONNX: the fold pipeline does)
 
         def __post_init__(self):
             if self.bins < 16:
@@ -39,6 +46,18 @@ class InsertObservers(Pass):
         floats = [n for n in dict.fromkeys(names) if _is_float(graph, n, types)]
         ctx.state[OBSERVERS] = {name: HistogramObserver(self.options.bins) for name in floats}
         return PassResult(graph, False, {"observed tensors": len(floats)})
+
+
+    def run_fx(self, graph, ctx):
+        from graphopt.pt2e.prepare import float_activations, fold_batch_norms
+
+        aten = graph.aten()
+        folded = fold_batch_norms(aten.gm) if self.options.fold_bn else 0
+        names = float_activations(aten.gm)
+        ctx.state[OBSERVERS] = {name: HistogramObserver(self.options.bins) for name in names}
+        stats = {"captured with torch.export": int(aten is not graph), "folded BatchNorm": folded,
+                 "observed tensors": len(names)}
+        return PassResult(aten, aten is not graph or folded > 0, {k: v for k, v in stats.items() if v})
 
 
 def _is_float(graph, name: str, types) -> bool:

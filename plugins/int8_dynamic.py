@@ -52,10 +52,15 @@ class Int8Dynamic(Pass):
     model. ``DynamicQuantizeLinear`` needs opset 11 (``min_opset``: the pass manager converts an older model
     first); called directly on an older model the pass refuses, unless there is nothing to quantize (then the
     model comes back unchanged, with a note). Nodes outside the default ONNX domain are left alone.
+
+    On a PyTorch model (captured as ATen ops, batch and sequence dimensions dynamic) each Linear and MatMul with a
+    constant weight gets the same scheme through PT2E (int8 weights per output channel behind a dequantize, the
+    input quantized at run time by ``choose_qparams``): the form the x86 backend lowers to oneDNN's dynamic int8
+    Linear, and that exports to ONNX.
     """
 
     name = "int8-dynamic"
-    irs = frozenset({"onnx"})
+    irs = frozenset({"onnx", "fx"})
     equivalence = Equivalence.APPROXIMATE
     recovery = ("keep the sensitive MatMuls float (int8-dynamic:exclude_nodes=...), or quantize only large weights "
                 "(min_weight_elements=...)")
@@ -69,10 +74,7 @@ class Int8Dynamic(Pass):
         min_weight_elements: int = 0
 
     def requires(self, graph, ctx):
-        unknown = [op for op in self.options.ops if op not in SUPPORTED_OPS]
-        if unknown:
-            raise UsageError(f"pass '{self.name}': ops must be among {', '.join(SUPPORTED_OPS)}, not "
-                             f"{', '.join(unknown)} (convolutions: the static int8 pipeline, --passes fold,int8)")
+        self._check_ops()
 
     def run_onnx(self, graph, ctx):
         scheme = ctx.scheme(QuantRequest(per_channel=self.options.per_channel), self.name)
@@ -115,6 +117,33 @@ class Int8Dynamic(Pass):
         g.cleanup().toposort()
         return PassResult(graph, True, {f"quantized {op}": done[op] for op in SUPPORTED_OPS if done[op]}, notes)
 
+    def run_fx(self, graph, ctx):
+        from graphopt.ir.fx_graph import FxGraph
+        from graphopt.pt2e.prepare import convert_ptq
+        from graphopt.pt2e.quantizer import SchemeQuantizer
+
+        self._check_ops()
+        scheme = ctx.scheme(QuantRequest(per_channel=self.options.per_channel), self.name)
+        aten = graph.aten()
+        quantizer = SchemeQuantizer(scheme, {}, exclude=self.options.exclude_nodes, dynamic=dict(
+            ops=tuple(self.options.ops), min_weight_elements=self.options.min_weight_elements))
+        gm = convert_ptq(aten.gm, aten.example_inputs, quantizer)
+        placed = quantizer.plan
+        notes = ["stay float: " + ", ".join(f"{op} x{k}" for op, k in placed.left_float.most_common())] \
+            if placed.left_float else []
+        if not placed.quantized:
+            return PassResult(aten, aten is not graph, {}, notes + ["no Linear/MatMul with a constant float weight to "
+                                                                    "quantize: nothing to do"])
+        done = Counter(op for op in ("Gemm", "MatMul") for n in placed.quantized if _fx_op(n) == op)
+        return PassResult(FxGraph(gm, aten.example_inputs, "torch.export"), True,
+                          {f"quantized {op}": done[op] for op in SUPPORTED_OPS if done[op]}, notes)
+
+    def _check_ops(self):
+        unknown = [op for op in self.options.ops if op not in SUPPORTED_OPS]
+        if unknown:
+            raise UsageError(f"pass '{self.name}': ops must be among {', '.join(SUPPORTED_OPS)}, not "
+                             f"{', '.join(unknown)} (convolutions: the static int8 pipeline, --passes fold,int8)")
+
     def _weight(self, graph, node, excluded, ctx) -> tuple[np.ndarray | None, str]:
         """The weight as a float32 (..., K, N) array with Gemm's alpha and transB folded in, or why not."""
         if node.op not in self.options.ops:
@@ -149,6 +178,12 @@ class Int8Dynamic(Pass):
             w = w.T if int(attrs.get("transB", 0)) else w
             w = w * np.float32(attrs.get("alpha", 1.0))
         return np.ascontiguousarray(w, np.float32), ""
+
+
+def _fx_op(node) -> str | None:
+    from graphopt.ir.fx_ops import onnx_op_type
+
+    return onnx_op_type(node)
 
 
 def _quantize_weight(w: np.ndarray, scheme) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,6 +20,12 @@ def graphopt_register_pipelines(registry):
         "place Q/DQ where the backend runs int8",
     )
     registry.add_pipeline(
+        "int8-qat",
+        "insert-observers:fold_bn=false,calibrate,qat",
+        "int8 through quantization-aware training (PyTorch models, with optimize(..., qat=train)): observe and "
+        "calibrate with BatchNorm kept, fake-quantize in the backend's scheme, train, fold BatchNorm, Q/DQ",
+    )
+    registry.add_pipeline(
         "prune",
         "prune-channels",
         "structured channel pruning with its defaults: l1 criterion, half of each group's channels, graph "

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
-from graphopt.backends import QuantRequest
+from graphopt.backends.scheme import Placement
 from graphopt.calib.state import CALIBRATION, RANGES
 from graphopt.errors import UnsupportedError
 from graphopt.ir.onnx_graph import fresh_name, replace_input
@@ -46,38 +44,58 @@ class PlaceQdq(Pass):
     QDQ kernels float32 tensors): quantize the float32 model. The placement needs the scheme's opset (13 for
     onnxruntime: per-channel DequantizeLinear); ``min_opset`` has the pass manager convert an older model first,
     and called directly on one the pass refuses, unless it finds nothing to quantize.
+
+    On a PyTorch model (the ATen graph insert-observers captured) the same scheme and options decide the same
+    placement (:mod:`graphopt.pt2e.quantizer`), written by torchao's PT2E prepare / convert: the result is the Q/DQ
+    graph (``quantized_decomposed`` ops, int8 weights) that the x86 backend lowers to oneDNN's int8 kernels and that
+    exports to ONNX as QuantizeLinear / DequantizeLinear. ``exclude_nodes`` takes FX node names or module paths
+    (``layer4``, ``layer1.0.conv1``).
     """
 
     name = "place-qdq"
-    irs = frozenset({"onnx"})
+    irs = frozenset({"onnx", "fx"})
     equivalence = Equivalence.APPROXIMATE
     recovery = ("calibrate on more, real samples (--calib), try calibrate:method=entropy or percentile, and keep the "
                 "most sensitive layers float (place-qdq:exclude_nodes=..., keep_first=true, keep_last=true; graphopt "
                 "compare --per-layer shows which)")
     min_opset = 13  # the onnxruntime scheme's (QuantScheme.min_opset); checked again against the run's scheme
 
-    @dataclass(frozen=True)
-    class Options:
-        ops: tuple[str, ...] = ()  # empty: every op type the backend quantizes
-        exclude_ops: tuple[str, ...] = ()
-        exclude_nodes: tuple[str, ...] = ()
-        keep_first: bool = False
-        keep_last: bool = False
-        activations: Literal["backend", "uint8", "int8"] = "backend"  # activation type (backend: its choice)
-        symmetric: Literal["backend", "yes", "no"] = "backend"  # symmetric activation ranges
+    Options = Placement  # ops, exclude_ops, exclude_nodes, keep_first, keep_last, activations, symmetric
 
     def requires(self, graph, ctx):
         if RANGES not in ctx.state:
             raise self.fail("no calibrated ranges: run insert-observers and calibrate first (the int8 alias does)")
 
-    def run_onnx(self, graph, ctx):
-        request = QuantRequest(
-            op_types=frozenset(self.options.ops) or None, exclude_op_types=frozenset(self.options.exclude_ops),
-            activation_dtype=None if self.options.activations == "backend" else self.options.activations,
-            activation_symmetric=None if self.options.symmetric == "backend" else self.options.symmetric == "yes")
-        scheme = ctx.scheme(request, self.name)
+    def _scheme(self, ctx):
+        scheme = ctx.scheme(self.options.request(), self.name)
         for warning in scheme.warnings:
             ctx.warn(f"{self.name}: {warning}")
+        return scheme
+
+    def run_fx(self, graph, ctx):
+        from graphopt.ir.fx_graph import FxGraph
+        from graphopt.pt2e.prepare import convert_ptq, qdq_counts
+        from graphopt.pt2e.quantizer import SchemeQuantizer
+
+        scheme = self._scheme(ctx)
+        if not graph.is_aten():
+            raise self.fail("the PyTorch model is not an ATen graph: run insert-observers and calibrate first "
+                            "(the int8 alias does)")
+        quantizer = SchemeQuantizer(scheme, ctx.state[RANGES], exclude=self.options.exclude_nodes,
+                                    keep_first=self.options.keep_first, keep_last=self.options.keep_last)
+        gm = convert_ptq(graph.gm, graph.example_inputs, quantizer)
+        placed = quantizer.plan
+        notes = _fx_notes(placed, placed.unranged, ctx)
+        if not placed.quantized:
+            return PassResult(graph, False, {}, notes + ["no node the scheme quantizes: nothing to quantize"])
+        counts = qdq_counts(gm)
+        stats = {"quantized nodes": len(placed.quantized), "inserted Q/DQ pairs": counts["quantize"],
+                 "quantized weights": len(placed.weights)}
+        return PassResult(FxGraph(gm, graph.example_inputs, "torch.export"), True,
+                          {k: v for k, v in stats.items() if v}, notes)
+
+    def run_onnx(self, graph, ctx):
+        scheme = self._scheme(ctx)
         g = graph.gs
         g.toposort()
         nodes, notes = self._nodes_to_quantize(graph, scheme, ctx)
@@ -152,6 +170,19 @@ class PlaceQdq(Pass):
             notes.append(f"{len(nonfinite)} nodes stay float, their weights hold NaN/inf: "
                          + ", ".join(f"'{n.name or n.outputs[0].name}'" for n in nonfinite[:5]))
         return nodes, notes
+
+
+def _fx_notes(placed, unranged, ctx) -> list[str]:
+    """What the FX placement left float, and why (the report's notes)."""
+    notes = []
+    if placed.left_float:
+        notes.append("stay float (no int8 kernel in the scheme, or excluded): "
+                     + ", ".join(f"{op} x{k}" for op, k in placed.left_float.most_common()))
+    if unranged:
+        notes.append(f"{len(unranged)} tensors have no calibrated range and stay float: {', '.join(unranged[:5])}")
+    if ctx.state.get(CALIBRATION, {}).get("synthetic"):
+        notes.append("scales come from synthetic random inputs: not fit for production")
+    return notes
 
 
 def _count_nonfinite(value) -> int:

@@ -28,6 +28,22 @@ def test_loss_is_hintons():
     assert float(train.distillation_loss(t, t, y, T=T, alpha=1.0)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_soft_gradient_is_hintons():
+    """Hinton et al. (2015), section 2: the soft term's gradient on a student logit is T (q_i - p_i) per example
+    once the KL is scaled by T^2 (q: the student's softmax at T, p: the teacher's), averaged over the batch. The
+    reverse KL, KL(q || p), has another gradient: the test tells the two directions apart."""
+    gen = torch.Generator().manual_seed(1)
+    s, t = torch.randn(4, 10, generator=gen, requires_grad=True), 3 * torch.randn(4, 10, generator=gen)
+    y, T = torch.tensor([1, 2, 3, 4]), 4.0
+    train.distillation_loss(s, t, y, T=T, alpha=1.0).backward()
+    want = T * (torch.softmax(s.detach() / T, 1) - torch.softmax(t / T, 1)) / len(s)
+    torch.testing.assert_close(s.grad, want)
+    s2 = s.detach().clone().requires_grad_()
+    log_q = torch.log_softmax(s2 / T, 1)
+    reverse = T * T * (log_q.exp() * (log_q - torch.log_softmax(t / T, 1))).sum(1).mean()
+    assert float((torch.autograd.grad(reverse, s2)[0] - want).abs().max()) > 0.02
+
+
 @pytest.fixture(scope="module")
 def digits_teacher():
     data = zoo.digits_data(0)

@@ -88,9 +88,11 @@ def test_the_cycle_finder_finds_a_cycle():
 
 @pytest.mark.parametrize("lower, higher", [
     ("graphopt.ir", ("graphopt.passes", "graphopt.backends", "graphopt.report", "graphopt.calib", "graphopt.driver",
-                     "graphopt.cli", "graphopt.api", "graphopt.prune")),
-    ("graphopt.passes", ("graphopt.backends", "graphopt.report", "graphopt.driver", "graphopt.cli", "graphopt.api")),
-    ("graphopt.backends", ("graphopt.report", "graphopt.driver", "graphopt.cli", "graphopt.api")),
+                     "graphopt.cli", "graphopt.api", "graphopt.prune", "graphopt.pt2e")),
+    ("graphopt.passes", ("graphopt.backends", "graphopt.report", "graphopt.driver", "graphopt.cli", "graphopt.api",
+                         "graphopt.pt2e")),
+    ("graphopt.backends", ("graphopt.report", "graphopt.driver", "graphopt.cli", "graphopt.api", "graphopt.pt2e")),
+    ("graphopt.pt2e", ("graphopt.report", "graphopt.driver", "graphopt.cli", "graphopt.api")),
     ("graphopt.report", ("graphopt.driver", "graphopt.cli", "graphopt.api")),
 ])
 def test_layers_import_downwards(lower, higher):

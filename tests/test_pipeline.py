@@ -44,6 +44,25 @@ def test_alias_expands_and_prints_back(reg):
     assert str(parse_pipeline("broken-fold")) == "broken-fold"
 
 
+def test_an_alias_option_goes_to_the_pass_that_has_it(reg):
+    """int8:method=entropy:keep_first=true is calibrate:method=entropy and place-qdq:keep_first=true; int8-qat's
+    learn_scales reaches qat. An option no pass of the alias has, or several have, is refused naming them."""
+    passes = resolve("int8:method=entropy:keep_first=true", reg)
+    assert format_passes(passes) == "insert-observers,calibrate:method=entropy,place-qdq:keep_first=true"
+    assert format_passes(resolve("int8-qat:learn_scales=true", reg)) == \
+        "insert-observers:fold_bn=false,calibrate,qat:learn_scales=true"
+    with pytest.raises(PipelineError, match=r"'exclude_nodes' belongs to several \(place-qdq, qat\)"):
+        resolve("int8-both:exclude_nodes=x", _with_alias(reg, "int8-both", "place-qdq,qat"))
+
+
+def _with_alias(reg, name, text):
+    import copy
+
+    other = copy.copy(reg)
+    other.pipelines = {**reg.pipelines, name: type(next(iter(reg.pipelines.values())))(name, text, "", "test")}
+    return other
+
+
 @pytest.mark.parametrize("text, message", [
     ("", "empty pipeline"),
     ("fold,,fold", "empty pass name"),
@@ -56,7 +75,7 @@ def test_alias_expands_and_prints_back(reg):
     ("typed-options:ratio=1.5", "ratio must be in [0, 1)"),
     ("typed-options:colour=red", "has no option 'colour'"),
     ("typed-options:ratio=0.1:ratio=0.2", "given twice"),
-    ("fold:x=1", "alias"),
+    ("fold:x=1", "its option 'x' belongs to none of its passes"),
     ("prune{ratio=0.5}", "characters the syntax does not use"),
     ("prune(ratio=0.5)", "characters the syntax does not use"),
     ("pruneratio=0.5", "shell split it by brace expansion"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import numpy as np
 
@@ -21,8 +21,8 @@ from graphopt.calib.qparams import affine_params, quant_range, quantize
 from graphopt.errors import UsageError
 
 __all__ = [
-    "BIAS_MODES", "INT8_DTYPES", "FrozenDict", "QuantRequest", "QuantScheme", "TensorQuant", "UnsupportedRequestError",
-    "restrict_ops",
+    "BIAS_MODES", "INT8_DTYPES", "FrozenDict", "Placement", "QuantRequest", "QuantScheme", "TensorQuant",
+    "UnsupportedRequestError", "restrict_ops",
 ]
 
 INT8_DTYPES = ("uint8", "int8")
@@ -232,6 +232,35 @@ class QuantRequest:
         if self.op_types is not None:
             object.__setattr__(self, "op_types", frozenset(self.op_types))
         object.__setattr__(self, "exclude_op_types", frozenset(self.exclude_op_types))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where int8 goes, as the user asks for it: the options of every pass that places Q/DQ (place-qdq, qat).
+
+    ``ops``: quantize only these op types (empty: every type the backend quantizes); ``exclude_ops``: keep these
+    types float; ``exclude_nodes``: keep these nodes float (ONNX node names; on FX, node names or module paths);
+    ``keep_first`` / ``keep_last``: the first / last weighted layer stays float; ``activations`` / ``symmetric``:
+    the activation type and symmetry, ``per_channel`` one weight scale per output channel or per tensor, when not
+    the backend's choice (the backend honours, warns or refuses).
+    """
+
+    ops: tuple[str, ...] = ()
+    exclude_ops: tuple[str, ...] = ()
+    exclude_nodes: tuple[str, ...] = ()
+    keep_first: bool = False
+    keep_last: bool = False
+    activations: Literal["backend", "uint8", "int8"] = "backend"
+    symmetric: Literal["backend", "yes", "no"] = "backend"
+    per_channel: Literal["backend", "yes", "no"] = "backend"
+
+    def request(self) -> QuantRequest:
+        """The part of it that is a request to the backend's scheme."""
+        return QuantRequest(
+            op_types=frozenset(self.ops) or None, exclude_op_types=frozenset(self.exclude_ops),
+            activation_dtype=None if self.activations == "backend" else self.activations,
+            activation_symmetric=None if self.symmetric == "backend" else self.symmetric == "yes",
+            per_channel=None if self.per_channel == "backend" else self.per_channel == "yes")
 
 
 def restrict_ops(scheme: QuantScheme, request: QuantRequest, why_not: Mapping[str, str] = MappingProxyType({})

@@ -12,7 +12,8 @@ into oneDNN kernels, checked on this machine by lowering and reading the lowered
   q`` becomes one ``qconv_pointwise`` with an int8 output when the next op reads int8, a float output otherwise.
 - Conv (and Linear, as Gemm) with int8 kernels; the activations oneDNN fuses as post-ops (Relu, Clip / ReLU6 /
   Hardtanh, HardSwish); an Add reading a conv's output fuses into it as a ``sum`` post-op (``fused_add``): only
-  its residual input is quantized.
+  its residual input is quantized. Other Adds stay float (``residual_add_qdq=False``): inductor has no faster
+  form for them.
 - MaxPool, average pooling, Flatten and Concat run on int8 sharing their input's scale.
 - Bias stays float (oneDNN takes it in float).
 - ConvTranspose and a MatMul of two activations (attention's) have no int8 lowering here: they stay float.

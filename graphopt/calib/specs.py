@@ -15,7 +15,8 @@ def input_specs(model) -> tuple[InputSpec, ...]:
     """The inputs of ``model`` as :class:`InputSpec` s.
 
     ``model``: a sequence of InputSpec or of ``(name, shape, dtype)`` tuples; a mapping ``{name: (shape, dtype)}``;
-    an ``onnx.ModelProto`` or a path to one (initializers listed as inputs are skipped); a graphopt ``OnnxGraph``;
+    an ``onnx.ModelProto`` or a path to one (initializers listed as inputs are skipped); a graphopt ``OnnxGraph`` or
+    ``FxGraph``;
     an onnxruntime ``InferenceSession``.
     """
     if isinstance(model, InputSpec):
@@ -33,7 +34,7 @@ def input_specs(model) -> tuple[InputSpec, ...]:
         return tuple(s if isinstance(s, InputSpec) else InputSpec(*s) for s in model)
     if hasattr(model, "get_inputs"):  # onnxruntime.InferenceSession
         return tuple(session_input_specs(model))
-    if hasattr(model, "gs") and hasattr(model, "input_specs"):  # graphopt OnnxGraph
+    if callable(getattr(model, "input_specs", None)):  # graphopt OnnxGraph, FxGraph
         return tuple(model.input_specs())
     import onnx
 

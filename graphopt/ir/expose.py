@@ -30,3 +30,22 @@ def expose(graph: OnnxGraph, names: Iterable[str]) -> OnnxGraph:
         out.gs.outputs.append(tensors[name])
         present.add(name)
     return out
+
+
+def expose_fx(gm, names: Iterable[str]):
+    """A ``torch.fx.GraphModule`` sharing ``gm``'s parameters whose forward takes the placeholders positionally
+    and returns a flat tuple: ``gm``'s outputs (flattened), then the values of the nodes ``names`` (in that
+    order). ``gm`` itself is not changed."""
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    graph = torch.fx.Graph()
+    remap: dict = {}
+    out = graph.graph_copy(gm.graph, remap, return_output_node=True)  # the output's value, not its node
+    outputs = list(tree_flatten(out[0] if isinstance(out, tuple) else out)[0])
+    by_name = {n.name: remap[n] for n in gm.graph.nodes if n in remap}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise KeyError(f"no node '{missing[0]}' in the graph to expose as an output")
+    graph.output(tuple(outputs) + tuple(by_name[n] for n in names))
+    return torch.fx.GraphModule(gm, graph)

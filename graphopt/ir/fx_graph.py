@@ -105,20 +105,45 @@ class FxGraph(Graph):
         return cls.from_module(module, example_inputs)
 
     def save(self, path: str) -> None:
-        """``.onnx``: torch.onnx.export. Any other suffix: a torch.export program of the module and its example
-        inputs (``torch.export.save``), which graphopt reloads without trusting a pickle."""
+        """``.onnx``: torch.onnx.export — an ATen graph (what torch.export and the int8 passes make, Q/DQ ops
+        included: they become QuantizeLinear / DequantizeLinear) through the dynamo exporter with its dynamic
+        dimensions kept, a traced module through the TorchScript exporter. Any other suffix: a torch.export program
+        of the module and its example inputs (``torch.export.save``, batch dimension dynamic where the module
+        allows), which graphopt reloads without trusting a pickle."""
         torch = _torch()
         if str(path).endswith(".onnx"):
-            torch.onnx.export(self.gm, self.example_inputs, path, input_names=self.input_names(), dynamo=False)
+            self._save_onnx(path)
             return
         try:
-            program = torch.export.export(self.gm, tuple(self.example_inputs))
+            program = export_dynamic(self.gm, self.example_inputs)
         except Exception as exc:
             raise UnsupportedError(f"{path}: torch.export cannot capture the optimized module ({first_line(exc)}) "
                                    f"(write it as .onnx instead, or keep the Python API's result.model)") from None
         try:
             with open(path, "wb") as f:
                 torch.export.save(program, f)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot be written ({exc.strerror or first_line(exc)})") from None
+
+    def _save_onnx(self, path: str) -> None:
+        torch = _torch()
+        from graphopt.quiet import quiet_torch_logs
+
+        try:
+            with quiet_torch_logs():
+                if not self.is_aten():
+                    torch.onnx.export(self.gm, self.example_inputs, path, input_names=self.input_names(),
+                                      dynamo=False)
+                    return
+                program = torch.onnx.export(export_dynamic(self.gm, self.example_inputs), (), dynamo=True,
+                                            verbose=False)
+        except OSError:
+            raise
+        except Exception as exc:
+            raise UnsupportedError(f"{path}: torch.onnx cannot export the module ({first_line(exc)}) (keep it as a "
+                                   f".pt2 program, or the Python API's result.model)") from None
+        try:
+            program.save(path)
         except OSError as exc:
             raise OutputError(f"{path}: cannot be written ({exc.strerror or first_line(exc)})") from None
 
@@ -179,6 +204,62 @@ class FxGraph(Graph):
     def input_names(self) -> list[str]:
         return [n.target for n in self.gm.graph.nodes if n.op == "placeholder"]
 
+    def input_specs(self) -> list:
+        """The inputs as :class:`graphopt.ir.feeds.InputSpec`: placeholder names, the example inputs' shapes (None
+        for a dimension torch.export kept symbolic, and for the batch dimension of a traced module) and numpy
+        dtypes."""
+        from graphopt.ir.feeds import InputSpec
+
+        torch = _torch()
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        specs = []
+        for node, example in zip(placeholders, self.example_inputs):
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):  # recorded by torch.export: its symbolic dims are dynamic
+                shape = tuple(d if isinstance(d, int) else None for d in val.shape)
+            else:  # a traced module: the dimensions export_dynamic makes dynamic
+                dynamic = dynamic_dims(example)
+                shape = tuple(None if i in dynamic else d for i, d in enumerate(example.shape))
+            dtype = torch.empty((), dtype=example.dtype).numpy().dtype
+            specs.append(InputSpec(node.target, shape, dtype))
+        return specs
+
+    def as_arrays(self, data: Any) -> Any:
+        """Tensors given for the model's inputs as numpy arrays by input name: a tensor (one-input models), a
+        tuple / list of tensors in input order, or a mapping of tensors. Anything else is returned as it is (the
+        calibration readers take paths, arrays and iterables)."""
+        torch = _torch()
+        names = self.input_names()
+        if isinstance(data, torch.Tensor):
+            data = (data,)
+        if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+            if len(data) != len(names):
+                raise UsageError(f"{len(data)} tensors given for a model with {len(names)} inputs "
+                                 f"({', '.join(names)})")
+            data = dict(zip(names, data))
+        if isinstance(data, dict) and any(isinstance(v, torch.Tensor) for v in data.values()):
+            return {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+        return data
+
+    def is_aten(self) -> bool:
+        """Whether the graph is made of ATen ops, as torch.export records them (what PT2E quantization takes)."""
+        calls = [n for n in self.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+        return all(n.op == "call_function" or (n.op == "call_module" and n.target == "_guards_fn") for n in calls) \
+            and any(getattr(n.target, "namespace", None) == "aten" for n in calls)
+
+    def aten(self) -> "FxGraph":
+        """This graph as ATen ops (itself when it already is): :func:`export_dynamic` of its module."""
+        if self.is_aten():
+            return self
+        try:
+            program = export_dynamic(self.gm, self.example_inputs)
+        except Exception as exc:
+            raise UnsupportedError(
+                f"torch.export cannot capture the module: {type(exc).__name__}: {first_line(exc, 200)} (quantizing a "
+                f"PyTorch model needs one torch.export can capture: make data-dependent branches torch.cond or move "
+                f"them out of forward, or export it to ONNX and quantize that)") from None
+        return FxGraph(program.module(), self.example_inputs, "torch.export")
+
     def infer_shapes(self) -> None:
         from torch.fx.passes.shape_prop import ShapeProp
 
@@ -212,6 +293,43 @@ class FxGraph(Graph):
             out = self.gm(*args)
         flat, _ = torch.utils._pytree.tree_flatten(out)
         return [t.detach().cpu().numpy() for t in flat if isinstance(t, torch.Tensor)]
+
+
+def dynamic_dims(example) -> list[int]:
+    """The dimensions graphopt keeps dynamic for an example input: the batch (0) of every tensor, and the sequence
+    (1) of an integer (B, S) tensor (token ids)."""
+    torch = _torch()
+    if not isinstance(example, torch.Tensor) or example.dim() == 0:
+        return []
+    return [0] + ([1] if example.dim() == 2 and not example.is_floating_point() else [])
+
+
+def export_dynamic(module, example_inputs: Sequence[Any]):
+    """``torch.export.export`` of ``module`` with the batch dimension of every input dynamic, and the sequence
+    dimension of integer (B, S) inputs (token ids): one program for any batch size and sequence length. torch
+    specializes a dimension whose example size is 1, so such examples are repeated to 2 for tracing (the values
+    do not matter to the program). A model that needs its example sizes (a hard-coded reshape) is exported as
+    it is, with static shapes."""
+    torch = _torch()
+    from torch.export import Dim
+
+    args = tuple(example_inputs)
+    traced, dynamic = [], []
+    for a in args:
+        dims = dynamic_dims(a)
+        if not dims:
+            traced.append(a)
+            dynamic.append(None)
+            continue
+        repeats = [2 if (i in dims and a.shape[i] == 1) else 1 for i in range(a.dim())]
+        traced.append(a.repeat(*repeats) if any(r > 1 for r in repeats) else a)
+        dynamic.append({i: Dim.AUTO for i in dims})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.export.export(module, tuple(traced), dynamic_shapes=tuple(dynamic))
+        except Exception:
+            return torch.export.export(module, args)
 
 
 def _program_inputs(program) -> tuple | None:

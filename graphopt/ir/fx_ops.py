@@ -94,3 +94,44 @@ def get_attr(gm, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part, None)
     return value
+
+
+# -- ATen ops in ONNX's op vocabulary (quantization schemes name ONNX op types) ---------------------------------
+# ATen packet name -> ONNX op type, for the ops a quantization scheme can name. Conv / ConvTranspose / Gemm come
+# from the layer table above (``aten.linear`` is a Gemm with ``transB=1``: its weight is (out, in)).
+_ATEN_ONNX = {
+    "add": "Add", "add_": "Add", "mul": "Mul", "mul_": "Mul", "sub": "Sub", "div": "Div",
+    "matmul": "MatMul", "mm": "MatMul", "bmm": "MatMul",
+    "relu": "Relu", "relu_": "Relu", "hardtanh": "Clip", "hardtanh_": "Clip", "clamp": "Clip", "relu6": "Clip",
+    "hardswish": "HardSwish", "hardswish_": "HardSwish", "sigmoid": "Sigmoid", "silu": "Silu", "gelu": "Gelu",
+    "tanh": "Tanh", "leaky_relu": "LeakyRelu", "softmax": "Softmax", "_softmax": "Softmax",
+    "max_pool1d": "MaxPool", "max_pool2d": "MaxPool", "max_pool3d": "MaxPool",
+    "avg_pool1d": "AveragePool", "avg_pool2d": "AveragePool", "avg_pool3d": "AveragePool",
+    "adaptive_avg_pool1d": "GlobalAveragePool", "adaptive_avg_pool2d": "GlobalAveragePool",
+    "mean": "ReduceMean", "flatten": "Flatten", "view": "Reshape", "reshape": "Reshape", "_unsafe_view": "Reshape",
+    "permute": "Transpose", "transpose": "Transpose", "t": "Transpose", "cat": "Concat", "concat": "Concat",
+    "layer_norm": "LayerNormalization", "native_layer_norm": "LayerNormalization",
+    "batch_norm": "BatchNormalization", "_native_batch_norm_legit_no_training": "BatchNormalization",
+    "embedding": "Gather", "scaled_dot_product_attention": "Attention", "dropout": "Dropout",
+}
+_LAYER_ONNX = {OpKind.CONV: "Conv", OpKind.CONV_TRANSPOSE: "ConvTranspose", OpKind.GEMM: "Gemm"}
+
+
+def onnx_op_type(node) -> str | None:
+    """The ONNX op type of a ``call_function`` node on an ATen op (``aten.conv2d`` -> ``"Conv"``,
+    ``aten.linear`` -> ``"Gemm"``, ``aten.max_pool2d`` -> ``"MaxPool"``, ...); None for anything else. A
+    ``max_pool2d_with_indices`` or an ``adaptive_avg_pool2d`` to a size other than 1 is None (no ONNX twin)."""
+    if getattr(node, "op", None) != "call_function":
+        return None
+    layer = layer_call(node)
+    if layer is not None:
+        return _LAYER_ONNX.get(layer[0])
+    packet = getattr(getattr(node.target, "overloadpacket", None), "__name__", None)
+    if packet is None or getattr(node.target, "namespace", None) != "aten":
+        return None
+    op = _ATEN_ONNX.get(packet)
+    if op == "GlobalAveragePool":
+        size = node.args[1] if len(node.args) > 1 else None
+        if not (isinstance(size, (list, tuple)) and all(s == 1 for s in size)):
+            return "AdaptiveAveragePool"
+    return op

@@ -72,6 +72,8 @@ class PassContext:
     backend: SchemeSource | None = None
     calibration: Any = None  # a graphopt.calib CalibrationData: .batches() yields {input name: array}
     registry: Any = None  # the plugin Registry (channel handlers, importance criteria, ...)
+    # the user's training loop, for passes that train the model themselves (qat): fn(module) -> module or None
+    training: Callable[[Any], Any] | None = None
     # results one pass hands to a later one in the same pipeline (observed tensors, calibrated ranges, ...);
     # unlike analyses, kept when the graph changes: the pass that reads an entry checks it still applies
     state: dict[str, Any] = field(default_factory=dict)
@@ -118,6 +120,8 @@ class Pass:
     changes_input: ClassVar[bool] = True
     # what to do when the numeric check finds the outputs moved past the accuracy threshold (approximate passes)
     recovery: ClassVar[str] = ""
+    # the pass runs the user's training loop (``PassContext.training``; ``optimize(..., qat=fn)``) itself
+    trains: ClassVar[bool] = False
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()

@@ -243,7 +243,7 @@ def _moved(diff: Difference, min_cosine: float, min_sqnr: float) -> str:
 def _calibration_batch(graph, ctx) -> dict | None:
     """The first samples of the pipeline's calibration data (real inputs make approximate passes' errors mean
     something), or None when there is none or it does not fit the graph."""
-    if getattr(ctx, "calibration", None) is None or graph.ir != "onnx":
+    if getattr(ctx, "calibration", None) is None:
         return None
     from graphopt.calib.sources import input_specs, load_calibration
 

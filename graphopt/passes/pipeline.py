@@ -83,20 +83,37 @@ def resolve(pipeline: Pipeline | str, registry, _seen: tuple[str, ...] = ()) -> 
             if spec.name in _seen:
                 raise PipelineError(f"pipeline alias '{spec.name}' refers to itself ({' -> '.join(_seen)})")
             inner = parse_pipeline(alias.text)
-            if spec.options:  # an alias of one pass takes that pass's options (prune:ratio=0.3)
-                if len(inner.specs) != 1:
-                    raise PipelineError(
-                        f"'{spec.name}' is a pipeline alias ({alias.text}) and takes no options: "
-                        f"spell out its passes with the options you want"
-                    )
-                only = inner.specs[0]
-                merged = {**dict(only.options), **dict(spec.options)}
-                inner = Pipeline((PassSpec(only.name, tuple(merged.items())),))
+            if spec.options:
+                inner = _route_options(spec, alias.text, inner, registry)
             passes += resolve(inner, registry, (*_seen, spec.name))
             continue
         cls = registry.pass_class(spec.name)
         passes.append(cls(parse_options(spec.name, cls.Options, dict(spec.options))))
     return passes
+
+
+def _route_options(spec: PassSpec, text: str, inner: Pipeline, registry) -> Pipeline:
+    """An alias's options go to the pass of the alias that has them: all of them to an alias of one pass
+    (``prune:ratio=0.3``), each to the one pass that declares it otherwise (``int8:method=entropy`` to calibrate,
+    ``int8-qat:learn_scales=true`` to qat). An option no pass of the alias has, or several do, is refused."""
+    import dataclasses
+
+    specs = list(inner.specs)
+    if len(specs) == 1:
+        owners_of = lambda key: [0]  # noqa: E731  (the pass checks its own option names)
+    else:
+        fields = [{f.name for f in dataclasses.fields(registry.pass_class(s.name).Options)}
+                  if s.name in registry.passes else set() for s in specs]
+        owners_of = lambda key: [i for i, names in enumerate(fields) if key in names]  # noqa: E731
+    for key, value in spec.options:
+        owners = owners_of(key)
+        if len(owners) != 1:
+            which = "none" if not owners else "several (" + ", ".join(specs[i].name for i in owners) + ")"
+            raise PipelineError(f"'{spec.name}' is a pipeline alias ({text}): its option '{key}' belongs to {which} "
+                                f"of its passes; spell out the passes with the options you want")
+        target = specs[owners[0]]
+        specs[owners[0]] = PassSpec(target.name, tuple({**dict(target.options), key: value}.items()))
+    return Pipeline(tuple(specs))
 
 
 def format_passes(passes: list) -> str:

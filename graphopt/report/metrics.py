@@ -251,7 +251,11 @@ def per_layer_sqnr(model_a, model_b, batches: Iterable[Mapping[str, np.ndarray]]
     """Per-layer SQNR of B against A (A is the reference), accumulated over ``batches`` of feeds (each a dict
     input name -> array, or ``(feeds, n)`` where only the first ``n`` samples are real and tensors whose first
     dimension is the batch are cut to them); SQNR is total signal over total noise, not a mean of per-batch
-    values."""
+    values. Two PyTorch graphs (FX) are compared node by node instead (:mod:`graphopt.report.fx_layers`)."""
+    if getattr(model_a, "ir", None) == "fx" and getattr(model_b, "ir", None) == "fx":
+        from graphopt.report.fx_layers import per_layer_sqnr_fx
+
+        return per_layer_sqnr_fx(model_a, model_b, (item[0] if isinstance(item, tuple) else item for item in batches))
     backend = backend or OnnxRuntimeBackend()
     a, b = _proto(model_a), _proto(model_b)
     matches, unmatched = match_tensors(a, b)

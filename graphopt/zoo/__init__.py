@@ -5,7 +5,7 @@ with depthwise convs and ReLU6) so graph passes meet the same shapes as on the r
 """
 
 from graphopt.zoo.cnn import mobilenet_v2_like, resnet18_like, resnet50_like, tiny_resnet
-from graphopt.zoo.digits import DigitsCNN, accuracy, digits_data, finetune_digits_cnn, train_digits_cnn
+from graphopt.zoo.digits import DigitsCNN, DigitsMobileNet, accuracy, digits_data, finetune_digits_cnn, train_digits_cnn
 from graphopt.zoo.export import export_onnx
 from graphopt.zoo.more_cnn import (
     convnext_like,
@@ -31,7 +31,7 @@ PRUNE_ZOO = {
 }
 
 __all__ = [
-    "PRUNE_ZOO", "BertLike", "DigitsCNN", "accuracy", "bert_like", "convnext_like", "densenet_like",
+    "PRUNE_ZOO", "BertLike", "DigitsCNN", "DigitsMobileNet", "accuracy", "bert_like", "convnext_like", "densenet_like",
     "digits_data", "efficientnet_like", "export_onnx", "export_transformer_onnx", "finetune_digits_cnn",
     "mobilenet_v2_like", "resnet18_like", "resnet50_like", "resnext_like", "shufflenet_v2_like", "squeezenet_like",
     "tiny_resnet", "train_digits_cnn",

@@ -1,0 +1,69 @@
+"""What the FX route's int8 passes do to an ATen graph around torchao's prepare / convert: which tensors
+calibration observes, BatchNorm folded as PT2E folds it, and the PTQ and QAT conversions themselves."""
+
+from __future__ import annotations
+
+import torch
+
+from graphopt.pt2e.torchao import pt2e, quiet_torch_logs
+
+
+def float_activations(gm) -> list[str]:
+    """Names of the nodes of ``gm`` that compute a float tensor (and the float inputs): what calibration watches."""
+    names = []
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op in ("placeholder", "call_function") and isinstance(val, torch.Tensor) and val.is_floating_point():
+            names.append(node.name)
+    return names
+
+
+def fold_batch_norms(gm) -> int:
+    """Fold every BatchNorm that follows a conv / linear into its weights (torchao's fusion, the one PT2E's
+    ``prepare_pt2e`` runs); returns how many were folded."""
+    pt2e()  # torchao imported quietly first
+    from torchao.quantization.pt2e.utils import _fuse_conv_bn_, _fuse_linear_bn_
+
+    before = _batch_norms(gm)
+    if not before:
+        return 0
+    with quiet_torch_logs():
+        _fuse_conv_bn_(gm)
+        _fuse_linear_bn_(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return before - _batch_norms(gm)
+
+
+def _batch_norms(gm) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function"
+               and "batch_norm" in getattr(getattr(n.target, "overloadpacket", None), "__name__", ""))
+
+
+def convert_ptq(gm, example_inputs, quantizer):
+    """Post-training quantization of ATen graph ``gm`` as ``quantizer`` places it: observers from torchao's
+    ``prepare_pt2e`` (graphopt's: activation ranges already calibrated), one run on ``example_inputs`` so the weight
+    observers see the weights, then ``convert_pt2e``'s Q/DQ graph."""
+    ao = pt2e()
+    with quiet_torch_logs():
+        prepared = ao.prepare_pt2e(gm, quantizer)
+        with torch.no_grad():
+            prepared(*example_inputs)
+        return inference_module(ao.convert_pt2e(prepared))
+
+
+def inference_module(gm):
+    """``gm`` with ``train()`` / ``eval()`` that only set the flag, as on any module. torchao makes them raise on
+    an exported module (its dropout and BatchNorm would not switch); a converted int8 graph has no BatchNorm left
+    and is meant for inference, so a user's ``model.eval()`` must not fail on it."""
+    for name in ("train", "eval"):
+        gm.__dict__.pop(name, None)
+    return gm
+
+
+def qdq_counts(gm) -> dict[str, int]:
+    """Q/DQ ops of a converted graph: activation pairs (per tensor) and quantized weights (per channel or folded)."""
+    names = [getattr(getattr(n.target, "overloadpacket", None), "__name__", "") for n in gm.graph.nodes
+             if n.op == "call_function"]
+    return {"quantize": sum(n.startswith("quantize_per") for n in names),
+            "dequantize": sum(n.startswith("dequantize_per") for n in names)}
