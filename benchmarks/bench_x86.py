@@ -15,10 +15,9 @@ Per zoo model (random weights, BatchNorm statistics randomized), from the same n
 * ``fx-x86``: the *same* Q/DQ graph as ``x86-int8`` on torch's deprecated eager quantized kernels
   (``X86Backend(engine="fx-x86")``, engine ``x86``), as ``convert_fx`` lowers its reference model.
 
-:func:`quantized_for_x86` is the one place that makes the Q/DQ graph: today the throwaway PT2E annotator of
-``tests/x86_qdq.py`` (the x86 scheme's form: uint8 activations on conv/linear inputs, int8 per-channel weights, in
-[-64, 64] on CPUs without VNNI, residual Adds fused into the conv); swap in graphopt's own FX quantizer when it
-lands.
+:func:`quantized_for_x86` is the one place that makes the Q/DQ graph: graphopt's own FX quantizer (``fold,int8``
+with backend x86: uint8 activations on conv/linear inputs, int8 per-channel weights, in [-64, 64] on CPUs without
+VNNI, residual Adds fused into the conv); swap it to benchmark another quantizer's graph.
 
 Latency: batch 1, one fixed-seed input, **1 intra-op thread** (torch.set_num_threads(1); onnxruntime
 intra_op_num_threads=1), **CPU time per run** (``time.process_time``: the process's CPU seconds, which a
@@ -46,7 +45,6 @@ from typing import Any
 import numpy as np
 from _common import machine, versions, write_outputs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("resnet18_like", "mobilenet_v2_like")
 VARIANTS = ("x86-int8", "fp32-inductor", "ort-int8", "fx-x86")
 BARS = {"fp32-inductor": 0.7, "ort-int8": 1.0, "fx-x86": 1.05}
@@ -54,14 +52,17 @@ MIN_SQNR_DB = 30.0
 
 
 def quantized_for_x86(model, example, calibration):
-    """The PT2E Q/DQ graph (an FxGraph) of ``model`` in the x86 scheme's form. Swap point: replace with graphopt's
-    FX quantizer, ``graphopt.optimize(model, "fold,int8", backend="x86", example_inputs=(example,),
-    calibration=...).graph``, when it lands."""
-    sys.path.insert(0, ROOT)
-    from graphopt.backends.cpu import u8s8_saturates
-    from tests.x86_qdq import qdq_graph
+    """The PT2E Q/DQ graph (an FxGraph) of ``model`` for the x86 backend: graphopt's own ``fold,int8`` with backend
+    x86 (MinMax calibration on ``calibration``, a list of batches). The one place to change to benchmark another
+    quantizer's graph (``tests/x86_qdq.py`` shows the form the backend takes)."""
+    import torch
 
-    return qdq_graph(model, (example,), [(c,) for c in calibration], weight_max=64 if u8s8_saturates() else 127)
+    import graphopt
+    from graphopt.backends.x86 import X86Backend
+
+    result = graphopt.optimize(model, "fold,int8", backend=X86Backend(), example_inputs=(example,),
+                               calibration=(torch.cat(calibration),), check=False)
+    return result.graph
 
 
 def build(name: str, size: int, calib: np.ndarray, workdir: str) -> tuple[dict[str, Any], dict[str, Any], Any]:

@@ -1,8 +1,10 @@
 """Exporting a PyTorch module for x86 lowering: which dims become dynamic, and checking that they really are.
 
-:func:`export_dynamic` asks ``torch.export`` for dynamic dims where a model usually has them (:func:`dynamic_dims`:
-the batch of every input, and the sequence of token ids), keeps only what survives a probe run, and says why the
-rest stayed static (:func:`export_dynamic`, :func:`_dynamic_hazard`). torch is imported inside functions only.
+:func:`export_dynamic` asks ``torch.export`` for graphopt's dynamic dims (:func:`dynamic_dims`: the batch of every
+input, the sequence of token ids; the rule :func:`graphopt.ir.fx_graph.export_dynamic` applies when the quantizer
+captures a module), keeps only those that survive a probe run (an AOTInductor package checks no guard at run time)
+and that inductor compiles right (:func:`_dynamic_hazard`), and says why the rest stayed static. torch is imported
+inside functions only.
 """
 
 from __future__ import annotations
@@ -38,17 +40,12 @@ def quiet():
 
 # -- dynamic dims ------------------------------------------------------------------------------------------
 def dynamic_dims(example_inputs) -> list[tuple[int, ...]]:
-    """The dims asked to be dynamic, per input: the first (batch) of every input; the second of integer and bool
-    inputs of rank >= 2 (token ids, attention masks: the sequence) and of float inputs of rank 3 (a sequence of
-    embeddings). They are asked as ``Dim.AUTO``: a dim the model fixes (a view to a constant size) stays static
-    without an error, and :func:`export_dynamic` reports the dims that did become dynamic."""
-    dims = []
-    for x in example_inputs:
-        chosen = (0,) if x.dim() >= 1 else ()
-        if (not x.is_floating_point() and x.dim() >= 2) or (x.is_floating_point() and x.dim() == 3):
-            chosen = (0, 1)
-        dims.append(chosen)
-    return dims
+    """The dims asked to be dynamic, per input: graphopt's one rule (:func:`graphopt.ir.fx_graph.dynamic_dims`: the
+    batch of every input, and the sequence of integer (B, S) token ids). They are asked as ``Dim.AUTO`` and
+    :func:`export_dynamic` keeps those that check out."""
+    from graphopt.ir.fx_graph import dynamic_dims as rule
+
+    return [tuple(rule(x)) for x in example_inputs]
 
 
 def _widen(x, dims: tuple[int, ...]):
