@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from graphopt.backends.cpu import int8_features
-    from graphopt.pt2e.torchao import quiet_torch_logs
+    from graphopt.quiet import quiet_torch_logs
 
     torch.set_num_threads(1)
     meta = {"machine": machine(), "versions": versions(("torchao",)), "cpu": int8_features(), "size": args.size,

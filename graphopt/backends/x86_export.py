@@ -32,7 +32,7 @@ def torch_module():
 
 @contextlib.contextmanager
 def quiet():
-    from graphopt.pt2e.torchao import quiet_torch_logs
+    from graphopt.quiet import quiet_torch_logs
 
     with quiet_torch_logs():
         yield

@@ -31,7 +31,7 @@ def lower_fx(gm, engine: str, example_inputs):
     kernels; ``notes`` say what stayed float and why."""
     import torch
 
-    from graphopt.pt2e.torchao import quiet_torch_logs
+    from graphopt.quiet import quiet_torch_logs
 
     old_engine = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine  # packed weights are made for the engine that packs them
