@@ -24,6 +24,7 @@ class OptimizeResult:
     report: RunReport
     pipeline: str  # the resolved pipeline, aliases expanded
     _exported: Any = None
+    backend: Any = None  # the run's backend: save() writes what it deploys (x86: an AOTInductor package)
 
     @property
     def model(self) -> Any:
@@ -32,16 +33,23 @@ class OptimizeResult:
             self._exported = self.graph.export()
         return self._exported
 
-    def save(self, path: str) -> None:
-        """Write the model to ``path`` (ONNX: external data beside it when it has any; atomically)."""
+    def save(self, path: str) -> dict[str, Any]:
+        """Write the model to ``path`` as the run's backend deploys it (ONNX: external data beside it when it has
+        any; a PyTorch model with backend x86: an AOTInductor package, any suffix but .onnx), atomically; returns
+        the backend's facts about the file (x86: compile time, kernels, CPU features)."""
         from graphopt.paths import Staged
 
         staged = Staged(path)
         try:
-            self.graph.save(staged.staged_path)
+            if self.backend is not None and self.graph.ir == "fx":
+                facts = self.backend.write(self.graph, staged.staged_path)
+            else:
+                self.graph.save(staged.staged_path)
+                facts = {}
             staged.commit()
         finally:
             staged.discard()
+        return facts
 
 
 def optimize(
@@ -88,5 +96,6 @@ def optimize(
                        check=check, rtol=rtol, verify_each=verify_each, snapshot_dir=snapshot_dir,
                        instruments=tuple(instruments), finetune=finetune, finetune_after=after, qat=qat,
                        trust_pickle=trust_pickle)
-    result = Driver(config, registry or default_registry(), ctx).run(model, output)
-    return OptimizeResult(result.graph, result.report, result.resolved)
+    driver = Driver(config, registry or default_registry(), ctx)
+    result = driver.run(model, output)
+    return OptimizeResult(result.graph, result.report, result.resolved, backend=driver.backend)

@@ -189,7 +189,7 @@ def _external_data_files(path: str) -> list[str]:
 
 
 def cmd_run(args) -> int:
-    from graphopt.backends.base import DataError
+    from graphopt.backends.base import DataError, model_size_bytes
     from graphopt.driver import Driver, RunConfig
     from graphopt.passes.instruments import model_suffix
     from graphopt.passes.manager import PassManager, bisect
@@ -216,10 +216,17 @@ def cmd_run(args) -> int:
 
     costs_before = measure_costs(graph)  # parameters and MACs, before the passes edit the graph in place
     measured: dict = {}
+    # a PyTorch model on a backend that runs it (x86): before = the input lowered the same way, after = the file
+    runs_fx = graph.ir == "fx" and "fx" in driver.backend.irs and not output.endswith(".onnx")
+    original = graph.copy() if runs_fx and (args.bench or eval_data is not None) else None
 
     def measure(staged_path: str, result) -> None:  # on the written file before it moves: a failure leaves nothing
         costs = (costs_before, measure_costs(result))
-        if result.ir == "onnx":
+        if original is not None:
+            measured.update(measure_run(original, staged_path, driver.backend, data=eval_data, labels=labels,
+                                        labels_key=args.labels, bench=args.bench, costs=costs,
+                                        sizes=(model_size_bytes(args.model), model_size_bytes(staged_path))))
+        elif result.ir == "onnx":
             try:
                 measured.update(measure_run(args.model, staged_path, driver.backend, data=eval_data, labels=labels,
                                             labels_key=args.labels, bench=args.bench, costs=costs))
@@ -227,8 +234,9 @@ def cmd_run(args) -> int:
                 if eval_data is None:
                     raise
                 raise DataError(f"--eval {args.eval}: {exc} (give data that fits the model's inputs)") from None
-        else:  # a PyTorch model: parameters and MACs only
+        else:  # a PyTorch model: size, parameters and MACs
             measured.update(cost_report(*costs))
+            measured["size_bytes"] = {"before": model_size_bytes(args.model), "after": model_size_bytes(staged_path)}
 
     run = driver.run(args.model, output, graph=graph, before_move=measure)
     out, report, before = run.graph, run.report, run.source
@@ -244,7 +252,11 @@ def cmd_run(args) -> int:
     for warning in report.warnings:
         say(f"warning: {warning}")
     say(f"wrote {output}: {after['nodes']} nodes, {after['parameters']:,} parameters")
+    for line in run.artifact.get("summary", []):  # the backend's facts about the file (x86: the lowering)
+        say(line)
     say(format_run(measured))
+    if original is not None:
+        say(f"before: the input model run on {driver.backend.name} the same way (lowered like the result)")
     if args.json:
         data = {"input": {"path": args.model, **before, "notes": list(getattr(graph, "notes", []))},
                 "output": {"path": output, **after},

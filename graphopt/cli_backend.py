@@ -13,7 +13,7 @@ from graphopt.errors import InputError, OutputError, UsageError
 
 def add_backend_commands(sub, add_plugin_flags) -> None:
     bench = sub.add_parser("bench", help="latency percentiles of a model on a backend, per batch size and threads")
-    bench.add_argument("model", help="an .onnx file")
+    bench.add_argument("model", help="an .onnx file (backend x86: an AOTInductor package or a torch.export .pt2)")
     bench.add_argument("--backend", default="onnxruntime", help="a registered backend (default: onnxruntime)")
     bench.add_argument("--batch", default="1", metavar="1,8",
                        help="batch sizes, comma-separated (default 1); they fill the symbolic first dimension")
@@ -28,8 +28,8 @@ def add_backend_commands(sub, add_plugin_flags) -> None:
     add_plugin_flags(bench)
 
     compare = sub.add_parser("compare", help="how far model B's outputs are from model A's (SQNR, top-1, accuracy)")
-    compare.add_argument("a", help="the reference model (.onnx)")
-    compare.add_argument("b", help="the model compared against it (.onnx)")
+    compare.add_argument("a", help="the reference model (.onnx; backend x86: a .pt2 package or program)")
+    compare.add_argument("b", help="the model compared against it (.onnx; backend x86: a .pt2)")
     compare.add_argument("--data", metavar="DATA.npz",
                          help="inputs: one array per input name, samples on the first axis (default: fixed-seed "
                               "random samples)")
@@ -83,17 +83,34 @@ def _shape_overrides(items: list[str]) -> dict[str, list[int | None]]:
     return shapes
 
 
+def _model_file(backend, path: str):
+    """The model file a backend runs: for an ONNX backend the ModelProto (:func:`_onnx_file`), else the path (the
+    backend's session gives the one-line errors)."""
+    if "onnx" in backend.irs:
+        return _onnx_file(path)
+    from graphopt.errors import ModelLoadError
+
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ModelLoadError(f"{path}: is a directory, not a model file")
+    return path
+
+
 def _onnx_file(path: str):
     """An .onnx file as a ModelProto, with the one-line errors `graphopt run` gives for bad models."""
     import onnx
     from google.protobuf.message import DecodeError
 
     from graphopt.errors import ModelLoadError, first_line
+    from graphopt.ir.torch_files import looks_like_torch_file
 
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
     if os.path.isdir(path):
         raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
+    if looks_like_torch_file(path):
+        raise ModelLoadError(f"{path}: a PyTorch file, not ONNX (run it with --backend x86)")
     try:
         model = onnx.load(path)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
@@ -119,7 +136,7 @@ def cmd_bench(args) -> int:
         raise UsageError(f"--iters must be at least 1 and --warmup at least 0 (got {args.iters}, {args.warmup})")
     shapes = _shape_overrides(args.shape)
     backend = get_backend(registry_from_args(args), args.backend)
-    _onnx_file(args.model)  # a missing or broken file gets graphopt's own one-line error
+    _model_file(backend, args.model)  # a missing or broken file gets graphopt's own one-line error
     result = backend.bench(args.model, batches, threads, warmup=args.warmup, iters=args.iters, shapes=shapes)
     print(f"{args.model}: {result.size_bytes:,} bytes; backend {backend.name}; {args.warmup} warm-up + "
           f"{args.iters} timed runs per row, fixed-seed inputs")
@@ -157,7 +174,7 @@ def cmd_compare(args) -> int:
     if args.labels and not args.data:
         raise UsageError("--labels names an array in --data; give --data too")
     backend = get_backend(registry_from_args(args), args.backend)
-    model_a, model_b = _onnx_file(args.a), _onnx_file(args.b)
+    model_a, model_b = _model_file(backend, args.a), _model_file(backend, args.b)
     data = labels = None
     labels_key = args.labels or "labels"
     if args.data:
@@ -171,7 +188,8 @@ def cmd_compare(args) -> int:
     print(f"A: {args.a} ({model_size_bytes(args.a):,} bytes)  [reference]")
     print(f"B: {args.b} ({model_size_bytes(args.b):,} bytes)")
     print(f"inputs: {result.inputs}" + (f", {result.samples} samples" if args.data else ""))
-    unused = sorted(set(data or {}) - {i.name for i in model_a.graph.input})
+    inputs = backend.input_specs(backend.session(model_a)) if isinstance(model_a, str) else model_a.graph.input
+    unused = sorted(set(data or {}) - {i.name for i in inputs})
     if unused:
         print(f"note: {args.data}: not used: {', '.join(unused)} (not model inputs; labels are read from "
               f"'{labels_key}', see --labels)")

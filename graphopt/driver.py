@@ -20,6 +20,7 @@ from graphopt.errors import (
     ModelLoadError,
     NumericMismatchError,
     PassError,
+    UnsupportedError,
     UsageError,
     VerificationError,
 )
@@ -98,9 +99,11 @@ class RunResult:
     ctx: PassContext
     source: dict[str, Any] = field(default_factory=dict)  # the input's describe(): ir, nodes, parameters
     written: list[str] = field(default_factory=list)  # the files written (the model, its external data)
+    artifact: dict[str, Any] = field(default_factory=dict)  # the backend's facts about the written file (write())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pipeline": self.pipeline, "resolved": self.resolved, **self.report.to_dict()}
+        extra = {"artifact": self.artifact} if self.artifact else {}
+        return {"pipeline": self.pipeline, "resolved": self.resolved, **self.report.to_dict(), **extra}
 
 
 class Driver:
@@ -140,7 +143,12 @@ class Driver:
 
     # -- loading ------------------------------------------------------------------------------------------
     def load(self, model: Any) -> Graph:
-        return load_model(model, self.config.example_inputs, trust_pickle=self.config.trust_pickle)
+        graph = load_model(model, self.config.example_inputs, trust_pickle=self.config.trust_pickle)
+        refusal = self.backend.refuse_ir(graph.ir)
+        if refusal:
+            where = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "the model"
+            raise UnsupportedError(f"{where}: {refusal}")
+        return graph
 
     def context(self, graph: Graph) -> PassContext:
         ctx = self.ctx or PassContext(registry=self.registry)
@@ -220,6 +228,7 @@ class Driver:
             except ValueError as exc:
                 self._verify_as_the_input_allows(model, out, report, exc)
         written: list[str] = []
+        artifact: dict[str, Any] = {}
         if output is None:
             manager.finish(out, report)
         elif out.ir == "onnx":  # written beside its place; the check's last run is on that file, then it moves
@@ -237,14 +246,14 @@ class Driver:
         else:
             staged = Staged(output)
             try:
-                out.save(staged.staged_path)
+                artifact = self.backend.write(out, staged.staged_path)  # as the backend deploys it
                 manager.finish(out, report)
                 if before_move is not None:
                     before_move(staged.staged_path, out)
                 written = staged.commit()
             finally:
                 staged.discard()
-        return RunResult(out, report, str(self.pipeline), format_passes(self.passes), ctx, source, written)
+        return RunResult(out, report, str(self.pipeline), format_passes(self.passes), ctx, source, written, artifact)
 
     def _verify_as_the_input_allows(self, model: Any, out: Graph, report: RunReport, exc: ValueError) -> None:
         """The result fails the full check: a pass broke it (VerificationError) — unless the input itself fails

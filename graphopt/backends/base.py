@@ -164,13 +164,19 @@ def iter_batches(specs: list[InputSpec], data: Mapping[str, np.ndarray], batch_s
 
 
 def model_size_bytes(model: Any) -> int:
-    """Bytes of a model as stored: an .onnx path and its external data files, or a serialized ModelProto."""
+    """Bytes of a model as stored: an .onnx path and its external data files, a PyTorch file (a torch.export
+    program, an AOTInductor package: the file), a serialized ModelProto; for an FX graph or nn.Module, the bytes of
+    its parameters and buffers."""
     if isinstance(model, (str, os.PathLike)):
         import onnx
         from onnx.external_data_helper import uses_external_data
 
+        from graphopt.ir.torch_files import looks_like_torch_file
+
         path = os.fspath(model)
         size = os.path.getsize(path)
+        if not path.endswith(".onnx") and looks_like_torch_file(path):  # a program, a package: one file
+            return size
         proto = onnx.load(path, load_external_data=False)
         locations = set()
         for tensor in proto.graph.initializer:
@@ -185,6 +191,9 @@ def model_size_bytes(model: Any) -> int:
         model = model.to_model()
     if hasattr(model, "ByteSize"):
         return int(model.ByteSize())
+    module = getattr(model, "gm", model)  # FxGraph -> its GraphModule
+    if hasattr(module, "state_dict"):
+        return int(sum(t.numel() * t.element_size() for t in module.state_dict().values()))
     raise TypeError(f"cannot size a {type(model).__name__}")
 
 
@@ -201,6 +210,7 @@ class Backend(ABC):
     """
 
     name: ClassVar[str] = ""
+    irs: ClassVar[frozenset[str]] = frozenset({"onnx"})  # the IRs it runs (and times, compares, evaluates)
 
     @abstractmethod
     def scheme(self, request: QuantRequest | None = None) -> QuantScheme:
@@ -222,6 +232,18 @@ class Backend(ABC):
     @abstractmethod
     def run(self, session: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """One run: the outputs as numpy arrays, in the model's output order."""
+
+    def write(self, graph: Any, path: str) -> dict[str, Any]:
+        """Write ``graph`` (an optimized :class:`graphopt.ir.Graph`) to ``path`` as this backend deploys it; return
+        facts about the artifact for the report (a ``summary`` list of lines to print, the rest for the JSON).
+        Default: the graph's own format (``graph.save``), no facts."""
+        graph.save(path)
+        return {}
+
+    def refuse_ir(self, ir: str) -> str | None:
+        """Why a run on this backend must refuse a model of IR ``ir`` outright (None: it is accepted, even when the
+        backend cannot time it, as a PyTorch model with the default onnxruntime backend is optimized and saved)."""
+        return None
 
     def _as_session(self, model: Any, threads: int = 0) -> Any:
         return model if self.is_session(model) else self.session(model, threads)

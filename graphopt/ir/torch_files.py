@@ -84,6 +84,13 @@ def read_torch_file(path: str, *, trust_pickle: bool = False):
 
 
 # -- what the bytes are ------------------------------------------------------------------------------------------
+def torch_file_kind(path: str) -> str:
+    """``"export"`` (a torch.export program), ``"aoti"`` (an AOTInductor package), ``"torchscript"``,
+    ``"torch.save"`` or ``"pickle"``, told from the bytes; a file that is none of them (an ONNX model) is a
+    :class:`ModelLoadError`."""
+    return _kind(path)
+
+
 def _kind(path: str) -> str:
     if os.path.isdir(path):
         raise ModelLoadError(f"{path}: is a directory, not a model file")

@@ -34,6 +34,7 @@ import onnx
 
 from graphopt.backends.base import Accuracy, BackendError, DataError, check_feeds, iter_batches
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
+from graphopt.errors import UsageError
 from graphopt.ir.expose import expose as _expose
 from graphopt.ir.feeds import samples as random_samples
 from graphopt.ir.onnx_graph import OnnxGraph
@@ -323,7 +324,10 @@ def compare_models(model_a, model_b, data: Mapping[str, np.ndarray] | None = Non
     without data, on ``samples`` fixed-seed random samples. With ``labels`` also the top-1 accuracy of both
     (first output). ``per_layer`` adds the per-layer SQNR table on the first ``per_layer_samples`` samples."""
     backend = backend or OnnxRuntimeBackend()
-    a, b = _proto(model_a), _proto(model_b)
+    a, b = (_proto(model_a), _proto(model_b)) if "onnx" in backend.irs else (model_a, model_b)
+    if per_layer and "onnx" not in backend.irs:
+        raise UsageError(f"per-layer SQNR compares ONNX models' tensors by name; backend {backend.name} runs "
+                         f"{', '.join(sorted(backend.irs))} models (compare the outputs only)")
     sess_a, sess_b = backend.session(a, threads), backend.session(b, threads)
     specs_a, specs_b = backend.input_specs(sess_a), backend.input_specs(sess_b)
     if sorted(s.name for s in specs_a) != sorted(s.name for s in specs_b):

@@ -42,12 +42,16 @@ def cost_report(before: ModelCosts | str, after: ModelCosts | str, top: int = 10
             "_layers_top": top}
 
 
-def measure_run(before: str, after: str, backend, *, data: dict | None = None, labels=None,
+def measure_run(before: Any, after: str, backend, *, data: dict | None = None, labels=None,
                 labels_key: str = "labels", bench: bool = False, threads: int = 0, top: int = 10,
-                costs: tuple[ModelCosts | str, ModelCosts | str] | None = None) -> dict[str, Any]:
-    """Measure the input model ``before`` against the output ``after`` (paths); see the module docstring.
-    ``costs``: both models' :func:`measure_costs` when the caller has them (else the files are loaded)."""
-    report: dict[str, Any] = {"size_bytes": {"before": model_size_bytes(before), "after": model_size_bytes(after)}}
+                costs: tuple[ModelCosts | str, ModelCosts | str] | None = None,
+                sizes: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Measure the input model ``before`` (a path, or a graph the backend runs) against the output ``after`` (a
+    path); see the module docstring. ``costs``: both models' :func:`measure_costs` when the caller has them (else
+    the files are loaded); ``sizes``: both sizes in bytes (else the models'). The per-layer SQNR table needs
+    ONNX models (a backend that runs them)."""
+    sizes = sizes or (model_size_bytes(before), model_size_bytes(after))
+    report: dict[str, Any] = {"size_bytes": {"before": sizes[0], "after": sizes[1]}}
     if costs is None:
         from graphopt.ir import load_model
 
@@ -59,8 +63,8 @@ def measure_run(before: str, after: str, backend, *, data: dict | None = None, l
         report["latency_ms"] = {"before": stats[0].p50_ms, "after": stats[1].p50_ms, "batch": 1,
                                 "threads": threads, "statistic": "p50"}
     if data is not None:
-        comparison = compare_models(before, after, data, labels, labels_key=labels_key, per_layer=True,
-                                    backend=backend, threads=threads)
+        comparison = compare_models(before, after, data, labels, labels_key=labels_key,
+                                    per_layer="onnx" in backend.irs, backend=backend, threads=threads)
         report["comparison"] = comparison.to_dict()
         report["_comparison"] = comparison
         report["_top"] = top
