@@ -117,13 +117,12 @@ class Driver:
         self.backend = self._backend(config.backend)
         self.extra_instruments = [self._instrument(i) for i in config.instruments]
         self.ctx = ctx
-        for name in ("finetune", "qat"):
-            fn = getattr(config, name)
+        for label, fn in (("finetune=", config.finetune), ("qat=", config.qat)):
             if fn is not None and not callable(fn):
-                raise UsageError(f"{name}= must be a function of the module, got {type(fn).__name__}")
+                raise UsageError(f"{label} must be a function of the module, got {type(fn).__name__}")
         if config.qat is not None and not any(p.trains for p in self.passes):
-            raise UsageError(f"qat= is given but no pass of '{config.passes}' trains the model (use the int8-qat "
-                             f"pipeline, or the qat pass)")
+            raise UsageError(f"qat= is given but no pass of '{config.passes}' trains the model (use a pipeline "
+                             f"with a pass that trains it: int8-qat)")
 
     def _backend(self, backend):
         if isinstance(backend, str):

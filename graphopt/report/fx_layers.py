@@ -14,7 +14,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from graphopt.report.metrics import LayerSQNR, LayerTable, _count
+from graphopt.report.layers import LayerSQNR, LayerTable
+from graphopt.report.layers import count_samples as _count
 
 _QDQ = ("quantize_per_tensor", "quantize_per_channel", "dequantize_per_tensor", "dequantize_per_channel",
         "choose_qparams")

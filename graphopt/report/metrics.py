@@ -25,8 +25,7 @@ compared on the unmodified models.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -39,17 +38,16 @@ from graphopt.ir.expose import expose as _expose
 from graphopt.ir.feeds import samples as random_samples
 from graphopt.ir.onnx_graph import OnnxGraph
 from graphopt.numeric import (
-    cosine,
     cosine_similarity,
     fmt_db,
     max_rel_error,
-    rel_error,
-    sqnr,
     sqnr_db,
     top1_accuracy,
     top1_agreement,
     top1_correct,
 )
+from graphopt.report.layers import LayerSQNR, LayerTable, jsonable
+from graphopt.report.layers import count_samples as _count
 from graphopt.table import format_table
 
 # the measures are graphopt.numeric's; their names stay importable from here
@@ -65,15 +63,6 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 def is_logits(array: np.ndarray) -> bool:
     """Whether an output looks like classification logits: (samples, classes) with more than one class."""
     return array.ndim == 2 and array.shape[1] > 1
-
-
-def jsonable(value: float | None) -> Any:
-    """A float for JSON: infinities as the strings "inf" / "-inf", NaN as null."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return value
 
 
 # -- per output -----------------------------------------------------------------------------------------------
@@ -167,71 +156,6 @@ def match_tensors(model_a, model_b) -> tuple[list[TensorMatch], list[str]]:
     return matches, unmatched
 
 
-@dataclass
-class LayerSQNR:
-    tensor: str
-    other: str
-    op_type: str
-    index: int
-    signal: float = 0.0
-    noise: float = 0.0
-    dot: float = 0.0
-    other_power: float = 0.0
-    max_abs_ref: float = 0.0
-    max_abs_err: float = 0.0
-
-    def add(self, ref: np.ndarray, x: np.ndarray) -> None:
-        ref, x = np.asarray(ref, np.float64), np.asarray(x, np.float64)
-        d = x - ref
-        self.signal += float(np.sum(ref * ref))
-        self.noise += float(np.sum(d * d))
-        self.dot += float(np.sum(ref * x))
-        self.other_power += float(np.sum(x * x))
-        if ref.size:
-            self.max_abs_ref = max(self.max_abs_ref, float(np.max(np.abs(ref))))
-            self.max_abs_err = max(self.max_abs_err, float(np.max(np.abs(d))))
-
-    @property
-    def sqnr_db(self) -> float:
-        return sqnr(self.signal, self.noise)
-
-    @property
-    def cosine(self) -> float:
-        return cosine(self.dot, self.signal, self.other_power)
-
-    @property
-    def max_rel_err(self) -> float:
-        return rel_error(self.max_abs_err, self.max_abs_ref)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"tensor": self.tensor, "compared_with": self.other, "op_type": self.op_type, "index": self.index,
-                "sqnr_db": jsonable(self.sqnr_db), "cosine": self.cosine, "max_rel_err": self.max_rel_err}
-
-
-@dataclass
-class LayerTable:
-    """Per-layer SQNR rows, worst (lowest SQNR) first; ``unmatched``: A's tensors B has no counterpart for;
-    ``skipped``: matched names whose values could not be compared (not float, or shapes differ), with why."""
-
-    rows: list[LayerSQNR]
-    unmatched: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-    samples: int = 0
-
-    def table(self, top: int | None = None) -> str:
-        shown = self.rows if top is None else self.rows[:top]
-        table = [("#", "tensor", "op", "in B", "SQNR dB", "cosine", "max rel err")]
-        for r in shown:
-            table.append((str(r.index) if r.index >= 0 else "input", r.tensor, r.op_type,
-                          "as is" if r.other == r.tensor else "after Q/DQ", fmt_db(r.sqnr_db), f"{r.cosine:.6f}",
-                          f"{r.max_rel_err:.2e}"))
-        return format_table(table)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"samples": self.samples, "layers": [r.to_dict() for r in self.rows], "unmatched": self.unmatched,
-                "skipped": self.skipped}
-
-
 def _proto(model) -> onnx.ModelProto:
     if hasattr(model, "to_model"):  # OnnxGraph
         return model.to_model()
@@ -286,12 +210,6 @@ def per_layer_sqnr(model_a, model_b, batches: Iterable[Mapping[str, np.ndarray]]
     rows = [r for name, r in acc.items() if name not in skipped]
     rows.sort(key=lambda r: (r.sqnr_db, r.index))
     return LayerTable(rows, unmatched, skipped, samples)
-
-
-def _count(feeds: Mapping[str, np.ndarray]) -> int:
-    for v in feeds.values():
-        return int(np.shape(v)[0]) if np.ndim(v) else 1
-    return 0
 
 
 # -- a whole comparison ---------------------------------------------------------------------------------------
