@@ -1,6 +1,8 @@
 """The backends graphopt ships: onnxruntime's CPU execution provider for ONNX models, and x86 (inductor with
-freezing, oneDNN int8 kernels) for PyTorch models. Each one's int8 scheme is what the quantization passes place for
-it (``--backend``)."""
+freezing, oneDNN int8 kernels) for PyTorch models, with torch's deprecated eager int8 engines beside it for
+comparison (``x86-fx-x86``, ``x86-fx-fbgemm``, ``x86-fx-onednn``: the same scheme and Q/DQ graph, run on
+``torch.ops.quantized`` kernels in-process). Each one's int8 scheme is what the quantization passes place for it
+(``--backend``)."""
 
 from __future__ import annotations
 
@@ -13,3 +15,6 @@ from graphopt.backends.x86 import X86Backend
 def graphopt_register_backends(registry):
     registry.add_backend("onnxruntime", OnnxRuntimeBackend())
     registry.add_backend("x86", X86Backend())
+    for engine in ("fx-x86", "fx-fbgemm", "fx-onednn"):
+        backend = X86Backend(engine=engine)
+        registry.add_backend(backend.name, backend)

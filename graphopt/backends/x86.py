@@ -75,6 +75,8 @@ class X86Backend(Backend):
         self.reduce_range = u8s8_saturates() if reduce_range is None else reduce_range
         self.engine = engine
         self.use_cache = use_cache
+        if engine != "inductor":  # reports and the scheme say which engine ran
+            self.name = f"x86-{engine}"
 
     def __repr__(self) -> str:
         return f"X86Backend(engine={self.engine!r})"

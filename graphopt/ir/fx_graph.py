@@ -107,7 +107,8 @@ class FxGraph(Graph):
     def save(self, path: str) -> None:
         """``.onnx``: torch.onnx.export — an ATen graph (what torch.export and the int8 passes make, Q/DQ ops
         included: they become QuantizeLinear / DequantizeLinear) through the dynamo exporter with its dynamic
-        dimensions kept, a traced module through the TorchScript exporter. Any other suffix: a torch.export program
+        dimensions kept and without its per-node debug notes (in a small int8 model they are 5x the weights), a
+        traced module through the TorchScript exporter. Any other suffix: a torch.export program
         of the module and its example inputs (``torch.export.save``, batch dimension dynamic where the module
         allows), which graphopt reloads without trusting a pickle."""
         torch = _torch()
@@ -142,8 +143,17 @@ class FxGraph(Graph):
         except Exception as exc:
             raise UnsupportedError(f"{path}: torch.onnx cannot export the module ({first_line(exc)}) (keep it as a "
                                    f".pt2 program, or the Python API's result.model)") from None
+        import onnx
+
+        model = program.model_proto
+        for node in model.graph.node:  # the exporter's debug notes (stack traces, module paths): most of a small file
+            del node.metadata_props[:]
+        del model.graph.value_info[:]  # intermediate shapes: onnxruntime infers them
+        kept = [p for p in model.graph.metadata_props if not p.key.startswith("pkg.torch.")]  # the graph signature
+        del model.graph.metadata_props[:]
+        model.graph.metadata_props.extend(kept)
         try:
-            program.save(path)
+            onnx.save_model(model, path, save_as_external_data=model.ByteSize() > 2**31 - 2**20)
         except OSError as exc:
             raise OutputError(f"{path}: cannot be written ({exc.strerror or first_line(exc)})") from None
 

@@ -148,9 +148,11 @@ def plan(gm, scheme: QuantScheme, exclude: tuple[str, ...] = (), keep_first: boo
         result.quantized.append(n)
     if scheme.requantize_outputs:
         for n in result.quantized:
-            users = list(n.users)
-            out = users[0] if len(users) == 1 and ops[users[0]] in scheme.fused_activations \
-                and not matches(users[0], exclude) else n
+            out = n
+            for follows in ({"BatchNormalization"}, scheme.fused_activations):  # QAT keeps conv -> BN to fold
+                users = list(out.users)
+                if len(users) == 1 and ops[users[0]] in follows and not matches(users[0], exclude):
+                    out = users[0]
             if usable(out):
                 result.outputs.add(out)
     _share_passthrough(nodes, ops, scheme, exclude, result, usable)
