@@ -6,7 +6,7 @@ It builds a :class:`graphopt.driver.RunConfig` and runs it through the same :cla
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from graphopt.driver import Driver, FineTune, RunConfig
@@ -25,6 +25,7 @@ class OptimizeResult:
     pipeline: str  # the resolved pipeline, aliases expanded
     _exported: Any = None
     backend: Any = None  # the run's backend: save() writes what it deploys (x86: an AOTInductor package)
+    artifact: dict = field(default_factory=dict)  # the backend's facts about the file output= wrote (x86: kernels)
 
     @property
     def model(self) -> Any:
@@ -98,4 +99,5 @@ def optimize(
                        trust_pickle=trust_pickle)
     driver = Driver(config, registry or default_registry(), ctx)
     result = driver.run(model, output)
-    return OptimizeResult(result.graph, result.report, result.resolved, backend=driver.backend)
+    return OptimizeResult(result.graph, result.report, result.resolved, backend=driver.backend,
+                          artifact=result.artifact)

@@ -94,3 +94,15 @@ def test_python_api_distillation_example(tmp_path):
     namespace = _exec_in(tmp_path, code)
     notes = namespace["pruned"].report.records[-1].notes
     assert any("fine-tuned by" in n for n in notes), notes
+
+
+def test_python_api_qat_example(tmp_path):
+    """The QAT example: the pruned digits CNN through int8-qat on x86, written as an AOTInductor package whose
+    kernels are int8."""
+    code = ("import copy, graphopt, torch\nfrom graphopt import zoo\nmodel = zoo.train_digits_cnn(epochs=2)\n"
+            "x_train, y_train, _, _ = zoo.digits_data(0)\n" + blocks("python", "The Python API")[2]
+            + blocks("python", "The Python API")[3])
+    namespace = _exec_in(tmp_path, code)
+    assert (tmp_path / "digits.int8.pt2").exists()
+    summary = " ".join(namespace["int8"].artifact["summary"])
+    assert "int8" in summary, summary
