@@ -30,9 +30,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from graphopt.backends.base import BackendError
-from graphopt.backends.x86_export import attr, dynamic_dims, export_dynamic, quiet, strip_guards, torch_module
+from graphopt.backends.x86_export import dynamic_dims, export_dynamic, quiet, strip_guards, torch_module
 from graphopt.errors import first_line
 from graphopt.ir.feeds import InputSpec
+from graphopt.ir.fx_ops import get_attr
 
 LOWERING_VERSION = 1  # bump when the lowering below changes what a package holds: old cache entries are not reused
 INDUCTOR_CONFIGS = {"freezing": True}
@@ -103,7 +104,7 @@ def cache_key(gm, example_inputs, dims: list[tuple[int, ...]]) -> str:
     tensors = dict(gm.state_dict(keep_vars=True))
     for node in gm.graph.nodes:  # tensors a get_attr reads that are not parameters or buffers (PT2E's scales)
         if node.op == "get_attr" and node.target not in tensors:
-            value = attr(gm, node.target)
+            value = get_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
                 tensors[node.target] = value
     for name in sorted(tensors):

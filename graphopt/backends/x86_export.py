@@ -13,6 +13,7 @@ import contextlib
 from typing import Any
 
 from graphopt.errors import UnsupportedError, first_line
+from graphopt.ir.fx_ops import get_attr
 
 INSTALL_HINT = "pip install 'graphopt[torch]'"
 
@@ -48,14 +49,6 @@ def dynamic_dims(example_inputs) -> list[tuple[int, ...]]:
     return [tuple(rule(x)) for x in example_inputs]
 
 
-def _widen(x, dims: tuple[int, ...]):
-    """``x`` repeated along each of ``dims`` whose size is 1 (export specializes dims of size 0 or 1)."""
-    for d in dims:
-        if x.shape[d] == 1:
-            x = x.repeat_interleave(2, dim=d)
-    return x
-
-
 def strip_guards(gm) -> None:
     """Remove the ``_guards_fn`` call a ``torch.export(...).module()`` carries: it asserts the *original*
     export's input shapes (``x.size()[0] == 2``), which would fix every dim again on re-export."""
@@ -66,13 +59,12 @@ def strip_guards(gm) -> None:
 
 
 def export_dynamic(gm, example_inputs) -> tuple[Any, dict[str, list[int]], str]:
-    """``(exported program, input name -> dynamic dims, why static)``. ``gm`` is exported with :func:`dynamic_dims`
-    as ``Dim.AUTO``, then with the batch dims only, and each program is probed: run (eagerly, with torch.export's
-    guards) on inputs one larger in every dim it made dynamic. A graph that fixes a size (a view to the example's
-    ``[2, 8, 4, 16]`` holds only while batch x sequence = 16: export keeps that as a guard, not a static dim, and an
-    AOTInductor package does not check guards) fails the probe; when every attempt fails it is exported static,
-    with the reason."""
-    torch = torch_module()
+    """``(exported program, input name -> dynamic dims, why static)``: :func:`graphopt.ir.fx_graph.export_with_dims`
+    with :func:`dynamic_dims`, then with the batch dims only (each program probed one size larger: an AOTInductor
+    package checks no guard at run time, so a dim the graph does not really free must not reach it); static, with
+    the reason, when every attempt fails or inductor would miscompile the dynamic form (:func:`_dynamic_hazard`)."""
+    from graphopt.ir.fx_graph import export_with_dims
+
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     static = {n: [] for n in names}
     reason = _dynamic_hazard(gm)
@@ -81,36 +73,10 @@ def export_dynamic(gm, example_inputs) -> tuple[Any, dict[str, list[int]], str]:
     wanted = dynamic_dims(example_inputs)
     attempts = [wanted] + ([[d[:1] for d in wanted]] if any(len(d) > 1 for d in wanted) else [])
     for dims in attempts:
-        widened = tuple(_widen(x, d) for x, d in zip(example_inputs, dims))
-        spec = tuple({d: torch.export.Dim.AUTO for d in ds} for ds in dims)
-        try:
-            program = torch.export.export(gm, widened, dynamic_shapes=spec)
-        except Exception as exc:
-            reason = f"torch.export could not free them: {first_line(exc, 160)}"
-            continue
-        user_inputs = set(program.graph_signature.user_inputs)
-        placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
-        dynamic = {name: [i for i, d in enumerate(getattr(node.meta.get("val"), "shape", ()))
-                          if not isinstance(d, int)] for name, node in zip(names, placeholders)}
-        if not any(dynamic.values()):
-            return program, static, "the model fixes every dim torch.export was asked to free"
-        probe = tuple(_grow(x, dynamic[name]) for name, x in zip(names, widened))
-        try:
-            with torch.no_grad():
-                program.module()(*probe)
-        except Exception as exc:
-            reason = f"the graph holds a size of its example inputs: {first_line(exc, 120)}"
-            continue
-        return program, dynamic, ""
+        program, dynamic, reason = export_with_dims(gm, example_inputs, dims)
+        if program is not None:
+            return program, {name: dynamic.get(i, []) for i, name in enumerate(names)}, ""
     return _export_static(gm, example_inputs), static, reason
-
-
-def _grow(x, dims: list[int]):
-    """``x`` one larger along each of ``dims`` (its first slice repeated: valid token ids stay valid)."""
-    torch = torch_module()
-    for d in dims:
-        x = torch.cat([x, x.narrow(d, 0, 1)], dim=d)
-    return x
 
 
 def _export_static(gm, example_inputs):
@@ -152,12 +118,5 @@ def _weight_shape(gm, node):
         return tuple(val.shape)
     while getattr(node, "op", None) == "call_function" and node.args:  # dequantize_per_channel(get_attr, ...)
         node = node.args[0]
-    value = attr(gm, node.target) if getattr(node, "op", None) == "get_attr" else None
+    value = get_attr(gm, node.target) if getattr(node, "op", None) == "get_attr" else None
     return tuple(value.shape) if value is not None and hasattr(value, "shape") else None
-
-
-def attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj

@@ -23,7 +23,7 @@ from __future__ import annotations
 import operator
 from collections import Counter
 
-from graphopt.backends.x86_export import attr
+from graphopt.ir.fx_ops import get_attr
 
 
 def lower_fx(gm, engine: str, example_inputs):
@@ -89,11 +89,11 @@ class _Lowering:
         w = node.args[0]
         if not (isinstance(w, torch.fx.Node) and w.op == "get_attr") or node.args[-1] != torch.int8:
             return None
-        value = attr(self.gm, w.target)
+        value = get_attr(self.gm, w.target)
         if node.target == self.DQ:
             scale, zp = node.args[1:3]
             return torch._make_per_tensor_quantized_tensor(value, float(scale), int(zp))
-        scales, zps, axis = (attr(self.gm, a.target) if isinstance(a, torch.fx.Node) else a for a in node.args[1:4])
+        scales, zps, axis = (get_attr(self.gm, a.target) if isinstance(a, torch.fx.Node) else a for a in node.args[1:4])
         if axis != 0:
             return None
         return torch._make_per_channel_quantized_tensor(value, scales.double(), zps.long(), 0)
@@ -114,7 +114,7 @@ class _Lowering:
             (self.weight(args[1]) if isinstance(args[1], torch.fx.Node) else None)
         if q is None or qweight is None:
             return None
-        bias = attr(self.gm, args[2].target) if isinstance(args[2], torch.fx.Node) else None
+        bias = get_attr(self.gm, args[2].target) if isinstance(args[2], torch.fx.Node) else None
         if node.target == self.LINEAR:
             return "linear", q, torch.ops.quantized.linear_prepack(qweight, bias)
         stride, padding, dilation, groups = (args[3] or [1, 1], args[4] or [0, 0], args[5] or [1, 1], args[6] or 1)
@@ -160,7 +160,7 @@ class _Lowering:
                 self.value(node)  # placeholders in order, float ops, the output
         self.graph.eliminate_dead_code()
         self.graph.lint()
-        owned = {n.target: self.attrs[n.target] if n.target in self.attrs else attr(self.gm, n.target)
+        owned = {n.target: self.attrs[n.target] if n.target in self.attrs else get_attr(self.gm, n.target)
                  for n in self.graph.nodes if n.op in ("get_attr", "call_module")}
         return self.torch.fx.GraphModule(owned, self.graph)
 

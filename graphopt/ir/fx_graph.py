@@ -314,36 +314,60 @@ def dynamic_dims(example) -> list[int]:
     return [0] + ([1] if example.dim() == 2 and not example.is_floating_point() else [])
 
 
-def export_dynamic(module, example_inputs: Sequence[Any]):
-    """``torch.export.export`` of ``module`` with the batch dimension of every input dynamic, and the sequence
-    dimension of integer (B, S) inputs (token ids): one program for any batch size and sequence length. torch
-    specializes a dimension whose example size is 1, so such examples are repeated to 2 for tracing (the values
-    do not matter to the program). A model that needs its example sizes (a hard-coded reshape, a loop over a
-    dimension: the program then fails its own guard on the example inputs) is exported as it is, with static
-    shapes."""
+def export_with_dims(module, example_inputs: Sequence[Any], dims: Sequence[Sequence[int]]):
+    """``torch.export.export`` of ``module`` asking for ``dims`` (per input) as ``Dim.AUTO``, checked: returns
+    ``(program, {input index: its dynamic dims}, "")``, or ``(None, {}, why)`` when no asked dim came out dynamic
+    and working. torch specializes a dim whose example size is 1, so such examples are repeated to 2 for tracing
+    (the values do not matter to the program). The program is then run on inputs one larger in every dim it made
+    dynamic: a graph that holds a size of its example inputs (a view to ``[2, 8, 4, 16]`` holds only while batch x
+    sequence = 16; a loop over the batch) keeps it as a guard, not a static dim, and fails that probe."""
     torch = _torch()
     from torch.export import Dim
 
-    args = tuple(example_inputs)
-    traced, dynamic = [], []
-    for a in args:
-        dims = dynamic_dims(a)
-        if not dims:
-            traced.append(a)
-            dynamic.append(None)
-            continue
-        repeats = [2 if (i in dims and a.shape[i] == 1) else 1 for i in range(a.dim())]
-        traced.append(a.repeat(*repeats) if any(r > 1 for r in repeats) else a)
-        dynamic.append({i: Dim.AUTO for i in dims})
+    traced = []
+    for x, ds in zip(example_inputs, dims):
+        for d in ds:
+            if x.shape[d] == 1:
+                x = x.repeat_interleave(2, dim=d)
+        traced.append(x)
+    spec = tuple({d: Dim.AUTO for d in ds} or None for ds in dims)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            program = torch.export.export(module, tuple(traced), dynamic_shapes=tuple(dynamic))
-            with torch.no_grad():  # a dim the trace specialized (range(x.shape[0])) fails the guard on the example
-                program.module()(*args)
-            return program
-        except Exception:
-            return torch.export.export(module, args)
+            program = torch.export.export(module, tuple(traced), dynamic_shapes=spec)
+        except Exception as exc:
+            return None, {}, f"torch.export could not free them: {first_line(exc, 160)}"
+    user_inputs = set(program.graph_signature.user_inputs)
+    values = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    dynamic = {i: [d for d, size in enumerate(getattr(v, "shape", ())) if not isinstance(size, int)]
+               for i, v in enumerate(values)}
+    if not any(dynamic.values()):
+        return None, {}, "the model fixes every dim torch.export was asked to free"
+    probe = []
+    for i, x in enumerate(traced):
+        for d in dynamic.get(i, []):
+            x = torch.cat([x, x.narrow(d, 0, 1)], dim=d)  # its first slice repeated: token ids stay valid
+        probe.append(x)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program.module()(*probe)
+    except Exception as exc:
+        return None, {}, f"the graph holds a size of its example inputs: {first_line(exc, 120)}"
+    return program, {i: d for i, d in dynamic.items() if d}, ""
+
+
+def export_dynamic(module, example_inputs: Sequence[Any]):
+    """``torch.export.export`` of ``module`` with :func:`dynamic_dims` dynamic where the model allows
+    (:func:`export_with_dims`): one program for any batch size and sequence length. A model that needs its
+    example sizes is exported as it is, with static shapes."""
+    torch = _torch()
+    program, _, _ = export_with_dims(module, example_inputs, [dynamic_dims(x) for x in example_inputs])
+    if program is not None:
+        return program
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(module, tuple(example_inputs))
 
 
 def _program_inputs(program) -> tuple | None:
