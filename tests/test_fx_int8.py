@@ -232,3 +232,27 @@ def test_per_layer_sqnr_on_fx_matches_tensors_by_node_name(registry):
     assert table.samples == 32 and not table.unmatched
     sqnrs = [r.sqnr_db for r in table.rows]
     assert sqnrs == sorted(sqnrs) and min(sqnrs) > 25
+
+
+def test_cli_int8_on_a_static_batch_program_is_checked_and_counted(tmp_path, digits_trained):
+    """A torch.export program saved at batch 2 (a user's export, static shapes) through `graphopt run --passes
+    fold,int8 --calib --eval`: calibration reads batches of 2, the numeric check compares on the first 2 evaluation
+    samples instead of giving up, and the parameter count keeps the int8 weights (ONNX's initializer count)."""
+    from graphopt.cli import main
+
+    model, (x_train, _, x_test, y_test) = digits_trained
+    torch.export.save(torch.export.export(model, (torch.from_numpy(x_test[:2]),)), str(tmp_path / "m.pt2"))
+    np.savez(tmp_path / "calib.npz", x=x_train[:64])
+    np.savez(tmp_path / "eval.npz", x=x_test[:64], labels=y_test[:64])
+    out, report = tmp_path / "m.int8.pt2", tmp_path / "r.json"
+    code = main(["run", str(tmp_path / "m.pt2"), "--passes", "fold,int8", "--calib", str(tmp_path / "calib.npz"),
+                 "--eval", str(tmp_path / "eval.npz"), "-o", str(out), "--json", str(report), "-q"])
+    assert code == 0 and out.exists()
+    import json
+
+    data = json.loads(report.read_text())
+    numeric = data["checks"]["numeric"]
+    assert numeric["compared"] and "the first 2" in numeric["inputs"]
+    assert numeric["comparisons"][-1]["sqnr_db"] > 25
+    before, after = data["input"]["parameters"], data["output"]["parameters"]
+    assert 0.95 * before < after < 1.05 * before, (before, after)

@@ -19,7 +19,7 @@ import numpy as np
 
 from graphopt.errors import ModelLoadError, OutputError, UnsupportedError, UsageError, first_line
 from graphopt.ir.base import Graph
-from graphopt.ir.fx_ops import layer_call
+from graphopt.ir.fx_ops import get_attr, layer_call
 from graphopt.ir.ops import OpKind
 
 
@@ -209,7 +209,17 @@ class FxGraph(Graph):
         return Counter(self.op_name(n) for n in self.compute_nodes())
 
     def num_parameters(self) -> int:
-        return int(sum(p.numel() for p in self.gm.parameters()))
+        """Elements of the module's parameters, and of the other tensors its graph reads as constants (what a
+        quantized graph holds its int8 weights and scales in; BatchNorm statistics read by an ATen graph): the
+        count ONNX's initializers give."""
+        torch = _torch()
+        seen = {id(p): p.numel() for p in self.gm.parameters()}
+        for node in self.gm.graph.nodes:
+            if node.op == "get_attr":
+                value = get_attr(self.gm, node.target)
+                if isinstance(value, torch.Tensor):
+                    seen.setdefault(id(value), value.numel())
+        return int(sum(seen.values()))
 
     def input_names(self) -> list[str]:
         return [n.target for n in self.gm.graph.nodes if n.op == "placeholder"]

@@ -164,7 +164,11 @@ class NumericCheck(Instrument):
 
     def _candidates(self, graph, ctx):
         if self._inputs is not None:
-            return [(self._label or "the given inputs", self._inputs)]
+            inputs = _fit_batch(graph, self._inputs)
+            label = self._label or "the given inputs"
+            if inputs is not self._inputs:
+                label = f"{label} (the first {len(next(iter(inputs.values())))}: the model's batch is fixed)"
+            return [(label, inputs)]
         batch = _calibration_batch(graph, ctx)
         if batch is not None:
             return [(f"{len(next(iter(batch.values())))} calibration samples", batch)]
@@ -238,6 +242,21 @@ def _moved(diff: Difference, min_cosine: float, min_sqnr: float) -> str:
     if diff.nonfinite_mismatches:
         parts.append(f"{diff.nonfinite_mismatches} NaN/Inf elements")
     return ", ".join(parts)
+
+
+def _fit_batch(graph, inputs: dict) -> dict:
+    """``inputs`` cut to the model's fixed batch size when it has one and they hold more samples (a PyTorch program
+    exported at batch 1, an ONNX model with batch 1)."""
+    try:
+        fixed = {s.batch_dim for s in graph.input_specs() if s.name in inputs and s.batch_dim is not None}
+    except Exception:  # inputs graphopt cannot describe: leave them as given
+        return inputs
+    if len(fixed) != 1:
+        return inputs
+    k = fixed.pop()
+    if not any(np.ndim(v) and np.shape(v)[0] > k for v in inputs.values()):
+        return inputs
+    return {name: v[:k] if np.ndim(v) and np.shape(v)[0] > k else v for name, v in inputs.items()}
 
 
 def _calibration_batch(graph, ctx) -> dict | None:
