@@ -26,7 +26,6 @@ import ast
 import contextlib
 import functools
 import json
-import logging
 import os
 import pickle
 import pickletools
@@ -35,6 +34,7 @@ import warnings
 import zipfile
 
 from graphopt.errors import GraphoptError, ModelLoadError, UnsupportedError, first_line
+from graphopt.quiet import quiet_torch_logs
 
 TRUST_HINT = "pass --trust-pickle (trust_pickle=True) only for a file you trust"
 EXPORT_HINT = "save the whole program with torch.export.save as .pt2"
@@ -212,7 +212,7 @@ def _load_export(path: str, trust_pickle: bool):
 
     if not trust_pickle:
         _check_export_archive(path)
-    with open(path, "rb") as f, _quiet_torch_logs(), (contextlib.nullcontext() if trust_pickle
+    with open(path, "rb") as f, quiet_torch_logs(), (contextlib.nullcontext() if trust_pickle
                                                       else _weights_only_everywhere()):
         try:
             return torch.export.load(f)
@@ -329,20 +329,6 @@ def _weights_only_everywhere():
             os.environ.pop(key, None)
             if value is not None:
                 os.environ[key] = value
-
-
-@contextlib.contextmanager
-def _quiet_torch_logs():
-    """torch.export.load logs failed attempts with their tracebacks before it tries an older format, and warns
-    about pickle protocols its restricted unpickler reads anyway; the error graphopt reports is the one line."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)
 
 
 __all__ = ["looks_like_torch_file", "read_torch_file"]
