@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import torch
 
 from graphopt.backends.scheme import QuantScheme, TensorQuant
-from graphopt.ir.fx_ops import onnx_op_type
+from graphopt.ir.fx_ops import get_attr, onnx_op_type
 from graphopt.pt2e.observers import FakeQuant, PerChannelWeightObserver, RangeObserver
 from graphopt.pt2e.torchao import pt2e
 
@@ -81,16 +81,13 @@ def _float_tensor(x) -> bool:
     return isinstance(val, torch.Tensor) and val.is_floating_point()
 
 
-def _constant_weight(gm, node) -> torch.fx.Node | None:
+def _constant_weight(gm, node) -> tuple[torch.fx.Node, torch.Tensor] | None:
+    """The ``get_attr`` node of a weighted op's weight and its tensor, when it is a constant float matrix."""
     w = node.args[1] if len(node.args) > 1 else None
     if isinstance(w, torch.fx.Node) and w.op == "get_attr":
-        value = getattr(gm, w.target, None)
-        if value is None:
-            from graphopt.ir.fx_ops import get_attr
-
-            value = get_attr(gm, w.target)
+        value = get_attr(gm, w.target)
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:
-            return w
+            return w, value
     return None
 
 
@@ -121,12 +118,11 @@ def plan(gm, scheme: QuantScheme, exclude: tuple[str, ...] = (), keep_first: boo
     for n in chosen:
         op = ops[n]
         if op in scheme.weighted_ops:
-            w = _constant_weight(gm, n)
-            if w is None or not usable(n.args[0]):
+            weight = _constant_weight(gm, n)
+            if weight is None or not usable(n.args[0]):
                 continue
-            rank = n.args[1].meta["val"].dim() if "val" in n.args[1].meta else None
-            axis = scheme.channel_axis(op, {"transB": 1} if op == "Gemm" else None, rank)
-            result.weights[n] = (w, axis)
+            axis = scheme.channel_axis(op, {"transB": 1} if op == "Gemm" else None, weight[1].dim())
+            result.weights[n] = (weight[0], axis)
             result.inputs.add((n.args[0], n))
         elif op == "Add":
             tensors = [a for a in n.args[:2] if usable(a)]
@@ -177,13 +173,13 @@ def plan_dynamic(gm, scheme: QuantScheme, ops: tuple[str, ...], exclude: tuple[s
             if op in ("Gemm", "MatMul", "Conv"):
                 result.left_float[op] += 1
             continue
-        w = _constant_weight(gm, n)
-        if matches(n, exclude) or w is None or not _float_tensor(n.args[0]) \
-                or w.meta["val"].numel() < min_weight_elements:
+        weight = _constant_weight(gm, n)
+        if matches(n, exclude) or weight is None or not _float_tensor(n.args[0]) \
+                or weight[1].numel() < min_weight_elements:
             result.left_float[op] += 1
             continue
-        axis = scheme.channel_axis(op, {"transB": 1} if op == "Gemm" else None, w.meta["val"].dim())
-        result.weights[n] = (w, axis)
+        axis = scheme.channel_axis(op, {"transB": 1} if op == "Gemm" else None, weight[1].dim())
+        result.weights[n] = (weight[0], axis)
         result.inputs.add((n.args[0], n))
         result.quantized.append(n)
     return result
@@ -297,20 +293,16 @@ class SchemeQuantizer(_ao.Quantizer):
 
     def prepare_obs_or_fq_callback(self, model, edge_or_node_to_obs_or_fq) -> None:
         """Each activation observer gets the union of the calibrated ranges of the tensors it watches."""
-        ranges: dict[int, tuple[Any, list]] = {}
+        groups: dict[int, tuple[Any, list, str]] = {}  # observer -> its calibrated ranges, a tensor it watches
         for key, obs in edge_or_node_to_obs_or_fq.items():
-            if not isinstance(obs, (RangeObserver, FakeQuant)) or (isinstance(obs, FakeQuant) and obs.observe):
-                continue
+            if not isinstance(obs, (RangeObserver, FakeQuant)) or getattr(obs, "observe", False):
+                continue  # weights (their observers read the weight itself) and dynamic placeholders
             tensor = key[0] if isinstance(key, tuple) else key
-            entry = ranges.setdefault(id(obs), (obs, []))
+            _, found, _ = groups.setdefault(id(obs), (obs, [], tensor.name))
             if tensor.name in self.ranges:
-                entry[1].append(self.ranges[tensor.name])
-            elif not entry[1]:
-                entry[1].append(None)
-        for obs, found in ranges.values():
-            known = [r for r in found if r is not None]
-            if known:
-                obs.set_range(min(r[0] for r in known), max(r[1] for r in known))
+                found.append(self.ranges[tensor.name])
+        for obs, found, name in groups.values():
+            if found:
+                obs.set_range(min(r[0] for r in found), max(r[1] for r in found))
             else:
-                self.unranged.append(next((k[0] if isinstance(k, tuple) else k).name
-                                          for k, o in edge_or_node_to_obs_or_fq.items() if o is obs))
+                self.unranged.append(name)
