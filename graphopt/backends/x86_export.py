@@ -1,7 +1,7 @@
 """Exporting a PyTorch module for x86 lowering: which dims become dynamic, and checking that they really are.
 
 :func:`export_dynamic` asks ``torch.export`` for graphopt's dynamic dims (:func:`dynamic_dims`: the batch of every
-input, the sequence of token ids; the rule :func:`graphopt.ir.fx_graph.export_dynamic` applies when the quantizer
+input, the sequence of token ids; the rule :func:`graphopt.ir.fx_export.export_dynamic` applies when the quantizer
 captures a module), keeps only those that survive a probe run (an AOTInductor package checks no guard at run time)
 and that inductor compiles right (:func:`_dynamic_hazard`), and says why the rest stayed static. torch is imported
 inside functions only.
@@ -41,10 +41,10 @@ def quiet():
 
 # -- dynamic dims ------------------------------------------------------------------------------------------
 def dynamic_dims(example_inputs) -> list[tuple[int, ...]]:
-    """The dims asked to be dynamic, per input: graphopt's one rule (:func:`graphopt.ir.fx_graph.dynamic_dims`: the
+    """The dims asked to be dynamic, per input: graphopt's one rule (:func:`graphopt.ir.fx_export.dynamic_dims`: the
     batch of every input, and the sequence of integer (B, S) token ids). They are asked as ``Dim.AUTO`` and
     :func:`export_dynamic` keeps those that check out."""
-    from graphopt.ir.fx_graph import dynamic_dims as rule
+    from graphopt.ir.fx_export import dynamic_dims as rule
 
     return [tuple(rule(x)) for x in example_inputs]
 
@@ -59,11 +59,11 @@ def strip_guards(gm) -> None:
 
 
 def export_dynamic(gm, example_inputs) -> tuple[Any, dict[str, list[int]], str]:
-    """``(exported program, input name -> dynamic dims, why static)``: :func:`graphopt.ir.fx_graph.export_with_dims`
+    """``(exported program, input name -> dynamic dims, why static)``: :func:`graphopt.ir.fx_export.export_with_dims`
     with :func:`dynamic_dims`, then with the batch dims only (each program probed one size larger: an AOTInductor
     package checks no guard at run time, so a dim the graph does not really free must not reach it); static, with
     the reason, when every attempt fails or inductor would miscompile the dynamic form (:func:`_dynamic_hazard`)."""
-    from graphopt.ir.fx_graph import export_with_dims
+    from graphopt.ir.fx_export import export_with_dims
 
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     static = {n: [] for n in names}
