@@ -191,18 +191,20 @@ def _external_data_files(path: str) -> list[str]:
 def cmd_run(args) -> int:
     from graphopt.backends.base import DataError, model_size_bytes
     from graphopt.driver import Driver, RunConfig
-    from graphopt.passes.instruments import model_suffix
+    from graphopt.passes.instruments import FloatReference, model_suffix
     from graphopt.passes.manager import PassManager, bisect
     from graphopt.paths import atomic_write
     from graphopt.report.run_report import cost_report, format_run, jsonable_run, measure_costs, measure_run
 
     registry = registry_from_args(args)
     eval_data, labels = _eval_data(args)
+    reference = FloatReference()  # a PyTorch run's per-layer table compares the quantized graph with this one
     config = RunConfig(passes=args.passes, backend=args.backend, example_inputs=_example_inputs(args.input_shape),
                        calibration=args.calib, image_options=_image_options(args), eval_inputs=eval_data,
                        check=not args.no_check, rtol=args.rtol, verify_each=args.verify_each,
                        snapshot_dir=args.snapshot_dir, reproducer=args.reproducer,
-                       instruments=tuple(args.instrument), trust_pickle=args.trust_pickle)
+                       instruments=tuple(args.instrument) + ((reference,) if eval_data is not None else ()),
+                       trust_pickle=args.trust_pickle)
     driver = Driver(config, registry)  # pipeline, passes, backend, instruments: usage errors before loading
     graph = driver.load(args.model)  # reading writes nothing; what it reads is known once it is loaded
     output = args.output or default_output(args.model, graph.ir)
@@ -240,6 +242,9 @@ def cmd_run(args) -> int:
 
     run = driver.run(args.model, output, graph=graph, before_move=measure)
     out, report, before = run.graph, run.report, run.source
+    if reference.graph is not None and measured.get("_comparison") is not None:  # per layer, by FX node name
+        measured["_comparison"].per_layer = per_layer_sqnr_fx_data(reference.graph, out, eval_data)
+        measured["comparison"]["per_layer"] = measured["_comparison"].per_layer.to_dict()
     after = out.describe()
     say(f"{args.model}: {before['ir']}, {before['nodes']} nodes, {before['parameters']:,} parameters")
     for note in getattr(graph, "notes", []):  # what loading changed: IR < 4 upgraded, inputs with defaults
@@ -269,6 +274,19 @@ def cmd_run(args) -> int:
                     os.remove(path)
             raise
     return 0
+
+
+def per_layer_sqnr_fx_data(reference, result, data: dict, samples: int = 64, batch: int = 32):
+    """Per-layer SQNR of a PyTorch result against its float reference graph on the first ``samples`` of ``data``."""
+    from graphopt.report.metrics import per_layer_sqnr
+
+    names = result.input_names()
+    subset = {n: data[n][:samples] for n in names}
+    count = len(next(iter(subset.values())))
+    fixed = {s.batch_dim for s in result.input_specs() if s.batch_dim is not None}
+    step = fixed.pop() if len(fixed) == 1 else batch
+    batches = [{n: v[i:i + step] for n, v in subset.items()} for i in range(0, count - count % step or count, step)]
+    return per_layer_sqnr(reference, result, batches)
 
 
 def _check_line(numeric: dict) -> str:

@@ -256,3 +256,29 @@ def test_cli_int8_on_a_static_batch_program_is_checked_and_counted(tmp_path, dig
     assert numeric["comparisons"][-1]["sqnr_db"] > 25
     before, after = data["input"]["parameters"], data["output"]["parameters"]
     assert 0.95 * before < after < 1.05 * before, (before, after)
+
+
+def test_cli_eval_on_a_pytorch_model_prints_the_per_layer_table(tmp_path, capsys):
+    """`graphopt run m.pt2 --passes fold,int8 --eval e.npz` on a backend that runs PyTorch models (here torch's
+    eager x86 engine, which needs no compile): accuracy before/after and the per-layer SQNR table, FX node by
+    node, worst first, as on ONNX."""
+    import json
+
+    from graphopt.cli import main
+
+    model = _model()
+    x = _calib(64)["x"]
+    torch.export.save(torch.export.export(model, (torch.from_numpy(x[:2]),)), str(tmp_path / "m.pt2"))
+    np.savez(tmp_path / "calib.npz", x=x)
+    labels = model(torch.from_numpy(x)).argmax(1).numpy()
+    np.savez(tmp_path / "eval.npz", x=x, labels=labels)
+    report = tmp_path / "r.json"
+    code = main(["run", str(tmp_path / "m.pt2"), "--passes", "fold,int8", "--backend", "x86-fx-x86",
+                 "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
+                 "-o", str(tmp_path / "m.int8.pt2"), "--json", str(report)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "per-layer SQNR, worst first" in printed
+    layers = json.loads(report.read_text())["comparison"]["per_layer"]["layers"]
+    names = {layer["tensor"] for layer in layers}
+    assert {"conv2d", "relu", "linear"} <= names and layers[0]["sqnr_db"] <= layers[-1]["sqnr_db"]

@@ -2,8 +2,9 @@
 ``after_pipeline`` once the last pass has run.
 
 Built in: :class:`Verify` (onnx checker with shape inference / FX lint after each pass), the numeric check
-(:mod:`graphopt.passes.check`), :class:`Snapshot` (the graph after each pass, to a folder) and
-:class:`CrashReproducer` (the input graph and the failing pipeline, when a pass raises). Timing is recorded by
+(:mod:`graphopt.passes.check`), :class:`Snapshot` (the graph after each pass, to a folder),
+:class:`CrashReproducer` (the input graph and the failing pipeline, when a pass raises) and :class:`FloatReference`
+(the PyTorch graph an approximate pass starts from, for per-layer comparison). Timing is recorded by
 the manager for every pass. Plugins add more through ``graphopt_register_instruments`` (``--instrument NAME``).
 """
 
@@ -48,6 +49,22 @@ def model_suffix(graph) -> str:
 
 def snapshot_name(index: int, pass_name: str, suffix: str) -> str:
     return f"{index:02d}-{pass_name}{suffix}"
+
+
+class FloatReference(Instrument):
+    """Keeps a copy of the graph the first approximate pass receives when it is a PyTorch ATen graph (the float
+    graph a quantization pass starts from: captured, BatchNorm folded). Its node names are the ones the quantized
+    graph keeps, so :func:`graphopt.report.metrics.per_layer_sqnr` can match the two layer by layer."""
+
+    def __init__(self):
+        self.graph = None
+
+    def before_pass(self, pass_, graph, ctx) -> None:
+        from graphopt.passes.base import Equivalence
+
+        if self.graph is None and pass_.equivalence == Equivalence.APPROXIMATE and graph.ir == "fx" \
+                and graph.is_aten():
+            self.graph = graph.copy()
 
 
 class Snapshot(Instrument):
