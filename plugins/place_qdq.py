@@ -96,6 +96,10 @@ class PlaceQdq(Pass):
 
     def run_onnx(self, graph, ctx):
         scheme = self._scheme(ctx)
+        if scheme.fused_add or not scheme.requantize_outputs:  # so far only the FX placement writes these forms
+            raise UnsupportedError(f"pass '{self.name}': the {scheme.backend} scheme places Q/DQ on the inputs of "
+                                   f"int8 ops (fused Adds, float outputs), which the ONNX placement does not write "
+                                   f"yet (quantize the PyTorch model, or use --backend onnxruntime)")
         g = graph.gs
         g.toposort()
         nodes, notes = self._nodes_to_quantize(graph, scheme, ctx)

@@ -175,3 +175,20 @@ def test_int32_bias_when_the_scheme_asks_for_it(digits):
         w_scale = producers[conv.inputs[1].name].inputs[1].values
         np.testing.assert_allclose(dq.inputs[1].values, x_scale * w_scale, rtol=1e-6)
     assert accuracy(result.model, x_test, y_test) >= accuracy(path, x_test, y_test) - 0.003
+
+
+def test_a_scheme_the_onnx_placement_cannot_write_is_refused(zoo_onnx):
+    """A scheme with Q/DQ on the inputs of int8 ops only (fused Adds, float outputs: x86's, TensorRT's) is placed on
+    FX; the ONNX placement says it does not write it yet instead of silently placing onnxruntime's form."""
+    from dataclasses import replace
+
+    import graphopt
+    from graphopt.backends import OnnxRuntimeBackend
+    from graphopt.errors import UnsupportedError
+
+    class InputsOnly(OnnxRuntimeBackend):
+        def scheme(self, request=None):
+            return replace(super().scheme(request), fused_add=True, requantize_outputs=False)
+
+    with pytest.raises(UnsupportedError, match="does not write yet"):
+        graphopt.optimize(zoo_onnx("tiny_resnet"), "int8", backend=InputsOnly())
