@@ -194,7 +194,14 @@ def cmd_run(args) -> int:
     from graphopt.passes.instruments import FloatReference, model_suffix
     from graphopt.passes.manager import PassManager, bisect
     from graphopt.paths import atomic_write
-    from graphopt.report.run_report import cost_report, format_run, jsonable_run, measure_costs, measure_run
+    from graphopt.report.run_report import (
+        cost_report,
+        format_run,
+        jsonable_run,
+        measure_costs,
+        measure_run,
+        per_layer_fx,
+    )
 
     registry = registry_from_args(args)
     eval_data, labels = _eval_data(args)
@@ -243,7 +250,7 @@ def cmd_run(args) -> int:
     run = driver.run(args.model, output, graph=graph, before_move=measure)
     out, report, before = run.graph, run.report, run.source
     if reference.graph is not None and measured.get("_comparison") is not None:  # per layer, by FX node name
-        measured["_comparison"].per_layer = per_layer_sqnr_fx_data(reference.graph, out, eval_data)
+        measured["_comparison"].per_layer = per_layer_fx(reference.graph, out, eval_data)
         measured["comparison"]["per_layer"] = measured["_comparison"].per_layer.to_dict()
     after = out.describe()
     say(f"{args.model}: {before['ir']}, {before['nodes']} nodes, {before['parameters']:,} parameters")
@@ -274,19 +281,6 @@ def cmd_run(args) -> int:
                     os.remove(path)
             raise
     return 0
-
-
-def per_layer_sqnr_fx_data(reference, result, data: dict, samples: int = 64, batch: int = 32):
-    """Per-layer SQNR of a PyTorch result against its float reference graph on the first ``samples`` of ``data``."""
-    from graphopt.report.metrics import per_layer_sqnr
-
-    names = result.input_names()
-    subset = {n: data[n][:samples] for n in names}
-    count = len(next(iter(subset.values())))
-    fixed = {s.batch_dim for s in result.input_specs() if s.batch_dim is not None}
-    step = fixed.pop() if len(fixed) == 1 else batch
-    batches = [{n: v[i:i + step] for n, v in subset.items()} for i in range(0, count - count % step or count, step)]
-    return per_layer_sqnr(reference, result, batches)
 
 
 def _check_line(numeric: dict) -> str:

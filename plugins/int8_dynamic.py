@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.backends import QuantRequest
 from graphopt.errors import UnsupportedError, UsageError
+from graphopt.ir.fx_ops import onnx_op_type
 from graphopt.ir.onnx_graph import fresh_name
 from graphopt.ir.ops import OpKind, is_standard_domain
 
@@ -134,7 +135,7 @@ class Int8Dynamic(Pass):
         if not placed.quantized:
             return PassResult(aten, aten is not graph, {}, notes + ["no Linear/MatMul with a constant float weight to "
                                                                     "quantize: nothing to do"])
-        done = Counter(op for op in ("Gemm", "MatMul") for n in placed.quantized if _fx_op(n) == op)
+        done = Counter(onnx_op_type(n) for n in placed.quantized)
         return PassResult(FxGraph(gm, aten.example_inputs, "torch.export"), True,
                           {f"quantized {op}": done[op] for op in SUPPORTED_OPS if done[op]}, notes)
 
@@ -178,12 +179,6 @@ class Int8Dynamic(Pass):
             w = w.T if int(attrs.get("transB", 0)) else w
             w = w * np.float32(attrs.get("alpha", 1.0))
         return np.ascontiguousarray(w, np.float32), ""
-
-
-def _fx_op(node) -> str | None:
-    from graphopt.ir.fx_ops import onnx_op_type
-
-    return onnx_op_type(node)
 
 
 def _quantize_weight(w: np.ndarray, scheme) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -117,6 +117,25 @@ _ATEN_ONNX = {
 _LAYER_ONNX = {OpKind.CONV: "Conv", OpKind.CONV_TRANSPOSE: "ConvTranspose", OpKind.GEMM: "Gemm"}
 
 
+def aten_name(node) -> str:
+    """The name of the ATen op a ``call_function`` node calls, every overload alike (``conv2d``, ``batch_norm``,
+    ``quantize_per_tensor``); "" for any other node."""
+    if getattr(node, "op", None) != "call_function":
+        return ""
+    return getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+
+
+def computes_float(node) -> bool:
+    """Whether ``node`` is a graph input or a ``call_function`` whose recorded value (``meta["val"]``, as
+    torch.export records it) is a float tensor: an activation quantization can observe."""
+    if getattr(node, "op", None) not in ("placeholder", "call_function"):
+        return False
+    import torch
+
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
 def onnx_op_type(node) -> str | None:
     """The ONNX op type of a ``call_function`` node on an ATen op (``aten.conv2d`` -> ``"Conv"``,
     ``aten.linear`` -> ``"Gemm"``, ``aten.max_pool2d`` -> ``"MaxPool"``, ...); None for anything else. A
@@ -126,8 +145,8 @@ def onnx_op_type(node) -> str | None:
     layer = layer_call(node)
     if layer is not None:
         return _LAYER_ONNX.get(layer[0])
-    packet = getattr(getattr(node.target, "overloadpacket", None), "__name__", None)
-    if packet is None or getattr(node.target, "namespace", None) != "aten":
+    packet = aten_name(node)
+    if not packet or getattr(node.target, "namespace", None) != "aten":
         return None
     op = _ATEN_ONNX.get(packet)
     if op == "GlobalAveragePool":

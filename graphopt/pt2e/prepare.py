@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from graphopt.ir.fx_ops import aten_name, computes_float
 from graphopt.pt2e.torchao import pt2e, quiet_torch_logs
 
 
 def float_activations(gm) -> list[str]:
     """Names of the nodes of ``gm`` that compute a float tensor (and the float inputs): what calibration watches."""
-    names = []
-    for node in gm.graph.nodes:
-        val = node.meta.get("val")
-        if node.op in ("placeholder", "call_function") and isinstance(val, torch.Tensor) and val.is_floating_point():
-            names.append(node.name)
-    return names
+    return [node.name for node in gm.graph.nodes if computes_float(node)]
 
 
 def fold_batch_norms(gm) -> int:
@@ -24,7 +20,7 @@ def fold_batch_norms(gm) -> int:
     pt2e()  # torchao imported quietly first
     from torchao.quantization.pt2e.utils import _fuse_conv_bn_, _fuse_linear_bn_
 
-    before = _batch_norms(gm)
+    before = len(batch_norms(gm))
     if not before:
         return 0
     with quiet_torch_logs():
@@ -32,12 +28,12 @@ def fold_batch_norms(gm) -> int:
         _fuse_linear_bn_(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return before - _batch_norms(gm)
+    return before - len(batch_norms(gm))
 
 
-def _batch_norms(gm) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function"
-               and "batch_norm" in getattr(getattr(n.target, "overloadpacket", None), "__name__", ""))
+def batch_norms(gm) -> list[str]:
+    """Names of the BatchNorm nodes of ATen graph ``gm`` (every ATen form of it)."""
+    return [n.name for n in gm.graph.nodes if "batch_norm" in aten_name(n)]
 
 
 def convert_ptq(gm, example_inputs, quantizer):
@@ -63,7 +59,6 @@ def inference_module(gm):
 
 def qdq_counts(gm) -> dict[str, int]:
     """Q/DQ ops of a converted graph: activation pairs (per tensor) and quantized weights (per channel or folded)."""
-    names = [getattr(getattr(n.target, "overloadpacket", None), "__name__", "") for n in gm.graph.nodes
-             if n.op == "call_function"]
+    names = [aten_name(n) for n in gm.graph.nodes]
     return {"quantize": sum(n.startswith("quantize_per") for n in names),
             "dequantize": sum(n.startswith("dequantize_per") for n in names)}

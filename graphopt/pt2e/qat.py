@@ -23,7 +23,7 @@ import types
 import torch
 
 from graphopt.pt2e.observers import FakeQuant
-from graphopt.pt2e.prepare import inference_module
+from graphopt.pt2e.prepare import batch_norms, inference_module
 from graphopt.pt2e.torchao import pt2e, quiet_torch_logs
 
 
@@ -99,9 +99,8 @@ def convert(model):
     model.eval()
     with quiet_torch_logs(), _fold_only_present_convs(model):
         converted = ao.convert_pt2e(model)
-    left = [n.name for n in converted.graph.nodes if n.op == "call_function"
-            and "batch_norm" in getattr(getattr(n.target, "overloadpacket", None), "__name__", "")]
-    left += [name for name, m in converted.named_modules() if isinstance(m, (FakeQuant, ao.FakeQuantizeBase))]
+    fake = (FakeQuant, ao.FakeQuantizeBase)
+    left = batch_norms(converted) + [name for name, m in converted.named_modules() if isinstance(m, fake)]
     return inference_module(converted), left
 
 

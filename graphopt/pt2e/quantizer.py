@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import torch
 
 from graphopt.backends.scheme import QuantScheme, TensorQuant
-from graphopt.ir.fx_ops import get_attr, onnx_op_type
+from graphopt.ir.fx_ops import computes_float, get_attr, onnx_op_type
 from graphopt.pt2e.observers import FakeQuant, PerChannelWeightObserver, RangeObserver
 from graphopt.pt2e.torchao import pt2e
 
@@ -74,13 +74,6 @@ def matches(node, patterns) -> bool:
     return any(p in names or any(n.startswith(p + ".") for n in names) for p in patterns)
 
 
-def _float_tensor(x) -> bool:
-    if not isinstance(x, torch.fx.Node) or x.op not in ("placeholder", "call_function"):
-        return False
-    val = x.meta.get("val")
-    return isinstance(val, torch.Tensor) and val.is_floating_point()
-
-
 def _constant_weight(gm, node) -> tuple[torch.fx.Node, torch.Tensor] | None:
     """The ``get_attr`` node of a weighted op's weight and its tensor, when it is a constant float matrix."""
     w = node.args[1] if len(node.args) > 1 else None
@@ -101,7 +94,7 @@ def plan(gm, scheme: QuantScheme, exclude: tuple[str, ...] = (), keep_first: boo
     result = Plan()
 
     def usable(x) -> bool:  # a float tensor with a calibrated range
-        if not _float_tensor(x):
+        if not computes_float(x):
             return False
         if ranged is not None and x.name not in ranged:
             if x.name not in result.unranged:
@@ -156,7 +149,7 @@ def plan(gm, scheme: QuantScheme, exclude: tuple[str, ...] = (), keep_first: boo
     fused = {u for n in result.quantized for u in n.users if ops[u] in scheme.fused_activations}
     for n in nodes:
         if n.op == "call_function" and n not in quantized and n not in fused and ops[n] is not None \
-                and ops[n] not in ("Reshape", "Transpose", "Dropout") and _float_tensor(n):
+                and ops[n] not in ("Reshape", "Transpose", "Dropout") and computes_float(n):
             result.left_float[ops[n]] += 1
     return result
 
@@ -174,7 +167,7 @@ def plan_dynamic(gm, scheme: QuantScheme, ops: tuple[str, ...], exclude: tuple[s
                 result.left_float[op] += 1
             continue
         weight = _constant_weight(gm, n)
-        if matches(n, exclude) or weight is None or not _float_tensor(n.args[0]) \
+        if matches(n, exclude) or weight is None or not computes_float(n.args[0]) \
                 or weight[1].numel() < min_weight_elements:
             result.left_float[op] += 1
             continue
@@ -209,7 +202,7 @@ def _share_passthrough(nodes, ops, scheme, exclude, result: Plan, usable) -> Non
         if ops[p] not in scheme.passthrough_ops or p not in read_int8 or matches(p, exclude):
             continue
         inputs = [a for a in _tensor_args(p) if usable(a)]
-        if not inputs or not _float_tensor(p):
+        if not inputs or not computes_float(p):
             continue
         for a in inputs:
             result.inputs.add((a, p))

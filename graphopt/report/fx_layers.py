@@ -14,6 +14,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from graphopt.ir.fx_ops import aten_name, computes_float
 from graphopt.report.layers import LayerSQNR, LayerTable
 from graphopt.report.layers import count_samples as _count
 
@@ -22,14 +23,7 @@ _QDQ = ("quantize_per_tensor", "quantize_per_channel", "dequantize_per_tensor", 
 
 
 def _packet(node) -> str:
-    return getattr(getattr(node.target, "overloadpacket", None), "__name__", str(node.target))
-
-
-def _float(node) -> bool:
-    import torch
-
-    val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and val.is_floating_point()
+    return aten_name(node) or str(node.target)
 
 
 def match_nodes(gm_a, gm_b) -> tuple[list[tuple[str, str, str, int]], list[str]]:
@@ -46,7 +40,7 @@ def match_nodes(gm_a, gm_b) -> tuple[list[tuple[str, str, str, int]], list[str]]
 
     matches, unmatched = [], []
     for index, node in enumerate(gm_a.graph.nodes):
-        if node.op not in ("placeholder", "call_function") or not _float(node) or _packet(node) in _QDQ:
+        if not computes_float(node) or _packet(node) in _QDQ:
             continue
         other = b_nodes.get(node.name)
         name = (dequantized(other) or (other.name if node.op != "placeholder" else None)) if other is not None \

@@ -14,7 +14,7 @@ from graphopt.backends.base import model_size_bytes
 from graphopt.errors import first_line
 from graphopt.numeric import fmt_db
 from graphopt.report.cost import ModelCosts, compare_costs, cost_table, fmt_count, model_costs
-from graphopt.report.metrics import compare_models
+from graphopt.report.metrics import compare_models, per_layer_sqnr
 
 
 def measure_costs(graph) -> ModelCosts | str:
@@ -125,3 +125,16 @@ def _ratio(before: float, after: float) -> str:
 
 def jsonable_run(report: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in report.items() if not k.startswith("_")}
+
+
+def per_layer_fx(reference, result, data: dict, samples: int = 64, batch: int = 32):
+    """Per-layer SQNR of a PyTorch result against its float reference graph (the one its first approximate pass
+    started from) on the first ``samples`` of ``data``, in batches the result takes."""
+    names = result.input_names()
+    subset = {n: data[n][:samples] for n in names}
+    count = len(next(iter(subset.values())))
+    fixed = {s.batch_dim for s in result.input_specs() if s.batch_dim is not None}
+    step = fixed.pop() if len(fixed) == 1 else batch
+    whole = count - count % step  # whole batches only (a fixed batch size takes no remainder); all when fewer
+    batches = [{n: v[i:i + step] for n, v in subset.items()} for i in range(0, whole or count, step)]
+    return per_layer_sqnr(reference, result, batches)
