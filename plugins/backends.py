@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from graphopt import hookimpl
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
+from graphopt.backends.tensorrt import TensorRTBackend
 from graphopt.backends.x86 import X86Backend
 
 
 @hookimpl
 def graphopt_register_backends(registry):
     registry.add_backend("onnxruntime", OnnxRuntimeBackend())
+    registry.add_backend("tensorrt", TensorRTBackend())
     registry.add_backend("x86", X86Backend())
     for engine in ("fx-x86", "fx-fbgemm", "fx-onednn"):
         backend = X86Backend(engine=engine)

@@ -1,0 +1,83 @@
+"""The TensorRT backend: explicit-quantization ONNX graphs (Q/DQ where TensorRT fuses them), checked, and built
+into engines when TensorRT is installed.
+
+TensorRT 10.1 deprecated implicit quantization (calibrators, INT8 builder flags) and TensorRT 11 removed it: int8
+now comes only from QuantizeLinear/DequantizeLinear nodes in the ONNX graph, in a strongly typed network. Where
+those nodes stand decides what fuses into int8 kernels, so the scheme below is the form TensorRT's Q/DQ
+placement recommendations describe (SKELETON: filled in by the placement work).
+
+The graph is plain ONNX with standard Q/DQ semantics, so graphopt measures its accuracy here on onnxruntime's CPU
+provider (``session``/``run`` delegate to it): ``graphopt compare`` and ``--eval`` work without TensorRT or a GPU.
+The engine build (``tensorrt`` Python API, optional extra ``graphopt[tensorrt]``) lives in
+:mod:`graphopt.backends.tensorrt_build` (SKELETON).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from graphopt.backends.base import Backend
+from graphopt.backends.onnxruntime import OnnxRuntimeBackend
+from graphopt.backends.scheme import QuantRequest, QuantScheme, TensorQuant, restrict_ops
+from graphopt.ir.feeds import InputSpec
+
+QUANTIZED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+WEIGHT_CHANNEL_AXIS = {"Conv": 0, "ConvTranspose": 1, "Gemm": 1, "MatMul": -1}
+
+
+class TensorRTBackend(Backend):
+    """TensorRT's explicit quantization: the ONNX form it fuses; accuracy measured on onnxruntime's CPU provider."""
+
+    name = "tensorrt"
+    irs = frozenset({"onnx"})
+
+    def __init__(self):
+        self._ort = OnnxRuntimeBackend()
+
+    def __repr__(self) -> str:
+        return "TensorRTBackend()"
+
+    # -- the scheme -------------------------------------------------------------------------------------------
+    def default_scheme(self) -> QuantScheme:
+        return QuantScheme(
+            backend=self.name,
+            activations=TensorQuant("int8", symmetric=True),
+            weights=TensorQuant("int8", symmetric=True, per_channel=True, narrow_range=True),
+            weight_channel_axis=WEIGHT_CHANNEL_AXIS,
+            quantized_ops=QUANTIZED_OPS,
+            residual_add_qdq=False,
+            fused_add=True,
+            requantize_outputs=False,
+            bias="float",
+            format="QDQ",
+            min_opset=13,
+        )
+
+    def scheme(self, request: QuantRequest | None = None) -> QuantScheme:
+        scheme = self.default_scheme()
+        if request is None:
+            return scheme
+        return restrict_ops(scheme, request)
+
+    # -- running: the graph's Q/DQ semantics on onnxruntime's CPU provider ---------------------------------------
+    def session(self, model: Any, threads: int = 0):
+        return self._ort.session(model, threads)
+
+    def is_session(self, obj: Any) -> bool:
+        return self._ort.is_session(obj)
+
+    def input_specs(self, session) -> list[InputSpec]:
+        return self._ort.input_specs(session)
+
+    def output_names(self, session) -> list[str]:
+        return self._ort.output_names(session)
+
+    def run(self, session, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self._ort.run(session, feeds)
+
+    # -- the artifact -----------------------------------------------------------------------------------------
+    def write(self, graph, path: str) -> dict[str, Any]:
+        """The explicit-quantization ONNX graph (SKELETON: the engine build comes with tensorrt_build)."""
+        return super().write(graph, path)
