@@ -265,7 +265,7 @@ def calibrated_ranges(graph: OnnxGraph, names: Sequence[str], data) -> dict[str,
 def catalogue(backend: str, rules: Sequence[LintRule], intro: str = "") -> str:
     """The rules as a Markdown document: per rule its id, severity, reason, the passage it rests on, the fix."""
     lines = [f"# {backend} placement rules", "",
-             f"Generated from the rule objects (`graphopt verify --backend {backend} MODEL` runs them); do not "
+             f"Generated from the rule objects (`graphopt verify --backend {backend.lower()} MODEL` runs them); do not "
              "edit by hand.", ""]
     if intro:
         lines += [intro, ""]
