@@ -15,6 +15,7 @@ import textwrap
 import warnings
 
 from graphopt.cli_backend import add_backend_commands, cmd_bench, cmd_compare, load_npz, registry_from_args
+from graphopt.cli_lint import add_lint_flags, cmd_lint, wants_lint
 from graphopt.errors import (
     INTERNAL_ERROR_EXIT,
     EquivalenceError,
@@ -108,9 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_flags(inspect)
     _add_trust_flag(inspect)
 
-    verify = sub.add_parser("verify", help="check a model: onnx checker with shape inference, and one run")
+    verify = sub.add_parser("verify", help="check a model: onnx checker with shape inference, and one run; with "
+                                           "--backend, its Q/DQ placement against the backend's rules")
     verify.add_argument("model")
     verify.add_argument("--input-shape", action="append", default=[], metavar="1x3x224x224")
+    add_lint_flags(verify)
     _add_plugin_flags(verify)
     _add_trust_flag(verify)
 
@@ -381,6 +384,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    if wants_lint(args):
+        return cmd_lint(args)
     graph = _load(args)
     try:
         graph.verify()

@@ -240,6 +240,11 @@ class Backend(ABC):
         graph.save(path)
         return {}
 
+    def lint_rules(self) -> tuple:
+        """The placement rules ``graphopt verify --backend NAME`` checks a Q/DQ graph against
+        (:class:`graphopt.backends.lint.LintRule` instances, built on this backend's scheme). Default: none."""
+        return ()
+
     def refuse_ir(self, ir: str) -> str | None:
         """Why a run on this backend must refuse a model of IR ``ir`` outright (None: it is accepted, even when the
         backend cannot time it, as a PyTorch model with the default onnxruntime backend is optimized and saved)."""

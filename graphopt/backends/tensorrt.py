@@ -61,6 +61,12 @@ class TensorRTBackend(Backend):
             return scheme
         return restrict_ops(scheme, request)
 
+    def lint_rules(self) -> tuple:
+        """What TensorRT rejects or does not fuse in a Q/DQ graph (:mod:`graphopt.backends.tensorrt_rules`)."""
+        from graphopt.backends.tensorrt_rules import tensorrt_rules
+
+        return tensorrt_rules(self.scheme())
+
     # -- running: the graph's Q/DQ semantics on onnxruntime's CPU provider ---------------------------------------
     def session(self, model: Any, threads: int = 0):
         return self._ort.session(model, threads)
