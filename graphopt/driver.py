@@ -236,6 +236,7 @@ class Driver:
                 if check is not None:
                     check.final_path = staged_path
                 manager.finish(out, report)
+                artifact.update(self.backend.write_beside(out, staged_path))  # an engine built from the file
                 if before_move is not None:
                     before_move(staged_path, out)
                 written.extend(os.path.join(os.path.dirname(os.path.abspath(output)), name)

@@ -73,7 +73,8 @@ def test_bench_shape_option(tmp_path, capsys):
     (["--batch", "0"], 2, ["--batch '0'"]),
     (["--threads", ""], 2, ["--threads"]),
     (["--iters", "0"], 2, ["--iters"]),
-    (["--backend", "tensorrt"], 2, ["unknown backend 'tensorrt'", "onnxruntime"]),
+    (["--backend", "tensorrt"], 4, ["tensorrt: timing needs TensorRT and an NVIDIA GPU", "onnxruntime"]),
+    (["--backend", "nosuch"], 2, ["unknown backend 'nosuch'", "onnxruntime"]),
     (["--shape", "input=3xfoo"], 2, ["--shape 'input=3xfoo'"]),
 ])
 def test_bench_usage_errors(models, capsys, argv, exit_code, fragments):

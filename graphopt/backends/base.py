@@ -3,6 +3,7 @@ runtime runs fast in int8 (:class:`QuantScheme`, data, in :mod:`graphopt.backend
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from abc import ABC, abstractmethod
@@ -211,6 +212,16 @@ class Backend(ABC):
 
     name: ClassVar[str] = ""
     irs: ClassVar[frozenset[str]] = frozenset({"onnx"})  # the IRs it runs (and times, compares, evaluates)
+    # A backend's options, like a pass's: a frozen dataclass, set from ``--backend name:key=value:...`` (see
+    # :func:`graphopt.backends.get_backend`); None: it has none. ``options`` holds the values of this instance.
+    Options: ClassVar[type | None] = None
+    options: Any = None
+
+    def configured(self, options: Any) -> "Backend":
+        """This backend with ``options`` (an ``Options`` instance); the registered instance is left unchanged."""
+        clone = copy.copy(self)
+        clone.options = options
+        return clone
 
     @abstractmethod
     def scheme(self, request: QuantRequest | None = None) -> QuantScheme:
@@ -244,6 +255,13 @@ class Backend(ABC):
         """The placement rules ``graphopt verify --backend NAME`` checks a Q/DQ graph against
         (:class:`graphopt.backends.lint.LintRule` instances, built on this backend's scheme). Default: none."""
         return ()
+
+    def write_beside(self, graph: Any, path: str) -> dict[str, Any]:
+        """Once ``graph`` is written at ``path`` in its own format (an ONNX run writes it there, staged, then calls
+        this before moving it into place: files written in ``path``'s folder move with it, and nothing moves if
+        this raises), write what the backend deploys from it beside it (an engine) and return facts for the
+        report, as :meth:`write`. Default: nothing."""
+        return {}
 
     def refuse_ir(self, ir: str) -> str | None:
         """Why a run on this backend must refuse a model of IR ``ir`` outright (None: it is accepted, even when the

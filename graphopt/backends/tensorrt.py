@@ -9,7 +9,10 @@ placement recommendations describe (SKELETON: filled in by the placement work).
 The graph is plain ONNX with standard Q/DQ semantics, so graphopt measures its accuracy here on onnxruntime's CPU
 provider (``session``/``run`` delegate to it): ``graphopt compare`` and ``--eval`` work without TensorRT or a GPU.
 The engine build (``tensorrt`` Python API, optional extra ``graphopt[tensorrt]``) lives in
-:mod:`graphopt.backends.tensorrt_build` (SKELETON).
+:mod:`graphopt.backends.tensorrt_build`: :meth:`TensorRTBackend.write` writes the ONNX graph, then builds its engine
+beside it when TensorRT and a GPU are there (or writes the trtexec command, ``emit_trtexec``), configured by the
+backend's options (:class:`~graphopt.backends.tensorrt_plan.BuildOptions`: ``--backend tensorrt:workspace=1G``,
+``--shapes``, ``--emit-trtexec``). Timing needs TensorRT and a GPU: ``bench`` says so in one line.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from graphopt.backends.base import Backend
+from graphopt.backends.base import Backend, BackendError
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.backends.scheme import QuantRequest, QuantScheme, TensorQuant, restrict_ops
+from graphopt.backends.tensorrt_plan import BuildOptions
 from graphopt.ir.feeds import InputSpec
 
 QUANTIZED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -32,6 +36,8 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
     irs = frozenset({"onnx"})
+    Options = BuildOptions
+    options = BuildOptions()
 
     def __init__(self):
         self._ort = OnnxRuntimeBackend()
@@ -85,5 +91,23 @@ class TensorRTBackend(Backend):
 
     # -- the artifact -----------------------------------------------------------------------------------------
     def write(self, graph, path: str) -> dict[str, Any]:
-        """The explicit-quantization ONNX graph (SKELETON: the engine build comes with tensorrt_build)."""
-        return super().write(graph, path)
+        """The explicit-quantization ONNX graph at ``path``, then its engine beside it (``NAME.engine`` and the
+        inspector's per-layer report ``NAME.layers.json``) when TensorRT and a GPU are there, or ``NAME.trtexec.sh``
+        (``emit_trtexec``); facts for the report, with ``summary`` lines (one says why no engine was built)."""
+        return {**super().write(graph, path), **self.write_beside(graph, path)}
+
+    def write_beside(self, graph, path: str) -> dict[str, Any]:
+        """The engine (or trtexec command) of the ONNX graph written at ``path``, beside it; see :meth:`write`."""
+        from graphopt.backends.tensorrt_build import deploy
+
+        return deploy(path, self.options)
+
+    def bench(self, model: Any, *args, **kwargs):
+        """Timing runs the engine on a GPU: refused in one line (graphopt does not time TensorRT engines)."""
+        from graphopt.backends.tensorrt_build import import_tensorrt
+
+        trt, why = import_tensorrt()
+        reason = f"the tensorrt package is {why}" if trt is None else "graphopt does not time TensorRT engines"
+        raise BackendError(f"tensorrt: timing needs TensorRT and an NVIDIA GPU ({reason}): time the engine with "
+                           f"trtexec --loadEngine=MODEL.engine; accuracy is measured here on onnxruntime "
+                           f"(graphopt compare, graphopt run --eval)")

@@ -315,7 +315,8 @@ def write_files(path: str, consts: list[gs.Constant], export: Callable[[], onnx.
     """Write the model ``export()`` gives to ``path``, atomically; with ``external``, every Constant of ``consts``
     over 1 KB goes to ``<path>.data`` (written from where it lies). ``reads``: files the model's values come from,
     which must not be overwritten. ``before_move(temporary_path)`` sees the written model (its data beside it)
-    before it is moved into place; what it raises propagates and nothing is moved. OutputError (UsageError for an
+    before it is moved into place, and the files it writes beside it move with it; what it raises propagates and
+    nothing is moved. OutputError (UsageError for an
     output over an input) when writing fails; nothing is left behind."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -339,6 +340,7 @@ def write_files(path: str, consts: list[gs.Constant], export: Callable[[], onnx.
             raise _output_error(path, exc) from None
         if before_move is not None:
             before_move(os.path.join(tmp, base))
+            written = sorted(set(os.listdir(tmp)) - set(written)) + written  # what it wrote beside: moved too
         try:
             _move_into_place(tmp, folder, written)
         except OSError as exc:

@@ -25,14 +25,14 @@ def _fields(options_cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(options_cls)}
 
 
-def _convert(pass_name: str, key: str, text: str, hint: Any) -> Any:
+def _convert(pass_name: str, key: str, text: str, hint: Any, kind: str = "pass") -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    bad = lambda what: PipelineError(f"pass '{pass_name}': option '{key}' expects {what}, got '{text}'")  # noqa: E731
+    bad = lambda what: PipelineError(f"{kind} '{pass_name}': option '{key}' expects {what}, got '{text}'")  # noqa: E731
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         if text.lower() == "none" and len(inner) < len(args):
             return None
-        return _convert(pass_name, key, text, inner[0] if len(inner) == 1 else str)
+        return _convert(pass_name, key, text, inner[0] if len(inner) == 1 else str, kind)
     if origin is typing.Literal:
         for choice in args:
             if str(choice) == text:
@@ -40,7 +40,7 @@ def _convert(pass_name: str, key: str, text: str, hint: Any) -> Any:
         raise bad("one of " + ", ".join(str(a) for a in args))
     if origin is tuple:
         item = args[0] if args else str
-        return tuple(_convert(pass_name, key, part, item) for part in text.split(LIST_SEP)) if text else ()
+        return tuple(_convert(pass_name, key, part, item, kind) for part in text.split(LIST_SEP)) if text else ()
     if hint is bool:
         if text.lower() in _TRUE:
             return True
@@ -59,22 +59,23 @@ def _convert(pass_name: str, key: str, text: str, hint: Any) -> Any:
             raise bad("a number") from None
     if hint is str:
         return text
-    raise PipelineError(f"pass '{pass_name}': option '{key}' has a type graphopt cannot parse ({hint})")
+    raise PipelineError(f"{kind} '{pass_name}': option '{key}' has a type graphopt cannot parse ({hint})")
 
 
-def parse_options(pass_name: str, options_cls: type, items: dict[str, str]) -> Any:
-    """Build ``options_cls`` from ``{"key": "text"}``, naming the pass and option in every error."""
+def parse_options(pass_name: str, options_cls: type, items: dict[str, str], kind: str = "pass") -> Any:
+    """Build ``options_cls`` from ``{"key": "text"}``, naming the pass (or ``kind``: a backend's options are
+    parsed the same way) and option in every error."""
     fields = _fields(options_cls)
     values = {}
     for key, text in items.items():
         if key not in fields:
             known = ", ".join(fields) or "none"
-            raise PipelineError(f"pass '{pass_name}' has no option '{key}' (its options: {known})")
-        values[key] = _convert(pass_name, key, text, fields[key][1])
+            raise PipelineError(f"{kind} '{pass_name}' has no option '{key}' (its options: {known})")
+        values[key] = _convert(pass_name, key, text, fields[key][1], kind)
     try:
         return options_cls(**values)
     except (TypeError, ValueError) as exc:  # __post_init__ validation
-        raise PipelineError(f"pass '{pass_name}': {exc}") from None
+        raise PipelineError(f"{kind} '{pass_name}': {exc}") from None
 
 
 def format_value(value: Any) -> str:
