@@ -41,7 +41,8 @@ class TensorQuant:
     """How one class of tensors (activations or weights) is quantized.
 
     ``dtype``: ``"uint8"``, ``"int8"`` or ``"float8e4m3fn"`` (float8 E4M3: symmetric only, zero point a float8
-    zero, ``scale = amax / 448``; values round to the nearest float8, see :mod:`graphopt.calib.qparams`). ``symmetric``: zero point fixed at the middle of the grid (0 for
+    zero, ``scale = amax / 448``; values round to the nearest float8, see :mod:`graphopt.calib.qparams`).
+    ``symmetric``: zero point fixed at the middle of the grid (0 for
     int8, 128 for uint8) and the range centred on zero; otherwise the range is [min(lo, 0), max(hi, 0)] with a
     computed zero point (the rule: :func:`graphopt.calib.qparams.affine_params`). ``per_channel``: one scale
     per output channel (weights; the axis comes from :meth:`QuantScheme.channel_axis`). ``narrow_range``: int8
@@ -147,8 +148,8 @@ class QuantScheme:
     to int32 itself (scale = input scale × weight scale, zero point 0); ``"int32"`` — place-qdq writes it as
     int32 behind a DequantizeLinear with that scale. ``format`` is ``"QDQ"`` (QuantizeLinear/DequantizeLinear
     pairs in a float graph, which the backend fuses); ``min_opset`` is the opset the placement needs (13:
-    per-channel DequantizeLinear; 19 when a tensor class is float8). ``warnings`` carry the cost of a request honoured against the backend's
-    advice; a pass copies them into its context (``ctx.warn``) so the user sees them.
+    per-channel DequantizeLinear; 19 when a tensor class is float8). ``warnings`` carry the cost of a request
+    honoured against the backend's advice; a pass copies them into its context (``ctx.warn``) so the user sees them.
     """
 
     backend: str
@@ -256,8 +257,8 @@ class Placement:
     types float; ``exclude_nodes``: keep these nodes float (ONNX node names; on FX, node names or module paths);
     ``keep_first`` / ``keep_last``: the first / last weighted layer stays float; ``activations`` / ``symmetric``:
     the activation type and symmetry (``fp8``: float8 E4M3 activations, and the backend's float8 weights with
-    them: a backend without float8 kernels refuses), ``per_channel`` one weight scale per output channel or per tensor, when not
-    the backend's choice (the backend honours, warns or refuses).
+    them: a backend without float8 kernels refuses), ``per_channel`` one weight scale per output channel or per
+    tensor, when not the backend's choice (the backend honours, warns or refuses).
     """
 
     ops: tuple[str, ...] = ()
