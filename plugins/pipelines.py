@@ -20,6 +20,12 @@ def graphopt_register_pipelines(registry):
         "place Q/DQ where the backend runs int8",
     )
     registry.add_pipeline(
+        "fp8",
+        "insert-observers,calibrate,place-qdq:activations=fp8",
+        "float8 E4M3 Q/DQ (opset 19): per-tensor activations and per-channel weights, symmetric, scale = amax / 448, "
+        "where the target backend runs float8 (tensorrt; onnxruntime refuses)",
+    )
+    registry.add_pipeline(
         "int8-qat",
         "insert-observers:fold_bn=false,calibrate,qat",
         "int8 through quantization-aware training (PyTorch models, with optimize(..., qat=train)): observe and "

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
-from graphopt.backends.scheme import Placement
+from graphopt.backends.scheme import FP8_OPSET, Placement
 from graphopt.calib.state import CALIBRATION, RANGES
 from graphopt.errors import UnsupportedError
 from graphopt.ir.onnx_graph import fresh_name, replace_input
@@ -42,8 +42,9 @@ class PlaceQdq(Pass):
     scale represents those, so the node stays float and a warning names the tensor and how many of its values
     are not finite. Refused: a model that computes in float16 (Q/DQ pairs take float32 scales, onnxruntime's
     QDQ kernels float32 tensors): quantize the float32 model. The placement needs the scheme's opset (13 for
-    onnxruntime: per-channel DequantizeLinear); ``min_opset`` has the pass manager convert an older model first,
-    and called directly on one the pass refuses, unless it finds nothing to quantize.
+    onnxruntime: per-channel DequantizeLinear; 19 for float8 Q/DQ, ``activations=fp8``); ``min_opset`` has the
+    pass manager convert an older model first, and called directly on one the pass refuses, unless it finds
+    nothing to quantize.
 
     On a PyTorch model (the ATen graph insert-observers captured) the same scheme and options decide the same
     placement (:mod:`graphopt.pt2e.quantizer`), written by torchao's PT2E prepare / convert: the result is the Q/DQ
@@ -61,6 +62,11 @@ class PlaceQdq(Pass):
     min_opset = 13  # the onnxruntime scheme's (QuantScheme.min_opset); checked again against the run's scheme
 
     Options = Placement  # ops, exclude_ops, exclude_nodes, keep_first, keep_last, activations, symmetric
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        if self.options.activations == "fp8":  # float8 QuantizeLinear/DequantizeLinear: the manager upgrades first
+            self.min_opset = FP8_OPSET
 
     def requires(self, graph, ctx):
         if RANGES not in ctx.state:

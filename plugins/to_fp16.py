@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -20,6 +21,7 @@ from graphopt.passes.rules import Rule, apply_rules
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
+HALVES = (F16, np.dtype(ml_dtypes.bfloat16))  # a graph holding either was converted already
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _RESTORE_ELEMENTS = 1024  # a blocked op reading a converted initializer this small gets its float32 original back
 
@@ -109,10 +111,10 @@ class ToFloat16(Pass):
         exported = graph.to_model()
         inferred = _infer(graph, exported)
         types = _tensor_types(graph, inferred)
-        halves = sorted(name for name, dtype in types.items() if dtype == F16)
+        halves = sorted(name for name, dtype in types.items() if dtype in HALVES)
         if halves:
             return PassResult(graph, False, notes=[
-                f"the graph already holds {len(halves)} float16 tensors (e.g. '{halves[0]}'): left as is; "
+                f"the graph already holds {len(halves)} {types[halves[0]]} tensors (e.g. '{halves[0]}'): left as is; "
                 "to convert with other options, start from the float32 model"])
         if not any(dtype == F32 for dtype in types.values()):
             return PassResult(graph, False, notes=["no float32 tensors: nothing to convert"])
@@ -131,7 +133,7 @@ class ToFloat16(Pass):
                    and any(t.name and t.name not in types for t in [*n.inputs, *n.outputs])]
         blocked |= {id(n) for n in [*foreign, *untyped]}
         overflow = {}
-        if opts.check_overflow:
+        if self._checks_overflow():
             overflow, data_note = self._overflow(graph, ctx, types, nodes, blocked)
             notes.append(data_note)
             blocked |= set(overflow)
@@ -196,7 +198,7 @@ class ToFloat16(Pass):
         if untyped:
             notes.append(f"kept {len(untyped)} nodes in float32 that read or write tensors of unknown type (computed "
                          f"from ops outside the default domain): " + ", ".join(n.name or n.op for n in untyped[:8]))
-        notes += _report_weights(self.name, ctx, before_inits, after_inits)
+        notes += self._weight_notes(ctx, before_inits, after_inits)
         if by_list:
             notes.append("kept in float32 by op_block_list/node_block_list: "
                          + ", ".join(f"{k} {op}" for op, k in sorted(by_list.items())))
@@ -211,7 +213,18 @@ class ToFloat16(Pass):
                          "kept in float32 or at float32 graph inputs/outputs)")
         if restored:
             notes.append(f"{restored} blocked nodes read float32 copies of small shared initializers")
-        return PassResult(out, True, stats, notes)
+        return PassResult(self._finish(out, graph), True, stats, notes)
+
+    # -- what a pass for another 16-bit float type (to-bf16) changes ------------------------------------------------
+    def _checks_overflow(self) -> bool:
+        return self.options.check_overflow
+
+    def _weight_notes(self, ctx, before: dict, after: dict) -> list[str]:
+        return _report_weights(self.name, ctx, before, after)
+
+    def _finish(self, out: OnnxGraph, original: OnnxGraph) -> OnnxGraph:
+        """The float16 graph as the pass returns it (to-bf16 retypes it)."""
+        return out
 
     def ensures(self, graph, ctx) -> None:
         try:

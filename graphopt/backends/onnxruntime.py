@@ -35,9 +35,10 @@ import numpy as np
 
 from graphopt.backends.base import Backend, BackendError
 from graphopt.backends.cpu import u8s8_saturates
-from graphopt.backends.scheme import QuantRequest, QuantScheme, TensorQuant, UnsupportedRequestError, restrict_ops
+from graphopt.backends.scheme import FP8, QuantRequest, QuantScheme, TensorQuant, UnsupportedRequestError, restrict_ops
 from graphopt.errors import UnsupportedError, first_line
 from graphopt.ir.feeds import InputSpec, session_input_specs
+from graphopt.ir.ort_quirks import session_kwargs
 
 QUANTIZED_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool",
                            "Sigmoid", "LeakyRelu"})
@@ -100,6 +101,10 @@ class OnnxRuntimeBackend(Backend):
         scheme = self.default_scheme()
         if request is None:
             return scheme
+        if FP8 in (request.activation_dtype, request.weight_dtype):
+            raise UnsupportedRequestError(
+                f"{FP8} quantization: onnxruntime's CPU provider has no float8 kernels (it only dequantizes float8 "
+                f"to float32); use --backend tensorrt, whose fp8 graphs onnxruntime still runs for accuracy")
         warnings = list(scheme.warnings)
         acts, weights = scheme.activations, scheme.weights
         if request.activation_dtype is not None and request.activation_dtype != acts.dtype:
@@ -158,7 +163,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"onnxruntime cannot run a {type(model).__name__} (give an .onnx path, a ModelProto "
                                "or an OnnxGraph)")
         try:
-            return ort.InferenceSession(source, options, providers=list(self.providers))
+            return ort.InferenceSession(source, options, providers=list(self.providers), **session_kwargs(source))
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeError types
             where = f"{source}: " if isinstance(source, str) else ""
             raise BackendError(f"{where}onnxruntime could not load the model: {first_line(exc)}") from exc

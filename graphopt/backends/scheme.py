@@ -17,15 +17,18 @@ from typing import Any, Literal, Mapping
 
 import numpy as np
 
-from graphopt.calib.qparams import affine_params, quant_range, quantize
+from graphopt.calib.qparams import affine_params, is_float8, np_quant_dtype, quant_range, quantize
 from graphopt.errors import UsageError
 
 __all__ = [
-    "BIAS_MODES", "INT8_DTYPES", "FrozenDict", "Placement", "QuantRequest", "QuantScheme", "TensorQuant",
-    "UnsupportedRequestError", "restrict_ops",
+    "BIAS_MODES", "FP8", "FP8_OPSET", "INT8_DTYPES", "QUANT_DTYPES", "FrozenDict", "Placement", "QuantRequest",
+    "QuantScheme", "TensorQuant", "UnsupportedRequestError", "restrict_ops",
 ]
 
 INT8_DTYPES = ("uint8", "int8")
+FP8 = "float8e4m3fn"  # ONNX's FLOAT8E4M3FN (QuantizeLinear/DequantizeLinear from opset 19)
+QUANT_DTYPES = (*INT8_DTYPES, FP8)
+FP8_OPSET = 19  # the first opset whose QuantizeLinear/DequantizeLinear take float8
 BIAS_MODES = ("float", "int32")
 
 
@@ -37,7 +40,9 @@ class UnsupportedRequestError(UsageError):
 class TensorQuant:
     """How one class of tensors (activations or weights) is quantized.
 
-    ``dtype``: ``"uint8"`` or ``"int8"``. ``symmetric``: zero point fixed at the middle of the grid (0 for
+    ``dtype``: ``"uint8"``, ``"int8"`` or ``"float8e4m3fn"`` (float8 E4M3: symmetric only, zero point a float8
+    zero, ``scale = amax / 448``; values round to the nearest float8, see :mod:`graphopt.calib.qparams`).
+    ``symmetric``: zero point fixed at the middle of the grid (0 for
     int8, 128 for uint8) and the range centred on zero; otherwise the range is [min(lo, 0), max(hi, 0)] with a
     computed zero point (the rule: :func:`graphopt.calib.qparams.affine_params`). ``per_channel``: one scale
     per output channel (weights; the axis comes from :meth:`QuantScheme.channel_axis`). ``narrow_range``: int8
@@ -53,8 +58,16 @@ class TensorQuant:
     reduce_range: bool = False
 
     def __post_init__(self):
-        if self.dtype not in INT8_DTYPES:
-            raise ValueError(f"quantized dtype must be one of {INT8_DTYPES}, got {self.dtype!r}")
+        if self.dtype not in QUANT_DTYPES:
+            raise ValueError(f"quantized dtype must be one of {QUANT_DTYPES}, got {self.dtype!r}")
+        if self.is_float8 and not self.symmetric:
+            raise ValueError(f"{self.dtype} is quantized symmetrically only (zero point 0)")
+        if self.is_float8 and self.reduce_range:
+            raise ValueError(f"reduce_range is an int8 kernel's limit, not a {self.dtype} grid")
+
+    @property
+    def is_float8(self) -> bool:
+        return is_float8(self.dtype)
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -70,7 +83,7 @@ class TensorQuant:
 
     @property
     def np_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype)
+        return np_quant_dtype(self.dtype)
 
     def params(self, lo, hi) -> tuple[np.ndarray, np.ndarray]:
         """Scale (float32) and zero point (this dtype) for real ranges [lo, hi] (scalars, or arrays per channel),
@@ -88,7 +101,7 @@ class TensorQuant:
         parts = [self.dtype, "symmetric" if self.symmetric else "asymmetric"]
         if self.per_channel:
             parts.append("per-channel")
-        if self.narrow_range or self.reduce_range:
+        if (self.narrow_range or self.reduce_range) and not self.is_float8:
             parts.append(f"[{self.qmin}, {self.qmax}]")
         return " ".join(parts)
 
@@ -135,8 +148,8 @@ class QuantScheme:
     to int32 itself (scale = input scale × weight scale, zero point 0); ``"int32"`` — place-qdq writes it as
     int32 behind a DequantizeLinear with that scale. ``format`` is ``"QDQ"`` (QuantizeLinear/DequantizeLinear
     pairs in a float graph, which the backend fuses); ``min_opset`` is the opset the placement needs (13:
-    per-channel DequantizeLinear). ``warnings`` carry the cost of a request honoured against the backend's
-    advice; a pass copies them into its context (``ctx.warn``) so the user sees them.
+    per-channel DequantizeLinear; 19 when a tensor class is float8). ``warnings`` carry the cost of a request
+    honoured against the backend's advice; a pass copies them into its context (``ctx.warn``) so the user sees them.
     """
 
     backend: str
@@ -166,6 +179,8 @@ class QuantScheme:
         missing = set(self.weight_channel_axis) - self.quantized_ops
         if missing:
             raise ValueError(f"weighted ops {sorted(missing)} must also be in quantized_ops")
+        if (self.activations.is_float8 or self.weights.is_float8) and self.min_opset < FP8_OPSET:
+            raise ValueError(f"float8 Q/DQ needs min_opset {FP8_OPSET}+, got {self.min_opset}")
         both = self.quantized_ops & self.passthrough_ops
         if both:
             raise ValueError(f"ops {sorted(both)} cannot both requantize and pass int8 through")
@@ -227,8 +242,8 @@ class QuantRequest:
     def __post_init__(self):
         for name in ("activation_dtype", "weight_dtype"):
             value = getattr(self, name)
-            if value is not None and value not in INT8_DTYPES:
-                raise UnsupportedRequestError(f"{name.replace('_', ' ')} must be one of {INT8_DTYPES}, got {value!r}")
+            if value is not None and value not in QUANT_DTYPES:
+                raise UnsupportedRequestError(f"{name.replace('_', ' ')} must be one of {QUANT_DTYPES}, got {value!r}")
         if self.op_types is not None:
             object.__setattr__(self, "op_types", frozenset(self.op_types))
         object.__setattr__(self, "exclude_op_types", frozenset(self.exclude_op_types))
@@ -241,8 +256,9 @@ class Placement:
     ``ops``: quantize only these op types (empty: every type the backend quantizes); ``exclude_ops``: keep these
     types float; ``exclude_nodes``: keep these nodes float (ONNX node names; on FX, node names or module paths);
     ``keep_first`` / ``keep_last``: the first / last weighted layer stays float; ``activations`` / ``symmetric``:
-    the activation type and symmetry, ``per_channel`` one weight scale per output channel or per tensor, when not
-    the backend's choice (the backend honours, warns or refuses).
+    the activation type and symmetry (``fp8``: float8 E4M3 activations, and the backend's float8 weights with
+    them: a backend without float8 kernels refuses), ``per_channel`` one weight scale per output channel or per
+    tensor, when not the backend's choice (the backend honours, warns or refuses).
     """
 
     ops: tuple[str, ...] = ()
@@ -250,7 +266,7 @@ class Placement:
     exclude_nodes: tuple[str, ...] = ()
     keep_first: bool = False
     keep_last: bool = False
-    activations: Literal["backend", "uint8", "int8"] = "backend"
+    activations: Literal["backend", "uint8", "int8", "fp8"] = "backend"
     symmetric: Literal["backend", "yes", "no"] = "backend"
     per_channel: Literal["backend", "yes", "no"] = "backend"
 
@@ -258,7 +274,7 @@ class Placement:
         """The part of it that is a request to the backend's scheme."""
         return QuantRequest(
             op_types=frozenset(self.ops) or None, exclude_op_types=frozenset(self.exclude_ops),
-            activation_dtype=None if self.activations == "backend" else self.activations,
+            activation_dtype={"backend": None, "fp8": FP8}.get(self.activations, self.activations),
             activation_symmetric=None if self.symmetric == "backend" else self.symmetric == "yes",
             per_channel=None if self.per_channel == "backend" else self.per_channel == "yes")
 

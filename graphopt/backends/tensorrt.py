@@ -17,13 +17,22 @@ backend's options (:class:`~graphopt.backends.tensorrt_plan.BuildOptions`: ``--b
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping
 
 import numpy as np
 
 from graphopt.backends.base import Backend, BackendError
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
-from graphopt.backends.scheme import QuantRequest, QuantScheme, TensorQuant, restrict_ops
+from graphopt.backends.scheme import (
+    FP8,
+    FP8_OPSET,
+    QuantRequest,
+    QuantScheme,
+    TensorQuant,
+    UnsupportedRequestError,
+    restrict_ops,
+)
 from graphopt.backends.tensorrt_plan import BuildOptions
 from graphopt.ir.feeds import InputSpec
 
@@ -65,6 +74,8 @@ class TensorRTBackend(Backend):
         scheme = self.default_scheme()
         if request is None:
             return scheme
+        if FP8 in (request.activation_dtype, request.weight_dtype):
+            scheme = _fp8(scheme, request)
         return restrict_ops(scheme, request)
 
     def lint_rules(self) -> tuple:
@@ -111,3 +122,19 @@ class TensorRTBackend(Backend):
         raise BackendError(f"tensorrt: timing needs TensorRT and an NVIDIA GPU ({reason}): time the engine with "
                            f"trtexec --loadEngine=MODEL.engine; accuracy is measured here on onnxruntime "
                            f"(graphopt compare, graphopt run --eval)")
+
+
+def _fp8(scheme: QuantScheme, request: QuantRequest) -> QuantScheme:
+    """The fp8 mode: float8 E4M3 activations (per tensor) and weights (per output channel), symmetric (zero point
+    0, ``scale = amax / 448``), at opset 19. TensorRT's FP8 layers take both inputs in float8: a request mixing
+    float8 with int8, or asking for asymmetric float8, is refused."""
+    asked = {request.activation_dtype, request.weight_dtype} - {None}
+    if asked != {FP8}:
+        raise UnsupportedRequestError(f"TensorRT's fp8 layers take float8 activations and weights together, not "
+                                      f"{' with '.join(sorted(asked))}: ask for fp8 alone")
+    if False in (request.activation_symmetric, request.weight_symmetric):
+        raise UnsupportedRequestError("float8 quantization is symmetric (zero point 0): leave symmetric=backend")
+    per_channel = scheme.weights.per_channel if request.per_channel is None else request.per_channel
+    return replace(scheme, activations=TensorQuant(FP8, symmetric=True),
+                   weights=TensorQuant(FP8, symmetric=True, per_channel=per_channel),
+                   min_opset=max(scheme.min_opset, FP8_OPSET))

@@ -4,6 +4,12 @@ callers: observers and calibrate through :func:`scale_zero_point`, place-qdq and
 
 Asymmetric ranges from ``minmax`` and ``percentile`` need not contain 0; every range is widened to include 0 so
 that 0.0 (padding, ReLU zeros) is exactly representable.
+
+Besides the integer grids (uint8, int8), ``float8e4m3fn`` (ONNX's FLOAT8E4M3FN, opset 19+; numpy's
+``ml_dtypes.float8_e4m3fn``: 4 exponent bits, 3 mantissa bits, no infinities, largest value 448): the same
+symmetric rule gives ``scale = amax / 448`` and zero point 0 (a float8 zero), and :func:`quantize` rounds
+``x / scale`` to the nearest float8 value (ties to even) instead of the nearest integer, saturating to ±448 as
+QuantizeLinear's default ``saturate=1`` does.
 """
 
 from __future__ import annotations
@@ -11,11 +17,13 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import ml_dtypes
 import numpy as np
 
 from graphopt.calib.errors import ObserverError
 
-__all__ = ["QuantParams", "affine_params", "dequantize", "quant_range", "quantize", "scale_zero_point"]
+__all__ = ["FLOAT8_DTYPES", "QuantParams", "affine_params", "dequantize", "is_float8", "np_quant_dtype", "quant_range",
+           "quantize", "scale_zero_point"]
 
 
 class QuantParams(NamedTuple):
@@ -25,8 +33,9 @@ class QuantParams(NamedTuple):
     zero_point: int
 
 
-_QRANGE = {"uint8": (0, 255), "int8": (-128, 127)}
-_NARROW = {"uint8": (0, 254), "int8": (-127, 127)}
+_QRANGE = {"uint8": (0, 255), "int8": (-128, 127), "float8e4m3fn": (-448, 448)}
+_NARROW = {"uint8": (0, 254), "int8": (-127, 127), "float8e4m3fn": (-448, 448)}
+FLOAT8_DTYPES = {"float8e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn)}  # quantized dtype name -> numpy dtype
 # reduce_range: the widest ranges whose products with a uint8 activation, summed in pairs, fit in an int16
 _REDUCED = {"uint8": (0, 127), "int8": (-64, 64)}
 
@@ -35,12 +44,27 @@ def quant_range(dtype: str, symmetric: bool = False, *, narrow: bool = False, re
                 ) -> tuple[int, int]:
     """The integer grid: uint8 [0, 255], int8 [-128, 127]; ``narrow`` (and symmetric int8) [-127, 127] (uint8
     [0, 254]), so that the grid is symmetric about 0, as TensorRT and onnxruntime's symmetric mode use it;
-    ``reduced`` int8 [-64, 64] (uint8 [0, 127]), see :func:`affine_params`."""
+    ``reduced`` int8 [-64, 64] (uint8 [0, 127]), see :func:`affine_params`. float8e4m3fn: [-448, 448], its
+    largest finite values (``narrow`` changes nothing; ``reduced`` is an int8 kernel's limit, refused)."""
     if dtype not in _QRANGE:
-        raise ObserverError(f"quantized dtype must be 'uint8' or 'int8', got {dtype!r}")
+        raise ObserverError(f"quantized dtype must be one of {', '.join(_QRANGE)}, got {dtype!r}")
+    if is_float8(dtype):
+        if reduced:
+            raise ObserverError(f"reduce_range is an int8 kernel's limit, not a {dtype} grid")
+        return _QRANGE[dtype]
     if reduced:
         return _REDUCED[dtype]
     return _NARROW[dtype] if narrow or (symmetric and dtype == "int8") else _QRANGE[dtype]
+
+
+def is_float8(dtype: str) -> bool:
+    """Whether the quantized dtype ``dtype`` is a float8 type (values on a float grid, not integers)."""
+    return dtype in FLOAT8_DTYPES
+
+
+def np_quant_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype of a quantized dtype name (``ml_dtypes.float8_e4m3fn`` for float8e4m3fn)."""
+    return FLOAT8_DTYPES.get(dtype) or np.dtype(dtype)
 
 
 def affine_params(lo, hi, qmin: int, qmax: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -103,17 +127,23 @@ def _f32_up(x: np.ndarray) -> np.ndarray:
 def quantize(x, scale, zero_point, dtype: str = "uint8", axis: int | None = None,
              qrange: tuple[int, int] | None = None) -> np.ndarray:
     """Reference ONNX QuantizeLinear: round half to even, then saturate to ``qrange`` (default: the dtype's whole
-    range). Per tensor, or per channel along ``axis`` (``scale`` and ``zero_point`` one per channel)."""
+    range). Per tensor, or per channel along ``axis`` (``scale`` and ``zero_point`` one per channel). For a
+    float8 ``dtype``, ``x / scale + zero_point`` is saturated, then rounded to the nearest float8 value (ties to
+    even, as ``saturate=1`` QuantizeLinear does); NaN stays NaN."""
     qmin, qmax = qrange if qrange is not None else _QRANGE[dtype]
     x = np.asarray(x, dtype=np.float64)
-    scale, zero_point = np.asarray(scale, np.float64), np.asarray(zero_point, np.int64)
+    float8 = is_float8(dtype)
+    scale = np.asarray(scale, np.float64)
+    zero_point = np.asarray(zero_point, np.float64 if float8 else np.int64)
     if axis is not None:
         shape = [1] * x.ndim
         shape[axis] = -1
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    if float8:
+        return np.clip(x / scale + zero_point, qmin, qmax).astype(FLOAT8_DTYPES[dtype])
     return np.clip(np.round(x / scale) + zero_point, qmin, qmax).astype(dtype)
 
 
 def dequantize(q, scale: float, zero_point: int) -> np.ndarray:
     """Reference ONNX DequantizeLinear (per tensor), in float64: ``(q - zero_point) * scale``."""
-    return (np.asarray(q, dtype=np.float64) - zero_point) * scale
+    return (np.asarray(q, dtype=np.float64) - np.float64(zero_point)) * scale

@@ -30,6 +30,7 @@ from graphopt.ir.base import Graph
 from graphopt.ir.feeds import InputSpec, feeds, input_roles
 from graphopt.ir.gs_gaps import copy_gs, export_optional_types
 from graphopt.ir.ops import OpKind, onnx_kind
+from graphopt.ir.ort_quirks import session_kwargs
 
 # graphsurgeon's warnings (a subgraph onnxruntime could not fold, ...) are printed, not raised: graphopt reports
 # what matters in its own notes, so only its errors get through
@@ -434,7 +435,7 @@ _ORT_OPSET = re.compile(r"Opset (\d+) is under development.*support for domain (
 
 def _create_session(ort, source, options, providers):
     try:
-        return ort.InferenceSession(source, options, providers=list(providers))
+        return ort.InferenceSession(source, options, providers=list(providers), **session_kwargs(source))
     except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NotImplemented
         text = str(exc)
         if not any(m in text for m in _NO_KERNEL):
