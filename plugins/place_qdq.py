@@ -8,6 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
+from graphopt.backends.qdq_plan import BIAS_SLOT, plan_activations, too_small
 from graphopt.backends.scheme import FP8_OPSET, Placement
 from graphopt.calib.state import CALIBRATION, RANGES
 from graphopt.errors import UnsupportedError
@@ -15,20 +16,26 @@ from graphopt.ir.onnx_graph import fresh_name, replace_input
 from graphopt.ir.ops import is_standard_domain
 
 _SHAPE_OPS = frozenset({"Shape", "Constant", "ConstantOfShape", "Identity", "QuantizeLinear", "DequantizeLinear"})
-_BIAS_SLOT = {"Conv": 2, "Gemm": 2}
 
 
 class PlaceQdq(Pass):
     """Insert Q/DQ pairs for the backend's int8 scheme, using the ranges ``calibrate`` computed.
 
     Everything about *where* and *how* comes from the backend's :class:`~graphopt.backends.QuantScheme`, never
-    from the backend's name: ops in ``quantized_ops`` get a Q/DQ on each float input and a Q/DQ on their
-    output (after a ``fused_activations`` Relu/Clip that alone reads it, so the backend folds the clamp into the
-    requantization); ``passthrough_ops`` (MaxPool, Reshape, Flatten, ...) between quantized tensors reuse their
-    input's scale, so no requantization surrounds them; both inputs of a residual Add are quantized; weights of
-    ``weight_channel_axis`` ops become int8 initializers (symmetric, per output channel) behind a
-    DequantizeLinear; biases stay float for the backend to fold to int32 or, with ``bias="int32"``, are written
-    as int32 with scale = input scale × weight scale. Each tensor gets one pair, shared by all its readers.
+    from the backend's name; :func:`graphopt.backends.qdq_plan.plan_activations` decides which activations get a
+    pair, in one of two forms. With ``requantize_outputs`` (onnxruntime's): ops in ``quantized_ops`` get a Q/DQ
+    on each float input and a Q/DQ on their output (after a ``fused_activations`` Relu/Clip that alone reads it,
+    so the backend folds the clamp into the requantization); ``passthrough_ops`` (MaxPool, Reshape, Flatten, ...)
+    between quantized tensors reuse their input's scale, so no requantization surrounds them; both inputs of a
+    residual Add are quantized. Without (TensorRT's explicit quantization): Q/DQ only on the float inputs of int8
+    ops, none on their outputs nor on a graph output; a residual Add fused into the weighted op before it
+    (``fused_add``, decided by :func:`graphopt.backends.fusion.fusion_groups`) gets Q/DQ on its other input only;
+    a tensor a passthrough op makes is quantized before that op (Q/DQ -> Pad -> Conv), and a Concat's inputs
+    share one scale. Weighted ops too small for the backend's kernels (``min_channels``) stay float.
+    Weights of ``weight_channel_axis`` ops become int8 initializers (symmetric, per output channel on the op's
+    axis) behind a DequantizeLinear; biases stay float for the backend to fold to int32 or, with
+    ``bias="int32"``, are written as int32 with scale = input scale × weight scale. Each tensor gets one pair,
+    shared by all its readers.
 
     Ops the scheme does not cover stay float and are listed in a note. Options: ``ops`` (quantize only these op
     types), ``exclude_ops``, ``exclude_nodes`` (node names), ``keep_first`` / ``keep_last`` (the first / last
@@ -102,10 +109,6 @@ class PlaceQdq(Pass):
 
     def run_onnx(self, graph, ctx):
         scheme = self._scheme(ctx)
-        if scheme.fused_add or not scheme.requantize_outputs:  # so far only the FX placement writes these forms
-            raise UnsupportedError(f"pass '{self.name}': the {scheme.backend} scheme places Q/DQ on the inputs of "
-                                   f"int8 ops (fused Adds, float outputs), which the ONNX placement does not write "
-                                   f"yet (quantize the PyTorch model, or use --backend onnxruntime)")
         g = graph.gs
         g.toposort()
         nodes, notes = self._nodes_to_quantize(graph, scheme, ctx)
@@ -115,41 +118,41 @@ class PlaceQdq(Pass):
             raise self.fail(f"the {scheme.backend} scheme needs opset {scheme.min_opset}+, the model has "
                             f"{graph.opset} (convert it with onnx.version_converter, or run the pass in a pipeline, "
                             f"which does)")
-        tensors, shared = _activation_tensors(g, nodes, scheme)
-        _refuse_float16(self.name, graph, nodes, tensors)
         ranges = ctx.state[RANGES]
+        plan = plan_activations(g, scheme, nodes, ranges)
+        _refuse_float16(self.name, graph, nodes, plan.tensors)
         params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         missing = []
-        for name in tensors:
-            source = shared.get(name, name)
-            while source in shared:
-                source = shared[source]
-            if source not in ranges:
+        for name, sources in plan.sources.items():
+            known = [ranges[s] for s in sources if s in ranges]
+            if not known:
                 missing.append(name)
                 continue
-            params[name] = scheme.activations.params(*ranges[source])
+            params[name] = scheme.activations.params(min(r[0] for r in known), max(r[1] for r in known))
         if missing:
             notes.append(f"{len(missing)} tensors have no calibrated range and stay float: {', '.join(missing[:5])}")
         names = set(g.tensors())
         first_input = {id(node): node.inputs[0].name for node in nodes}  # before Q/DQ renames what they read
         for name, (scale, zero) in params.items():
-            _insert_qdq(g, tensors[name], scale, zero, names)
+            _insert_qdq(g, plan.tensors[name], scale, zero, names, requantize_output=scheme.requantize_outputs)
         weights = 0
         for node in nodes:
             weights += _quantize_weight(graph, node, scheme, names)
             if scheme.bias == "int32" and first_input[id(node)] in params:
                 _quantize_bias(graph, node, params[first_input[id(node)]][0], names)
         g.cleanup().toposort()
+        fused = {name for group in plan.groups for name in group.epilogue}
         left = Counter(n.op if is_standard_domain(n.domain) else f"{n.domain}:{n.op}" for n in g.nodes
-                       if n not in nodes and n.op not in _SHAPE_OPS and n.op not in scheme.passthrough_ops
-                       and n.op not in scheme.fused_activations)
+                       if n not in plan.quantized and n.name not in fused and n.op not in _SHAPE_OPS
+                       and n.op not in scheme.passthrough_ops and n.op not in scheme.fused_activations)
         if left:
             notes.append("stay float (no int8 kernel in the scheme, or excluded): "
                          + ", ".join(f"{op} x{k}" for op, k in left.most_common()))
         calibration = ctx.state.get(CALIBRATION, {})
         if calibration.get("synthetic"):
             notes.append("scales come from synthetic random inputs: not fit for production")
-        stats = {"quantized nodes": len(nodes), "inserted Q/DQ pairs": len(params), "quantized weights": weights}
+        stats = {"quantized nodes": len(plan.quantized), "inserted Q/DQ pairs": len(params),
+                 "quantized weights": weights, "fused residual Adds": plan.fused_adds}
         stats = {k: v for k, v in stats.items() if v}
         return PassResult(graph, bool(params) or weights > 0, stats, notes)
 
@@ -164,7 +167,7 @@ class PlaceQdq(Pass):
                 nodes.remove(weighted[pick])
         nonfinite = []
         for node in [n for n in nodes if n.op in scheme.weighted_ops]:
-            slots = [1] + ([_BIAS_SLOT[node.op]] if node.op in _BIAS_SLOT else [])  # a float bias: the backend's int32
+            slots = [1] + ([BIAS_SLOT[node.op]] if node.op in BIAS_SLOT else [])  # a float bias: the backend's int32
             for slot in slots:
                 value = graph.constant_value(node.inputs[slot]) if len(node.inputs) > slot else None
                 bad = _count_nonfinite(value)
@@ -175,6 +178,14 @@ class PlaceQdq(Pass):
                     nonfinite.append(node)
                     break
         notes = []
+        if scheme.min_channels:
+            shapes = graph.inferred_shapes()
+            small = [(n, why) for n in nodes if (why := too_small(n, scheme, shapes))]
+            if small:
+                excluded = {id(n) for n, _ in small}
+                nodes = [n for n in nodes if id(n) not in excluded]
+                notes.append(f"{len(small)} nodes stay float, too small for {scheme.backend}'s int8 kernels: "
+                             + "; ".join(f"'{n.name or n.outputs[0].name}' ({why})" for n, why in small[:5]))
         if nonfinite:
             nodes = [n for n in nodes if n not in nonfinite]
             notes.append(f"{len(nonfinite)} nodes stay float, their weights hold NaN/inf: "
@@ -222,50 +233,17 @@ def _already_quantized(node: gs.Node) -> bool:
     return any(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in node.inputs[:1])
 
 
-def _activation_tensors(g, nodes, scheme) -> tuple[dict[str, gs.Variable], dict[str, str]]:
-    """The float tensors to quantize (name -> tensor, in graph order), and the passthrough outputs that share
-    their input's parameters (output name -> input name)."""
-    quantized = set(map(id, nodes))
-    tensors: dict[str, gs.Variable] = {}
-
-    def add(t):
-        if isinstance(t, gs.Variable) and t.name and not any(c.op == "QuantizeLinear" for c in t.outputs) \
-                and not (t.inputs and t.inputs[0].op == "DequantizeLinear"):
-            tensors.setdefault(t.name, t)
-
-    for node in nodes:
-        for i, t in enumerate(node.inputs):
-            if (i == 1 and node.op in scheme.weighted_ops) or i == _BIAS_SLOT.get(node.op):
-                continue
-            add(t)
-        out = node.outputs[0]
-        readers = out.outputs
-        if len(readers) == 1 and readers[0].op in scheme.fused_activations and is_standard_domain(readers[0].domain) \
-                and out not in g.outputs:
-            out = readers[0].outputs[0]
-        add(out)
-    shared: dict[str, str] = {}
-    for node in g.nodes:  # topological order: chains of passthrough ops share down the chain
-        if node.op in scheme.passthrough_ops and is_standard_domain(node.domain) and node.inputs \
-                and node.inputs[0].name in tensors:
-            out = node.outputs[0]
-            if any(id(r) in quantized or (r.op in scheme.passthrough_ops and is_standard_domain(r.domain))
-                   for r in out.outputs):
-                add(out)
-                shared[out.name] = node.inputs[0].name
-    return tensors, shared
-
-
-def _insert_qdq(g, tensor: gs.Variable, scale, zero, names: set[str]) -> None:
-    """``tensor -> Q -> DQ``, its readers moved to the DQ. A graph output keeps its name on the DQ's output (the
-    producer writes a renamed float tensor that the Q reads), so the pair survives cleanup and the quantized op
-    before it gets its output Q, as inside the graph."""
+def _insert_qdq(g, tensor: gs.Variable, scale, zero, names: set[str], requantize_output: bool = True) -> None:
+    """``tensor -> Q -> DQ``, its readers moved to the DQ. A graph output: with ``requantize_output`` it keeps its
+    name on the DQ's output (the producer writes a renamed float tensor that the Q reads), so the pair survives
+    cleanup and the quantized op before it gets its output Q, as inside the graph; without, it stays float (only
+    its readers read the pair)."""
     readers = list(tensor.outputs)
     s = gs.Constant(fresh_name(names, f"{tensor.name}_scale"), np.asarray(scale, np.float32))
     z = gs.Constant(fresh_name(names, f"{tensor.name}_zero_point"), np.asarray(zero))
     q = gs.Variable(fresh_name(names, f"{tensor.name}_quantized"), dtype=np.asarray(zero).dtype, shape=tensor.shape)
     source, dq = tensor, None
-    if any(out is tensor for out in g.outputs) and tensor.inputs:
+    if requantize_output and any(out is tensor for out in g.outputs) and tensor.inputs:
         producer = tensor.inputs[0]
         source = gs.Variable(fresh_name(names, f"{tensor.name}_float"), dtype=tensor.dtype, shape=tensor.shape)
         producer.outputs[producer.outputs.index(tensor)] = source
@@ -298,7 +276,7 @@ def _quantize_weight(graph, node, scheme, names: set[str]) -> int:
 
 
 def _quantize_bias(graph, node, input_scale, names: set[str]) -> None:
-    slot = _BIAS_SLOT.get(node.op)
+    slot = BIAS_SLOT.get(node.op)
     if slot is None or len(node.inputs) <= slot:
         return
     bias = graph.constant_value(node.inputs[slot])

@@ -177,18 +177,37 @@ def test_int32_bias_when_the_scheme_asks_for_it(digits):
     assert accuracy(result.model, x_test, y_test) >= accuracy(path, x_test, y_test) - 0.003
 
 
-def test_a_scheme_the_onnx_placement_cannot_write_is_refused(zoo_onnx):
-    """A scheme with Q/DQ on the inputs of int8 ops only (fused Adds, float outputs: x86's, TensorRT's) is placed on
-    FX; the ONNX placement says it does not write it yet instead of silently placing onnxruntime's form."""
+def test_an_inputs_only_scheme_is_placed_from_its_data_not_its_backend(zoo_onnx):
+    """Q/DQ on the inputs of int8 ops only (fused Adds, float outputs: x86's, TensorRT's form) follows from the
+    scheme's flags, whichever backend states them: here onnxruntime's scheme with the flags flipped. Every
+    residual Add takes one quantized input (the other is its conv's float output), the graph output stays float,
+    and the graph still runs close to fp32."""
     from dataclasses import replace
 
-    import graphopt
     from graphopt.backends import OnnxRuntimeBackend
-    from graphopt.errors import UnsupportedError
+    from graphopt.numeric import sqnr_db
 
     class InputsOnly(OnnxRuntimeBackend):
         def scheme(self, request=None):
-            return replace(super().scheme(request), fused_add=True, requantize_outputs=False)
+            return replace(super().scheme(request), fused_add=True, residual_add_qdq=False, requantize_outputs=False)
 
-    with pytest.raises(UnsupportedError, match="does not write yet"):
-        graphopt.optimize(zoo_onnx("tiny_resnet"), "int8", backend=InputsOnly())
+    path = zoo_onnx("tiny_resnet")
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    ctx = PassContext(calibration={"input": x})
+    result = graphopt.optimize(path, "fold,int8", ctx=ctx, check=False, backend=InputsOnly())
+    g = result.graph.gs
+    producers = {t.name: n for n in g.nodes for t in n.outputs}
+
+    def dequantized(t):  # through MaxPool, which the scheme passes int8 through: the Q/DQ goes before it
+        while producers[t.name].op == "MaxPool":
+            t = producers[t.name].inputs[0]
+        return producers[t.name].op == "DequantizeLinear"
+
+    adds = [n for n in g.nodes if n.op == "Add"]
+    assert len(adds) == 4 and all(sum(map(dequantized, n.inputs)) == 1 for n in adds)
+    assert all(producers[t.name].op == "Conv" for n in adds for t in n.inputs if not dequantized(t))  # fused: float
+    assert producers[g.outputs[0].name].op == "Gemm"
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    sample = x[:1] * 0.9
+    assert sqnr_db(reference.run(None, {"input": sample})[0], session.run(None, {"input": sample})[0]) >= 30

@@ -144,6 +144,9 @@ class QuantScheme:
     scale of its own (a Q after it, after its fused activation), as onnxruntime's QLinear kernels do; False: an
     output is quantized only where an op that takes int8 reads it (Q/DQ on the *inputs* of quantized ops; an op
     whose readers are float writes float, which x86's oneDNN and TensorRT kernels do without a Q/DQ pair).
+    ``min_channels``: weighted ops too small for the backend's int8 kernels stay float (0: none):
+    :func:`graphopt.backends.qdq_plan.too_small` says which (a Conv with fewer input or output channels, a
+    Gemm/MatMul with K or N under it: TensorRT's tensor cores, ModelOpt's exclusions).
     ``bias``: ``"float"`` — the bias of Conv/Gemm stays float and the backend folds it
     to int32 itself (scale = input scale × weight scale, zero point 0); ``"int32"`` — place-qdq writes it as
     int32 behind a DequantizeLinear with that scale. ``format`` is ``"QDQ"`` (QuantizeLinear/DequantizeLinear
@@ -165,6 +168,7 @@ class QuantScheme:
     bias: str = "float"
     format: str = "QDQ"
     min_opset: int = 13
+    min_channels: int = 0
     warnings: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -172,6 +176,8 @@ class QuantScheme:
         for name in ("quantized_ops", "passthrough_ops", "fused_activations"):
             object.__setattr__(self, name, frozenset(getattr(self, name)))
         object.__setattr__(self, "warnings", tuple(self.warnings))
+        if self.min_channels < 0:
+            raise ValueError(f"min_channels must be >= 0, got {self.min_channels}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.activations.per_channel:
@@ -216,7 +222,7 @@ class QuantScheme:
                 "passthrough_ops": sorted(self.passthrough_ops), "fused_activations": sorted(self.fused_activations),
                 "residual_add_qdq": self.residual_add_qdq, "fused_add": self.fused_add,
                 "requantize_outputs": self.requantize_outputs, "bias": self.bias, "format": self.format,
-                "min_opset": self.min_opset, "warnings": list(self.warnings)}
+                "min_opset": self.min_opset, "min_channels": self.min_channels, "warnings": list(self.warnings)}
 
     def describe(self) -> str:
         return (f"{self.backend}: activations {self.activations.describe()}, weights {self.weights.describe()}, "
