@@ -103,9 +103,12 @@ def outputs(path: str, data: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def findings(path: str) -> Counter:
-    from graphopt.backends.lint import lint_model
+    """The checker's findings by rule (``graphopt verify --backend tensorrt``)."""
+    from graphopt.backends.lint import lint
+    from graphopt.backends.tensorrt import TensorRTBackend
+    from graphopt.ir import OnnxGraph
 
-    return Counter(f.rule for f in lint_model(path, "tensorrt"))
+    return Counter(f.rule for f in lint(OnnxGraph.load(path), TensorRTBackend().lint_rules()))
 
 
 def op_counts(path: str) -> dict[str, int]:
@@ -154,7 +157,7 @@ def measure(name: str, workdir: str) -> dict[str, Any]:
 
 
 FP16_PASSES = "to-fp16"
-FP8_PASSES = "insert-observers,calibrate,place-qdq:activations=fp8"
+FP8_PASSES = "fp8"
 
 
 def table(rows: list[dict[str, Any]]) -> str:

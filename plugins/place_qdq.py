@@ -134,7 +134,9 @@ class PlaceQdq(Pass):
         names = set(g.tensors())
         first_input = {id(node): node.inputs[0].name for node in nodes}  # before Q/DQ renames what they read
         for name, (scale, zero) in params.items():
-            _insert_qdq(g, plan.tensors[name], scale, zero, names, requantize_output=scheme.requantize_outputs)
+            tensor = plan.tensors[name]
+            _insert_qdq(g, tensor, scale, zero, names, plan.int8_readers(tensor, scheme),
+                        requantize_output=scheme.requantize_outputs)
         weights = 0
         for node in nodes:
             weights += _quantize_weight(graph, node, scheme, names)
@@ -233,12 +235,12 @@ def _already_quantized(node: gs.Node) -> bool:
     return any(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in node.inputs[:1])
 
 
-def _insert_qdq(g, tensor: gs.Variable, scale, zero, names: set[str], requantize_output: bool = True) -> None:
-    """``tensor -> Q -> DQ``, its readers moved to the DQ. A graph output: with ``requantize_output`` it keeps its
-    name on the DQ's output (the producer writes a renamed float tensor that the Q reads), so the pair survives
-    cleanup and the quantized op before it gets its output Q, as inside the graph; without, it stays float (only
-    its readers read the pair)."""
-    readers = list(tensor.outputs)
+def _insert_qdq(g, tensor: gs.Variable, scale, zero, names: set[str], readers: list[gs.Node],
+                requantize_output: bool = True) -> None:
+    """``tensor -> Q -> DQ``, ``readers`` (those of its readers that read int8) moved to the DQ. A graph output:
+    with ``requantize_output`` it keeps its name on the DQ's output (the producer writes a renamed float tensor that
+    the Q reads), so the pair survives cleanup and the quantized op before it gets its output Q, as inside the
+    graph; without, it stays float (only its readers read the pair)."""
     s = gs.Constant(fresh_name(names, f"{tensor.name}_scale"), np.asarray(scale, np.float32))
     z = gs.Constant(fresh_name(names, f"{tensor.name}_zero_point"), np.asarray(zero))
     q = gs.Variable(fresh_name(names, f"{tensor.name}_quantized"), dtype=np.asarray(zero).dtype, shape=tensor.shape)

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt import zoo
 from graphopt.backends.fusion import fusion_groups
+from graphopt.backends.lint import lint
 from graphopt.backends.qdq_plan import too_small
 from graphopt.backends.scheme import QuantRequest, UnsupportedRequestError
 from graphopt.backends.tensorrt import PER_TENSOR_WARNING, TensorRTBackend
@@ -177,6 +178,8 @@ def assert_tensorrt_form(float_graph: OnnxGraph, graph: OnnxGraph):
         assert len(scales) == 1, f"{concat.name}: inputs with scales {scales}"
     for out in g.outputs:
         assert out.name not in producers or producers[out.name].op != "DequantizeLinear"
+    findings = lint(graph, TensorRTBackend().lint_rules())  # graphopt verify --backend tensorrt agrees
+    assert not findings, [f.line() for f in findings]
     return quantized
 
 

@@ -5,9 +5,10 @@ One group per *anchor*, a weighted op of the scheme (``weight_channel_axis``: Co
 MatMul), with what runs in the same kernel: its epilogue and the Q/DQ nodes that feed it. The epilogue, in order:
 
 1. a bias Add (an Add of a constant, which a MatMul exported from a Linear layer has) that alone reads the output;
-2. with ``scheme.fused_add``, a residual Add (two activation inputs, ``Add`` in ``quantized_ops``) that alone reads
-   the output so far: the add runs as the kernel's epilogue on float accumulators, so that input stays float and
-   only the *other* one (the residual, ``FusionGroup.residual``) is quantized;
+2. with ``scheme.fused_add``, for a convolution (:data:`RESIDUAL_ANCHORS`), a residual Add (two activation inputs,
+   ``Add`` in ``quantized_ops``) that alone reads the output so far: the add runs as the kernel's epilogue on
+   float accumulators, so that input stays float and only the *other* one (the residual,
+   ``FusionGroup.residual``) is quantized;
 3. a ``fused_activations`` op (Relu, Clip, ...) that alone reads the output so far.
 
 The order is TensorRT's: conv -> add -> relu fuses into one kernel, conv -> relu -> add fuses the relu only (the
@@ -35,7 +36,13 @@ import onnx_graphsurgeon as gs
 from graphopt.backends.scheme import QuantScheme
 from graphopt.ir.ops import is_standard_domain
 
-__all__ = ["FusionGroup", "fusion_groups", "lca_distances"]
+__all__ = ["RESIDUAL_ANCHORS", "FusionGroup", "fusion_groups", "lca_distances"]
+
+# The ops whose kernel takes a residual Add as its epilogue: TensorRT's documented residual fusion is a
+# convolution's (its guide's figures 6-7), ModelOpt's "fusible backbones" are Conv and ConvTranspose only
+# (``get_fusible_backbone``), and inductor's x86 patterns fuse ``sum`` into oneDNN convolutions only. A residual Add
+# after a Gemm/MatMul (a transformer's) is not fused: it stays float, or with ``residual_add_qdq`` reads int8.
+RESIDUAL_ANCHORS = frozenset({"Conv", "ConvTranspose"})
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,8 @@ def fusion_groups(graph, scheme: QuantScheme, anchors: Iterable[str] | None = No
             out = reader.outputs[0]
         heads[id(anchor)] = (anchor, chain, out)
         reader = single_reader(out)
-        if scheme.fused_add and reader is not None and _is_residual_add(reader, scheme):
+        if scheme.fused_add and anchor.op in RESIDUAL_ANCHORS and reader is not None \
+                and _is_residual_add(reader, scheme):
             claims.setdefault(id(reader), []).append(id(anchor))
     taken: dict[int, gs.Node] = {}  # anchor -> the Add it takes
     for candidates in claims.values():

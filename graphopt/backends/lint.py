@@ -133,9 +133,13 @@ class QdqView:
         return OnnxGraph.constant_value(tensor) is not None
 
     def dequantizer(self, tensor: gs.Tensor) -> gs.Node | None:
-        """The DequantizeLinear whose value ``tensor`` is: written by it, or by ops of ``through`` from it."""
+        """The DequantizeLinear whose value ``tensor`` is: written by it, or by ops of ``through`` from it (a
+        Concat of ``through`` counts when every input is dequantized: the first input's DequantizeLinear)."""
         node = self.producer(tensor)
         while node is not None and node.op in self.through and node.inputs:
+            if node.op == "Concat":
+                found = [self.dequantizer(t) for t in node.inputs]
+                return found[0] if all(found) else None
             node = self.producer(node.inputs[0])
         return node if node is not None and node.op == "DequantizeLinear" else None
 

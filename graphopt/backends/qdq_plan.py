@@ -52,6 +52,27 @@ class ActivationPlan:
     quantized: list[gs.Node] = field(default_factory=list)
     groups: list[FusionGroup] = field(default_factory=list)
     fused_adds: int = 0
+    inputs_only: bool = False
+
+    def int8_readers(self, tensor: gs.Variable, scheme: QuantScheme) -> list[gs.Node]:
+        """The readers of ``tensor`` that its DequantizeLinear feeds. Requantizing form: all of them (a float op
+        reads the int8 tensor dequantized, as onnxruntime's QLinear chain does). Inputs-only form: only the ops
+        that read int8 (the planned ones, and passthrough ops on the way to one); a float op that reads the same
+        tensor (a LayerNorm or a float Add beside the q/k/v MatMuls) keeps reading it unrounded, as it would on
+        the backend, where only the int8 kernel's input is quantized."""
+        readers = list(tensor.outputs)
+        if not self.inputs_only:
+            return readers
+        planned = {id(n) for n in self.quantized}
+
+        def reads_int8(node: gs.Node, depth: int = 0) -> bool:
+            if id(node) in planned:
+                return True
+            if node.op not in scheme.passthrough_ops or not is_standard_domain(node.domain) or depth > 32:
+                return False
+            return any(reads_int8(r, depth + 1) for out in node.outputs for r in out.outputs)
+
+        return [r for r in readers if reads_int8(r)]
 
 
 def plan_activations(g: gs.Graph, scheme: QuantScheme, nodes: list[gs.Node], ranged: Container[str]
@@ -106,7 +127,7 @@ def _requantizing(g, scheme, nodes) -> ActivationPlan:
 
 
 def _inputs_only(g, scheme, nodes, ranged) -> ActivationPlan:
-    plan = ActivationPlan()
+    plan = ActivationPlan(inputs_only=True)
     anchors = [n.name for n in nodes if n.op in scheme.weighted_ops]
     chosen = {n.name for n in nodes}
     plan.groups = fusion_groups(g, scheme, anchors)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphopt.backends.fusion import RESIDUAL_ANCHORS
 from graphopt.backends.lint import FixOutcome, LintRule, QdqView
 from graphopt.ir.onnx_graph import replace_input
 
@@ -48,7 +49,7 @@ class InputNotQuantized(LintRule):
 
     def check(self, view):
         out = []
-        for node in view.nodes(*sorted(view.scheme.quantized_ops)):
+        for node in view.nodes(*sorted(view.scheme.weighted_ops)):  # an Add is the residual rule's business
             inputs = node.inputs[:2]
             if len(inputs) < 2 or not _quantized(view, node):
                 continue
@@ -79,8 +80,12 @@ class ResidualNotQuantized(LintRule):
     fixable = True
 
     def _fusable(self, view: QdqView, tensor) -> bool:
+        """Written by a quantized convolution (through a bias Add: its epilogue) and read by nothing else."""
         node = view.producer(tensor)
-        return (node is not None and node.op in view.scheme.weighted_ops and _quantized(view, node)
+        if node is not None and node.op == "Add" and len(node.inputs) == 2 and len(node.outputs[0].outputs) == 1 \
+                and sum(view.is_constant(t) for t in node.inputs) == 1:
+            node = view.producer(next(t for t in node.inputs if not view.is_constant(t)))
+        return (node is not None and node.op in RESIDUAL_ANCHORS and _quantized(view, node)
                 and len(tensor.outputs) == 1 and tensor.name not in view.outputs)
 
     def _targets(self, view: QdqView):

@@ -30,8 +30,10 @@ EXPLICIT = ("TensorRT documentation, *Explicit Quantization*, https://docs.nvidi
 QUANTIZED_TYPES_NOTE = ("INT8, INT4, and FP8 are treated as `Quantized Types` in TensorRT, where support is available "
                         "only through quantization from a floating-point type with higher precision.")
 
-# data-movement ops a DequantizeLinear's value passes through for the rules (TensorRT propagates DQ forward past them)
-THROUGH = frozenset({"Pad", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool"})
+# data-movement ops a DequantizeLinear's value passes through for the rules (TensorRT propagates DQ forward past them;
+# past a Concat when every input is dequantized, which the concat-scales rule then wants at one scale)
+THROUGH = frozenset({"Pad", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool", "Slice",
+                     "Concat"})
 
 
 def _quant_of(view: QdqView, node):
