@@ -317,10 +317,10 @@ def small_conv():
     return net.model()
 
 
-def _matmul_rows(rows: int):
+def _matmul_rows(rows: int, n: int = 32):
     net = Net()
     x = net.input("x", [rows, 64])
-    w = net.weight("mm_w", (64, 32), axis=1)
+    w = net.weight("mm_w", (64, n), axis=1)
     net.output(net.add("MatMul", [net.qdq(x, "mm_in"), w], "mm"))
     return net.model()
 
@@ -331,6 +331,11 @@ def good_gemm_rows():
 
 def gemv():
     return _matmul_rows(1)
+
+
+def small_gemm():
+    """N = 8 output columns: under the 16 int8 tensor-core kernels need."""
+    return _matmul_rows(8, n=8)
 
 
 # name -> (builder, planted findings {(rule id, node name)}); an empty set is a correct twin
@@ -366,4 +371,5 @@ CASES = {
     "small_conv": (small_conv, {("small-conv", "conv")}),
     "good_gemm_rows": (good_gemm_rows, set()),
     "gemv": (gemv, {("gemv", "mm")}),
+    "small_gemm": (small_gemm, {("gemv", "mm")}),
 }

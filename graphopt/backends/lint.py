@@ -176,16 +176,20 @@ class QdqView:
         to = node.attrs.get("output_dtype")
         return None if to else "uint8"
 
-    def shape(self, tensor: gs.Tensor) -> list | None:
-        """A tensor's shape from ONNX shape inference (None where unknown; symbolic dims are None)."""
-        if isinstance(tensor, gs.Constant):
-            return list(tensor.shape)
+    def shapes(self) -> dict:
+        """ONNX shape inference's shapes (``OnnxGraph.inferred_shapes``), computed once; empty when it fails."""
         if self._shapes is None:
             try:
                 self._shapes = self.graph.inferred_shapes()
             except Exception:  # shape inference is help, not a requirement: a rule that needs it says nothing
                 self._shapes = {}
-        dims = self._shapes.get(tensor.name, (None,))[0]
+        return self._shapes
+
+    def shape(self, tensor: gs.Tensor) -> list | None:
+        """A tensor's shape from ONNX shape inference (None where unknown; symbolic dims are None)."""
+        if isinstance(tensor, gs.Constant):
+            return list(tensor.shape)
+        dims = self.shapes().get(tensor.name, (None,))[0]
         return None if dims is None else [d if isinstance(d, int) and d > 0 else None for d in dims]
 
     # -- editing (fixes)

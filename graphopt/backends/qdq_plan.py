@@ -183,7 +183,8 @@ def _inputs_only(g, scheme, nodes, ranged) -> ActivationPlan:
     return plan
 
 
-def too_small(node: gs.Node, scheme: QuantScheme, shapes: dict | None = None) -> str | None:
+def too_small(node: gs.Node, scheme: QuantScheme, shapes: dict | None = None, weight: np.ndarray | None = None,
+              reads_input: bool | None = None) -> str | None:
     """Why weighted op ``node`` is too small for ``scheme``'s int8 kernels (``min_channels``), or None.
 
     NVIDIA ModelOpt's int8 exclusions (``find_nodes_from_convs_to_exclude``, ``find_nodes_from_matmul_to_exclude``):
@@ -195,11 +196,15 @@ def too_small(node: gs.Node, scheme: QuantScheme, shapes: dict | None = None) ->
     - a Gemm/MatMul whose K or N is below ``min_channels`` (tensor cores need 16), or that is a GEMV (an output of
       rank 2 with a dimension 1: a batch-1 classifier; or, for a product of two activations, 1 in either of the
       last two dimensions). ``shapes``: ``OnnxGraph.inferred_shapes()``, for the dimensions only they know.
+
+    On a float graph the weight is ``node``'s constant input 1; on a Q/DQ graph (the checker's ``small-conv`` and
+    ``gemv`` rules ask the same question) the caller passes it (``weight``) and says whether the node's data input
+    is, behind its Q/DQ, the graph's input (``reads_input``).
     """
     limit = scheme.min_channels
     if not limit or node.op not in scheme.weighted_ops or len(node.inputs) < 2:
         return None
-    weight = OnnxGraph.constant_value(node.inputs[1])
+    weight = OnnxGraph.constant_value(node.inputs[1]) if weight is None else weight
     if node.op == "Conv":
         if weight is None or weight.ndim < 3:
             return None
@@ -207,7 +212,8 @@ def too_small(node: gs.Node, scheme: QuantScheme, shapes: dict | None = None) ->
         if out_ch >= limit and in_ch >= limit:
             return None
         group, kernel = int(node.attrs.get("group", 1)), list(weight.shape[2:])
-        reads_input = any(not t.inputs and isinstance(t, gs.Variable) for t in node.inputs[:1])
+        if reads_input is None:
+            reads_input = any(not t.inputs and isinstance(t, gs.Variable) for t in node.inputs[:1])
         if group == 1 and (out_ch % CHANNEL_ALIGN == 0 or in_ch % CHANNEL_ALIGN == 0) \
                 and (reads_input or out_ch >= limit or in_ch >= limit) and len(set(kernel)) == 1:
             return None

@@ -12,6 +12,7 @@ import numpy as np
 
 from graphopt.backends.fusion import RESIDUAL_ANCHORS
 from graphopt.backends.lint import FixOutcome, LintRule, QdqView
+from graphopt.backends.qdq_plan import too_small
 from graphopt.ir.onnx_graph import replace_input
 
 FIGURES = ("TensorRT Developer Guide (https://docs.nvidia.com/deeplearning/tensorrt/developer-guide/index.html), "
@@ -300,55 +301,41 @@ class SmallConv(LintRule):
     fix_text = "leave this Conv float (graphopt run ... --passes 'fold,int8:exclude_nodes=NAME')"
 
     def check(self, view):
-        out = []
         inputs = {t.name for t in view.gs.inputs}
+        out = []
         for node in view.nodes("Conv"):
-            if not _quantized(view, node):
-                continue
-            weight = _weight(view, node)
-            if weight is None or not 3 <= weight.ndim <= 5:
-                continue
-            cout, cin = weight.shape[0], weight.shape[1]
-            if cout >= 16 and cin >= 16:
-                continue
-            group = int(node.attrs.get("group", 1))
-            kernel = list(node.attrs.get("kernel_shape", weight.shape[2:]))
-            first = _float_source(view, node.inputs[0]).name in inputs  # ModelOpt: the graph's first layer
-            if group == 1 and (cout % 8 == 0 or cin % 8 == 0) and (first or cout >= 16 or cin >= 16) \
-                    and len(set(kernel)) == 1:
-                continue
-            if group > 1 and cout % 8 == 0 and all(k >= 3 for k in kernel):
-                continue
-            out.append(self.finding(node, f"{cin} input / {cout} output channels: int8 is slower than fp16 here"))
+            if _quantized(view, node):
+                why = too_small(node, view.scheme, view.shapes(), _weight(view, node),
+                                _float_source(view, node.inputs[0]).name in inputs)  # ModelOpt: the first layer
+                if why:
+                    out.append(self.finding(node, f"{why}: int8 is slower than fp16 here"))
         return out
 
 
 class Gemv(LintRule):
     id = "gemv"
-    title = "quantized MatMul/Gemm that is a GEMV (M or N = 1)"
+    title = "quantized MatMul/Gemm that is a GEMV (M or N = 1) or a small GEMM (K or N < 16)"
     severity = "warning"
     reason = ("A matrix product with one row or one column cannot use Tensor Cores; its Q/DQ only add work, so "
               "NVIDIA ModelOpt leaves it float.")
     passage = ('"Either of m or n in matmul is 1, this matmul cannot utilize TensorCores. The perf of adding Q/DQ '
                'layers is not good in TRT. Thus, in this case, do not add Q/DQ layers to this matmul." ('
-               + MODELOPT_INT8 + "; the shape test is ported from `graph_utils._exclude_matmuls_by_shape_inference`)")
+               + MODELOPT_INT8 + "; the shape test is ported from `graph_utils._exclude_matmuls_by_shape_inference`)"
+               "\n\n"
+               '"K or N is smaller than ``_MIN_MATMUL_DIM`` (16): both INT8 and FP8 Tensor Core kernels need K/N >= 16 '
+               'to be efficient, and adding Q/DQ layers on such small GEMMs causes TRT perf regressions." ('
+               "NVIDIA ModelOpt 0.47, `modelopt/onnx/quantization/graph_utils.py`, "
+               "`find_nodes_from_matmul_to_exclude`)")
     source = MODELOPT
     fix_text = "leave this MatMul/Gemm float (graphopt run ... --passes 'fold,int8:exclude_nodes=NAME')"
 
     def check(self, view):
         out = []
         for node in view.nodes("MatMul", "Gemm"):
-            if not _quantized(view, node):
-                continue
-            dims = view.shape(node.outputs[0])
-            if not dims:
-                continue
-            if _weight(view, node) is None:  # two activations: a row or a column of 1
-                gemv = len(dims) >= 2 and (dims[-1] == 1 or dims[-2] == 1)
-            else:  # a constant weight: ModelOpt's test, any dim of a 2-D output
-                gemv = len(dims) < 3 and any(d == 1 for d in dims)
-            if gemv:
-                out.append(self.finding(node, f"output shape {dims}: a GEMV, int8 is slower than fp16 here"))
+            if _quantized(view, node):
+                why = too_small(node, view.scheme, view.shapes(), _weight(view, node))
+                if why:
+                    out.append(self.finding(node, f"{why}: int8 is slower than fp16 here"))
         return out
 
 
