@@ -193,9 +193,11 @@ def too_small(node: gs.Node, scheme: QuantScheme, shapes: dict | None = None, we
       kernels for it: an ungrouped conv with a square kernel whose input or output channels are a multiple of 8
       and that reads the graph's input or has ``min_channels`` on one side; a grouped (depthwise) conv whose output
       channels are a multiple of 8, with a kernel of 3 or more;
+    - in fp8, a Conv with ``min_channels`` or fewer input or output channels, or a filter of more than 32 taps;
     - a Gemm/MatMul whose K or N is below ``min_channels`` (tensor cores need 16), or that is a GEMV (an output of
-      rank 2 with a dimension 1: a batch-1 classifier; or, for a product of two activations, 1 in either of the
-      last two dimensions). ``shapes``: ``OnnxGraph.inferred_shapes()``, for the dimensions only they know.
+      rank 2 with a dimension 1: a batch-1 classifier, or one whose batch is dynamic, which ModelOpt's
+      single-sample shape inference sees as 1; or, for a product of two activations, 1 in either of the last two
+      dimensions). ``shapes``: ``OnnxGraph.inferred_shapes()``, for the dimensions only they know.
 
     On a float graph the weight is ``node``'s constant input 1; on a Q/DQ graph (the checker's ``small-conv`` and
     ``gemv`` rules ask the same question) the caller passes it (``weight``) and says whether the node's data input
@@ -209,9 +211,15 @@ def too_small(node: gs.Node, scheme: QuantScheme, shapes: dict | None = None, we
         if weight is None or weight.ndim < 3:
             return None
         out_ch, in_ch = weight.shape[:2]
+        group, kernel = int(node.attrs.get("group", 1)), list(weight.shape[2:])
+        if scheme.activations.is_float8:  # ModelOpt's fp8 rule: no small-channel or large-filter fp8 convs
+            if out_ch <= limit or in_ch <= limit:
+                return f"{in_ch} input channels (per group), {out_ch} output channels: fp8 needs more than {limit}"
+            if int(np.prod(kernel)) > 32:
+                return f"a {'x'.join(map(str, kernel))} filter: fp8 convolutions take at most 32 taps"
+            return None
         if out_ch >= limit and in_ch >= limit:
             return None
-        group, kernel = int(node.attrs.get("group", 1)), list(weight.shape[2:])
         if reads_input is None:
             reads_input = any(not t.inputs and isinstance(t, gs.Variable) for t in node.inputs[:1])
         if group == 1 and (out_ch % CHANNEL_ALIGN == 0 or in_ch % CHANNEL_ALIGN == 0) \
@@ -232,8 +240,9 @@ def too_small(node: gs.Node, scheme: QuantScheme, shapes: dict | None = None, we
     known = [d for d in out_dims if isinstance(d, (int, np.integer))]
     if weight is None and len(out_dims) >= 2 and 1 in out_dims[-2:]:
         return f"a matrix-vector product (output {out_dims})"
-    if weight is not None and len(out_dims) <= 2 and 1 in known:
-        return f"a matrix-vector product (output {out_dims})"
+    batch_one = len(out_dims) == 2 and not isinstance(out_dims[0], (int, np.integer))  # a dynamic batch: as 1
+    if weight is not None and len(out_dims) <= 2 and (1 in known or batch_one):
+        return f"a matrix-vector product (output {out_dims}{', at batch 1' if batch_one else ''})"
     small = [f"{label} = {d}" for label, d in (("K", k), ("N", n))
              if isinstance(d, (int, np.integer)) and 0 < d < limit]
     return f"{', '.join(small)}: under {limit}" if small else None
