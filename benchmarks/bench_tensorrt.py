@@ -112,18 +112,25 @@ def findings(path: str) -> Counter:
 
 
 def op_counts(path: str) -> dict[str, int]:
+    """Q and DQ nodes, the weighted ops that read int8 (their data input dequantized, directly or through data
+    movement: a DQ before a Reshape/Transpose/MaxPool still feeds them) out of all of them, and the file's size."""
     import onnx
 
     graph = onnx.load(path, load_external_data=False).graph
     counts = Counter(n.op_type for n in graph.node)
-    q_inputs = Counter()
-    produced = {o: n.op_type for n in graph.node for o in n.output}
-    for n in graph.node:
-        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.input and produced.get(n.input[0]) == \
-                "DequantizeLinear":
-            q_inputs[n.op_type] += 1
-    return {"Q": counts["QuantizeLinear"], "DQ": counts["DequantizeLinear"], "int8 ops": sum(q_inputs.values()),
-            "of": sum(counts[o] for o in ("Conv", "ConvTranspose", "Gemm", "MatMul"))}
+    produced = {o: n for n in graph.node for o in n.output}
+    moves = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Pad", "Slice", "Concat"}
+
+    def dequantized(name: str) -> bool:
+        node = produced.get(name)
+        while node is not None and node.op_type in moves:
+            node = produced.get(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    weighted = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    return {"Q": counts["QuantizeLinear"], "DQ": counts["DequantizeLinear"],
+            "int8 ops": sum(dequantized(n.input[0]) for n in weighted), "of": len(weighted),
+            "bytes": os.path.getsize(path)}
 
 
 def measure(name: str, workdir: str) -> dict[str, Any]:
@@ -161,21 +168,22 @@ FP8_PASSES = "fp8"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | tool | SQNR dB | cosine | accuracy % | Q/DQ | int8 ops | checker findings | s |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| model | tool | SQNR dB | cosine | accuracy % | Q/DQ | int8 ops | MB | checker findings | s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for row in rows:
         for variant in ("graphopt", "modelopt", "graphopt-fp16", "graphopt-fp8"):
             e = row.get(variant, {})
             if "error" in e:
-                lines.append(f"| {row['model']} | {variant} | error: {e['error']} | | | | | | |")
+                lines.append(f"| {row['model']} | {variant} | error: {e['error']} | | | | | | | |")
                 continue
             if not e:
                 continue
             acc = f"{100 * e['accuracy']:.2f} (fp32 {100 * e['fp32_accuracy']:.2f})" if "accuracy" in e else ""
             found = ", ".join(f"{k} x{v}" for k, v in sorted(e["findings"].items())) or "0"
             lines.append(f"| {row['model']} | {variant} | {e['sqnr_db']:.1f} | {e['cosine']:.5f} | {acc} | "
-                         f"{e['Q']}/{e['DQ']} | {e['int8 ops']}/{e['of']} | {found} | {e['seconds']:.1f} |")
+                         f"{e['Q']}/{e['DQ']} | {e['int8 ops']}/{e['of']} | {e['bytes'] / 1e6:.1f} | {found} | "
+                         f"{e['seconds']:.1f} |")
     return head + "\n".join(lines) + "\n"
 
 

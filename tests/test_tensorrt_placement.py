@@ -284,3 +284,23 @@ def test_cli_writes_tensorrts_form(zoo_onnx, tmp_path, capsys):
     folded = graphopt.optimize(path, "fold", check=False).graph
     # 12 convs and the fc; the two 8-channel convs and the batch-1 fc (a GEMV) stay float
     assert assert_tensorrt_form(folded, OnnxGraph.load(str(out))) == 10
+
+
+def test_modelopts_exclusions_for_shapes_placement_and_checker_share():
+    """too_small is the one home of ModelOpt's exclusions (the placement leaves these float, the checker's small-conv
+    and gemv rules flag them when quantized): a dynamic-batch classifier (ModelOpt's single-sample inference sees
+    a GEMV), attention past 512 positions in int8, K or N under 16; a wide GEMM and 128-position attention pass."""
+    scheme = TensorRTBackend().scheme()
+
+    def matmul(a_shape, b_shape, out_shape, weight=None):
+        a = gs.Variable("a", np.float32, a_shape)
+        b = gs.Constant("w", weight) if weight is not None else gs.Variable("b", np.float32, b_shape)
+        return gs.Node("MatMul", "mm", inputs=[a, b], outputs=[gs.Variable("y", np.float32, out_shape)])
+
+    w = np.zeros((256, 64), np.float32)
+    assert "batch 1" in too_small(matmul(["batch", 256], None, ["batch", 64], w), scheme)
+    assert too_small(matmul([8, 256], None, [8, 64], w), scheme) is None
+    assert too_small(matmul(["batch", 128, 256], None, ["batch", 128, 64], w), scheme) is None  # rank 3: tokens
+    assert "N = 8" in too_small(matmul([8, 256], None, [8, 8], np.zeros((256, 8), np.float32)), scheme)
+    assert "600 positions" in too_small(matmul([1, 4, 600, 64], [1, 4, 64, 600], [1, 4, 600, 600]), scheme)
+    assert too_small(matmul([1, 4, 128, 64], [1, 4, 64, 128], [1, 4, 128, 128]), scheme) is None

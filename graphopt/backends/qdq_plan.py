@@ -37,6 +37,7 @@ from graphopt.ir.ops import is_standard_domain
 __all__ = ["BIAS_SLOT", "CHANNEL_ALIGN", "ActivationPlan", "plan_activations", "too_small"]
 
 BIAS_SLOT = {"Conv": 2, "Gemm": 2, "ConvTranspose": 2}
+MHA_MAX_SEQUENCE = 512  # ModelOpt leaves int8 attention MatMuls float past this sequence length
 CHANNEL_ALIGN = 8  # int8 tensor-core kernels take small channel counts that are multiples of 8 (ModelOpt's rule)
 
 
@@ -197,7 +198,9 @@ def too_small(node: gs.Node, scheme: QuantScheme, shapes: dict | None = None, we
     - a Gemm/MatMul whose K or N is below ``min_channels`` (tensor cores need 16), or that is a GEMV (an output of
       rank 2 with a dimension 1: a batch-1 classifier, or one whose batch is dynamic, which ModelOpt's
       single-sample shape inference sees as 1; or, for a product of two activations, 1 in either of the last two
-      dimensions). ``shapes``: ``OnnxGraph.inferred_shapes()``, for the dimensions only they know.
+      dimensions); in int8, a product of two activations over more than 512 rows (an attention MatMul with a
+      longer sequence: ModelOpt's ``find_nodes_from_mha_to_exclude``). ``shapes``: ``OnnxGraph.inferred_shapes()``,
+      for the dimensions only they know.
 
     On a float graph the weight is ``node``'s constant input 1; on a Q/DQ graph (the checker's ``small-conv`` and
     ``gemv`` rules ask the same question) the caller passes it (``weight``) and says whether the node's data input
@@ -240,6 +243,9 @@ def too_small(node: gs.Node, scheme: QuantScheme, shapes: dict | None = None, we
     known = [d for d in out_dims if isinstance(d, (int, np.integer))]
     if weight is None and len(out_dims) >= 2 and 1 in out_dims[-2:]:
         return f"a matrix-vector product (output {out_dims})"
+    rows = out_dims[-2] if weight is None and len(out_dims) >= 2 else None
+    if isinstance(rows, (int, np.integer)) and rows > MHA_MAX_SEQUENCE and not scheme.activations.is_float8:
+        return f"attention over {rows} positions: int8 attention kernels take at most {MHA_MAX_SEQUENCE}"
     batch_one = len(out_dims) == 2 and not isinstance(out_dims[0], (int, np.integer))  # a dynamic batch: as 1
     if weight is not None and len(out_dims) <= 2 and (1 in known or batch_one):
         return f"a matrix-vector product (output {out_dims}{', at batch 1' if batch_one else ''})"
