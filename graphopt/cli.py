@@ -14,7 +14,14 @@ import sys
 import textwrap
 import warnings
 
-from graphopt.cli_backend import add_backend_commands, cmd_bench, cmd_compare, load_npz, registry_from_args
+from graphopt.cli_backend import (
+    add_backend_commands,
+    add_openvino_flags,
+    cmd_bench,
+    cmd_compare,
+    load_npz,
+    registry_from_args,
+)
 from graphopt.cli_lint import add_lint_flags, cmd_lint, wants_lint
 from graphopt.errors import (
     INTERNAL_ERROR_EXIT,
@@ -92,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--emit-trtexec", action="store_true",
                      help="write the backend's engine build as a trtexec command instead of building (its "
                           "'emit_trtexec' option)")
+    add_openvino_flags(run)
+    run.add_argument("--save-ir", metavar="DIR",
+                     help="backend openvino: also write the OpenVINO IR (NAME.xml / NAME.bin) into DIR (its "
+                          "'save_ir' option)")
     run.add_argument("--eval", metavar="DATA.npz",
                      help="labelled data (inputs + --labels array): report accuracy, output SQNR and per-layer "
                           "SQNR of the written model against the input")
@@ -182,6 +193,11 @@ def _io_plan(args, steps, output: str, suffix: str):
     plan.write("-o", output)
     plan.write("-o (its external data)", output + ".data")
     plan.write("--json", args.json)
+    if args.save_ir:
+        from graphopt.backends.openvino import ir_paths
+
+        for path in ir_paths(output, args.save_ir):
+            plan.write("--save-ir", path)
     snapshots = [snapshot_name(i, p.name, suffix) for i, p in enumerate(steps, start=1)]
     plan.write_into("--snapshot-dir", args.snapshot_dir, snapshots + [n + ".data" for n in snapshots])
     plan.write_into("--reproducer", args.reproducer, [f"input{suffix}", f"input{suffix}.data", "reproduce.txt"])
@@ -216,7 +232,8 @@ def cmd_run(args) -> int:
     registry = registry_from_args(args)
     eval_data, labels = _eval_data(args)
     reference = FloatReference()  # a PyTorch run's per-layer table compares the quantized graph with this one
-    flags = {"shapes": ("--shapes", args.shapes), "emit_trtexec": ("--emit-trtexec", args.emit_trtexec and "true")}
+    flags = {"shapes": ("--shapes", args.shapes), "emit_trtexec": ("--emit-trtexec", args.emit_trtexec and "true"),
+             "precision": ("--ov-precision", args.ov_precision), "save_ir": ("--save-ir", args.save_ir)}
     backend = get_backend(registry, args.backend, {k: v for k, v in flags.items() if v[1]})  # its options set
     config = RunConfig(passes=args.passes, backend=backend, example_inputs=_example_inputs(args.input_shape),
                        calibration=args.calib, image_options=_image_options(args), eval_inputs=eval_data,

@@ -11,6 +11,20 @@ import os
 from graphopt.errors import InputError, OutputError, UsageError
 
 
+def add_openvino_flags(parser) -> None:
+    parser.add_argument("--ov-precision", choices=("f32", "bf16"),
+                        help="backend openvino: the inference precision hint (its 'precision' option; default f32, "
+                             "so fp32 runs in fp32: OpenVINO's own default is bf16 on CPUs with AMX)")
+
+
+def backend_from_args(args):
+    """The backend ``--backend`` names, with the options its flags set (``--ov-precision``)."""
+    from graphopt.backends import get_backend
+
+    flags = {"precision": ("--ov-precision", args.ov_precision)}
+    return get_backend(registry_from_args(args), args.backend, {k: v for k, v in flags.items() if v[1]})
+
+
 def add_backend_commands(sub, add_plugin_flags) -> None:
     bench = sub.add_parser("bench", help="latency percentiles of a model on a backend, per batch size and threads")
     bench.add_argument("model", help="an .onnx file (backend x86: an AOTInductor package or a torch.export .pt2)")
@@ -25,6 +39,7 @@ def add_backend_commands(sub, add_plugin_flags) -> None:
                        help="an input's shape, N standing for the batch size (default: the model's, symbolic "
                             "dims after the first set to 1); repeat per input")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    add_openvino_flags(bench)
     add_plugin_flags(bench)
 
     compare = sub.add_parser("compare", help="how far model B's outputs are from model A's (SQNR, top-1, accuracy)")
@@ -42,6 +57,7 @@ def add_backend_commands(sub, add_plugin_flags) -> None:
     compare.add_argument("--top", type=int, default=20, help="per-layer rows printed (default 20; --json has all)")
     compare.add_argument("--backend", default="onnxruntime", help="a registered backend (default: onnxruntime)")
     compare.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
+    add_openvino_flags(compare)
     add_plugin_flags(compare)
 
 
@@ -129,19 +145,20 @@ def _write_json(path: str, data) -> None:
 
 
 def cmd_bench(args) -> int:
-    from graphopt.backends import get_backend
 
     batches, threads = _int_list(args.batch, "--batch"), _int_list(args.threads, "--threads")
     if args.iters < 1 or args.warmup < 0:
         raise UsageError(f"--iters must be at least 1 and --warmup at least 0 (got {args.iters}, {args.warmup})")
     shapes = _shape_overrides(args.shape)
-    backend = get_backend(registry_from_args(args), args.backend)
+    backend = backend_from_args(args)
     _model_file(backend, args.model)  # a missing or broken file gets graphopt's own one-line error
     result = backend.bench(args.model, batches, threads, warmup=args.warmup, iters=args.iters, shapes=shapes)
     print(f"{args.model}: {result.size_bytes:,} bytes; backend {backend.name}; {args.warmup} warm-up + "
           f"{args.iters} timed runs per row, fixed-seed inputs")
     for batch, feeds in result.input_shapes.items():
         print(f"  batch {batch}: " + ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in feeds.items()))
+    for label, values in result.settings.items():
+        print(f"  {backend.name} {label}: " + ", ".join(f"{k} {v}" for k, v in values.items()))
     print(result.table())
     if args.json:
         _write_json(args.json, result.to_dict())
@@ -165,7 +182,6 @@ def load_npz(path: str) -> dict:
 
 
 def cmd_compare(args) -> int:
-    from graphopt.backends import get_backend
     from graphopt.backends.base import model_size_bytes
     from graphopt.report.metrics import compare_models, outputs_table
 
@@ -173,7 +189,7 @@ def cmd_compare(args) -> int:
         raise UsageError(f"--samples must be at least 1 and --top at least 0 (got {args.samples}, {args.top})")
     if args.labels and not args.data:
         raise UsageError("--labels names an array in --data; give --data too")
-    backend = get_backend(registry_from_args(args), args.backend)
+    backend = backend_from_args(args)
     model_a, model_b = _model_file(backend, args.a), _model_file(backend, args.b)
     data = labels = None
     labels_key = args.labels or "labels"

@@ -82,6 +82,7 @@ class BenchResult:
     warmup: int
     rows: list[LatencyStats] = field(default_factory=list)
     input_shapes: dict[int, dict[str, list[int]]] = field(default_factory=dict)  # batch -> input name -> shape
+    settings: dict[str, Any] = field(default_factory=dict)  # what the runtime ran with (openvino: streams, precision)
 
     def get(self, batch: int, threads: int) -> LatencyStats:
         for row in self.rows:
@@ -99,7 +100,7 @@ class BenchResult:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "backend": self.backend, "size_bytes": self.size_bytes, "warmup": self.warmup,
                 "input_shapes": {str(b): s for b, s in self.input_shapes.items()},
-                "latency": [r.to_dict() for r in self.rows]}
+                "latency": [r.to_dict() for r in self.rows], **({"settings": self.settings} if self.settings else {})}
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,13 @@ def measure_run(before: Any, after: str, backend, *, data: dict | None = None, l
     report.update(cost_report(*costs, top=top))
     threads = threads or os.cpu_count() or 1
     if bench:
-        stats = [backend.bench(path, [1], [threads]).rows[0] for path in (before, after)]
+        results = [backend.bench(path, [1], [threads]) for path in (before, after)]
+        stats = [r.rows[0] for r in results]
         report["latency_ms"] = {"before": stats[0].p50_ms, "after": stats[1].p50_ms, "batch": 1,
                                 "threads": threads, "statistic": "p50"}
+        settings = next(iter(results[1].settings.values()), None)  # what the runtime ran with (openvino)
+        if settings:
+            report["latency_ms"]["settings"] = settings
     if data is not None:
         comparison = compare_models(before, after, data, labels, labels_key=labels_key,
                                     per_layer="onnx" in backend.irs, backend=backend, threads=threads)
@@ -81,7 +85,8 @@ def format_run(report: dict[str, Any]) -> str:
     if "latency_ms" in report:
         lat = report["latency_ms"]
         lines.append(f"latency ({lat['statistic']}, batch {lat['batch']}, {lat['threads']} threads): "
-                     f"{lat['before']:.2f} -> {lat['after']:.2f} ms ({lat['after'] / lat['before']:.2f}x)")
+                     f"{lat['before']:.2f} -> {lat['after']:.2f} ms ({lat['after'] / lat['before']:.2f}x)"
+                     + "".join(f"; {k} {v}" for k, v in lat.get("settings", {}).items()))
     comparison = report.get("_comparison")
     if comparison is not None:
         if comparison.accuracy:

@@ -1,0 +1,210 @@
+"""The openvino backend: its scheme, sessions and timing on OpenVINO's CPU plugin, the per-layer int8/float report
+read from the execution graph, --save-ir, the PyTorch route to it, and the one-line error without openvino."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt.backends.cpu import u8s8_saturates
+from graphopt.backends.scheme import QuantRequest, UnsupportedRequestError
+from graphopt.cli import main
+from graphopt.numeric import sqnr_db
+
+SEED = 0
+
+
+def small_cnn(path) -> str:
+    """input 1x3x16x16 -> conv_a (3->16) -> Relu -> conv_b (16->16) -> Relu -> conv_c (16->16) -> Relu -> GAP ->
+    Flatten -> Gemm (16->10): every weighted op wide enough for any int8 kernel."""
+    rng = np.random.default_rng(SEED)
+    inits, nodes, x = [], [], "input"
+    for i, (name, cin) in enumerate((("conv_a", 3), ("conv_b", 16), ("conv_c", 16))):
+        w = (rng.standard_normal((16, cin, 3, 3)) * np.sqrt(2 / (cin * 9))).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) * 0.1, f"b{i}")]
+        nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], name=name, pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        x = f"r{i}"
+    inits += [numpy_helper.from_array((rng.standard_normal((10, 16)) * 0.3).astype(np.float32), "wf"),
+              numpy_helper.from_array(np.zeros(10, np.float32), "bf")]
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "wf", "bf"], ["output"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "small_cnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                 [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+def calib(n=16) -> dict:
+    return {"input": np.random.default_rng(1).standard_normal((n, 3, 16, 16)).astype(np.float32)}
+
+
+@pytest.fixture
+def ov():
+    return pytest.importorskip("openvino", reason="openvino is not installed (pip install 'graphopt[openvino]')")
+
+
+@pytest.fixture
+def backend(ov):
+    from graphopt.backends.openvino import OpenVINOBackend
+
+    return OpenVINOBackend()
+
+
+def run_all(backend, model, x) -> np.ndarray:
+    session = backend.session(model, threads=1)
+    return np.concatenate([backend.run(session, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+
+
+# -- without openvino -------------------------------------------------------------------------------------------
+def test_without_openvino_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    model = small_cnn(tmp_path / "m.onnx")
+    for argv in (["bench", model, "--backend", "openvino", "--iters", "1"],
+                 ["run", model, "--backend", "openvino", "-o", str(tmp_path / "o.onnx")]):
+        assert main(argv) == 4  # UnsupportedError, as torchao missing is reported
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "pip install 'graphopt[openvino]'" in err, err
+    assert not os.path.exists(tmp_path / "o.onnx")
+
+
+# -- the scheme ---------------------------------------------------------------------------------------------------
+def test_scheme_is_the_measured_one():
+    from graphopt.backends.openvino import OpenVINOBackend
+
+    scheme = OpenVINOBackend().scheme()
+    assert (scheme.activations.dtype, scheme.activations.symmetric) == ("uint8", False)
+    assert scheme.weights.dtype == "int8" and scheme.weights.symmetric and scheme.weights.per_channel
+    assert scheme.weights.reduce_range == u8s8_saturates() and scheme.requantize_outputs
+    assert OpenVINOBackend(reduce_range=False).scheme().weights.qrange == (-127, 127)
+    with pytest.raises(UnsupportedRequestError, match="float8"):
+        OpenVINOBackend().scheme(QuantRequest(activation_dtype="float8e4m3fn", weight_dtype="float8e4m3fn"))
+    int8_acts = OpenVINOBackend().scheme(QuantRequest(activation_dtype="int8"))
+    assert int8_acts.activations.dtype == "int8" and int8_acts.warnings
+
+
+# -- running, int8 and the per-layer report ------------------------------------------------------------------------
+def test_int8_layers_reported_as_the_execution_graph_runs_them(tmp_path, backend):
+    from graphopt.backends.openvino_layers import layer_report, layers_table
+
+    model = small_cnn(tmp_path / "m.onnx")
+    out = str(tmp_path / "m.int8.onnx")
+    graphopt.optimize(model, "fold,insert-observers,calibrate,place-qdq:exclude_nodes=conv_b", calibration=calib(),
+                      backend=backend, output=out)
+    session = backend.session(out, threads=1)
+    report = layer_report(session.compiled, out)
+    assert report["nodes"]["conv_a"] == "int8" and report["nodes"]["conv_b"] == "float"
+    assert report["nodes"]["conv_c"] == "int8"
+    by_layer = {r["layer"]: r for r in report["layers"]}
+    for op in session.compiled.get_runtime_model().get_ordered_ops():  # the report agrees with the graph itself
+        if op.get_friendly_name() in by_layer:
+            precision = op.get_rt_info()["runtimePrecision"].astype(str)
+            assert by_layer[op.get_friendly_name()]["precision"] == precision
+    assert report["int8"] >= 3 and report["float"] >= 1
+    assert "conv_b" in layers_table(report)
+    x = calib(8)["input"]
+    ref, q = run_all(backend, model, x), run_all(backend, out, x)
+    assert sqnr_db(ref, q) >= 25.0  # measured 34-36 dB
+
+
+def test_f32_hint_runs_fp32_in_f32(tmp_path, backend):
+    from graphopt.backends.openvino_layers import layer_report
+
+    model = small_cnn(tmp_path / "m.onnx")
+    session = backend.session(model, threads=1)
+    assert backend.settings(session)["precision_hint"] == "f32" and backend.settings(session)["threads"] == 1
+    report = layer_report(session.compiled, model)
+    assert report["int8"] == 0 and {r["precision"] for r in report["layers"]} == {"f32"}
+    specs = backend.input_specs(session)
+    assert specs[0].name == "input" and specs[0].shape == (1, 3, 16, 16) and backend.output_names(session) == ["output"]
+    import onnxruntime as ort
+
+    x = calib(2)["input"][:1]
+    expected = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(backend.run(session, {"input": x})[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_full_range_weights_saturate_without_vnni(tmp_path, backend):
+    """Why the scheme narrows weights on CPUs without VNNI: uint8 x int8 products summed in pairs in an int16
+    (``vpmaddubsw``) saturate on full-range weights and large activations; the reduced range does not."""
+    from graphopt.backends.openvino import OpenVINOBackend
+
+    if not u8s8_saturates():
+        pytest.skip("this CPU has VNNI: full-range weights do not saturate")
+    rng = np.random.default_rng(SEED)
+    w = rng.uniform(0.5, 1.0, (16, 16, 1, 1)).astype(np.float32)  # positive weights, positive inputs: 255 x 127 x 2
+    graph = helper.make_graph([helper.make_node("Conv", ["input", "w"], ["output"], name="conv")], "pointwise",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 16, 8, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 16, 8, 8])],
+                              [numpy_helper.from_array(w, "w")])
+    model = str(tmp_path / "pw.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    x = rng.uniform(0.0, 1.0, (8, 16, 8, 8)).astype(np.float32)
+    ref = run_all(backend, model, x)
+    sqnr = {}
+    for reduce in (False, True):
+        out = str(tmp_path / f"pw.{reduce}.onnx")
+        graphopt.optimize(model, "int8", calibration={"input": x}, backend=OpenVINOBackend(reduce_range=reduce),
+                          output=out, check=False)
+        sqnr[reduce] = sqnr_db(ref, run_all(backend, out, x))
+    assert sqnr[True] >= 30.0 and sqnr[True] > sqnr[False] + 6.0, sqnr
+
+
+# -- the command line ------------------------------------------------------------------------------------------------
+def test_cli_run_save_ir_json_bench_compare(tmp_path, backend, capsys):
+    model = small_cnn(tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **calib())
+    np.savez(tmp_path / "e.npz", input=calib(8)["input"], labels=np.arange(8) % 10)
+    out, ir = str(tmp_path / "m.int8.onnx"), tmp_path / "ir"
+    ir.mkdir()  # like -o, --save-ir writes into a folder that exists
+    assert main(["run", model, "--passes", "fold,int8", "--backend", "openvino", "--calib", str(tmp_path / "c.npz"),
+                 "-o", out, "--save-ir", str(ir), "--json", str(tmp_path / "r.json"), "--bench",
+                 "--eval", str(tmp_path / "e.npz"), "--ov-precision", "f32"]) == 0
+    text = capsys.readouterr().out
+    assert "layers int8" in text and "precision_hint f32" in text
+    assert (ir / "m.int8.xml").is_file() and (ir / "m.int8.bin").is_file()
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["artifact"]["openvino_layers"]["int8"] > 0
+    assert data["comparison"]["outputs"][0]["sqnr_db"] >= 25.0
+    # --save-ir into the output's own folder: staged with the ONNX file, moved with it
+    assert main(["run", model, "--passes", "fold,int8", "--backend", "openvino", "--calib", str(tmp_path / "c.npz"),
+                 "-o", str(tmp_path / "same.onnx"), "--save-ir", str(tmp_path), "-q"]) == 0
+    assert (tmp_path / "same.xml").is_file() and not [n for n in os.listdir(tmp_path) if n.startswith(".graphopt")]
+    core = backend.read_model(out)
+    assert core is not None
+    assert main(["bench", out, "--backend", "openvino", "--threads", "1", "--iters", "3", "--warmup", "1"]) == 0
+    assert "streams 1" in capsys.readouterr().out
+    assert main(["compare", model, out, "--backend", "openvino", "--samples", "4"]) == 0
+    assert main(["compare", model, out, "--backend", "onnxruntime", "--ov-precision", "bf16"]) == 2
+    assert "--ov-precision is not an option of backend 'onnxruntime'" in capsys.readouterr().err
+
+
+# -- the PyTorch route ---------------------------------------------------------------------------------------------
+def test_torch_module_quantized_for_openvino(tmp_path, backend):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchao")
+    from torch import nn
+
+    torch.manual_seed(SEED)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    x = calib(8)["input"]
+    out = str(tmp_path / "m.onnx")
+    graphopt.optimize(model, "fold,int8", example_inputs=(torch.from_numpy(x[:1]),),
+                      calibration=calib(), backend=backend, output=out)
+    report_model = onnx.load(out)
+    assert any(n.op_type == "QuantizeLinear" for n in report_model.graph.node)
+    with torch.no_grad():
+        ref = np.concatenate([model(torch.from_numpy(x[i:i + 1])).numpy() for i in range(len(x))])
+    got = run_all(backend, out, x)
+    assert sqnr_db(ref, got) >= 25.0  # measured ~35 dB
