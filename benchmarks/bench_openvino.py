@@ -115,13 +115,16 @@ def run_ov(compiled, x: np.ndarray) -> np.ndarray:
 
 
 def int8_layers(compiled) -> Counter:
-    """The runtime model's compute layers by the precision OpenVINO ran them in."""
+    """The runtime model's compute layers by the precision OpenVINO ran them in (int8: ``u8``/``i8``), as
+    graphopt's per-layer report classes them (:mod:`graphopt.backends.openvino_layers`)."""
+    from graphopt.backends.openvino_layers import DATA_LAYERS, INT8, _text
+
     counts = Counter()
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
-        kind = str(info["layerType"]) if "layerType" in info else op.get_type_name()
-        if kind in ("Convolution", "FullyConnected", "MatMul", "GroupConvolution"):
-            counts[str(info["runtimePrecision"]) if "runtimePrecision" in info else "?"] += 1
+        kind = _text(info["layerType"])
+        if kind not in DATA_LAYERS:
+            counts["int8" if _text(info["runtimePrecision"]) in INT8 else "float"] += 1
     return counts
 
 
