@@ -78,12 +78,19 @@ def test_min_cosine_budget_keeps_only_the_fragile_group_float(registry, fragile,
 
 
 @pytest.fixture(scope="module")
-def digits_int8(digits_files, registry):
-    """A digits study on 200 labelled test images."""
-    with np.load(digits_files / "eval.npz") as z:
-        data, labels = {"input": z["input"]}, z["labels"]
-    return prepare(str(digits_files / "digits.onnx"), str(digits_files / "calib.npz"), registry=registry,
-                   backend=get_backend(registry, "onnxruntime"), eval_data=data, labels=labels, samples=200)
+def digits_int8(registry, tmp_path_factory):
+    """A digits study on 200 labelled test images (the CNN trained 2 epochs: short, still ~95 % accurate)."""
+    from graphopt import zoo
+
+    data = zoo.digits_data()
+    x_train, _, x_test, y_test = data
+    folder = tmp_path_factory.mktemp("digits-sens")
+    zoo.export_onnx(zoo.train_digits_cnn(epochs=2, data=data), str(folder / "digits.onnx"), (1, 1, 16, 16),
+                    dynamic_batch=True)
+    np.savez(folder / "calib.npz", input=x_train[:256])
+    return prepare(str(folder / "digits.onnx"), str(folder / "calib.npz"), registry=registry,
+                   backend=get_backend(registry, "onnxruntime"), eval_data={"input": x_test}, labels=y_test,
+                   samples=200)
 
 
 @pytest.mark.parametrize("budget", [{"min_cosine": None}, {"max_drop": 0.0}])
