@@ -23,6 +23,7 @@ from graphopt.cli_backend import (
     registry_from_args,
 )
 from graphopt.cli_lint import add_lint_flags, cmd_lint, wants_lint
+from graphopt.cli_sensitivity import add_sensitivity_command, cmd_sensitivity
 from graphopt.errors import (
     INTERNAL_ERROR_EXIT,
     EquivalenceError,
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("model", help="an .onnx file or a torch.export .pt2 (a torch.save'd module needs --trust-pickle)")
     run.add_argument("--passes", "-P", default="fold",
                      help="textual pipeline, e.g. fold or fold,prune:ratio=0.5 (default: fold)")
+    run.add_argument("--recipe", metavar="FILE.yaml",
+                     help="replay a decision graphopt sensitivity --recipe wrote (its passes and backend); refused "
+                          "on another model")
     run.add_argument("-o", "--output", help="output path (default: beside the input, with .opt before the suffix)")
     run.add_argument("--verify-each", action="store_true",
                      help="onnx checker / FX lint and the numeric comparison after every modifying pass")
@@ -135,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_flag(verify)
 
     add_backend_commands(sub, _add_plugin_flags)
+    add_sensitivity_command(sub, _add_plugin_flags)
     return parser
 
 
@@ -229,6 +234,8 @@ def cmd_run(args) -> int:
         per_layer_fx,
     )
 
+    if args.recipe:
+        _apply_recipe(args)
     registry = registry_from_args(args)
     eval_data, labels = _eval_data(args)
     reference = FloatReference()  # a PyTorch run's per-layer table compares the quantized graph with this one
@@ -310,6 +317,21 @@ def cmd_run(args) -> int:
                     os.remove(path)
             raise
     return 0
+
+
+def _apply_recipe(args) -> None:
+    """``--recipe``: its passes and backend for this run, after checking it was made for this model."""
+    from graphopt.recipe import check_recipe, read_recipe
+
+    recipe = read_recipe(args.recipe)
+    if args.passes != "fold":
+        raise UsageError("--recipe gives the passes: drop --passes")
+    if args.backend not in ("onnxruntime", recipe.get("backend")):
+        raise UsageError(f"--recipe {args.recipe} was made for backend {recipe.get('backend')}, not {args.backend}")
+    if not os.path.isfile(args.model):
+        raise UsageError(f"{args.model}: no such file")
+    check_recipe(recipe, args.recipe, args.model)
+    args.passes, args.backend = recipe["passes"], recipe.get("backend") or args.backend
 
 
 def _check_line(numeric: dict) -> str:
@@ -432,7 +454,7 @@ def cmd_verify(args) -> int:
 
 _NULL_HANDLER = logging.NullHandler()
 COMMANDS = {"run": cmd_run, "passes": cmd_passes, "inspect": cmd_inspect, "verify": cmd_verify,
-            "bench": cmd_bench, "compare": cmd_compare}
+            "bench": cmd_bench, "compare": cmd_compare, "sensitivity": cmd_sensitivity}
 
 
 def main(argv: list[str] | None = None) -> int:

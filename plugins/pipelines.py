@@ -20,6 +20,13 @@ def graphopt_register_pipelines(registry):
         "place Q/DQ where the backend runs int8",
     )
     registry.add_pipeline(
+        "int8-budget",
+        "insert-observers,calibrate,mixed-precision,place-qdq",
+        "static int8 under an accuracy budget: calibrate, keep the most sensitive fusion groups float until "
+        "min_cosine (outputs vs fp32) or max_drop (accuracy points, with eval=labelled.npz) holds, place Q/DQ; "
+        "e.g. int8-budget:min_cosine=0.99",
+    )
+    registry.add_pipeline(
         "fp8",
         "insert-observers,calibrate,place-qdq:activations=fp8",
         "float8 E4M3 Q/DQ (opset 19): per-tensor activations and per-channel weights, symmetric, scale = amax / 448, "

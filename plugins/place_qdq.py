@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.backends.qdq_plan import BIAS_SLOT, plan_activations, too_small
 from graphopt.backends.scheme import FP8_OPSET, Placement
-from graphopt.calib.state import CALIBRATION, RANGES
+from graphopt.calib.state import CALIBRATION, FLOAT_NODES, RANGES
 from graphopt.errors import UnsupportedError
 from graphopt.ir.onnx_graph import fresh_name, replace_input
 from graphopt.ir.ops import is_standard_domain
@@ -160,7 +160,7 @@ class PlaceQdq(Pass):
 
     def _nodes_to_quantize(self, graph, scheme, ctx) -> tuple[list[gs.Node], list[str]]:
         """The nodes to quantize, and notes on the ones left float for their weights."""
-        excluded = set(self.options.exclude_nodes)
+        excluded = set(self.options.exclude_nodes) | set(ctx.state.get(FLOAT_NODES, ()))  # a budget's decision
         nodes = [n for n in graph.gs.nodes if n.op in scheme.quantized_ops and is_standard_domain(n.domain)
                  and n.name not in excluded and not _already_quantized(n)]
         weighted = [n for n in nodes if n.op in scheme.weighted_ops]

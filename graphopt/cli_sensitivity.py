@@ -1,0 +1,128 @@
+"""`graphopt sensitivity MODEL --calib DATA`: int8 sensitivity per fusion group, and int8 under a budget.
+
+Without a budget: calibrate once, then score each group (only it in int8; ``--all-but-one``: all but it) by the
+output SQNR / cosine against fp32 on N samples and, with ``--eval`` labels, accuracy; a table sorted most sensitive
+first, ``--plot`` a bar chart, ``--json`` the rows. The cost is printed before any trial runs, and ``--max-evals``
+bounds it (a cheap proxy from one fully-int8 run picks the groups to evaluate). With ``--min-cosine`` and/or
+``--max-drop``: the fewest most-sensitive groups kept float for the budget to hold, and ``--recipe`` writes the
+decision for ``graphopt run MODEL --recipe FILE --calib DATA``. The analysis is
+:mod:`graphopt.report.sensitivity`; the same one-line error rules as :mod:`graphopt.cli` apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from graphopt.errors import UsageError
+
+_NODE_NAME_OK = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./-@=")
+
+
+def add_sensitivity_command(sub, add_plugin_flags) -> None:
+    p = sub.add_parser("sensitivity", help="int8 sensitivity per fusion group (table, bar chart), and int8 under "
+                                           "an accuracy budget (--min-cosine / --max-drop, --recipe)")
+    p.add_argument("model", help="an .onnx file")
+    p.add_argument("--calib", required=True, metavar="DATA", help="calibration data (.npz, .npy, folders)")
+    p.add_argument("--eval", metavar="DATA.npz", help="labelled data: the samples scored, and accuracy")
+    p.add_argument("--labels", default="labels", metavar="KEY", help="the labels array in --eval (default: labels)")
+    p.add_argument("--samples", type=int, default=64, help="samples each evaluation runs (default 64)")
+    p.add_argument("--backend", default="onnxruntime", help="the target backend (default: onnxruntime)")
+    p.add_argument("--pipeline", default="int8", help="the int8 pipeline whose placement is scored (default: int8)")
+    p.add_argument("--max-evals", type=int, metavar="N",
+                   help="evaluate at most N groups (the most sensitive by a cheap proxy); with a budget: N trials")
+    p.add_argument("--all-but-one", action="store_true", help="score everything int8 but each group instead")
+    p.add_argument("--min-cosine", type=float, metavar="0.99", help="budget: outputs' cosine vs fp32, at least")
+    p.add_argument("--max-drop", type=float, metavar="0.5", help="budget: accuracy points below fp32 (--eval)")
+    p.add_argument("--recipe", metavar="OUT.yaml", help="with a budget: write the decision, to replay with "
+                                                         "graphopt run MODEL --recipe OUT.yaml --calib DATA")
+    p.add_argument("--plot", metavar="OUT.png", help="a bar chart of the groups' scores")
+    p.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
+    add_plugin_flags(p)
+
+
+def cmd_sensitivity(args) -> int:
+    from graphopt.backends import get_backend
+    from graphopt.cli_backend import _onnx_file, load_npz, registry_from_args
+    from graphopt.paths import IOPlan, atomic_write
+    from graphopt.report.sensitivity import cost_line, prepare, search_budget, sensitivity
+
+    budget = args.min_cosine is not None or args.max_drop is not None
+    if args.recipe and not budget:
+        raise UsageError("--recipe writes a budget's decision: give --min-cosine and/or --max-drop")
+    if args.max_drop is not None and not args.eval:
+        raise UsageError("--max-drop is in points of accuracy: give --eval labelled.npz")
+    if budget and (args.all_but_one or args.plot):
+        raise UsageError("--all-but-one and --plot go with the sensitivity table (no --min-cosine / --max-drop)")
+    if args.samples < 1 or (args.max_evals is not None and args.max_evals < 1):
+        raise UsageError("--samples and --max-evals must be >= 1")
+    plan = IOPlan()
+    plan.read("input model", args.model)
+    plan.read("calibration data", args.calib)
+    plan.read("--eval", args.eval)
+    for flag in ("recipe", "plot", "json"):
+        plan.write(f"--{flag}", getattr(args, flag))
+    plan.check()
+    _onnx_file(args.model)
+    registry = registry_from_args(args)
+    backend = get_backend(registry, args.backend)
+    eval_data = labels = None
+    if args.eval:
+        eval_data = load_npz(args.eval)
+        if args.labels not in eval_data:
+            raise UsageError(f"{args.eval} has no labels array '{args.labels}' (it has: "
+                             f"{', '.join(sorted(eval_data))}); name it with --labels")
+        labels = eval_data.pop(args.labels)
+    study = prepare(args.model, args.calib, registry=registry, backend=backend, pipeline=args.pipeline,
+                    eval_data=eval_data, labels=labels, samples=args.samples)
+    print(f"{args.model}: {len(study.groups)} fusion groups in int8 on {backend.name} ({study.place_text})")
+    if budget:
+        g = len(study.groups)
+        n = g + 1 if not args.max_evals else min(g + 1, args.max_evals)
+        print(f"cost: {g} groups -> at most {n} evaluations on {study.samples} samples (the fully-int8 model, then "
+              f"the most sensitive groups by a cheap proxy kept float one more at a time)")
+        result = search_budget(study, min_cosine=args.min_cosine, max_drop=args.max_drop, max_evals=args.max_evals)
+        print(result.describe())
+        report = {"model": args.model, "backend": backend.name, "samples": study.samples,
+                  "budget": result.budget, "holds": result.holds, "float_groups": result.float_groups,
+                  "float_nodes": list(result.float_nodes), "metrics": result.metrics, "baseline": result.baseline,
+                  "fp32_accuracy": result.fp32_accuracy, "evaluations": result.evaluations}
+        if args.recipe:
+            passes = replay_passes(study, result.float_nodes, registry)
+            from graphopt.recipe import recipe_text
+
+            atomic_write(args.recipe, recipe_text(model=args.model, passes=passes, backend=backend.name,
+                                                  float_nodes=result.float_nodes, float_groups=result.float_groups,
+                                                  metrics=result.metrics, budget=result.budget), "--recipe")
+            print(f"wrote {args.recipe}: replay with graphopt run {args.model} --recipe {args.recipe} "
+                  f"--calib {args.calib}")
+    else:
+        mode = "all-but-one" if args.all_but_one else "one"
+        print(cost_line(study, mode, args.max_evals))
+        result = sensitivity(study, mode=mode, max_evals=args.max_evals)
+        base = result.baseline
+        fp32 = f", fp32 accuracy {result.fp32_accuracy:.2f}" if result.fp32_accuracy is not None else ""
+        acc = f", accuracy {base['accuracy']:.2f}" if base.get("accuracy") is not None else ""
+        print(f"all groups int8: output SQNR {base['sqnr_db']:.2f} dB, cosine {base['cosine']:.5f}{acc}{fp32}")
+        print(result.table())
+        report = {"model": args.model, "backend": backend.name, **result.to_dict()}
+        if args.plot:
+            result.plot(args.plot)
+            print(f"wrote {args.plot}")
+    if args.json:
+        atomic_write(args.json, json.dumps(report, indent=2, default=str), "--json")
+    return 0
+
+
+def replay_passes(study, float_nodes, registry) -> str:
+    """The pipeline that replays a decision: the study's calibration, then its placing pass excluding
+    ``float_nodes``."""
+    from graphopt.passes.pipeline import format_passes, resolve
+
+    bad = [n for n in float_nodes if not set(n) <= _NODE_NAME_OK]
+    if bad:
+        raise UsageError(f"node '{bad[0]}' has characters a pipeline cannot hold (letters, digits and _./-@= only): "
+                         f"rename the model's nodes to write a recipe")
+    (place,) = resolve(study.place_text, registry)
+    place = type(place)(dataclasses.replace(place.options, exclude_nodes=tuple(float_nodes)))
+    return f"{study.prefix_text},{format_passes([place])}" if study.prefix_text else format_passes([place])

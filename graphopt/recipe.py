@@ -1,0 +1,79 @@
+"""Recipes: a quantization decision written down (YAML), replayed by ``graphopt run MODEL --recipe FILE``.
+
+A recipe records graphopt's version, the model's sha256, the backend and the pipeline that reproduces the decision
+(calibration, then the placement with the groups kept float as node exclusions), with the metrics it was chosen
+on. It replays only on the model it was made for: another model, one line and no run. PyYAML reads and writes it
+when installed; otherwise graphopt writes (and reads back) the plain subset it needs: ``key: value`` lines whose
+values are JSON scalars, lists or mappings, which YAML also reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from graphopt.errors import UsageError
+
+__all__ = ["check_recipe", "file_sha256", "read_recipe", "recipe_text"]
+
+KIND = "graphopt-recipe"
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def recipe_text(*, model: str, passes: str, backend: str, float_nodes, float_groups, metrics: dict,
+                budget: str) -> str:
+    """The YAML of a recipe for the model file ``model``."""
+    from graphopt import __version__
+
+    data = {"kind": KIND, "graphopt_version": __version__, "model": model, "model_sha256": file_sha256(model),
+            "backend": backend, "budget": budget, "passes": passes, "float_groups": list(float_groups),
+            "float_nodes": list(float_nodes), "metrics": metrics}
+    try:
+        import yaml
+    except ImportError:
+        return "".join(f"{k}: {json.dumps(v)}\n" for k, v in data.items())
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def read_recipe(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise UsageError(f"--recipe {path}: cannot read it ({exc.strerror})") from None
+    try:
+        import yaml
+
+        data = yaml.safe_load(text)
+    except ImportError:
+        data = {}
+        for line in text.splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                key, sep, value = line.partition(":")
+                try:
+                    data[key.strip()] = json.loads(value) if sep else None
+                except ValueError:
+                    raise UsageError(f"--recipe {path}: line '{line[:60]}' is not 'key: JSON value' (graphopt "
+                                     f"reads its own recipes without PyYAML; install pyyaml for others)") from None
+    except Exception as exc:  # yaml.YAMLError
+        raise UsageError(f"--recipe {path}: not YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or data.get("kind") != KIND or not isinstance(data.get("passes"), str):
+        raise UsageError(f"--recipe {path}: not a graphopt recipe (written by graphopt sensitivity --recipe)")
+    return data
+
+
+def check_recipe(recipe: dict, path: str, model: str) -> None:
+    """Refuse, in one line, to replay ``recipe`` (read from ``path``) on a model file it was not made for."""
+    sha = file_sha256(model)
+    if sha != recipe.get("model_sha256"):
+        raise UsageError(f"--recipe {path} was made for another model ({recipe.get('model')}, sha256 "
+                         f"{str(recipe.get('model_sha256'))[:12]}...), not {model} (sha256 {sha[:12]}...): "
+                         f"make a recipe for this model with graphopt sensitivity --recipe")

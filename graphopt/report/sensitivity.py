@@ -1,0 +1,447 @@
+"""Per-fusion-group int8 sensitivity, and int8 under an accuracy budget (ONNX route).
+
+The unit of decision is a *group*: what the backend runs as one kernel, so that keeping part of it float would
+only split a kernel. Groups come from :func:`graphopt.backends.fusion.fusion_groups` (a weighted op with its fused
+bias Add, residual Add and activation); keeping one float excludes its anchor and its fused residual Add (the
+nodes place-qdq quantizes; the fused activation and the Q/DQ follow them). An op the scheme quantizes that no group
+takes is a group of its own: onnxruntime's scheme has no ``fused_add``, so a residual Add (both inputs quantized)
+runs as its own QLinearAdd kernel, as do Mul, Concat, GlobalAveragePool...
+
+A :class:`Study` is calibrated once (the prefix of the ``int8`` pipeline before its placing pass: the pass whose
+options have ``exclude_nodes``), and scores a placement — a set of groups kept float — by the placing pass with
+those exclusions, run on the backend over N samples against the float model: output SQNR and cosine (all float
+outputs together) and, with labels, top-1 accuracy in points. Every score is a *trial*: a module-level function
+of a JSON-able item (:func:`run_trial`), run through an executor (``executor.map(fn, items)``; in-process by
+default), so a process pool or Ray can run them and a content-addressed executor can resume a sweep: the study is
+written to a folder named by the hash of everything it depends on.
+
+The cheap proxy ranks groups from ONE fully-quantized run: each group's *added* relative noise, the per-layer
+noise-to-signal ratio of its output minus the worst of its inputs' (:func:`graphopt.report.metrics.per_layer_sqnr`),
+in dB (lower: more sensitive). A layer after a damaged one inherits its noise but adds little, so the proxy points
+at the layer that does the damage, not at everything after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from graphopt.backends.fusion import fusion_groups
+from graphopt.calib.state import RANGES
+from graphopt.errors import UsageError
+from graphopt.ir.onnx_graph import OnnxGraph
+from graphopt.ir.ops import is_standard_domain
+from graphopt.numeric import cosine_similarity, sqnr_db, top1_accuracy
+
+__all__ = ["BudgetResult", "Group", "InProcess", "SensitivityResult", "Study", "decision_groups", "proxy_scores",
+           "run_trial", "search_budget", "sensitivity"]
+
+_STUDIES: dict[str, "Study"] = {}  # studies this process holds, by folder (a trial loads each once)
+
+
+class InProcess:
+    """The trivial executor: every trial in this process, one after the other."""
+
+    def map(self, fn: Callable[[Any], Any], items: list, kind: str = "accuracy") -> list:
+        return [fn(item) for item in items]
+
+
+@dataclass(frozen=True)
+class Group:
+    """A unit of decision. ``name``: its anchor's node name; ``members``: the nodes excluded to keep it float;
+    ``inputs``: the activation tensors it reads; ``output``: the tensor it writes after its fused epilogue."""
+
+    name: str
+    op: str
+    members: tuple[str, ...]
+    inputs: tuple[str, ...]
+    output: str
+
+
+def decision_groups(graph: OnnxGraph, scheme, ranges: dict | None = None) -> list[Group]:
+    """The groups of a float graph under ``scheme`` (see the module docstring), in graph order; with ``ranges``,
+    only those whose output was calibrated (an op on shapes or integers is never quantized)."""
+    g = graph.gs
+    by_name = {n.name: n for n in g.nodes}
+    groups, taken = [], set()
+    for fg in fusion_groups(graph, scheme):
+        anchor = by_name[fg.anchor]
+        last = by_name[fg.epilogue[-1]] if fg.epilogue else anchor
+        inputs = [anchor.inputs[0].name] + ([fg.residual] if fg.residual else [])
+        members = (fg.anchor,) + ((fg.add,) if fg.add else ())
+        groups.append(Group(fg.anchor, fg.op, members, tuple(inputs), last.outputs[0].name))
+        taken |= {fg.anchor, *fg.epilogue}
+    for node in g.nodes:
+        if node.name in taken or node.op not in scheme.quantized_ops or not is_standard_domain(node.domain):
+            continue
+        inputs = [t.name for t in node.inputs if t.name and not _constant(t)]
+        if inputs:
+            groups.append(Group(node.name, node.op, (node.name,), tuple(inputs), node.outputs[0].name))
+    if any(not grp.name for grp in groups):
+        raise UsageError("the model has unnamed nodes that int8 quantizes: groups are named by their node "
+                         "(name the nodes, e.g. re-export the model)")
+    order = {n.name: i for i, n in enumerate(g.nodes)}
+    groups.sort(key=lambda grp: order[grp.name])
+    return [grp for grp in groups if ranges is None or grp.output in ranges]
+
+
+def _constant(t) -> bool:
+    return not hasattr(t, "inputs") or type(t).__name__ == "Constant" or (
+        len(t.inputs) == 1 and t.inputs[0].op == "Constant")
+
+
+# -- the study: calibrated once, scores placements ---------------------------------------------------------------
+@dataclass
+class Study:
+    """A float graph, its calibrated ranges, N evaluation samples (and labels), the backend and the placing pass
+    (as pipeline text), saved in ``folder``. :meth:`score` runs one trial in this process."""
+
+    folder: str
+    graph: OnnxGraph
+    ranges: dict[str, tuple[float, float]]
+    data: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    backend_name: str
+    place_text: str
+    groups: list[Group]
+    registry: Any = None
+    backend: Any = None
+    prefix_text: str = ""  # the passes before the placing one (calibration), as pipeline text: the recipe's
+    _reference: list[np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def samples(self) -> int:
+        return len(next(iter(self.data.values())))
+
+    @classmethod
+    def create(cls, graph: OnnxGraph, ranges: dict, data: dict, labels, *, backend, place_text: str, registry,
+               folder: str | None = None) -> "Study":
+        """A study of a calibrated float ``graph``, written under ``folder`` (default: a folder under the temp dir
+        named by the hash of the model, ranges, data, backend and placing pass: the same study, the same folder)."""
+        from graphopt.passes.pipeline import resolve
+
+        ranges = {k: (float(v[0]), float(v[1])) for k, v in ranges.items()}
+        data = {k: np.ascontiguousarray(v) for k, v in data.items()}
+        place = _place_pass(resolve(place_text, registry))
+        scheme = backend.scheme(place.options.request())
+        groups = decision_groups(graph, scheme, ranges)
+        model = graph.to_model().SerializeToString()
+        digest = hashlib.sha256(model)
+        digest.update(json.dumps([sorted(ranges.items()), backend.name, place_text]).encode())
+        for key in sorted(data):
+            digest.update(key.encode() + data[key].tobytes())
+        if labels is not None:
+            digest.update(np.asarray(labels).tobytes())
+        folder = folder or os.path.join(tempfile.gettempdir(), "graphopt-studies", digest.hexdigest()[:16])
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "model.onnx"), "wb") as f:
+            f.write(model)
+        np.savez(os.path.join(folder, "data.npz"), **data,
+                 **({"__labels__": np.asarray(labels)} if labels is not None else {}))
+        with open(os.path.join(folder, "study.json"), "w") as f:
+            json.dump({"backend": backend.name, "place": place_text, "ranges": ranges,
+                       "groups": [dataclasses.asdict(grp) for grp in groups]}, f)
+        study = cls(folder, graph, ranges, data, None if labels is None else np.asarray(labels), backend.name,
+                    place_text, groups, registry, backend)
+        _STUDIES[folder] = study
+        return study
+
+    @classmethod
+    def load(cls, folder: str) -> "Study":
+        """The study saved in ``folder`` (once per process)."""
+        if folder not in _STUDIES:
+            from graphopt.backends import get_backend
+            from graphopt.plugins import default_registry
+
+            with open(os.path.join(folder, "study.json")) as f:
+                meta = json.load(f)
+            with np.load(os.path.join(folder, "data.npz")) as z:
+                arrays = {k: z[k] for k in z.files}
+            labels = arrays.pop("__labels__", None)
+            registry = default_registry()
+            _STUDIES[folder] = cls(folder, OnnxGraph.load(os.path.join(folder, "model.onnx")),
+                                   {k: tuple(v) for k, v in meta["ranges"].items()}, arrays, labels, meta["backend"],
+                                   meta["place"], [Group(**{k: tuple(v) if isinstance(v, list) else v
+                                                            for k, v in grp.items()}) for grp in meta["groups"]],
+                                   registry, get_backend(registry, meta["backend"]))
+        return _STUDIES[folder]
+
+    def members(self, names: Iterable[str]) -> tuple[str, ...]:
+        """The nodes to exclude to keep the groups ``names`` float."""
+        by = {grp.name: grp for grp in self.groups}
+        return tuple(sorted({m for n in names for m in by[n].members}))
+
+    def quantized(self, float_groups: Iterable[str] = ()) -> OnnxGraph:
+        """The graph in int8 with the groups ``float_groups`` kept float."""
+        from graphopt.passes.base import PassContext
+        from graphopt.passes.manager import PassManager
+        from graphopt.passes.pipeline import resolve
+
+        place = _place_pass(resolve(self.place_text, self.registry))
+        exclude = tuple(dict.fromkeys((*place.options.exclude_nodes, *self.members(float_groups))))
+        place = type(place)(dataclasses.replace(place.options, exclude_nodes=exclude))
+        ctx = PassContext(backend=self.backend, registry=self.registry, state={RANGES: dict(self.ranges)})
+        out, _ = PassManager([place], [], ctx).run(self.graph, in_place=False)
+        return out
+
+    def reference(self) -> list[np.ndarray]:
+        if self._reference is None:
+            self._reference = self.backend.run_batched(self.graph.to_model(), self.data, 32)
+        return self._reference
+
+    def metrics(self, outputs: list[np.ndarray]) -> dict[str, float | None]:
+        """Output SQNR (dB) and cosine against the float model (all float outputs together), top-1 accuracy in
+        points with labels."""
+        ref = self.reference()
+        floats = [i for i, o in enumerate(ref) if np.issubdtype(np.asarray(o).dtype, np.floating)]
+        a = np.concatenate([np.ravel(ref[i]) for i in floats]).astype(np.float64)
+        b = np.concatenate([np.ravel(outputs[i]) for i in floats]).astype(np.float64)
+        acc = None if self.labels is None else 100.0 * top1_accuracy(outputs[0], self.labels)
+        return {"sqnr_db": sqnr_db(a, b), "cosine": cosine_similarity(a, b), "accuracy": acc}
+
+    def score(self, float_groups: Iterable[str] = ()) -> dict[str, float | None]:
+        """One trial: int8 except ``float_groups``, run on the backend over the study's samples."""
+        model = self.quantized(float_groups).to_model()
+        return self.metrics(self.backend.run_batched(model, self.data, 32))
+
+    def fp32_accuracy(self) -> float | None:
+        return None if self.labels is None else 100.0 * top1_accuracy(self.reference()[0], self.labels)
+
+
+def run_trial(item: dict) -> dict:
+    """A trial, for an executor: ``{"study": folder, "float": [group names]}`` -> the study's metrics."""
+    return Study.load(item["study"]).score(item["float"])
+
+
+def _place_pass(passes: list):
+    placing = [p for p in passes if hasattr(p.options, "exclude_nodes")]
+    if not placing:
+        raise UsageError("the pipeline has no pass that places int8 with node exclusions (exclude_nodes)")
+    return placing[-1]
+
+
+def _trials(study: Study, executor, sets: list[list[str]]) -> list[dict]:
+    items = [{"study": study.folder, "float": sorted(s)} for s in sets]
+    return (executor or InProcess()).map(run_trial, items, kind="accuracy")
+
+
+# -- the cheap proxy -----------------------------------------------------------------------------------------------
+def proxy_scores(study: Study, samples: int = 32) -> dict[str, float]:
+    """Each group's added noise in the fully-quantized model, in dB (lower: more sensitive; see the module
+    docstring); one int8 build and one per-layer run."""
+    from graphopt.backends.base import iter_batches
+    from graphopt.report.metrics import per_layer_sqnr
+
+    specs = study.backend.input_specs(study.backend.session(study.graph.to_model()))
+    subset = {k: v[:samples] for k, v in study.data.items()}
+    table = per_layer_sqnr(study.graph, study.quantized(), iter_batches(specs, subset, 32), study.backend)
+    rel = {r.tensor: (r.noise / r.signal if r.signal > 0 else 0.0) for r in table.rows}
+    out = {}
+    for grp in study.groups:
+        added = rel.get(grp.output, 0.0) - max([rel.get(t, 0.0) for t in grp.inputs] + [0.0])
+        out[grp.name] = -10.0 * math.log10(added) if added > 1e-15 else math.inf
+    return out
+
+
+# -- sensitivity: one group at a time ----------------------------------------------------------------------------
+@dataclass
+class SensitivityResult:
+    """``rows``: one per group, most sensitive first (evaluated ones, then the rest by proxy): group, op, proxy_db,
+    sqnr_db, cosine, accuracy (None where not evaluated). ``baseline``: the fully-int8 model's metrics."""
+
+    mode: str
+    samples: int
+    rows: list[dict]
+    baseline: dict
+    fp32_accuracy: float | None
+    evaluations: int
+
+    def table(self) -> str:
+        from graphopt.table import format_table
+
+        what = "only this group int8" if self.mode == "one" else "all int8 but this group"
+        head = ("#", "group", "op", "proxy dB", f"SQNR dB ({what})", "cosine", "accuracy")
+        lines = [head]
+        for i, r in enumerate(self.rows, 1):
+            lines.append((str(i), r["group"], r["op"], _fmt(r["proxy_db"], ".1f"), _fmt(r["sqnr_db"], ".2f"),
+                          _fmt(r["cosine"], ".5f"), _fmt(r["accuracy"], ".2f")))
+        return format_table(lines)
+
+    def to_dict(self) -> dict:
+        from graphopt.report.layers import jsonable
+
+        clean = [{k: jsonable(v) if isinstance(v, float) else v for k, v in r.items()} for r in self.rows]
+        return {"mode": self.mode, "samples": self.samples, "evaluations": self.evaluations,
+                "fp32_accuracy": self.fp32_accuracy,
+                "baseline": {k: jsonable(v) if isinstance(v, float) else v for k, v in self.baseline.items()},
+                "groups": clean}
+
+    def plot(self, path: str) -> None:
+        """A horizontal bar chart of the evaluated groups' output SQNR, most sensitive on top (PNG)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in self.rows if r["sqnr_db"] is not None] or self.rows
+        values = [r["sqnr_db"] if r["sqnr_db"] is not None else r["proxy_db"] for r in rows]
+        values = [min(v, 150.0) for v in values]  # inf (identical): a long bar
+        fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.5))
+        ax.barh(range(len(rows)), values, color="tab:red")
+        ax.set_yticks(range(len(rows)), [r["group"] for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("output SQNR vs fp32, dB (" + ("only this group int8" if self.mode == "one"
+                                                     else "all int8 but this group") + ")")
+        ax.set_title(f"int8 sensitivity per fusion group ({self.samples} samples)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else (f"{value:{spec}}" if math.isfinite(value) else str(value))
+
+
+def cost_line(study: Study, mode: str, max_evals: int | None) -> str:
+    g = len(study.groups)
+    n = g if not max_evals else min(g, max_evals)
+    bound = f" (--max-evals {max_evals}: the top {n} by a cheap proxy, from one fully-int8 run)" \
+        if max_evals and max_evals < g else ""
+    return (f"cost: {g} groups -> {n} evaluations{bound} on {study.samples} samples, "
+            f"{'one group at a time' if mode == 'one' else 'all but one group'} in int8")
+
+
+def sensitivity(study: Study, *, mode: str = "one", max_evals: int | None = None, executor=None
+                ) -> SensitivityResult:
+    """Score each group: ``mode="one"``, the model with only that group in int8; ``"all-but-one"``, everything
+    int8 but that group. ``max_evals``: evaluate only the most sensitive groups by the proxy."""
+    if mode not in ("one", "all-but-one"):
+        raise UsageError(f"mode must be 'one' or 'all-but-one', got {mode!r}")
+    names = [grp.name for grp in study.groups]
+    proxy = proxy_scores(study)
+    chosen = sorted(names, key=lambda n: proxy[n])[:max_evals] if max_evals else names
+    sets = [[n for n in names if n != c] if mode == "one" else [c] for c in chosen]
+    baseline, *scores = _trials(study, executor, [[]] + sets)
+    by = dict(zip(chosen, scores))
+    ops = {grp.name: grp.op for grp in study.groups}
+    rows = [{"group": n, "op": ops[n], "proxy_db": proxy[n], **by.get(n, dict.fromkeys(baseline))} for n in names]
+    sign = 1 if mode == "one" else -1  # all-but-one: the most sensitive is the one whose float-ing helps most
+
+    def key(r):
+        if r["sqnr_db"] is None:
+            return (1, 0.0, r["proxy_db"])
+        acc = r["accuracy"] if r["accuracy"] is not None else 0.0
+        return (0, sign * acc, sign * r["sqnr_db"])
+
+    rows.sort(key=key)
+    return SensitivityResult(mode, study.samples, rows, baseline, study.fp32_accuracy(), len(sets) + 1)
+
+
+# -- int8 under a budget ---------------------------------------------------------------------------------------
+@dataclass
+class BudgetResult:
+    """``float_groups``: the groups kept float (most sensitive first); ``metrics``: the chosen model's;
+    ``baseline``: the fully-int8 model's; ``holds``: whether the budget is met; ``evaluations``: trials run."""
+
+    float_groups: list[str]
+    float_nodes: tuple[str, ...]
+    metrics: dict
+    baseline: dict
+    fp32_accuracy: float | None
+    holds: bool
+    evaluations: int
+    groups: int
+    budget: str
+
+    def describe(self) -> str:
+        m = self.metrics
+        acc = f", accuracy {m['accuracy']:.2f} (fp32 {self.fp32_accuracy:.2f})" if m.get("accuracy") is not None \
+            else ""
+        state = "holds" if self.holds else "NOT met"
+        return (f"budget {self.budget} {state}: {len(self.float_groups)} of {self.groups} groups kept float"
+                f"{': ' + ', '.join(self.float_groups) if self.float_groups else ''}; output cosine "
+                f"{m['cosine']:.5f}, SQNR {m['sqnr_db']:.2f} dB{acc} ({self.evaluations} evaluations)")
+
+
+def search_budget(study: Study, *, min_cosine: float | None = None, max_drop: float | None = None,
+                  max_evals: int | None = None, executor=None) -> BudgetResult:
+    """Keep the most sensitive groups float until the budget holds: ``min_cosine`` (output cosine vs fp32) and/or
+    ``max_drop`` (top-1 accuracy points below fp32; needs labels). Groups are ranked by the proxy and moved to float
+    one more at a time, each step confirmed by a real trial, until the budget holds (or ``max_evals`` trials)."""
+    if min_cosine is None and max_drop is None:
+        raise UsageError("give a budget: min_cosine (output cosine vs fp32) and/or max_drop (accuracy points)")
+    if max_drop is not None and study.labels is None:
+        raise UsageError("max_drop is in points of accuracy: it needs labelled evaluation data")
+    fp32 = study.fp32_accuracy()
+    budget = " and ".join(s for s in (f"min_cosine={min_cosine}" if min_cosine is not None else "",
+                                      f"max_drop={max_drop}" if max_drop is not None else "") if s)
+
+    def holds(m):
+        return (min_cosine is None or m["cosine"] >= min_cosine) and (
+            max_drop is None or fp32 - m["accuracy"] <= max_drop)
+
+    (baseline,) = _trials(study, executor, [[]])
+    evals, order = 1, []
+    chosen, metrics = 0, baseline
+    if not holds(baseline):
+        proxy = proxy_scores(study)
+        order = sorted((grp.name for grp in study.groups), key=lambda n: proxy[n])
+        width = max(1, int(getattr(executor, "workers", 1) or 1))  # prefixes tried side by side
+        k = 1
+        while k <= len(order) and (not max_evals or evals < max_evals):
+            ks = list(range(k, min(len(order), k + width - 1,
+                                   k + (max_evals - evals) - 1 if max_evals else len(order)) + 1))
+            results = _trials(study, executor, [order[:j] for j in ks])
+            evals += len(ks)
+            done = [(j, m) for j, m in zip(ks, results) if holds(m)]
+            chosen, metrics = done[0] if done else (ks[-1], results[-1])
+            if done:
+                break
+            k = ks[-1] + 1
+    kept = order[:chosen]
+    return BudgetResult(kept, study.members(kept), metrics, baseline, fp32, holds(metrics), evals,
+                        len(study.groups), budget)
+
+
+def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", eval_data: dict | None = None,
+            labels=None, samples: int = 64, folder: str | None = None) -> Study:
+    """Calibrate ``model`` (a path or ModelProto) once, with the passes of ``pipeline`` before its placing pass,
+    and make a :class:`Study` on the first ``samples`` samples of ``eval_data`` (else of the calibration data)."""
+    from graphopt.calib.sources import input_specs, load_calibration
+    from graphopt.ir import load_model
+    from graphopt.passes.base import PassContext
+    from graphopt.passes.manager import PassManager
+    from graphopt.passes.pipeline import format_passes, resolve
+
+    graph = load_model(model)
+    if graph.ir != "onnx":
+        raise UsageError("sensitivity runs on ONNX models (export the PyTorch model to ONNX first)")
+    passes = resolve(pipeline, registry)
+    place = _place_pass(passes)
+    prefix = passes[:passes.index(place)]
+    ctx = PassContext(backend=backend, registry=registry)
+    ctx.calibration = load_calibration(calibration, input_specs(graph))
+    calibrated, _ = PassManager(prefix, [], ctx).run(graph, in_place=True)
+    if RANGES not in ctx.state:
+        raise UsageError(f"pipeline '{pipeline}' calibrates nothing before its placing pass")
+    if eval_data is None:
+        parts: dict[str, list] = {}
+        for batch in ctx.calibration.batches():
+            for k, v in batch.items():
+                parts.setdefault(k, []).append(v)
+        eval_data = {k: np.concatenate(v) for k, v in parts.items()}
+    n = min(samples, len(next(iter(eval_data.values()))))
+    data = {k: np.asarray(v)[:n] for k, v in eval_data.items()}
+    labels = None if labels is None else np.asarray(labels).reshape(-1)[:n]
+    study = Study.create(calibrated, ctx.state[RANGES], data, labels, backend=backend,
+                         place_text=format_passes([place]), registry=registry, folder=folder)
+    study.prefix_text = format_passes(prefix)
+    return study

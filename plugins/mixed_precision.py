@@ -1,0 +1,97 @@
+"""mixed-precision: int8 under an accuracy budget — decide which fusion groups stay float before place-qdq runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from graphopt import Equivalence, Pass, PassResult, hookimpl
+from graphopt.calib.state import FLOAT_NODES, RANGES
+
+
+class MixedPrecision(Pass):
+    """Keep the most sensitive fusion groups float until ``min_cosine`` (the outputs' cosine against the float
+    model) and/or ``max_drop`` (top-1 accuracy points below float, on the labelled ``eval`` data) holds.
+
+    Runs after ``calibrate`` and before ``place-qdq``: it does not change the graph, it decides. Groups (a
+    weighted op with its fused epilogue, or an op the backend quantizes on its own; see
+    :mod:`graphopt.report.sensitivity`) are ranked by a cheap proxy from one fully-int8 run, then moved to float
+    one more at a time, each step confirmed by quantizing the model with those groups float (place-qdq's own
+    placement) and running it on the backend over ``samples`` samples (``eval``'s, else the calibration data's),
+    until the budget holds or ``max_evals`` trials have run (0: no bound). The decision goes to place-qdq as node
+    exclusions (``exclude_nodes`` replays it: ``graphopt sensitivity --recipe`` writes it down). When the budget
+    cannot be met, the pass warns and keeps the closest placement it tried.
+    """
+
+    name = "mixed-precision"
+    irs = frozenset({"onnx"})
+    equivalence = Equivalence.APPROXIMATE
+
+    @dataclass(frozen=True)
+    class Options:
+        min_cosine: Optional[float] = None  # the outputs' cosine vs float, at least
+        max_drop: Optional[float] = None  # top-1 accuracy points below float, at most (needs eval)
+        eval: str = ""  # labelled data (.npz: the inputs and a labels array)
+        labels: str = "labels"  # the labels array in eval
+        samples: int = 128  # samples each trial runs
+        max_evals: int = 0  # at most this many trials (0: no bound)
+        place: str = "place-qdq"  # the pass that places int8 (its options: the scheme requested)
+
+        def __post_init__(self):
+            if self.min_cosine is None and self.max_drop is None:
+                raise ValueError("give a budget: min_cosine (e.g. 0.99) and/or max_drop (accuracy points, with eval)")
+            if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
+                raise ValueError(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
+            if self.max_drop is not None and (self.max_drop < 0 or not self.eval):
+                raise ValueError("max_drop is >= 0 points of accuracy and needs eval=labelled.npz")
+            if self.samples < 1 or self.max_evals < 0:
+                raise ValueError("samples must be >= 1 and max_evals >= 0")
+
+    def requires(self, graph, ctx):
+        if RANGES not in ctx.state:
+            raise self.fail("no calibrated ranges: run insert-observers and calibrate first (int8-budget does)")
+
+    def run_onnx(self, graph, ctx):
+        import numpy as np
+
+        from graphopt.report.sensitivity import Study, search_budget
+
+        data, labels = self._eval_data(ctx)
+        n = min(self.options.samples, len(next(iter(data.values()))))
+        study = Study.create(graph, ctx.state[RANGES], {k: v[:n] for k, v in data.items()},
+                             None if labels is None else np.asarray(labels).reshape(-1)[:n], backend=ctx.backend,
+                             place_text=self.options.place, registry=ctx.registry)
+        result = search_budget(study, min_cosine=self.options.min_cosine, max_drop=self.options.max_drop,
+                               max_evals=self.options.max_evals or None)
+        ctx.state[FLOAT_NODES] = result.float_nodes
+        if not result.holds:
+            ctx.warn(f"{self.name}: {result.describe()}")
+        stats = {"kept float groups": len(result.float_groups), "ran trials": result.evaluations}
+        return PassResult(graph, False, {k: v for k, v in stats.items() if v}, [result.describe()])
+
+    def _eval_data(self, ctx):
+        import numpy as np
+
+        if self.options.eval:
+            try:
+                with np.load(self.options.eval, allow_pickle=False) as archive:
+                    arrays = {k: archive[k] for k in archive.files}
+            except (OSError, ValueError, AttributeError) as exc:
+                raise self.fail(f"eval={self.options.eval}: not a readable .npz file ({exc})") from None
+            if self.options.labels not in arrays:
+                raise self.fail(f"{self.options.eval} has no labels array '{self.options.labels}' (it has: "
+                                f"{', '.join(sorted(arrays))})")
+            labels = arrays.pop(self.options.labels)
+            return arrays, labels
+        if ctx.calibration is None:
+            raise self.fail("no data to measure the budget on: give calibration data (--calib) or eval=labelled.npz")
+        parts: dict[str, list] = {}
+        for batch in ctx.calibration.batches():
+            for k, v in batch.items():
+                parts.setdefault(k, []).append(v)
+        return {k: np.concatenate(v) for k, v in parts.items()}, None
+
+
+@hookimpl
+def graphopt_register_passes(registry):
+    registry.add_pass(MixedPrecision)

@@ -1,0 +1,160 @@
+"""Sensitivity per fusion group and int8 under a budget (graphopt.report.sensitivity, the mixed-precision pass,
+graphopt sensitivity, run --recipe): a deliberately fragile layer ranks first, budgets hold on digits with fewer
+groups float than all, a recipe replays to the same exclusions and refuses another model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from graphopt.backends import get_backend
+from graphopt.cli import main
+from graphopt.report.sensitivity import prepare, search_budget, sensitivity
+
+
+def fragile_model(path, seed: int = 0) -> np.ndarray:
+    """x (8 channels; 0 and 1 hold outliers 3000x the rest) -> conv_a (zero weights on the outliers) -> relu ->
+    conv_b -> relu -> conv_c. In float the outliers do not matter; per-tensor int8 on x spends its whole range on
+    them, so conv_a's group (the only one reading x) destroys the output. Returns calibration samples."""
+    rng = np.random.default_rng(seed)
+    wa = rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32)
+    wa[:, :2] = 0.0
+    weights = {"wa": wa, "wb": rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32),
+               "wc": rng.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32)}
+    inits = [nh.from_array(v, k) for k, v in weights.items()]
+    nodes = [h.make_node("Conv", ["x", "wa"], ["a"], "conv_a", pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["a"], ["ar"], "relu_a"),
+             h.make_node("Conv", ["ar", "wb"], ["b"], "conv_b", pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["b"], ["br"], "relu_b"),
+             h.make_node("Conv", ["br", "wc"], ["y"], "conv_c", pads=[1, 1, 1, 1])]
+    graph = h.make_graph(nodes, "fragile", [h.make_tensor_value_info("x", 1, ["N", 8, 8, 8])],
+                         [h.make_tensor_value_info("y", 1, ["N", 4, 8, 8])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    x = rng.normal(0, 1, (48, 8, 8, 8)).astype(np.float32)
+    x[:, :2] *= 3000.0
+    return x
+
+
+@pytest.fixture()
+def fragile(tmp_path):
+    x = fragile_model(tmp_path / "fragile.onnx")
+    np.savez(tmp_path / "calib.npz", x=x)
+    return tmp_path / "fragile.onnx", tmp_path / "calib.npz"
+
+
+def _study(registry, model, calib, tmp_path, **kw):
+    return prepare(str(model), str(calib), registry=registry, backend=get_backend(registry, "onnxruntime"),
+                   folder=str(tmp_path / "study"), **kw)
+
+
+def test_the_fragile_group_ranks_first_by_proxy_and_by_real_score(registry, fragile, tmp_path):
+    study = _study(registry, *fragile, tmp_path, samples=32)
+    assert [g.name for g in study.groups] == ["conv_a", "conv_b", "conv_c"]
+    result = sensitivity(study)
+    assert result.baseline["cosine"] < 0.5  # all int8: destroyed
+    first, *rest = result.rows
+    assert first["group"] == "conv_a" and first["cosine"] < 0.5
+    assert all(r["sqnr_db"] > 30 for r in rest)  # the others alone in int8 stay close to fp32
+    assert first["proxy_db"] < min(r["proxy_db"] for r in rest)
+    # all-but-one: keeping conv_a float alone repairs the model; keeping any other float does not
+    other = sensitivity(study, mode="all-but-one")
+    assert other.rows[0]["group"] == "conv_a" and other.rows[0]["sqnr_db"] > 30
+    assert all(r["cosine"] < 0.5 for r in other.rows[1:])
+    # --max-evals 1: the proxy picks conv_a, the only one evaluated
+    bounded = sensitivity(study, max_evals=1)
+    assert bounded.evaluations == 2 and bounded.rows[0]["group"] == "conv_a"
+    assert [r["sqnr_db"] is None for r in bounded.rows] == [False, True, True]
+
+
+def test_min_cosine_budget_keeps_only_the_fragile_group_float(registry, fragile, tmp_path):
+    study = _study(registry, *fragile, tmp_path, samples=32)
+    result = search_budget(study, min_cosine=0.99)
+    assert result.holds and result.float_groups == ["conv_a"] and result.metrics["cosine"] >= 0.99
+
+
+@pytest.fixture(scope="module")
+def digits_int8(registry, tmp_path_factory):
+    """A digits study on 200 labelled test images (the CNN trained 2 epochs: short, still ~95 % accurate)."""
+    from graphopt import zoo
+
+    data = zoo.digits_data()
+    x_train, _, x_test, y_test = data
+    folder = tmp_path_factory.mktemp("digits-sens")
+    zoo.export_onnx(zoo.train_digits_cnn(epochs=2, data=data), str(folder / "digits.onnx"), (1, 1, 16, 16),
+                    dynamic_batch=True)
+    np.savez(folder / "calib.npz", input=x_train[:256])
+    return prepare(str(folder / "digits.onnx"), str(folder / "calib.npz"), registry=registry,
+                   backend=get_backend(registry, "onnxruntime"), eval_data={"input": x_test}, labels=y_test,
+                   samples=200)
+
+
+@pytest.mark.parametrize("budget", [{"min_cosine": None}, {"max_drop": 0.0}])
+def test_budgets_hold_on_digits_with_fewer_groups_float_than_all(digits_int8, budget):
+    study = digits_int8
+    if "min_cosine" in budget:  # just above what full int8 reaches, so the search has to keep something float
+        (full,) = [study.score([])]
+        budget = {"min_cosine": 1 - (1 - full["cosine"]) / 4}
+    result = search_budget(study, **budget)
+    assert result.holds, result.describe()
+    assert 0 < len(result.float_groups) < len(study.groups) or result.baseline == result.metrics
+    if "min_cosine" in budget:
+        assert result.float_groups and result.metrics["cosine"] >= budget["min_cosine"]
+    else:
+        assert result.fp32_accuracy - result.metrics["accuracy"] <= 0.0
+    # the choice is what it says: the model with exactly those groups float scores the reported metrics
+    assert study.score(result.float_groups) == pytest.approx(result.metrics)
+
+
+def test_cli_prints_cost_and_table_and_writes_the_png(fragile, tmp_path, capsys):
+    model, calib = fragile
+    png, js = tmp_path / "s.png", tmp_path / "s.json"
+    assert main(["sensitivity", str(model), "--calib", str(calib), "--samples", "16", "--plot", str(png),
+                 "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "cost: 3 groups -> 3 evaluations on 16 samples" in out
+    table = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    assert [row[1] for row in table] == ["conv_a", "conv_b", "conv_c"] or table[0][1] == "conv_a"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert '"group": "conv_a"' in js.read_text()
+
+
+def test_recipe_replays_the_same_exclusions_and_refuses_another_model(fragile, tmp_path, capsys):
+    model, calib = fragile
+    recipe = tmp_path / "r.yaml"
+    assert main(["sensitivity", str(model), "--calib", str(calib), "--min-cosine", "0.99",
+                 "--recipe", str(recipe)]) == 0
+    assert "1 of 3 groups kept float: conv_a" in capsys.readouterr().out
+    out = tmp_path / "q.onnx"
+    assert main(["run", str(model), "--recipe", str(recipe), "--calib", str(calib), "-o", str(out), "-q"]) == 0
+    nodes = onnx.load(str(out)).graph.node
+    float_convs = [n.name for n in nodes if n.op_type == "Conv"
+                   and not any(i.endswith("_dequantized") for i in n.input[:2])]
+    assert float_convs == ["conv_a"]
+    capsys.readouterr()
+    assert main(["run", str(out), "--recipe", str(recipe), "--calib", str(calib), "-o",
+                 str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "made for another model" in err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_budget_pass_in_the_int8_budget_pipeline(fragile, tmp_path, capsys):
+    model, calib = fragile
+    out = tmp_path / "b.onnx"
+    assert main(["run", str(model), "--passes", "int8-budget:min_cosine=0.99", "--calib", str(calib),
+                 "-o", str(out)]) == 0
+    assert "kept 1 float groups" in capsys.readouterr().out
+    convs = {n.name: n for n in onnx.load(str(out)).graph.node if n.op_type == "Conv"}
+    assert not convs["conv_a"].input[1].endswith("_dequantized") and convs["conv_b"].input[1].endswith("_dequantized")
+
+
+def test_usage_errors_are_one_line(fragile, capsys):
+    model, calib = fragile
+    assert main(["sensitivity", str(model), "--calib", str(calib), "--max-drop", "0.5"]) == 2
+    assert "--eval" in capsys.readouterr().err
+    assert main(["sensitivity", str(model), "--calib", str(calib), "--recipe", "r.yaml"]) == 2
