@@ -75,9 +75,10 @@ def export(name: str, workdir: str):
 
 
 def build(name: str, workdir: str) -> dict[str, Any]:
-    import graphopt
     import nncf
     import openvino as ov
+
+    import graphopt
 
     core = ov.Core()
     fp32, calib, evals, labels = export(name, workdir)
