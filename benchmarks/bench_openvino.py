@@ -211,9 +211,9 @@ def report(rows: list[dict[str, Any]]) -> str:
                          f"{'met' if mid <= bar else 'NOT met'}); SQNR {g['sqnr_db']:.1f} vs {n['sqnr_db']:.1f} dB "
                          f"(bar >= NNCF - 0.5: {'met' if g['sqnr_db'] >= n['sqnr_db'] - 0.5 else 'NOT met'})")
         if "accuracy" in g:
-            drop = 100 * (g["fp32_accuracy"] - g["accuracy"])
+            drop, nncf_drop = (100 * (e["fp32_accuracy"] - e["accuracy"]) for e in (g, n))
             lines.append(f"- {row['model']}: graphopt int8 accuracy drop {drop:+.2f} points (bar <= 0.3: "
-                         f"{'met' if drop <= 0.3 else 'NOT met'}); NNCF {100 * (n['fp32_accuracy'] - n['accuracy']):+.2f}")
+                         f"{'met' if drop <= 0.3 else 'NOT met'}); NNCF {nncf_drop:+.2f}")
         key = "pruned-int8 (openvino) / ort-fp32"
         if key in row["ratios"]:
             mid = row["ratios"][key][0]
