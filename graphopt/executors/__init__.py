@@ -33,9 +33,9 @@ SPECS = "inprocess, processes[:N], ray, ray:auto, ray://host:port"
 
 
 class Executor(Protocol):
-    def map(self, fn: Callable[[Any], Any], items: list, kind: str = "accuracy") -> list: ...
+    """What a sweep needs: ``map`` (the executors here are also context managers whose ``close`` stops workers)."""
 
-    def close(self) -> None: ...
+    def map(self, fn: Callable[[Any], Any], items: list, kind: str = "accuracy") -> list: ...
 
 
 def get_executor(spec: str | None, run_dir: str | None) -> Executor:
@@ -58,5 +58,5 @@ def get_executor(spec: str | None, run_dir: str | None) -> Executor:
     raise UsageError(f"--executor {spec}: unknown executor (one of: {SPECS})")
 
 
-__all__ = ["CachedExecutor", "DEFAULT_SPEC", "Executor", "InProcess", "KINDS", "LocalProcesses", "TrialCache", "canonical",
-           "get_executor", "trial_key"]
+__all__ = ["CachedExecutor", "DEFAULT_SPEC", "Executor", "InProcess", "KINDS", "LocalProcesses", "TrialCache",
+           "canonical", "get_executor", "trial_key"]
