@@ -20,6 +20,14 @@ KINDS = ("accuracy", "latency")
 TRIALS_DIR = "trials"
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask: a container or taskset may allow fewer than exist)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def canonical(value: Any) -> str:
     """``value`` as canonical JSON (sorted keys, no spaces); a UsageError if it is not JSON."""
     try:

@@ -14,11 +14,10 @@ Threads: each worker runs one trial at a time, so a trial should use one thread 
 from __future__ import annotations
 
 import multiprocessing
-import os
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Callable
 
-from graphopt.executors.base import CachedExecutor
+from graphopt.executors.base import CachedExecutor, usable_cpus
 
 
 class InProcess(CachedExecutor):
@@ -36,7 +35,7 @@ class LocalProcesses(CachedExecutor):
 
     def __init__(self, workers: int | None = None, run_dir: str | None = None):
         super().__init__(run_dir)
-        self.workers = workers or os.cpu_count() or 1
+        self.workers = workers or usable_cpus()
         self._pool: ProcessPoolExecutor | None = None
 
     def _get_pool(self) -> ProcessPoolExecutor:

@@ -28,7 +28,7 @@ import tempfile
 from typing import Any, Callable
 
 from graphopt.errors import UnsupportedError, UsageError, first_line
-from graphopt.executors.base import CachedExecutor
+from graphopt.executors.base import CachedExecutor, usable_cpus
 
 INSTALL_HINT = "pip install 'graphopt[ray]'"
 OBJECT_STORE_BYTES = 256 << 20
@@ -83,7 +83,7 @@ class RayExecutor(CachedExecutor):
             raise UsageError("--executor ray: Ray is already initialized in this process (call ray.shutdown() first)")
         try:
             if address is None:
-                self._start_local_head(num_cpus or os.cpu_count() or 1)
+                self._start_local_head(num_cpus or usable_cpus())
             else:
                 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
                 self.ray.init(address=address, log_to_driver=False, configure_logging=False)
