@@ -1,0 +1,77 @@
+"""Executors on this machine: in the calling process, or in a pool of local worker processes.
+
+``LocalProcesses`` uses ``concurrent.futures.ProcessPoolExecutor`` with the *spawn* start method: a worker is a
+fresh interpreter (no copy of the driver's threads, onnxruntime sessions or locks, as fork would give) that imports
+only what unpickling a trial needs — the trial function's module, and through it graphopt (about 1.5 s, once per
+worker: the pool lives as long as the executor, across all ``map`` calls of a sweep). A function defined in a
+script's ``__main__`` works too (the worker re-imports the script as ``__mp_main__``; guard its entry point with
+``if __name__ == "__main__"``).
+
+Threads: each worker runs one trial at a time, so a trial should use one thread per worker (e.g. onnxruntime's
+``intra_op_num_threads=1``) — the default of one worker per core then fills the machine without oversubscribing it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any, Callable
+
+from graphopt.executors.base import CachedExecutor, usable_cpus
+
+
+class InProcess(CachedExecutor):
+    """Every trial in the calling process, one after another (for debugging, and for trials that are quick)."""
+
+    def _run(self, fn: Callable, items: list, kind: str, done: Callable[[int, Any], None]) -> None:
+        for i, item in enumerate(items):
+            done(i, fn(item))
+
+
+class LocalProcesses(CachedExecutor):
+    """Trials in ``workers`` spawned processes (None: one per core). Accuracy trials run in parallel; a latency
+    trial runs in one worker while the others are idle (``map`` waits for every trial before it returns, so no
+    trial of an earlier call is still running)."""
+
+    def __init__(self, workers: int | None = None, run_dir: str | None = None):
+        super().__init__(run_dir)
+        self.workers = workers or usable_cpus()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def _run(self, fn: Callable, items: list, kind: str, done: Callable[[int, Any], None]) -> None:
+        pool = self._get_pool()
+        if kind == "latency":
+            for i, item in enumerate(items):
+                done(i, pool.submit(fn, item).result())
+            return
+        pending: dict[Future, int] = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        failure: BaseException | None = None
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    i = pending.pop(future)
+                    if future.cancelled():
+                        continue
+                    if future.exception() is not None:
+                        if failure is None:  # drop the trials not started; those running finish and are stored
+                            failure = future.exception()
+                            for other in pending:
+                                other.cancel()
+                        continue
+                    done(i, future.result())
+        finally:  # Ctrl-C: drop what has not started (what finished is stored)
+            for future in pending:
+                future.cancel()
+        if failure is not None:
+            raise failure
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
