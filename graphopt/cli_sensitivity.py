@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 from graphopt.errors import UsageError
 
@@ -38,12 +39,16 @@ def add_sensitivity_command(sub, add_plugin_flags) -> None:
                                                          "graphopt run MODEL --recipe OUT.yaml --calib DATA")
     p.add_argument("--plot", metavar="OUT.png", help="a bar chart of the groups' scores")
     p.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
+    p.add_argument("--executor", default="processes", metavar="SPEC",
+                   help="where the evaluations run: inprocess, processes[:N] (default: one worker per core), ray "
+                        "(a local head on loopback), ray://host:port; finished trials are kept, so a rerun resumes")
     add_plugin_flags(p)
 
 
 def cmd_sensitivity(args) -> int:
     from graphopt.backends import get_backend
     from graphopt.cli_backend import _onnx_file, load_npz, registry_from_args
+    from graphopt.executors import get_executor
     from graphopt.paths import IOPlan, atomic_write
     from graphopt.report.sensitivity import cost_line, prepare, search_budget, sensitivity
 
@@ -81,7 +86,9 @@ def cmd_sensitivity(args) -> int:
         n = g + 1 if not args.max_evals else min(g + 1, args.max_evals)
         print(f"cost: {g} groups -> at most {n} evaluations on {study.samples} samples (the fully-int8 model, then "
               f"the most sensitive groups by a cheap proxy kept float one more at a time)")
-        result = search_budget(study, min_cosine=args.min_cosine, max_drop=args.max_drop, max_evals=args.max_evals)
+        with get_executor(args.executor, os.path.join(study.folder, "runs")) as executor:
+            result = search_budget(study, min_cosine=args.min_cosine, max_drop=args.max_drop,
+                                   max_evals=args.max_evals, executor=executor)
         print(result.describe())
         report = {"model": args.model, "backend": backend.name, "samples": study.samples,
                   "budget": result.budget, "holds": result.holds, "float_groups": result.float_groups,
@@ -99,7 +106,8 @@ def cmd_sensitivity(args) -> int:
     else:
         mode = "all-but-one" if args.all_but_one else "one"
         print(cost_line(study, mode, args.max_evals))
-        result = sensitivity(study, mode=mode, max_evals=args.max_evals)
+        with get_executor(args.executor, os.path.join(study.folder, "runs")) as executor:
+            result = sensitivity(study, mode=mode, max_evals=args.max_evals, executor=executor)
         base = result.baseline
         fp32 = f", fp32 accuracy {result.fp32_accuracy:.2f}" if result.fp32_accuracy is not None else ""
         acc = f", accuracy {base['accuracy']:.2f}" if base.get("accuracy") is not None else ""

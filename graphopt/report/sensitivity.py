@@ -30,28 +30,22 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
 from graphopt.backends.fusion import fusion_groups
 from graphopt.calib.state import RANGES
 from graphopt.errors import UsageError
+from graphopt.executors import InProcess
 from graphopt.ir.onnx_graph import OnnxGraph
 from graphopt.ir.ops import is_standard_domain
 from graphopt.numeric import cosine_similarity, sqnr_db, top1_accuracy
 
-__all__ = ["BudgetResult", "Group", "InProcess", "SensitivityResult", "Study", "decision_groups", "proxy_scores",
+__all__ = ["BudgetResult", "Group", "SensitivityResult", "Study", "decision_groups", "proxy_scores",
            "run_trial", "search_budget", "sensitivity"]
 
 _STUDIES: dict[str, "Study"] = {}  # studies this process holds, by folder (a trial loads each once)
-
-
-class InProcess:
-    """The trivial executor: every trial in this process, one after the other."""
-
-    def map(self, fn: Callable[[Any], Any], items: list, kind: str = "accuracy") -> list:
-        return [fn(item) for item in items]
 
 
 @dataclass(frozen=True)
@@ -230,7 +224,7 @@ def _place_pass(passes: list):
 
 def _trials(study: Study, executor, sets: list[list[str]]) -> list[dict]:
     items = [{"study": study.folder, "float": sorted(s)} for s in sets]
-    return (executor or InProcess()).map(run_trial, items, kind="accuracy")
+    return (executor or InProcess(os.path.join(study.folder, "runs"))).map(run_trial, items, kind="accuracy")
 
 
 # -- the cheap proxy -----------------------------------------------------------------------------------------------
