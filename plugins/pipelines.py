@@ -27,6 +27,14 @@ def graphopt_register_pipelines(registry):
         "e.g. int8-budget:min_cosine=0.99",
     )
     registry.add_pipeline(
+        "int8-guarded",
+        "insert-observers,calibrate,latency-guard,place-qdq",
+        "static int8 guarded by measured latency: calibrate, time the whole model on the backend with each "
+        "low-arithmetic group (depthwise convs, small GEMMs, lone quantized ops) in int8 and in float, keep float "
+        "those whose int8 is slower beyond the noise, confirm against fp32, place Q/DQ; e.g. "
+        "int8-guarded:seconds=30",
+    )
+    registry.add_pipeline(
         "fp8",
         "insert-observers,calibrate,place-qdq:activations=fp8",
         "float8 E4M3 Q/DQ (opset 19): per-tensor activations and per-channel weights, symmetric, scale = amax / 448, "

@@ -1,0 +1,81 @@
+"""latency-guard: keep float the fusion groups whose int8 is measured slower than float on the target backend."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from graphopt import Equivalence, Pass, PassResult, hookimpl
+from graphopt.calib.state import FLOAT_NODES, RANGES
+
+
+class LatencyGuard(Pass):
+    """Time the whole model on the run's backend (one intra-op thread, CPU time per run, interleaved rounds) with
+    each candidate group in int8 and in float, and keep float the groups whose int8 is slower by more than the noise
+    of the same run (an A/A pair); then confirm on the whole model that the result is not slower than fp32, else
+    keep the model float with a warning. Candidates are the groups with the least arithmetic per element
+    (``max_intensity``: depthwise convolutions, small GEMMs, ops quantized on their own), least first, as many as
+    ``seconds`` allows. Results are cached per model, backend, CPU and graphopt version: a rerun times nothing.
+
+    Runs after ``calibrate`` (and after ``mixed-precision``, whose float groups it keeps) and before
+    ``place-qdq``: it does not change the graph, it adds node exclusions for place-qdq. See
+    :mod:`graphopt.report.latency_guard`.
+    """
+
+    name = "latency-guard"
+    irs = frozenset({"onnx"})
+    equivalence = Equivalence.APPROXIMATE
+
+    @dataclass(frozen=True)
+    class Options:
+        seconds: float = 60.0  # time cap for the timing (the probe and the confirming run included)
+        rounds: int = 20  # interleaved rounds per timing trial
+        max_intensity: float = 32.0  # candidates: groups with at most this many MACs per element (0: every group)
+        place: str = "place-qdq"  # the pass that places int8 (its options: the scheme requested)
+
+        def __post_init__(self):
+            if self.seconds <= 0 or self.rounds < 3 or self.max_intensity < 0:
+                raise ValueError("seconds must be > 0, rounds >= 3 and max_intensity >= 0")
+
+    def requires(self, graph, ctx):
+        if RANGES not in ctx.state:
+            raise self.fail("no calibrated ranges: run insert-observers and calibrate first (int8-guarded does)")
+        if ctx.backend is None:
+            raise self.fail("no backend to time int8 on")
+
+    def run_onnx(self, graph, ctx):
+        from graphopt.passes.pipeline import format_passes, resolve
+        from graphopt.report.latency_guard import guard_latency
+        from graphopt.report.sensitivity import Study, _place_pass
+
+        earlier = tuple(ctx.state.get(FLOAT_NODES, ()))  # a budget's decision: the guard starts from it
+        place = _place_pass(resolve(self.options.place, ctx.registry))
+        if earlier:
+            place = type(place)(dataclasses.replace(
+                place.options, exclude_nodes=tuple(dict.fromkeys((*place.options.exclude_nodes, *earlier)))))
+        data = self._one_sample(graph, ctx)
+        study = Study.create(graph, ctx.state[RANGES], data, None, backend=ctx.backend,
+                             place_text=format_passes([place]), registry=ctx.registry)
+        result = guard_latency(study, seconds=self.options.seconds, rounds=self.options.rounds,
+                               max_intensity=self.options.max_intensity)
+        ctx.state[FLOAT_NODES] = tuple(dict.fromkeys((*earlier, *result.float_nodes)))
+        for warning in result.warnings:
+            ctx.warn(f"{self.name}: {warning}")
+        stats = {"kept float groups": len(result.float_groups), "timed candidates": len(result.screen)}
+        return PassResult(graph, False, {k: v for k, v in stats.items() if v}, [result.describe()])
+
+    @staticmethod
+    def _one_sample(graph, ctx) -> dict:
+        """One input sample: the calibration data's first, else fixed-seed inputs (timing does not need real data
+        as much as accuracy does, but int8 kernels see realistic values with it)."""
+        if ctx.calibration is not None:
+            for batch in ctx.calibration.batches():
+                return {k: v[:1] for k, v in batch.items()}
+        from graphopt.ir.feeds import feeds
+
+        return feeds(graph.input_specs(), 0, 1)
+
+
+@hookimpl
+def graphopt_register_passes(registry):
+    registry.add_pass(LatencyGuard)

@@ -1,0 +1,175 @@
+"""The measured-latency guard (graphopt.report.latency_guard, the latency-guard pass, int8-guarded): with a fake
+backend whose clock says one group is slower in int8, that group alone is kept float; a difference within the A/A
+noise keeps int8; a second run times nothing (the trial cache); int8 slower than fp32 overall keeps the model
+float; and one real run on onnxruntime."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from graphopt.backends import get_backend
+from graphopt.backends.onnxruntime import OnnxRuntimeBackend
+from graphopt.report import latency_guard
+from graphopt.report.latency_guard import guard_latency
+from graphopt.report.sensitivity import prepare
+
+GROUPS = ("conv_a", "conv_b", "conv_c")
+
+
+def tiny_cnn(path, seed: int = 0) -> np.ndarray:
+    """x -> conv_a -> relu -> conv_b -> relu -> conv_c (8 channels, 8x8); returns calibration samples."""
+    rng = np.random.default_rng(seed)
+    inits = [nh.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), f"w{c}") for c in "abc"]
+    nodes = []
+    x = "x"
+    for c in "abc":
+        nodes.append(h.make_node("Conv", [x, f"w{c}"], [f"{c}"], f"conv_{c}", pads=[1, 1, 1, 1]))
+        x = f"{c}r" if c != "c" else "y"
+        if c != "c":
+            nodes.append(h.make_node("Relu", [c], [x], f"relu_{c}"))
+    nodes[-1].output[0] = "y"
+    graph = h.make_graph(nodes, "tiny", [h.make_tensor_value_info("x", 1, ["N", 8, 8, 8])],
+                         [h.make_tensor_value_info("y", 1, ["N", 8, 8, 8])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return rng.normal(0, 1, (16, 8, 8, 8)).astype(np.float32)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+        self.runs = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeBackend(OnnxRuntimeBackend):
+    """onnxruntime's scheme, but a run only advances ``clock`` by a cost in ms: 1 + per group, ``int8[g]`` when the
+    model runs that group in int8 (its weight comes from a DequantizeLinear), else ``float_ms``; a second session
+    of the same model in one trial (the A/A pair) costs ``jitter`` more."""
+
+    def __init__(self, clock: FakeClock, int8: dict[str, float], float_ms: float = 3.0, jitter: float = 0.1):
+        super().__init__()
+        self.clock, self.int8, self.float_ms, self.jitter = clock, dict(int8), float_ms, jitter
+        self._seen: set[str] = set()
+        self._ran = False
+
+    def session(self, model, threads: int = 0):
+        if self._ran:  # a new trial builds its sessions
+            self._seen, self._ran = set(), False
+        digest = hashlib.sha256(model.SerializeToString()).hexdigest()
+        dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        quantized = {n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in dq}
+        cost = 1.0 + sum(self.int8[g] if g in quantized else self.float_ms for g in GROUPS)
+        cost += self.jitter if digest in self._seen else 0.0
+        self._seen.add(digest)
+        return {"ms": cost}
+
+    def run(self, session, feeds):
+        self.clock.now += session["ms"] / 1e3
+        self.clock.runs += 1
+        self._ran = True
+        return []
+
+
+@pytest.fixture()
+def clock(monkeypatch, tmp_path):
+    fake = FakeClock()
+    monkeypatch.setattr(latency_guard, "clock", fake)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # studies (and their trial caches) under tmp_path
+    return fake
+
+
+def _study(registry, tmp_path, backend):
+    x = tiny_cnn(tmp_path / "tiny.onnx")
+    np.savez(tmp_path / "calib.npz", x=x)
+    return prepare(str(tmp_path / "tiny.onnx"), str(tmp_path / "calib.npz"), registry=registry, backend=backend,
+                   samples=1, folder=str(tmp_path / "study"))
+
+
+def test_the_group_slower_in_int8_is_kept_float_and_the_others_int8(registry, clock, tmp_path):
+    backend = FakeBackend(clock, {"conv_a": 1.0, "conv_b": 5.0, "conv_c": 1.0})
+    study = _study(registry, tmp_path, backend)
+    result = guard_latency(study, max_intensity=0, rounds=5)
+    assert result.float_groups == ["conv_b"] and result.float_nodes == ("conv_b",) and result.kept == "guarded"
+    assert result.noise_ms == pytest.approx(0.1)
+    assert result.screen["conv_b"]["int8_ms"] - result.screen["conv_b"]["float_ms"] == pytest.approx(2.0)
+    c = result.confirm  # fp32 1+3*3 (its A/A pair averaged), int8 1+1+5+1, guarded 1+1+3+1
+    assert (c["fp32_ms"], c["int8_ms"], c["guarded_ms"]) == pytest.approx((10.05, 8.0, 6.0))
+    assert not result.warnings
+
+
+def test_a_difference_within_the_noise_keeps_int8(registry, clock, tmp_path):
+    backend = FakeBackend(clock, {"conv_a": 1.0, "conv_b": 3.3, "conv_c": 1.0}, jitter=0.5)
+    result = guard_latency(_study(registry, tmp_path, backend), max_intensity=0, rounds=5)
+    assert result.float_groups == [] and result.kept == "int8" and result.noise_ms == pytest.approx(0.5)
+
+
+def test_a_second_run_times_nothing(registry, clock, tmp_path):
+    backend = FakeBackend(clock, {"conv_a": 1.0, "conv_b": 5.0, "conv_c": 1.0})
+    study = _study(registry, tmp_path, backend)
+    first = guard_latency(study, max_intensity=0, rounds=5)
+    runs = clock.runs
+    second = guard_latency(study, max_intensity=0, rounds=5)
+    assert first.timed_runs == 3 and second.timed_runs == 0 and clock.runs == runs  # probe, screen, confirm
+    assert second.float_groups == first.float_groups and second.confirm == first.confirm
+
+
+def test_int8_slower_than_fp32_on_the_whole_model_keeps_it_float(registry, clock, tmp_path):
+    # each group is 0.4 ms slower in int8, within the 0.5 ms noise alone, 1.2 ms slower all together
+    backend = FakeBackend(clock, dict.fromkeys(GROUPS, 3.4), jitter=0.5)
+    result = guard_latency(_study(registry, tmp_path, backend), max_intensity=0, rounds=5)
+    assert result.kept == "fp32" and sorted(result.float_nodes) == list(GROUPS)
+    assert "slower than fp32" in result.warnings[0]
+
+
+def test_the_time_cap_times_only_the_least_intense_candidates(registry, clock, tmp_path):
+    backend = FakeBackend(clock, {"conv_a": 1.0, "conv_b": 5.0, "conv_c": 1.0})
+    result = guard_latency(_study(registry, tmp_path, backend), max_intensity=0, rounds=5, seconds=1e-6)
+    assert result.screen == {} and result.untimed == 3 and result.float_groups == [] and result.confirm
+
+
+def test_the_pass_adds_its_float_groups_for_place_qdq(registry, clock, tmp_path):
+    from graphopt.calib.sources import input_specs, load_calibration
+    from graphopt.ir import load_model
+    from graphopt.passes.base import PassContext
+    from graphopt.passes.manager import PassManager
+    from graphopt.passes.pipeline import resolve
+
+    np.savez(tmp_path / "calib.npz", x=tiny_cnn(tmp_path / "tiny.onnx"))
+    backend = FakeBackend(clock, {"conv_a": 1.0, "conv_b": 5.0, "conv_c": 1.0})
+    graph = load_model(str(tmp_path / "tiny.onnx"))
+    ctx = PassContext(backend=backend, registry=registry)
+    ctx.calibration = load_calibration(str(tmp_path / "calib.npz"), input_specs(graph))
+    passes = resolve("int8-guarded", registry)
+    assert [p.name for p in passes] == ["insert-observers", "calibrate", "latency-guard", "place-qdq"]
+    passes[2] = type(passes[2])(type(passes[2].options)(max_intensity=0, rounds=5))
+    out, _ = PassManager(passes, [], ctx).run(graph, in_place=False)
+    model = out.to_model()
+    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    int8 = {n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in dq}
+    assert int8 == {"conv_a", "conv_c"}
+
+
+def test_a_real_run_on_onnxruntime(registry, monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    study = _study(registry, tmp_path, get_backend(registry, "onnxruntime"))
+    result = guard_latency(study, max_intensity=0, rounds=5, seconds=30)
+    c = result.confirm
+    assert set(result.screen) == set(GROUPS) and result.timed_runs == 3
+    assert all(c[k] > 0 for k in ("fp32_ms", "int8_ms", "guarded_ms"))
+    assert set(result.float_nodes) <= set(GROUPS)
+    # the choice is consistent with the rule it states: kept float only when int8 lost beyond the noise
+    for name, row in result.screen.items():
+        assert (name in result.float_groups) == (row["int8_ms"] - row["float_ms"] > result.noise_ms) \
+            or result.kept != "guarded"
+    assert guard_latency(study, max_intensity=0, rounds=5, seconds=30).timed_runs == 0
