@@ -16,7 +16,8 @@ import warnings
 
 from graphopt.cli_backend import (
     add_backend_commands,
-    add_openvino_flags,
+    add_backend_option_flags,
+    backend_from_args,
     cmd_bench,
     cmd_compare,
     load_npz,
@@ -97,16 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", default="onnxruntime",
                      help="the target backend: its quantization scheme is what int8 places, and latency/accuracy "
                           "are measured on it (default: onnxruntime); options as name:key=value:key2=value2")
-    run.add_argument("--shapes", metavar="x:1x3x224x224/8x3x224x224/32x3x224x224",
-                     help="min/opt/max input shapes for a backend that builds engines (its 'shapes' option); "
-                          "inputs separated by ','")
-    run.add_argument("--emit-trtexec", action="store_true",
-                     help="write the backend's engine build as a trtexec command instead of building (its "
-                          "'emit_trtexec' option)")
-    add_openvino_flags(run)
-    run.add_argument("--save-ir", metavar="DIR",
-                     help="backend openvino: also write the OpenVINO IR (NAME.xml / NAME.bin) into DIR (its "
-                          "'save_ir' option)")
+    add_backend_option_flags(run, run=True)
     run.add_argument("--eval", metavar="DATA.npz",
                      help="labelled data (inputs + --labels array): report accuracy, output SQNR and per-layer "
                           "SQNR of the written model against the input")
@@ -219,7 +211,6 @@ def _external_data_files(path: str) -> list[str]:
 
 
 def cmd_run(args) -> int:
-    from graphopt.backends import get_backend
     from graphopt.backends.base import DataError, model_size_bytes
     from graphopt.driver import Driver, RunConfig
     from graphopt.passes.instruments import FloatReference, model_suffix
@@ -239,9 +230,7 @@ def cmd_run(args) -> int:
     registry = registry_from_args(args)
     eval_data, labels = _eval_data(args)
     reference = FloatReference()  # a PyTorch run's per-layer table compares the quantized graph with this one
-    flags = {"shapes": ("--shapes", args.shapes), "emit_trtexec": ("--emit-trtexec", args.emit_trtexec and "true"),
-             "precision": ("--ov-precision", args.ov_precision), "save_ir": ("--save-ir", args.save_ir)}
-    backend = get_backend(registry, args.backend, {k: v for k, v in flags.items() if v[1]})  # its options set
+    backend = backend_from_args(args, registry)  # with the options its flags set
     config = RunConfig(passes=args.passes, backend=backend, example_inputs=_example_inputs(args.input_shape),
                        calibration=args.calib, image_options=_image_options(args), eval_inputs=eval_data,
                        check=not args.no_check, rtol=args.rtol, verify_each=args.verify_each,

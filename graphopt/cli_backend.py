@@ -11,18 +11,36 @@ import os
 from graphopt.errors import InputError, OutputError, UsageError
 
 
-def add_openvino_flags(parser) -> None:
+def add_backend_option_flags(parser, run: bool = False) -> None:
+    """The flags that set a backend's options (``--backend NAME:key=value`` sets any of them): the precision hint on
+    every command; on ``run``, also the engine-build and IR flags."""
     parser.add_argument("--ov-precision", choices=("f32", "bf16"),
                         help="backend openvino: the inference precision hint (its 'precision' option; default f32, "
                              "so fp32 runs in fp32: OpenVINO's own default is bf16 on CPUs with AMX)")
+    if not run:
+        return
+    parser.add_argument("--shapes", metavar="x:1x3x224x224/8x3x224x224/32x3x224x224",
+                        help="min/opt/max input shapes for a backend that builds engines (its 'shapes' option); "
+                             "inputs separated by ','")
+    parser.add_argument("--emit-trtexec", action="store_true",
+                        help="write the backend's engine build as a trtexec command instead of building (its "
+                             "'emit_trtexec' option)")
+    parser.add_argument("--save-ir", metavar="DIR",
+                        help="backend openvino: also write the OpenVINO IR (NAME.xml / NAME.bin) into DIR (its "
+                             "'save_ir' option)")
 
 
-def backend_from_args(args):
-    """The backend ``--backend`` names, with the options its flags set (``--ov-precision``)."""
+def backend_from_args(args, registry=None):
+    """The backend ``--backend`` names, with the options its flags set; a flag the backend has no option for is a
+    usage error naming the backend's options."""
     from graphopt.backends import get_backend
 
-    flags = {"precision": ("--ov-precision", args.ov_precision)}
-    return get_backend(registry_from_args(args), args.backend, {k: v for k, v in flags.items() if v[1]})
+    flags = {"precision": ("--ov-precision", getattr(args, "ov_precision", None)),
+             "shapes": ("--shapes", getattr(args, "shapes", None)),
+             "emit_trtexec": ("--emit-trtexec", getattr(args, "emit_trtexec", False) and "true"),
+             "save_ir": ("--save-ir", getattr(args, "save_ir", None))}
+    return get_backend(registry or registry_from_args(args), args.backend,
+                       {k: v for k, v in flags.items() if v[1]})
 
 
 def add_backend_commands(sub, add_plugin_flags) -> None:
@@ -39,7 +57,7 @@ def add_backend_commands(sub, add_plugin_flags) -> None:
                        help="an input's shape, N standing for the batch size (default: the model's, symbolic "
                             "dims after the first set to 1); repeat per input")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    add_openvino_flags(bench)
+    add_backend_option_flags(bench)
     add_plugin_flags(bench)
 
     compare = sub.add_parser("compare", help="how far model B's outputs are from model A's (SQNR, top-1, accuracy)")
@@ -57,7 +75,7 @@ def add_backend_commands(sub, add_plugin_flags) -> None:
     compare.add_argument("--top", type=int, default=20, help="per-layer rows printed (default 20; --json has all)")
     compare.add_argument("--backend", default="onnxruntime", help="a registered backend (default: onnxruntime)")
     compare.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
-    add_openvino_flags(compare)
+    add_backend_option_flags(compare)
     add_plugin_flags(compare)
 
 
