@@ -22,18 +22,18 @@ checks it and says so under the table.
 **The budget.** Output cosine vs fp32 >= 0.99 on the evaluation samples (``--samples`` fixed-seed random token
 sequences, distinct from the ``--calib`` calibration sequences):
 
-* ``graphopt``: ``graphopt.optimize(fp32, "fold,int8-budget:min_cosine=0.99", calibration=...)`` — fusion groups
-  ranked by a cheap proxy, kept float one more at a time until the budget holds (measured on the calibration data,
-  as the pass does); bar: cosine >= 0.99 on the evaluation samples with at most 20 % of its MatMul/Gemm float, at
-  <= 0.8x fp32 latency;
+* ``graphopt``: ``graphopt.optimize(fp32, "fold,int8-budget:min_cosine=0.99:samples=N", calibration=...)`` —
+  fusion groups ranked by a cheap proxy, kept float one more at a time until the budget holds (measured on the
+  calibration data, as the pass does); bar: cosine >= 0.99 on the evaluation samples with at most 20 % of its
+  MatMul/Gemm float, at <= 0.8x fp32 latency;
 * ``nncf``: ``nncf.quantize_with_accuracy_control(onnx.ModelProto, calibration_dataset, validation_dataset,
   validation_fn, max_drop=0.01, drop_type=ABSOLUTE)`` (NNCF's ONNX backend) with ``validation_fn`` = output cosine
   vs fp32 over the validation set (fp32 scores 1.0, so ``max_drop=0.01`` is the same budget); its validation set is
   the calibration sequences (what graphopt's search sees); if it fails, its error is recorded.
 
-Reported per variant (fp32, plain static int8, graphopt budgeted, NNCF): MatMul/Gemm run in float (of the fp32
-model's MatMul/Gemm: those without a QuantizeLinear feeding their first input), output cosine on the evaluation
-samples, latency (batch 1, ONE intra-op thread, CPU time per run via ``time.process_time``; ``--rounds``
+Reported per variant (fp32, plain static int8, graphopt budgeted, NNCF): MatMul/Gemm run in float
+(:func:`float_matmuls`: no DequantizeLinear feeding the first input, through shape-only ops), output cosine on
+the evaluation samples, latency (batch 1, ONE intra-op thread, CPU time per run via ``time.process_time``; ``--rounds``
 interleaved rounds of ``--inner`` runs, median and IQR, ratio to fp32: median of per-round ratios), and the time
 each quantizer took (wall). On a shared machine the latency is indicative. Needs ``pip install -e '.[torch]'``
 and ``nncf`` for the NNCF column. Models live in a temp dir (never commit .onnx files).
@@ -100,13 +100,24 @@ def export_encoder(path: str, args) -> None:
                       dynamic_axes={"input_ids": {0: "batch"}, "hidden": {0: "batch"}})
 
 
+SHAPE_ONLY = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+
+
 def float_matmuls(path: str) -> tuple[int, int]:
-    """(MatMul/Gemm run in float, MatMul/Gemm in all): a float one has no DequantizeLinear feeding its first input
-    (QDQ models) and is still a MatMul/Gemm (not MatMulInteger / QLinearMatMul)."""
+    """(MatMul/Gemm run in float, MatMul/Gemm in all). A MatMul/Gemm runs in int8 when its first input comes from
+    a DequantizeLinear, directly or through shape-only ops (QDQ attention: DQ -> Reshape -> Transpose -> MatMul),
+    or when it was rewritten to MatMulInteger / QLinearMatMul; any other runs in float."""
     model = onnx.load(path)
-    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def dequantized(name: str) -> bool:
+        node = producer.get(name)
+        while node is not None and node.op_type in SHAPE_ONLY:
+            node = producer.get(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear"
+
     ops = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul")]
-    float_ops = [n for n in ops if n.op_type in ("MatMul", "Gemm") and producers.get(n.input[0]) != "DequantizeLinear"]
+    float_ops = [n for n in ops if n.op_type in ("MatMul", "Gemm") and not dequantized(n.input[0])]
     return len(float_ops), len(ops)
 
 
