@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--snapshot-dir", metavar="DIR", help="save the model after each pass into DIR")
     run.add_argument("--reproducer", metavar="DIR", help="if a pass fails, save its input model and command to DIR")
     run.add_argument("--json", metavar="PATH", help="also write the run report as JSON")
+    run.add_argument("--report", metavar="DIR",
+                     help="also write report.json, report.md and PNG plots (before/after bars; per-layer SQNR with "
+                          "--eval) into DIR (created if missing)")
     run.add_argument("--calib", metavar="DATA",
                      help="calibration data for int8: .npz (one array per input), .npy, a folder of .npy/.npz or "
                           "of images (default: synthetic random inputs, with a loud warning)")
@@ -190,6 +193,10 @@ def _io_plan(args, steps, output: str, suffix: str):
     plan.write("-o", output)
     plan.write("-o (its external data)", output + ".data")
     plan.write("--json", args.json)
+    if args.report:
+        from graphopt.report.report_dir import FILES
+
+        plan.write_into("--report", args.report, list(FILES))
     if args.save_ir:
         from graphopt.backends.openvino import ir_paths
 
@@ -294,14 +301,21 @@ def cmd_run(args) -> int:
     say(format_run(measured))
     if original is not None:
         say(f"before: the input model run on {driver.backend.name} the same way (lowered like the result)")
-    if args.json:
+    if args.json or args.report:
         data = {"input": {"path": args.model, **before, "notes": list(getattr(graph, "notes", []))},
                 "output": {"path": output, **after},
                 "backend": driver.backend.name, **run.to_dict(), **jsonable_run(measured)}
         try:
-            atomic_write(args.json, json.dumps(data, indent=2, default=_json_default), "--json")
+            if args.json:
+                atomic_write(args.json, json.dumps(data, indent=2, default=_json_default), "--json")
+            if args.report:
+                from graphopt.report.report_dir import write_report_dir
+
+                written = write_report_dir(args.report, json.loads(json.dumps(data, default=_json_default)),
+                                           report.table())
+                say(f"wrote the report into {args.report}: {', '.join(os.path.basename(p) for p in written)}")
         except OutputError:  # a failed run leaves nothing behind: not the model without its report either
-            for path in run.written:
+            for path in run.written + ([args.json] if args.json else []):
                 if os.path.lexists(path):
                     os.remove(path)
             raise

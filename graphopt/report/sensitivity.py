@@ -280,24 +280,14 @@ class SensitivityResult:
 
     def plot(self, path: str) -> None:
         """A horizontal bar chart of the evaluated groups' output SQNR, most sensitive on top (PNG)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from graphopt.report.plots import bars
 
         rows = [r for r in self.rows if r["sqnr_db"] is not None] or self.rows
         values = [r["sqnr_db"] if r["sqnr_db"] is not None else r["proxy_db"] for r in rows]
-        values = [min(v, 150.0) for v in values]  # inf (identical): a long bar
-        fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.5))
-        ax.barh(range(len(rows)), values, color="tab:red")
-        ax.set_yticks(range(len(rows)), [r["group"] for r in rows], fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel("output SQNR vs fp32, dB (" + ("only this group int8" if self.mode == "one"
-                                                     else "all int8 but this group") + ")")
-        ax.set_title(f"int8 sensitivity per fusion group ({self.samples} samples)")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        bars([r["group"] for r in rows], values, path,
+             xlabel="output SQNR vs fp32, dB (" + ("only this group int8" if self.mode == "one"
+                                                   else "all int8 but this group") + ")",
+             title=f"int8 sensitivity per fusion group ({self.samples} samples)")
 
 
 def _fmt(value, spec: str) -> str:

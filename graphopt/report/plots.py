@@ -1,0 +1,87 @@
+"""Every PNG graphopt draws, in one place: per-group / per-layer bars and a run's before/after bars.
+
+matplotlib is imported only when a plot is asked for, with the non-interactive Agg backend (no display, no
+window: plots are files). One style for all: horizontal bars, the worst on top, one figure per file, 100 dpi.
+Infinite values (identical tensors) are drawn as a long bar, capped at ``CAP_DB``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+CAP_DB = 150.0
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _number(value) -> float | None:
+    """A value from a report (a float, "inf"/"-inf" strings from JSON, None) as a float to draw, or None."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else max(-CAP_DB, min(value, CAP_DB))
+
+
+def bars(labels: Sequence[str], values: Sequence[float], path: str, *, xlabel: str, title: str,
+         color: str = "tab:red") -> None:
+    """Horizontal bars, the first label on top (callers pass the worst first)."""
+    plt = _pyplot()
+    values = [_number(v) or 0.0 for v in values]
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(labels) + 1.5))
+    ax.barh(range(len(labels)), values, color=color)
+    ax.set_yticks(range(len(labels)), list(labels), fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def per_layer_bars(per_layer: dict[str, Any], path: str, top: int = 30) -> None:
+    """The per-layer SQNR table of a run report (``comparison.per_layer``: rows worst first), its ``top`` rows."""
+    rows = per_layer["layers"][:top]
+    bars([f"{r['tensor']} ({r['op_type']})" for r in rows], [r["sqnr_db"] for r in rows], path,
+         xlabel="SQNR vs the input model, dB (lower: more damaged)",
+         title=f"per-layer SQNR, worst first ({len(rows)} of {len(per_layer['layers'])} layers, "
+               f"{per_layer['samples']} samples)")
+
+
+def before_after(report: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    """The before/after pairs a run report holds: (name, unit, before, after) for size, and latency / accuracy
+    when the run measured them."""
+    pairs = []
+    if "size_bytes" in report:
+        s = report["size_bytes"]
+        pairs.append(("size", "MB", s["before"] / 1e6, s["after"] / 1e6))
+    if "latency_ms" in report:
+        lat = report["latency_ms"]
+        pairs.append((f"latency ({lat['statistic']}, batch {lat['batch']})", "ms", lat["before"], lat["after"]))
+    accuracy = report.get("comparison", {}).get("accuracy")
+    if accuracy:
+        pairs.append(("top-1 accuracy", "%", 100 * accuracy["a"]["accuracy"], 100 * accuracy["b"]["accuracy"]))
+    return pairs
+
+
+def before_after_bars(report: dict[str, Any], path: str) -> None:
+    """One panel per measured quantity (size, latency, accuracy), input model against the output."""
+    plt = _pyplot()
+    pairs = before_after(report)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs), 3.2), squeeze=False)
+    for ax, (name, unit, before, after) in zip(axes[0], pairs):
+        ax.bar(["before", "after"], [before, after], color=["tab:gray", "tab:blue"])
+        for x, v in enumerate((before, after)):
+            ax.annotate(f"{v:.4g}", (x, v), ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{name}\n{after / before:.2f}x" if before else name, fontsize=9)
+        ax.set_ylabel(unit)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

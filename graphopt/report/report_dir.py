@@ -1,0 +1,106 @@
+"""``graphopt run --report DIR``: the run report as report.json, report.md and PNG plots, together in one folder.
+
+report.json is the ``--json`` report; report.md is written from the same data (every number in it is one of
+the JSON's, rounded for reading) and shows the plots: ``before_after.png`` (size, and latency with ``--bench``,
+accuracy with ``--eval`` labels: input model against output) and ``per_layer_sqnr.png`` (the per-layer SQNR
+table of ``--eval``, worst first) when the run has one. The folder is created if missing; the files are written
+into a temporary folder inside it and moved into place together at the end, so a failure leaves none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from graphopt.errors import OutputError
+from graphopt.report import plots
+
+JSON, MARKDOWN, BEFORE_AFTER, PER_LAYER = "report.json", "report.md", "before_after.png", "per_layer_sqnr.png"
+FILES = (JSON, MARKDOWN, BEFORE_AFTER, PER_LAYER)  # every name --report may write (checked before the run)
+
+
+def report_markdown(data: dict[str, Any], passes_table: str = "", top: int = 20) -> str:
+    """report.md from the run report ``data`` (the --json dict); ``passes_table``: the run's pass table (text)."""
+    inp, out = data.get("input", {}), data.get("output", {})
+    lines = ["# graphopt run report", "",
+             f"- input: `{inp.get('path')}` ({inp.get('ir')}, {inp.get('nodes')} nodes, "
+             f"{inp.get('parameters', 0):,} parameters)",
+             f"- output: `{out.get('path')}` ({out.get('nodes')} nodes, {out.get('parameters', 0):,} parameters)",
+             f"- pipeline: `{data.get('pipeline')}`" + (f" (= `{data['resolved']}`)" if data.get("resolved") not in
+                                                         (None, data.get("pipeline")) else ""),
+             f"- backend: {data.get('backend')}", "", "## Before and after", "",
+             "| quantity | before | after | after / before |", "|---|---|---|---|"]
+    if "size_bytes" in data:
+        s = data["size_bytes"]
+        lines.append(f"| size, bytes | {s['before']:,} | {s['after']:,} | {_ratio(s['before'], s['after'])} |")
+    for key in ("params", "macs"):
+        if key in data:
+            v = data[key]
+            lines.append(f"| {key if key == 'params' else 'MACs'} | {v['before']:,} | {v['after']:,} | "
+                         f"{_ratio(v['before'], v['after'])} |")
+    if "latency_ms" in data:
+        lat = data["latency_ms"]
+        lines.append(f"| latency, ms ({lat['statistic']}, batch {lat['batch']}, {lat['threads']} threads) | "
+                     f"{lat['before']:.3f} | {lat['after']:.3f} | {_ratio(lat['before'], lat['after'])} |")
+    comparison = data.get("comparison") or {}
+    if comparison.get("accuracy"):
+        a, b = comparison["accuracy"]["a"], comparison["accuracy"]["b"]
+        lines.append(f"| top-1 accuracy, % ({a['total']} samples) | {100 * a['accuracy']:.2f} | "
+                     f"{100 * b['accuracy']:.2f} | {100 * (b['accuracy'] - a['accuracy']):+.2f} points |")
+    lines += ["", f"![before and after]({BEFORE_AFTER})"]
+    if comparison.get("outputs"):
+        lines += ["", f"## Outputs against the input model ({comparison['samples']} samples: {comparison['inputs']})",
+                  "", "| output | SQNR dB | cosine | max rel. error |", "|---|---|---|---|"]
+        for o in comparison["outputs"]:
+            lines.append(f"| {o['name']} | {_db(o['sqnr_db'])} | {o['cosine']:.6f} | {o['max_rel_err']:.3e} |")
+    per_layer = comparison.get("per_layer")
+    if per_layer and per_layer.get("layers"):
+        rows = per_layer["layers"]
+        lines += ["", f"## Per-layer SQNR, worst first ({min(top, len(rows))} of {len(rows)} layers, "
+                      f"{per_layer['samples']} samples)", "", "| tensor | op | SQNR dB | cosine |", "|---|---|---|---|"]
+        lines += [f"| {r['tensor']} | {r['op_type']} | {_db(r['sqnr_db'])} | {r['cosine']:.6f} |" for r in rows[:top]]
+        lines += ["", f"![per-layer SQNR]({PER_LAYER})"]
+    if passes_table:
+        lines += ["", "## Passes", "", "```", passes_table, "```"]
+    if data.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in data["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(before, after) -> str:
+    return f"{after / before:.3f}x" if before else "-"
+
+
+def _db(value) -> str:
+    return value if isinstance(value, str) else ("-" if value is None else f"{value:.2f}")
+
+
+def write_report_dir(folder: str, data: dict[str, Any], passes_table: str = "", top: int = 20) -> list[str]:
+    """Write report.json, report.md and the plots the run has into ``folder`` (see the module docstring);
+    returns the paths written. Raises OutputError (nothing left behind) when the folder cannot be written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".graphopt-", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"--report {folder}: cannot write ({exc.strerror or exc})") from None
+    try:
+        with open(os.path.join(tmp, JSON), "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        with open(os.path.join(tmp, MARKDOWN), "w") as f:
+            f.write(report_markdown(data, passes_table, top))
+        if plots.before_after(data):
+            plots.before_after_bars(data, os.path.join(tmp, BEFORE_AFTER))
+        per_layer = (data.get("comparison") or {}).get("per_layer")
+        if per_layer and per_layer.get("layers"):
+            plots.per_layer_bars(per_layer, os.path.join(tmp, PER_LAYER), top)
+        names = sorted(os.listdir(tmp), key=lambda n: n == JSON)  # report.json last: its presence means done
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+        return [os.path.join(folder, n) for n in names]
+    except OSError as exc:
+        raise OutputError(f"--report {folder}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
