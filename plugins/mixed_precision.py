@@ -7,6 +7,7 @@ from typing import Optional
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.calib.state import FLOAT_NODES, RANGES
+from graphopt.errors import UsageError
 
 
 class MixedPrecision(Pass):
@@ -37,9 +38,7 @@ class MixedPrecision(Pass):
         max_evals: int = 0  # at most this many trials (0: no bound)
         place: str = "place-qdq"  # the pass that places int8 (its options: the scheme requested)
 
-        def __post_init__(self):
-            if self.min_cosine is None and self.max_drop is None:
-                raise ValueError("give a budget: min_cosine (e.g. 0.99) and/or max_drop (accuracy points, with eval)")
+        def __post_init__(self):  # no budget at all is refused when the pass runs (the defaults stay constructible)
             if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
                 raise ValueError(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
             if self.max_drop is not None and (self.max_drop < 0 or not self.eval):
@@ -48,6 +47,9 @@ class MixedPrecision(Pass):
                 raise ValueError("samples must be >= 1 and max_evals >= 0")
 
     def requires(self, graph, ctx):
+        if self.options.min_cosine is None and self.options.max_drop is None:
+            raise UsageError(f"pass '{self.name}': give a budget: min_cosine (e.g. int8-budget:min_cosine=0.99) "
+                             "and/or max_drop (accuracy points, with eval=labelled.npz)")
         if RANGES not in ctx.state:
             raise self.fail("no calibrated ranges: run insert-observers and calibrate first (int8-budget does)")
 

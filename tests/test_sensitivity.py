@@ -158,3 +158,18 @@ def test_usage_errors_are_one_line(fragile, capsys):
     assert main(["sensitivity", str(model), "--calib", str(calib), "--max-drop", "0.5"]) == 2
     assert "--eval" in capsys.readouterr().err
     assert main(["sensitivity", str(model), "--calib", str(calib), "--recipe", "r.yaml"]) == 2
+
+
+def test_a_budget_pass_without_a_budget_is_one_usage_line(tmp_path, capsys):
+    """int8-budget with neither min_cosine nor max_drop: exit 2 before anything is written (its options' defaults
+    still construct, so pipelines that name it parse)."""
+    from graphopt.cli import main
+    from graphopt.zoo import cnn
+    from graphopt.zoo.export import export_onnx
+
+    model = str(tmp_path / "m.onnx")
+    export_onnx(cnn.tiny_resnet(), model, (1, 3, 32, 32))
+    out = tmp_path / "out.onnx"
+    assert main(["run", model, "--passes", "int8-budget", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give a budget" in err[0] and not out.exists()

@@ -359,7 +359,9 @@ def search_budget(study: Study, *, min_cosine: float | None = None, max_drop: fl
                   max_evals: int | None = None, executor=None) -> BudgetResult:
     """Keep the most sensitive groups float until the budget holds: ``min_cosine`` (output cosine vs fp32) and/or
     ``max_drop`` (top-1 accuracy points below fp32; needs labels). Groups are ranked by the proxy and moved to float
-    one more at a time, each step confirmed by a real trial, until the budget holds (or ``max_evals`` trials)."""
+    one more at a time, each step confirmed by a real trial, until the budget holds (or ``max_evals`` trials); then,
+    since the proxy's order overshoots, each group kept float is tried back in int8, the last added first, and stays
+    int8 when the budget still holds (one trial each)."""
     if min_cosine is None and max_drop is None:
         raise UsageError("give a budget: min_cosine (output cosine vs fp32) and/or max_drop (accuracy points)")
     if max_drop is not None and study.labels is None:
@@ -391,6 +393,15 @@ def search_budget(study: Study, *, min_cosine: float | None = None, max_drop: fl
                 break
             k = ks[-1] + 1
     kept = order[:chosen]
+    if holds(metrics):  # the proxy's order overshoots: put groups back in int8, least sensitive first, while it holds
+        for name in list(reversed(kept)):
+            trial = [g for g in kept if g != name]
+            if not trial or (max_evals and evals >= max_evals):  # none float: the baseline, which fails
+                break
+            (result,) = _trials(study, executor, [trial])
+            evals += 1
+            if holds(result):
+                kept, metrics = trial, result
     return BudgetResult(kept, study.members(kept), metrics, baseline, fp32, holds(metrics), evals,
                         len(study.groups), budget)
 
