@@ -6,7 +6,9 @@ import importlib.metadata as md
 import json
 import os
 import platform
-from typing import Any
+import statistics
+import time
+from typing import Any, Callable
 
 PACKAGES = ("graphopt", "onnx", "onnxruntime", "onnx-graphsurgeon", "torch")
 
@@ -38,3 +40,35 @@ def write_outputs(table: str, data: dict[str, Any], markdown: str | None, json_p
     if json_path:
         with open(json_path, "w") as f:
             json.dump(data, f, indent=2, default=float)
+
+
+def interleaved_cpu_ms(runners: dict[str, Callable[[], Any]], rounds: int, inner: int
+                       ) -> dict[str, list[float]]:
+    """Per runner, its median CPU time per run (ms) in each of ``rounds`` rounds: each round visits every runner,
+    in order on even rounds and reversed on odd ones, with one untimed run and ``inner`` runs timed by the
+    process's CPU time (one intra-op thread: the work done, not the machine's noise)."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(rounds):
+        for name in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
+            run = runners[name]
+            run()
+            runs = []
+            for _ in range(inner):
+                start = time.process_time()
+                run()
+                runs.append(time.process_time() - start)
+            times[name].append(1000 * statistics.median(runs))
+    return times
+
+
+def latency_summary(times: dict[str, list[float]], references: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Median and IQR (ms) of each runner's per-round times, and its ratio to each reference (``{"vs_fp32":
+    "fp32"}``) as the median of the ratios within a round."""
+    import numpy as np
+
+    out = {}
+    for name, t in times.items():
+        q1, q3 = np.percentile(t, [25, 75])
+        ratios = {key: statistics.median(a / b for a, b in zip(t, times[ref])) for key, ref in references.items()}
+        out[name] = {"median_ms": statistics.median(t), "iqr_ms": float(q3 - q1), **ratios}
+    return out

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from _common import machine, versions, write_outputs
+from _common import interleaved_cpu_ms, latency_summary, machine, versions, write_outputs
 
 CHANNELS = (17, 101, 230)
 LAYERS = (1, 2)
@@ -172,23 +171,8 @@ def quantize_nncf(fp32: str, out: str, calib: np.ndarray) -> dict[str, Any]:
 def latency(paths: dict[str, str], args) -> dict[str, dict[str, float]]:
     sessions = {v: session(p, 1) for v, p in paths.items()}
     feeds = {"input_ids": np.random.default_rng(1).integers(0, args.vocab, (1, args.seq)).astype(np.int64)}
-    times: dict[str, list[float]] = {v: [] for v in sessions}
-    for r in range(args.rounds):
-        for variant in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
-            sess = sessions[variant]
-            sess.run(None, feeds)
-            runs = []
-            for _ in range(args.inner):
-                start = time.process_time()
-                sess.run(None, feeds)
-                runs.append(time.process_time() - start)
-            times[variant].append(statistics.median(runs))
-    out = {}
-    for variant, t in times.items():
-        q1, q3 = np.percentile(t, [25, 75])
-        out[variant] = {"median_ms": 1000 * statistics.median(t), "iqr_ms": 1000 * float(q3 - q1),
-                        "vs_fp32": statistics.median(a / b for a, b in zip(t, times["fp32"]))}
-    return out
+    runners = {v: (lambda s=s: s.run(None, feeds)) for v, s in sessions.items()}
+    return latency_summary(interleaved_cpu_ms(runners, args.rounds, args.inner), {"vs_fp32": "fp32"})
 
 
 def markdown(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:

@@ -33,15 +33,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import sys
 import tempfile
-import time
 from typing import Any
 
 import numpy as np
 import onnx
-from _common import machine, versions, write_outputs
+from _common import interleaved_cpu_ms, latency_summary, machine, versions, write_outputs
 
 INT4 = {"int4-sym": "", "int4-asym": ":symmetric=false", "int4-sym-emb": ":embeddings=true",
         "int4-asym-emb": ":symmetric=false:embeddings=true", "int4-sym-b16-emb": ":block_size=16:embeddings=true",
@@ -88,30 +86,15 @@ def accuracy(paths: dict[str, str], last: str, args) -> dict[str, dict[str, floa
 
 
 def latency(paths: dict[str, str], args) -> dict[str, dict[str, Any]]:
-    """CPU seconds per run at batch 1, one intra-op thread, interleaved rounds."""
+    """CPU milliseconds per run at batch 1, one intra-op thread, interleaved rounds."""
     from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend()
     sessions = {v: backend.session(p, 1) for v, p in paths.items()}
     feeds = {"input_ids": np.random.default_rng(1).integers(0, args.vocab, (1, args.seq)).astype(np.int64)}
-    times: dict[str, list[float]] = {v: [] for v in sessions}
-    for r in range(args.rounds):
-        for variant in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
-            session = sessions[variant]
-            session.run(None, feeds)
-            runs = []
-            for _ in range(args.inner):
-                start = time.process_time()
-                session.run(None, feeds)
-                runs.append(time.process_time() - start)
-            times[variant].append(statistics.median(runs))
-    out = {}
-    for variant, t in times.items():
-        q1, q3 = np.percentile(t, [25, 75])
-        out[variant] = {"median_ms": 1000 * statistics.median(t), "iqr_ms": 1000 * float(q3 - q1),
-                        "vs_fp32": statistics.median(a / b for a, b in zip(t, times["fp32"])),
-                        "vs_int8": statistics.median(a / b for a, b in zip(t, times["int8-dynamic"]))}
-    return out
+    runners = {v: (lambda s=s: s.run(None, feeds)) for v, s in sessions.items()}
+    return latency_summary(interleaved_cpu_ms(runners, args.rounds, args.inner),
+                           {"vs_fp32": "fp32", "vs_int8": "int8-dynamic"})
 
 
 def markdown(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
