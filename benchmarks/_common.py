@@ -72,3 +72,43 @@ def latency_summary(times: dict[str, list[float]], references: dict[str, str]) -
         ratios = {key: statistics.median(a / b for a, b in zip(t, times[ref])) for key, ref in references.items()}
         out[name] = {"median_ms": statistics.median(t), "iqr_ms": float(q3 - q1), **ratios}
     return out
+
+
+def zoo_model(name: str, workdir: str, calib_samples: int = 32, eval_samples: int = 16):
+    """A zoo model exported to ``workdir`` and folded (``graphopt.optimize(path, "fold")``, exact): ``(fp32 path,
+    calibration data, evaluation data, labels)``, data as ``{input name: array}``. ``bert_like``: 1x128 random token
+    ids (dynamic batch and sequence); ``digits``: the CNN trained 6 epochs, 256 training images to calibrate, the
+    397 held-out images (with labels) to evaluate; the other names are graphopt.zoo.cnn's models at 1x3x224x224
+    (dynamic batch) with fixed-seed normal images. Labels are None but for the digits."""
+    import numpy as np
+
+    import graphopt
+
+    raw = os.path.join(workdir, f"{name}.raw.onnx")
+    rng = np.random.default_rng(0)
+    labels = None
+    if name == "bert_like":
+        from graphopt.zoo.transformer import bert_like, export_transformer_onnx
+
+        model = bert_like()
+        export_transformer_onnx(model, raw)
+        vocab = model.token.num_embeddings
+        calib = {"input_ids": rng.integers(0, vocab, (calib_samples, 128)).astype(np.int64)}
+        evals = {"input_ids": rng.integers(0, vocab, (eval_samples, 128)).astype(np.int64)}
+    elif name == "digits":
+        from graphopt.zoo.digits import digits_data, train_digits_cnn
+        from graphopt.zoo.export import export_onnx
+
+        x_train, y_train, x_test, y_test = digits_data(0)
+        export_onnx(train_digits_cnn(epochs=6, seed=0), raw, (1, 1, 16, 16), dynamic_batch=True)
+        calib, evals, labels = {"input": x_train[:256]}, {"input": x_test}, y_test
+    else:
+        from graphopt.zoo import cnn
+        from graphopt.zoo.export import export_onnx
+
+        export_onnx(getattr(cnn, name)(), raw, (1, 3, 224, 224), dynamic_batch=True)
+        calib = {"input": rng.standard_normal((calib_samples, 3, 224, 224)).astype(np.float32)}
+        evals = {"input": rng.standard_normal((eval_samples, 3, 224, 224)).astype(np.float32)}
+    fp32 = os.path.join(workdir, f"{name}.fp32.onnx")
+    graphopt.optimize(raw, "fold", check=False, output=fp32)
+    return fp32, calib, evals, labels

@@ -39,39 +39,13 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-from _common import machine, versions, write_outputs
+from _common import machine, versions, write_outputs, zoo_model
 
 MODELS = ("resnet18_like", "resnet50_like", "mobilenet_v2_like", "digits")
 CONFIG = {"INFERENCE_NUM_THREADS": 1, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
           "INFERENCE_PRECISION_HINT": "f32"}
 LATENCY_BAR = {"resnet18_like": 1.0, "resnet50_like": 0.9, "mobilenet_v2_like": 0.9}
 PRUNE_BAR = 0.10
-
-
-def export(name: str, workdir: str):
-    """The folded fp32 model, calibration samples, evaluation samples and (digits) labels."""
-    import graphopt
-
-    raw = os.path.join(workdir, f"{name}.raw.onnx")
-    rng = np.random.default_rng(0)
-    labels = None
-    if name == "digits":
-        from graphopt.zoo.digits import digits_data, train_digits_cnn
-        from graphopt.zoo.export import export_onnx
-
-        x_train, y_train, x_test, y_test = digits_data(0)
-        export_onnx(train_digits_cnn(epochs=6, seed=0), raw, (1, 1, 16, 16), dynamic_batch=True)
-        calib, evals, labels = x_train[:256], x_test, y_test
-    else:
-        from graphopt.zoo import cnn
-        from graphopt.zoo.export import export_onnx
-
-        export_onnx(getattr(cnn, name)(), raw, (1, 3, 224, 224), dynamic_batch=True)
-        calib = rng.standard_normal((ARGS.calib_samples, 3, 224, 224)).astype(np.float32)
-        evals = rng.standard_normal((ARGS.eval_samples, 3, 224, 224)).astype(np.float32)
-    fp32 = os.path.join(workdir, f"{name}.fp32.onnx")
-    graphopt.optimize(raw, "fold", check=False, output=fp32)
-    return fp32, calib, evals, labels
 
 
 def build(name: str, workdir: str) -> dict[str, Any]:
@@ -81,7 +55,8 @@ def build(name: str, workdir: str) -> dict[str, Any]:
     import graphopt
 
     core = ov.Core()
-    fp32, calib, evals, labels = export(name, workdir)
+    fp32, calib, evals, labels = zoo_model(name, workdir, ARGS.calib_samples, ARGS.eval_samples)
+    calib, evals = calib["input"], evals["input"]
     models: dict[str, Any] = {"fp32": core.read_model(fp32)}
     seconds: dict[str, float] = {}
     start = time.perf_counter()

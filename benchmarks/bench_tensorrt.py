@@ -36,45 +36,11 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-from _common import machine, versions, write_outputs
+from _common import machine, versions, write_outputs, zoo_model
 
 MODELS = ("resnet18_like", "resnet50_like", "mobilenet_v2_like", "bert_like", "digits")
 MODELOPT_METHOD = {"minmax": "max", "entropy": "entropy"}
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def export(name: str, workdir: str) -> tuple[str, dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None]:
-    """The folded fp32 model, calibration data, evaluation data and (digits) labels."""
-    import graphopt
-
-    raw = os.path.join(workdir, f"{name}.raw.onnx")
-    rng = np.random.default_rng(0)
-    labels = None
-    if name == "bert_like":
-        from graphopt.zoo.transformer import bert_like, export_transformer_onnx
-
-        model = bert_like()
-        export_transformer_onnx(model, raw)
-        vocab = model.token.num_embeddings
-        calib = {"input_ids": rng.integers(0, vocab, (ARGS.calib_samples, 128)).astype(np.int64)}
-        evals = {"input_ids": rng.integers(0, vocab, (ARGS.eval_samples, 128)).astype(np.int64)}
-    elif name == "digits":
-        from graphopt.zoo.digits import digits_data, train_digits_cnn
-        from graphopt.zoo.export import export_onnx
-
-        x_train, y_train, x_test, y_test = digits_data(0)
-        export_onnx(train_digits_cnn(epochs=6, seed=0), raw, (1, 1, 16, 16), dynamic_batch=True)
-        calib, evals, labels = {"input": x_train[:256]}, {"input": x_test}, y_test
-    else:
-        from graphopt.zoo import cnn
-        from graphopt.zoo.export import export_onnx
-
-        export_onnx(getattr(cnn, name)(), raw, (1, 3, 224, 224), dynamic_batch=True)
-        calib = {"input": rng.standard_normal((ARGS.calib_samples, 3, 224, 224)).astype(np.float32)}
-        evals = {"input": rng.standard_normal((ARGS.eval_samples, 3, 224, 224)).astype(np.float32)}
-    fp32 = os.path.join(workdir, f"{name}.fp32.onnx")
-    graphopt.optimize(raw, "fold", check=False, output=fp32)
-    return fp32, calib, evals, labels
 
 
 def graphopt_variant(fp32: str, out: str, passes: str, calib: dict[str, np.ndarray]) -> float:
@@ -136,7 +102,7 @@ def op_counts(path: str) -> dict[str, int]:
 def measure(name: str, workdir: str) -> dict[str, Any]:
     from graphopt.numeric import cosine_similarity, sqnr_db
 
-    fp32, calib, evals, labels = export(name, workdir)
+    fp32, calib, evals, labels = zoo_model(name, workdir, ARGS.calib_samples, ARGS.eval_samples)
     ref = outputs(fp32, evals)
     row: dict[str, Any] = {"model": name}
     variants = {

@@ -11,12 +11,24 @@ nothing. Files are written beside their final place under a temporary name and m
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 
 from graphopt.errors import OutputError, UsageError
+
+
+def file_sha256(*paths: str) -> str:
+    """One sha256 over the files' bytes, in order (a model file and its external data files), read in 1 MiB
+    blocks."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def real(path: str) -> str:

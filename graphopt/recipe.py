@@ -9,23 +9,15 @@ values are JSON scalars, lists or mappings, which YAML also reads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 from graphopt.errors import UsageError
+from graphopt.paths import file_sha256
 
 __all__ = ["check_recipe", "file_sha256", "read_recipe", "recipe_text"]
 
 KIND = "graphopt-recipe"
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def recipe_text(*, model: str, passes: str, backend: str, float_nodes, float_groups, metrics: dict,

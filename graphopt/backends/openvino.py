@@ -54,7 +54,7 @@ import numpy as np
 
 from graphopt.backends.base import Backend, BackendError
 from graphopt.backends.cpu import u8s8_saturates
-from graphopt.backends.onnxruntime import FUSED_ACTIVATIONS, PASSTHROUGH_OPS, QUANTIZED_OPS, WEIGHT_CHANNEL_AXIS
+from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.backends.scheme import FP8, QuantRequest, QuantScheme, TensorQuant, UnsupportedRequestError, restrict_ops
 from graphopt.errors import UnsupportedError, first_line
 from graphopt.ir.feeds import InputSpec
@@ -125,21 +125,9 @@ class OpenVINOBackend(Backend):
 
     # -- the scheme -------------------------------------------------------------------------------------------
     def default_scheme(self) -> QuantScheme:
-        return QuantScheme(
-            backend=self.name,
-            activations=TensorQuant("uint8", symmetric=False),
-            weights=TensorQuant("int8", symmetric=True, per_channel=True, narrow_range=True,
-                                reduce_range=self.reduce_range),
-            weight_channel_axis=WEIGHT_CHANNEL_AXIS,
-            quantized_ops=QUANTIZED_OPS,
-            passthrough_ops=PASSTHROUGH_OPS,
-            fused_activations=FUSED_ACTIVATIONS,
-            residual_add_qdq=True,
-            requantize_outputs=True,
-            bias="float",
-            format="QDQ",
-            min_opset=13,
-        )
+        """onnxruntime's form (see the module docstring), with the bias left float: OpenVINO folds it itself."""
+        ort = OnnxRuntimeBackend(reduce_range=self.reduce_range).default_scheme()
+        return replace(ort, backend=self.name, bias="float")
 
     def scheme(self, request: QuantRequest | None = None) -> QuantScheme:
         """The default scheme, adjusted to ``request``: int8 activations and per-tensor or asymmetric weights are

@@ -45,7 +45,6 @@ from graphopt.backends.tensorrt_plan import (
     cache_folder,
     cache_key,
     defaulted_note,
-    file_sha256,
     model_inputs,
     profiles,
     trtexec_command,
@@ -54,6 +53,7 @@ from graphopt.backends.tensorrt_plan import (
 )
 from graphopt.errors import OutputError, UnsupportedError, first_line
 from graphopt.ir import external_data_files
+from graphopt.paths import file_sha256
 
 INSTALL_HINT = "pip install 'graphopt[tensorrt]' on a machine with an NVIDIA GPU"
 
@@ -131,7 +131,7 @@ def deploy(onnx_path: str, options: BuildOptions) -> dict[str, Any]:
     if device is None:
         return {**facts, "engine": None, "summary": [f"tensorrt: no engine built: TensorRT {trt.__version__} "
                                                      f"found no CUDA device; the ONNX graph is written"]}
-    key = cache_key(file_sha256([onnx_path] + external_data_files(onnx_path)), trt.__version__,
+    key = cache_key(file_sha256(onnx_path, *external_data_files(onnx_path)), trt.__version__,
                     device.cuda_version, device.compute_capability, builder_config(options), plan)
     cache = cache_folder(options)
     cached = cache is not None and os.path.isfile(os.path.join(cache, key + ".engine"))

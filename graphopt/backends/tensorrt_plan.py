@@ -185,16 +185,6 @@ def defaulted_note(plan: list[Profile], inputs: list[InputSpec]) -> str | None:
             + "; ".join(f"{p.text()} (model {dims[p.name]})" for p in used))
 
 
-def file_sha256(paths: list[str]) -> str:
-    """One hash over the model file and its external data files, in order."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(model_sha256: str, tensorrt_version: str, cuda_version: str, compute_capability: str,
               config: dict, plan: list[Profile]) -> str:
     """The engine cache key: the model's bytes, TensorRT's and CUDA's versions, the builder configuration, the
