@@ -50,7 +50,8 @@ def cmd_sensitivity(args) -> int:
     from graphopt.cli_backend import _onnx_file, load_npz, registry_from_args
     from graphopt.executors import get_executor
     from graphopt.paths import IOPlan, atomic_write
-    from graphopt.report.sensitivity import cost_line, prepare, search_budget, sensitivity
+    from graphopt.report.budget import search_budget
+    from graphopt.report.sensitivity import cost_line, prepare, sensitivity
 
     budget = args.min_cosine is not None or args.max_drop is not None
     if args.recipe and not budget:

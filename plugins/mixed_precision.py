@@ -56,7 +56,8 @@ class MixedPrecision(Pass):
     def run_onnx(self, graph, ctx):
         import numpy as np
 
-        from graphopt.report.sensitivity import Study, search_budget
+        from graphopt.report.budget import search_budget
+        from graphopt.report.sensitivity import Study
 
         data, labels = self._eval_data(ctx)
         n = min(self.options.samples, len(next(iter(data.values()))))

@@ -12,7 +12,8 @@ from onnx import numpy_helper as nh
 
 from graphopt.backends import get_backend
 from graphopt.cli import main
-from graphopt.report.sensitivity import prepare, search_budget, sensitivity
+from graphopt.report.budget import search_budget
+from graphopt.report.sensitivity import prepare, sensitivity
 
 
 def fragile_model(path, seed: int = 0) -> np.ndarray:

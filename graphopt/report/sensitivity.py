@@ -1,4 +1,4 @@
-"""Per-fusion-group int8 sensitivity, and int8 under an accuracy budget (ONNX route).
+"""Per-fusion-group int8 sensitivity (ONNX route); the budget search built on it is graphopt.report.budget.
 
 The unit of decision is a *group*: what the backend runs as one kernel, so that keeping part of it float would
 only split a kernel. Groups come from :func:`graphopt.backends.fusion.fusion_groups` (a weighted op with its fused
@@ -42,8 +42,8 @@ from graphopt.ir.onnx_graph import OnnxGraph
 from graphopt.ir.ops import is_standard_domain
 from graphopt.numeric import cosine_similarity, sqnr_db, top1_accuracy
 
-__all__ = ["BudgetResult", "Group", "SensitivityResult", "Study", "decision_groups", "proxy_scores",
-           "run_trial", "search_budget", "sensitivity"]
+__all__ = ["Group", "SensitivityResult", "Study", "decision_groups", "prepare", "proxy_scores", "run_trial",
+           "sensitivity", "trials"]
 
 _STUDIES: dict[str, "Study"] = {}  # studies this process holds, by folder (a trial loads each once)
 
@@ -222,7 +222,7 @@ def _place_pass(passes: list):
     return placing[-1]
 
 
-def _trials(study: Study, executor, sets: list[list[str]]) -> list[dict]:
+def trials(study: Study, executor, sets: list[list[str]]) -> list[dict]:
     items = [{"study": study.folder, "float": sorted(s)} for s in sets]
     return (executor or InProcess(os.path.join(study.folder, "runs"))).map(run_trial, items, kind="accuracy")
 
@@ -313,7 +313,7 @@ def sensitivity(study: Study, *, mode: str = "one", max_evals: int | None = None
     proxy = proxy_scores(study)
     chosen = sorted(names, key=lambda n: proxy[n])[:max_evals] if max_evals else names
     sets = [[n for n in names if n != c] if mode == "one" else [c] for c in chosen]
-    baseline, *scores = _trials(study, executor, [[]] + sets)
+    baseline, *scores = trials(study, executor, [[]] + sets)
     by = dict(zip(chosen, scores))
     ops = {grp.name: grp.op for grp in study.groups}
     rows = [{"group": n, "op": ops[n], "proxy_db": proxy[n], **by.get(n, dict.fromkeys(baseline))} for n in names]
@@ -327,83 +327,6 @@ def sensitivity(study: Study, *, mode: str = "one", max_evals: int | None = None
 
     rows.sort(key=key)
     return SensitivityResult(mode, study.samples, rows, baseline, study.fp32_accuracy(), len(sets) + 1)
-
-
-# -- int8 under a budget ---------------------------------------------------------------------------------------
-@dataclass
-class BudgetResult:
-    """``float_groups``: the groups kept float (most sensitive first); ``metrics``: the chosen model's;
-    ``baseline``: the fully-int8 model's; ``holds``: whether the budget is met; ``evaluations``: trials run."""
-
-    float_groups: list[str]
-    float_nodes: tuple[str, ...]
-    metrics: dict
-    baseline: dict
-    fp32_accuracy: float | None
-    holds: bool
-    evaluations: int
-    groups: int
-    budget: str
-
-    def describe(self) -> str:
-        m = self.metrics
-        acc = f", accuracy {m['accuracy']:.2f} (fp32 {self.fp32_accuracy:.2f})" if m.get("accuracy") is not None \
-            else ""
-        state = "holds" if self.holds else "NOT met"
-        return (f"budget {self.budget} {state}: {len(self.float_groups)} of {self.groups} groups kept float"
-                f"{': ' + ', '.join(self.float_groups) if self.float_groups else ''}; output cosine "
-                f"{m['cosine']:.5f}, SQNR {m['sqnr_db']:.2f} dB{acc} ({self.evaluations} evaluations)")
-
-
-def search_budget(study: Study, *, min_cosine: float | None = None, max_drop: float | None = None,
-                  max_evals: int | None = None, executor=None) -> BudgetResult:
-    """Keep the most sensitive groups float until the budget holds: ``min_cosine`` (output cosine vs fp32) and/or
-    ``max_drop`` (top-1 accuracy points below fp32; needs labels). Groups are ranked by the proxy and moved to float
-    one more at a time, each step confirmed by a real trial, until the budget holds (or ``max_evals`` trials); then,
-    since the proxy's order overshoots, each group kept float is tried back in int8, the last added first, and stays
-    int8 when the budget still holds (one trial each)."""
-    if min_cosine is None and max_drop is None:
-        raise UsageError("give a budget: min_cosine (output cosine vs fp32) and/or max_drop (accuracy points)")
-    if max_drop is not None and study.labels is None:
-        raise UsageError("max_drop is in points of accuracy: it needs labelled evaluation data")
-    fp32 = study.fp32_accuracy()
-    budget = " and ".join(s for s in (f"min_cosine={min_cosine}" if min_cosine is not None else "",
-                                      f"max_drop={max_drop}" if max_drop is not None else "") if s)
-
-    def holds(m):
-        return (min_cosine is None or m["cosine"] >= min_cosine) and (
-            max_drop is None or fp32 - m["accuracy"] <= max_drop)
-
-    (baseline,) = _trials(study, executor, [[]])
-    evals, order = 1, []
-    chosen, metrics = 0, baseline
-    if not holds(baseline):
-        proxy = proxy_scores(study)
-        order = sorted((grp.name for grp in study.groups), key=lambda n: proxy[n])
-        width = max(1, int(getattr(executor, "workers", 1) or 1))  # prefixes tried side by side
-        k = 1
-        while k <= len(order) and (not max_evals or evals < max_evals):
-            ks = list(range(k, min(len(order), k + width - 1,
-                                   k + (max_evals - evals) - 1 if max_evals else len(order)) + 1))
-            results = _trials(study, executor, [order[:j] for j in ks])
-            evals += len(ks)
-            done = [(j, m) for j, m in zip(ks, results) if holds(m)]
-            chosen, metrics = done[0] if done else (ks[-1], results[-1])
-            if done:
-                break
-            k = ks[-1] + 1
-    kept = order[:chosen]
-    if holds(metrics):  # the proxy's order overshoots: put groups back in int8, least sensitive first, while it holds
-        for name in list(reversed(kept)):
-            trial = [g for g in kept if g != name]
-            if not trial or (max_evals and evals >= max_evals):  # none float: the baseline, which fails
-                break
-            (result,) = _trials(study, executor, [trial])
-            evals += 1
-            if holds(result):
-                kept, metrics = trial, result
-    return BudgetResult(kept, study.members(kept), metrics, baseline, fp32, holds(metrics), evals,
-                        len(study.groups), budget)
 
 
 def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", eval_data: dict | None = None,
