@@ -56,6 +56,13 @@ def interval(seconds: float) -> list:
     return [start, time.time(), os.getpid()]
 
 
+def thread_share(item) -> list:
+    """A trial: the intra-op threads a session made with threads=0 gets here, and $OMP_NUM_THREADS (torch's)."""
+    from graphopt.backends.base import default_threads
+
+    return [default_threads(), os.environ.get("OMP_NUM_THREADS")]
+
+
 def calls(marks) -> int:
     return sum(1 for name in os.listdir(marks) if name != "stop")
 
@@ -111,6 +118,17 @@ def test_latency_trials_never_overlap(tmp_path):
         InProcess().map(interval, [0.1], kind="speed")
 
 
+def test_workers_get_their_share_of_the_cores(tmp_path, monkeypatch):
+    # two workers side by side must not each start a pool of every core: a session with threads=0 follows the share
+    from graphopt.executors.base import usable_cpus
+
+    monkeypatch.delenv("GRAPHOPT_THREADS", raising=False)
+    assert InProcess().map(thread_share, [0]) == [[0, os.environ.get("OMP_NUM_THREADS")]]
+    with LocalProcesses(2, str(tmp_path)) as ex:
+        share = max(1, usable_cpus() // 2)
+        assert ex.map(thread_share, [1, 2]) == [[share, str(share)]] * 2
+
+
 def test_get_executor_specs(tmp_path):
     assert isinstance(get_executor(None, str(tmp_path)), LocalProcesses)
     assert get_executor("processes:3", str(tmp_path)).workers == 3
@@ -162,6 +180,7 @@ def test_ray_agrees_with_local_executors(ray_head, tmp_path):
     marks.mkdir()
     local = InProcess().map(model_sum, items(marks))
     assert ex.map(model_sum, items(marks)) == local
+    assert ex.map(thread_share, [3]) == [[1, "1"]]  # an accuracy task holds one CPU: one thread
     spans = sorted(ex.map(interval, [0.1, 0.11, 0.12], kind="latency"))
     assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(spans, spans[1:]))
 

@@ -30,8 +30,21 @@ from graphopt.table import format_table
 __all__ = [
     "BIAS_MODES", "INT8_DTYPES", "Accuracy", "Backend", "BackendError", "BenchResult", "DataError", "FrozenDict",
     "InputSpec", "LatencyStats", "QuantRequest", "QuantScheme", "TensorQuant", "UnsupportedRequestError",
-    "check_feeds", "iter_batches", "model_label", "model_size_bytes", "restrict_ops",
+    "THREADS_ENV", "check_feeds", "default_threads", "iter_batches", "model_label", "model_size_bytes",
+    "restrict_ops",
 ]
+
+THREADS_ENV = "GRAPHOPT_THREADS"
+
+
+def default_threads() -> int:
+    """The intra-op threads a session gets when none are asked for: ``$GRAPHOPT_THREADS`` when set (a worker's
+    share of the cores: graphopt's executors set it in their worker processes, so that two trials side by side do
+    not each start a pool of every core), else 0 (the runtime's own default, one thread per core)."""
+    try:
+        return max(0, int(os.environ.get(THREADS_ENV, "0")))
+    except ValueError:
+        return 0
 
 
 class BackendError(UnsupportedError):

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from graphopt.backends.base import Backend, BackendError
+from graphopt.backends.base import Backend, BackendError, default_threads
 from graphopt.backends.cpu import u8s8_saturates
 from graphopt.backends.scheme import FP8, QuantRequest, QuantScheme, TensorQuant, UnsupportedRequestError, restrict_ops
 from graphopt.errors import UnsupportedError, first_line
@@ -130,13 +130,14 @@ class OnnxRuntimeBackend(Backend):
 
     # -- sessions -------------------------------------------------------------------------------------------
     def session(self, model: Any, threads: int = 0):
-        """An ``onnxruntime.InferenceSession``: one intra-op pool of ``threads`` (0: onnxruntime's default, one
-        per core), one inter-op thread, sequential execution, every graph optimisation on."""
+        """An ``onnxruntime.InferenceSession``: one intra-op pool of ``threads`` (0: :func:`default_threads`, else
+        onnxruntime's default, one per core), one inter-op thread, sequential execution, every graph optimisation
+        on."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 4  # errors come back as exceptions; its own log line would be a second
-        options.intra_op_num_threads = int(threads)
+        options.intra_op_num_threads = int(threads) or default_threads()
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = {

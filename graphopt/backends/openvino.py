@@ -52,7 +52,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from graphopt.backends.base import Backend, BackendError
+from graphopt.backends.base import Backend, BackendError, default_threads
 from graphopt.backends.cpu import u8s8_saturates
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.backends.scheme import FP8, QuantRequest, QuantScheme, TensorQuant, UnsupportedRequestError, restrict_ops
@@ -155,11 +155,13 @@ class OpenVINOBackend(Backend):
 
     # -- sessions ---------------------------------------------------------------------------------------------
     def compile_config(self, threads: int = 0) -> dict:
-        """The compile properties: 1 stream, latency hint, the precision hint, ``threads`` (0: OpenVINO's)."""
+        """The compile properties: 1 stream, latency hint, the precision hint, ``threads`` (0:
+        :func:`~graphopt.backends.base.default_threads`, else OpenVINO's)."""
         config = {"NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": self.options.precision}
-        if int(threads) > 0:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+        threads = int(threads) or default_threads()
+        if threads > 0:
+            config["INFERENCE_NUM_THREADS"] = threads
         return config
 
     def read_model(self, model: Any):

@@ -7,17 +7,31 @@ worker: the pool lives as long as the executor, across all ``map`` calls of a sw
 script's ``__main__`` works too (the worker re-imports the script as ``__mp_main__``; guard its entry point with
 ``if __name__ == "__main__"``).
 
-Threads: each worker runs one trial at a time, so a trial should use one thread per worker (e.g. onnxruntime's
-``intra_op_num_threads=1``) — the default of one worker per core then fills the machine without oversubscribing it.
+Threads: each worker runs one trial at a time and gets its share of the cores (cores // workers, at least 1) in
+``$GRAPHOPT_THREADS`` and ``$OMP_NUM_THREADS`` (and torch's setting, if the worker imported torch already), which a
+session made with ``threads=0`` follows (:func:`graphopt.backends.base.default_threads`): the default of one worker
+per core fills the machine with one-thread trials, where trials that each started a pool of every core would
+oversubscribe it. (Part of a trial is single-threaded Python — quantizing the graph, building the session — so on
+a sweep two one-thread workers beat one worker with two threads.)
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Callable
 
+from graphopt.backends.base import THREADS_ENV
 from graphopt.executors.base import CachedExecutor, usable_cpus
+
+
+def share_threads(threads: int) -> None:
+    """This process's trials use ``threads`` intra-op threads (a worker's share of the cores)."""
+    os.environ[THREADS_ENV] = os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 class InProcess(CachedExecutor):
@@ -40,7 +54,9 @@ class LocalProcesses(CachedExecutor):
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            share = max(1, usable_cpus() // self.workers)
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=share_threads, initargs=(share,))
         return self._pool
 
     def _run(self, fn: Callable, items: list, kind: str, done: Callable[[int, Any], None]) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from graphopt.errors import UnsupportedError, UsageError, first_line
 from graphopt.executors.base import CachedExecutor, usable_cpus
+from graphopt.executors.local import share_threads
 
 INSTALL_HINT = "pip install 'graphopt[ray]'"
 OBJECT_STORE_BYTES = 256 << 20
@@ -62,8 +63,9 @@ def short_temp_dir(run_dir: str | None) -> tuple[str, bool]:
     return tempfile.mkdtemp(prefix="graphopt-ray-", dir="/tmp" if os.path.isdir("/tmp") else None), True
 
 
-def _call(fn: Callable, item: Any) -> Any:
-    """The Ray task: one trial."""
+def _call(fn: Callable, item: Any, threads: int) -> Any:
+    """The Ray task: one trial, its sessions at ``threads`` intra-op threads (the CPUs the task holds)."""
+    share_threads(threads)
     return fn(item)
 
 
@@ -130,9 +132,9 @@ class RayExecutor(CachedExecutor):
         if kind == "latency":
             task = self._task.options(num_cpus=self._node_cpus)
             for i, item in enumerate(items):
-                done(i, ray.get(task.remote(fn, item)))
+                done(i, ray.get(task.remote(fn, item, self._node_cpus)))
             return
-        pending = {self._task.remote(fn, item): i for i, item in enumerate(items)}
+        pending = {self._task.remote(fn, item, 1): i for i, item in enumerate(items)}
         try:
             while pending:
                 finished, _ = ray.wait(list(pending), num_returns=1)
