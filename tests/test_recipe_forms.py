@@ -127,7 +127,7 @@ def test_each_backend_maps_the_groups_its_own_way(registry, net, tmp_path):
     x86 = forms["x86"]
     assert x86["module_paths"] == ["block.conv2"] and list(x86["unmapped"]) == [node["add"]]
     assert "inside module 'block'" in x86["unmapped"][node["add"]]
-    # the Add alone on TensorRT: the float Add takes no residual Q/DQ, conv2 keeps its own
+    # the Add alone kept float: on TensorRT that Add alone (conv2, its anchor there, is not named)
     only_add = backend_forms(study, [node["add"]], path)["tensorrt"]
     assert only_add["exclude_nodes"] == [node["add"]]
 
