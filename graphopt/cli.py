@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--passes", "-P", default="fold",
                      help="textual pipeline, e.g. fold or fold,prune:ratio=0.5 (default: fold)")
     run.add_argument("--recipe", metavar="FILE.yaml",
-                     help="replay a decision graphopt sensitivity --recipe wrote (its passes and backend); refused "
-                          "on another model")
+                     help="replay a decision graphopt sensitivity --recipe wrote (its passes and backend, or with "
+                          "--backend that backend's form); refused on another model")
     run.add_argument("-o", "--output", help="output path (default: beside the input, with .opt before the suffix)")
     run.add_argument("--verify-each", action="store_true",
                      help="onnx checker / FX lint and the numeric comparison after every modifying pass")
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calib-crop", type=int, metavar="N", help="images: center crop N x N")
     run.add_argument("--calib-mean", metavar="0.485,0.456,0.406", help="images: per-channel mean (after /255)")
     run.add_argument("--calib-std", metavar="0.229,0.224,0.225", help="images: per-channel std (after /255)")
-    run.add_argument("--backend", default="onnxruntime",
+    run.add_argument("--backend",
                      help="the target backend: its quantization scheme is what int8 places, and latency/accuracy "
                           "are measured on it (default: onnxruntime); options as name:key=value:key2=value2")
     add_backend_option_flags(run, run=True)
@@ -233,7 +233,10 @@ def cmd_run(args) -> int:
     )
 
     if args.recipe:
-        _apply_recipe(args)
+        from graphopt.recipe import apply_recipe
+
+        apply_recipe(args)  # its passes, and the backend's form (--backend: another backend's)
+    args.backend = args.backend or "onnxruntime"
     registry = registry_from_args(args)
     eval_data, labels = _eval_data(args)
     reference = FloatReference()  # a PyTorch run's per-layer table compares the quantized graph with this one
@@ -320,21 +323,6 @@ def cmd_run(args) -> int:
                     os.remove(path)
             raise
     return 0
-
-
-def _apply_recipe(args) -> None:
-    """``--recipe``: its passes and backend for this run, after checking it was made for this model."""
-    from graphopt.recipe import check_recipe, read_recipe
-
-    recipe = read_recipe(args.recipe)
-    if args.passes != "fold":
-        raise UsageError("--recipe gives the passes: drop --passes")
-    if args.backend not in ("onnxruntime", recipe.get("backend")):
-        raise UsageError(f"--recipe {args.recipe} was made for backend {recipe.get('backend')}, not {args.backend}")
-    if not os.path.isfile(args.model):
-        raise UsageError(f"{args.model}: no such file")
-    check_recipe(recipe, args.recipe, args.model)
-    args.passes, args.backend = recipe["passes"], recipe.get("backend") or args.backend
 
 
 def _check_line(numeric: dict) -> str:

@@ -5,19 +5,17 @@ output SQNR / cosine against fp32 on N samples and, with ``--eval`` labels, accu
 first, ``--plot`` a bar chart, ``--json`` the rows. The cost is printed before any trial runs, and ``--max-evals``
 bounds it (a cheap proxy from one fully-int8 run picks the groups to evaluate). With ``--min-cosine`` and/or
 ``--max-drop``: the fewest most-sensitive groups kept float for the budget to hold, and ``--recipe`` writes the
-decision for ``graphopt run MODEL --recipe FILE --calib DATA``. The analysis is
-:mod:`graphopt.report.sensitivity`; the same one-line error rules as :mod:`graphopt.cli` apply.
+decision for ``graphopt run MODEL --recipe FILE --calib DATA``, in each backend's form
+(:mod:`graphopt.recipe_forms`). The analysis is :mod:`graphopt.report.sensitivity`; the same one-line error
+rules as :mod:`graphopt.cli` apply.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 from graphopt.errors import UsageError
-
-_NODE_NAME_OK = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./-@=")
 
 
 def add_sensitivity_command(sub, add_plugin_flags) -> None:
@@ -96,14 +94,19 @@ def cmd_sensitivity(args) -> int:
                   "float_nodes": list(result.float_nodes), "metrics": result.metrics, "baseline": result.baseline,
                   "fp32_accuracy": result.fp32_accuracy, "evaluations": result.evaluations}
         if args.recipe:
-            passes = replay_passes(study, result.float_nodes, registry)
             from graphopt.recipe import recipe_text
+            from graphopt.recipe_forms import backend_forms, replay_passes
 
-            atomic_write(args.recipe, recipe_text(model=args.model, passes=passes, backend=backend.name,
-                                                  float_nodes=result.float_nodes, float_groups=result.float_groups,
-                                                  metrics=result.metrics, budget=result.budget), "--recipe")
+            forms = backend_forms(study, result.float_groups, args.model)  # the one decision, each backend's form
+            atomic_write(args.recipe, recipe_text(model=args.model, passes=replay_passes(study, result.float_nodes),
+                                                  backend=backend.name, float_nodes=result.float_nodes,
+                                                  float_groups=result.float_groups, metrics=result.metrics,
+                                                  budget=result.budget, forms=forms), "--recipe")
+            others = ", ".join(k for k, f in forms.items() if f.get("available") and k != "x86")
             print(f"wrote {args.recipe}: replay with graphopt run {args.model} --recipe {args.recipe} "
-                  f"--calib {args.calib}")
+                  f"--calib {args.calib} (--backend {others}: that backend's form)")
+            for name, form in forms.items():
+                print(f"  {name}: " + _form_line(form))
     else:
         mode = "all-but-one" if args.all_but_one else "one"
         print(cost_line(study, mode, args.max_evals))
@@ -123,15 +126,12 @@ def cmd_sensitivity(args) -> int:
     return 0
 
 
-def replay_passes(study, float_nodes, registry) -> str:
-    """The pipeline that replays a decision: the study's calibration, then its placing pass excluding
-    ``float_nodes``."""
-    from graphopt.passes.pipeline import format_passes, resolve
-
-    bad = [n for n in float_nodes if not set(n) <= _NODE_NAME_OK]
-    if bad:
-        raise UsageError(f"node '{bad[0]}' has characters a pipeline cannot hold (letters, digits and _./-@= only): "
-                         f"rename the model's nodes to write a recipe")
-    (place,) = resolve(study.place_text, registry)
-    place = type(place)(dataclasses.replace(place.options, exclude_nodes=tuple(float_nodes)))
-    return f"{study.prefix_text},{format_passes([place])}" if study.prefix_text else format_passes([place])
+def _form_line(form: dict) -> str:
+    """One backend's form in a line: what stays float there, and which float groups have no counterpart."""
+    if not form.get("available"):
+        return f"no form: {form.get('why')}"
+    kept = form.get("module_paths", form.get("exclude_nodes")) or []
+    what = "modules" if "module_paths" in form else "nodes"
+    none = form.get("unmapped") or {}
+    return (f"{len(kept)} {what} float ({', '.join(kept) or '-'})"
+            + (f"; no counterpart for {', '.join(none)}" if none else ""))

@@ -1,8 +1,12 @@
 """Recipes: a quantization decision written down (YAML), replayed by ``graphopt run MODEL --recipe FILE``.
 
-A recipe records graphopt's version, the model's sha256, the backend and the pipeline that reproduces the decision
-(calibration, then the placement with the groups kept float as node exclusions), with the metrics it was chosen
-on. It replays only on the model it was made for: another model, one line and no run. PyYAML reads and writes it
+A recipe records graphopt's version, the model's sha256, the backend analysed and the pipeline that reproduces the
+decision there (calibration, then the placement with the groups kept float as node exclusions), with the metrics it
+was chosen on, and under ``forms`` the same decision in each backend's form (:mod:`graphopt.recipe_forms`:
+onnxruntime / openvino / tensorrt exclusions, x86 module paths). ``graphopt run MODEL --recipe FILE`` replays the
+analysed backend's pipeline; with another ``--backend``, that backend's form (none, or x86's, which is for the
+PyTorch model: one line and no run). It replays only on the model it was made for: another model, one line and no
+run. PyYAML reads and writes it
 when installed; otherwise graphopt writes (and reads back) the plain subset it needs: ``key: value`` lines whose
 values are JSON scalars, lists or mappings, which YAML also reads.
 """
@@ -15,19 +19,20 @@ from typing import Any
 from graphopt.errors import UsageError
 from graphopt.paths import file_sha256
 
-__all__ = ["check_recipe", "file_sha256", "read_recipe", "recipe_text"]
+__all__ = ["apply_recipe", "check_recipe", "file_sha256", "read_recipe", "recipe_text"]
 
 KIND = "graphopt-recipe"
 
 
 def recipe_text(*, model: str, passes: str, backend: str, float_nodes, float_groups, metrics: dict,
-                budget: str) -> str:
-    """The YAML of a recipe for the model file ``model``."""
+                budget: str, forms: dict | None = None) -> str:
+    """The YAML of a recipe for the model file ``model``; ``forms``: each backend's form of the decision
+    (:func:`graphopt.recipe_forms.backend_forms`)."""
     from graphopt import __version__
 
     data = {"kind": KIND, "graphopt_version": __version__, "model": model, "model_sha256": file_sha256(model),
             "backend": backend, "budget": budget, "passes": passes, "float_groups": list(float_groups),
-            "float_nodes": list(float_nodes), "metrics": metrics}
+            "float_nodes": list(float_nodes), "metrics": metrics, "forms": forms or {}}
     try:
         import yaml
     except ImportError:
@@ -69,3 +74,35 @@ def check_recipe(recipe: dict, path: str, model: str) -> None:
         raise UsageError(f"--recipe {path} was made for another model ({recipe.get('model')}, sha256 "
                          f"{str(recipe.get('model_sha256'))[:12]}...), not {model} (sha256 {sha[:12]}...): "
                          f"make a recipe for this model with graphopt sensitivity --recipe")
+
+
+def apply_recipe(args) -> None:
+    """``graphopt run --recipe``: set ``args.passes`` and ``args.backend`` (None: not given) from the recipe, after
+    checking it was made for this model: the analysed backend's pipeline, or another ``--backend``'s form."""
+    import os
+
+    recipe = read_recipe(args.recipe)
+    if args.passes != "fold":
+        raise UsageError("--recipe gives the passes: drop --passes")
+    if not os.path.isfile(args.model):
+        raise UsageError(f"{args.model}: no such file")
+    check_recipe(recipe, args.recipe, args.model)
+    made = recipe.get("backend") or "onnxruntime"
+    spec = args.backend or made
+    name = spec.split(":")[0]
+    if name == made:
+        args.passes, args.backend = recipe["passes"], spec
+        return
+    forms = recipe.get("forms") or {}
+    form = forms.get(name)
+    if not isinstance(form, dict):
+        has = ", ".join([made] + [k for k, v in forms.items() if isinstance(v, dict) and v.get("available")])
+        raise UsageError(f"--recipe {args.recipe} has no {name} form (it has: {has}): make it again with graphopt "
+                         f"sensitivity --recipe")
+    if not form.get("available"):
+        raise UsageError(f"--recipe {args.recipe} has no {name} form: {form.get('why')}")
+    if name == "x86":
+        raise UsageError(f"--recipe {args.recipe}: the x86 form is for the PyTorch model (module paths "
+                         f"{', '.join(form.get('module_paths') or []) or 'none'}): graphopt run MODEL.pt2 --backend "
+                         f"x86 --passes {form.get('passes')}, or {form.get('x86_inductor')}")
+    args.passes, args.backend = form["passes"], spec

@@ -4,6 +4,10 @@ groups float than all, a recipe replays to the same exclusions and refuses anoth
 
 from __future__ import annotations
 
+import math
+import os
+import time
+
 import numpy as np
 import onnx
 import pytest
@@ -13,7 +17,7 @@ from onnx import numpy_helper as nh
 from graphopt.backends import get_backend
 from graphopt.cli import main
 from graphopt.report.budget import search_budget
-from graphopt.report.sensitivity import prepare, sensitivity
+from graphopt.report.sensitivity import AUTO_MARKER, prepare, proxy_scores, prune_studies, sensitivity
 
 
 def fragile_model(path, seed: int = 0) -> np.ndarray:
@@ -109,6 +113,58 @@ def test_budgets_hold_on_digits_with_fewer_groups_float_than_all(digits_int8, bu
         assert result.fp32_accuracy - result.metrics["accuracy"] <= 0.0
     # the choice is what it says: the model with exactly those groups float scores the reported metrics
     assert study.score(result.float_groups) == pytest.approx(result.metrics)
+
+
+def test_the_proxy_is_each_groups_own_noise_finite_on_digits(digits_int8):
+    """Digits keeps BatchNormalization between each conv and its ReLU: the old proxy (output noise ratio minus the
+    worst input's) came out <= 0, an infinite score, for the Adds and the convs after them. Each group's own noise is
+    finite, in int8's range, and for a weighted group it is what that group alone in int8 does to its output."""
+    from graphopt.backends.base import iter_batches
+    from graphopt.report.metrics import per_layer_sqnr
+
+    study = digits_int8
+    proxy = proxy_scores(study, samples=32)
+    assert set(proxy) == {g.name for g in study.groups}
+    assert all(math.isfinite(v) and 25.0 < v < 60.0 for v in proxy.values()), proxy
+    specs = study.backend.input_specs(study.backend.session(study.graph.to_model()))
+    for grp in [g for g in study.groups if g.op in ("Conv", "Gemm")][::3]:
+        alone = study.quantized([g.name for g in study.groups if g.name != grp.name])
+        table = per_layer_sqnr(study.graph, alone, iter_batches(specs, {k: v[:32] for k, v in study.data.items()},
+                                                                32), study.backend)
+        (row,) = [r for r in table.rows if r.tensor == grp.output]
+        assert proxy[grp.name] == pytest.approx(row.sqnr_db, abs=0.05), grp.name
+
+
+def test_only_the_study_folders_graphopt_chose_are_pruned(registry, fragile, tmp_path, monkeypatch):
+    """Study folders under $TMPDIR/graphopt-studies: the newest KEEP and any used in the last hour stay, older ones
+    graphopt chose go; a folder the user named (no marker) is never touched."""
+    root = tmp_path / "graphopt-studies"
+    old = time.time() - 7200
+    made = []
+    for i in range(4):
+        folder = root / f"auto{i}"
+        folder.mkdir(parents=True)
+        (folder / AUTO_MARKER).write_text("")
+        os.utime(folder, (old - i, old - i))  # auto0 newest
+        made.append(folder)
+    user = root / "mine"
+    user.mkdir()
+    os.utime(user, (old - 100, old - 100))
+    recent = root / "recent"
+    recent.mkdir()
+    (recent / AUTO_MARKER).write_text("")
+    removed = prune_studies(str(root), keep=2)
+    assert sorted(os.path.basename(p) for p in removed) == ["auto1", "auto2", "auto3"]
+    assert sorted(os.listdir(root)) == ["auto0", "mine", "recent"]
+    # Study.create: a default folder is marked (so prunable), a named one is not
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    model, calib = fragile
+    auto = prepare(str(model), str(calib), registry=registry, backend=get_backend(registry, "onnxruntime"),
+                   samples=4)
+    assert os.path.dirname(auto.folder) == str(root) and os.path.isfile(os.path.join(auto.folder, AUTO_MARKER))
+    named = _study(registry, model, calib, tmp_path, samples=4)
+    assert not os.path.exists(os.path.join(named.folder, AUTO_MARKER))
+    assert sorted(os.listdir(root)) == sorted(["auto0", "mine", "recent", os.path.basename(auto.folder)])
 
 
 def test_cli_prints_cost_and_table_and_writes_the_png(fragile, tmp_path, capsys):

@@ -15,10 +15,10 @@ of a JSON-able item (:func:`run_trial`), run through an executor (``executor.map
 default), so a process pool or Ray can run them and a content-addressed executor can resume a sweep: the study is
 written to a folder named by the hash of everything it depends on.
 
-The cheap proxy ranks groups from ONE fully-quantized run: each group's *added* relative noise, the per-layer
-noise-to-signal ratio of its output minus the worst of its inputs' (:func:`graphopt.report.metrics.per_layer_sqnr`),
-in dB (lower: more sensitive). A layer after a damaged one inherits its noise but adds little, so the proxy points
-at the layer that does the damage, not at everything after it.
+The cheap proxy ranks groups from ONE fully-quantized build: each group's *own* noise, its int8 form run on the
+float model's values of its inputs against its float output, in dB (lower: more sensitive;
+:mod:`graphopt.report.group_noise`). A layer after a damaged one inherits its noise but makes little of its own,
+so the proxy points at the layer that does the damage, not at everything after it.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from graphopt.ir.onnx_graph import OnnxGraph
 from graphopt.ir.ops import is_standard_domain
 from graphopt.numeric import cosine_similarity, sqnr_db, top1_accuracy
 
-__all__ = ["Group", "SensitivityResult", "Study", "decision_groups", "prepare", "proxy_scores", "run_trial",
-           "sensitivity", "trials"]
+__all__ = ["Group", "SensitivityResult", "Study", "decision_groups", "prepare", "proxy_scores", "prune_studies",
+           "run_trial", "sensitivity", "trials"]
 
 _STUDIES: dict[str, "Study"] = {}  # studies this process holds, by folder (a trial loads each once)
 
@@ -119,7 +119,9 @@ class Study:
     def create(cls, graph: OnnxGraph, ranges: dict, data: dict, labels, *, backend, place_text: str, registry,
                folder: str | None = None) -> "Study":
         """A study of a calibrated float ``graph``, written under ``folder`` (default: a folder under the temp dir
-        named by the hash of the model, ranges, data, backend and placing pass: the same study, the same folder)."""
+        named by the hash of the model, ranges, data, backend and placing pass: the same study, the same folder, so
+        a rerun resumes; graphopt keeps the newest :data:`KEEP_STUDIES` of those and removes older ones unused for
+        an hour, see :func:`prune_studies`; a folder the caller names is never removed)."""
         from graphopt.passes.pipeline import resolve
 
         ranges = {k: (float(v[0]), float(v[1])) for k, v in ranges.items()}
@@ -134,8 +136,16 @@ class Study:
             digest.update(key.encode() + data[key].tobytes())
         if labels is not None:
             digest.update(np.asarray(labels).tobytes())
+        auto = folder is None
         folder = folder or os.path.join(tempfile.gettempdir(), "graphopt-studies", digest.hexdigest()[:16])
         os.makedirs(folder, exist_ok=True)
+        marker = os.path.join(folder, AUTO_MARKER)
+        if auto:  # a folder graphopt chose: marked, and the oldest such folders beyond the newest few removed
+            open(marker, "w").close()
+            os.utime(folder)
+            prune_studies(os.path.dirname(folder), keep=KEEP_STUDIES, current=folder)
+        elif os.path.exists(marker):  # a folder the user named is never removed
+            os.remove(marker)
         with open(os.path.join(folder, "model.onnx"), "wb") as f:
             f.write(model)
         np.savez(os.path.join(folder, "data.npz"), **data,
@@ -150,8 +160,12 @@ class Study:
 
     @classmethod
     def load(cls, folder: str) -> "Study":
-        """The study saved in ``folder`` (once per process)."""
+        """The study saved in ``folder`` (once per process; its folder's time is touched: a study in use is new)."""
         if folder not in _STUDIES:
+            try:
+                os.utime(folder)
+            except OSError:  # a read-only folder: nothing prunes it either
+                pass
             from graphopt.backends import get_backend
             from graphopt.plugins import default_registry
 
@@ -210,6 +224,36 @@ class Study:
         return None if self.labels is None else 100.0 * top1_accuracy(self.reference()[0], self.labels)
 
 
+KEEP_STUDIES = 8  # study folders graphopt chose that are kept under $TMPDIR/graphopt-studies, newest first
+AUTO_MARKER = ".graphopt-auto"  # in a study folder graphopt chose (only such folders are ever removed)
+
+
+def prune_studies(root: str, *, keep: int = KEEP_STUDIES, current: str | None = None,
+                  min_age_s: float = 3600.0) -> list[str]:
+    """Remove the study folders under ``root`` that graphopt chose (they hold :data:`AUTO_MARKER`), but the newest
+    ``keep``, ``current`` and any used in the last ``min_age_s`` seconds (a sweep another process still runs);
+    returns the folders removed. A folder without the marker (one a user named) is never touched."""
+    import shutil
+    import time
+
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and not os.path.islink(path) and os.path.isfile(os.path.join(path, AUTO_MARKER)):
+            found.append((os.path.getmtime(path), path))
+    found.sort(reverse=True)
+    removed, now = [], time.time()
+    for mtime, path in found[keep:]:
+        if path != current and now - mtime > min_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def run_trial(item: dict) -> dict:
     """A trial, for an executor: ``{"study": folder, "float": [group names]}`` -> the study's metrics."""
     return Study.load(item["study"]).score(item["float"])
@@ -229,20 +273,14 @@ def trials(study: Study, executor, sets: list[list[str]]) -> list[dict]:
 
 # -- the cheap proxy -----------------------------------------------------------------------------------------------
 def proxy_scores(study: Study, samples: int = 32) -> dict[str, float]:
-    """Each group's added noise in the fully-quantized model, in dB (lower: more sensitive; see the module
-    docstring); one int8 build and one per-layer run."""
-    from graphopt.backends.base import iter_batches
-    from graphopt.report.metrics import per_layer_sqnr
+    """Each group's own int8 noise in the fully-quantized model, as an SQNR in dB (lower: more sensitive; see the
+    module docstring): one int8 build, one float run, one small run per group; always finite."""
+    from graphopt.passes.pipeline import resolve
+    from graphopt.report.group_noise import own_noise_db
 
-    specs = study.backend.input_specs(study.backend.session(study.graph.to_model()))
+    scheme = study.backend.scheme(_place_pass(resolve(study.place_text, study.registry)).options.request())
     subset = {k: v[:samples] for k, v in study.data.items()}
-    table = per_layer_sqnr(study.graph, study.quantized(), iter_batches(specs, subset, 32), study.backend)
-    rel = {r.tensor: (r.noise / r.signal if r.signal > 0 else 0.0) for r in table.rows}
-    out = {}
-    for grp in study.groups:
-        added = rel.get(grp.output, 0.0) - max([rel.get(t, 0.0) for t in grp.inputs] + [0.0])
-        out[grp.name] = -10.0 * math.log10(added) if added > 1e-15 else math.inf
-    return out
+    return own_noise_db(study.graph, study.quantized(), study.groups, scheme, subset, study.backend)
 
 
 # -- sensitivity: one group at a time ----------------------------------------------------------------------------

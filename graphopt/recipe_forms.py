@@ -1,0 +1,149 @@
+"""One decision, every backend's form: the fusion groups a budget kept float, written as each backend takes them.
+
+The analysis (:mod:`graphopt.report.sensitivity`) decides on the analysed backend's groups. Each backend's form is
+derived from that one set of float groups, on the same float graph:
+
+- **ONNX Q/DQ backends** (onnxruntime, openvino: onnxruntime's Q/DQ form; tensorrt: explicit quantization) — the
+  nodes ``place-qdq`` must leave out (``exclude_nodes``) and the pipeline that replays them. A float group maps to
+  the backend's own decision groups (its scheme: TensorRT fuses a residual Add into the conv before it and has no
+  QLinearAdd, onnxruntime runs that Add as its own int8 kernel): a backend group whose anchor the float group holds
+  stays float whole (part of a kernel in float only splits it); a node of the float group that sits in another
+  backend group (TensorRT's fused Add) stays float alone. A float group with no such node has no counterpart there:
+  the backend does not quantize that op on its own, or its kernels take it too small (``min_channels``), so it runs
+  float there already; ``unmapped`` says which and why. With the nodes, onnxruntime's form gives the equivalent
+  ``quantize_static(..., nodes_to_exclude=[...])`` and openvino's NNCF's ``nncf.IgnoredScope(names=[...])``, the
+  same ONNX node names.
+- **x86 (PyTorch)** — module paths, for a model exported by ``torch.onnx.export(..., dynamo=True)``: its nodes carry
+  the module they ran in (``pkg.torch.onnx.name_scopes``, with ``pkg.torch.onnx.class_hierarchy``). A float group
+  whose anchor ran as a Conv/ConvTranspose/Linear module maps to that module's path: graphopt's FX
+  ``place-qdq:exclude_nodes=PATH`` and ``X86InductorQuantizer.set_module_name_qconfig(PATH, None)``. An op with no
+  module of its own (an Add in a block's forward, a functional conv) cannot be named per module: ``unmapped``. An
+  ONNX without that metadata (the TorchScript exporter's, or graphopt's own FX -> ONNX, which drops it) has no x86
+  form, and the form says why.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+
+import onnx
+
+from graphopt.errors import UsageError
+
+__all__ = ["ONNX_FORMS", "backend_forms", "replay_passes"]
+
+ONNX_FORMS = ("onnxruntime", "openvino", "tensorrt")
+SCOPES, CLASSES = "pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy"
+MODULE_CLASSES = frozenset({"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+                            "Linear"})
+_NODE_NAME_OK = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./-@=")
+
+
+def backend_forms(study, float_groups: list[str], model_path: str) -> dict:
+    """Each backend's form of keeping ``float_groups`` (names of ``study``'s groups) float: ``{backend: form}``
+    for :data:`ONNX_FORMS` and ``x86`` (see the module docstring). ``model_path``: the ONNX file analysed (its
+    node metadata gives the module paths)."""
+    forms = {name: _onnx_form(study, float_groups, name) for name in ONNX_FORMS}
+    forms["x86"] = _x86_form(study, float_groups, model_path)
+    return forms
+
+
+def replay_passes(study, exclude: list[str] | tuple[str, ...], registry=None) -> str:
+    """The pipeline that replays a decision: the study's calibration, then its placing pass excluding ``exclude``
+    (node names, or on FX module paths)."""
+    from graphopt.passes.pipeline import format_passes, resolve
+    from graphopt.report.sensitivity import _place_pass
+
+    bad = [n for n in exclude if not set(n) <= _NODE_NAME_OK]
+    if bad:
+        raise UsageError(f"node '{bad[0]}' has characters a pipeline cannot hold (letters, digits and _./-@= only): "
+                         f"rename the model's nodes to write a recipe")
+    place = _place_pass(resolve(study.place_text, registry or study.registry))
+    place = type(place)(dataclasses.replace(place.options, exclude_nodes=tuple(exclude)))
+    return f"{study.prefix_text},{format_passes([place])}" if study.prefix_text else format_passes([place])
+
+
+def _onnx_form(study, float_groups: list[str], backend_name: str) -> dict:
+    from graphopt.backends import get_backend
+    from graphopt.backends.qdq_plan import too_small
+    from graphopt.errors import GraphoptError
+    from graphopt.passes.pipeline import resolve
+    from graphopt.report.sensitivity import _place_pass, decision_groups
+
+    try:
+        backend = study.backend if backend_name == study.backend_name else get_backend(study.registry, backend_name)
+        scheme = backend.scheme(_place_pass(resolve(study.place_text, study.registry)).options.request())
+    except GraphoptError as exc:  # not registered, or the placement asks what this backend refuses
+        return {"available": False, "why": str(exc).splitlines()[0]}
+    mine = {grp.name: grp for grp in study.groups}
+    theirs = decision_groups(study.graph, scheme, study.ranges)
+    nodes_by_name = {n.name: n for n in study.graph.gs.nodes}
+    shapes = study.graph.inferred_shapes() if scheme.min_channels else None
+    exclude, groups, unmapped = [], {}, {}
+    for name in float_groups:
+        members = set(mine[name].members)
+        mapped = []
+        for grp in theirs:
+            if grp.name in members:
+                mapped += grp.members
+            else:
+                mapped += [m for m in grp.members if m in members]
+        mapped = list(dict.fromkeys(mapped))
+        small = {m: why for m in mapped if shapes is not None and nodes_by_name[m].op in scheme.weighted_ops
+                 and (why := too_small(nodes_by_name[m], scheme, shapes))}
+        mapped = [m for m in mapped if m not in small]
+        if mapped:
+            groups[name] = mapped
+            exclude += [m for m in mapped if m not in exclude]
+        elif small:
+            why = next(iter(small.values()))
+            unmapped[name] = f"float on {backend_name} already, too small for its int8 kernels ({why})"
+        else:
+            unmapped[name] = (f"{backend_name}'s scheme does not quantize this {mine[name].op} on its own: it runs "
+                              f"float there already")
+    form = {"available": True, "exclude_nodes": exclude, "passes": replay_passes(study, exclude),
+            "groups": groups, "unmapped": unmapped}
+    listed = "[" + ", ".join(repr(n) for n in exclude) + "]"
+    if backend_name == "onnxruntime":
+        form["quantize_static"] = (f"onnxruntime.quantization.quantize_static(model_input, model_output, "
+                                   f"calibration_data_reader, nodes_to_exclude={listed})")
+    elif backend_name == "openvino":
+        form["nncf"] = (f"nncf.quantize(onnx_model, calibration_dataset, "
+                        f"ignored_scope=nncf.IgnoredScope(names={listed}))")
+    return form
+
+
+def _x86_form(study, float_groups: list[str], model_path: str) -> dict:
+    model = onnx.load(model_path, load_external_data=False)
+    meta = {n.name: {p.key: p.value for p in n.metadata_props} for n in model.graph.node}
+    if not any(SCOPES in m for m in meta.values()):
+        return {"available": False,
+                "why": f"the ONNX records no module paths (node metadata '{SCOPES}'): export the model with "
+                       f"torch.onnx.export(..., dynamo=True), which writes them, and analyse that file"}
+    paths, groups, unmapped = [], {}, {}
+    for name in float_groups:
+        scopes, classes = _literal(meta.get(name, {}).get(SCOPES)), _literal(meta.get(name, {}).get(CLASSES))
+        module = scopes[-2] if len(scopes) >= 2 else ""
+        leaf = classes[-2].rpartition(".")[2] if len(classes) >= 2 else ""
+        if module and leaf in MODULE_CLASSES:
+            groups[name] = module
+            if module not in paths:
+                paths.append(module)
+        else:
+            inside = f" inside module '{module}'" if module else ""
+            unmapped[name] = (f"an op{inside} with no module of its own: X86InductorQuantizer takes configs per "
+                              f"module, and the FX graph names it differently")
+    calls = "; ".join(f"quantizer.set_module_name_qconfig({p!r}, None)" for p in paths)
+    return {"available": True, "module_paths": paths, "passes": replay_passes(study, paths), "groups": groups,
+            "unmapped": unmapped,
+            "x86_inductor": ("quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_"
+                             "config())" + (f"; {calls}" if calls else ""))}
+
+
+def _literal(text: str | None) -> list:
+    try:
+        value = ast.literal_eval(text) if text else []
+    except (ValueError, SyntaxError):
+        return []
+    return value if isinstance(value, list) else []
