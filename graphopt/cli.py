@@ -305,9 +305,12 @@ def cmd_run(args) -> int:
     if original is not None:
         say(f"before: the input model run on {driver.backend.name} the same way (lowered like the result)")
     if args.json or args.report:
+        from graphopt.report.report_dir import search_data
+
         data = {"input": {"path": args.model, **before, "notes": list(getattr(graph, "notes", []))},
                 "output": {"path": output, **after},
-                "backend": driver.backend.name, **run.to_dict(), **jsonable_run(measured)}
+                "backend": driver.backend.name, **run.to_dict(), **jsonable_run(measured),
+                **search_data(run.ctx.state)}
         try:
             if args.json:
                 atomic_write(args.json, json.dumps(data, indent=2, default=_json_default), "--json")

@@ -18,10 +18,23 @@ of it), ``min_channels`` (per group), ``ignore`` (node names, everything below t
 ``split`` (``size``/``count``, see :mod:`graphopt.prune.handlers_shape`). Before it returns the pass re-infers
 shapes with the onnx checker's strict inference, runs the model on onnxruntime and checks the outputs keep their
 shapes (FX: runs the module).
+
+``budget=macs@R`` or ``budget=latency@R`` (ONNX) chooses ``ratio``, ``scope`` and per-layer ratios itself: the
+pruned model's MACs, or its latency measured on the run's backend (1 intra-op thread, CPU time per run,
+interleaved with the original), at most R times the input's, as accurate as the search finds. Candidates (at least
+24: uniform ratios, global-scope ratios, and per-layer ratios from a probe that prunes each channel group alone by
+half and measures the damage against the MACs saved: cheap groups lose most, a group whose channels all matter is
+left nearly whole) are pruned with this pass's other options and scored on ``samples`` samples of the calibration
+data (output cosine and SQNR vs the input model) or of ``eval`` (labelled .npz: top-1 accuracy; ``labels`` names
+its labels array); see :mod:`graphopt.report.prune_search`. Trials run through ``executor`` (default in-process;
+``processes[:N]``, ``ray``...) and are cached: a second run re-runs none. The candidates' Pareto front (accuracy
+against cost, the chosen point marked) goes to the run report (``--report DIR``: pareto.png) and to ``plot``
+(a PNG path). A budget no candidate meets is a usage error naming the cheapest candidate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,6 +77,12 @@ class PruneChannels(Pass):
         min_channels: int = 1
         ignore: tuple[str, ...] = ()
         split: Literal["size", "count"] = "size"
+        budget: str = ""  # macs@R or latency@R: search the ratios (see the docstring)
+        eval: str = ""  # labelled data for the budget search (.npz: the inputs and a labels array)
+        labels: str = "labels"
+        samples: int = 64  # samples each candidate runs
+        executor: str = ""  # where the search's trials run (default: in this process)
+        plot: str = ""  # the Pareto front's PNG
 
         def __post_init__(self):
             if not 0.0 <= self.ratio < 1.0:
@@ -71,6 +90,14 @@ class PruneChannels(Pass):
             if self.round_to < 1 or self.min_channels < 1:
                 raise ValueError("round_to and min_channels must be at least 1")
             _layer_ratios(self.layer_ratios)
+            if self.budget:
+                from graphopt.report.prune_search import parse_budget
+
+                parse_budget(self.budget)
+                if self.layer_ratios:
+                    raise ValueError("budget chooses the layer ratios itself: give budget or layer_ratios, not both")
+            if self.samples < 1:
+                raise ValueError("samples must be at least 1")
 
     # -- plumbing shared by both IRs ----------------------------------------------------------------------
     def _lookup(self, ir: str, ctx):
@@ -129,6 +156,8 @@ class PruneChannels(Pass):
         from graphopt.prune.onnx_adapter import OnnxChannels
 
         handlers, criterion = self._lookup("onnx", ctx)
+        if self.options.budget:
+            return self._search(graph, ctx, handlers, criterion)
         if getattr(criterion, "needs_gradients", False):
             raise self.fail(f"criterion '{self.options.criterion}' needs gradients: prune the PyTorch model "
                             "(FX, graphopt.optimize(module, ...)) with calibration data")
@@ -161,11 +190,58 @@ class PruneChannels(Pass):
 
         return self._settle(graph, ctx, adapter, view, outcome, check)
 
+    # -- the budget search (ONNX) -----------------------------------------------------------------------------
+    def _search(self, graph, ctx, handlers, criterion) -> PassResult:
+        from graphopt.executors import get_executor
+        from graphopt.passes.pipeline import format_passes
+        from graphopt.plugins import default_registry
+        from graphopt.prune.onnx_adapter import OnnxChannels
+        from graphopt.report import prune_search as search
+        from graphopt.report.report_dir import SEARCH
+
+        o = self.options
+        if ctx.backend is None:
+            raise self.fail("budget: no backend in the pass context to run candidates on (give one)")
+        base = dataclasses.replace(o, budget="", eval="", labels="labels", samples=64, executor="", plot="")
+        probe = type(self)(dataclasses.replace(base, ratio=0.0))  # ratio 0: the groups, and why some are kept whole
+        units = [g.name for g in probe._prune(OnnxChannels(graph.copy()).view(), handlers, criterion).groups
+                 if g.blocked is None]
+        if not units:
+            raise self.fail("budget: found no channel group it can prune (see prune without a budget for why)")
+        if o.eval:
+            data, labels = search.eval_arrays(o.eval, o.labels)
+        elif ctx.calibration is not None:
+            data, labels = search.calibration_arrays(ctx.calibration), None
+        else:
+            raise self.fail("budget: no data to score candidates on: give calibration data (--calib) or eval=")
+        n = min(o.samples, len(next(iter(data.values()))))
+        study = search.PruneStudy.create(graph, {k: v[:n] for k, v in data.items()},
+                                  None if labels is None else labels[:n], backend=ctx.backend,
+                                  pipeline=format_passes([type(self)(base)]),
+                                  registry=ctx.registry or default_registry())
+        executor = get_executor(o.executor, f"{study.folder}/runs") if o.executor else None
+        try:
+            result = search.search_ratios(study, search.parse_budget(o.budget), units, _candidate_options,
+                                          executor=executor)
+        finally:
+            if executor is not None:
+                executor.close()
+        chosen = {k: tuple(v) if isinstance(v, list) else v for k, v in result.best["options"].items()}
+        out = type(self)(dataclasses.replace(base, **chosen)).run_onnx(graph, ctx)
+        ctx.state[SEARCH] = result.to_dict()
+        if o.plot:
+            result.plot(o.plot)
+        out.notes.insert(0, result.describe())
+        out.stats["evaluated candidate"] = len(result.candidates)
+        return out
+
     # -- FX -----------------------------------------------------------------------------------------------
     def run_fx(self, graph, ctx) -> PassResult:
         from graphopt.prune.fx_adapter import FxChannels
 
         handlers, criterion = self._lookup("fx", ctx)
+        if self.options.budget:
+            raise self.fail("budget= searches on ONNX models (export the model to ONNX, or give ratios)")
         adapter = FxChannels(graph)
         try:
             view = adapter.view()
@@ -188,6 +264,11 @@ class PruneChannels(Pass):
         except Exception as exc:
             return _unchanged(graph, exc)
         return self._settle(graph, ctx, adapter, view, outcome, _check_fx)
+
+
+def _candidate_options(scope: str, ratio: float, unit_ratios: dict[str, float]) -> dict:
+    """A search candidate as this pass's options (JSON)."""
+    return {"scope": scope, "ratio": ratio, "layer_ratios": [f"{u}@{r:g}" for u, r in sorted(unit_ratios.items())]}
 
 
 _BUG = " (an error inside graphopt, contained: please report it with the model)"

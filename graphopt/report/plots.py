@@ -1,7 +1,8 @@
-"""Every PNG graphopt draws, in one place: per-group / per-layer bars and a run's before/after bars.
+"""Every PNG graphopt draws, in one place: per-group / per-layer bars, a run's before/after bars and the Pareto front of
+a search's candidates (accuracy against cost).
 
 matplotlib is imported only when a plot is asked for, with the non-interactive Agg backend (no display, no
-window: plots are files). One style for all: horizontal bars, the worst on top, one figure per file, 100 dpi.
+window: plots are files). One figure per file, 100 dpi; bars are horizontal, the worst on top.
 Infinite values (identical tensors) are drawn as a long bar, capped at ``CAP_DB``.
 """
 
@@ -82,6 +83,38 @@ def before_after_bars(report: dict[str, Any], path: str) -> None:
             ax.annotate(f"{v:.4g}", (x, v), ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{name}\n{after / before:.2f}x" if before else name, fontsize=9)
         ax.set_ylabel(unit)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def pareto(points: Sequence[dict[str, Any]], path: str, *, xlabel: str, ylabel: str, title: str,
+           budget: float | None = None) -> None:
+    """Accuracy against cost for every candidate of a search: ``points`` are dicts with ``cost`` and ``score`` (the
+    axes), ``family`` (one colour each), ``on_front`` (the Pareto front, drawn as a step line) and ``chosen`` (marked
+    with a star); ``budget``: the cost limit, a dashed vertical line. Points without a cost or score are left out."""
+    plt = _pyplot()
+    drawn = [p for p in points if _number(p.get("cost")) is not None and _number(p.get("score")) is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for i, family in enumerate(dict.fromkeys(p.get("family", "") for p in drawn)):
+        mine = [p for p in drawn if p.get("family", "") == family]
+        ax.scatter([_number(p["cost"]) for p in mine], [_number(p["score"]) for p in mine], s=22, alpha=0.75,
+                   color=f"C{i}", label=family or "candidates")
+    front = sorted((_number(p["cost"]), _number(p["score"])) for p in drawn if p.get("on_front"))
+    if front:
+        ax.step([c for c, _ in front], [s for _, s in front], where="post", color="black", linewidth=1,
+                label="Pareto front")
+    for p in drawn:
+        if p.get("chosen"):
+            ax.scatter([_number(p["cost"])], [_number(p["score"])], marker="*", s=260, color="gold",
+                       edgecolors="black", zorder=5, label="chosen")
+    if budget is not None:
+        ax.axvline(budget, color="tab:red", linestyle="--", linewidth=1, label=f"budget {budget:g}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -3,8 +3,12 @@
 report.json is the ``--json`` report; report.md is written from the same data (every number in it is one of
 the JSON's, rounded for reading) and shows the plots: ``before_after.png`` (size, and latency with ``--bench``,
 accuracy with ``--eval`` labels: input model against output) and ``per_layer_sqnr.png`` (the per-layer SQNR
-table of ``--eval``, worst first) when the run has one. The folder is created if missing; the files are written
-into a temporary folder inside it and moved into place together at the end, so a failure leaves none of them.
+table of ``--eval``, worst first) when the run has one, and ``pareto.png`` (accuracy against cost for every
+candidate, the front drawn and the chosen point marked) with the candidates' table when a pass searched under a
+budget: such a pass leaves its :meth:`graphopt.report.prune_search.SearchResult.to_dict` in ``ctx.state[SEARCH]``
+and the run report carries it as ``search`` (:func:`search_data`; the last search of the run is drawn). The
+folder is created if missing; the files are written into a temporary folder inside it and moved into place
+together at the end, so a failure leaves none of them.
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ from graphopt.errors import OutputError
 from graphopt.report import plots
 
 JSON, MARKDOWN, BEFORE_AFTER, PER_LAYER = "report.json", "report.md", "before_after.png", "per_layer_sqnr.png"
-FILES = (JSON, MARKDOWN, BEFORE_AFTER, PER_LAYER)  # every name --report may write (checked before the run)
+PARETO = "pareto.png"
+FILES = (JSON, MARKDOWN, BEFORE_AFTER, PER_LAYER, PARETO)  # every name --report may write (checked before the run)
+SEARCH = "search"  # the ctx.state key (and run report key) of a budgeted search's candidates
+
+
+def search_data(state: dict[str, Any]) -> dict[str, Any]:
+    """What a run's pass context holds for the report: ``{"search": ...}`` when a pass searched, else nothing."""
+    return {SEARCH: state[SEARCH]} if state.get(SEARCH) else {}
 
 
 def report_markdown(data: dict[str, Any], passes_table: str = "", top: int = 20) -> str:
@@ -63,11 +74,32 @@ def report_markdown(data: dict[str, Any], passes_table: str = "", top: int = 20)
                       f"{per_layer['samples']} samples)", "", "| tensor | op | SQNR dB | cosine |", "|---|---|---|---|"]
         lines += [f"| {r['tensor']} | {r['op_type']} | {_db(r['sqnr_db'])} | {r['cosine']:.6f} |" for r in rows[:top]]
         lines += ["", f"![per-layer SQNR]({PER_LAYER})"]
+    if data.get(SEARCH):
+        lines += [""] + _search_markdown(data[SEARCH])
     if passes_table:
         lines += ["", "## Passes", "", "```", passes_table, "```"]
     if data.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in data["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+def _search_markdown(search: dict[str, Any]) -> list[str]:
+    budget, metric = search["budget"], search["metric"]
+    lines = [f"## {search['title']}: {len(search['candidates'])} candidates", "",
+             f"Budget: {budget['cost']} at most {budget['limit']:g}x the input's; chosen: the highest {metric} "
+             f"within it. `*`: on the Pareto front.", "", f"![Pareto front]({PARETO})", "",
+             "| # | family | ratios | MACs | latency | SQNR dB | cosine | accuracy | front | chosen |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for i, c in enumerate(search["candidates"], 1):
+        lines.append(f"| {i} | {c['family']} | {c['ratios']} | {c['macs_ratio']:.3f} | "
+                     f"{_num(c.get('latency_ratio'), 3)} | {_num(c.get('sqnr_db'), 2)} | {_num(c.get('cosine'), 5)} | "
+                     f"{_num(c.get('accuracy'), 2)} | "
+                     f"{'*' if c.get('on_front') else ''} | {'**chosen**' if c.get('chosen') else ''} |")
+    return lines
+
+
+def _num(value, digits: int) -> str:
+    return value if isinstance(value, str) else ("-" if value is None else f"{value:.{digits}f}")
 
 
 def _ratio(before, after) -> str:
@@ -96,6 +128,10 @@ def write_report_dir(folder: str, data: dict[str, Any], passes_table: str = "", 
         per_layer = (data.get("comparison") or {}).get("per_layer")
         if per_layer and per_layer.get("layers"):
             plots.per_layer_bars(per_layer, os.path.join(tmp, PER_LAYER), top)
+        if data.get(SEARCH):
+            from graphopt.report.prune_search import plot_search
+
+            plot_search(data[SEARCH], os.path.join(tmp, PARETO))
         names = sorted(os.listdir(tmp), key=lambda n: n == JSON)  # report.json last: its presence means done
         for name in names:
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
