@@ -1,4 +1,5 @@
-"""Per-fusion-group int8 sensitivity (ONNX route); the budget search built on it is graphopt.report.budget.
+"""Per-fusion-group int8 sensitivity (ONNX route; the FX route's study is graphopt.report.sensitivity_fx); the
+budget search built on it is graphopt.report.budget.
 
 The unit of decision is a *group*: what the backend runs as one kernel, so that keeping part of it float would
 only split a kernel. Groups come from :func:`graphopt.backends.fusion.fusion_groups` (a weighted op with its fused
@@ -30,7 +31,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 
@@ -108,6 +109,7 @@ class Study:
     groups: list[Group]
     registry: Any = None
     backend: Any = None
+    ir: ClassVar[str] = "onnx"  # the IR of the graphs this kind of study takes
     prefix_text: str = ""  # the passes before the placing one (calibration), as pipeline text: the recipe's
     _reference: list[np.ndarray] | None = field(default=None, repr=False)
 
@@ -209,6 +211,22 @@ class Study:
     def fp32_accuracy(self) -> float | None:
         return None if self.labels is None else 100.0 * top1_accuracy(self.reference()[0], self.labels)
 
+    def relative_noise(self, samples: int = 32) -> dict[str, float]:
+        """Each tensor's noise-to-signal ratio in the fully-int8 model against the float one, on the first
+        ``samples`` samples (what the proxy reads at the groups' inputs and outputs)."""
+        from graphopt.backends.base import iter_batches
+        from graphopt.report.metrics import per_layer_sqnr
+
+        specs = self.backend.input_specs(self.backend.session(self.graph.to_model()))
+        subset = {k: v[:samples] for k, v in self.data.items()}
+        table = per_layer_sqnr(self.graph, self.quantized(), iter_batches(specs, subset, 32), self.backend)
+        return {r.tensor: (r.noise / r.signal if r.signal > 0 else 0.0) for r in table.rows}
+
+    @staticmethod
+    def trial_function():
+        """The module-level function an executor runs for one trial of a study of this kind."""
+        return run_trial
+
 
 def run_trial(item: dict) -> dict:
     """A trial, for an executor: ``{"study": folder, "float": [group names]}`` -> the study's metrics."""
@@ -224,20 +242,15 @@ def _place_pass(passes: list):
 
 def trials(study: Study, executor, sets: list[list[str]]) -> list[dict]:
     items = [{"study": study.folder, "float": sorted(s)} for s in sets]
-    return (executor or InProcess(os.path.join(study.folder, "runs"))).map(run_trial, items, kind="accuracy")
+    return (executor or InProcess(os.path.join(study.folder, "runs"))).map(study.trial_function(), items,
+                                                                          kind="accuracy")
 
 
 # -- the cheap proxy -----------------------------------------------------------------------------------------------
 def proxy_scores(study: Study, samples: int = 32) -> dict[str, float]:
     """Each group's added noise in the fully-quantized model, in dB (lower: more sensitive; see the module
     docstring); one int8 build and one per-layer run."""
-    from graphopt.backends.base import iter_batches
-    from graphopt.report.metrics import per_layer_sqnr
-
-    specs = study.backend.input_specs(study.backend.session(study.graph.to_model()))
-    subset = {k: v[:samples] for k, v in study.data.items()}
-    table = per_layer_sqnr(study.graph, study.quantized(), iter_batches(specs, subset, 32), study.backend)
-    rel = {r.tensor: (r.noise / r.signal if r.signal > 0 else 0.0) for r in table.rows}
+    rel = study.relative_noise(samples)
     out = {}
     for grp in study.groups:
         added = rel.get(grp.output, 0.0) - max([rel.get(t, 0.0) for t in grp.inputs] + [0.0])
@@ -330,9 +343,11 @@ def sensitivity(study: Study, *, mode: str = "one", max_evals: int | None = None
 
 
 def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", eval_data: dict | None = None,
-            labels=None, samples: int = 64, folder: str | None = None) -> Study:
+            labels=None, samples: int = 64, folder: str | None = None, kind: type | None = None) -> Study:
     """Calibrate ``model`` (a path or ModelProto) once, with the passes of ``pipeline`` before its placing pass,
-    and make a :class:`Study` on the first ``samples`` samples of ``eval_data`` (else of the calibration data)."""
+    and make a :class:`Study` (``kind``: a subclass for another IR, e.g. the FX study,
+    :func:`graphopt.report.sensitivity_fx.prepare_fx`) on the first ``samples`` samples of ``eval_data`` (else of
+    the calibration data)."""
     from graphopt.calib.sources import input_specs, load_calibration
     from graphopt.ir import load_model
     from graphopt.passes.base import PassContext
@@ -340,8 +355,10 @@ def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", ev
     from graphopt.passes.pipeline import format_passes, resolve
 
     graph = load_model(model)
-    if graph.ir != "onnx":
-        raise UsageError("sensitivity runs on ONNX models (export the PyTorch model to ONNX first)")
+    kind = kind or Study
+    if graph.ir not in backend.irs or graph.ir != kind.ir:
+        raise UsageError(f"backend {backend.name} does not run {graph.ir.upper()} models here (a PyTorch model: "
+                         f"--backend x86; an ONNX model: --backend onnxruntime)")
     passes = resolve(pipeline, registry)
     place = _place_pass(passes)
     prefix = passes[:passes.index(place)]
@@ -359,7 +376,7 @@ def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", ev
     n = min(samples, len(next(iter(eval_data.values()))))
     data = {k: np.asarray(v)[:n] for k, v in eval_data.items()}
     labels = None if labels is None else np.asarray(labels).reshape(-1)[:n]
-    study = Study.create(calibrated, ctx.state[RANGES], data, labels, backend=backend,
-                         place_text=format_passes([place]), registry=registry, folder=folder)
+    study = kind.create(calibrated, ctx.state[RANGES], data, labels, backend=backend,
+                        place_text=format_passes([place]), registry=registry, folder=folder)
     study.prefix_text = format_passes(prefix)
     return study
