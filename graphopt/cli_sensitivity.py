@@ -21,7 +21,7 @@ from graphopt.errors import UsageError
 def add_sensitivity_command(sub, add_plugin_flags) -> None:
     p = sub.add_parser("sensitivity", help="int8 sensitivity per fusion group (table, bar chart), and int8 under "
                                            "an accuracy budget (--min-cosine / --max-drop, --recipe)")
-    p.add_argument("model", help="an .onnx file")
+    p.add_argument("model", help="an .onnx file, or a torch.export .pt2 program (with --backend x86)")
     p.add_argument("--calib", required=True, metavar="DATA", help="calibration data (.npz, .npy, folders)")
     p.add_argument("--eval", metavar="DATA.npz", help="labelled data: the samples scored, and accuracy")
     p.add_argument("--labels", default="labels", metavar="KEY", help="the labels array in --eval (default: labels)")
@@ -45,7 +45,7 @@ def add_sensitivity_command(sub, add_plugin_flags) -> None:
 
 def cmd_sensitivity(args) -> int:
     from graphopt.backends import get_backend
-    from graphopt.cli_backend import _onnx_file, load_npz, registry_from_args
+    from graphopt.cli_backend import _model_file, load_npz, registry_from_args
     from graphopt.executors import get_executor
     from graphopt.paths import IOPlan, atomic_write
     from graphopt.report.budget import search_budget
@@ -67,9 +67,9 @@ def cmd_sensitivity(args) -> int:
     for flag in ("recipe", "plot", "json"):
         plan.write(f"--{flag}", getattr(args, flag))
     plan.check()
-    _onnx_file(args.model)
     registry = registry_from_args(args)
     backend = get_backend(registry, args.backend)
+    _model_file(backend, args.model)  # an .onnx file for an ONNX backend, a .pt2 for x86 (the FX study)
     eval_data = labels = None
     if args.eval:
         eval_data = load_npz(args.eval)
@@ -77,8 +77,11 @@ def cmd_sensitivity(args) -> int:
             raise UsageError(f"{args.eval} has no labels array '{args.labels}' (it has: "
                              f"{', '.join(sorted(eval_data))}); name it with --labels")
         labels = eval_data.pop(args.labels)
+    kind = None
+    if "fx" in backend.irs:  # a PyTorch backend (x86): the FX study
+        from graphopt.report.sensitivity_fx import FxStudy as kind
     study = prepare(args.model, args.calib, registry=registry, backend=backend, pipeline=args.pipeline,
-                    eval_data=eval_data, labels=labels, samples=args.samples)
+                    eval_data=eval_data, labels=labels, samples=args.samples, kind=kind)
     print(f"{args.model}: {len(study.groups)} fusion groups in int8 on {backend.name} ({study.place_text})")
     if budget:
         g = len(study.groups)

@@ -22,10 +22,15 @@ class MixedPrecision(Pass):
     until the budget holds or ``max_evals`` trials have run (0: no bound). The decision goes to place-qdq as node
     exclusions (``exclude_nodes`` replays it: ``graphopt sensitivity --recipe`` writes it down). When the budget
     cannot be met, the pass warns and keeps the closest placement it tried.
+
+    On a PyTorch model (x86) the groups are the oneDNN kernels of the FX placement, named by module path, and the
+    trials run the Q/DQ graph in eager PyTorch (:mod:`graphopt.report.sensitivity_fx`); the decision is x86's
+    per-module config, ``exclude_nodes`` module paths (``X86InductorQuantizer.set_module_name_qconfig(path,
+    None)``).
     """
 
     name = "mixed-precision"
-    irs = frozenset({"onnx"})
+    irs = frozenset({"onnx", "fx"})
     equivalence = Equivalence.APPROXIMATE
 
     @dataclass(frozen=True)
@@ -54,16 +59,25 @@ class MixedPrecision(Pass):
             raise self.fail("no calibrated ranges: run insert-observers and calibrate first (int8-budget does)")
 
     def run_onnx(self, graph, ctx):
+        from graphopt.report.sensitivity import Study
+
+        return self._decide(graph, ctx, Study)
+
+    def run_fx(self, graph, ctx):
+        from graphopt.report.sensitivity_fx import FxStudy
+
+        return self._decide(graph, ctx, FxStudy)
+
+    def _decide(self, graph, ctx, kind):
         import numpy as np
 
         from graphopt.report.budget import search_budget
-        from graphopt.report.sensitivity import Study
 
         data, labels = self._eval_data(ctx)
         n = min(self.options.samples, len(next(iter(data.values()))))
-        study = Study.create(graph, ctx.state[RANGES], {k: v[:n] for k, v in data.items()},
-                             None if labels is None else np.asarray(labels).reshape(-1)[:n], backend=ctx.backend,
-                             place_text=self.options.place, registry=ctx.registry)
+        study = kind.create(graph, ctx.state[RANGES], {k: v[:n] for k, v in data.items()},
+                            None if labels is None else np.asarray(labels).reshape(-1)[:n], backend=ctx.backend,
+                            place_text=self.options.place, registry=ctx.registry)
         result = search_budget(study, min_cosine=self.options.min_cosine, max_drop=self.options.max_drop,
                                max_evals=self.options.max_evals or None)
         ctx.state[FLOAT_NODES] = result.float_nodes

@@ -94,7 +94,8 @@ class PlaceQdq(Pass):
         if not graph.is_aten():
             raise self.fail("the PyTorch model is not an ATen graph: run insert-observers and calibrate first "
                             "(the int8 alias does)")
-        quantizer = SchemeQuantizer(scheme, ctx.state[RANGES], exclude=self.options.exclude_nodes,
+        exclude = tuple(dict.fromkeys((*self.options.exclude_nodes, *ctx.state.get(FLOAT_NODES, ()))))  # a budget's
+        quantizer = SchemeQuantizer(scheme, ctx.state[RANGES], exclude=exclude,
                                     keep_first=self.options.keep_first, keep_last=self.options.keep_last)
         gm = convert_ptq(graph.gm, graph.example_inputs, quantizer)
         placed = quantizer.plan

@@ -1,4 +1,5 @@
-"""Per-fusion-group int8 sensitivity (ONNX route); the budget search built on it is graphopt.report.budget.
+"""Per-fusion-group int8 sensitivity (ONNX route; the FX route's study is graphopt.report.sensitivity_fx); the
+budget search built on it is graphopt.report.budget.
 
 The unit of decision is a *group*: what the backend runs as one kernel, so that keeping part of it float would
 only split a kernel. Groups come from :func:`graphopt.backends.fusion.fusion_groups` (a weighted op with its fused
@@ -30,7 +31,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 
@@ -108,6 +109,7 @@ class Study:
     groups: list[Group]
     registry: Any = None
     backend: Any = None
+    ir: ClassVar[str] = "onnx"  # the IR of the graphs this kind of study takes
     prefix_text: str = ""  # the passes before the placing one (calibration), as pipeline text: the recipe's
     _reference: list[np.ndarray] | None = field(default=None, repr=False)
 
@@ -223,6 +225,21 @@ class Study:
     def fp32_accuracy(self) -> float | None:
         return None if self.labels is None else 100.0 * top1_accuracy(self.reference()[0], self.labels)
 
+    def proxy(self, samples: int = 32) -> dict[str, float]:
+        """Each group's own int8 noise in the fully-quantized model, as an SQNR in dB: one int8 build, one float
+        run, one small run per group (:func:`graphopt.report.group_noise.own_noise_db`); always finite."""
+        from graphopt.passes.pipeline import resolve
+        from graphopt.report.group_noise import own_noise_db
+
+        scheme = self.backend.scheme(_place_pass(resolve(self.place_text, self.registry)).options.request())
+        subset = {k: v[:samples] for k, v in self.data.items()}
+        return own_noise_db(self.graph, self.quantized(), self.groups, scheme, subset, self.backend)
+
+    @staticmethod
+    def trial_function():
+        """The module-level function an executor runs for one trial of a study of this kind."""
+        return run_trial
+
 
 KEEP_STUDIES = 8  # study folders graphopt chose that are kept under $TMPDIR/graphopt-studies, newest first
 AUTO_MARKER = ".graphopt-auto"  # in a study folder graphopt chose (only such folders are ever removed)
@@ -268,19 +285,15 @@ def _place_pass(passes: list):
 
 def trials(study: Study, executor, sets: list[list[str]]) -> list[dict]:
     items = [{"study": study.folder, "float": sorted(s)} for s in sets]
-    return (executor or InProcess(os.path.join(study.folder, "runs"))).map(run_trial, items, kind="accuracy")
+    return (executor or InProcess(os.path.join(study.folder, "runs"))).map(study.trial_function(), items,
+                                                                          kind="accuracy")
 
 
 # -- the cheap proxy -----------------------------------------------------------------------------------------------
 def proxy_scores(study: Study, samples: int = 32) -> dict[str, float]:
-    """Each group's own int8 noise in the fully-quantized model, as an SQNR in dB (lower: more sensitive; see the
-    module docstring): one int8 build, one float run, one small run per group; always finite."""
-    from graphopt.passes.pipeline import resolve
-    from graphopt.report.group_noise import own_noise_db
-
-    scheme = study.backend.scheme(_place_pass(resolve(study.place_text, study.registry)).options.request())
-    subset = {k: v[:samples] for k, v in study.data.items()}
-    return own_noise_db(study.graph, study.quantized(), study.groups, scheme, subset, study.backend)
+    """Each group's proxy score in dB (lower: more sensitive; see the module docstring), from the study's kind
+    (:meth:`Study.proxy`)."""
+    return study.proxy(samples)
 
 
 # -- sensitivity: one group at a time ----------------------------------------------------------------------------
@@ -368,9 +381,11 @@ def sensitivity(study: Study, *, mode: str = "one", max_evals: int | None = None
 
 
 def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", eval_data: dict | None = None,
-            labels=None, samples: int = 64, folder: str | None = None) -> Study:
+            labels=None, samples: int = 64, folder: str | None = None, kind: type | None = None) -> Study:
     """Calibrate ``model`` (a path or ModelProto) once, with the passes of ``pipeline`` before its placing pass,
-    and make a :class:`Study` on the first ``samples`` samples of ``eval_data`` (else of the calibration data)."""
+    and make a :class:`Study` (``kind``: a subclass for another IR, e.g. the FX study,
+    :func:`graphopt.report.sensitivity_fx.prepare_fx`) on the first ``samples`` samples of ``eval_data`` (else of
+    the calibration data)."""
     from graphopt.calib.sources import input_specs, load_calibration
     from graphopt.ir import load_model
     from graphopt.passes.base import PassContext
@@ -378,8 +393,10 @@ def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", ev
     from graphopt.passes.pipeline import format_passes, resolve
 
     graph = load_model(model)
-    if graph.ir != "onnx":
-        raise UsageError("sensitivity runs on ONNX models (export the PyTorch model to ONNX first)")
+    kind = kind or Study
+    if graph.ir not in backend.irs or graph.ir != kind.ir:
+        raise UsageError(f"backend {backend.name} does not run {graph.ir.upper()} models here (a PyTorch model: "
+                         f"--backend x86; an ONNX model: --backend onnxruntime)")
     passes = resolve(pipeline, registry)
     place = _place_pass(passes)
     prefix = passes[:passes.index(place)]
@@ -397,7 +414,7 @@ def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", ev
     n = min(samples, len(next(iter(eval_data.values()))))
     data = {k: np.asarray(v)[:n] for k, v in eval_data.items()}
     labels = None if labels is None else np.asarray(labels).reshape(-1)[:n]
-    study = Study.create(calibrated, ctx.state[RANGES], data, labels, backend=backend,
-                         place_text=format_passes([place]), registry=registry, folder=folder)
+    study = kind.create(calibrated, ctx.state[RANGES], data, labels, backend=backend,
+                        place_text=format_passes([place]), registry=registry, folder=folder)
     study.prefix_text = format_passes(prefix)
     return study
