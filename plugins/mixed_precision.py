@@ -87,26 +87,13 @@ class MixedPrecision(Pass):
         return PassResult(graph, False, {k: v for k, v in stats.items() if v}, [result.describe()])
 
     def _eval_data(self, ctx):
-        import numpy as np
+        from graphopt.report.study_files import calibration_arrays, eval_arrays
 
         if self.options.eval:
-            try:
-                with np.load(self.options.eval, allow_pickle=False) as archive:
-                    arrays = {k: archive[k] for k in archive.files}
-            except (OSError, ValueError, AttributeError) as exc:
-                raise self.fail(f"eval={self.options.eval}: not a readable .npz file ({exc})") from None
-            if self.options.labels not in arrays:
-                raise self.fail(f"{self.options.eval} has no labels array '{self.options.labels}' (it has: "
-                                f"{', '.join(sorted(arrays))})")
-            labels = arrays.pop(self.options.labels)
-            return arrays, labels
+            return eval_arrays(self.options.eval, self.options.labels)
         if ctx.calibration is None:
             raise self.fail("no data to measure the budget on: give calibration data (--calib) or eval=labelled.npz")
-        parts: dict[str, list] = {}
-        for batch in ctx.calibration.batches():
-            for k, v in batch.items():
-                parts.setdefault(k, []).append(v)
-        return {k: np.concatenate(v) for k, v in parts.items()}, None
+        return calibration_arrays(ctx.calibration), None
 
 
 @hookimpl

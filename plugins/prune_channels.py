@@ -197,6 +197,7 @@ class PruneChannels(Pass):
         from graphopt.plugins import default_registry
         from graphopt.prune.onnx_adapter import OnnxChannels
         from graphopt.report import prune_search as search
+        from graphopt.report import study_files
         from graphopt.report.report_dir import SEARCH
 
         o = self.options
@@ -209,9 +210,9 @@ class PruneChannels(Pass):
         if not units:
             raise self.fail("budget: found no channel group it can prune (see prune without a budget for why)")
         if o.eval:
-            data, labels = search.eval_arrays(o.eval, o.labels)
+            data, labels = study_files.eval_arrays(o.eval, o.labels)
         elif ctx.calibration is not None:
-            data, labels = search.calibration_arrays(ctx.calibration), None
+            data, labels = study_files.calibration_arrays(ctx.calibration), None
         else:
             raise self.fail("budget: no data to score candidates on: give calibration data (--calib) or eval=")
         n = min(o.samples, len(next(iter(data.values()))))

@@ -17,7 +17,8 @@ from onnx import numpy_helper as nh
 from graphopt.backends import get_backend
 from graphopt.cli import main
 from graphopt.report.budget import search_budget
-from graphopt.report.sensitivity import AUTO_MARKER, prepare, proxy_scores, prune_studies, sensitivity
+from graphopt.report.sensitivity import prepare, proxy_scores, sensitivity
+from graphopt.report.study_files import AUTO_MARKER, prune_studies
 
 
 def fragile_model(path, seed: int = 0) -> np.ndarray:

@@ -35,12 +35,10 @@ None within it is a UsageError naming the cheapest candidate found. The Pareto f
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -49,14 +47,13 @@ import numpy as np
 from graphopt.errors import UsageError
 from graphopt.executors import InProcess
 from graphopt.ir.onnx_graph import OnnxGraph
-from graphopt.numeric import cosine_similarity, sqnr_db, top1_accuracy
+from graphopt.report.study_files import Scored, load_once, read_study, study_folder, write_study
 
-__all__ = ["Budget", "PruneStudy", "SearchResult", "accuracy_trial", "calibration_arrays", "eval_arrays",
-           "latency_trial", "parse_budget", "plot_search", "search_ratios", "time_models"]
+__all__ = ["Budget", "PruneStudy", "SearchResult", "accuracy_trial", "latency_trial", "parse_budget", "plot_search",
+           "search_ratios", "time_models"]
 
 COSTS = ("macs", "latency")
 STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-_STUDIES: dict[str, "PruneStudy"] = {}  # studies this process holds, by folder (a trial loads each once)
 
 
 # -- the budget ----------------------------------------------------------------------------------------------------
@@ -90,7 +87,7 @@ def _float(text: str) -> float:
 
 # -- the study: the model, the data, the backend and the pruning pass ---------------------------------------------
 @dataclass
-class PruneStudy:
+class PruneStudy(Scored):
     """An unpruned ONNX graph, N evaluation samples (and labels), the backend and the pruning pass as pipeline text
     (``pipeline``: its last pass is the one candidates' options are applied to), saved in ``folder``."""
 
@@ -108,51 +105,34 @@ class PruneStudy:
     def create(cls, graph: OnnxGraph, data: dict, labels, *, backend, pipeline: str, registry,
                folder: str | None = None) -> "PruneStudy":
         """A study written under ``folder`` (default: a folder under the temp dir named by the hash of the model,
-        data, labels, backend and pipeline: the same study, the same folder, the same cached trials)."""
+        data, labels, backend and pipeline: the same study, the same folder, the same cached trials; see
+        :mod:`graphopt.report.study_files`)."""
         from graphopt.report.cost import model_costs
 
         data = {k: np.ascontiguousarray(v) for k, v in data.items()}
         labels = None if labels is None else np.asarray(labels).reshape(-1)
         model = graph.to_model().SerializeToString()
-        digest = hashlib.sha256(model)
-        digest.update(json.dumps([backend.name, pipeline]).encode())
-        for key in sorted(data):
-            digest.update(key.encode() + data[key].tobytes())
-        if labels is not None:
-            digest.update(labels.tobytes())
-        folder = folder or os.path.join(tempfile.gettempdir(), "graphopt-studies", "prune-" + digest.hexdigest()[:16])
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "model.onnx"), "wb") as f:
-            f.write(model)
-        np.savez(os.path.join(folder, "data.npz"), **data, **({"__labels__": labels} if labels is not None else {}))
-        with open(os.path.join(folder, "study.json"), "w") as f:
-            json.dump({"backend": backend.name, "pipeline": pipeline}, f)
+        folder = study_folder("prune-", model, [backend.name, pipeline], data, labels, folder)
+        write_study(folder, "model.onnx", model, data, labels, {"backend": backend.name, "pipeline": pipeline})
         study = cls(folder, graph, data, labels, pipeline, backend, registry, model_costs(graph).macs)
-        _STUDIES[folder] = study
-        return study
+        return load_once(folder, cls.load, study)
 
     @classmethod
     def load(cls, folder: str) -> "PruneStudy":
         """The study saved in ``folder`` (once per process)."""
-        if folder not in _STUDIES:
-            from graphopt.backends import get_backend
-            from graphopt.plugins import default_registry
-            from graphopt.report.cost import model_costs
+        return load_once(folder, cls._read)
 
-            with open(os.path.join(folder, "study.json")) as f:
-                meta = json.load(f)
-            with np.load(os.path.join(folder, "data.npz")) as z:
-                arrays = {k: z[k] for k in z.files}
-            labels = arrays.pop("__labels__", None)
-            registry = default_registry()
-            graph = OnnxGraph.load(os.path.join(folder, "model.onnx"))
-            _STUDIES[folder] = cls(folder, graph, arrays, labels, meta["pipeline"],
-                                   get_backend(registry, meta["backend"]), registry, model_costs(graph).macs)
-        return _STUDIES[folder]
+    @classmethod
+    def _read(cls, folder: str) -> "PruneStudy":
+        from graphopt.backends import get_backend
+        from graphopt.plugins import default_registry
+        from graphopt.report.cost import model_costs
 
-    @property
-    def samples(self) -> int:
-        return len(next(iter(self.data.values())))
+        meta, arrays, labels = read_study(folder)
+        registry = default_registry()
+        graph = OnnxGraph.load(os.path.join(folder, "model.onnx"))
+        return cls(folder, graph, arrays, labels, meta["pipeline"], get_backend(registry, meta["backend"]), registry,
+                   model_costs(graph).macs)
 
     def pruned(self, options: dict) -> OnnxGraph:
         """The graph pruned by the pipeline's last pass with ``options`` (JSON: lists become tuples)."""
@@ -171,41 +151,6 @@ class PruneStudy:
         if self._reference is None:
             self._reference = self.backend.run_batched(self.graph.to_model(), self.data, 32)
         return self._reference
-
-    def metrics(self, outputs: list[np.ndarray]) -> dict[str, float | None]:
-        """Output SQNR (dB) and cosine against the original (all float outputs together); top-1 accuracy in points
-        with labels."""
-        ref = self.reference()
-        floats = [i for i, o in enumerate(ref) if np.issubdtype(np.asarray(o).dtype, np.floating)]
-        a = np.concatenate([np.ravel(ref[i]) for i in floats]).astype(np.float64)
-        b = np.concatenate([np.ravel(outputs[i]) for i in floats]).astype(np.float64)
-        acc = None if self.labels is None else 100.0 * top1_accuracy(outputs[0], self.labels)
-        return {"sqnr_db": sqnr_db(a, b), "cosine": cosine_similarity(a, b), "accuracy": acc}
-
-    def fp32_accuracy(self) -> float | None:
-        return None if self.labels is None else 100.0 * top1_accuracy(self.reference()[0], self.labels)
-
-
-def eval_arrays(path: str, labels_key: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Labelled evaluation data: the arrays of the .npz at ``path``, its ``labels_key`` array apart."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except (OSError, ValueError, AttributeError) as exc:
-        raise UsageError(f"eval={path}: not a readable .npz file ({exc})") from None
-    if labels_key not in arrays:
-        raise UsageError(f"{path} has no labels array '{labels_key}' (it has: {', '.join(sorted(arrays))})")
-    labels = arrays.pop(labels_key)
-    return arrays, labels
-
-
-def calibration_arrays(calibration) -> dict[str, np.ndarray]:
-    """The calibration data (a CalibrationData: ``.batches()``) as one array per input."""
-    parts: dict[str, list] = {}
-    for batch in calibration.batches():
-        for k, v in batch.items():
-            parts.setdefault(k, []).append(v)
-    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 # -- the trials ----------------------------------------------------------------------------------------------------

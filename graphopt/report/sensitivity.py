@@ -25,11 +25,8 @@ so the proxy points at the layer that does the damage, not at everything after i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
 
@@ -41,12 +38,10 @@ from graphopt.errors import UsageError
 from graphopt.executors import InProcess
 from graphopt.ir.onnx_graph import OnnxGraph
 from graphopt.ir.ops import is_standard_domain
-from graphopt.numeric import cosine_similarity, sqnr_db, top1_accuracy
+from graphopt.report.study_files import Scored, calibration_arrays, load_once, read_study, study_folder, write_study
 
-__all__ = ["Group", "SensitivityResult", "Study", "decision_groups", "prepare", "proxy_scores", "prune_studies",
+__all__ = ["Group", "SensitivityResult", "Study", "decision_groups", "groups_from_json", "prepare", "proxy_scores",
            "run_trial", "sensitivity", "trials"]
-
-_STUDIES: dict[str, "Study"] = {}  # studies this process holds, by folder (a trial loads each once)
 
 
 @dataclass(frozen=True)
@@ -88,6 +83,11 @@ def decision_groups(graph: OnnxGraph, scheme, ranges: dict | None = None) -> lis
     return [grp for grp in groups if ranges is None or grp.output in ranges]
 
 
+def groups_from_json(items: list[dict]) -> list[Group]:
+    """Groups as study.json holds them (lists for tuples)."""
+    return [Group(**{k: tuple(v) if isinstance(v, list) else v for k, v in grp.items()}) for grp in items]
+
+
 def _constant(t) -> bool:
     return not hasattr(t, "inputs") or type(t).__name__ == "Constant" or (
         len(t.inputs) == 1 and t.inputs[0].op == "Constant")
@@ -95,7 +95,7 @@ def _constant(t) -> bool:
 
 # -- the study: calibrated once, scores placements ---------------------------------------------------------------
 @dataclass
-class Study:
+class Study(Scored):
     """A float graph, its calibrated ranges, N evaluation samples (and labels), the backend and the placing pass
     (as pipeline text), saved in ``folder``. :meth:`score` runs one trial in this process."""
 
@@ -113,17 +113,12 @@ class Study:
     prefix_text: str = ""  # the passes before the placing one (calibration), as pipeline text: the recipe's
     _reference: list[np.ndarray] | None = field(default=None, repr=False)
 
-    @property
-    def samples(self) -> int:
-        return len(next(iter(self.data.values())))
-
     @classmethod
     def create(cls, graph: OnnxGraph, ranges: dict, data: dict, labels, *, backend, place_text: str, registry,
                folder: str | None = None) -> "Study":
         """A study of a calibrated float ``graph``, written under ``folder`` (default: a folder under the temp dir
         named by the hash of the model, ranges, data, backend and placing pass: the same study, the same folder, so
-        a rerun resumes; graphopt keeps the newest :data:`KEEP_STUDIES` of those and removes older ones unused for
-        an hour, see :func:`prune_studies`; a folder the caller names is never removed)."""
+        a rerun resumes; see :mod:`graphopt.report.study_files`)."""
         from graphopt.passes.pipeline import resolve
 
         ranges = {k: (float(v[0]), float(v[1])) for k, v in ranges.items()}
@@ -132,57 +127,30 @@ class Study:
         scheme = backend.scheme(place.options.request())
         groups = decision_groups(graph, scheme, ranges)
         model = graph.to_model().SerializeToString()
-        digest = hashlib.sha256(model)
-        digest.update(json.dumps([sorted(ranges.items()), backend.name, place_text]).encode())
-        for key in sorted(data):
-            digest.update(key.encode() + data[key].tobytes())
-        if labels is not None:
-            digest.update(np.asarray(labels).tobytes())
-        auto = folder is None
-        folder = folder or os.path.join(tempfile.gettempdir(), "graphopt-studies", digest.hexdigest()[:16])
-        os.makedirs(folder, exist_ok=True)
-        marker = os.path.join(folder, AUTO_MARKER)
-        if auto:  # a folder graphopt chose: marked, and the oldest such folders beyond the newest few removed
-            open(marker, "w").close()
-            os.utime(folder)
-            prune_studies(os.path.dirname(folder), keep=KEEP_STUDIES, current=folder)
-        elif os.path.exists(marker):  # a folder the user named is never removed
-            os.remove(marker)
-        with open(os.path.join(folder, "model.onnx"), "wb") as f:
-            f.write(model)
-        np.savez(os.path.join(folder, "data.npz"), **data,
-                 **({"__labels__": np.asarray(labels)} if labels is not None else {}))
-        with open(os.path.join(folder, "study.json"), "w") as f:
-            json.dump({"backend": backend.name, "place": place_text, "ranges": ranges,
-                       "groups": [dataclasses.asdict(grp) for grp in groups]}, f)
+        folder = study_folder("", model, [sorted(ranges.items()), backend.name, place_text], data, labels, folder)
+        write_study(folder, "model.onnx", model, data, labels,
+                    {"backend": backend.name, "place": place_text, "ranges": ranges,
+                     "groups": [dataclasses.asdict(grp) for grp in groups]})
         study = cls(folder, graph, ranges, data, None if labels is None else np.asarray(labels), backend.name,
                     place_text, groups, registry, backend)
-        _STUDIES[folder] = study
+        load_once(folder, cls.load, study)
         return study
 
     @classmethod
     def load(cls, folder: str) -> "Study":
-        """The study saved in ``folder`` (once per process; its folder's time is touched: a study in use is new)."""
-        if folder not in _STUDIES:
-            try:
-                os.utime(folder)
-            except OSError:  # a read-only folder: nothing prunes it either
-                pass
-            from graphopt.backends import get_backend
-            from graphopt.plugins import default_registry
+        """The study saved in ``folder`` (once per process)."""
+        return load_once(folder, cls._read)
 
-            with open(os.path.join(folder, "study.json")) as f:
-                meta = json.load(f)
-            with np.load(os.path.join(folder, "data.npz")) as z:
-                arrays = {k: z[k] for k in z.files}
-            labels = arrays.pop("__labels__", None)
-            registry = default_registry()
-            _STUDIES[folder] = cls(folder, OnnxGraph.load(os.path.join(folder, "model.onnx")),
-                                   {k: tuple(v) for k, v in meta["ranges"].items()}, arrays, labels, meta["backend"],
-                                   meta["place"], [Group(**{k: tuple(v) if isinstance(v, list) else v
-                                                            for k, v in grp.items()}) for grp in meta["groups"]],
-                                   registry, get_backend(registry, meta["backend"]))
-        return _STUDIES[folder]
+    @classmethod
+    def _read(cls, folder: str) -> "Study":
+        from graphopt.backends import get_backend
+        from graphopt.plugins import default_registry
+
+        meta, arrays, labels = read_study(folder)
+        registry = default_registry()
+        return cls(folder, OnnxGraph.load(os.path.join(folder, "model.onnx")),
+                   {k: tuple(v) for k, v in meta["ranges"].items()}, arrays, labels, meta["backend"], meta["place"],
+                   groups_from_json(meta["groups"]), registry, get_backend(registry, meta["backend"]))
 
     def members(self, names: Iterable[str]) -> tuple[str, ...]:
         """The nodes to exclude to keep the groups ``names`` float."""
@@ -207,23 +175,10 @@ class Study:
             self._reference = self.backend.run_batched(self.graph.to_model(), self.data, 32)
         return self._reference
 
-    def metrics(self, outputs: list[np.ndarray]) -> dict[str, float | None]:
-        """Output SQNR (dB) and cosine against the float model (all float outputs together), top-1 accuracy in
-        points with labels."""
-        ref = self.reference()
-        floats = [i for i, o in enumerate(ref) if np.issubdtype(np.asarray(o).dtype, np.floating)]
-        a = np.concatenate([np.ravel(ref[i]) for i in floats]).astype(np.float64)
-        b = np.concatenate([np.ravel(outputs[i]) for i in floats]).astype(np.float64)
-        acc = None if self.labels is None else 100.0 * top1_accuracy(outputs[0], self.labels)
-        return {"sqnr_db": sqnr_db(a, b), "cosine": cosine_similarity(a, b), "accuracy": acc}
-
     def score(self, float_groups: Iterable[str] = ()) -> dict[str, float | None]:
         """One trial: int8 except ``float_groups``, run on the backend over the study's samples."""
         model = self.quantized(float_groups).to_model()
         return self.metrics(self.backend.run_batched(model, self.data, 32))
-
-    def fp32_accuracy(self) -> float | None:
-        return None if self.labels is None else 100.0 * top1_accuracy(self.reference()[0], self.labels)
 
     def proxy(self, samples: int = 32) -> dict[str, float]:
         """Each group's own int8 noise in the fully-quantized model, as an SQNR in dB: one int8 build, one float
@@ -239,36 +194,6 @@ class Study:
     def trial_function():
         """The module-level function an executor runs for one trial of a study of this kind."""
         return run_trial
-
-
-KEEP_STUDIES = 8  # study folders graphopt chose that are kept under $TMPDIR/graphopt-studies, newest first
-AUTO_MARKER = ".graphopt-auto"  # in a study folder graphopt chose (only such folders are ever removed)
-
-
-def prune_studies(root: str, *, keep: int = KEEP_STUDIES, current: str | None = None,
-                  min_age_s: float = 3600.0) -> list[str]:
-    """Remove the study folders under ``root`` that graphopt chose (they hold :data:`AUTO_MARKER`), but the newest
-    ``keep``, ``current`` and any used in the last ``min_age_s`` seconds (a sweep another process still runs);
-    returns the folders removed. A folder without the marker (one a user named) is never touched."""
-    import shutil
-    import time
-
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return []
-    found = []
-    for name in names:
-        path = os.path.join(root, name)
-        if os.path.isdir(path) and not os.path.islink(path) and os.path.isfile(os.path.join(path, AUTO_MARKER)):
-            found.append((os.path.getmtime(path), path))
-    found.sort(reverse=True)
-    removed, now = [], time.time()
-    for mtime, path in found[keep:]:
-        if path != current and now - mtime > min_age_s:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 def run_trial(item: dict) -> dict:
@@ -406,11 +331,7 @@ def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", ev
     if RANGES not in ctx.state:
         raise UsageError(f"pipeline '{pipeline}' calibrates nothing before its placing pass")
     if eval_data is None:
-        parts: dict[str, list] = {}
-        for batch in ctx.calibration.batches():
-            for k, v in batch.items():
-                parts.setdefault(k, []).append(v)
-        eval_data = {k: np.concatenate(v) for k, v in parts.items()}
+        eval_data = calibration_arrays(ctx.calibration)
     n = min(samples, len(next(iter(eval_data.values()))))
     data = {k: np.asarray(v)[:n] for k, v in eval_data.items()}
     labels = None if labels is None else np.asarray(labels).reshape(-1)[:n]

@@ -32,19 +32,17 @@ output and not at the tensor it reads.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
 import math
 import os
-import tempfile
 from typing import Iterable
 
 import numpy as np
 
 from graphopt.backends.base import iter_batches
 from graphopt.errors import UsageError
-from graphopt.report.sensitivity import _STUDIES, Group, Study, _place_pass, prepare
+from graphopt.report.sensitivity import Group, Study, _place_pass, groups_from_json, prepare
+from graphopt.report.study_files import load_once, read_study, study_folder, write_study
 
 __all__ = ["FxStudy", "fx_decision_groups", "prepare_fx", "run_fx_trial"]
 
@@ -133,55 +131,40 @@ class FxStudy(Study):
         buffer = io.BytesIO()
         torch.export.save(export_dynamic(graph.gm, graph.example_inputs), buffer)
         program = buffer.getvalue()
-        digest = hashlib.sha256(program)
-        digest.update(json.dumps([sorted(ranges.items()), backend.name, place_text]).encode())
-        for key in sorted(data):
-            digest.update(key.encode() + data[key].tobytes())
-        if labels is not None:
-            digest.update(np.asarray(labels).tobytes())
-        folder = folder or os.path.join(tempfile.gettempdir(), "graphopt-studies", "fx-" + digest.hexdigest()[:16])
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "model.pt2"), "wb") as f:
-            f.write(program)
-        np.savez(os.path.join(folder, "data.npz"), **data,
-                 **({"__labels__": np.asarray(labels)} if labels is not None else {}))
-        with open(os.path.join(folder, "study.json"), "w") as f:
-            json.dump({"ir": "fx", "backend": backend.name, "place": place_text, "ranges": ranges,
-                       "activations": _activations(graph.gm),
-                       "groups": [dataclasses.asdict(grp) for grp in groups]}, f)
+        folder = study_folder("fx-", program, [sorted(ranges.items()), backend.name, place_text], data, labels,
+                              folder)
+        write_study(folder, "model.pt2", program, data, labels,
+                    {"ir": "fx", "backend": backend.name, "place": place_text, "ranges": ranges,
+                     "activations": _activations(graph.gm), "groups": [dataclasses.asdict(grp) for grp in groups]})
         study = cls(folder, graph, ranges, data, None if labels is None else np.asarray(labels), backend.name,
                     place_text, groups, registry, backend)
-        _STUDIES[folder] = study
+        load_once(folder, cls.load, study)
         return study
 
     @classmethod
     def load(cls, folder: str) -> "FxStudy":
         """The study saved in ``folder`` (once per process). Ranges are keyed by ATen node name; a program that
         comes back with other names (same graph, same order) has them mapped by position."""
-        if folder not in _STUDIES:
-            from graphopt.backends import get_backend
-            from graphopt.ir.fx_graph import FxGraph
-            from graphopt.plugins import default_registry
+        return load_once(folder, cls._read)
 
-            with open(os.path.join(folder, "study.json")) as f:
-                meta = json.load(f)
-            with np.load(os.path.join(folder, "data.npz")) as z:
-                arrays = {k: z[k] for k in z.files}
-            labels = arrays.pop("__labels__", None)
-            graph = FxGraph.load(os.path.join(folder, "model.pt2"))
-            ranges = {k: tuple(v) for k, v in meta["ranges"].items()}
-            now = _activations(graph.gm)
-            if now != meta["activations"]:
-                if len(now) != len(meta["activations"]):
-                    raise UsageError(f"{folder}: the saved program does not reload as the graph it was made from")
-                rename = dict(zip(meta["activations"], now))
-                ranges = {rename.get(k, k): v for k, v in ranges.items()}
-            registry = default_registry()
-            groups = [Group(**{k: tuple(v) if isinstance(v, list) else v for k, v in grp.items()})
-                      for grp in meta["groups"]]
-            _STUDIES[folder] = cls(folder, graph, ranges, arrays, labels, meta["backend"], meta["place"], groups,
-                                   registry, get_backend(registry, meta["backend"]))
-        return _STUDIES[folder]
+    @classmethod
+    def _read(cls, folder: str) -> "FxStudy":
+        from graphopt.backends import get_backend
+        from graphopt.ir.fx_graph import FxGraph
+        from graphopt.plugins import default_registry
+
+        meta, arrays, labels = read_study(folder)
+        graph = FxGraph.load(os.path.join(folder, "model.pt2"))
+        ranges = {k: tuple(v) for k, v in meta["ranges"].items()}
+        now = _activations(graph.gm)
+        if now != meta["activations"]:
+            if len(now) != len(meta["activations"]):
+                raise UsageError(f"{folder}: the saved program does not reload as the graph it was made from")
+            rename = dict(zip(meta["activations"], now))
+            ranges = {rename.get(k, k): v for k, v in ranges.items()}
+        registry = default_registry()
+        return cls(folder, graph, ranges, arrays, labels, meta["backend"], meta["place"],
+                   groups_from_json(meta["groups"]), registry, get_backend(registry, meta["backend"]))
 
     @staticmethod
     def trial_function():

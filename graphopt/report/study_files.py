@@ -1,0 +1,166 @@
+"""Study folders: what a sweep's trials load, and how a study scores a model against its reference.
+
+A sweep (int8 sensitivity on ONNX or FX, the prune-ratio search) writes its model, its N evaluation samples (and
+labels) and its settings to a folder, so that a trial — a module-level function of a JSON item naming that folder —
+can run in another process or on a Ray worker and load them once (:func:`load_once`). The folder is named by the
+hash of everything it holds (:func:`study_folder`): the same study, the same folder, the same cached trials, so a
+rerun resumes. graphopt marks the folders it names itself (:data:`AUTO_MARKER`) and keeps the newest
+:data:`KEEP_STUDIES` of them, removing older ones unused for an hour (:func:`prune_studies`); a folder the caller
+names is never removed.
+
+:class:`Scored` is what every kind of study shares once it has its reference outputs: output SQNR and cosine
+against the reference (all float outputs together) and, with labels, top-1 accuracy in points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from graphopt.errors import UsageError
+from graphopt.numeric import cosine_similarity, sqnr_db, top1_accuracy
+
+__all__ = ["AUTO_MARKER", "KEEP_STUDIES", "Scored", "calibration_arrays", "eval_arrays", "load_once",
+           "prune_studies", "read_study", "study_folder", "write_study"]
+
+KEEP_STUDIES = 8  # study folders graphopt chose that are kept under $TMPDIR/graphopt-studies, newest first
+AUTO_MARKER = ".graphopt-auto"  # in a study folder graphopt chose (only such folders are ever removed)
+LABELS = "__labels__"  # the labels' array in a study's data.npz
+_LOADED: dict[str, Any] = {}  # the studies this process holds, by folder (a trial loads each once)
+
+
+def study_folder(prefix: str, model: bytes, settings: Any, data: dict[str, np.ndarray], labels,
+                 folder: str | None = None) -> str:
+    """``folder`` (created, unmarked: the caller's) or, when None, a folder under the temp dir named ``prefix`` +
+    the hash of ``model`` (bytes), ``settings`` (JSON), ``data`` and ``labels`` (created, marked, and the oldest
+    marked folders beside it pruned)."""
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+        marker = os.path.join(folder, AUTO_MARKER)
+        if os.path.exists(marker):  # a folder the caller names is never removed
+            os.remove(marker)
+        return folder
+    digest = hashlib.sha256(model)
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for key in sorted(data):
+        digest.update(key.encode() + np.ascontiguousarray(data[key]).tobytes())
+    if labels is not None:
+        digest.update(np.asarray(labels).tobytes())
+    folder = os.path.join(tempfile.gettempdir(), "graphopt-studies", prefix + digest.hexdigest()[:16])
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, AUTO_MARKER), "w").close()
+    os.utime(folder)
+    prune_studies(os.path.dirname(folder), keep=KEEP_STUDIES, current=folder)
+    return folder
+
+
+def write_study(folder: str, model_file: str, model: bytes, data: dict[str, np.ndarray], labels,
+                meta: dict) -> None:
+    """The model (``model_file`` in ``folder``), the samples and labels (data.npz) and ``meta`` (study.json)."""
+    with open(os.path.join(folder, model_file), "wb") as f:
+        f.write(model)
+    np.savez(os.path.join(folder, "data.npz"), **data, **({LABELS: np.asarray(labels)} if labels is not None else {}))
+    with open(os.path.join(folder, "study.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def read_study(folder: str) -> tuple[dict, dict[str, np.ndarray], np.ndarray | None]:
+    """(meta, samples, labels or None) of the study in ``folder``; its time is touched (a study in use is new)."""
+    try:
+        os.utime(folder)
+    except OSError:  # a read-only folder: nothing prunes it either
+        pass
+    with open(os.path.join(folder, "study.json")) as f:
+        meta = json.load(f)
+    with np.load(os.path.join(folder, "data.npz")) as z:
+        arrays = {k: z[k] for k in z.files}
+    return meta, arrays, arrays.pop(LABELS, None)
+
+
+def load_once(folder: str, load: Callable[[str], Any], study: Any = None) -> Any:
+    """The study of ``folder`` this process holds: ``study`` when given (just created: remembered), else the one
+    loaded before, else ``load(folder)``."""
+    if study is not None:
+        _LOADED[folder] = study
+    elif folder not in _LOADED:
+        _LOADED[folder] = load(folder)
+    return _LOADED[folder]
+
+
+def prune_studies(root: str, *, keep: int = KEEP_STUDIES, current: str | None = None,
+                  min_age_s: float = 3600.0) -> list[str]:
+    """Remove the study folders under ``root`` that graphopt chose (they hold :data:`AUTO_MARKER`), but the newest
+    ``keep``, ``current`` and any used in the last ``min_age_s`` seconds (a sweep another process still runs);
+    returns the folders removed. A folder without the marker (one a user named) is never touched."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and not os.path.islink(path) and os.path.isfile(os.path.join(path, AUTO_MARKER)):
+            found.append((os.path.getmtime(path), path))
+    found.sort(reverse=True)
+    removed, now = [], time.time()
+    for mtime, path in found[keep:]:
+        if path != current and now - mtime > min_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+class Scored:
+    """Scores against the reference outputs: a study has ``data``, ``labels`` and ``reference()``."""
+
+    data: dict[str, np.ndarray]
+    labels: np.ndarray | None
+
+    @property
+    def samples(self) -> int:
+        return len(next(iter(self.data.values())))
+
+    def reference(self) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def metrics(self, outputs: list[np.ndarray]) -> dict[str, float | None]:
+        """Output SQNR (dB) and cosine against the reference (all float outputs together), top-1 accuracy in
+        points with labels."""
+        ref = self.reference()
+        floats = [i for i, o in enumerate(ref) if np.issubdtype(np.asarray(o).dtype, np.floating)]
+        a = np.concatenate([np.ravel(ref[i]) for i in floats]).astype(np.float64)
+        b = np.concatenate([np.ravel(outputs[i]) for i in floats]).astype(np.float64)
+        acc = None if self.labels is None else 100.0 * top1_accuracy(outputs[0], self.labels)
+        return {"sqnr_db": sqnr_db(a, b), "cosine": cosine_similarity(a, b), "accuracy": acc}
+
+    def fp32_accuracy(self) -> float | None:
+        return None if self.labels is None else 100.0 * top1_accuracy(self.reference()[0], self.labels)
+
+
+def eval_arrays(path: str, labels_key: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Labelled evaluation data: the arrays of the .npz at ``path``, its ``labels_key`` array apart."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UsageError(f"eval={path}: not a readable .npz file ({exc})") from None
+    if labels_key not in arrays:
+        raise UsageError(f"{path} has no labels array '{labels_key}' (it has: {', '.join(sorted(arrays))})")
+    labels = arrays.pop(labels_key)
+    return arrays, labels
+
+
+def calibration_arrays(calibration) -> dict[str, np.ndarray]:
+    """The calibration data (a CalibrationData: ``.batches()``) as one array per input."""
+    parts: dict[str, list] = {}
+    for batch in calibration.batches():
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
