@@ -191,7 +191,8 @@ class OnnxRuntimeBackend(Backend):
                         ) -> list[dict]:
         """The kernels of the graph onnxruntime optimized from ``model`` (layouts changed, nodes fused), in
         execution order, from its profiler over ``runs`` runs after an untimed one: ``{"node": name, "op": kernel
-        op type, "us": median microseconds per run}``. ``node`` is the kernel's name less what onnxruntime's
+        op type, "us": microseconds per run}`` (the fastest of the runs: a profile is wall time, and on a busy machine
+        the slow runs are the ones something else interrupted). ``node`` is the kernel's name less what onnxruntime's
         transformers append (``_token_N``, ``_nchwc``, ``/<Name>Fusion/``): the name of the node of ``model`` it
         was built from, or of the tensor it writes (an NCHWc convolution is named after its output), or a name of
         onnxruntime's own (``Transpose``, ``ReorderOutput``: layout changes it inserted)."""
@@ -213,7 +214,7 @@ class OnnxRuntimeBackend(Backend):
         for name, us in times.items():
             timed = us[len(us) // (runs + 1):]  # the first run is untimed (its allocations, its caches)
             out.append({"node": _ort_source_name(name), "op": ops[name],
-                        "us": float(np.median(timed)) * len(timed) / runs})
+                        "us": float(np.min(timed)) * len(timed) / runs})
         return out
 
     def is_session(self, obj: Any) -> bool:

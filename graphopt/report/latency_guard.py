@@ -22,7 +22,8 @@ onnxruntime's profiler, per kernel of the graph it actually runs, NCHWc / NHWC l
 2. **Screen in context.** One trial times int8 twice (A/A) and int8 with every candidate float, and profiles the
    latter: each candidate's kernels in float *among int8 neighbours*, the Q/DQ it then needs included. If that
    model is faster than int8 by more than the A/A difference (hysteresis: a difference within the noise keeps
-   int8), it is kept. Else, once, the candidates that won by ``margin`` in that profile are tried alone the same way.
+   int8), it is kept. Else, once, the candidates that won by ``margin`` in that profile are tried alone the same way
+   (if what they could gain there exceeds the noise).
 3. **Confirm.** If what is kept (scaled by the first trial's int8) is slower than fp32 by more than the first
    trial's noise, the guard says so and keeps the model in float.
 
@@ -303,7 +304,9 @@ def _guard_by_profile(study, trial, margin: float) -> GuardResult:
             result.float_groups, guarded = groups, int8 * c / min(a, b)
             break
         winners = [u for u in keep if result.profile[u.name]["mixed_us"] < (1 - margin) * u.int8_us]
-        keep = winners if 0 < len(winners) < len(keep) else []  # one narrower try, with the units that won alone
+        gain = sum(u.int8_us - result.profile[u.name]["mixed_us"] for u in winners) / 1e3
+        # one narrower try, with the units that won in context, if what they could gain exceeds the noise
+        keep = winners if 0 < len(winners) < len(keep) and gain > result.noise_ms else []
     result.confirm = {"fp32_ms": fp32, "int8_ms": int8, "guarded_ms": guarded, "noise_ms": noise}
     _final_check(study, result, fp32, guarded, noise)
     return result
