@@ -10,12 +10,14 @@ from graphopt.calib.state import FLOAT_NODES, RANGES
 
 
 class LatencyGuard(Pass):
-    """Time the whole model on the run's backend (one intra-op thread, CPU time per run, interleaved rounds) with
-    each candidate group in int8 and in float, and keep float the groups whose int8 is slower by more than the noise
-    of the same run (an A/A pair); then confirm on the whole model that the result is not slower than fp32, else
-    keep the model float with a warning. Candidates are the groups with the least arithmetic per element
-    (``max_intensity``: depthwise convolutions, small GEMMs, ops quantized on their own), least first, as many as
-    ``seconds`` allows. Results are cached per model, backend, CPU and graphopt version: a rerun times nothing.
+    """Keep float the groups whose int8 is measured slower than float on the run's backend, beyond the noise of
+    the same run (an A/A pair), and confirm on the whole model that the result is not slower than fp32, else keep
+    the model float with a warning. Where the backend profiles the graph it optimized (onnxruntime), the candidates
+    are the groups whose int8 kernels are not faster than their float ones by ``margin`` in its profile (at most
+    three timing trials in all); elsewhere they are the groups with the least arithmetic per element
+    (``max_intensity``: depthwise convolutions, small GEMMs, ops quantized on their own), each timed on the whole
+    model (one intra-op thread, CPU time per run, interleaved rounds), as many as ``seconds`` allows. Results are
+    cached per model, backend, CPU and graphopt version: a rerun times nothing.
 
     Runs after ``calibrate`` (and after ``mixed-precision``, whose float groups it keeps) and before
     ``place-qdq``: it does not change the graph, it adds node exclusions for place-qdq. See
@@ -30,12 +32,13 @@ class LatencyGuard(Pass):
     class Options:
         seconds: float = 60.0  # time cap for the timing (the probe and the confirming run included)
         rounds: int = 20  # interleaved rounds per timing trial
-        max_intensity: float = 32.0  # candidates: groups with at most this many MACs per element (0: every group)
+        max_intensity: float = 32.0  # without a profiler, candidates: groups with at most this many MACs per element
+        margin: float = 0.1  # with a profiler: a group is a candidate unless its int8 kernels beat float by this share
         place: str = "place-qdq"  # the pass that places int8 (its options: the scheme requested)
 
         def __post_init__(self):
-            if self.seconds <= 0 or self.rounds < 3 or self.max_intensity < 0:
-                raise ValueError("seconds must be > 0, rounds >= 3 and max_intensity >= 0")
+            if self.seconds <= 0 or self.rounds < 3 or self.max_intensity < 0 or not 0 <= self.margin < 1:
+                raise ValueError("seconds must be > 0, rounds >= 3, max_intensity >= 0 and margin in [0, 1)")
 
     def requires(self, graph, ctx):
         if RANGES not in ctx.state:
@@ -57,11 +60,11 @@ class LatencyGuard(Pass):
         study = Study.create(graph, ctx.state[RANGES], data, None, backend=ctx.backend,
                              place_text=format_passes([place]), registry=ctx.registry)
         result = guard_latency(study, seconds=self.options.seconds, rounds=self.options.rounds,
-                               max_intensity=self.options.max_intensity)
+                               max_intensity=self.options.max_intensity, margin=self.options.margin)
         ctx.state[FLOAT_NODES] = tuple(dict.fromkeys((*earlier, *result.float_nodes)))
         for warning in result.warnings:
             ctx.warn(f"{self.name}: {warning}")
-        stats = {"kept float groups": len(result.float_groups), "timed candidates": len(result.screen)}
+        stats = {"kept float groups": len(result.float_groups), "candidates": result.candidates}
         return PassResult(graph, False, {k: v for k, v in stats.items() if v}, [result.describe()])
 
     @staticmethod

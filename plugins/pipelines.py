@@ -29,10 +29,10 @@ def graphopt_register_pipelines(registry):
     registry.add_pipeline(
         "int8-guarded",
         "insert-observers,calibrate,latency-guard,place-qdq",
-        "static int8 guarded by measured latency: calibrate, time the whole model on the backend with each "
-        "low-arithmetic group (depthwise convs, small GEMMs, lone quantized ops) in int8 and in float, keep float "
-        "those whose int8 is slower beyond the noise, confirm against fp32, place Q/DQ; e.g. "
-        "int8-guarded:seconds=30",
+        "static int8 guarded by measured latency: calibrate, find the groups whose int8 kernels are not faster "
+        "in the backend's profile of its optimized graph (elsewhere: the low-arithmetic groups), keep them float "
+        "only if the whole model is then faster beyond the noise, confirm against fp32, place Q/DQ; e.g. "
+        "int8-guarded:margin=0.2",
     )
     registry.add_pipeline(
         "fp8",

@@ -54,12 +54,17 @@ class FakeClock:
 
 class FakeBackend(OnnxRuntimeBackend):
     """onnxruntime's scheme, but a run only advances ``clock`` by a cost in ms: 1 + per group, ``int8[g]`` when the
-    model runs that group in int8 (its weight comes from a DequantizeLinear), else ``float_ms``; a second session
-    of the same model in one trial (the A/A pair) costs ``jitter`` more."""
+    model runs that group in int8 (its weight comes from a DequantizeLinear), else ``float_ms`` (``boundary`` more
+    in a model that has int8 groups: its conversions); a second session of the same model in one trial (the A/A
+    pair) costs ``jitter`` more. It has no profiler (``profile_kernels``
+    None): the guard finds its candidates by arithmetic intensity."""
 
-    def __init__(self, clock: FakeClock, int8: dict[str, float], float_ms: float = 3.0, jitter: float = 0.1):
+    profile_kernels = None
+
+    def __init__(self, clock: FakeClock, int8: dict[str, float], float_ms: float = 3.0, jitter: float = 0.1,
+                 boundary: float = 0.0):
         super().__init__()
-        self.clock, self.int8, self.float_ms, self.jitter = clock, dict(int8), float_ms, jitter
+        self.clock, self.int8, self.float_ms, self.jitter, self.boundary = clock, dict(int8), float_ms, jitter, boundary
         self._seen: set[str] = set()
         self._ran = False
 
@@ -70,6 +75,7 @@ class FakeBackend(OnnxRuntimeBackend):
         dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
         quantized = {n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in dq}
         cost = 1.0 + sum(self.int8[g] if g in quantized else self.float_ms for g in GROUPS)
+        cost += self.boundary * (len(GROUPS) - len(quantized)) if quantized else 0.0  # float among int8: Q/DQ
         cost += self.jitter if digest in self._seen else 0.0
         self._seen.add(digest)
         return {"ms": cost}
@@ -160,16 +166,104 @@ def test_the_pass_adds_its_float_groups_for_place_qdq(registry, clock, tmp_path)
     assert int8 == {"conv_a", "conv_c"}
 
 
+class FakeProfiledBackend(FakeBackend):
+    """FakeBackend with a profiler: per group one kernel named as onnxruntime names it (float: the NCHWc
+    convolution after its output tensor, the fused Relu's for conv_b; int8: QLinearConv after its node), costing
+    what the clock charges, plus the conversions an int8 graph has (the input's Q, a layout Transpose, the
+    output's DQ), which belong to their neighbouring groups."""
+
+    def profile_kernels(self, model, feeds, runs=5, threads=1):
+        dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        int8 = {n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in dq}
+        float_names = {"conv_a": "a", "conv_b": "br", "conv_c": "y"}
+        convs = [{"node": g, "op": "QLinearConv", "us": 1e3 * self.int8[g]} if g in int8 else
+                 {"node": float_names[g], "op": "Conv", "us": 1e3 * self.float_ms} for g in GROUPS]
+        if not int8:
+            return convs
+        return [{"node": "x_QuantizeLinear", "op": "QuantizeLinear", "us": 10.0},
+                {"node": "Transpose", "op": "Transpose", "us": 10.0}, *convs,
+                {"node": "y_DequantizeLinear", "op": "DequantizeLinear", "us": 10.0}]
+
+
+def test_the_group_whose_int8_kernels_profile_slower_is_the_one_candidate(registry, clock, tmp_path):
+    backend = FakeProfiledBackend(clock, {"conv_a": 1.0, "conv_b": 5.0, "conv_c": 1.0})
+    result = guard_latency(_study(registry, tmp_path, backend), rounds=5)
+    assert result.profile == {"conv_a": {"float_us": 3000.0, "int8_us": 1020.0},  # + the input's Q and Transpose
+                              "conv_b": {"float_us": 3000.0, "int8_us": 5000.0, "mixed_us": 3000.0},
+                              "conv_c": {"float_us": 3000.0, "int8_us": 1010.0}}  # + the output's DQ
+    assert result.candidates == 1 and result.float_groups == ["conv_b"] and result.kept == "guarded"
+    assert result.noise_ms == pytest.approx(0.1)  # the int8 A/A pair of the second trial
+    c = result.confirm  # fp32 1+3*3, int8 1+1+5+1 (its A/A pair averaged), guarded 1+1+3+1 (scaled alike)
+    assert (c["fp32_ms"], c["int8_ms"], c["guarded_ms"]) == pytest.approx((10.0, 8.05, 8.05 * 6.0 / 8.0))
+    assert result.timed_runs == 2  # fp32 and int8 profiled and timed; int8 and int8 with conv_b float
+
+
+def test_a_profiled_candidate_within_the_noise_is_not_timed(registry, clock, tmp_path):
+    # int8 conv_b 3.2 ms in its kernels vs 3 float: a candidate, but 0.2 ms to gain is within the 0.5 ms noise
+    backend = FakeProfiledBackend(clock, {"conv_a": 1.0, "conv_b": 3.2, "conv_c": 1.0}, jitter=0.5)
+    result = guard_latency(_study(registry, tmp_path, backend), rounds=5)
+    assert result.candidates == 1 and result.float_groups == [] and result.kept == "int8"
+    assert result.timed_runs == 1 and "mixed_us" not in result.profile["conv_b"]
+
+
+def test_a_profiled_candidate_slower_on_the_whole_model_stays_int8(registry, clock, tmp_path):
+    # conv_b's kernels lose 2 ms in int8, but float among int8 neighbours its conversions cost 2.5 ms more
+    backend = FakeProfiledBackend(clock, {"conv_a": 1.0, "conv_b": 5.0, "conv_c": 1.0}, boundary=2.5)
+    result = guard_latency(_study(registry, tmp_path, backend), rounds=5)
+    assert result.candidates == 1 and result.profile["conv_b"]["mixed_us"] == 3000.0
+    assert result.float_groups == [] and result.kept == "int8" and result.timed_runs == 2
+
+
+def test_no_profiled_candidate_is_one_trial(registry, clock, tmp_path):
+    backend = FakeProfiledBackend(clock, dict.fromkeys(GROUPS, 1.0))
+    result = guard_latency(_study(registry, tmp_path, backend), rounds=20)
+    assert result.candidates == 0 and result.screen == {} and result.kept == "int8" and result.timed_runs == 1
+    assert result.confirm["int8_ms"] == pytest.approx(4.05) and result.confirm["fp32_ms"] == pytest.approx(10.0)
+    runs = clock.runs  # fp32 and int8 twice, one warm-up run each, then rounds until the difference is clear
+    assert runs == 3 * 1 + 3 * latency_guard.MIN_ROUNDS
+
+
+def test_a_real_profile_maps_every_conv_group(registry, zoo_onnx, tmp_path):
+    from graphopt.report.kernel_profile import kernel_groups, profile_units
+
+    backend = get_backend(registry, "onnxruntime")
+    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).normal(0, 1, (4, 3, 32, 32)).astype(np.float32))
+    study = prepare(zoo_onnx("tiny_resnet", keep_bn=False), str(tmp_path / "calib.npz"), registry=registry,
+                    backend=backend, samples=1, folder=str(tmp_path / "study"))
+    feeds = {k: v[:1] for k, v in study.data.items()}
+    fp32 = backend.profile_kernels(study.graph.to_model(), feeds, runs=2)
+    int8 = backend.profile_kernels(study.quantized().to_model(), feeds, runs=2)
+    convs = {g.name for g in study.groups if g.op == "Conv"}
+    assert len(convs) >= 5 and {k["op"] for k in int8} >= {"QLinearConv"}
+    assert convs <= set(kernel_groups(study, int8))  # each int8 convolution is its own QLinearConv
+    assert convs <= set(kernel_groups(study, fp32))  # each float one an (NCHWc) Conv, named after its output
+    units = profile_units(study, fp32, int8)
+    grouped = [g for u in units for g in u.groups]
+    assert len(grouped) == len(set(grouped)) and convs <= set(grouped)
+    assert all(u.float_us > 0 and u.int8_us > 0 for u in units if set(u.groups) & convs)
+
+
 def test_a_real_run_on_onnxruntime(registry, monkeypatch, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     study = _study(registry, tmp_path, get_backend(registry, "onnxruntime"))
-    result = guard_latency(study, max_intensity=0, rounds=5, seconds=30)
+    result = guard_latency(study, rounds=5, seconds=30)
     c = result.confirm
-    assert set(result.screen) == set(GROUPS) and result.timed_runs == 3
+    assert set(result.profile) == set(GROUPS) and result.timed_runs in (1, 2, 3)
     assert all(c[k] > 0 for k in ("fp32_ms", "int8_ms", "guarded_ms"))
-    assert set(result.float_nodes) <= set(GROUPS)
-    # the choice is consistent with the rule it states: kept float only when int8 lost beyond the noise
-    for name, row in result.screen.items():
-        assert (name in result.float_groups) == (row["int8_ms"] - row["float_ms"] > result.noise_ms) \
-            or result.kept != "guarded"
-    assert guard_latency(study, max_intensity=0, rounds=5, seconds=30).timed_runs == 0
+    assert set(result.float_nodes) <= set(GROUPS) and set(result.screen) <= set(GROUPS)
+    # the choice is consistent with the rules it states: candidates are the units int8 did not clearly win in the
+    # profile; what is kept float was among them and made the whole model faster than int8
+    losing = {name for name, row in result.profile.items() if row["int8_us"] > 0.9 * row["float_us"]}
+    assert result.candidates == len(losing) and (set(result.float_groups) <= losing or result.kept == "fp32")
+    assert (result.timed_runs == 1) == (not losing)
+    if result.kept == "guarded":
+        assert c["guarded_ms"] < c["int8_ms"]
+    assert guard_latency(study, rounds=5, seconds=30).timed_runs == 0
+
+
+def test_a_real_run_without_the_profile(registry, monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    study = _study(registry, tmp_path, get_backend(registry, "onnxruntime"))
+    result = guard_latency(study, max_intensity=0, rounds=5, seconds=30, profile=False)
+    assert set(result.screen) == set(GROUPS) and result.timed_runs == 3 and not result.profile
+    assert all(result.confirm[k] > 0 for k in ("fp32_ms", "int8_ms", "guarded_ms"))

@@ -27,7 +27,10 @@ The scheme is the form onnxruntime's CPU kernels run fast, read off its QDQ fusi
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import tempfile
 from dataclasses import replace
 from typing import Any, Mapping
 
@@ -63,6 +66,18 @@ def _ort_version() -> tuple[int, int]:
 
     major, minor = ort.__version__.split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+_ORT_SUFFIX = re.compile(r"(_token_\d+|_nchwc|/\w*Fusion/?)$")
+
+
+def _ort_source_name(name: str) -> str:
+    """A kernel's name less the suffixes onnxruntime's graph transformers append (see ``profile_kernels``)."""
+    while True:
+        stripped = _ORT_SUFFIX.sub("", name)
+        if stripped == name or not stripped:
+            return name
+        name = stripped
 
 
 class OnnxRuntimeBackend(Backend):
@@ -129,13 +144,16 @@ class OnnxRuntimeBackend(Backend):
         return restrict_ops(scheme, request, NOT_INT8)
 
     # -- sessions -------------------------------------------------------------------------------------------
-    def session(self, model: Any, threads: int = 0):
+    def session(self, model: Any, threads: int = 0, *, profile_dir: str | None = None):
         """An ``onnxruntime.InferenceSession``: one intra-op pool of ``threads`` (0: :func:`default_threads`, else
         onnxruntime's default, one per core), one inter-op thread, sequential execution, every graph optimisation
-        on."""
+        on; with ``profile_dir``, onnxruntime's profiler on, writing there."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        if profile_dir is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(profile_dir, "ort")
         options.log_severity_level = 4  # errors come back as exceptions; its own log line would be a second
         options.intra_op_num_threads = int(threads) or default_threads()
         options.inter_op_num_threads = 1
@@ -168,6 +186,36 @@ class OnnxRuntimeBackend(Backend):
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeError types
             where = f"{source}: " if isinstance(source, str) else ""
             raise BackendError(f"{where}onnxruntime could not load the model: {first_line(exc)}") from exc
+
+    def profile_kernels(self, model: Any, feeds: Mapping[str, np.ndarray], runs: int = 5, threads: int = 1
+                        ) -> list[dict]:
+        """The kernels of the graph onnxruntime optimized from ``model`` (layouts changed, nodes fused), in
+        execution order, from its profiler over ``runs`` runs after an untimed one: ``{"node": name, "op": kernel
+        op type, "us": microseconds per run}`` (the fastest of the runs: a profile is wall time, and on a busy machine
+        the slow runs are the ones something else interrupted). ``node`` is the kernel's name less what onnxruntime's
+        transformers append (``_token_N``, ``_nchwc``, ``/<Name>Fusion/``): the name of the node of ``model`` it
+        was built from, or of the tensor it writes (an NCHWc convolution is named after its output), or a name of
+        onnxruntime's own (``Transpose``, ``ReorderOutput``: layout changes it inserted)."""
+        runs = max(int(runs), 1)
+        with tempfile.TemporaryDirectory(prefix="graphopt-ort-profile-") as folder:
+            session = self.session(model, threads, profile_dir=folder)
+            for _ in range(runs + 1):
+                self.run(session, feeds)
+            with open(session.end_profiling()) as f:
+                events = json.load(f)
+        times: dict[str, list[float]] = {}
+        ops: dict[str, str] = {}
+        for e in events:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                name = e["name"][: -len("_kernel_time")]
+                times.setdefault(name, []).append(float(e["dur"]))
+                ops[name] = e.get("args", {}).get("op_name", "")
+        out = []
+        for name, us in times.items():
+            timed = us[len(us) // (runs + 1):]  # the first run is untimed (its allocations, its caches)
+            out.append({"node": _ort_source_name(name), "op": ops[name],
+                        "us": float(np.min(timed)) * len(timed) / runs})
+        return out
 
     def is_session(self, obj: Any) -> bool:
         return hasattr(obj, "get_inputs") and hasattr(obj, "run")

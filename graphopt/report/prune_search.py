@@ -166,23 +166,12 @@ def accuracy_trial(item: dict) -> dict:
 
 
 def time_models(backend, graphs: list[OnnxGraph], feeds: dict, rounds: int, warmup: int) -> list[list[float]]:
-    """Per graph, its CPU ms per run in each of ``rounds`` rounds: one session each with one intra-op thread,
-    ``warmup`` untimed runs, then rounds that run every session once in a rotated order (the latency guard's clock
-    and thread count: CPU time of this process)."""
+    """Per graph, its CPU ms per run in each of ``rounds`` rounds, interleaved, one intra-op thread each (the
+    latency guard's timing: :func:`graphopt.report.latency_guard.time_interleaved`)."""
     from graphopt.report import latency_guard
 
     sessions = [backend.session(g.to_model(), latency_guard.THREADS) for g in graphs]
-    for session in sessions:
-        for _ in range(warmup):
-            backend.run(session, feeds)
-    times: list[list[float]] = [[] for _ in sessions]
-    for r in range(rounds):
-        for j in range(len(sessions)):
-            i = (r + j) % len(sessions)
-            start = latency_guard.clock()
-            backend.run(sessions[i], feeds)
-            times[i].append((latency_guard.clock() - start) * 1e3)
-    return times
+    return latency_guard.time_interleaved(backend, sessions, feeds, rounds, warmup)
 
 
 def latency_trial(item: dict) -> dict:
