@@ -230,6 +230,11 @@ class Backend(ABC):
     # :func:`graphopt.backends.get_backend`); None: it has none. ``options`` holds the values of this instance.
     Options: ClassVar[type | None] = None
     options: Any = None
+    # Optional: a backend that can profile the graph it actually runs defines
+    # ``profile_kernels(model, feeds, runs, threads) -> [{"node", "op", "us"}]`` (its optimized graph's kernels, each
+    # named after the node or tensor it came from, with its time per run); the latency guard then starts from it
+    # (:mod:`graphopt.report.kernel_profile`). None: it cannot.
+    profile_kernels: Any = None
 
     def configured(self, options: Any) -> "Backend":
         """This backend with ``options`` (an ``Options`` instance); the registered instance is left unchanged."""
