@@ -1,4 +1,7 @@
-"""`graphopt run | passes | inspect | verify | bench | compare` — the command line.
+"""The command line: `graphopt run | passes | inspect | verify | bench | compare | sensitivity`. This module builds
+the parser, runs `passes`, `inspect` and `verify`, and is the one entry point that maps errors to exit codes; `run`
+lives in :mod:`graphopt.cli_run`, `bench` / `compare` in :mod:`graphopt.cli_backend`, `verify --backend` in
+:mod:`graphopt.cli_lint`, `sensitivity` in :mod:`graphopt.cli_sensitivity`.
 
 Bad input gets one ``graphopt: error: ...`` line on stderr and a non-zero exit (2 for usage, 1 otherwise);
 ``--debug`` shows the traceback. The input file is never written, and no output file is left behind on error.
@@ -7,30 +10,24 @@ Bad input gets one ``graphopt: error: ...`` line on stderr and a non-zero exit (
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import textwrap
 import warnings
 
 from graphopt.cli_backend import (
     add_backend_commands,
-    add_backend_option_flags,
-    backend_from_args,
     cmd_bench,
     cmd_compare,
-    load_npz,
     registry_from_args,
 )
 from graphopt.cli_lint import add_lint_flags, cmd_lint, wants_lint
+from graphopt.cli_run import add_run_command, cmd_run, example_inputs
 from graphopt.cli_sensitivity import add_sensitivity_command, cmd_sensitivity
 from graphopt.errors import (
     INTERNAL_ERROR_EXIT,
-    EquivalenceError,
     GraphoptError,
     ModelLoadError,
-    OutputError,
     UnsupportedError,
     UsageError,
     first_line,
@@ -68,52 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    run = sub.add_parser("run", help="run a pipeline of passes on a model")
-    run.add_argument("model", help="an .onnx file or a torch.export .pt2 (a torch.save'd module needs --trust-pickle)")
-    run.add_argument("--passes", "-P", default="fold",
-                     help="textual pipeline, e.g. fold or fold,prune:ratio=0.5 (default: fold)")
-    run.add_argument("--recipe", metavar="FILE.yaml",
-                     help="replay a decision graphopt sensitivity --recipe wrote (its passes and backend, or with "
-                          "--backend that backend's form); refused on another model")
-    run.add_argument("-o", "--output", help="output path (default: beside the input, with .opt before the suffix)")
-    run.add_argument("--verify-each", action="store_true",
-                     help="onnx checker / FX lint and the numeric comparison after every modifying pass")
-    run.add_argument("--no-check", action="store_true",
-                     help="skip the numeric check (the outputs of the original against the result's, on --eval or "
-                          "--calib samples or generated inputs)")
-    run.add_argument("--rtol", type=float, default=1e-4,
-                     help="max relative output error allowed for exact passes (default 1e-4)")
-    run.add_argument("--bisect", action="store_true",
-                     help="find the first pass whose output no longer matches the original; writes no model")
-    run.add_argument("--snapshot-dir", metavar="DIR", help="save the model after each pass into DIR")
-    run.add_argument("--reproducer", metavar="DIR", help="if a pass fails, save its input model and command to DIR")
-    run.add_argument("--json", metavar="PATH", help="also write the run report as JSON")
-    run.add_argument("--report", metavar="DIR",
-                     help="also write report.json, report.md and PNG plots (before/after bars; per-layer SQNR with "
-                          "--eval) into DIR (created if missing)")
-    run.add_argument("--calib", metavar="DATA",
-                     help="calibration data for int8: .npz (one array per input), .npy, a folder of .npy/.npz or "
-                          "of images (default: synthetic random inputs, with a loud warning)")
-    run.add_argument("--calib-resize", type=int, metavar="N", help="images: resize the shorter side to N pixels")
-    run.add_argument("--calib-crop", type=int, metavar="N", help="images: center crop N x N")
-    run.add_argument("--calib-mean", metavar="0.485,0.456,0.406", help="images: per-channel mean (after /255)")
-    run.add_argument("--calib-std", metavar="0.229,0.224,0.225", help="images: per-channel std (after /255)")
-    run.add_argument("--backend",
-                     help="the target backend: its quantization scheme is what int8 places, and latency/accuracy "
-                          "are measured on it (default: onnxruntime); options as name:key=value:key2=value2")
-    add_backend_option_flags(run, run=True)
-    run.add_argument("--eval", metavar="DATA.npz",
-                     help="labelled data (inputs + --labels array): report accuracy, output SQNR and per-layer "
-                          "SQNR of the written model against the input")
-    run.add_argument("--labels", default="labels", metavar="KEY", help="the labels array in --eval (default: labels)")
-    run.add_argument("--bench", action="store_true", help="report latency before and after on the backend")
-    run.add_argument("--input-shape", action="append", default=[], metavar="1x3x224x224",
-                     help="example input shape for a plain PyTorch module (repeat for several inputs)")
-    run.add_argument("--instrument", action="append", default=[], metavar="NAME",
-                     help="also run this instrument around every pass (one a plugin registered; repeatable)")
-    run.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    _add_plugin_flags(run)
-    _add_trust_flag(run)
+    add_run_command(sub, _add_plugin_flags, _add_trust_flag)
 
     passes = sub.add_parser("passes", help="list every pass and pipeline alias with its options")
     passes.add_argument("name", nargs="?", help="describe only this pass or alias")
@@ -154,230 +106,10 @@ def version_line() -> str:
     return f"graphopt {graphopt.__version__} ({', '.join(parts)})"
 
 
-def _example_inputs(shapes: list[str]):
-    if not shapes:
-        return None
-    import torch
-
-    out = []
-    for text in shapes:
-        try:
-            out.append(torch.randn(*[int(d) for d in text.lower().split("x")]))
-        except ValueError:
-            raise UsageError(f"--input-shape '{text}' is not like 1x3x224x224") from None
-    return tuple(out)
-
-
 def _load(args):
     from graphopt.ir import load_model
 
-    return load_model(args.model, _example_inputs(args.input_shape), trust_pickle=args.trust_pickle)
-
-
-def default_output(path: str, ir: str = "onnx") -> str:
-    root, ext = os.path.splitext(path)
-    return f"{root}.opt.onnx" if ir == "onnx" else f"{root}.opt.pt2"
-
-
-def _io_plan(args, steps, output: str, suffix: str):
-    """Every file the run reads and writes, checked against each other before any pass runs."""
-    from graphopt.passes.instruments import snapshot_name
-    from graphopt.paths import IOPlan
-
-    plan = IOPlan()
-    plan.read("input model", args.model)
-    for data_file in _external_data_files(args.model):
-        plan.read("input model's external data", data_file)
-    plan.read("calibration data", args.calib)
-    plan.read("evaluation data", args.eval)
-    plan.write("-o", output)
-    plan.write("-o (its external data)", output + ".data")
-    plan.write("--json", args.json)
-    if args.report:
-        from graphopt.report.report_dir import FILES
-
-        plan.write_into("--report", args.report, list(FILES))
-    if args.save_ir:
-        from graphopt.backends.openvino import ir_paths
-
-        for path in ir_paths(output, args.save_ir):
-            plan.write("--save-ir", path)
-    snapshots = [snapshot_name(i, p.name, suffix) for i, p in enumerate(steps, start=1)]
-    plan.write_into("--snapshot-dir", args.snapshot_dir, snapshots + [n + ".data" for n in snapshots])
-    plan.write_into("--reproducer", args.reproducer, [f"input{suffix}", f"input{suffix}.data", "reproduce.txt"])
-    plan.check()
-
-
-def _external_data_files(path: str) -> list[str]:
-    """The external data files an ONNX model at ``path`` reads (none for other files, or unreadable ones)."""
-    from graphopt.ir import TORCH_SUFFIXES, external_data_files
-
-    if path.endswith(TORCH_SUFFIXES) or not os.path.isfile(path):
-        return []
-    return external_data_files(path)
-
-
-def cmd_run(args) -> int:
-    from graphopt.backends.base import DataError, model_size_bytes
-    from graphopt.driver import Driver, RunConfig
-    from graphopt.passes.instruments import FloatReference, model_suffix
-    from graphopt.passes.manager import PassManager, bisect
-    from graphopt.paths import atomic_write
-    from graphopt.report.run_report import (
-        cost_report,
-        format_run,
-        jsonable_run,
-        measure_costs,
-        measure_run,
-        per_layer_fx,
-    )
-
-    if args.recipe:
-        from graphopt.recipe import apply_recipe
-
-        apply_recipe(args)  # its passes, and the backend's form (--backend: another backend's)
-    args.backend = args.backend or "onnxruntime"
-    registry = registry_from_args(args)
-    eval_data, labels = _eval_data(args)
-    reference = FloatReference()  # a PyTorch run's per-layer table compares the quantized graph with this one
-    backend = backend_from_args(args, registry)  # with the options its flags set
-    config = RunConfig(passes=args.passes, backend=backend, example_inputs=_example_inputs(args.input_shape),
-                       calibration=args.calib, image_options=_image_options(args), eval_inputs=eval_data,
-                       check=not args.no_check, rtol=args.rtol, verify_each=args.verify_each,
-                       snapshot_dir=args.snapshot_dir, reproducer=args.reproducer,
-                       instruments=tuple(args.instrument) + ((reference,) if eval_data is not None else ()),
-                       trust_pickle=args.trust_pickle)
-    driver = Driver(config, registry)  # pipeline, passes, backend, instruments: usage errors before loading
-    graph = driver.load(args.model)  # reading writes nothing; what it reads is known once it is loaded
-    output = args.output or default_output(args.model, graph.ir)
-    _io_plan(args, PassManager(driver.passes).plan(graph), output, model_suffix(graph))
-    say = (lambda *a: None) if args.quiet else print
-
-    if args.bisect:
-        result = bisect(graph, driver.passes, driver.context(graph), rtol=args.rtol)
-        say(result.describe(args.rtol))
-        return EquivalenceError.exit_code if result.culprit else 0
-
-    costs_before = measure_costs(graph)  # parameters and MACs, before the passes edit the graph in place
-    measured: dict = {}
-    # a PyTorch model on a backend that runs it (x86): before = the input lowered the same way, after = the file
-    runs_fx = graph.ir == "fx" and "fx" in driver.backend.irs and not output.endswith(".onnx")
-    original = graph.copy() if runs_fx and (args.bench or eval_data is not None) else None
-
-    def measure(staged_path: str, result) -> None:  # on the written file before it moves: a failure leaves nothing
-        costs = (costs_before, measure_costs(result))
-        if original is not None:
-            measured.update(measure_run(original, staged_path, driver.backend, data=eval_data, labels=labels,
-                                        labels_key=args.labels, bench=args.bench, costs=costs,
-                                        sizes=(model_size_bytes(args.model), model_size_bytes(staged_path))))
-        elif result.ir == "onnx":
-            try:
-                measured.update(measure_run(args.model, staged_path, driver.backend, data=eval_data, labels=labels,
-                                            labels_key=args.labels, bench=args.bench, costs=costs))
-            except DataError as exc:
-                if eval_data is None:
-                    raise
-                raise DataError(f"--eval {args.eval}: {exc} (give data that fits the model's inputs)") from None
-        else:  # a PyTorch model: size, parameters and MACs
-            measured.update(cost_report(*costs))
-            measured["size_bytes"] = {"before": model_size_bytes(args.model), "after": model_size_bytes(staged_path)}
-
-    run = driver.run(args.model, output, graph=graph, before_move=measure)
-    out, report, before = run.graph, run.report, run.source
-    if reference.graph is not None and measured.get("_comparison") is not None:  # per layer, by FX node name
-        measured["_comparison"].per_layer = per_layer_fx(reference.graph, out, eval_data)
-        measured["comparison"]["per_layer"] = measured["_comparison"].per_layer.to_dict()
-    after = out.describe()
-    say(f"{args.model}: {before['ir']}, {before['nodes']} nodes, {before['parameters']:,} parameters")
-    for note in getattr(graph, "notes", []):  # what loading changed: IR < 4 upgraded, inputs with defaults
-        say(f"note: {note}")
-    say(f"pipeline: {run.pipeline}" + (f"  (= {run.resolved})" if run.pipeline != run.resolved else ""))
-    say(report.table())
-    numeric = report.checks.get("numeric")
-    if numeric and numeric.get("compared") and numeric["comparisons"]:
-        say(f"check: {_check_line(numeric)}")
-    for warning in report.warnings:
-        say(f"warning: {warning}")
-    say(f"wrote {output}: {after['nodes']} nodes, {after['parameters']:,} parameters")
-    for line in run.artifact.get("summary", []):  # the backend's facts about the file (x86: the lowering)
-        say(line)
-    say(format_run(measured))
-    if original is not None:
-        say(f"before: the input model run on {driver.backend.name} the same way (lowered like the result)")
-    if args.json or args.report:
-        from graphopt.report.report_dir import search_data
-
-        data = {"input": {"path": args.model, **before, "notes": list(getattr(graph, "notes", []))},
-                "output": {"path": output, **after},
-                "backend": driver.backend.name, **run.to_dict(), **jsonable_run(measured),
-                **search_data(run.ctx.state)}
-        try:
-            if args.json:
-                atomic_write(args.json, json.dumps(data, indent=2, default=_json_default), "--json")
-            if args.report:
-                from graphopt.report.report_dir import write_report_dir
-
-                written = write_report_dir(args.report, json.loads(json.dumps(data, default=_json_default)),
-                                           report.table())
-                say(f"wrote the report into {args.report}: {', '.join(os.path.basename(p) for p in written)}")
-        except OutputError:  # a failed run leaves nothing behind: not the model without its report either
-            for path in run.written + ([args.json] if args.json else []):
-                if os.path.lexists(path):
-                    os.remove(path)
-            raise
-    return 0
-
-
-def _check_line(numeric: dict) -> str:
-    from graphopt.numeric import fmt_db
-
-    comparisons = numeric["comparisons"]
-    exact = [c for c in comparisons if c["equivalence"] == "exact"]
-    parts = []
-    if exact:
-        worst = max(c["max_rel_err"] for c in exact)
-        parts.append(f"exact passes keep the outputs: max rel. error {worst:.1e} <= {numeric['rtol']:g}")
-    for c in comparisons:
-        if c["equivalence"] != "exact":
-            parts.append(f"{' + '.join(c['passes'])}: SQNR {fmt_db(c['sqnr_db'])} dB, cosine {c['cosine']:.4f}")
-    return "; ".join(parts) + f", on {numeric['inputs']}"
-
-
-def _json_default(value):
-    return str(value)
-
-
-def _image_options(args):
-    image_flags = (args.calib_resize, args.calib_crop, args.calib_mean, args.calib_std)
-    if not any(f is not None for f in image_flags):
-        return None
-    if not args.calib:
-        raise UsageError("--calib-resize/--calib-crop/--calib-mean/--calib-std need --calib FOLDER of images")
-    from graphopt.calib.sources import ImageOptions
-
-    return ImageOptions(resize=args.calib_resize, crop=args.calib_crop,
-                        mean=_floats(args.calib_mean, "--calib-mean"), std=_floats(args.calib_std, "--calib-std"))
-
-
-def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"{flag} '{text}' is not a comma-separated list of numbers") from None
-
-
-def _eval_data(args):
-    """``--eval``'s inputs and labels, read before any pass runs so a bad file fails early."""
-    if not args.eval:
-        return None, None
-    data = load_npz(args.eval)
-    if args.labels not in data:
-        raise UsageError(f"{args.eval} has no labels array '{args.labels}' (it has: {', '.join(sorted(data))}); "
-                         f"name it with --labels")
-    labels = data.pop(args.labels)
-    return data, labels
+    return load_model(args.model, example_inputs(args.input_shape), trust_pickle=args.trust_pickle)
 
 
 def cmd_passes(args) -> int:
