@@ -118,21 +118,12 @@ class PruneStudy(Scored):
         return load_once(folder, cls.load, study)
 
     @classmethod
-    def load(cls, folder: str) -> "PruneStudy":
-        """The study saved in ``folder`` (once per process)."""
-        return load_once(folder, cls._read)
-
-    @classmethod
     def _read(cls, folder: str) -> "PruneStudy":
-        from graphopt.backends import get_backend
-        from graphopt.plugins import default_registry
         from graphopt.report.cost import model_costs
 
-        meta, arrays, labels = read_study(folder)
-        registry = default_registry()
+        meta, arrays, labels, registry, backend = read_study(folder)
         graph = OnnxGraph.load(os.path.join(folder, "model.onnx"))
-        return cls(folder, graph, arrays, labels, meta["pipeline"], get_backend(registry, meta["backend"]), registry,
-                   model_costs(graph).macs)
+        return cls(folder, graph, arrays, labels, meta["pipeline"], backend, registry, model_costs(graph).macs)
 
     def pruned(self, options: dict) -> OnnxGraph:
         """The graph pruned by the pipeline's last pass with ``options`` (JSON: lists become tuples)."""

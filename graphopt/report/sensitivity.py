@@ -137,20 +137,11 @@ class Study(Scored):
         return study
 
     @classmethod
-    def load(cls, folder: str) -> "Study":
-        """The study saved in ``folder`` (once per process)."""
-        return load_once(folder, cls._read)
-
-    @classmethod
     def _read(cls, folder: str) -> "Study":
-        from graphopt.backends import get_backend
-        from graphopt.plugins import default_registry
-
-        meta, arrays, labels = read_study(folder)
-        registry = default_registry()
+        meta, arrays, labels, registry, backend = read_study(folder)
         return cls(folder, OnnxGraph.load(os.path.join(folder, "model.onnx")),
                    {k: tuple(v) for k, v in meta["ranges"].items()}, arrays, labels, meta["backend"], meta["place"],
-                   groups_from_json(meta["groups"]), registry, get_backend(registry, meta["backend"]))
+                   groups_from_json(meta["groups"]), registry, backend)
 
     def members(self, names: Iterable[str]) -> tuple[str, ...]:
         """The nodes to exclude to keep the groups ``names`` float."""

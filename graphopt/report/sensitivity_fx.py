@@ -142,18 +142,12 @@ class FxStudy(Study):
         return study
 
     @classmethod
-    def load(cls, folder: str) -> "FxStudy":
-        """The study saved in ``folder`` (once per process). Ranges are keyed by ATen node name; a program that
-        comes back with other names (same graph, same order) has them mapped by position."""
-        return load_once(folder, cls._read)
-
-    @classmethod
     def _read(cls, folder: str) -> "FxStudy":
-        from graphopt.backends import get_backend
+        """Ranges are keyed by ATen node name; a program that comes back with other names (same graph, same order)
+        has them mapped by position."""
         from graphopt.ir.fx_graph import FxGraph
-        from graphopt.plugins import default_registry
 
-        meta, arrays, labels = read_study(folder)
+        meta, arrays, labels, registry, backend = read_study(folder)
         graph = FxGraph.load(os.path.join(folder, "model.pt2"))
         ranges = {k: tuple(v) for k, v in meta["ranges"].items()}
         now = _activations(graph.gm)
@@ -162,9 +156,8 @@ class FxStudy(Study):
                 raise UsageError(f"{folder}: the saved program does not reload as the graph it was made from")
             rename = dict(zip(meta["activations"], now))
             ranges = {rename.get(k, k): v for k, v in ranges.items()}
-        registry = default_registry()
         return cls(folder, graph, ranges, arrays, labels, meta["backend"], meta["place"],
-                   groups_from_json(meta["groups"]), registry, get_backend(registry, meta["backend"]))
+                   groups_from_json(meta["groups"]), registry, backend)
 
     @staticmethod
     def trial_function():

@@ -71,8 +71,12 @@ def write_study(folder: str, model_file: str, model: bytes, data: dict[str, np.n
         json.dump(meta, f)
 
 
-def read_study(folder: str) -> tuple[dict, dict[str, np.ndarray], np.ndarray | None]:
-    """(meta, samples, labels or None) of the study in ``folder``; its time is touched (a study in use is new)."""
+def read_study(folder: str) -> tuple[dict, dict[str, np.ndarray], np.ndarray | None, Any, Any]:
+    """(meta, samples, labels or None, registry, backend) of the study in ``folder`` (its backend by the name in
+    its meta, from the default registry); its time is touched (a study in use is new)."""
+    from graphopt.backends import get_backend
+    from graphopt.plugins import default_registry
+
     try:
         os.utime(folder)
     except OSError:  # a read-only folder: nothing prunes it either
@@ -81,7 +85,8 @@ def read_study(folder: str) -> tuple[dict, dict[str, np.ndarray], np.ndarray | N
         meta = json.load(f)
     with np.load(os.path.join(folder, "data.npz")) as z:
         arrays = {k: z[k] for k in z.files}
-    return meta, arrays, arrays.pop(LABELS, None)
+    registry = default_registry()
+    return meta, arrays, arrays.pop(LABELS, None), registry, get_backend(registry, meta["backend"])
 
 
 def load_once(folder: str, load: Callable[[str], Any], study: Any = None) -> Any:
@@ -118,10 +123,20 @@ def prune_studies(root: str, *, keep: int = KEEP_STUDIES, current: str | None = 
 
 
 class Scored:
-    """Scores against the reference outputs: a study has ``data``, ``labels`` and ``reference()``."""
+    """What every kind of study shares: :meth:`load` (once per process, through the kind's ``_read(folder)``) and
+    scores against the reference outputs (a study has ``data``, ``labels`` and ``reference()``)."""
 
     data: dict[str, np.ndarray]
     labels: np.ndarray | None
+
+    @classmethod
+    def load(cls, folder: str):
+        """The study saved in ``folder`` (once per process)."""
+        return load_once(folder, cls._read)
+
+    @classmethod
+    def _read(cls, folder: str):
+        raise NotImplementedError
 
     @property
     def samples(self) -> int:
