@@ -124,17 +124,26 @@ class Study(Scored):
         ranges = {k: (float(v[0]), float(v[1])) for k, v in ranges.items()}
         data = {k: np.ascontiguousarray(v) for k, v in data.items()}
         place = _place_pass(resolve(place_text, registry))
-        scheme = backend.scheme(place.options.request())
-        groups = decision_groups(graph, scheme, ranges)
-        model = graph.to_model().SerializeToString()
-        folder = study_folder("", model, [sorted(ranges.items()), backend.name, place_text], data, labels, folder)
-        write_study(folder, "model.onnx", model, data, labels,
+        groups = cls.decision_groups(graph, backend.scheme(place.options.request()), ranges)
+        prefix, model_file, model, extra = cls.serialize(graph)
+        folder = study_folder(prefix, model, [sorted(ranges.items()), backend.name, place_text], data, labels, folder)
+        write_study(folder, model_file, model, data, labels,
                     {"backend": backend.name, "place": place_text, "ranges": ranges,
-                     "groups": [dataclasses.asdict(grp) for grp in groups]})
+                     "groups": [dataclasses.asdict(grp) for grp in groups], **extra})
         study = cls(folder, graph, ranges, data, None if labels is None else np.asarray(labels), backend.name,
                     place_text, groups, registry, backend)
         load_once(folder, cls.load, study)
         return study
+
+    @staticmethod
+    def decision_groups(graph, scheme, ranges: dict) -> list[Group]:
+        """This kind's groups of ``graph`` under ``scheme`` (:func:`decision_groups`)."""
+        return decision_groups(graph, scheme, ranges)
+
+    @staticmethod
+    def serialize(graph) -> tuple[str, str, bytes, dict]:
+        """(folder-name prefix, model file name, its bytes, more for study.json) of this kind's ``graph``."""
+        return "", "model.onnx", graph.to_model().SerializeToString(), {}
 
     @classmethod
     def _read(cls, folder: str) -> "Study":

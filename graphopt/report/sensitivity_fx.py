@@ -31,7 +31,6 @@ output and not at the tensor it reads.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import os
@@ -41,8 +40,8 @@ import numpy as np
 
 from graphopt.backends.base import iter_batches
 from graphopt.errors import UsageError
-from graphopt.report.sensitivity import Group, Study, _place_pass, groups_from_json, prepare
-from graphopt.report.study_files import load_once, read_study, study_folder, write_study
+from graphopt.report.sensitivity import Group, Study, groups_from_json, prepare
+from graphopt.report.study_files import read_study
 
 __all__ = ["FxStudy", "fx_decision_groups", "prepare_fx", "run_fx_trial"]
 
@@ -112,34 +111,22 @@ class FxStudy(Study):
 
     ir = "fx"
 
-    @classmethod
-    def create(cls, graph, ranges: dict, data: dict, labels, *, backend, place_text: str, registry,
-               folder: str | None = None) -> "FxStudy":
-        """A study of calibrated ATen ``graph``, written under ``folder`` (default: a folder under the temp dir
-        named by the hash of the program, ranges, data, backend and placing pass)."""
+    @staticmethod
+    def decision_groups(graph, scheme, ranges: dict) -> list[Group]:
+        return fx_decision_groups(graph.gm, scheme, ranges)
+
+    @staticmethod
+    def serialize(graph) -> tuple[str, str, bytes, dict]:
+        """The calibrated ATen program as ``torch.export.save`` writes it, and its activations' names in order."""
         import torch
 
         from graphopt.ir.fx_export import export_dynamic
-        from graphopt.passes.pipeline import resolve
 
         if not graph.is_aten():
             raise UsageError("an FX study needs the calibrated ATen graph (run insert-observers and calibrate)")
-        ranges = {k: (float(v[0]), float(v[1])) for k, v in ranges.items()}
-        data = {k: np.ascontiguousarray(v) for k, v in data.items()}
-        place = _place_pass(resolve(place_text, registry))
-        groups = fx_decision_groups(graph.gm, backend.scheme(place.options.request()), ranges)
         buffer = io.BytesIO()
         torch.export.save(export_dynamic(graph.gm, graph.example_inputs), buffer)
-        program = buffer.getvalue()
-        folder = study_folder("fx-", program, [sorted(ranges.items()), backend.name, place_text], data, labels,
-                              folder)
-        write_study(folder, "model.pt2", program, data, labels,
-                    {"ir": "fx", "backend": backend.name, "place": place_text, "ranges": ranges,
-                     "activations": _activations(graph.gm), "groups": [dataclasses.asdict(grp) for grp in groups]})
-        study = cls(folder, graph, ranges, data, None if labels is None else np.asarray(labels), backend.name,
-                    place_text, groups, registry, backend)
-        load_once(folder, cls.load, study)
-        return study
+        return "fx-", "model.pt2", buffer.getvalue(), {"ir": "fx", "activations": _activations(graph.gm)}
 
     @classmethod
     def _read(cls, folder: str) -> "FxStudy":
