@@ -98,6 +98,8 @@ class PruneChannels(Pass):
                     raise ValueError("budget chooses the layer ratios itself: give budget or layer_ratios, not both")
             if self.samples < 1:
                 raise ValueError("samples must be at least 1")
+            if self.plot and not self.plot.lower().endswith(".png"):
+                raise ValueError(f"plot={self.plot}: the Pareto plot is a .png file")
 
     # -- plumbing shared by both IRs ----------------------------------------------------------------------
     def _lookup(self, ir: str, ctx):
@@ -203,6 +205,8 @@ class PruneChannels(Pass):
         o = self.options
         if ctx.backend is None:
             raise self.fail("budget: no backend in the pass context to run candidates on (give one)")
+        if o.plot:
+            _check_plot_path(o.plot, self)
         base = dataclasses.replace(o, budget="", eval="", labels="labels", samples=64, executor="", plot="")
         probe = type(self)(dataclasses.replace(base, ratio=0.0))  # ratio 0: the groups, and why some are kept whole
         units = [g.name for g in probe._prune(OnnxChannels(graph.copy()).view(), handlers, criterion).groups
@@ -265,6 +269,16 @@ class PruneChannels(Pass):
         except Exception as exc:
             return _unchanged(graph, exc)
         return self._settle(graph, ctx, adapter, view, outcome, _check_fx)
+
+
+def _check_plot_path(path: str, owner) -> None:
+    """Never write over a file that is not a PNG already (a model, data: the run's inputs are never written)."""
+    import os
+
+    if os.path.lexists(path):
+        with open(path, "rb") as f:
+            if os.path.islink(path) or f.read(8) != b"\x89PNG\r\n\x1a\n":
+                raise owner.fail(f"plot={path}: exists and is not a PNG plot; give a new path")
 
 
 def _candidate_options(scope: str, ratio: float, unit_ratios: dict[str, float]) -> dict:
