@@ -18,6 +18,13 @@ ZOO_SHAPES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def fresh_study_folders(tmp_path, monkeypatch):
+    """Sweeps cache their trials in study folders named by content (graphopt/report/study_files.py): each test
+    gets its own root (tmp_path/graphopt-studies), so no test passes on a trial an earlier test or session cached."""
+    monkeypatch.setenv("GRAPHOPT_STUDY_DIR", str(tmp_path / "graphopt-studies"))
+
+
 @pytest.fixture(scope="session")
 def registry():
     """Every plugin graphopt ships (third-party autoload off, so a stray installed plugin cannot interfere)."""

@@ -4,7 +4,8 @@ A sweep (int8 sensitivity on ONNX or FX, the prune-ratio search) writes its mode
 labels) and its settings to a folder, so that a trial — a module-level function of a JSON item naming that folder —
 can run in another process or on a Ray worker and load them once (:func:`load_once`). The folder is named by the
 hash of everything it holds (:func:`study_folder`): the same study, the same folder, the same cached trials, so a
-rerun resumes. graphopt marks the folders it names itself (:data:`AUTO_MARKER`) and keeps the newest
+rerun resumes. Those folders live under :func:`studies_root` (``$GRAPHOPT_STUDY_DIR``, else
+``$TMPDIR/graphopt-studies``). graphopt marks the folders it names itself (:data:`AUTO_MARKER`) and keeps the newest
 :data:`KEEP_STUDIES` of them, removing older ones unused for an hour (:func:`prune_studies`); a folder the caller
 names is never removed.
 
@@ -27,20 +28,26 @@ import numpy as np
 from graphopt.errors import UsageError
 from graphopt.numeric import cosine_similarity, sqnr_db, top1_accuracy
 
-__all__ = ["AUTO_MARKER", "KEEP_STUDIES", "Scored", "calibration_arrays", "eval_arrays", "load_once",
-           "prune_studies", "read_study", "study_folder", "write_study"]
+__all__ = ["AUTO_MARKER", "KEEP_STUDIES", "ROOT_ENV", "Scored", "calibration_arrays", "eval_arrays", "load_once",
+           "prune_studies", "read_study", "studies_root", "study_folder", "write_study"]
 
-KEEP_STUDIES = 8  # study folders graphopt chose that are kept under $TMPDIR/graphopt-studies, newest first
+KEEP_STUDIES = 8  # study folders graphopt chose that are kept under studies_root(), newest first
+ROOT_ENV = "GRAPHOPT_STUDY_DIR"  # where graphopt puts the study folders it names (default: the temp dir's)
 AUTO_MARKER = ".graphopt-auto"  # in a study folder graphopt chose (only such folders are ever removed)
 LABELS = "__labels__"  # the labels' array in a study's data.npz
 _LOADED: dict[str, Any] = {}  # the studies this process holds, by folder (a trial loads each once)
 
 
+def studies_root() -> str:
+    """The folder that holds the study folders graphopt names itself."""
+    return os.environ.get(ROOT_ENV) or os.path.join(tempfile.gettempdir(), "graphopt-studies")
+
+
 def study_folder(prefix: str, model: bytes, settings: Any, data: dict[str, np.ndarray], labels,
                  folder: str | None = None) -> str:
-    """``folder`` (created, unmarked: the caller's) or, when None, a folder under the temp dir named ``prefix`` +
-    the hash of ``model`` (bytes), ``settings`` (JSON), ``data`` and ``labels`` (created, marked, and the oldest
-    marked folders beside it pruned)."""
+    """``folder`` (created, unmarked: the caller's) or, when None, a folder under :func:`studies_root` named
+    ``prefix`` + the hash of ``model`` (bytes), ``settings`` (JSON), ``data`` and ``labels`` (created, marked, and
+    the oldest marked folders beside it pruned)."""
     if folder is not None:
         os.makedirs(folder, exist_ok=True)
         marker = os.path.join(folder, AUTO_MARKER)
@@ -53,7 +60,7 @@ def study_folder(prefix: str, model: bytes, settings: Any, data: dict[str, np.nd
         digest.update(key.encode() + np.ascontiguousarray(data[key]).tobytes())
     if labels is not None:
         digest.update(np.asarray(labels).tobytes())
-    folder = os.path.join(tempfile.gettempdir(), "graphopt-studies", prefix + digest.hexdigest()[:16])
+    folder = os.path.join(studies_root(), prefix + digest.hexdigest()[:16])
     os.makedirs(folder, exist_ok=True)
     open(os.path.join(folder, AUTO_MARKER), "w").close()
     os.utime(folder)
