@@ -26,13 +26,16 @@ sequences, distinct from the ``--calib`` calibration sequences):
   fusion groups ranked by a cheap proxy, kept float one more at a time until the budget holds (measured on the
   calibration data, as the pass does); bar: cosine >= 0.99 on the evaluation samples with at most 20 % of its
   MatMul/Gemm float, at <= 0.8x fp32 latency;
+* ``graphopt + fallback``: the same with ``fallback=int8-dynamic``: the groups the budget kept float are then
+  tried in dynamic int8 (int8 weights, activations quantized at run time), and run in it where the budget still
+  holds;
 * ``nncf``: ``nncf.quantize_with_accuracy_control(onnx.ModelProto, calibration_dataset, validation_dataset,
   validation_fn, max_drop=0.01, drop_type=ABSOLUTE)`` (NNCF's ONNX backend) with ``validation_fn`` = output cosine
   vs fp32 over the validation set (fp32 scores 1.0, so ``max_drop=0.01`` is the same budget); its validation set is
   the calibration sequences (what graphopt's search sees); if it fails, its error is recorded.
 
-Reported per variant (fp32, plain static int8, graphopt budgeted, NNCF): MatMul/Gemm run in float
-(:func:`float_matmuls`: no DequantizeLinear feeding the first input, through shape-only ops), output cosine on
+Reported per variant (fp32, plain static int8, graphopt budgeted, with the fallback, NNCF): MatMul/Gemm run in
+float / dynamic int8 / static int8 (:func:`matmul_formats`), output cosine on
 the evaluation samples, latency (batch 1, ONE intra-op thread, CPU time per run via ``time.process_time``; ``--rounds``
 interleaved rounds of ``--inner`` runs, median and IQR, ratio to fp32: median of per-round ratios), and the time
 each quantizer took (wall). On a shared machine the latency is indicative. Needs ``pip install -e '.[torch]'``
@@ -102,10 +105,11 @@ def export_encoder(path: str, args) -> None:
 SHAPE_ONLY = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
 
 
-def float_matmuls(path: str) -> tuple[int, int]:
-    """(MatMul/Gemm run in float, MatMul/Gemm in all). A MatMul/Gemm runs in int8 when its first input comes from
-    a DequantizeLinear, directly or through shape-only ops (QDQ attention: DQ -> Reshape -> Transpose -> MatMul),
-    or when it was rewritten to MatMulInteger / QLinearMatMul; any other runs in float."""
+def matmul_formats(path: str) -> tuple[int, int, int, int]:
+    """(MatMul/Gemm run in float, in dynamic int8, in static int8, in all). A MatMul/Gemm runs in static int8 when
+    its first input comes from a DequantizeLinear, directly or through shape-only ops (QDQ attention: DQ -> Reshape
+    -> Transpose -> MatMul), or as QLinearMatMul; in dynamic int8 as MatMulInteger (int8-dynamic's form); any other
+    runs in float."""
     model = onnx.load(path)
     producer = {o: n for n in model.graph.node for o in n.output}
 
@@ -117,7 +121,8 @@ def float_matmuls(path: str) -> tuple[int, int]:
 
     ops = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul")]
     float_ops = [n for n in ops if n.op_type in ("MatMul", "Gemm") and not dequantized(n.input[0])]
-    return len(float_ops), len(ops)
+    dynamic = [n for n in ops if n.op_type == "MatMulInteger"]
+    return len(float_ops), len(dynamic), len(ops) - len(float_ops) - len(dynamic), len(ops)
 
 
 def session(path: str, threads: int = 0):
@@ -183,21 +188,26 @@ def markdown(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
              f"Latency: batch 1, 1 intra-op thread, CPU time per run, {meta['rounds']} interleaved rounds x "
              f"{meta['inner']} runs (median, IQR; x fp32: median of per-round ratios); indicative on a shared "
              f"machine.", "",
-             "| variant | MatMul/Gemm float | cosine | CPU ms | IQR ms | x fp32 | quantizer time s | note |",
+             "| variant | MatMul/Gemm float / dynamic / static | cosine | CPU ms | IQR ms | x fp32 | quantizer "
+             "time s | note |",
              "|---|---|---|---|---|---|---|---|"]
     for v, r in rows.items():
         if "error" in r:
             lines.append(f"| {v} | - | - | - | - | - | {r.get('seconds', 0):.1f} | failed: {r['error']} |")
             continue
-        lines.append(f"| {v} | {r['float']}/{r['matmuls']} | {r['cosine']:.4f} | {r['median_ms']:.2f} | "
+        lines.append(f"| {v} | {r['float']} / {r['dynamic']} / {r['static']} of {r['matmuls']} | {r['cosine']:.4f} | "
+                     f"{r['median_ms']:.2f} | "
                      f"{r['iqr_ms']:.2f} | {r['vs_fp32']:.2f} | {r.get('seconds', 0):.1f} | {r.get('note', '')} |")
-    plain, g = rows["static-int8"], rows["graphopt-budget"]
+    plain = rows["static-int8"]
     lines += ["", f"- fragile: plain static int8 cosine {plain['cosine']:.4f} < {COSINE_BAR}: "
                   f"{'yes' if plain['cosine'] < COSINE_BAR else 'NO (not fragile: raise --outlier)'}"]
-    if "error" not in g:
+    for name in ("graphopt-budget", "graphopt-budget-fallback"):
+        g = rows.get(name, {"error": "not run"})
+        if "error" in g:
+            continue
         share = g["float"] / g["matmuls"]
         ok = g["cosine"] >= COSINE_BAR and share <= FLOAT_SHARE_BAR and g["vs_fp32"] <= LATENCY_BAR
-        lines.append(f"- bar (graphopt budgeted): cosine {g['cosine']:.4f} >= {COSINE_BAR}, float MatMul/Gemm "
+        lines.append(f"- bar ({name}): cosine {g['cosine']:.4f} >= {COSINE_BAR}, float MatMul/Gemm "
                      f"{share:.0%} <= {FLOAT_SHARE_BAR:.0%}, latency {g['vs_fp32']:.2f}x <= {LATENCY_BAR}x: "
                      f"{'met' if ok else 'NOT met'}")
     return "\n".join(lines)
@@ -227,13 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tmp
         os.makedirs(workdir, exist_ok=True)
-        paths = {v: os.path.join(workdir, f"bert-{v}.onnx") for v in ("fp32", "static-int8", "graphopt-budget",
-                                                                         "nncf-accuracy-control")}
+        paths = {v: os.path.join(workdir, f"bert-{v}.onnx") for v in (
+            "fp32", "static-int8", "graphopt-budget", "graphopt-budget-fallback", "nncf-accuracy-control")}
         rows: dict[str, dict[str, Any]] = {}
         export_encoder(paths["fp32"], args)
         steps = [("static-int8", lambda out: quantize_graphopt(paths["fp32"], out, "fold,int8", calib)),
                  ("graphopt-budget", lambda out: quantize_graphopt(
-                     paths["fp32"], out, f"fold,int8-budget:min_cosine={COSINE_BAR}:samples={args.calib}", calib))]
+                     paths["fp32"], out, f"fold,int8-budget:min_cosine={COSINE_BAR}:samples={args.calib}", calib)),
+                 ("graphopt-budget-fallback", lambda out: quantize_graphopt(
+                     paths["fp32"], out, f"fold,int8-budget:min_cosine={COSINE_BAR}:samples={args.calib}"
+                                         f":fallback=int8-dynamic", calib))]
         if args.probe:
             steps = steps[:1]
         if not args.skip_nncf and not args.probe:
@@ -252,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = run_all(session(paths["fp32"]), evaluation)
         for v, path in done.items():
             rows[v]["cosine"] = cosine(reference, run_all(session(path), evaluation))
-            rows[v]["float"], rows[v]["matmuls"] = float_matmuls(path)
+            rows[v]["float"], rows[v]["dynamic"], rows[v]["static"], rows[v]["matmuls"] = matmul_formats(path)
         if args.probe:
             for v in done:
                 print(f"{v}: cosine {rows[v]['cosine']:.5f}")

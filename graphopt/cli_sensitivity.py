@@ -4,7 +4,8 @@ Without a budget: calibrate once, then score each group (only it in int8; ``--al
 output SQNR / cosine against fp32 on N samples and, with ``--eval`` labels, accuracy; a table sorted most sensitive
 first, ``--plot`` a bar chart, ``--json`` the rows. The cost is printed before any trial runs, and ``--max-evals``
 bounds it (a cheap proxy from one fully-int8 run picks the groups to evaluate). With ``--min-cosine`` and/or
-``--max-drop``: the fewest most-sensitive groups kept float for the budget to hold, and ``--recipe`` writes the
+``--max-drop``: the fewest most-sensitive groups kept float for the budget to hold (``--fallback FORMAT``: those
+that still hold it in a format between int8 and float, e.g. int8-dynamic, run in it), and ``--recipe`` writes the
 decision for ``graphopt run MODEL --recipe FILE --calib DATA``, in each backend's form
 (:mod:`graphopt.recipe_forms`). The analysis is :mod:`graphopt.report.sensitivity`; the same one-line error
 rules as :mod:`graphopt.cli` apply.
@@ -33,6 +34,9 @@ def add_sensitivity_command(sub, add_plugin_flags) -> None:
     p.add_argument("--all-but-one", action="store_true", help="score everything int8 but each group instead")
     p.add_argument("--min-cosine", type=float, metavar="0.99", help="budget: outputs' cosine vs fp32, at least")
     p.add_argument("--max-drop", type=float, metavar="0.5", help="budget: accuracy points below fp32 (--eval)")
+    p.add_argument("--fallback", metavar="PASS", help="with a budget: try the groups kept float in this format "
+                                                      "(a pass that takes exclude_nodes, with its options: "
+                                                      "int8-dynamic, int4-weight:block_size=32); default: fp32")
     p.add_argument("--recipe", metavar="OUT.yaml", help="with a budget: write the decision, to replay with "
                                                          "graphopt run MODEL --recipe OUT.yaml --calib DATA")
     p.add_argument("--plot", metavar="OUT.png", help="a bar chart of the groups' scores")
@@ -52,6 +56,8 @@ def cmd_sensitivity(args) -> int:
     from graphopt.report.sensitivity import cost_line, prepare, sensitivity
 
     budget = args.min_cosine is not None or args.max_drop is not None
+    if args.fallback and not budget:
+        raise UsageError("--fallback is a format the budget search may choose: give --min-cosine and/or --max-drop")
     if args.recipe and not budget:
         raise UsageError("--recipe writes a budget's decision: give --min-cosine and/or --max-drop")
     if args.max_drop is not None and not args.eval:
@@ -81,30 +87,36 @@ def cmd_sensitivity(args) -> int:
     if "fx" in backend.irs:  # a PyTorch backend (x86): the FX study
         from graphopt.report.sensitivity_fx import FxStudy as kind
     study = prepare(args.model, args.calib, registry=registry, backend=backend, pipeline=args.pipeline,
-                    eval_data=eval_data, labels=labels, samples=args.samples, kind=kind)
+                    eval_data=eval_data, labels=labels, samples=args.samples, kind=kind, fallback=args.fallback or "")
     print(f"{args.model}: {len(study.groups)} fusion groups in int8 on {backend.name} ({study.place_text})")
     if budget:
         g = len(study.groups)
         n = g + 1 if not args.max_evals else min(g + 1, args.max_evals)
+        more = (f"; then each group kept float that {args.fallback} takes, tried in it: at most "
+                f"{len(study.fallback_groups()) + 1} more") if args.fallback else ""
         print(f"cost: {g} groups -> at most {n} evaluations on {study.samples} samples (the fully-int8 model, then "
-              f"the most sensitive groups by a cheap proxy kept float one more at a time)")
+              f"the most sensitive groups by a cheap proxy kept float one more at a time){more}")
         with get_executor(args.executor, os.path.join(study.folder, "runs")) as executor:
             result = search_budget(study, min_cosine=args.min_cosine, max_drop=args.max_drop,
                                    max_evals=args.max_evals, executor=executor)
         print(result.describe())
         report = {"model": args.model, "backend": backend.name, "samples": study.samples,
                   "budget": result.budget, "holds": result.holds, "float_groups": result.float_groups,
-                  "float_nodes": list(result.float_nodes), "metrics": result.metrics, "baseline": result.baseline,
-                  "fp32_accuracy": result.fp32_accuracy, "evaluations": result.evaluations}
+                  "float_nodes": list(result.float_nodes), "fallback": result.fallback,
+                  "fallback_groups": result.fallback_groups, "formats": result.formats(), "metrics": result.metrics,
+                  "baseline": result.baseline, "fp32_accuracy": result.fp32_accuracy, "evaluations": result.evaluations}
         if args.recipe:
             from graphopt.recipe import recipe_text
             from graphopt.recipe_forms import backend_forms, replay_passes
 
-            forms = backend_forms(study, result.float_groups, args.model)  # the one decision, each backend's form
-            atomic_write(args.recipe, recipe_text(model=args.model, passes=replay_passes(study, result.float_nodes),
-                                                  backend=backend.name, float_nodes=result.float_nodes,
-                                                  float_groups=result.float_groups, metrics=result.metrics,
-                                                  budget=result.budget, forms=forms), "--recipe")
+            # the one decision, each backend's form
+            forms = backend_forms(study, result.float_groups, args.model, result.fallback_groups)
+            passes = replay_passes(study, result.excluded_nodes, fallback=study.fallback_passes(result.fallback_groups))
+            atomic_write(args.recipe, recipe_text(model=args.model, passes=passes, backend=backend.name,
+                                                  float_nodes=result.float_nodes, float_groups=result.float_groups,
+                                                  metrics=result.metrics, budget=result.budget, forms=forms,
+                                                  formats=result.formats(), fallback=result.fallback,
+                                                  fallback_groups=result.fallback_groups), "--recipe")
             others = ", ".join(k for k, f in forms.items() if f.get("available") and k != "x86")
             print(f"wrote {args.recipe}: replay with graphopt run {args.model} --recipe {args.recipe} "
                   f"--calib {args.calib} (--backend {others}: that backend's form)")
@@ -136,5 +148,8 @@ def _form_line(form: dict) -> str:
     kept = form.get("module_paths", form.get("exclude_nodes")) or []
     what = "modules" if "module_paths" in form else "nodes"
     none = form.get("unmapped") or {}
-    return (f"{len(kept)} {what} float ({', '.join(kept) or '-'})"
+    fallback = form.get("fallback") or {}
+    return (f"{len(kept)} {what} {'out of static int8' if fallback else 'float'} ({', '.join(kept) or '-'})"
+            + (f"; {', '.join(fallback['groups'])} in {fallback['format']}" if fallback.get("groups") else "")
+            + (f"; {', '.join(fallback['float'])} float ({fallback['why']})" if fallback.get("float") else "")
             + (f"; no counterpart for {', '.join(none)}" if none else ""))

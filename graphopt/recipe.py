@@ -1,13 +1,14 @@
 """Recipes: a quantization decision written down (YAML), replayed by ``graphopt run MODEL --recipe FILE``.
 
 A recipe records graphopt's version, the model's sha256, the backend analysed and the pipeline that reproduces the
-decision there (calibration, then the placement with the groups kept float as node exclusions), with the metrics it
-was chosen on, and under ``forms`` the same decision in each backend's form (:mod:`graphopt.recipe_forms`:
-onnxruntime / openvino / tensorrt exclusions, x86 module paths). ``graphopt run MODEL --recipe FILE`` replays the
-analysed backend's pipeline; with another ``--backend``, that backend's form (none, or x86's, which is for the
-PyTorch model: one line and no run). It replays only on the model it was made for: another model, one line and no
-run. PyYAML reads and writes it
-when installed; otherwise graphopt writes (and reads back) the plain subset it needs: ``key: value`` lines whose
+decision there (calibration, then the placement with the groups kept float as node exclusions, then, where the
+budget chose a fallback format for some groups, that format's passes restricted to them), each such group's format
+(``formats``: ``fp32`` or the fallback's pipeline text), with the metrics it was chosen on, and under ``forms`` the
+same decision in each backend's form (:mod:`graphopt.recipe_forms`: onnxruntime / openvino / tensorrt exclusions,
+x86 module paths). ``graphopt run MODEL --recipe FILE`` replays the analysed backend's pipeline; with another
+``--backend``, that backend's form (none, or x86's, which is for the PyTorch model: one line and no run). It
+replays only on the model it was made for: another model, one line and no run. PyYAML reads and writes it when
+installed; otherwise graphopt writes (and reads back) the plain subset it needs: ``key: value`` lines whose
 values are JSON scalars, lists or mappings, which YAML also reads.
 """
 
@@ -25,14 +26,17 @@ KIND = "graphopt-recipe"
 
 
 def recipe_text(*, model: str, passes: str, backend: str, float_nodes, float_groups, metrics: dict,
-                budget: str, forms: dict | None = None) -> str:
+                budget: str, forms: dict | None = None, formats: dict | None = None, fallback: str = "",
+                fallback_groups=()) -> str:
     """The YAML of a recipe for the model file ``model``; ``forms``: each backend's form of the decision
-    (:func:`graphopt.recipe_forms.backend_forms`)."""
+    (:func:`graphopt.recipe_forms.backend_forms`); ``formats``: each group out of static int8 and its format;
+    ``fallback``: the fallback format (pipeline text) ``fallback_groups`` run in."""
     from graphopt import __version__
 
     data = {"kind": KIND, "graphopt_version": __version__, "model": model, "model_sha256": file_sha256(model),
             "backend": backend, "budget": budget, "passes": passes, "float_groups": list(float_groups),
-            "float_nodes": list(float_nodes), "metrics": metrics, "forms": forms or {}}
+            "float_nodes": list(float_nodes), "fallback": fallback, "fallback_groups": list(fallback_groups),
+            "formats": formats or {g: "fp32" for g in float_groups}, "metrics": metrics, "forms": forms or {}}
     try:
         import yaml
     except ImportError:

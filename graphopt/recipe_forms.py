@@ -20,6 +20,15 @@ derived from that one set of float groups, on the same float graph:
   module of its own (an Add in a block's forward, a functional conv) cannot be named per module: ``unmapped``. An
   ONNX without that metadata (the TorchScript exporter's, or graphopt's own FX -> ONNX, which drops it) has no x86
   form, and the form says why.
+
+**Fallback formats.** A budget may run some groups in a fallback format instead of float (int8 weights with run-time
+activations, 4-bit weights: :mod:`graphopt.report.budget`). Those groups are left out of the backend's static int8
+like float ones, and its form appends the fallback's passes, restricted to them, when the backend has the format:
+the fallback pass is run on the float graph with that backend's scheme (int8-dynamic refuses a scheme without uint8
+activations: TensorRT's) and must write only ops the backend reads (onnxruntime's ``com.microsoft`` contrib ops:
+onnxruntime, and OpenVINO's ONNX front end, checked here on MatMulNBits and the dynamic int8 ops; TensorRT's parser
+reads the standard domain only). Where it has not, the groups stay float there and ``fallback`` says why. The x86
+form keeps them float (the FX budget searches no fallback format).
 """
 
 from __future__ import annotations
@@ -34,37 +43,59 @@ from graphopt.errors import UsageError
 __all__ = ["ONNX_FORMS", "backend_forms", "replay_passes"]
 
 ONNX_FORMS = ("onnxruntime", "openvino", "tensorrt")
+CONTRIB_READERS = frozenset({"onnxruntime", "openvino"})  # backends that run onnxruntime's com.microsoft ops
 SCOPES, CLASSES = "pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy"
 MODULE_CLASSES = frozenset({"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
                             "Linear"})
 _NODE_NAME_OK = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./-@=")
 
 
-def backend_forms(study, float_groups: list[str], model_path: str) -> dict:
-    """Each backend's form of keeping ``float_groups`` (names of ``study``'s groups) float: ``{backend: form}``
-    for :data:`ONNX_FORMS` and ``x86`` (see the module docstring). ``model_path``: the ONNX file analysed (its
-    node metadata gives the module paths)."""
-    forms = {name: _onnx_form(study, float_groups, name) for name in ONNX_FORMS}
-    forms["x86"] = _x86_form(study, float_groups, model_path)
+def backend_forms(study, float_groups: list[str], model_path: str, fallback_groups: list[str] = ()) -> dict:
+    """Each backend's form of keeping ``float_groups`` (names of ``study``'s groups) float and running
+    ``fallback_groups`` in the study's fallback format: ``{backend: form}`` for :data:`ONNX_FORMS` and ``x86`` (see
+    the module docstring). ``model_path``: the ONNX file analysed (its node metadata gives the module paths)."""
+    forms = {name: _onnx_form(study, float_groups, name, list(fallback_groups)) for name in ONNX_FORMS}
+    forms["x86"] = _x86_form(study, [*float_groups, *fallback_groups], model_path)
+    if fallback_groups:
+        forms["x86"]["fallback"] = {"available": False, "format": study.fallback_text, "groups": [],
+                                    "float": list(fallback_groups),
+                                    "why": "the PyTorch budget searches no fallback format"}
     return forms
 
 
-def replay_passes(study, exclude: list[str] | tuple[str, ...], registry=None) -> str:
+def replay_passes(study, exclude: list[str] | tuple[str, ...], registry=None, fallback: list = ()) -> str:
     """The pipeline that replays a decision: the study's calibration, then its placing pass excluding ``exclude``
-    (node names, or on FX module paths)."""
+    (node names, or on FX module paths), then the ``fallback`` passes (restricted: :meth:`Study.fallback_passes`)."""
     from graphopt.passes.pipeline import format_passes, resolve
     from graphopt.report.sensitivity import _place_pass
 
-    bad = [n for n in exclude if not set(n) <= _NODE_NAME_OK]
+    named = [*exclude, *(n for p in fallback for n in p.options.exclude_nodes)]
+    bad = [n for n in named if not set(n) <= _NODE_NAME_OK]
     if bad:
         raise UsageError(f"node '{bad[0]}' has characters a pipeline cannot hold (letters, digits and _./-@= only): "
                          f"rename the model's nodes to write a recipe")
     place = _place_pass(resolve(study.place_text, registry or study.registry))
     place = type(place)(dataclasses.replace(place.options, exclude_nodes=tuple(exclude)))
-    return f"{study.prefix_text},{format_passes([place])}" if study.prefix_text else format_passes([place])
+    return ",".join(t for t in (study.prefix_text, format_passes([place, *fallback])) if t)
 
 
-def _onnx_form(study, float_groups: list[str], backend_name: str) -> dict:
+def _fallback_here(study, backend, backend_name: str, groups: list[str]) -> tuple[list[str], str]:
+    """The groups of ``groups`` the study's fallback format takes on ``backend`` and, where it cannot run there,
+    why (then no groups)."""
+    from graphopt.errors import GraphoptError
+    from graphopt.report.sensitivity import run_fallback
+
+    try:
+        out, taken = run_fallback(study.graph, study.fallback_passes(groups), backend, study.registry)
+    except GraphoptError as exc:  # the fallback pass refuses this backend's scheme
+        return [], str(exc).splitlines()[0]
+    domains = sorted({n.domain for n in out.gs.nodes} - {"", "ai.onnx", None})
+    if domains and backend_name not in CONTRIB_READERS:
+        return [], f"{backend_name} reads standard ONNX ops only; the format writes {', '.join(domains)} ops"
+    return [g for g in groups if g in taken], ""
+
+
+def _onnx_form(study, float_groups: list[str], backend_name: str, fallback_groups: list[str] = ()) -> dict:
     from graphopt.backends import get_backend
     from graphopt.backends.qdq_plan import too_small
     from graphopt.errors import GraphoptError
@@ -76,12 +107,14 @@ def _onnx_form(study, float_groups: list[str], backend_name: str) -> dict:
         scheme = backend.scheme(_place_pass(resolve(study.place_text, study.registry)).options.request())
     except GraphoptError as exc:  # not registered, or the placement asks what this backend refuses
         return {"available": False, "why": str(exc).splitlines()[0]}
+    fallback, no_format = _fallback_here(study, backend, backend_name, fallback_groups) if fallback_groups else ([], "")
+    float_groups = [*float_groups, *(g for g in fallback_groups if g not in fallback)]  # no format there: float
     mine = {grp.name: grp for grp in study.groups}
     theirs = decision_groups(study.graph, scheme, study.ranges)
     nodes_by_name = {n.name: n for n in study.graph.gs.nodes}
     shapes = study.graph.inferred_shapes() if scheme.min_channels else None
     exclude, groups, unmapped = [], {}, {}
-    for name in float_groups:
+    for name in [*float_groups, *fallback]:
         members = set(mine[name].members)
         mapped = []
         for grp in theirs:
@@ -102,8 +135,14 @@ def _onnx_form(study, float_groups: list[str], backend_name: str) -> dict:
         else:
             unmapped[name] = (f"{backend_name}'s scheme does not quantize this {mine[name].op} on its own: it runs "
                               f"float there already")
-    form = {"available": True, "exclude_nodes": exclude, "passes": replay_passes(study, exclude),
+    passes = study.fallback_passes(fallback)
+    form = {"available": True, "exclude_nodes": exclude, "passes": replay_passes(study, exclude, fallback=passes),
             "groups": groups, "unmapped": unmapped}
+    if fallback_groups:
+        form["fallback"] = {"available": bool(fallback), "format": study.fallback_text, "groups": fallback}
+        if len(fallback) < len(fallback_groups):
+            form["fallback"]["float"] = [g for g in fallback_groups if g not in fallback]
+            form["fallback"]["why"] = no_format or f"the format takes no such node on {backend_name}"
     listed = "[" + ", ".join(repr(n) for n in exclude) + "]"
     if backend_name == "onnxruntime":
         form["quantize_static"] = (f"onnxruntime.quantization.quantize_static(model_input, model_output, "

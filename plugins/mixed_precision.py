@@ -1,4 +1,5 @@
-"""mixed-precision: int8 under an accuracy budget — decide which fusion groups stay float before place-qdq runs."""
+"""mixed-precision: int8 under an accuracy budget — decide which fusion groups stay float (or go to a fallback
+format) before place-qdq runs; place-fallback: run that fallback format on the groups chosen, after place-qdq."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Optional
 from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.calib.state import FLOAT_NODES, RANGES
 from graphopt.errors import UsageError
+
+FALLBACK = "quant.fallback_passes"  # the fallback format's passes, restricted to the groups mixed-precision chose
 
 
 class MixedPrecision(Pass):
@@ -23,10 +26,21 @@ class MixedPrecision(Pass):
     exclusions (``exclude_nodes`` replays it: ``graphopt sensitivity --recipe`` writes it down). When the budget
     cannot be met, the pass warns and keeps the closest placement it tried.
 
+    With ``fallback`` (a pass that takes ``exclude_nodes``: ``int8-dynamic``, int8 weights with activations
+    quantized at run time; ``int4-weight``, 4-bit weights with float activations), the groups kept float are then
+    tried in that format, all at once and else one at a time, most robust first, each kept in it while the budget
+    still holds (:mod:`graphopt.report.budget`); which groups the format can take it decides itself (int8-dynamic:
+    MatMul/Gemm with a constant weight). Those groups are excluded from place-qdq as well, and the pass hands the
+    fallback's passes, restricted to exactly them (every other node they would take excluded), to
+    ``place-fallback``, which ``int8-budget`` runs after place-qdq: the pipeline then builds the model each trial
+    scored. A pipeline spelled out by hand runs ``place-fallback`` after ``place-qdq`` itself. The fallback pass
+    runs with its defaults here (options do not nest in the pipeline syntax); ``graphopt sensitivity --fallback``
+    takes them, and its recipe replays the decision with plain passes.
+
     On a PyTorch model (x86) the groups are the oneDNN kernels of the FX placement, named by module path, and the
     trials run the Q/DQ graph in eager PyTorch (:mod:`graphopt.report.sensitivity_fx`); the decision is x86's
     per-module config, ``exclude_nodes`` module paths (``X86InductorQuantizer.set_module_name_qconfig(path,
-    None)``).
+    None)``); there a ``fallback`` is refused.
     """
 
     name = "mixed-precision"
@@ -42,6 +56,7 @@ class MixedPrecision(Pass):
         samples: int = 128  # samples each trial runs
         max_evals: int = 0  # at most this many trials (0: no bound)
         place: str = "place-qdq"  # the pass that places int8 (its options: the scheme requested)
+        fallback: str = ""  # the format tried for groups kept float (int8-dynamic, int4-weight); "": none (fp32)
 
         def __post_init__(self):  # no budget at all is refused when the pass runs (the defaults stay constructible)
             if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
@@ -66,6 +81,9 @@ class MixedPrecision(Pass):
     def run_fx(self, graph, ctx):
         from graphopt.report.sensitivity_fx import FxStudy
 
+        if self.options.fallback:
+            raise UsageError(f"pass '{self.name}': fallback={self.options.fallback} is searched on ONNX models only; "
+                             f"on a PyTorch model the budget keeps groups float (drop fallback)")
         return self._decide(graph, ctx, FxStudy)
 
     def _decide(self, graph, ctx, kind):
@@ -75,15 +93,18 @@ class MixedPrecision(Pass):
 
         data, labels = self._eval_data(ctx)
         n = min(self.options.samples, len(next(iter(data.values()))))
+        fallback = {"fallback_text": self.options.fallback} if self.options.fallback else {}
         study = kind.create(graph, ctx.state[RANGES], {k: v[:n] for k, v in data.items()},
                             None if labels is None else np.asarray(labels).reshape(-1)[:n], backend=ctx.backend,
-                            place_text=self.options.place, registry=ctx.registry)
+                            place_text=self.options.place, registry=ctx.registry, **fallback)
         result = search_budget(study, min_cosine=self.options.min_cosine, max_drop=self.options.max_drop,
                                max_evals=self.options.max_evals or None)
-        ctx.state[FLOAT_NODES] = result.float_nodes
+        ctx.state[FLOAT_NODES] = result.excluded_nodes  # float, or the fallback format: not static int8
+        ctx.state[FALLBACK] = study.fallback_passes(result.fallback_groups)
         if not result.holds:
             ctx.warn(f"{self.name}: {result.describe()}")
-        stats = {"kept float groups": len(result.float_groups), "ran trials": result.evaluations}
+        stats = {"kept float groups": len(result.float_groups), "fallback groups": len(result.fallback_groups),
+                 "ran trials": result.evaluations}
         return PassResult(graph, False, {k: v for k, v in stats.items() if v}, [result.describe()])
 
     def _eval_data(self, ctx):
@@ -96,6 +117,39 @@ class MixedPrecision(Pass):
         return calibration_arrays(ctx.calibration), None
 
 
+class PlaceFallback(Pass):
+    """Run the fallback format ``mixed-precision`` chose on exactly the groups it chose, after ``place-qdq``.
+
+    mixed-precision leaves, beside place-qdq's exclusions, the fallback's passes with every node but those groups'
+    anchors excluded; this pass runs them on the placed graph (the order each trial was scored in), and reports
+    what they did. Nothing chosen (no ``fallback``, or none of the groups held the budget in it), or a PyTorch
+    model: nothing to do.
+    """
+
+    name = "place-fallback"
+    irs = frozenset({"onnx", "fx"})
+    equivalence = Equivalence.APPROXIMATE
+
+    def run_onnx(self, graph, ctx):
+        from graphopt.passes.manager import PassManager
+
+        passes = ctx.state.get(FALLBACK) or []
+        if not passes:
+            return PassResult(graph, False, {}, ["no group in a fallback format: nothing to do"])
+        graph, report = PassManager(passes, [], ctx).run(graph, in_place=True, finish=False)
+        stats: dict[str, int] = {}
+        for record in report.records:
+            for key, value in record.stats.items():
+                stats[key] = stats.get(key, 0) + value
+        ran = ", ".join(dict.fromkeys(p.name for p in passes))
+        return PassResult(graph, report.modified, stats, [f"ran {ran} on the groups mixed-precision chose for it "
+                                                          f"(every other node it takes excluded)"])
+
+    def run_fx(self, graph, ctx):
+        return PassResult(graph, False, {}, ["no fallback format on PyTorch models: nothing to do"])
+
+
 @hookimpl
 def graphopt_register_passes(registry):
     registry.add_pass(MixedPrecision)
+    registry.add_pass(PlaceFallback)

@@ -11,10 +11,13 @@ runs as its own QLinearAdd kernel, as do Mul, Concat, GlobalAveragePool...
 A :class:`Study` is calibrated once (the prefix of the ``int8`` pipeline before its placing pass: the pass whose
 options have ``exclude_nodes``), and scores a placement — a set of groups kept float — by the placing pass with
 those exclusions, run on the backend over N samples against the float model: output SQNR and cosine (all float
-outputs together) and, with labels, top-1 accuracy in points. Every score is a *trial*: a module-level function
-of a JSON-able item (:func:`run_trial`), run through an executor (``executor.map(fn, items)``; in-process by
-default), so a process pool or Ray can run them and a content-addressed executor can resume a sweep: the study is
-written to a folder named by the hash of everything it depends on.
+outputs together) and, with labels, top-1 accuracy in points. A study may hold a *fallback format* (passes that
+take ``exclude_nodes``: int8 weights with run-time activations, 4-bit weights...), run after the placing pass on
+chosen groups only (:meth:`Study.fallback_passes`), so that a group kept out of static int8 runs in it instead of
+float; the format decides which groups it takes (:meth:`Study.fallback_groups`). Every score is a *trial*: a
+module-level function of a JSON-able item (:func:`run_trial`), run through an executor (``executor.map(fn,
+items)``; in-process by default), so a process pool or Ray can run them and a content-addressed executor can resume
+a sweep: the study is written to a folder named by the hash of everything it depends on.
 
 The cheap proxy ranks groups from ONE fully-quantized build: each group's *own* noise, its int8 form run on the
 float model's values of its inputs against its float output, in dB (lower: more sensitive;
@@ -41,7 +44,7 @@ from graphopt.ir.ops import is_standard_domain
 from graphopt.report.study_files import Scored, calibration_arrays, load_once, read_study, study_folder, write_study
 
 __all__ = ["Group", "SensitivityResult", "Study", "decision_groups", "groups_from_json", "prepare", "proxy_scores",
-           "run_trial", "sensitivity", "trials"]
+           "run_fallback", "run_trial", "sensitivity", "trials"]
 
 
 @dataclass(frozen=True)
@@ -111,27 +114,32 @@ class Study(Scored):
     backend: Any = None
     ir: ClassVar[str] = "onnx"  # the IR of the graphs this kind of study takes
     prefix_text: str = ""  # the passes before the placing one (calibration), as pipeline text: the recipe's
+    fallback_text: str = ""  # the fallback format (passes that take exclude_nodes), as pipeline text; "": none
+    _taken: tuple[str, ...] | None = field(default=None, repr=False)  # the nodes the fallback takes in the graph
     _reference: list[np.ndarray] | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, graph: OnnxGraph, ranges: dict, data: dict, labels, *, backend, place_text: str, registry,
-               folder: str | None = None) -> "Study":
+               folder: str | None = None, fallback_text: str = "") -> "Study":
         """A study of a calibrated float ``graph``, written under ``folder`` (default: a folder under the temp dir
-        named by the hash of the model, ranges, data, backend and placing pass: the same study, the same folder, so
-        a rerun resumes; see :mod:`graphopt.report.study_files`)."""
+        named by the hash of the model, ranges, data, backend, placing pass and fallback format: the same study,
+        the same folder, so a rerun resumes; see :mod:`graphopt.report.study_files`)."""
         from graphopt.passes.pipeline import resolve
 
         ranges = {k: (float(v[0]), float(v[1])) for k, v in ranges.items()}
         data = {k: np.ascontiguousarray(v) for k, v in data.items()}
         place = _place_pass(resolve(place_text, registry))
         groups = cls.decision_groups(graph, backend.scheme(place.options.request()), ranges)
+        if fallback_text:
+            _fallback(fallback_text, registry)  # refused here, in one line, when it cannot be restricted
         prefix, model_file, model, extra = cls.serialize(graph)
-        folder = study_folder(prefix, model, [sorted(ranges.items()), backend.name, place_text], data, labels, folder)
+        settings = [sorted(ranges.items()), backend.name, place_text] + ([fallback_text] if fallback_text else [])
+        folder = study_folder(prefix, model, settings, data, labels, folder)
         write_study(folder, model_file, model, data, labels,
-                    {"backend": backend.name, "place": place_text, "ranges": ranges,
+                    {"backend": backend.name, "place": place_text, "ranges": ranges, "fallback": fallback_text,
                      "groups": [dataclasses.asdict(grp) for grp in groups], **extra})
         study = cls(folder, graph, ranges, data, None if labels is None else np.asarray(labels), backend.name,
-                    place_text, groups, registry, backend)
+                    place_text, groups, registry, backend, fallback_text=fallback_text)
         load_once(folder, cls.load, study)
         return study
 
@@ -150,34 +158,56 @@ class Study(Scored):
         meta, arrays, labels, registry, backend = read_study(folder)
         return cls(folder, OnnxGraph.load(os.path.join(folder, "model.onnx")),
                    {k: tuple(v) for k, v in meta["ranges"].items()}, arrays, labels, meta["backend"], meta["place"],
-                   groups_from_json(meta["groups"]), registry, backend)
+                   groups_from_json(meta["groups"]), registry, backend, fallback_text=meta.get("fallback", ""))
 
     def members(self, names: Iterable[str]) -> tuple[str, ...]:
         """The nodes to exclude to keep the groups ``names`` float."""
         by = {grp.name: grp for grp in self.groups}
         return tuple(sorted({m for n in names for m in by[n].members}))
 
-    def quantized(self, float_groups: Iterable[str] = ()) -> OnnxGraph:
-        """The graph in int8 with the groups ``float_groups`` kept float."""
+    def quantized(self, float_groups: Iterable[str] = (), fallback_groups: Iterable[str] = ()) -> OnnxGraph:
+        """The graph in int8 with the groups ``float_groups`` kept float and ``fallback_groups`` in the fallback
+        format: the placing pass excludes both, then the fallback runs on the second only."""
         from graphopt.passes.base import PassContext
         from graphopt.passes.manager import PassManager
         from graphopt.passes.pipeline import resolve
 
+        fallback_groups = list(fallback_groups)
         place = _place_pass(resolve(self.place_text, self.registry))
-        exclude = tuple(dict.fromkeys((*place.options.exclude_nodes, *self.members(float_groups))))
-        place = type(place)(dataclasses.replace(place.options, exclude_nodes=exclude))
+        exclude = (*place.options.exclude_nodes, *self.members([*float_groups, *fallback_groups]))
+        place = type(place)(dataclasses.replace(place.options, exclude_nodes=tuple(dict.fromkeys(exclude))))
         ctx = PassContext(backend=self.backend, registry=self.registry, state={RANGES: dict(self.ranges)})
-        out, _ = PassManager([place], [], ctx).run(self.graph, in_place=False)
+        out, _ = PassManager([place, *self.fallback_passes(fallback_groups)], [], ctx).run(self.graph, in_place=False)
         return out
+
+    def fallback_groups(self) -> list[str]:
+        """The groups the fallback format takes (their anchor), in graph order: it is run once on the float graph
+        and decides itself (int8-dynamic takes MatMul/Gemm with a constant weight, ...); none without one."""
+        if self._taken is None:
+            self._taken = run_fallback(self.graph, _fallback(self.fallback_text, self.registry), self.backend,
+                                       self.registry)[1] if self.fallback_text else ()
+        return [grp.name for grp in self.groups if grp.name in self._taken]
+
+    def fallback_passes(self, groups: Iterable[str]) -> list:
+        """The fallback format's passes restricted to the anchors of ``groups``: each excludes, beside its own
+        exclusions, every other node the format takes in the float graph. No groups: no passes."""
+        chosen = set(groups)
+        if not chosen:
+            return []
+        self.fallback_groups()
+        others = [n for n in self._taken if n not in chosen]
+        return [type(p)(dataclasses.replace(p.options, exclude_nodes=tuple(dict.fromkeys(
+            (*p.options.exclude_nodes, *others))))) for p in _fallback(self.fallback_text, self.registry)]
 
     def reference(self) -> list[np.ndarray]:
         if self._reference is None:
             self._reference = self.backend.run_batched(self.graph.to_model(), self.data, 32)
         return self._reference
 
-    def score(self, float_groups: Iterable[str] = ()) -> dict[str, float | None]:
-        """One trial: int8 except ``float_groups``, run on the backend over the study's samples."""
-        model = self.quantized(float_groups).to_model()
+    def score(self, float_groups: Iterable[str] = (), fallback_groups: Iterable[str] = ()) -> dict[str, float | None]:
+        """One trial: int8 except ``float_groups`` (float) and ``fallback_groups`` (the fallback format), run on
+        the backend over the study's samples."""
+        model = self.quantized(float_groups, fallback_groups).to_model()
         return self.metrics(self.backend.run_batched(model, self.data, 32))
 
     def proxy(self, samples: int = 32) -> dict[str, float]:
@@ -197,8 +227,9 @@ class Study(Scored):
 
 
 def run_trial(item: dict) -> dict:
-    """A trial, for an executor: ``{"study": folder, "float": [group names]}`` -> the study's metrics."""
-    return Study.load(item["study"]).score(item["float"])
+    """A trial, for an executor: ``{"study": folder, "float": [group names]}`` (and ``"fallback": [group names]``
+    where some run in the fallback format) -> the study's metrics."""
+    return Study.load(item["study"]).score(item["float"], item.get("fallback", ()))
 
 
 def _place_pass(passes: list):
@@ -208,8 +239,33 @@ def _place_pass(passes: list):
     return placing[-1]
 
 
-def trials(study: Study, executor, sets: list[list[str]]) -> list[dict]:
-    items = [{"study": study.folder, "float": sorted(s)} for s in sets]
+def _fallback(text: str, registry) -> list:
+    """The passes of a fallback format; each must take ``exclude_nodes`` (it runs on chosen groups only)."""
+    from graphopt.passes.pipeline import resolve
+
+    passes = resolve(text, registry)
+    loose = [p.name for p in passes if not hasattr(p.options, "exclude_nodes") or "onnx" not in p.irs]
+    if loose:
+        raise UsageError(f"fallback '{text}': pass '{loose[0]}' takes no exclude_nodes on ONNX, so it cannot be "
+                         f"run on the chosen groups only (a fallback format: e.g. int8-dynamic, int4-weight)")
+    return passes
+
+
+def run_fallback(graph: OnnxGraph, passes: list, backend, registry) -> tuple[OnnxGraph, tuple[str, ...]]:
+    """``passes`` run on a copy of ``graph`` for ``backend``, and the nodes of ``graph`` they replaced or rewrote
+    (their name, op or domain is gone), in order."""
+    from graphopt.passes.base import PassContext
+    from graphopt.passes.manager import PassManager
+
+    out, _ = PassManager(passes, [], PassContext(backend=backend, registry=registry)).run(graph, in_place=False)
+    after = {(n.name, n.op, n.domain or "") for n in out.gs.nodes}
+    return out, tuple(n.name for n in graph.gs.nodes if (n.name, n.op, n.domain or "") not in after)
+
+
+def trials(study: Study, executor, sets: list[list[str]], fallbacks: list[list[str]] | None = None) -> list[dict]:
+    """Score each placement: ``sets[i]`` float and ``fallbacks[i]`` (if given) in the fallback format."""
+    items = [{"study": study.folder, "float": sorted(s), **({"fallback": sorted(f)} if f else {})}
+             for s, f in zip(sets, fallbacks or [()] * len(sets))]
     return (executor or InProcess(os.path.join(study.folder, "runs"))).map(study.trial_function(), items,
                                                                           kind="accuracy")
 
@@ -306,11 +362,12 @@ def sensitivity(study: Study, *, mode: str = "one", max_evals: int | None = None
 
 
 def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", eval_data: dict | None = None,
-            labels=None, samples: int = 64, folder: str | None = None, kind: type | None = None) -> Study:
+            labels=None, samples: int = 64, folder: str | None = None, kind: type | None = None,
+            fallback: str = "") -> Study:
     """Calibrate ``model`` (a path or ModelProto) once, with the passes of ``pipeline`` before its placing pass,
     and make a :class:`Study` (``kind``: a subclass for another IR, e.g. the FX study,
     :func:`graphopt.report.sensitivity_fx.prepare_fx`) on the first ``samples`` samples of ``eval_data`` (else of
-    the calibration data)."""
+    the calibration data); ``fallback``: a fallback format (pipeline text; ONNX studies only)."""
     from graphopt.calib.sources import input_specs, load_calibration
     from graphopt.ir import load_model
     from graphopt.passes.base import PassContext
@@ -322,6 +379,9 @@ def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", ev
     if graph.ir not in backend.irs or graph.ir != kind.ir:
         raise UsageError(f"backend {backend.name} does not run {graph.ir.upper()} models here (a PyTorch model: "
                          f"--backend x86; an ONNX model: --backend onnxruntime)")
+    if fallback and kind.ir != "onnx":
+        raise UsageError(f"a fallback format ({fallback}) is searched on ONNX models only: on {graph.ir.upper()} the "
+                         f"budget keeps groups float (drop the fallback)")
     passes = resolve(pipeline, registry)
     place = _place_pass(passes)
     prefix = passes[:passes.index(place)]
@@ -336,6 +396,7 @@ def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", ev
     data = {k: np.asarray(v)[:n] for k, v in eval_data.items()}
     labels = None if labels is None else np.asarray(labels).reshape(-1)[:n]
     study = kind.create(calibrated, ctx.state[RANGES], data, labels, backend=backend,
-                        place_text=format_passes([place]), registry=registry, folder=folder)
+                        place_text=format_passes([place]), registry=registry, folder=folder,
+                        **({"fallback_text": fallback} if fallback else {}))
     study.prefix_text = format_passes(prefix)
     return study
