@@ -90,6 +90,7 @@ class MixedPrecision(Pass):
         import numpy as np
 
         from graphopt.report.budget import search_budget
+        from graphopt.report.report_dir import DECISION
 
         data, labels = self._eval_data(ctx)
         n = min(self.options.samples, len(next(iter(data.values()))))
@@ -101,6 +102,7 @@ class MixedPrecision(Pass):
                                max_evals=self.options.max_evals or None)
         ctx.state[FLOAT_NODES] = result.excluded_nodes  # float, or the fallback format: not static int8
         ctx.state[FALLBACK] = study.fallback_passes(result.fallback_groups)
+        ctx.state[DECISION] = result.report(study)  # the run report's per-group table and sensitivity plot
         if not result.holds:
             ctx.warn(f"{self.name}: {result.describe()}")
         stats = {"kept float groups": len(result.float_groups), "fallback groups": len(result.fallback_groups),

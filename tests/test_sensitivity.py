@@ -4,6 +4,7 @@ groups float than all, a recipe replays to the same exclusions and refuses anoth
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -204,11 +205,18 @@ def test_recipe_replays_the_same_exclusions_and_refuses_another_model(fragile, t
 def test_budget_pass_in_the_int8_budget_pipeline(fragile, tmp_path, capsys):
     model, calib = fragile
     out = tmp_path / "b.onnx"
+    report = tmp_path / "rep"
     assert main(["run", str(model), "--passes", "int8-budget:min_cosine=0.99", "--calib", str(calib),
-                 "-o", str(out)]) == 0
+                 "-o", str(out), "--report", str(report)]) == 0
     assert "kept 1 float groups" in capsys.readouterr().out
     convs = {n.name: n for n in onnx.load(str(out)).graph.node if n.op_type == "Conv"}
     assert not convs["conv_a"].input[1].endswith("_dequantized") and convs["conv_b"].input[1].endswith("_dequantized")
+    # the run report shows the decision: each group's proxy and format, most sensitive first, and its plot
+    decision = json.loads((report / "report.json").read_text())["int8_decision"]
+    assert decision["holds"] and decision["groups"][0] == {**decision["groups"][0], "group": "conv_a", "format": "fp32"}
+    assert {g["format"] for g in decision["groups"][1:]} == {"int8"}
+    assert "| conv_a | Conv |" in (report / "report.md").read_text()
+    assert (report / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_usage_errors_are_one_line(fragile, capsys):

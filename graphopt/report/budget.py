@@ -43,6 +43,7 @@ class BudgetResult:
     fallback: str = ""
     fallback_groups: list[str] = field(default_factory=list)
     fallback_nodes: tuple[str, ...] = ()
+    proxy: dict[str, float] = field(default_factory=dict)  # each group's proxy dB, when the search ranked them
 
     @property
     def excluded_nodes(self) -> tuple[str, ...]:
@@ -52,6 +53,19 @@ class BudgetResult:
     def formats(self) -> dict[str, str]:
         """The format of each group not in static int8: ``"fp32"`` or the fallback's pipeline text."""
         return {**{g: "fp32" for g in self.float_groups}, **{g: self.fallback for g in self.fallback_groups}}
+
+    def report(self, study: Study) -> dict:
+        """What a run report shows of the decision (JSON): the budget, the metrics, and per group (most sensitive
+        by the proxy first; graph order when the baseline held and nothing was ranked) its op, proxy dB and
+        format (``int8``, ``fp32`` or the fallback)."""
+        formats = self.formats()
+        rank = {g.name: i for i, g in enumerate(study.groups)}
+        names = sorted(rank, key=lambda n: (self.proxy.get(n, float("inf")), rank[n]))
+        ops = {g.name: g.op for g in study.groups}
+        return {"budget": self.budget, "holds": self.holds, "metrics": self.metrics, "baseline": self.baseline,
+                "evaluations": self.evaluations,
+                "groups": [{"group": n, "op": ops[n], "proxy_db": self.proxy.get(n),
+                            "format": formats.get(n, "int8")} for n in names]}
 
     def describe(self) -> str:
         m = self.metrics
@@ -86,7 +100,7 @@ def search_budget(study: Study, *, min_cosine: float | None = None, max_drop: fl
             max_drop is None or fp32 - m["accuracy"] <= max_drop)
 
     (baseline,) = trials(study, executor, [[]])
-    evals, order = 1, []
+    evals, order, proxy = 1, [], {}
     chosen, metrics = 0, baseline
     if not holds(baseline):
         proxy = proxy_scores(study)
@@ -119,7 +133,7 @@ def search_budget(study: Study, *, min_cosine: float | None = None, max_drop: fl
         if fallback:
             kept, metrics = [g for g in kept if g not in fallback], found
     return BudgetResult(kept, study.members(kept), metrics, baseline, fp32, holds(metrics), evals,
-                        len(study.groups), budget, study.fallback_text, fallback, study.members(fallback))
+                        len(study.groups), budget, study.fallback_text, fallback, study.members(fallback), proxy)
 
 
 def _search_fallback(study: Study, executor, kept: list[str], holds, evals: int, max_evals: int | None):

@@ -32,12 +32,17 @@ def _number(value) -> float | None:
 
 
 def bars(labels: Sequence[str], values: Sequence[float], path: str, *, xlabel: str, title: str,
-         color: str = "tab:red") -> None:
-    """Horizontal bars, the first label on top (callers pass the worst first)."""
+         color: str | Sequence[str] = "tab:red", legend: dict[str, str] | None = None) -> None:
+    """Horizontal bars, the first label on top (callers pass the worst first); ``color``: one, or one per bar
+    (``legend``: label -> color)."""
     plt = _pyplot()
     values = [_number(v) or 0.0 for v in values]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(labels) + 1.5))
     ax.barh(range(len(labels)), values, color=color)
+    if legend:
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color=c, label=k) for k, c in legend.items()], fontsize=8, loc="lower right")
     ax.set_yticks(range(len(labels)), list(labels), fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
@@ -118,3 +123,15 @@ def pareto(points: Sequence[dict[str, Any]], path: str, *, xlabel: str, ylabel: 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def decision_bars(decision: dict[str, Any], path: str, top: int = 40) -> None:
+    """An accuracy budget's decision: each group's proxy sensitivity (dB, most sensitive on top), colored by the
+    format it runs in (int8, fp32, or the fallback)."""
+    groups = [g for g in decision["groups"] if g.get("proxy_db") is not None][:top] or decision["groups"][:top]
+    palette = {f: {"int8": "tab:blue", "fp32": "tab:red"}.get(f, "tab:orange")
+               for f in dict.fromkeys(g["format"] for g in groups)}
+    bars([g["group"] for g in groups], [g.get("proxy_db") or 0.0 for g in groups], path,
+         xlabel="each group's own int8 noise, SQNR dB (lower: more sensitive)",
+         title=f"int8 under {decision['budget']}: groups by sensitivity", color=[palette[g["format"]] for g in groups],
+         legend=palette)

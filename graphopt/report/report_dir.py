@@ -6,7 +6,10 @@ accuracy with ``--eval`` labels: input model against output) and ``per_layer_sqn
 table of ``--eval``, worst first) when the run has one, and ``pareto.png`` (accuracy against cost for every
 candidate, the front drawn and the chosen point marked) with the candidates' table when a pass searched under a
 budget: such a pass leaves its :meth:`graphopt.report.prune_search.SearchResult.to_dict` in ``ctx.state[SEARCH]``
-and the run report carries it as ``search`` (:func:`search_data`; the last search of the run is drawn). The
+and the run report carries it as ``search`` (:func:`search_data`; the last search of the run is drawn); and
+``sensitivity.png`` with a per-group table when an accuracy budget decided which groups stay out of static int8
+(:meth:`graphopt.report.budget.BudgetResult.report` in ``ctx.state[DECISION]``, carried as ``int8_decision``:
+each group's proxy sensitivity, its format marked). The
 folder is created if missing; the files are written into a temporary folder inside it and moved into place
 together at the end, so a failure leaves none of them.
 """
@@ -23,14 +26,16 @@ from graphopt.errors import OutputError
 from graphopt.report import plots
 
 JSON, MARKDOWN, BEFORE_AFTER, PER_LAYER = "report.json", "report.md", "before_after.png", "per_layer_sqnr.png"
-PARETO = "pareto.png"
-FILES = (JSON, MARKDOWN, BEFORE_AFTER, PER_LAYER, PARETO)  # every name --report may write (checked before the run)
+PARETO, SENSITIVITY = "pareto.png", "sensitivity.png"
+FILES = (JSON, MARKDOWN, BEFORE_AFTER, PER_LAYER, PARETO, SENSITIVITY)  # every name --report may write
 SEARCH = "search"  # the ctx.state key (and run report key) of a budgeted search's candidates
+DECISION = "int8_decision"  # the ctx.state key (and run report key) of an accuracy budget's per-group decision
 
 
 def search_data(state: dict[str, Any]) -> dict[str, Any]:
-    """What a run's pass context holds for the report: ``{"search": ...}`` when a pass searched, else nothing."""
-    return {SEARCH: state[SEARCH]} if state.get(SEARCH) else {}
+    """What a run's pass context holds for the report: a budgeted search's candidates (``search``) and an accuracy
+    budget's decision (``int8_decision``), those the run has."""
+    return {key: state[key] for key in (SEARCH, DECISION) if state.get(key)}
 
 
 def report_markdown(data: dict[str, Any], passes_table: str = "", top: int = 20) -> str:
@@ -76,6 +81,8 @@ def report_markdown(data: dict[str, Any], passes_table: str = "", top: int = 20)
         lines += ["", f"![per-layer SQNR]({PER_LAYER})"]
     if data.get(SEARCH):
         lines += [""] + _search_markdown(data[SEARCH])
+    if data.get(DECISION):
+        lines += [""] + _decision_markdown(data[DECISION])
     if passes_table:
         lines += ["", "## Passes", "", "```", passes_table, "```"]
     if data.get("warnings"):
@@ -95,6 +102,17 @@ def _search_markdown(search: dict[str, Any]) -> list[str]:
                      f"{_num(c.get('latency_ratio'), 3)} | {_num(c.get('sqnr_db'), 2)} | {_num(c.get('cosine'), 5)} | "
                      f"{_num(c.get('accuracy'), 2)} | "
                      f"{'*' if c.get('on_front') else ''} | {'**chosen**' if c.get('chosen') else ''} |")
+    return lines
+
+
+def _decision_markdown(decision: dict[str, Any]) -> list[str]:
+    m = decision["metrics"]
+    lines = [f"## int8 under the budget {decision['budget']} ({'holds' if decision['holds'] else 'NOT met'})", "",
+             f"Output cosine {m['cosine']:.5f}, SQNR {_db(m['sqnr_db'])} dB (fully int8: cosine "
+             f"{decision['baseline']['cosine']:.5f}); {decision['evaluations']} trials. Groups, most sensitive first "
+             f"by the proxy (each group's own int8 noise, dB):", "", f"![int8 sensitivity]({SENSITIVITY})", "",
+             "| group | op | proxy dB | format |", "|---|---|---|---|"]
+    lines += [f"| {g['group']} | {g['op']} | {_num(g['proxy_db'], 1)} | {g['format']} |" for g in decision["groups"]]
     return lines
 
 
@@ -132,6 +150,8 @@ def write_report_dir(folder: str, data: dict[str, Any], passes_table: str = "", 
             from graphopt.report.prune_search import plot_search
 
             plot_search(data[SEARCH], os.path.join(tmp, PARETO))
+        if data.get(DECISION):
+            plots.decision_bars(data[DECISION], os.path.join(tmp, SENSITIVITY))
         names = sorted(os.listdir(tmp), key=lambda n: n == JSON)  # report.json last: its presence means done
         for name in names:
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
