@@ -10,11 +10,13 @@ from graphopt.calib.state import FLOAT_NODES, RANGES
 
 
 class LatencyGuard(Pass):
-    """Keep float the groups whose int8 is measured slower than float on the run's backend, beyond the noise of
-    the same run (an A/A pair), and confirm on the whole model that the result is not slower than fp32, else keep
-    the model float with a warning. Where the backend profiles the graph it optimized (onnxruntime), the candidates
-    are the groups whose int8 kernels are not faster than their float ones by ``margin`` in its profile (at most
-    three timing trials in all); elsewhere they are the groups with the least arithmetic per element
+    """Keep float the groups whose int8 is measured slower than float on the run's backend, when the whole model is
+    then faster than int8 beyond the noise of the same run (an A/A pair) and by ``min_gain`` of its time, and make
+    sure the result is not slower than fp32, else keep the model float with a warning. Where the backend profiles
+    the graph it optimized (onnxruntime), the candidates are the groups whose int8 kernels are not faster than
+    their float ones by ``margin`` in its profile, and nothing is timed unless the profiles leave a gain of
+    ``min_gain`` possible or int8 is not clearly faster than fp32 there (at most three trials, one timed);
+    elsewhere they are the groups with the least arithmetic per element
     (``max_intensity``: depthwise convolutions, small GEMMs, ops quantized on their own), each timed on the whole
     model (one intra-op thread, CPU time per run, interleaved rounds), as many as ``seconds`` allows. Results are
     cached per model, backend, CPU and graphopt version: a rerun times nothing.
@@ -34,11 +36,13 @@ class LatencyGuard(Pass):
         rounds: int = 20  # interleaved rounds per timing trial
         max_intensity: float = 32.0  # without a profiler, candidates: groups with at most this many MACs per element
         margin: float = 0.1  # with a profiler: a group is a candidate unless its int8 kernels beat float by this share
+        min_gain: float = 0.05  # groups are kept float only if the whole model is then faster by this share
         place: str = "place-qdq"  # the pass that places int8 (its options: the scheme requested)
 
         def __post_init__(self):
-            if self.seconds <= 0 or self.rounds < 3 or self.max_intensity < 0 or not 0 <= self.margin < 1:
-                raise ValueError("seconds must be > 0, rounds >= 3, max_intensity >= 0 and margin in [0, 1)")
+            if (self.seconds <= 0 or self.rounds < 3 or self.max_intensity < 0 or not 0 <= self.margin < 1
+                    or not 0 <= self.min_gain < 1):
+                raise ValueError("seconds must be > 0, rounds >= 3, max_intensity >= 0, margin and min_gain in [0, 1)")
 
     def requires(self, graph, ctx):
         if RANGES not in ctx.state:
@@ -60,7 +64,8 @@ class LatencyGuard(Pass):
         study = Study.create(graph, ctx.state[RANGES], data, None, backend=ctx.backend,
                              place_text=format_passes([place]), registry=ctx.registry)
         result = guard_latency(study, seconds=self.options.seconds, rounds=self.options.rounds,
-                               max_intensity=self.options.max_intensity, margin=self.options.margin)
+                               max_intensity=self.options.max_intensity, margin=self.options.margin,
+                               min_gain=self.options.min_gain)
         ctx.state[FLOAT_NODES] = tuple(dict.fromkeys((*earlier, *result.float_nodes)))
         for warning in result.warnings:
             ctx.warn(f"{self.name}: {warning}")
