@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from typing import Literal
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.calib.state import FLOAT_NODES, RANGES
+
+NO_TIMING_ENV = "GRAPHOPT_NO_TIMING"  # set: guard=auto makes no choice by timing
 
 
 class LatencyGuard(Pass):
@@ -24,10 +28,16 @@ class LatencyGuard(Pass):
     Runs after ``calibrate`` (and after ``mixed-precision``, whose float groups it keeps) and before
     ``place-qdq``: it does not change the graph, it adds node exclusions for place-qdq. See
     :mod:`graphopt.report.latency_guard`.
+
+    ``guard``: ``auto`` (the default, and how ``int8`` runs it) guards where it is cheap — a backend that profiles
+    the graph it runs (onnxruntime) — and does nothing elsewhere (OpenVINO, TensorRT, a PyTorch model) or when
+    ``$GRAPHOPT_NO_TIMING`` is set (builds that must give the same bytes on every machine: no choice by timing);
+    ``on`` guards on any ONNX backend (timing each low-arithmetic group where there is no profiler: slower; the
+    ``int8-guarded`` alias); ``off`` does nothing (``int8:guard=off``).
     """
 
     name = "latency-guard"
-    irs = frozenset({"onnx"})
+    irs = frozenset({"onnx", "fx"})
     equivalence = Equivalence.APPROXIMATE
 
     @dataclass(frozen=True)
@@ -38,6 +48,7 @@ class LatencyGuard(Pass):
         margin: float = 0.1  # with a profiler: a group is a candidate unless its int8 kernels beat float by this share
         min_gain: float = 0.05  # groups are kept float only if the whole model is then faster by this share
         place: str = "place-qdq"  # the pass that places int8 (its options: the scheme requested)
+        guard: Literal["auto", "on", "off"] = "auto"  # see the docstring
 
         def __post_init__(self):
             if (self.seconds <= 0 or self.rounds < 3 or self.max_intensity < 0 or not 0 <= self.margin < 1
@@ -45,12 +56,42 @@ class LatencyGuard(Pass):
                 raise ValueError("seconds must be > 0, rounds >= 3, max_intensity >= 0, margin and min_gain in [0, 1)")
 
     def requires(self, graph, ctx):
+        if self._skip(graph, ctx):
+            return
         if RANGES not in ctx.state:
             raise self.fail("no calibrated ranges: run insert-observers and calibrate first (int8-guarded does)")
         if ctx.backend is None:
             raise self.fail("no backend to time int8 on")
 
+    def _skip(self, graph, ctx) -> str:
+        """Why this run does not guard ("" when it does)."""
+        mode = self.options.guard
+        if mode == "off":
+            return "off (guard=off)"
+        if graph.ir != "onnx":
+            if mode == "on":
+                raise self.fail("guard=on times ONNX models on their backend; a PyTorch model has no such timing "
+                                "(export it to ONNX, or drop guard=on)")
+            return "nothing to time on a PyTorch model (it guards ONNX models on onnxruntime)"
+        if mode == "auto":
+            if os.environ.get(NO_TIMING_ENV):
+                return f"off (${NO_TIMING_ENV} is set: no choice by timing)"
+            if not callable(getattr(ctx.backend, "profile_kernels", None)):
+                name = getattr(ctx.backend, "name", "this backend")
+                return (f"off on {name}: guard=auto needs a backend that profiles the graph it runs (onnxruntime); "
+                        f"guard=on times each candidate instead")
+        return ""
+
+    def run_fx(self, graph, ctx):
+        return PassResult(graph, False, {}, [f"latency guard: {self._skip(graph, ctx)}"])
+
     def run_onnx(self, graph, ctx):
+        skip = self._skip(graph, ctx)
+        if skip:
+            return PassResult(graph, False, {}, [f"latency guard: {skip}"])
+        return self._guard(graph, ctx)
+
+    def _guard(self, graph, ctx):
         from graphopt.passes.pipeline import format_passes, resolve
         from graphopt.report.latency_guard import guard_latency
         from graphopt.report.sensitivity import Study, _place_pass

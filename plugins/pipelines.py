@@ -15,9 +15,10 @@ def graphopt_register_pipelines(registry):
     )
     registry.add_pipeline(
         "int8",
-        "insert-observers,calibrate,place-qdq",
+        "insert-observers,calibrate,latency-guard,place-qdq",
         "static int8 in the target backend's scheme: observe activations, calibrate ranges on --calib data, "
-        "place Q/DQ where the backend runs int8",
+        "keep float what the backend's own profile shows slower in int8 (the latency guard, where the backend "
+        "profiles: onnxruntime; int8:guard=off to skip it), place Q/DQ where the backend runs int8",
     )
     registry.add_pipeline(
         "int8-budget",
@@ -29,11 +30,11 @@ def graphopt_register_pipelines(registry):
     )
     registry.add_pipeline(
         "int8-guarded",
-        "insert-observers,calibrate,latency-guard,place-qdq",
-        "static int8 guarded by measured latency: calibrate, find the groups whose int8 kernels are not faster "
-        "in the backend's profile of its optimized graph (elsewhere: the low-arithmetic groups), keep them float "
-        "only if the whole model is then faster beyond the noise, confirm against fp32, place Q/DQ; e.g. "
-        "int8-guarded:margin=0.2",
+        "insert-observers,calibrate,latency-guard:guard=on,place-qdq",
+        "static int8 guarded by measured latency on any backend: calibrate, find the groups whose int8 kernels are "
+        "not faster (the backend's profile of its optimized graph; elsewhere the low-arithmetic groups, each timed), "
+        "keep them float only if the whole model is then faster beyond the noise and min_gain, confirm against "
+        "fp32, place Q/DQ; e.g. int8-guarded:min_gain=0.1",
     )
     registry.add_pipeline(
         "fp8",

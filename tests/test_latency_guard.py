@@ -166,7 +166,7 @@ def test_the_pass_adds_its_float_groups_for_place_qdq(registry, clock, tmp_path)
     ctx.calibration = load_calibration(str(tmp_path / "calib.npz"), input_specs(graph))
     passes = resolve("int8-guarded", registry)
     assert [p.name for p in passes] == ["insert-observers", "calibrate", "latency-guard", "place-qdq"]
-    passes[2] = type(passes[2])(type(passes[2].options)(max_intensity=0, rounds=5))
+    passes[2] = type(passes[2])(type(passes[2].options)(max_intensity=0, rounds=5, guard="on"))
     out, _ = PassManager(passes, [], ctx).run(graph, in_place=False)
     model = out.to_model()
     dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
@@ -318,3 +318,59 @@ def test_min_gain_is_an_option_of_int8_guarded(registry):
     assert guard.options.min_gain == 0.1
     with pytest.raises(GraphoptError, match="min_gain"):
         resolve("int8-guarded:min_gain=1.5", registry)
+
+
+def _run_int8(registry, tmp_path, backend, passes="int8"):
+    """``passes`` on the tiny CNN with ``backend``: (the latency guard's notes, the Convs left int8)."""
+    from graphopt.calib.sources import input_specs, load_calibration
+    from graphopt.ir import load_model
+    from graphopt.passes.base import PassContext
+    from graphopt.passes.manager import PassManager
+    from graphopt.passes.pipeline import resolve
+
+    np.savez(tmp_path / "calib.npz", x=tiny_cnn(tmp_path / "tiny.onnx"))
+    graph = load_model(str(tmp_path / "tiny.onnx"))
+    ctx = PassContext(backend=backend, registry=registry)
+    ctx.calibration = load_calibration(str(tmp_path / "calib.npz"), input_specs(graph))
+    out, report = PassManager(resolve(passes, registry), [], ctx).run(graph, in_place=False)
+    notes = [n for r in report.records if r.name == "latency-guard" for n in r.notes]
+    model = out.to_model()
+    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return notes, {n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in dq}
+
+
+def test_int8_guards_by_default_where_the_backend_profiles(registry, clock, tmp_path, monkeypatch):
+    # int8 = insert-observers,calibrate,latency-guard(guard=auto),place-qdq: on a backend that profiles the graph it
+    # runs, the guard decides (here conv_b's int8 kernels are 5x slower, and so is the model: it stays float)
+    monkeypatch.delenv("GRAPHOPT_NO_TIMING")
+    notes, int8 = _run_int8(registry, tmp_path, FakeProfiledBackend(clock, {"conv_a": 1.0, "conv_b": 15.0,
+                                                                             "conv_c": 1.0}))
+    assert int8 == {"conv_a", "conv_c"} and "conv_b" in notes[0]
+
+
+def test_guard_auto_makes_no_choice_by_timing_where_it_cannot_or_must_not(registry, clock, tmp_path, monkeypatch):
+    slow_b = {"conv_a": 1.0, "conv_b": 15.0, "conv_c": 1.0}
+    # $GRAPHOPT_NO_TIMING (the suite sets it): the same graph on every machine
+    notes, int8 = _run_int8(registry, tmp_path, FakeProfiledBackend(clock, slow_b))
+    assert int8 == set(GROUPS) and "GRAPHOPT_NO_TIMING" in notes[0] and clock.now == 0.0
+    # a backend that cannot profile: nothing timed unless asked (guard=on)
+    monkeypatch.delenv("GRAPHOPT_NO_TIMING")
+    notes, int8 = _run_int8(registry, tmp_path, FakeBackend(clock, slow_b))
+    assert int8 == set(GROUPS) and "guard=on" in notes[0] and clock.now == 0.0
+    # int8:guard=off reaches the guard through the alias
+    notes, int8 = _run_int8(registry, tmp_path, FakeProfiledBackend(clock, slow_b), "int8:guard=off")
+    assert int8 == set(GROUPS) and "guard=off" in notes[0] and clock.now == 0.0
+
+
+def test_int8_on_a_pytorch_model_skips_the_guard(registry):
+    import torch
+
+    import graphopt
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    result = graphopt.optimize(model, "int8", example_inputs=(x,), calibration=torch.randn(8, 3, 16, 16).numpy(),
+                               backend="x86", check=False)
+    notes = [n for r in result.report.records if r.name == "latency-guard" for n in r.notes]
+    assert notes and "PyTorch" in notes[0]
+

@@ -48,7 +48,8 @@ def test_an_alias_option_goes_to_the_pass_that_has_it(reg):
     """int8:method=entropy:keep_first=true is calibrate:method=entropy and place-qdq:keep_first=true; int8-qat's
     learn_scales reaches qat. An option no pass of the alias has, or several have, is refused naming them."""
     passes = resolve("int8:method=entropy:keep_first=true", reg)
-    assert format_passes(passes) == "insert-observers,calibrate:method=entropy,place-qdq:keep_first=true"
+    assert format_passes(passes) == \
+        "insert-observers,calibrate:method=entropy,latency-guard,place-qdq:keep_first=true"
     assert format_passes(resolve("int8-qat:learn_scales=true", reg)) == \
         "insert-observers:fold_bn=false,calibrate,qat:learn_scales=true"
     with pytest.raises(PipelineError, match=r"'exclude_nodes' belongs to several \(place-qdq, qat\)"):
