@@ -51,6 +51,7 @@ def run_once(fp32: str, plan: str, calib: dict) -> dict:
 
 def main(argv=None) -> int:
     os.environ.pop("GRAPHOPT_NO_TIMING", None)  # this measures the guard: it must run
+    os.environ.pop("GRAPHOPT_STUDY_DIR", None)  # each run's studies go to its own temp dir (an empty cache)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18_like,mobilenet_v2_like,bert_like")
     parser.add_argument("--repeat", type=int, default=2)

@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-prune-budget-")
     os.makedirs(workdir, exist_ok=True)
     tempfile.tempdir = workdir  # the search's study folder and its cached trials live with the models
+    os.environ.pop("GRAPHOPT_STUDY_DIR", None)
     fp32, calib, evals, _ = zoo_model("resnet18_like", workdir, args.calib, args.samples)
     graphs = {"fp32": graphopt.optimize(fp32, "fold", check=False).graph}
     searched, search, seconds = _search(fp32, f"macs@{args.budget}", calib, args.calib, args.plot)

@@ -22,9 +22,10 @@ def graphopt_register_pipelines(registry):
     )
     registry.add_pipeline(
         "int8-budget",
-        "insert-observers,calibrate,mixed-precision,place-qdq,place-fallback",
+        "insert-observers,calibrate,mixed-precision,latency-guard,place-qdq,place-fallback",
         "static int8 under an accuracy budget: calibrate, keep the most sensitive fusion groups float until "
-        "min_cosine (outputs vs fp32) or max_drop (accuracy points, with eval=labelled.npz) holds, place Q/DQ; "
+        "min_cosine (outputs vs fp32) or max_drop (accuracy points, with eval=labelled.npz) holds, then the "
+        "latency guard as in int8 (it only adds float groups: the budget still holds), place Q/DQ; "
         "with fallback=int8-dynamic (or int4-weight), the groups kept float that hold the budget in that format "
         "run in it instead; e.g. int8-budget:min_cosine=0.99:fallback=int8-dynamic",
     )
