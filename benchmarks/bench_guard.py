@@ -3,11 +3,13 @@
 cache lives under the study folder in the temp dir: every run here gets a fresh temp dir).
 
     python benchmarks/bench_guard.py [--models resnet18_like,mobilenet_v2_like,bert_like] [--repeat 2]
-                                     [--calib 8] [--json out.json] [--markdown out.md]
+                                     [--calib 8] [--backend onnxruntime|openvino] [--json out.json]
+                                     [--markdown out.md]
 
 Per model (graphopt.zoo, exported and folded by ``_common.zoo_model``; CNNs at 1x3x224x224, BERT-like 1x128 token
 ids) and per repeat, the two pipelines run one after the other through ``graphopt.optimize(..., check=False)``
-on onnxruntime: wall time of the pass manager (the sum of its per-pass seconds) and CPU time of the process
+on ``--backend`` (onnxruntime by default; any backend with ``profile_kernels``):
+wall time of the pass manager (the sum of its per-pass seconds) and CPU time of the process
 (``time.process_time``: every thread, the calibration's included). The bar of issue 12 for making the guard the
 default is that the guard costs <= 2x the int8 pipeline's own time: guard pass seconds / ``fold,int8:guard=off``
 seconds (wall), and (guarded CPU - plain CPU) / plain CPU. Also reported: guarded / plain (wall and CPU); medians
@@ -30,7 +32,7 @@ BAR = 2.0
 PIPELINES = ("fold,int8:guard=off", "fold,int8")  # the guard is int8's default (guard=auto) since it costs <= 2x
 
 
-def run_once(fp32: str, plan: str, calib: dict) -> dict:
+def run_once(fp32: str, plan: str, calib: dict, backend: str) -> dict:
     """One pipeline run with an empty guard cache: pass-manager wall seconds, process CPU seconds, the guard's note."""
     import graphopt
 
@@ -39,7 +41,7 @@ def run_once(fp32: str, plan: str, calib: dict) -> dict:
         tempfile.tempdir = tmp  # studies and their trial caches go here, and go away after
         try:
             cpu, wall = time.process_time(), time.perf_counter()
-            result = graphopt.optimize(fp32, plan, calibration=calib, check=False)
+            result = graphopt.optimize(fp32, plan, calibration=calib, backend=backend, check=False)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         finally:
             tempfile.tempdir = old
@@ -56,6 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="resnet18_like,mobilenet_v2_like,bert_like")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--calib", type=int, default=8, help="calibration samples")
+    parser.add_argument("--backend", default="onnxruntime", help="the backend the pipelines target")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
             runs: dict[str, list[dict]] = {p: [] for p in PIPELINES}
             for r in range(args.repeat):
                 for plan in (PIPELINES if r % 2 == 0 else PIPELINES[::-1]):
-                    runs[plan].append(run_once(fp32, plan, calib))
+                    runs[plan].append(run_once(fp32, plan, calib, args.backend))
                     print(f"{name} {plan}: {runs[plan][-1]}", file=sys.stderr, flush=True)
             plain, guarded = runs[PIPELINES[0]], runs[PIPELINES[1]]
             rows[name] = {
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
                 "guard_cpu_ratio": statistics.median((g["cpu_s"] - p["cpu_s"]) / p["cpu_s"]
                                                      for p, g in zip(plain, guarded)),
                 "note": guarded[-1]["note"], "runs": runs}
-    lines = [f"Latency-guard cost, onnxruntime; {machine()}; {versions()}; load average "
+    lines = [f"Latency-guard cost, {args.backend}; {machine()}; {versions()}; load average "
              f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end", "",
              f"Guard cost against `fold,int8:guard=off`, empty cache each run, median of {args.repeat} "
              f"(bar for on-by-default: guard <= {BAR}x the int8 pipeline)", "",
@@ -94,8 +97,8 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {r['int8_pm_s']:.1f} | {r['guarded_pm_s']:.1f} | {r['guard_s']:.1f} | "
                      f"{r['guard_ratio']:.2f} | {r['guard_cpu_ratio']:.2f} | {r['wall_ratio']:.2f} | "
                      f"{r['cpu_ratio']:.2f} | {ok} | {r['note'].split('; kernels')[0].split('; whole')[0]} |")
-    write_outputs("\n".join(lines) + "\n", {"rows": rows, "machine": machine(), "versions": versions()},
-                  args.markdown, args.json)
+    facts = {"rows": rows, "backend": args.backend, "machine": machine(), "versions": versions()}
+    write_outputs("\n".join(lines) + "\n", facts, args.markdown, args.json)
     return 0
 
 

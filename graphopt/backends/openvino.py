@@ -45,6 +45,7 @@ the report says what the compiled model uses). Sessions use ``NUM_STREAMS=1``, `
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -64,6 +65,9 @@ PRECISIONS = ("f32", "bf16")
 INT8_ACTIVATION_WARNING = (
     "int8 activations: OpenVINO's x86 int8 kernels are fastest with uint8 activations (measured: 5-10 % slower with "
     "int8), and on CPUs without VNNI int8 activations need the reduced weight range to avoid saturation")
+
+
+_OV_SUFFIX = re.compile(r"(/WithoutBiases|/DequantizationMultiply)+$")  # ops OpenVINO split off an ONNX node
 
 
 def import_openvino():
@@ -199,10 +203,11 @@ class OpenVINOBackend(Backend):
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def session(self, model: Any, threads: int = 0) -> OVSession:
-        """A compiled model on the CPU (see :meth:`compile_config`), dynamic dimensions kept dynamic."""
+    def session(self, model: Any, threads: int = 0, **properties) -> OVSession:
+        """A compiled model on the CPU (see :meth:`compile_config`; ``properties``: more compile properties),
+        dynamic dimensions kept dynamic."""
         ov = import_openvino()
-        config = self.compile_config(threads)
+        config = {**self.compile_config(threads), **properties}
         try:
             compiled = ov.Core().compile_model(self.read_model(model), self.device, config)
         except (BackendError, UnsupportedError):
@@ -210,6 +215,30 @@ class OpenVINOBackend(Backend):
         except Exception as exc:
             raise BackendError(f"OpenVINO could not compile the model: {first_line(exc)}") from exc
         return OVSession(compiled, compiled.create_infer_request(), config)
+
+    def profile_kernels(self, model: Any, feeds: Mapping[str, np.ndarray], runs: int = 5, threads: int = 1
+                        ) -> list[dict]:
+        """The layers OpenVINO's CPU plugin executes for ``model`` (its execution graph: FakeQuantize, Convolution
+        and the Relu or residual Add fused into it as one layer), in execution order, from its performance counters
+        (``PERF_COUNT``, compiled as :meth:`session` compiles) over ``runs`` runs after an untimed one: ``{"node":
+        name, "op": layer type, "us": microseconds}``, each layer's fastest run (wall time: on a busy machine the
+        slow runs are the ones something else interrupted). Only executed layers: those OpenVINO fused into another
+        or left out (``NOT_RUN``, ``OPTIMIZED_OUT``) are not. ``node`` is the name of the ONNX node the layer kept,
+        less what OpenVINO appends to the op it split off a node (``/WithoutBiases``: a Conv or Gemm without its
+        bias; ``/DequantizationMultiply``), or the tensor it writes (the model's outputs), a Q/DQ node's
+        (``<tensor>_QuantizeLinear`` run as a FakeQuantize), or one of OpenVINO's own (``x_abcd_acdb_conv``: a
+        layout Reorder; ``Convert_12``, ``Subtract_13``: a DequantizeLinear it decomposed)."""
+        session = self.session(model, threads, PERF_COUNT=True)
+        self.run(session, feeds)  # untimed: its allocations, its caches
+        fastest: dict[int, dict] = {}
+        for _ in range(max(int(runs), 1)):
+            self.run(session, feeds)
+            executed = [p for p in session.request.get_profiling_info() if p.status == p.Status.EXECUTED]
+            for i, p in enumerate(executed):
+                us = p.real_time.total_seconds() * 1e6
+                if i not in fastest or us < fastest[i]["us"]:
+                    fastest[i] = {"node": _OV_SUFFIX.sub("", p.node_name), "op": p.node_type, "us": us}
+        return [fastest[i] for i in sorted(fastest)]
 
     def is_session(self, obj: Any) -> bool:
         return isinstance(obj, OVSession)

@@ -1,7 +1,8 @@
 """A backend's profile of the graph it optimized, mapped back to graphopt's fusion groups (for the latency guard,
 :mod:`graphopt.report.latency_guard`).
 
-A backend that profiles (``backend.profile_kernels(model, feeds, runs, threads)``: onnxruntime's profiler) gives
+A backend that profiles (``backend.profile_kernels(model, feeds, runs, threads)``: onnxruntime's profiler,
+OpenVINO's performance counters) gives
 the time of each kernel of the graph it actually runs: onnxruntime rewrites a float CNN into NCHWc convolutions
 with their Add and activation fused, and between layout Reorders; an int8 one into QLinearConv / QLinearAdd in
 NHWC between Transposes, with the Q/DQ it could not fuse. :func:`kernel_groups` says which group each kernel runs,
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 __all__ = ["AUX", "Unit", "kernel_groups", "profile_units"]
 
+QDQ = ("QuantizeLinear", "DequantizeLinear")
 AUX = "<conversion>"  # a kernel the quantization or the backend inserted (Q/DQ, layout change): a neighbour's
 
 
@@ -23,8 +25,9 @@ def kernel_groups(study, kernels: list[dict]) -> list[str | None]:
     """The group each kernel of a profile (``backend.profile_kernels`` of the float or an int8 model of
     ``study``) runs: its ``node`` is a node of the float graph (a group's anchor or epilogue: that group; another:
     None, the same op in every placement), a tensor (the group that writes it), or ``<tensor>_<op>`` (a Q/DQ
-    node of place-qdq: a Q belongs to the group writing the tensor, else the first reading it; a DQ to the first
-    reading it, else the one writing it: the conversion is the cost of the group it serves). Any other kernel is a
+    node of place-qdq, whatever op the backend ran it as: a Q belongs to the group writing the tensor, else the
+    first reading it; a DQ to the first reading it, else the one writing it: the conversion is the cost of the
+    group it serves). Any other kernel is a
     conversion the backend or the quantization inserted (a layout Transpose or Reorder, the model input's Q): it
     belongs to the next kernel that has a group, else the previous one."""
     producer, readers = _tensor_maps(study)
@@ -32,6 +35,8 @@ def kernel_groups(study, kernels: list[dict]) -> list[str | None]:
     node_names = {n.name for n in study.graph.gs.nodes}
 
     def of(name: str, op: str):
+        if op not in QDQ:  # a Q/DQ node of place-qdq run as another op (OpenVINO: a FakeQuantize)
+            op = next((q for q in QDQ if name.endswith("_" + q)), op)
         if name in owner:
             return owner[name]
         if name in producer:
