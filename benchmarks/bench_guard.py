@@ -83,7 +83,8 @@ def main(argv=None) -> int:
                 "guard_cpu_ratio": statistics.median((g["cpu_s"] - p["cpu_s"]) / p["cpu_s"]
                                                      for p, g in zip(plain, guarded)),
                 "note": guarded[-1]["note"], "runs": runs}
-    lines = [f"Latency-guard cost, {args.backend}; {machine()}; {versions()}; load average "
+    stack = versions(("openvino",) if args.backend == "openvino" else ())
+    lines = [f"Latency-guard cost, {args.backend}; {machine()}; {stack}; load average "
              f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end", "",
              f"Guard cost against `fold,int8:guard=off`, empty cache each run, median of {args.repeat} "
              f"(bar for on-by-default: guard <= {BAR}x the int8 pipeline)", "",
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {r['int8_pm_s']:.1f} | {r['guarded_pm_s']:.1f} | {r['guard_s']:.1f} | "
                      f"{r['guard_ratio']:.2f} | {r['guard_cpu_ratio']:.2f} | {r['wall_ratio']:.2f} | "
                      f"{r['cpu_ratio']:.2f} | {ok} | {r['note'].split('; kernels')[0].split('; whole')[0]} |")
-    facts = {"rows": rows, "backend": args.backend, "machine": machine(), "versions": versions()}
+    facts = {"rows": rows, "backend": args.backend, "machine": machine(), "versions": stack}
     write_outputs("\n".join(lines) + "\n", facts, args.markdown, args.json)
     return 0
 

@@ -30,7 +30,7 @@ class LatencyGuard(Pass):
     :mod:`graphopt.report.latency_guard`.
 
     ``guard``: ``auto`` (the default, and how ``int8`` runs it) guards where it is cheap — a backend that profiles
-    the graph it runs (onnxruntime) — and does nothing elsewhere (OpenVINO, TensorRT, a PyTorch model) or when
+    the graph it runs (onnxruntime, OpenVINO) — and does nothing elsewhere (TensorRT, a PyTorch model) or when
     ``$GRAPHOPT_NO_TIMING`` is set (builds that must give the same bytes on every machine: no choice by timing);
     ``on`` guards on any ONNX backend (timing each low-arithmetic group where there is no profiler: slower; the
     ``int8-guarded`` alias); ``off`` does nothing (``int8:guard=off``).
@@ -78,8 +78,8 @@ class LatencyGuard(Pass):
                 return f"off (${NO_TIMING_ENV} is set: no choice by timing)"
             if not callable(getattr(ctx.backend, "profile_kernels", None)):
                 name = getattr(ctx.backend, "name", "this backend")
-                return (f"off on {name}: guard=auto needs a backend that profiles the graph it runs (onnxruntime); "
-                        f"guard=on times each candidate instead")
+                return (f"off on {name}: guard=auto needs a backend that profiles the graph it runs (onnxruntime, "
+                        f"openvino); guard=on times each candidate instead")
         return ""
 
     def run_fx(self, graph, ctx):

@@ -18,7 +18,7 @@ def graphopt_register_pipelines(registry):
         "insert-observers,calibrate,latency-guard,place-qdq",
         "static int8 in the target backend's scheme: observe activations, calibrate ranges on --calib data, "
         "keep float what the backend's own profile shows slower in int8 (the latency guard, where the backend "
-        "profiles: onnxruntime; int8:guard=off to skip it), place Q/DQ where the backend runs int8",
+        "profiles: onnxruntime, openvino; int8:guard=off to skip it), place Q/DQ where the backend runs int8",
     )
     registry.add_pipeline(
         "int8-budget",
