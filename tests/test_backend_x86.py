@@ -27,10 +27,14 @@ from graphopt.numeric import sqnr_db
 from tests.test_cli_bench_compare import one_line_error
 from tests.x86_qdq import SmallNet, qdq_graph, small_qdq
 
-# the lowered package against the Q/DQ graph it was built from: the same int8 arithmetic (measured ~140 dB here);
+# the lowered package against the Q/DQ graph it was built from: the same int8 arithmetic. Measured ~140 dB on AVX2
+# CPUs (AMD EPYC); on AVX-512 VNNI / AMX CPUs (Xeon) oneDNN's kernels round about 5 % of the samples one
+# requantization step the other way (max |diff| 1.6e-3 on logits of ~0.3; 50-58 dB), the rest agree to 1e-5. The
+# graph itself is 42-45 dB from the fp32 model, so the tests also ask that most samples agree exactly.
 # the fx engines' eager kernels: onednn fuses conv + add as the graph does, x86 / fbgemm requantize the conv output
 # before the Add with an observed scale (measured 39-54 dB on the zoo's CNNs, ~140 dB on these two)
-LOWERED_MIN_DB = 60.0
+LOWERED_MIN_DB = 45.0
+LOWERED_MIN_EXACT = 0.8  # fraction of samples whose outputs agree with the graph's to 1e-5
 FX_ENGINE_MIN_DB = 30.0
 
 
@@ -86,9 +90,10 @@ def test_package_runs_int8_kernels_and_matches_the_qdq_graph(qdq, package):
     assert facts["check_sqnr_db"] >= LOWERED_MIN_DB
     assert facts["cache"] in ("miss", "hit") and facts["compile_s"] > 1 and facts["size_bytes"] == os.path.getsize(path)
     assert facts["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and "avx" in facts["cpu_features"]
-    x = np.random.default_rng(1).standard_normal((8, 3, 16, 16)).astype(np.float32)
-    out = X86Backend().run_batched(path, {"x": x}, batch_size=8)[0]
-    assert sqnr_db(reference(qdq)(x), out) >= LOWERED_MIN_DB
+    x = np.random.default_rng(1).standard_normal((64, 3, 16, 16)).astype(np.float32)
+    out, expected = X86Backend().run_batched(path, {"x": x}, batch_size=8)[0], reference(qdq)(x)
+    assert sqnr_db(expected, out) >= LOWERED_MIN_DB
+    assert np.mean(np.abs(expected - out).max(axis=1) <= 1e-5) >= LOWERED_MIN_EXACT
     assert any(line.startswith("x86: kernels 4 int8 conv, 1 int8 linear") for line in facts["summary"])
 
 

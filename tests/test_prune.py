@@ -3,6 +3,7 @@ model saved and loaded, fine-tuning, and the digits accuracy bar."""
 
 from __future__ import annotations
 
+import copy
 import json
 import types
 
@@ -17,7 +18,6 @@ from graphopt.cli import main
 from graphopt.errors import PassError, PipelineError, UsageError
 from graphopt.ir import OnnxGraph
 from graphopt.ir.fx_graph import FxGraph
-from graphopt.passes.base import PassContext
 from graphopt.plugins import load_registry
 from graphopt.prune.handlers import passthrough
 from tests.prune_patterns import ConvChain
@@ -162,19 +162,22 @@ def test_finetune_needs_a_torch_model(zoo_onnx):
 
 
 def test_digits_half_pruned_and_fine_tuned_keeps_its_accuracy(digits_trained):
-    """The bar: ratio 0.5, 5 epochs of fine-tuning, accuracy >= fp32 - 0.5 points on the 397 held-out digits."""
+    """The bar: ratio 0.5, 5 epochs of fine-tuning, mean accuracy over 3 fine-tuning seeds >= fp32 - 0.5 points on
+    the 397 held-out digits. One seed is not enough: one digit is 0.25 points, and one seed's result moves by
+    +-0.5 points between CPUs (AVX2 and AVX-512 sum in different orders, so training takes another path)."""
     model, data = digits_trained
     x_test, y_test = torch.from_numpy(data[2]), data[3]
     with torch.no_grad():
         fp32 = zoo.accuracy(model(x_test).numpy(), y_test)
-    ctx = PassContext()
-    result = optimize(model, "prune:ratio=0.5", example_inputs=(x_test[:1],), check=False, ctx=ctx,
-                      finetune=lambda m: zoo.finetune_digits_cnn(m, epochs=5, data=data))
-    with torch.no_grad():
-        pruned = zoo.accuracy(result.model(x_test).numpy(), y_test)
-    assert any("fine-tuned by" in n for n in result.report.records[-1].notes)
-    assert sum(p.numel() for p in result.model.parameters()) < 0.3 * sum(p.numel() for p in model.parameters())
-    assert pruned >= fp32 - 0.005, (fp32, pruned)
+    accuracies = []
+    for seed in (0, 1, 2):
+        result = optimize(copy.deepcopy(model), "prune:ratio=0.5", example_inputs=(x_test[:1],), check=False,
+                          finetune=lambda m, seed=seed: zoo.finetune_digits_cnn(m, epochs=5, data=data, seed=seed))
+        with torch.no_grad():
+            accuracies.append(zoo.accuracy(result.model(x_test).numpy(), y_test))
+        assert any("fine-tuned by" in n for n in result.report.records[-1].notes)
+        assert sum(p.numel() for p in result.model.parameters()) < 0.3 * sum(p.numel() for p in model.parameters())
+    assert np.mean(accuracies) >= fp32 - 0.005, (fp32, accuracies)
 
 
 def test_a_quantized_model_has_nothing_to_prune_and_says_why(zoo_onnx):
