@@ -4,7 +4,8 @@ which calibrated ranges each one's scale covers. ``place-qdq`` writes the plan; 
 Two forms, chosen by ``scheme.requantize_outputs``:
 
 - **requantizing** (onnxruntime's QLinear kernels): a Q/DQ on each float input of a quantized op and on its output
-  (after a ``fused_activations`` op that alone reads it, whose clamp the Q performs); a passthrough op between
+  (after a ``fused_activations`` op that alone reads it, whose clamp the Q performs; a model output only with
+  ``requantize_graph_outputs``); a passthrough op between
   quantized tensors (MaxPool, Reshape, ...) writes its output with its input's scale, so nothing requantizes
   around it.
 - **inputs only** (TensorRT's explicit quantization, x86's oneDNN: the same placement the PT2E route's
@@ -109,7 +110,8 @@ def _requantizing(g, scheme, nodes) -> ActivationPlan:
         if len(readers) == 1 and readers[0].op in scheme.fused_activations and is_standard_domain(readers[0].domain) \
                 and out not in g.outputs:
             out = readers[0].outputs[0]
-        add(out)
+        if scheme.requantize_graph_outputs or out not in g.outputs:
+            add(out)
     shared: dict[str, str] = {}
     for node in g.nodes:  # topological order: chains of passthrough ops share down the chain
         if node.op in scheme.passthrough_ops and is_standard_domain(node.domain) and node.inputs \

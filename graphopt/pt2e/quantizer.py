@@ -142,7 +142,7 @@ def plan(gm, scheme: QuantScheme, exclude: tuple[str, ...] = (), keep_first: boo
                 users = list(out.users)
                 if len(users) == 1 and ops[users[0]] in follows and not matches(users[0], exclude):
                     out = users[0]
-            if usable(out):
+            if usable(out) and (scheme.requantize_graph_outputs or all(u.op != "output" for u in out.users)):
                 result.outputs.add(out)
     _share_passthrough(nodes, ops, scheme, exclude, result, usable)
     quantized = set(result.quantized) | set(result.shared)
