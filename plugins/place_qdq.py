@@ -129,7 +129,7 @@ class PlaceQdq(Pass):
             if not known:
                 missing.append(name)
                 continue
-            params[name] = scheme.activations.params(min(r[0] for r in known), max(r[1] for r in known))
+            params[name] = scheme.activation_params(min(r[0] for r in known), max(r[1] for r in known))
         if missing:
             notes.append(f"{len(missing)} tensors have no calibrated range and stay float: {', '.join(missing[:5])}")
         names = set(g.tensors())

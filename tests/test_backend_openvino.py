@@ -86,6 +86,10 @@ def test_scheme_is_the_measured_one():
     assert (scheme.activations.dtype, scheme.activations.symmetric) == ("uint8", False)
     assert scheme.weights.dtype == "int8" and scheme.weights.symmetric and scheme.weights.per_channel
     assert scheme.weights.reduce_range == u8s8_saturates() and scheme.requantize_outputs
+    assert scheme.signed_activations.dtype == "int8" and scheme.signed_activations.symmetric
+    assert scheme.activation_params(-2.0, 1.0)[1].dtype == np.int8 and scheme.activation_params(-2.0, 1.0)[1] == 0
+    assert scheme.activation_params(0.0, 3.0)[1].dtype == np.uint8 and scheme.activation_params(0.0, 3.0)[1] == 0
+    assert OpenVINOBackend().scheme(QuantRequest(activation_symmetric=False)).signed_activations is None
     assert OpenVINOBackend(reduce_range=False).scheme().weights.qrange == (-127, 127)
     with pytest.raises(UnsupportedRequestError, match="float8"):
         OpenVINOBackend().scheme(QuantRequest(activation_dtype="float8e4m3fn", weight_dtype="float8e4m3fn"))
@@ -113,8 +117,14 @@ def test_model_outputs_stay_float_and_gain_their_8_bits(tmp_path, backend):
     for name, target in (("float", backend), ("requantized", Requantizing())):
         out = str(tmp_path / f"m.{name}.onnx")
         graphopt.optimize(model, "int8:guard=off", calibration=calib(), backend=target, output=out, check=False)
-        producer = {o: n.op_type for n in onnx.load(out).graph.node for o in n.output}["output"]
+        written = onnx.load(out)
+        producer = {o: n.op_type for n in written.graph.node for o in n.output}["output"]
         assert producer == ("Gemm" if name == "float" else "DequantizeLinear"), (name, producer)
+        zero_points = {n.input[0]: numpy_helper.to_array(next(t for t in written.graph.initializer
+                                                               if t.name == n.input[2]))
+                       for n in written.graph.node if n.op_type == "QuantizeLinear"}
+        assert zero_points["input"].dtype == np.int8 and zero_points["input"] == 0  # signed: symmetric int8
+        assert zero_points["r0"].dtype == np.uint8 and zero_points["r0"] == 0  # after a Relu: uint8
         sqnr[name] = sqnr_db(ref, run_all(backend, out, x))
     assert sqnr["float"] >= sqnr["requantized"] + 1.0, sqnr
 
