@@ -158,14 +158,17 @@ class Driver:
         if ctx.training is None:
             ctx.training = self.config.qat
         if ctx.calibration is None and self.config.calibration is not None:
-            ctx.calibration = self._calibration(graph)
+            ctx.calibration = self._calibration(graph, self.config.calibration)
+        elif ctx.calibration is not None and not hasattr(ctx.calibration, "batches"):
+            # a caller's own PassContext(calibration={...}): the same data the passes read, checked the same way
+            ctx.calibration = self._calibration(graph, ctx.calibration)
         return ctx
 
-    def _calibration(self, graph: Graph):
+    def _calibration(self, graph: Graph, source):
         """Calibration data opened and checked against the model's inputs before any pass runs."""
         from graphopt.calib.sources import input_specs, load_calibration
 
-        source = graph.as_arrays(self.config.calibration) if graph.ir == "fx" else self.config.calibration
+        source = graph.as_arrays(source) if graph.ir == "fx" else source
         return load_calibration(source, input_specs(graph), image_options=self.config.image_options)
 
     # -- running ------------------------------------------------------------------------------------------

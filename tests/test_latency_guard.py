@@ -374,3 +374,18 @@ def test_int8_on_a_pytorch_model_skips_the_guard(registry):
     notes = [n for r in result.report.records if r.name == "latency-guard" for n in r.notes]
     assert notes and "PyTorch" in notes[0]
 
+
+
+def test_a_callers_own_context_with_calibration_arrays_reaches_every_pass(tmp_path, monkeypatch):
+    # graphopt.optimize(path, "fold,int8", ctx=PassContext(calibration={name: array})): the driver opens the arrays as
+    # it opens calibration=, so the guard (which reads a sample from them) and the budget see CalibrationData too
+    import graphopt
+    from graphopt.passes.base import PassContext
+
+    monkeypatch.delenv("GRAPHOPT_NO_TIMING")
+    x = tiny_cnn(tmp_path / "tiny.onnx")
+    for passes in ("fold,int8-guarded:seconds=5", "fold,int8-budget:min_cosine=0.9"):
+        result = graphopt.optimize(str(tmp_path / "tiny.onnx"), passes, ctx=PassContext(calibration={"x": x}),
+                                   check=False)
+        guard = [r for r in result.report.records if r.name == "latency-guard"]
+        assert guard and guard[0].notes, passes  # it ran and said what it decided (tiny convs may stay float)
