@@ -263,17 +263,23 @@ def test_fp32_is_timed_where_the_profile_does_not_show_int8_clearly_faster(regis
     assert result.kept == "int8" and result.timed_runs == 2 and result.confirm["fp32_ms"] == pytest.approx(10.0)
 
 
-def test_a_real_profile_maps_every_conv_group(registry, zoo_onnx, tmp_path):
-    from graphopt.report.kernel_profile import kernel_groups, profile_units
-
-    backend = get_backend(registry, "onnxruntime")
+def real_profiles(registry, zoo_onnx, tmp_path, backend_name: str):
+    """``(study, fp32 kernels, int8 kernels, Conv group names)``: the tiny ResNet's study on ``backend_name`` and
+    that backend's own profile of its float and int8 graphs (one sample, two runs)."""
+    backend = get_backend(registry, backend_name)
     np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).normal(0, 1, (4, 3, 32, 32)).astype(np.float32))
     study = prepare(zoo_onnx("tiny_resnet", keep_bn=False), str(tmp_path / "calib.npz"), registry=registry,
                     backend=backend, samples=1, folder=str(tmp_path / "study"))
     feeds = {k: v[:1] for k, v in study.data.items()}
     fp32 = backend.profile_kernels(study.graph.to_model(), feeds, runs=2)
     int8 = backend.profile_kernels(study.quantized().to_model(), feeds, runs=2)
-    convs = {g.name for g in study.groups if g.op == "Conv"}
+    return study, fp32, int8, {g.name for g in study.groups if g.op == "Conv"}
+
+
+def test_a_real_profile_maps_every_conv_group(registry, zoo_onnx, tmp_path):
+    from graphopt.report.kernel_profile import kernel_groups, profile_units
+
+    study, fp32, int8, convs = real_profiles(registry, zoo_onnx, tmp_path, "onnxruntime")
     assert len(convs) >= 5 and {k["op"] for k in int8} >= {"QLinearConv"}
     assert convs <= set(kernel_groups(study, int8))  # each int8 convolution is its own QLinearConv
     assert convs <= set(kernel_groups(study, fp32))  # each float one an (NCHWc) Conv, named after its output

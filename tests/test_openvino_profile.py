@@ -11,8 +11,7 @@ import pytest
 
 from graphopt.backends import get_backend
 from graphopt.report.kernel_profile import kernel_groups, profile_units
-from graphopt.report.sensitivity import prepare
-from tests.test_latency_guard import tiny_cnn
+from tests.test_latency_guard import real_profiles, tiny_cnn
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install 'graphopt[openvino]')")
 
@@ -28,14 +27,7 @@ def test_profile_kernels_returns_the_executed_layers_with_their_times(registry, 
 
 
 def test_a_real_profile_maps_every_conv_group(registry, zoo_onnx, tmp_path):
-    backend = get_backend(registry, "openvino")
-    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).normal(0, 1, (4, 3, 32, 32)).astype(np.float32))
-    study = prepare(zoo_onnx("tiny_resnet", keep_bn=False), str(tmp_path / "calib.npz"), registry=registry,
-                    backend=backend, samples=1, folder=str(tmp_path / "study"))
-    feeds = {k: v[:1] for k, v in study.data.items()}
-    fp32 = backend.profile_kernels(study.graph.to_model(), feeds, runs=2)
-    int8 = backend.profile_kernels(study.quantized().to_model(), feeds, runs=2)
-    convs = {g.name for g in study.groups if g.op == "Conv"}
+    study, fp32, int8, convs = real_profiles(registry, zoo_onnx, tmp_path, "openvino")
     assert len(convs) >= 5 and {k["op"] for k in int8} >= {"Convolution"}
     # OpenVINO names a convolution after the Conv node (less the /WithoutBiases it appends), or after its output
     assert convs <= set(kernel_groups(study, int8))
