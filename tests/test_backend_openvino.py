@@ -86,10 +86,13 @@ def test_scheme_is_the_measured_one():
     assert (scheme.activations.dtype, scheme.activations.symmetric) == ("uint8", False)
     assert scheme.weights.dtype == "int8" and scheme.weights.symmetric and scheme.weights.per_channel
     assert scheme.weights.reduce_range == u8s8_saturates() and scheme.requantize_outputs
-    assert scheme.signed_activations.dtype == "int8" and scheme.signed_activations.symmetric
-    assert scheme.activation_params(-2.0, 1.0)[1].dtype == np.int8 and scheme.activation_params(-2.0, 1.0)[1] == 0
-    assert scheme.activation_params(0.0, 3.0)[1].dtype == np.uint8 and scheme.activation_params(0.0, 3.0)[1] == 0
-    assert OpenVINOBackend().scheme(QuantRequest(activation_symmetric=False)).signed_activations is None
+    vnni = OpenVINOBackend(reduce_range=False).scheme()  # with VNNI/AMX: signed tensors on the symmetric int8 grid
+    assert vnni.signed_activations.dtype == "int8" and vnni.signed_activations.symmetric
+    assert vnni.activation_params(-2.0, 1.0)[1].dtype == np.int8 and vnni.activation_params(-2.0, 1.0)[1] == 0
+    assert vnni.activation_params(0.0, 3.0)[1].dtype == np.uint8 and vnni.activation_params(0.0, 3.0)[1] == 0
+    assert OpenVINOBackend(reduce_range=True).scheme().signed_activations is None  # without VNNI: uint8 for all
+    assert OpenVINOBackend(reduce_range=False).scheme(QuantRequest(activation_symmetric=False)).signed_activations \
+        is None
     assert OpenVINOBackend(reduce_range=False).scheme().weights.qrange == (-127, 127)
     with pytest.raises(UnsupportedRequestError, match="float8"):
         OpenVINOBackend().scheme(QuantRequest(activation_dtype="float8e4m3fn", weight_dtype="float8e4m3fn"))
@@ -123,7 +126,8 @@ def test_model_outputs_stay_float_and_gain_their_8_bits(tmp_path, backend):
         zero_points = {n.input[0]: numpy_helper.to_array(next(t for t in written.graph.initializer
                                                                if t.name == n.input[2]))
                        for n in written.graph.node if n.op_type == "QuantizeLinear"}
-        assert zero_points["input"].dtype == np.int8 and zero_points["input"] == 0  # signed: symmetric int8
+        signed = np.int8 if backend.scheme().signed_activations is not None else np.uint8  # VNNI/AMX: int8
+        assert zero_points["input"].dtype == signed and (signed == np.uint8 or zero_points["input"] == 0)
         assert zero_points["r0"].dtype == np.uint8 and zero_points["r0"] == 0  # after a Relu: uint8
         sqnr[name] = sqnr_db(ref, run_all(backend, out, x))
     assert sqnr["float"] >= sqnr["requantized"] + 1.0, sqnr

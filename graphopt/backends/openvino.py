@@ -39,7 +39,8 @@ VNNI or AMX the full range.
 quantized symmetric int8** (``signed_activations``): the model's input then reaches the stem convolution
 without a zero point, and OpenVINO runs it as ``brgconv_avx512_amx_i8``, as it runs NNCF's, instead of the uint8
 kernel with zero-point compensation (in one profile 0.71 ms against NNCF's 0.54; after the change 0.39 against
-0.39 in another). Non-negative tensors keep uint8, whose zero point is 0.
+0.39 in another). Non-negative tensors keep uint8, whose zero point is 0. This one is applied with VNNI/AMX only:
+without VNNI (weights narrowed) int8 activations measured 5-10 % slower, and the signed form is unmeasured there.
 
 **Precision.** ``precision=f32`` (the default) sets ``INFERENCE_PRECISION_HINT`` to f32, so an fp32 model runs
 in fp32: OpenVINO's own default is bf16 on CPUs with AMX or AVX-512 BF16 (Xeon Sapphire Rapids and later), which
@@ -139,12 +140,13 @@ class OpenVINOBackend(Backend):
     # -- the scheme -------------------------------------------------------------------------------------------
     def default_scheme(self) -> QuantScheme:
         """onnxruntime's form (see the module docstring), with the bias left float (OpenVINO folds it itself) and the
-        model's outputs float (OpenVINO's int8 kernels write float as cheaply as int8) and a signed activation
-        (the model's input; a convolution's output before a residual Add) on the symmetric int8 grid, which its
-        convolutions read without a zero point."""
+        model's outputs float (OpenVINO's int8 kernels write float as cheaply as int8); with VNNI or AMX a signed
+        activation (the model's input; a convolution's output before a residual Add) on the symmetric int8 grid,
+        which its convolutions read without a zero point (measured there; on a CPU without VNNI, where the weights
+        are narrowed, uint8 activations were the faster form and stay)."""
         ort = OnnxRuntimeBackend(reduce_range=self.reduce_range).default_scheme()
-        return replace(ort, backend=self.name, bias="float", requantize_graph_outputs=False,
-                       signed_activations=TensorQuant("int8", symmetric=True))
+        signed = None if self.reduce_range else TensorQuant("int8", symmetric=True)
+        return replace(ort, backend=self.name, bias="float", requantize_graph_outputs=False, signed_activations=signed)
 
     def scheme(self, request: QuantRequest | None = None) -> QuantScheme:
         """The default scheme, adjusted to ``request``: int8 activations and per-tensor or asymmetric weights are
