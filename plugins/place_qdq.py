@@ -145,8 +145,9 @@ class PlaceQdq(Pass):
                 _quantize_bias(graph, node, params[first_input[id(node)]][0], names)
         g.cleanup().toposort()
         fused = {name for group in plan.groups for name in group.epilogue}
+        quantized = set(map(id, plan.quantized))  # by identity: a gs.Node compares field by field, slowly
         left = Counter(n.op if is_standard_domain(n.domain) else f"{n.domain}:{n.op}" for n in g.nodes
-                       if n not in plan.quantized and n.name not in fused and n.op not in _SHAPE_OPS
+                       if id(n) not in quantized and n.name not in fused and n.op not in _SHAPE_OPS
                        and n.op not in scheme.passthrough_ops and n.op not in scheme.fused_activations)
         if left:
             notes.append("stay float (no int8 kernel in the scheme, or excluded): "
