@@ -21,21 +21,22 @@ _SHAPE_OPS = frozenset({"Shape", "Constant", "ConstantOfShape", "Identity", "Qua
 class PlaceQdq(Pass):
     """Insert Q/DQ pairs for the backend's int8 scheme, using the ranges ``calibrate`` computed.
 
-    Everything about *where* and *how* comes from the backend's :class:`~graphopt.backends.QuantScheme`, never
-    from the backend's name; :func:`graphopt.backends.qdq_plan.plan_activations` decides which activations get a
-    pair, in one of two forms. With ``requantize_outputs`` (onnxruntime's): ops in ``quantized_ops`` get a Q/DQ
-    on each float input and a Q/DQ on their output (after a ``fused_activations`` Relu/Clip that alone reads it,
-    so the backend folds the clamp into the requantization); ``passthrough_ops`` (MaxPool, Reshape, Flatten, ...)
-    between quantized tensors reuse their input's scale, so no requantization surrounds them; both inputs of a
+    Everything about *where* and *how* comes from the backend's :class:`~graphopt.backends.QuantScheme`, never from
+    the backend's name; :func:`graphopt.backends.qdq_plan.plan_activations` decides which activations get a pair, in
+    one of two forms. With ``requantize_outputs`` (onnxruntime's): ops in ``quantized_ops`` get a Q/DQ on each float
+    input and a Q/DQ on their output (after a ``fused_activations`` Relu/Clip that alone reads it, so the backend
+    folds the clamp into the requantization; a model output only where the scheme's ``requantize_graph_outputs``
+    says so: onnxruntime's yes, OpenVINO's no); signed activations take the scheme's ``signed_activations`` grid
+    where it has one (OpenVINO's with VNNI/AMX: symmetric int8); ``passthrough_ops`` (MaxPool, Reshape, Flatten,
+    ...) between quantized tensors reuse their input's scale, so no requantization surrounds them; both inputs of a
     residual Add are quantized. Without (TensorRT's explicit quantization): Q/DQ only on the float inputs of int8
     ops, none on their outputs nor on a graph output; a residual Add fused into the weighted op before it
-    (``fused_add``, decided by :func:`graphopt.backends.fusion.fusion_groups`) gets Q/DQ on its other input only;
-    a tensor a passthrough op makes is quantized before that op (Q/DQ -> Pad -> Conv), and a Concat's inputs
-    share one scale. Weighted ops too small for the backend's kernels (``min_channels``) stay float.
-    Weights of ``weight_channel_axis`` ops become int8 initializers (symmetric, per output channel on the op's
-    axis) behind a DequantizeLinear; biases stay float for the backend to fold to int32 or, with
-    ``bias="int32"``, are written as int32 with scale = input scale × weight scale. Each tensor gets one pair,
-    shared by all its readers.
+    (``fused_add``, decided by :func:`graphopt.backends.fusion.fusion_groups`) gets Q/DQ on its other input only; a
+    tensor a passthrough op makes is quantized before that op (Q/DQ -> Pad -> Conv), and a Concat's inputs share one
+    scale. Weighted ops too small for the backend's kernels (``min_channels``) stay float. Weights of
+    ``weight_channel_axis`` ops become int8 initializers (symmetric, per output channel on the op's axis) behind a
+    DequantizeLinear; biases stay float for the backend to fold to int32 or, with ``bias="int32"``, are written as
+    int32 with scale = input scale × weight scale. Each tensor gets one pair, shared by all its readers.
 
     Ops the scheme does not cover stay float and are listed in a note. Options: ``ops`` (quantize only these op
     types), ``exclude_ops``, ``exclude_nodes`` (node names), ``keep_first`` / ``keep_last`` (the first / last
