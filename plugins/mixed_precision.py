@@ -87,17 +87,16 @@ class MixedPrecision(Pass):
         return self._decide(graph, ctx, FxStudy)
 
     def _decide(self, graph, ctx, kind):
-        import numpy as np
-
         from graphopt.report.budget import search_budget
         from graphopt.report.report_dir import DECISION
+        from graphopt.report.study_files import scoring_samples
 
-        data, labels = self._eval_data(ctx)
-        n = min(self.options.samples, len(next(iter(data.values()))))
+        scored = scoring_samples(self.options.eval, self.options.labels, ctx.calibration, self.options.samples)
+        if scored is None:
+            raise self.fail("no data to measure the budget on: give calibration data (--calib) or eval=labelled.npz")
         fallback = {"fallback_text": self.options.fallback} if self.options.fallback else {}
-        study = kind.create(graph, ctx.state[RANGES], {k: v[:n] for k, v in data.items()},
-                            None if labels is None else np.asarray(labels).reshape(-1)[:n], backend=ctx.backend,
-                            place_text=self.options.place, registry=ctx.registry, **fallback)
+        study = kind.create(graph, ctx.state[RANGES], *scored, backend=ctx.backend, place_text=self.options.place,
+                            registry=ctx.registry, **fallback)
         result = search_budget(study, min_cosine=self.options.min_cosine, max_drop=self.options.max_drop,
                                max_evals=self.options.max_evals or None)
         ctx.state[FLOAT_NODES] = result.excluded_nodes  # float, or the fallback format: not static int8
@@ -108,15 +107,6 @@ class MixedPrecision(Pass):
         stats = {"kept float groups": len(result.float_groups), "fallback groups": len(result.fallback_groups),
                  "ran trials": result.evaluations}
         return PassResult(graph, False, {k: v for k, v in stats.items() if v}, [result.describe()])
-
-    def _eval_data(self, ctx):
-        from graphopt.report.study_files import calibration_arrays, eval_arrays
-
-        if self.options.eval:
-            return eval_arrays(self.options.eval, self.options.labels)
-        if ctx.calibration is None:
-            raise self.fail("no data to measure the budget on: give calibration data (--calib) or eval=labelled.npz")
-        return calibration_arrays(ctx.calibration), None
 
 
 class PlaceFallback(Pass):

@@ -213,17 +213,12 @@ class PruneChannels(Pass):
                  if g.blocked is None]
         if not units:
             raise self.fail("budget: found no channel group it can prune (see prune without a budget for why)")
-        if o.eval:
-            data, labels = study_files.eval_arrays(o.eval, o.labels)
-        elif ctx.calibration is not None:
-            data, labels = study_files.calibration_arrays(ctx.calibration), None
-        else:
+        scored = study_files.scoring_samples(o.eval, o.labels, ctx.calibration, o.samples)
+        if scored is None:
             raise self.fail("budget: no data to score candidates on: give calibration data (--calib) or eval=")
-        n = min(o.samples, len(next(iter(data.values()))))
-        study = search.PruneStudy.create(graph, {k: v[:n] for k, v in data.items()},
-                                  None if labels is None else labels[:n], backend=ctx.backend,
-                                  pipeline=format_passes([type(self)(base)]),
-                                  registry=ctx.registry or default_registry())
+        study = search.PruneStudy.create(graph, *scored, backend=ctx.backend,
+                                         pipeline=format_passes([type(self)(base)]),
+                                         registry=ctx.registry or default_registry())
         executor = get_executor(o.executor, f"{study.folder}/runs") if o.executor else None
         try:
             result = search.search_ratios(study, search.parse_budget(o.budget), units, _candidate_options,

@@ -9,6 +9,7 @@ an int16 and saturates when weights use the full int8 range. The backends then k
 
 from __future__ import annotations
 
+import hashlib
 import platform
 from functools import lru_cache
 
@@ -17,15 +18,27 @@ _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 NAMED_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``); None where they cannot be read."""
+@lru_cache(maxsize=2)
+def _cpuinfo_field(key: str) -> str | None:
+    """The first ``key : value`` line's value in Linux ``/proc/cpuinfo``; None where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)), None)
     except OSError:
         return None
-    return None if flags is None else frozenset(flags)
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``); None where they cannot be read."""
+    flags = _cpuinfo_field("flags")
+    return None if flags is None else frozenset(flags.split())
+
+
+def cpu_identity() -> str:
+    """This CPU's model name and a hash of its feature flags: what a cached timing is keyed on (a timing is only
+    reused on the same kind of CPU)."""
+    digest = hashlib.sha256(" ".join(sorted(cpu_flags() or ())).encode()).hexdigest()[:16]
+    return f"{_cpuinfo_field('model name') or platform.processor() or platform.machine()} flags:{digest}"
 
 
 def cpu_has_vnni() -> bool | None:

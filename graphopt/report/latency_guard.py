@@ -67,7 +67,6 @@ model, backend and CPU measures nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -76,11 +75,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphopt.backends.cpu import cpu_flags
+from graphopt.backends.cpu import cpu_identity
 from graphopt.executors import InProcess
 from graphopt.report.kernel_profile import Unit, kernel_groups, profile_units
 
-__all__ = ["GuardResult", "backend_identity", "cpu_identity", "guard_latency", "intensities", "profile_placements",
+__all__ = ["GuardResult", "backend_identity", "guard_latency", "intensities", "profile_placements",
            "time_placements"]
 
 FP32 = "fp32"  # a placement that is the float model itself (no placing pass)
@@ -91,21 +90,6 @@ clock = time.process_time  # CPU time of this process (tests replace it with a f
 
 
 # -- what the cache key holds besides the study ------------------------------------------------------------------
-def cpu_identity() -> str:
-    """This CPU's model name and a hash of its feature flags (a timing is only reused on the same kind of CPU)."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    import platform
-
-    flags = cpu_flags()
-    digest = hashlib.sha256(" ".join(sorted(flags or ())).encode()).hexdigest()[:16]
-    return f"{model or platform.processor() or platform.machine()} flags:{digest}"
-
-
 def backend_identity(backend) -> str:
     """The backend's name and its settings (options, providers, graph optimisation level...), as text."""
     simple = {k: v for k, v in sorted(vars(backend).items())
@@ -117,20 +101,16 @@ def backend_identity(backend) -> str:
 def intensities(study) -> dict[str, float]:
     """Each group's multiply-accumulates per activation element read and written (0 for an op without weights;
     inf where shapes are unknown), from the float graph's inferred shapes at batch 1."""
-    import onnx
+    import onnx_graphsurgeon as gs
 
-    model = study.graph.to_model()
+    graph = study.graph
     try:
-        model = onnx.shape_inference.infer_shapes(model)
+        known = graph.inferred_shapes()
     except Exception:  # shape inference refuses some graphs: every group is then a candidate of unknown intensity
         return {grp.name: math.inf for grp in study.groups}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim)
-    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    nodes = {n.name: n for n in model.graph.node}
+    shapes = {name: _batch_one(dims) for name, (dims, _) in known.items()}
+    shapes.update({t.name: _batch_one(t.shape) for t in graph.gs.inputs if t.shape is not None})
+    nodes = {n.name: n for n in graph.gs.nodes}
     out = {}
     for grp in study.groups:
         node = nodes.get(grp.name)
@@ -139,15 +119,20 @@ def intensities(study) -> dict[str, float]:
             out[grp.name] = math.inf
             continue
         size = sum(int(np.prod(s)) for s in elements)
-        w = next((weights[t] for t in node.input[1:2] if t in weights), None)
-        out_shape = shapes.get(node.output[0])
+        w = node.inputs[1].shape if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant) else None
+        out_shape = shapes.get(node.outputs[0].name)
         if w is None or out_shape is None or len(out_shape) < 2:
             out[grp.name] = 0.0 if w is None else math.inf
             continue
-        channels = out_shape[1] if node.op_type in ("Conv", "ConvTranspose") else out_shape[-1]
+        channels = out_shape[1] if node.op in ("Conv", "ConvTranspose") else out_shape[-1]
         macs = int(np.prod(out_shape)) * int(np.prod(w)) / max(channels, 1)
         out[grp.name] = macs / max(size, 1)
     return out
+
+
+def _batch_one(dims) -> tuple[int, ...]:
+    """A shape with its unknown (symbolic) dimensions at 1."""
+    return tuple(d if isinstance(d, int) else 1 for d in dims)
 
 
 # -- the trials --------------------------------------------------------------------------------------------------

@@ -303,7 +303,8 @@ def search_ratios(study: PruneStudy, budget: Budget, units: list[str],
     """Search prune ratios under ``budget`` (see the module docstring). ``units``: the prunable groups' names;
     ``options_for(scope, ratio, unit_ratios)``: the pass options of a candidate (``scope`` "uniform" or "global");
     ``executor``: where trials run (default: in this process, cached under the study's folder)."""
-    from graphopt.report.latency_guard import backend_identity, cpu_identity
+    from graphopt.backends.cpu import cpu_identity
+    from graphopt.report.latency_guard import backend_identity
 
     executor = executor or InProcess(os.path.join(study.folder, "runs"))
     calls = executor.calls

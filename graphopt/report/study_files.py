@@ -29,7 +29,7 @@ from graphopt.errors import UsageError
 from graphopt.numeric import cosine_similarity, sqnr_db, top1_accuracy
 
 __all__ = ["AUTO_MARKER", "KEEP_STUDIES", "ROOT_ENV", "Scored", "calibration_arrays", "eval_arrays", "load_once",
-           "prune_studies", "read_study", "studies_root", "study_folder", "write_study"]
+           "prune_studies", "read_study", "scoring_samples", "studies_root", "study_folder", "write_study"]
 
 KEEP_STUDIES = 8  # study folders graphopt chose that are kept under studies_root(), newest first
 ROOT_ENV = "GRAPHOPT_STUDY_DIR"  # where graphopt puts the study folders it names (default: the temp dir's)
@@ -186,3 +186,18 @@ def calibration_arrays(calibration) -> dict[str, np.ndarray]:
         for k, v in batch.items():
             parts.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def scoring_samples(eval_path: str, labels_key: str, calibration, samples: int
+                    ) -> tuple[dict[str, np.ndarray], np.ndarray | None] | None:
+    """What a pass's search scores its candidates on: the first ``samples`` samples of the labelled .npz at
+    ``eval_path`` when given (its ``labels_key`` array apart), else of the calibration data (no labels); None when
+    there is neither."""
+    if eval_path:
+        data, labels = eval_arrays(eval_path, labels_key)
+    elif calibration is not None:
+        data, labels = calibration_arrays(calibration), None
+    else:
+        return None
+    n = min(samples, len(next(iter(data.values()))))
+    return {k: v[:n] for k, v in data.items()}, None if labels is None else np.asarray(labels).reshape(-1)[:n]
