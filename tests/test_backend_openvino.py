@@ -248,3 +248,40 @@ def test_torch_module_quantized_for_openvino(tmp_path, backend):
         ref = np.concatenate([model(torch.from_numpy(x[i:i + 1])).numpy() for i in range(len(x))])
     got = run_all(backend, out, x)
     assert sqnr_db(ref, got) >= 25.0  # measured ~35 dB
+
+
+def test_torch_route_takes_the_signed_activation_grid(tmp_path, backend):
+    """The PyTorch route places the scheme's ``signed_activations`` grid as place-qdq does on ONNX: the model's
+    input (a signed range) on symmetric int8 (zero point 0), a Relu's output on uint8. Forced here, so that the test
+    holds on a CPU without VNNI too (where OpenVINO's scheme keeps uint8 everywhere)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchao")
+    from dataclasses import replace
+
+    from torch import nn
+
+    from graphopt.backends.openvino import OpenVINOBackend
+    from graphopt.backends.scheme import TensorQuant
+
+    class Signed(OpenVINOBackend):
+        def default_scheme(self):
+            return replace(super().default_scheme(), signed_activations=TensorQuant("int8", symmetric=True))
+
+    torch.manual_seed(SEED)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    x = calib(8)["input"]
+    out = str(tmp_path / "m.onnx")
+    graphopt.optimize(model, "fold,int8", example_inputs=(torch.from_numpy(x[:1]),), calibration=calib(),
+                      backend=Signed(), output=out)
+    written = onnx.load(out)
+    inits = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    producers = {o: n.op_type for n in written.graph.node for o in n.output}
+    graph_input = written.graph.input[0].name
+    zero_points = {n.input[0]: inits[n.input[2]] for n in written.graph.node if n.op_type == "QuantizeLinear"}
+    assert zero_points[graph_input].dtype == np.int8 and zero_points[graph_input] == 0
+    after_relu = [z for t, z in zero_points.items() if producers.get(t) == "Relu"]
+    assert after_relu and all(z.dtype == np.uint8 for z in after_relu)
+    with torch.no_grad():
+        ref = np.concatenate([model(torch.from_numpy(x[i:i + 1])).numpy() for i in range(len(x))])
+    assert sqnr_db(ref, run_all(backend, out, x)) >= 25.0

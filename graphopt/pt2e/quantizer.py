@@ -20,9 +20,11 @@ ONNX route's place-qdq decides on an ONNX graph:
 :class:`SchemeQuantizer` writes the plan as PT2E annotations, torchao's ``prepare_pt2e`` / ``prepare_qat_pt2e``
 insert graphopt's observers or fake quantizers (:mod:`graphopt.pt2e.observers`), and its callback gives each
 activation observer the range graphopt's calibration computed for the tensor it watches (the union over a shared
-group). torchao's own X86InductorQuantizer was not used: it fails on modules that reuse one ``nn.ReLU`` (its source
-partitions see one ReLU with several outputs), it cannot take a range computed by another observer, and it has one
-fixed scheme where graphopt's comes from the backend.
+group); a tensor calibrated to a signed range takes the scheme's ``signed_activations`` grid where it has one
+(OpenVINO's, on CPUs with VNNI: symmetric int8), as place-qdq gives it on ONNX. torchao's own X86InductorQuantizer
+was not used: it fails on modules that reuse one ``nn.ReLU`` (its source partitions see one ReLU with several
+outputs), it cannot take a range computed by another observer, and it has one fixed scheme where graphopt's comes
+from the backend.
 """
 
 from __future__ import annotations
@@ -238,25 +240,31 @@ class SchemeQuantizer(_ao.Quantizer):
         self.unranged: list[str] = []  # QAT: activation tensors no calibration saw (ranged on the first batch)
 
     def _specs(self):
-        acts, weights = self.scheme.activations, self.scheme.weights
+        """``(activation spec, signed activation spec or None, weight spec per axis)``."""
+        acts, weights, signed = self.scheme.activations, self.scheme.weights, self.scheme.signed_activations
         if self.dynamic is not None:
             ctr = _ao.PlaceholderObserver
-            return qspec(acts, ctr, dynamic=True), lambda axis: qspec(weights, PerChannelWeightObserver, axis)
+            return qspec(acts, ctr, dynamic=True), None, lambda axis: qspec(weights, PerChannelWeightObserver, axis)
         if self.qat:
             act_ctr = FakeQuant.with_args(observe=False, learn=self.learn)
             weight_ctr = lambda axis: FakeQuant.with_args(observe=True, learn=self.learn,  # noqa: E731
                                                           ch_axis=axis if axis is not None else 0)
         else:
             act_ctr, weight_ctr = RangeObserver, lambda axis: PerChannelWeightObserver  # noqa: E731
-        return qspec(acts, act_ctr), lambda axis: qspec(weights, weight_ctr(axis), axis)
+        return (qspec(acts, act_ctr), qspec(signed, act_ctr) if signed is not None else None,
+                lambda axis: qspec(weights, weight_ctr(axis), axis))
 
     def annotate(self, gm):
         if self.dynamic is not None:
             self.plan = p = plan_dynamic(gm, self.scheme, exclude=self.options["exclude"], **self.dynamic)
         else:
             self.plan = p = plan(gm, self.scheme, **self.options, ranged=None if self.qat else set(self.ranges))
-        act, weight = self._specs()
+        unsigned, signed, weight = self._specs()
         annotations: dict[Any, Any] = {}
+
+        def act(tensor):  # the scheme's signed grid for a tensor calibrated to a signed range, as place-qdq does
+            lo = self.ranges.get(tensor.name, (0.0, 0.0))[0]
+            return signed if signed is not None and lo < 0 else unsigned
 
         def annotation(node):
             if node not in annotations:
@@ -264,7 +272,7 @@ class SchemeQuantizer(_ao.Quantizer):
             return annotations[node]
 
         for producer, consumer in sorted(p.inputs, key=lambda e: (e[1].name, e[0].name)):
-            spec = act
+            spec = act(producer)
             if producer in p.shared:  # a passthrough's output: the parameters of the edge it shares
                 spec = _ao.SharedQuantizationSpec(p.shared[producer])
             elif consumer in p.shared and p.shared[consumer] != (producer, consumer):
@@ -276,7 +284,7 @@ class SchemeQuantizer(_ao.Quantizer):
             annotation(node).output_qspec = _ao.SharedQuantizationSpec(edge)
         for node in p.outputs:
             if node not in p.shared:
-                annotation(node).output_qspec = act
+                annotation(node).output_qspec = act(node)
         for node, value in annotations.items():
             node.meta["quantization_annotation"] = value
         return gm
