@@ -1,6 +1,7 @@
 """What the measured-latency guard costs: ``fold,int8`` (the guard on, ``guard=auto``: int8's default) against
 ``fold,int8:guard=off`` on the same model, data and backend, each run first with an empty cache (the guard's trial
-cache lives under the study folder in the temp dir: every run here gets a fresh temp dir).
+cache lives under the study folder in the temp dir, and ``$GRAPHOPT_CACHE_DIR``, OpenVINO's model cache, is pointed
+there too: every run here gets a fresh temp dir).
 
     python benchmarks/bench_guard.py [--models resnet18_like,mobilenet_v2_like,bert_like] [--repeat 2]
                                      [--calib 8] [--backend onnxruntime|openvino] [--json out.json]
@@ -36,15 +37,20 @@ def run_once(fp32: str, plan: str, calib: dict, backend: str) -> dict:
     """One pipeline run with an empty guard cache: pass-manager wall seconds, process CPU seconds, the guard's note."""
     import graphopt
 
-    old = tempfile.tempdir
+    old, old_cache = tempfile.tempdir, os.environ.get("GRAPHOPT_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="bench-guard-") as tmp:
         tempfile.tempdir = tmp  # studies and their trial caches go here, and go away after
+        os.environ["GRAPHOPT_CACHE_DIR"] = tmp  # so do compile caches (OpenVINO's model cache)
         try:
             cpu, wall = time.process_time(), time.perf_counter()
             result = graphopt.optimize(fp32, plan, calibration=calib, backend=backend, check=False)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         finally:
             tempfile.tempdir = old
+            if old_cache is None:
+                os.environ.pop("GRAPHOPT_CACHE_DIR", None)
+            else:
+                os.environ["GRAPHOPT_CACHE_DIR"] = old_cache
     records = result.report.records
     guard = [r for r in records if r.name == "latency-guard"]
     return {"pm_s": sum(r.seconds for r in records), "cpu_s": cpu, "wall_s": wall,

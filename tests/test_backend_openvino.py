@@ -174,6 +174,25 @@ def test_f32_hint_runs_fp32_in_f32(tmp_path, backend):
     np.testing.assert_allclose(backend.run(session, {"input": x})[0], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_second_compile_comes_from_the_model_cache(tmp_path, backend, monkeypatch, registry):
+    """A model compiled twice is imported from OpenVINO's model cache ($GRAPHOPT_CACHE_DIR/openvino) the second
+    time, profiled or not, with the same outputs; ``cache_dir=none`` compiles every time and writes nothing."""
+    from graphopt.backends import get_backend
+
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
+    model = small_cnn(tmp_path / "m.onnx")
+    x = {"input": calib(1)["input"]}
+    first = backend.session(model, threads=1)
+    again = backend.session(model, threads=1, PERF_COUNT=True)
+    assert [backend.settings(s)["loaded_from_cache"] for s in (first, again)] == [False, True]
+    assert os.listdir(tmp_path / "cache" / "openvino")
+    np.testing.assert_array_equal(backend.run(first, x)[0], backend.run(again, x)[0])
+    off = get_backend(registry, "openvino:cache_dir=none")
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "other"))
+    assert not off.settings(off.session(model, threads=1))["loaded_from_cache"]
+    assert not (tmp_path / "other").exists()
+
+
 def test_full_range_weights_saturate_without_vnni(tmp_path, backend):
     """Why the scheme narrows weights on CPUs without VNNI: uint8 x int8 products summed in pairs in an int16
     (``vpmaddubsw``) saturate on full-range weights and large activations; the reduced range does not."""

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 from dataclasses import dataclass
 
 import onnx
 
+from graphopt.backends.base import cache_folder as backend_cache_folder
 from graphopt.errors import UsageError
 from graphopt.ir.feeds import InputSpec
 
@@ -234,9 +234,4 @@ def trtexec_script(command: str) -> str:
 
 def cache_folder(options: BuildOptions) -> str | None:
     """The engine cache folder; None when ``cache_dir=none``."""
-    if options.cache_dir.lower() == "none":
-        return None
-    if options.cache_dir:
-        return options.cache_dir
-    root = os.environ.get("GRAPHOPT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "graphopt")
-    return os.path.join(root, "tensorrt")
+    return backend_cache_folder(options.cache_dir, "tensorrt")
