@@ -1,7 +1,7 @@
 """``int4-weight`` on the BERT-like encoder against fp32 and ``int8-dynamic``: file size, accuracy, CPU latency.
 
     python benchmarks/bench_int4.py [--hidden 256] [--layers 4] [--vocab 1000] [--seq 128] [--samples 64]
-                                    [--rounds 20] [--inner 10] [--json out.json] [--markdown out.md]
+                                    [--calib 32] [--rounds 20] [--inner 10] [--json out.json] [--markdown out.md]
 
 The encoder is ``graphopt.zoo.transformer.bert_like`` (token + position embeddings, q/k/v/out projections, GELU
 FFN, pooler and a 2-class head; random init, fixed seed), exported with the TorchScript exporter (opset 17,
@@ -16,7 +16,9 @@ dynamic batch and sequence). Variants, made in the same process:
   (``exclude_nodes``): the 2-class head's outputs take the full ~10 % rounding noise of 4-bit weights, which the
   encoder's residual stream dilutes;
 * ``int4-sym-acc4``: informative, ``accuracy_level=4`` (onnxruntime quantizes the MatMul inputs to int8 per
-  block, its fastest CPU path for MatMulNBits).
+  block, its fastest CPU path for MatMulNBits);
+* ``int4-sym-gptq`` / ``int4-asym-gptq`` / ``int4-asym-emb-gptq``: ``method=gptq``, calibrated on ``--calib``
+  random sequences of another seed than the measured ones.
 
 Measured: file size (and its ratio to fp32); cosine of the logits and of the last encoder layer's output
 (batch x seq x hidden) against fp32 on ``--samples`` fixed-seed random sequences; latency at batch 1 with ONE
@@ -43,7 +45,9 @@ from _common import interleaved_cpu_ms, latency_summary, machine, versions, writ
 
 INT4 = {"int4-sym": "", "int4-asym": ":symmetric=false", "int4-sym-emb": ":embeddings=true",
         "int4-asym-emb": ":symmetric=false:embeddings=true", "int4-sym-b16-emb": ":block_size=16:embeddings=true",
-        "int4-sym-emb-head": ":embeddings=true:exclude_nodes={head}", "int4-sym-acc4": ":accuracy_level=4"}
+        "int4-sym-emb-head": ":embeddings=true:exclude_nodes={head}", "int4-sym-acc4": ":accuracy_level=4",
+        "int4-sym-gptq": ":method=gptq", "int4-asym-gptq": ":symmetric=false:method=gptq",
+        "int4-asym-emb-gptq": ":symmetric=false:embeddings=true:method=gptq"}
 VARIANTS = ("fp32", "int8-dynamic", *INT4)
 SIZE_BAR = {False: 0.25, True: 0.18}  # embeddings float / 4-bit
 COSINE_BAR = 0.99
@@ -61,8 +65,10 @@ def make_variants(workdir: str, args) -> tuple[dict[str, str], str]:
     export_transformer_onnx(model, paths["fp32"], seq=args.seq)
     graphopt.optimize(paths["fp32"], "fold,int8-dynamic", check=False).save(paths["int8-dynamic"])
     head = "+".join(n.name for n in onnx.load(paths["fp32"]).graph.node if n.op_type == "Gemm")  # pooler, classifier
+    calib = {"input_ids": np.random.default_rng(2).integers(0, args.vocab, (args.calib, args.seq)).astype(np.int64)}
     for variant, options in INT4.items():
-        result = graphopt.optimize(paths["fp32"], "fold,int4-weight" + options.format(head=head), check=False)
+        result = graphopt.optimize(paths["fp32"], "fold,int4-weight" + options.format(head=head), check=False,
+                                   calibration=calib if "gptq" in options else None)
         result.save(paths[variant])
     last = [n for n in onnx.load(paths["fp32"]).graph.node if n.op_type == "LayerNormalization"][-1].output[0]
     return paths, last
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=1000)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--calib", type=int, default=32, help="GPTQ's calibration sequences (another seed)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--workdir")

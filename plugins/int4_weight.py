@@ -15,6 +15,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
+from graphopt.calib.sources import input_specs, load_calibration
+from graphopt.errors import UsageError
+from graphopt.ir.expose import expose
 from graphopt.ir.onnx_graph import fresh_name
 from graphopt.ir.ops import is_standard_domain
 
@@ -42,6 +45,15 @@ class Int4Weight(Pass):
     of ``block_size``, and every reader of the table must be such a Gather (a table also read by a MatMul,
     tied weights, would stay in the file as float anyway).
 
+    ``method=gptq`` rounds the MatMul/Gemm weights by GPTQ (Frantar et al., 2022) instead of to nearest (``rtn``):
+    from the calibration data (``--calib``; required) it gathers each weight's input Hessian ``H = Σ xᵀx`` (K x K,
+    float64: 8·K² bytes per distinct input tensor, held for the whole pass), then quantizes W's rows (its input
+    channels) in order, each block's scale and zero point from its weights as updated so far, and spreads each
+    row's rounding error over the rows not yet quantized through the Cholesky factor of ``H⁻¹`` (``damp`` of H's
+    mean diagonal added first): the output ``x·W``, not the weight itself, is what it keeps close. The packing is
+    the same; embedding tables are always rounded to nearest. All of H comes from the float model in one run (no
+    layer-by-layer propagation of the quantized layers' outputs).
+
     Options: ``block_size`` (16, 32, 64, 128: smaller blocks are more accurate and larger: about 4 + 32/block
     bits a weight, + 4/block asymmetric), ``symmetric``, ``accuracy_level`` (MatMulNBits' hint: 0 unset, 4 lets
     onnxruntime quantize X to int8 per block, faster on CPU, slightly less accurate), ``embeddings``,
@@ -54,8 +66,9 @@ class Int4Weight(Pass):
     name = "int4-weight"
     irs = frozenset({"onnx"})
     equivalence = Equivalence.APPROXIMATE
-    recovery = ("use smaller blocks (int4-weight:block_size=16), asymmetric blocks (symmetric=false), keep the "
-                "sensitive MatMuls float (exclude_nodes=...), or int8-dynamic")
+    recovery = ("use smaller blocks (int4-weight:block_size=16), asymmetric blocks (symmetric=false), GPTQ with "
+                "calibration data (method=gptq --calib c.npz), keep the sensitive MatMuls float (exclude_nodes=...), "
+                "or int8-dynamic")
 
     @dataclass(frozen=True)
     class Options:
@@ -64,6 +77,18 @@ class Int4Weight(Pass):
         accuracy_level: Literal[0, 1, 2, 3, 4] = 0
         embeddings: bool = False
         exclude_nodes: tuple[str, ...] = ()
+        method: Literal["rtn", "gptq"] = "rtn"
+        damp: float = 0.01  # gptq: the share of the Hessian's mean diagonal added to it (dampening)
+        gptq_samples: int = 128  # gptq: calibration samples read at most
+
+        def __post_init__(self):
+            if not 0 < self.damp <= 1 or self.gptq_samples < 1:
+                raise ValueError("damp must be in (0, 1] and gptq_samples >= 1")
+
+    def requires(self, graph, ctx):
+        if self.options.method == "gptq" and ctx.calibration is None:
+            raise UsageError(f"pass '{self.name}': method=gptq needs calibration data (--calib c.npz, or "
+                             f"calibration= in the API): GPTQ fits the rounding to the inputs each weight sees")
 
     def run_onnx(self, graph, ctx):
         g, opts = graph.gs, self.options
@@ -92,6 +117,7 @@ class Int4Weight(Pass):
             return PassResult(graph, False, {}, notes + ["no MatMul/Gemm with a constant float32 2-D weight"
                                                          + (" nor embedding table" if opts.embeddings else "")
                                                          + " to quantize: nothing to do"], dict(skipped))
+        hessians = self._hessians(graph, ctx, todo) if opts.method == "gptq" else {}
         done: Counter = Counter()
         shared: dict[tuple, list[gs.Constant]] = {}
         size = [0, 0]  # bytes of the float weights replaced, of their 4-bit form (each shared weight once)
@@ -99,8 +125,12 @@ class Int4Weight(Pass):
             key = (node.inputs[0 if node.op == "Gather" else 1].name, node.op, int(node.attrs.get("transB", 0)),
                    float(node.attrs.get("alpha", 1.0)))
             if key not in shared:
-                arrays = (_quantize_table if node.op == "Gather" else _quantize_matmul)(
-                    weight, opts.block_size, opts.symmetric)
+                if node.op == "Gather":
+                    arrays = _quantize_table(weight, opts.block_size, opts.symmetric)
+                elif opts.method == "gptq":
+                    arrays = _gptq(weight, hessians[key[0]], opts.block_size, opts.symmetric, opts.damp)
+                else:
+                    arrays = _quantize_matmul(weight, opts.block_size, opts.symmetric)
                 shared[key] = [gs.Constant(fresh_name(names, f"{key[0]}_{suffix}"), a)
                                for suffix, a in zip(("int4", "scales", "zero_points"), arrays) if a is not None]
                 size[0] += weight.nbytes
@@ -112,11 +142,29 @@ class Int4Weight(Pass):
                 _to_matmul_nbits(graph, node, weight.shape, shared[key], opts, names)
         g.cleanup().toposort()
         notes.append(f"weights {_mib(size[0])} -> {_mib(size[1])} ({size[1] / size[0]:.3f}x): 4-bit blocks of "
-                     f"{opts.block_size}, {'symmetric' if opts.symmetric else 'asymmetric'}, float32 scales")
+                     f"{opts.block_size}, {'symmetric' if opts.symmetric else 'asymmetric'}, float32 scales, "
+                     + ("MatMul/Gemm weights by GPTQ" if opts.method == "gptq" else "rounded to nearest"))
         notes.append("for size, not speed: onnxruntime's CPU MatMulNBits measured 1.4-2.5x int8-dynamic's latency "
                      "on a BERT-like encoder (int8-dynamic is the faster choice when latency matters)")
         stats = {f"quantized {op}": done[op] for op in ("MatMul", "Gemm", "Gather") if done[op]}
         return PassResult(graph, True, stats, notes, dict(skipped))
+
+    def _hessians(self, graph, ctx, todo) -> dict[str, np.ndarray]:
+        """Per MatMul/Gemm weight (by name), ``Σ xᵀx`` over the calibration data of the inputs of every node that
+        reads it (float64, K x K), from one run of the float graph on onnxruntime with those inputs exposed."""
+        readers: dict[str, set[str]] = {}
+        for node, _ in todo:
+            if node.op != "Gather":
+                readers.setdefault(node.inputs[1].name, set()).add(node.inputs[0].name)
+        names = sorted(set().union(*readers.values()))
+        data = load_calibration(ctx.calibration, input_specs(graph), batch_size=8, limit=self.options.gptq_samples)
+        session = expose(graph, names).session(optimized=False)
+        sums: dict[str, np.ndarray] = {}
+        for batch in data.batches():
+            for name, value in zip(names, session.run(names, batch)):
+                rows = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
+                sums[name] = sums.get(name, 0.0) + rows.T @ rows
+        return {weight: sum(sums[x] for x in inputs) for weight, inputs in readers.items()}
 
     def _matmul_weight(self, graph, node, excluded, ctx) -> tuple[np.ndarray | None, str]:
         """The weight as a float32 (K, N) array, Gemm's ``transB`` and ``alpha`` folded in, or why not."""
@@ -189,18 +237,65 @@ def _quantize_table(table: np.ndarray, block: int, symmetric: bool):
     (None when symmetric): the same rounding as onnxruntime's MatMulNBits quantizer, along H."""
     v, h = table.shape
     blocks = table.reshape(v, h // block, block).astype(np.float64)
-    if symmetric:  # the value of largest magnitude maps to -8 exactly; the rest to [-8, 8], 8 clipped to 7
-        peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)
-        scales = peak / -8
-        zero = np.full(scales.shape, DEFAULT_ZERO, np.float64)
-    else:  # [min(w, 0), max(w, 0)] in 15 steps, so 0 is exact
-        low, high = np.minimum(blocks.min(-1, keepdims=True), 0), np.maximum(blocks.max(-1, keepdims=True), 0)
-        scales = (high - low) / 15
-        zero = np.where(scales == 0, DEFAULT_ZERO, np.clip(np.round(-low / np.where(scales == 0, 1, scales)), 0, 15))
-    step = np.where(scales == 0, 1, scales)
-    q = np.clip(np.round(blocks / step) + zero, 0, 15).astype(np.uint8).reshape(v, h)
+    scales, zero = _block_params(blocks, symmetric)
+    q = _codes(blocks, scales, zero).reshape(v, h)
     scales = scales[..., 0].astype(np.float32)
     return _pack_rows(q), scales, None if symmetric else _pack_rows(zero[..., 0].astype(np.uint8))
+
+
+def _block_params(blocks: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point (float64, keepdims) of each block along the last axis, as onnxruntime's quantizer sets
+    them: symmetric, the value of largest magnitude maps to -8 exactly (the rest to [-8, 8], 8 clipped to 7);
+    asymmetric, [min(w, 0), max(w, 0)] in 15 steps, so 0 is exact."""
+    if symmetric:
+        peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)
+        scales = peak / -8
+        return scales, np.full(scales.shape, DEFAULT_ZERO, np.float64)
+    low, high = np.minimum(blocks.min(-1, keepdims=True), 0), np.maximum(blocks.max(-1, keepdims=True), 0)
+    scales = (high - low) / 15
+    zero = np.clip(np.round(-low / np.where(scales == 0, 1, scales)), 0, 15)
+    return scales, np.where(scales == 0, DEFAULT_ZERO, zero)
+
+
+def _codes(values: np.ndarray, scales: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """The 4-bit codes of ``values`` on each block's grid (a zero scale: every value 0, code ``zero``)."""
+    return np.clip(np.round(values / np.where(scales == 0, 1, scales)) + zero, 0, 15).astype(np.uint8)
+
+
+def _gptq(w: np.ndarray, h: np.ndarray, block: int, symmetric: bool, damp: float, lazy: int = 128):
+    """MatMulNBits' B, scales and zero points (as :func:`_quantize_matmul`) for the (K, N) weight ``w``, rounded by
+    GPTQ with the input Hessian ``h`` (K, K): rows of W in order, each block's parameters from its rows as
+    updated so far, each row's error ``(w - q) / U[k, k]`` subtracted from the later rows along ``U[k]``, for
+    ``U`` the upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹``; updates inside ``lazy`` rows at a time,
+    the rest in one product per batch (the paper's lazy batch). Inputs that are never nonzero (diag 0) get weight
+    0, which changes no output."""
+    k, n = w.shape
+    blocks = -(-k // block)
+    kp = blocks * block
+    rows, hess = np.zeros((kp, n)), np.eye(kp)
+    rows[:k], hess[:k, :k] = w, h
+    dead = np.diag(hess) == 0
+    hess[dead, dead], rows[dead] = 1.0, 0.0
+    hess[np.diag_indices(kp)] += damp * np.mean(np.diag(hess))
+    upper = np.linalg.cholesky(np.linalg.inv(hess)).T
+    codes = np.zeros((kp, n), np.uint8)
+    scales, zero = np.zeros((blocks, n)), np.zeros((blocks, n))
+    lazy = max(block, lazy // block * block)
+    for start in range(0, kp, lazy):
+        end = min(start + lazy, kp)
+        batch, errors = rows[start:end].copy(), np.zeros((end - start, n))
+        for i in range(end - start):
+            row = start + i
+            if row % block == 0:
+                s, z = _block_params(batch[i:i + block].T, symmetric)
+                scales[row // block], zero[row // block] = s[:, 0].astype(np.float32), z[:, 0]  # as stored
+            s, z = scales[row // block], zero[row // block]
+            codes[row] = _codes(batch[i], s, z)
+            errors[i] = (batch[i] - (codes[row] - z) * s) / upper[row, row]
+            batch[i + 1:] -= np.outer(upper[row, row + 1:end], errors[i])
+        rows[end:] -= upper[start:end, end:].T @ errors
+    packed = _pack_rows(codes.T.reshape(n, blocks, block))
+    return packed, scales.T.astype(np.float32), None if symmetric else _pack_rows(zero.T.astype(np.uint8))
 
 
 def _pack_rows(q: np.ndarray) -> np.ndarray:

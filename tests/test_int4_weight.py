@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.cli import main
-from graphopt.errors import PipelineError
+from graphopt.errors import PipelineError, UsageError
 from graphopt.numeric import cosine_similarity
 from graphopt.report.metrics import expose
 from graphopt.zoo.transformer import bert_like, export_transformer_onnx
@@ -169,6 +169,47 @@ def test_bad_options_are_one_line_errors(registry):
         int4(model, registry, ":block_size=24")
 
 
+# -- GPTQ -------------------------------------------------------------------------------------------------------------
+def correlated_inputs(rng, rows, k, mix):
+    """Inputs whose features are correlated with a few strong directions (as a transformer's are), through ``mix``."""
+    return (rng.standard_normal((rows, 3, k)) * np.geomspace(4.0, 0.05, k)) @ mix
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_keeps_the_output_closer_than_rounding_to_nearest(registry, symmetric):
+    """GPTQ rounds for the output x·W on the inputs it is calibrated on: on held-out inputs of the same kind its
+    output SQNR beats round-to-nearest's (measured here ~6 dB), its packing decodes as MatMulNBits runs it, and
+    its weights are the float ones moved by more than rounding (it trades weight error for output error)."""
+    from graphopt.numeric import sqnr_db
+
+    k, n = 96, 24
+    rng = np.random.default_rng(7)
+    model, w, _ = matmul_model(k, n, rng)
+    mix = np.linalg.qr(rng.standard_normal((k, k)))[0]
+    calib = {"x": correlated_inputs(rng, 128, k, mix).astype(np.float32)}
+    held_out = correlated_inputs(rng, 64, k, mix).astype(np.float32)
+    ref = held_out.astype(np.float64) @ w
+    sqnr = {}
+    for method in ("rtn", "gptq"):
+        options = f":symmetric={str(symmetric).lower()}:method={method}"
+        out = graphopt.optimize(model, "int4-weight" + options, calibration=calib, check=False,
+                                registry=registry).model
+        (node,) = out.graph.node
+        deq, step = dequantize_nbits(node, inits(out))
+        y = session(out).run(None, {"x": held_out})[0]
+        assert np.abs(y - held_out.astype(np.float64) @ deq).max() <= 1e-4 * np.abs(y).max()
+        sqnr[method] = sqnr_db(ref, y)
+        if method == "gptq":
+            assert np.abs(deq - w).max() > step.max()  # error fed forward: not a rounding of w
+    assert sqnr["gptq"] >= sqnr["rtn"] + 3.0, sqnr
+
+
+def test_gptq_needs_calibration_data(registry):
+    model, _, _ = matmul_model(32, 4, np.random.default_rng(0))
+    with pytest.raises(UsageError, match="method=gptq needs calibration data"):
+        int4(model, registry, ":method=gptq")
+
+
 # -- the BERT-like encoder ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
@@ -219,6 +260,22 @@ def test_exclude_nodes_keeps_them_float(bert, registry):
     q = next(n.name for n in onnx.load(bert).graph.node if n.name.endswith("attention/q/MatMul"))
     rec = record(int4(bert, registry, f":exclude_nodes={q}", passes="fold,int4-weight"))
     assert rec.stats["quantized MatMul"] == 6 * LAYERS - 1 and rec.skipped["MatMul in exclude_nodes"] == 1
+
+
+def test_gptq_on_bert_like_halves_the_encoders_error(bert, registry):
+    """On the encoder, GPTQ (calibrated on other random sequences) leaves about half of round-to-nearest's error
+    in the last hidden state (1 - cosine; measured 0.5x on hidden 256 x 4 layers)."""
+    fp32 = onnx.load(bert)
+    last = [n for n in fp32.graph.node if n.op_type == "LayerNormalization"][-1].output[0]
+    ids = np.random.default_rng(0).integers(0, VOCAB, (32, SEQ)).astype(np.int64)
+    calib = {"input_ids": np.random.default_rng(5).integers(0, VOCAB, (32, SEQ)).astype(np.int64)}
+    ref = outputs(fp32, last, ids)[1]
+    error = {}
+    for method in ("rtn", "gptq"):
+        result = graphopt.optimize(bert, f"fold,int4-weight:method={method}", calibration=calib, check=False,
+                                   registry=registry)
+        error[method] = 1 - cosine_similarity(ref, outputs(result.model, last, ids)[1])
+    assert error["gptq"] <= 0.75 * error["rtn"], error
 
 
 def test_cli_run(bert, tmp_path):
