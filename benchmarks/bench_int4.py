@@ -26,7 +26,8 @@ intra-op thread, as CPU time per run (``time.process_time``, so other load on a 
 Timing is interleaved: each of ``--rounds`` rounds runs every variant (order alternating) for one warm-up and
 ``--inner`` timed runs and keeps their median; the table shows the median over rounds with its IQR, and the
 median of the per-round ratios to fp32 and to int8-dynamic (paired). Bars (issue 12): file <= 0.25x fp32 with
-float embeddings, <= 0.18x with 4-bit embeddings, cosine >= 0.99. Needs ``pip install -e '.[torch]'``.
+float embeddings, <= 0.18x with 4-bit embeddings, cosine >= 0.99 (reported for the last hidden state, the metric
+the issue scores transformers by, and for the 2-class logits). Needs ``pip install -e '.[torch]'``.
 Models live in a temp dir (``--workdir DIR`` keeps them; never commit .onnx files).
 """
 
@@ -120,9 +121,11 @@ def markdown(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     for v in ("int4-sym", "int4-asym", "int4-sym-emb", "int4-asym-emb"):
         row = rows[v]
         bar = SIZE_BAR[v.endswith("-emb")]
-        size_ok, cos_ok = row["size_bytes"] / fp32 <= bar, min(row["cosine"], row["cosine_hidden"]) >= COSINE_BAR
+        size_ok = row["size_bytes"] / fp32 <= bar
+        hidden_ok, logits_ok = row["cosine_hidden"] >= COSINE_BAR, row["cosine"] >= COSINE_BAR
         lines.append(f"- {v}: size {row['size_bytes'] / fp32:.3f}x <= {bar}: {'pass' if size_ok else 'FAIL'}; "
-                     f"cosine (logits, hidden) >= {COSINE_BAR}: {'pass' if cos_ok else 'FAIL'}")
+                     f"hidden-state cosine >= {COSINE_BAR}: {'pass' if hidden_ok else 'FAIL'}; "
+                     f"logits cosine >= {COSINE_BAR}: {'pass' if logits_ok else 'FAIL'}")
     return "\n".join(lines)
 
 
