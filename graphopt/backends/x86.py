@@ -69,7 +69,7 @@ class X86Backend(Backend):
         """``reduce_range``: weights in [-64, 64] (see the module docstring); None: when this CPU needs it.
         ``engine``: ``inductor`` (AOTInductor packages, oneDNN int8 kernels) or ``fx-x86`` / ``fx-fbgemm`` /
         ``fx-onednn`` (torch's deprecated eager quantized kernels, for comparison). ``use_cache``: reuse packages
-        from the compile cache (``GRAPHOPT_CACHE_DIR``)."""
+        from the compile cache (``$GRAPHOPT_CACHE_DIR/x86``)."""
         if engine not in ENGINES:
             raise UsageError(f"unknown x86 engine '{engine}' (known: {', '.join(ENGINES)})")
         self.reduce_range = u8s8_saturates() if reduce_range is None else reduce_range

@@ -10,7 +10,7 @@ torch.is_grad_enabled()``), so the compile runs under ``torch.no_grad()``. The p
 has torch (``torch._inductor.aoti_load_package``), without graphopt.
 
 Which kernels a package calls is read from its own generated wrapper code (:func:`package_kernels`): what is
-counted is what runs. The compile cache (``GRAPHOPT_CACHE_DIR``, default ``~/.cache/graphopt/x86``) keys a package
+counted is what runs. The compile cache (``$GRAPHOPT_CACHE_DIR/x86``, default ``~/.cache/graphopt/x86``) keys a package
 on the module (its code, module tree and every tensor's bytes), the example input shapes, the dynamic dims, torch's
 version, the inductor config, the CPU's features and this module's lowering version; a hit copies the file. (AOT
 compilation does not use inductor's own FX graph cache: ``compile_fx`` skips it in ``aot_mode``.)
@@ -29,7 +29,7 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from graphopt.backends.base import BackendError
+from graphopt.backends.base import BackendError, cache_folder
 from graphopt.backends.x86_export import dynamic_dims, export_dynamic, quiet, strip_guards, torch_module
 from graphopt.errors import first_line
 from graphopt.ir.feeds import InputSpec
@@ -45,7 +45,8 @@ _KERNEL_KINDS = (("int8 conv", re.compile(r"qconv")), ("int8 linear", re.compile
 
 
 def cache_dir() -> str:
-    return os.environ.get("GRAPHOPT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "graphopt", "x86")
+    """The compile cache: ``$GRAPHOPT_CACHE_DIR/x86`` (``~/.cache/graphopt/x86``), as the other backends' caches."""
+    return cache_folder("", "x86")
 
 
 @dataclass
