@@ -163,6 +163,26 @@ def test_skipped_nodes_are_counted_by_reason(registry):
     assert record(int4(gemm, registry)).skipped == {"Gemm with transA": 1}
 
 
+def test_costs_count_the_packed_weights_and_their_macs(registry):
+    """The report counts a MatMulNBits as the MatMul it replaces: K x N parameters (not the packed bytes) and
+    rows x K x N MACs, also for one that follows another (whose input only onnxruntime's shape inference types)."""
+    from graphopt.ir.onnx_graph import OnnxGraph
+    from graphopt.report.cost import layer_costs
+
+    rng = np.random.default_rng(3)
+    w1, w2 = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal((32, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("MatMul", ["h", "w2"], ["y"],
+                                                                                      name="mm2")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 16])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = {r.name: (r.params, r.macs) for r in layer_costs(OnnxGraph.from_model(model))}
+    after = {r.name: (r.params, r.macs) for r in layer_costs(OnnxGraph.from_model(int4(model, registry).model))}
+    assert before == after == {"mm1": (64 * 32, 6 * 64 * 32), "mm2": (32 * 16, 6 * 32 * 16)}, (before, after)
+
+
 def test_bad_options_are_one_line_errors(registry):
     model, _, _ = matmul_model(32, 4, np.random.default_rng(0))
     with pytest.raises(PipelineError, match="option 'block_size' expects one of 16, 32, 64, 128, got '24'"):

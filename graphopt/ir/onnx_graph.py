@@ -217,14 +217,19 @@ class OnnxGraph(Graph):
         return f"opset {current} -> {target} (onnx.version_converter)"
 
     def inferred_shapes(self) -> dict[str, tuple[list, np.dtype]]:
-        """Shape and dtype of every tensor ONNX shape inference can type (run on :meth:`skeleton`)."""
-        model = onnx.shape_inference.infer_shapes(self.skeleton(), check_type=True, data_prop=True)
-        out = {}
-        for vi in [*model.graph.value_info, *model.graph.output]:
-            t = vi.type.tensor_type
-            if vi.type.HasField("tensor_type") and t.HasField("shape"):
-                dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-                out[vi.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+        """Shape and dtype of every tensor ONNX shape inference can type (run on :meth:`skeleton`). ONNX does not
+        know onnxruntime's contrib ops (``com.microsoft``: MatMulNBits, GatherBlockQuantized...), so what follows
+        one would stay untyped: for such graphs onnxruntime's symbolic shape inference, which knows them, fills in
+        the tensors ONNX left out."""
+        skeleton = self.skeleton()
+        out = _typed(onnx.shape_inference.infer_shapes(skeleton, check_type=True, data_prop=True))
+        if any(node.domain == "com.microsoft" for node in self.gs.nodes):
+            try:
+                from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+                out = {**_typed(SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)), **out}
+            except Exception:  # it refuses some graphs: ONNX's answer stands
+                pass
         return out
 
     def infer_shapes(self) -> None:
@@ -450,3 +455,14 @@ def _create_session(ort, source, options, providers):
         raise UnsupportedError(f"onnxruntime cannot run this model: {reason} (an op outside the standard domains "
                                f"needs its custom-op library; or skip running the model, e.g. with --no-check)") \
             from None
+
+
+def _typed(model: onnx.ModelProto) -> dict[str, tuple[list, np.dtype]]:
+    """Shape and dtype of the value infos and outputs of an inferred model that have both."""
+    out = {}
+    for vi in [*model.graph.value_info, *model.graph.output]:
+        t = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and t.HasField("shape") and t.elem_type:
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+            out[vi.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+    return out

@@ -5,15 +5,16 @@ Counted the way thop, fvcore and Torch-Pruning (``tp.utils.count_ops_and_params`
 * Conv: ``N * Cout * Hout * Wout * (Cin / groups) * kh * kw`` (output elements times the weight's size past its
   first axis; the bias adds no MACs). ConvTranspose: input elements times ``(Cout / groups) * kh * kw``.
 * Gemm / Linear / MatMul (and their integer and quantized forms MatMulInteger, QLinearMatMul, ConvInteger,
-  QLinearConv; torch's mm, bmm, addmm, baddbmm, linear, matmul, ATen convolution): output elements times the
-  reduction size. A MatMul between two activations (attention's ``Q @ K^T`` and ``P @ V``) counts the same way,
-  and so does ``scaled_dot_product_attention`` (both products).
+  QLinearConv, onnxruntime's 4-bit MatMulNBits; torch's mm, bmm, addmm, baddbmm, linear, matmul, ATen
+  convolution): output elements times the reduction size. A MatMul between two activations (attention's
+  ``Q @ K^T`` and ``P @ V``) counts the same way, and so does ``scaled_dot_product_attention`` (both products).
 * Everything else (BatchNorm, LayerNorm, activations, elementwise, pooling, Softmax...) counts 0 MACs, and so
   do ops not listed here (Einsum, recurrent layers, ``nn.MultiheadAttention`` as one FX module) and the nodes
   inside ONNX If/Loop subgraphs.
 
 A layer's parameters are the elements of its constant inputs: initializers and values computed from constants
-only (a DequantizeLinear of an int8 weight counts as the weight's elements) for ONNX; the module's parameters for
+only (a DequantizeLinear of an int8 weight counts as the weight's elements; the 4-bit weights packed two a byte
+into MatMulNBits and GatherBlockQuantized count as the weights they hold) for ONNX; the module's parameters for
 an FX ``call_module`` node, ``get_attr`` tensors (and values computed from them only) for a ``call_function``.
 int64 and bool constants are shapes, axes and indices, not weights: they are not counted. Nodes that compute
 only from constants are weight preprocessing, not layers.
@@ -241,11 +242,24 @@ def _onnx_costs(graph) -> list[LayerCost]:
             if t.name not in seen:  # a weight read twice by one node counts once
                 seen.add(t.name)
                 params += params_of(t)
+        params = _packed_params(node, params_of, dtype_of) or params
         out = shape_of(node.outputs[0]) if node.outputs else None
         name = fresh_name(names, node.name or (node.outputs[0].name if node.outputs else "") or f"{node.op}_{i}")
         rows.append(LayerCost(name, node.op, params, _onnx_macs(node, out, shape_of),
                               tuple(out) if out is not None else None))
     return rows
+
+
+def _packed_params(node, params_of, dtype_of) -> int | None:
+    """The weight elements of onnxruntime's 4-bit contrib ops, whose uint8 inputs hold two weights a byte (their
+    scales, like a DequantizeLinear's, are not counted); None for any other op."""
+    if node.domain != "com.microsoft":
+        return None
+    if node.op == "MatMulNBits":
+        return int(node.attrs["K"]) * int(node.attrs["N"])
+    if node.op == "GatherBlockQuantized" and node.inputs and dtype_of(node.inputs[0]) == np.uint8:
+        return params_of(node.inputs[0]) * (8 // int(node.attrs.get("bits", 4)))
+    return None
 
 
 def _root_constant_elements(tensor) -> int:
@@ -285,6 +299,9 @@ def _onnx_macs(node, out: list | None, shape_of) -> int:
         if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "FusedMatMul"):
             a = shape_of(inputs[0])
             return numel(out) * numel(a[-1:]) if out is not None and a else 0
+        if op == "MatMulNBits":  # onnxruntime's 4-bit MatMul: X (..., K) times a (K, N) weight; X's rows count
+            a = shape_of(inputs[0])  # as 1 where its shape is unknown, as a symbolic dimension does
+            return (numel(a[:-1]) if a else 1) * int(node.attrs["K"]) * int(node.attrs["N"])
     except (IndexError, TypeError):  # a malformed node: no count rather than a failed report
         return 0
     return 0
