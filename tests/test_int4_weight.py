@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt.cli import main
 from graphopt.errors import PipelineError, UsageError
+from graphopt.ir.onnx_graph import OnnxGraph
 from graphopt.numeric import cosine_similarity
 from graphopt.report.metrics import expose
 from graphopt.zoo.transformer import bert_like, export_transformer_onnx
@@ -166,7 +167,6 @@ def test_skipped_nodes_are_counted_by_reason(registry):
 def test_costs_count_the_packed_weights_and_their_macs(registry):
     """The report counts a MatMulNBits as the MatMul it replaces: K x N parameters (not the packed bytes) and
     rows x K x N MACs, also for one that follows another (whose input only onnxruntime's shape inference types)."""
-    from graphopt.ir.onnx_graph import OnnxGraph
     from graphopt.report.cost import layer_costs
 
     rng = np.random.default_rng(3)
@@ -264,6 +264,9 @@ def test_bert_like_is_close_and_small(bert, registry, symmetric, embeddings):
     # the 2-class logits of a random head are small numbers that amplify the 4-bit embeddings' ~10 % rounding
     # (measured here: 0.994-0.995 with float embeddings, 0.981-0.991 with 4-bit ones)
     assert cosine_similarity(ref_logits, logits) >= (0.975 if embeddings else 0.99)
+    typed = OnnxGraph.from_model(result.model).inferred_shapes()  # through the contrib ops' shape stand-ins
+    assert {o for n in result.model.graph.node for o in n.output} <= set(typed)
+    assert typed[last][0][-1] == HIDDEN and typed[last][1] == np.float32
     ratio = len(result.model.SerializeToString()) / len(fp32.SerializeToString())
     # fp32 embeddings are 14 % of this model; 4-bit blocks of 32 with float32 scales are 5 (asymmetric 5.1) bits
     assert ratio <= (0.18 if embeddings and symmetric else 0.185 if embeddings else 0.25), ratio

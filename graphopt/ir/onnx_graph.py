@@ -27,6 +27,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from graphopt.errors import ModelLoadError, UnsupportedError, first_line
 from graphopt.ir import onnx_checks, onnx_external, onnx_io
 from graphopt.ir.base import Graph
+from graphopt.ir.contrib_shapes import STAND_IN_SUFFIX, with_stand_ins
 from graphopt.ir.feeds import InputSpec, feeds, input_roles
 from graphopt.ir.gs_gaps import copy_gs, export_optional_types
 from graphopt.ir.ops import OpKind, onnx_kind
@@ -217,19 +218,16 @@ class OnnxGraph(Graph):
         return f"opset {current} -> {target} (onnx.version_converter)"
 
     def inferred_shapes(self) -> dict[str, tuple[list, np.dtype]]:
-        """Shape and dtype of every tensor ONNX shape inference can type (run on :meth:`skeleton`). ONNX does not
-        know onnxruntime's contrib ops (``com.microsoft``: MatMulNBits, GatherBlockQuantized...), so what follows
-        one would stay untyped: for such graphs onnxruntime's symbolic shape inference, which knows them, fills in
-        the tensors ONNX left out."""
-        skeleton = self.skeleton()
-        out = _typed(onnx.shape_inference.infer_shapes(skeleton, check_type=True, data_prop=True))
-        if any(node.domain == "com.microsoft" for node in self.gs.nodes):
-            try:
-                from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-                out = {**_typed(SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)), **out}
-            except Exception:  # it refuses some graphs: ONNX's answer stands
-                pass
+        """Shape and dtype of every tensor ONNX shape inference can type (run on :meth:`skeleton`, with standard
+        stand-ins for onnxruntime's contrib ops whose shapes :mod:`graphopt.ir.contrib_shapes` knows, so that what
+        follows them is typed too)."""
+        model = onnx.shape_inference.infer_shapes(with_stand_ins(self.skeleton()), check_type=True, data_prop=True)
+        out = {}
+        for vi in [*model.graph.value_info, *model.graph.output]:
+            t = vi.type.tensor_type
+            if vi.type.HasField("tensor_type") and t.HasField("shape") and not vi.name.endswith(STAND_IN_SUFFIX):
+                dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+                out[vi.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
         return out
 
     def infer_shapes(self) -> None:
@@ -455,14 +453,3 @@ def _create_session(ort, source, options, providers):
         raise UnsupportedError(f"onnxruntime cannot run this model: {reason} (an op outside the standard domains "
                                f"needs its custom-op library; or skip running the model, e.g. with --no-check)") \
             from None
-
-
-def _typed(model: onnx.ModelProto) -> dict[str, tuple[list, np.dtype]]:
-    """Shape and dtype of the value infos and outputs of an inferred model that have both."""
-    out = {}
-    for vi in [*model.graph.value_info, *model.graph.output]:
-        t = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and t.HasField("shape") and t.elem_type:
-            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-            out[vi.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
-    return out
