@@ -181,6 +181,10 @@ def test_costs_count_the_packed_weights_and_their_macs(registry):
     before = {r.name: (r.params, r.macs) for r in layer_costs(OnnxGraph.from_model(model))}
     after = {r.name: (r.params, r.macs) for r in layer_costs(OnnxGraph.from_model(int4(model, registry).model))}
     assert before == after == {"mm1": (64 * 32, 6 * 64 * 32), "mm2": (32 * 16, 6 * 32 * 16)}, (before, after)
+    from graphopt.report.cost import model_costs
+
+    total = model_costs(OnnxGraph.from_model(int4(model, registry).model)).params  # + a float32 scale per block
+    assert total == 64 * 32 + 32 * 16 + (64 // 32) * 32 + (32 // 32) * 16, total
 
 
 def test_bad_options_are_one_line_errors(registry):

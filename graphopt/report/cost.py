@@ -23,8 +23,8 @@ Shapes come from ONNX shape inference (dimensions it cannot resolve, such as a s
 from running FX's ``ShapeProp`` on the graph's example inputs (whose batch is then counted as given).
 
 The model's parameter total is its own count (:meth:`Graph.num_parameters`: every initializer / every module
-parameter), which can differ from the sum over layers (shape constants, BatchNorm buffers); the MAC total is
-the sum over layers.
+parameter; a 4-bit weight packed two a byte counts as the two), which can differ from the sum over layers (shape
+constants, BatchNorm buffers, quantization scales); the MAC total is the sum over layers.
 
 The FX counting is in :mod:`graphopt.report.cost_fx`, what both count into (:class:`LayerCost`) and the rules
 they share in :mod:`graphopt.report.layer_cost`; this module holds the ONNX counting and the public API.
@@ -104,7 +104,27 @@ def model_costs(graph) -> ModelCosts:
     """The model's parameter count (its own: every initializer / module parameter), MACs summed over its layers,
     and the layers."""
     rows = layer_costs(graph)
-    return ModelCosts(int(graph.num_parameters()), total_costs(rows)[1], rows)
+    extra = _unpacked_extra(graph) if hasattr(graph, "gs") else 0
+    return ModelCosts(int(graph.num_parameters()) + extra, total_costs(rows)[1], rows)
+
+
+def _unpacked_extra(graph) -> int:
+    """The weights onnxruntime's 4-bit contrib ops hold beyond their packed uint8 elements (two a byte), each packed
+    tensor once: so that an int4 model's parameter count is its weights', as its layers' are."""
+    import onnx_graphsurgeon as gs
+
+    extra, seen = 0, set()
+    for node in graph.gs.nodes:
+        if node.domain != "com.microsoft" or node.op not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
+        packed = node.inputs[1 if node.op == "MatMulNBits" else 0]
+        if packed.name in seen or not isinstance(packed, gs.Constant) or packed.values.dtype != np.uint8:
+            continue
+        seen.add(packed.name)
+        held = (int(node.attrs["K"]) * int(node.attrs["N"]) if node.op == "MatMulNBits"
+                else packed.values.size * (8 // int(node.attrs.get("bits", 4))))
+        extra += held - packed.values.size
+    return extra
 
 
 def compare_costs(before: Sequence[LayerCost], after: Sequence[LayerCost]) -> list[LayerDelta]:
