@@ -17,11 +17,11 @@ import onnx_graphsurgeon as gs
 from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.calib.sources import input_specs, load_calibration
 from graphopt.errors import UsageError
+from graphopt.ir.contrib_shapes import MS_DOMAIN
 from graphopt.ir.expose import expose
 from graphopt.ir.onnx_graph import fresh_name
 from graphopt.ir.ops import is_standard_domain
 
-MS_DOMAIN = "com.microsoft"
 BITS = 4
 DEFAULT_ZERO = 1 << (BITS - 1)  # both ops' zero point when none is given: 8
 

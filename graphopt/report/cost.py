@@ -37,6 +37,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from graphopt.ir.contrib_shapes import MS_DOMAIN
 from graphopt.ir.onnx_graph import fresh_name
 from graphopt.report.cost_fx import fx_costs
 from graphopt.report.layer_cost import LayerCost, is_weight_dtype, numel
@@ -115,15 +116,13 @@ def _unpacked_extra(graph) -> int:
 
     extra, seen = 0, set()
     for node in graph.gs.nodes:
-        if node.domain != "com.microsoft" or node.op not in ("MatMulNBits", "GatherBlockQuantized"):
+        packed = node.inputs[1 if node.op == "MatMulNBits" else 0] if node.inputs else None
+        if not isinstance(packed, gs.Constant) or packed.values.dtype != np.uint8 or packed.name in seen:
             continue
-        packed = node.inputs[1 if node.op == "MatMulNBits" else 0]
-        if packed.name in seen or not isinstance(packed, gs.Constant) or packed.values.dtype != np.uint8:
-            continue
-        seen.add(packed.name)
-        held = (int(node.attrs["K"]) * int(node.attrs["N"]) if node.op == "MatMulNBits"
-                else packed.values.size * (8 // int(node.attrs.get("bits", 4))))
-        extra += held - packed.values.size
+        held = _packed_params(node, lambda t: int(t.values.size), lambda t: t.values.dtype)
+        if held is not None:
+            seen.add(packed.name)
+            extra += held - int(packed.values.size)
     return extra
 
 
@@ -273,7 +272,7 @@ def _onnx_costs(graph) -> list[LayerCost]:
 def _packed_params(node, params_of, dtype_of) -> int | None:
     """The weight elements of onnxruntime's 4-bit contrib ops, whose uint8 inputs hold two weights a byte (their
     scales, like a DequantizeLinear's, are not counted); None for any other op."""
-    if node.domain != "com.microsoft":
+    if node.domain != MS_DOMAIN:
         return None
     if node.op == "MatMulNBits":
         return int(node.attrs["K"]) * int(node.attrs["N"])
