@@ -220,10 +220,13 @@ def _count_nonfinite(value) -> int:
 
 def _refuse_float16(pass_name: str, graph, nodes, tensors) -> None:
     """Q/DQ on a float16 tensor is not a graph onnxruntime's QDQ kernels run: refuse, saying what to do."""
-    typed = None
+    typed, sources = None, None
     for name, tensor in [*tensors.items(), *((n.inputs[1].name, n.inputs[1]) for n in nodes if len(n.inputs) > 1)]:
         dtype = tensor.dtype
         if dtype is None:
+            sources = _float16_sources(graph.gs) if sources is None else sources
+            if not sources:
+                continue  # nothing in the graph makes float16: no need to infer this tensor's type
             typed = graph.inferred_shapes() if typed is None else typed
             dtype = (typed.get(name) or (None, None))[1]
         if dtype is not None and np.dtype(dtype) == np.float16:
@@ -231,6 +234,27 @@ def _refuse_float16(pass_name: str, graph, nodes, tensors) -> None:
                 f"pass '{pass_name}': the model computes in float16 (tensor '{name}'); int8 quantization takes "
                 f"float32 models (Q/DQ scales and onnxruntime's QDQ kernels are float32) (quantize the float32 "
                 f"model, and convert to fp16 neither before nor after int8)")
+
+
+_FLOAT16 = 10  # onnx.TensorProto.FLOAT16
+
+
+def _float16_sources(g) -> bool:
+    """Whether anything in the graph can make a float16 tensor: a tensor already typed float16, an op whose type
+    attribute says float16 (Cast's ``to``, the Random ops' and EyeLike's ``dtype``), a Constant or ConstantOfShape
+    holding float16, or an op outside the standard domains (its types are unknown). Without one, no tensor of the
+    graph is float16, and shape inference need not run to say so."""
+    if any(t.dtype is not None and np.dtype(t.dtype) == np.float16 for t in g.tensors().values()):
+        return True
+    for node in g.nodes:
+        if not is_standard_domain(node.domain):
+            return True
+        if node.attrs.get("to") == _FLOAT16 or node.attrs.get("dtype") == _FLOAT16:
+            return True
+        value = node.attrs.get("value")
+        if value is not None and getattr(getattr(value, "values", value), "dtype", None) == np.float16:
+            return True
+    return False
 
 
 def _already_quantized(node: gs.Node) -> bool:

@@ -42,6 +42,21 @@ def test_int8_refuses_a_float16_model_in_one_line(check):
         in message
 
 
+def test_int8_refuses_float16_made_inside_a_float32_model():
+    """Float16 that only a Cast makes (every initializer and input float32) is found too: place-qdq skips shape
+    inference only when nothing in the graph can make float16."""
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["w"], ["w16"], to=TensorProto.FLOAT16),
+             helper.make_node("Conv", ["x16", "w16"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Cast", ["c"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+                              [numpy_helper.from_array(RNG.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UnsupportedError, match="^pass 'place-qdq': the model computes in float16"):
+        graphopt.optimize(model, "int8", check=False)
+
+
 def test_int8_dynamic_refuses_a_float16_matmul_in_one_line():
     with pytest.raises(UnsupportedError) as info:
         graphopt.optimize(conv_matmul(np.float16), "int8-dynamic", check=False)
