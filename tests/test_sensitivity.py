@@ -169,6 +169,23 @@ def test_only_the_study_folders_graphopt_chose_are_pruned(registry, fragile, tmp
     assert sorted(os.listdir(root)) == sorted(["auto0", "mine", "recent", os.path.basename(auto.folder)])
 
 
+def test_a_study_keeps_its_backends_options(registry, fragile, tmp_path, monkeypatch):
+    """A worker process makes the study's backend again from its spec, options included (OpenVINO's precision,
+    not its default), and backends that differ in their options get different study folders (their trials are not
+    each other's)."""
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'graphopt[openvino]')")
+    from graphopt.report.study_files import read_study
+
+    monkeypatch.setenv("GRAPHOPT_STUDY_DIR", str(tmp_path / "studies"))
+    model, calib = fragile
+    studies = {spec: prepare(str(model), str(calib), registry=registry, backend=get_backend(registry, spec),
+                             samples=8) for spec in ("openvino", "openvino:precision=bf16")}
+    assert studies["openvino"].folder != studies["openvino:precision=bf16"].folder
+    for spec, study in studies.items():
+        backend = read_study(study.folder)[4]  # as a worker process loads it
+        assert backend.spec() == spec and backend.options == get_backend(registry, spec).options
+
+
 def test_cli_prints_cost_and_table_and_writes_the_png(fragile, tmp_path, capsys):
     model, calib = fragile
     png, js = tmp_path / "s.png", tmp_path / "s.json"

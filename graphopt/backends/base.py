@@ -248,6 +248,15 @@ class Backend(ABC):
     # (:mod:`graphopt.report.kernel_profile`). None: it cannot.
     profile_kernels: Any = None
 
+    def spec(self) -> str:
+        """The ``--backend`` text that makes this backend again (:func:`graphopt.backends.get_backend`): its name,
+        then the options that differ from their defaults (``openvino:precision=bf16``). What a constructor was
+        given beyond its options (``reduce_range``) is not in it."""
+        from graphopt.passes.options import format_options
+
+        text = format_options(self.options) if self.Options is not None and self.options is not None else ""
+        return f"{self.name}:{text}" if text else self.name
+
     def configured(self, options: Any) -> "Backend":
         """This backend with ``options`` (an ``Options`` instance); the registered instance is left unchanged."""
         clone = copy.copy(self)

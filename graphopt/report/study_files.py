@@ -79,8 +79,9 @@ def write_study(folder: str, model_file: str, model: bytes, data: dict[str, np.n
 
 
 def read_study(folder: str) -> tuple[dict, dict[str, np.ndarray], np.ndarray | None, Any, Any]:
-    """(meta, samples, labels or None, registry, backend) of the study in ``folder`` (its backend by the name in
-    its meta, from the default registry); its time is touched (a study in use is new)."""
+    """(meta, samples, labels or None, registry, backend) of the study in ``folder`` (its backend made again from the
+    spec in its meta, options included, from the default registry); its time is touched (a study in use is
+    new)."""
     from graphopt.backends import get_backend
     from graphopt.plugins import default_registry
 
@@ -93,7 +94,8 @@ def read_study(folder: str) -> tuple[dict, dict[str, np.ndarray], np.ndarray | N
     with np.load(os.path.join(folder, "data.npz")) as z:
         arrays = {k: z[k] for k in z.files}
     registry = default_registry()
-    return meta, arrays, arrays.pop(LABELS, None), registry, get_backend(registry, meta["backend"])
+    backend = get_backend(registry, meta.get("backend_spec", meta["backend"]))
+    return meta, arrays, arrays.pop(LABELS, None), registry, backend
 
 
 def load_once(folder: str, load: Callable[[str], Any], study: Any = None) -> Any:
