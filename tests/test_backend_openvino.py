@@ -176,7 +176,8 @@ def test_f32_hint_runs_fp32_in_f32(tmp_path, backend):
 
 def test_second_compile_comes_from_the_model_cache(tmp_path, backend, monkeypatch, registry):
     """A model compiled twice is imported from OpenVINO's model cache ($GRAPHOPT_CACHE_DIR/openvino) the second
-    time, profiled or not, with the same outputs; ``cache_dir=none`` compiles every time and writes nothing."""
+    time, profiled or not, with the same outputs; past ``cache_mb`` the oldest blobs go; ``cache_dir=none``
+    compiles every time and writes nothing."""
     from graphopt.backends import get_backend
 
     monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
@@ -188,10 +189,17 @@ def test_second_compile_comes_from_the_model_cache(tmp_path, backend, monkeypatc
     assert os.listdir(tmp_path / "cache" / "openvino")
     np.testing.assert_array_equal(backend.run(first, x)[0], backend.run(again, x)[0])
     for blob in (tmp_path / "cache" / "openvino").iterdir():  # a damaged blob (a writer killed midway) is compiled
-        blob.write_bytes(blob.read_bytes()[:100])  # again, not an error
+        blob.chmod(0o600)  # again, not an error (OpenVINO writes its blobs read-only)
+        blob.write_bytes(blob.read_bytes()[:100])
     damaged = backend.session(model, threads=1)
     assert not backend.settings(damaged)["loaded_from_cache"]
     np.testing.assert_array_equal(backend.run(first, x)[0], backend.run(damaged, x)[0])
+    other = small_cnn(tmp_path / "other.onnx", fc_bias=1.0)  # another model: another blob
+    backend.session(other, threads=1)
+    assert len(os.listdir(tmp_path / "cache" / "openvino")) == 2
+    small = get_backend(registry, "openvino:cache_mb=0")  # the oldest blobs go when the folder is past its size
+    small.session(model, threads=1)
+    assert len(os.listdir(tmp_path / "cache" / "openvino")) == 1
     off = get_backend(registry, "openvino:cache_dir=none")
     monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "other"))
     assert not off.settings(off.session(model, threads=1))["loaded_from_cache"]

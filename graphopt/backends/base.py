@@ -35,20 +35,6 @@ __all__ = [
 ]
 
 THREADS_ENV = "GRAPHOPT_THREADS"
-CACHE_ENV = "GRAPHOPT_CACHE_DIR"
-
-
-def cache_folder(setting: str, kind: str) -> str | None:
-    """Where a backend keeps what it compiled (engines, blobs) from a ``cache_dir`` option: ``setting`` itself
-    when given, None for ``none`` (no cache), else ``$GRAPHOPT_CACHE_DIR/<kind>`` (``~/.cache/graphopt/<kind>``)."""
-    if setting.lower() == "none":
-        return None
-    if setting:
-        return setting
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "graphopt")
-    return os.path.join(root, kind)
-
-
 def default_threads() -> int:
     """The intra-op threads a session gets when none are asked for: ``$GRAPHOPT_THREADS`` when set (a worker's
     share of the cores: graphopt's executors set it in their worker processes, so that two trials side by side do

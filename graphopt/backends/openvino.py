@@ -49,7 +49,8 @@ the report says what the compiled model uses). Sessions use ``NUM_STREAMS=1``, `
 ``INFERENCE_NUM_THREADS`` = the thread count asked for (0: OpenVINO's default).
 
 **Model cache.** Sessions compile through OpenVINO's model cache (``CACHE_DIR``; option ``cache_dir``, by default
-``$GRAPHOPT_CACHE_DIR/openvino``): the same model compiled again is imported from its blob (:meth:`cache`).
+``$GRAPHOPT_CACHE_DIR/openvino``, kept to ``cache_mb``): the same model compiled again is imported from its blob
+(:meth:`cache`).
 
 **Artifacts.** ``save_ir=DIR`` (``--save-ir DIR``) also writes the OpenVINO IR (``NAME.xml`` / ``NAME.bin``, by
 ``openvino.save_model``) of the ONNX output. The per-layer report is :mod:`graphopt.backends.openvino_layers`.
@@ -66,7 +67,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from graphopt.backends.base import Backend, BackendError, cache_folder, default_threads
+from graphopt.backends.base import Backend, BackendError, default_threads
+from graphopt.backends.cache import cache_folder, trim_cache
 from graphopt.backends.cpu import u8s8_saturates
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.backends.scheme import FP8, QuantRequest, QuantScheme, TensorQuant, UnsupportedRequestError, restrict_ops
@@ -102,10 +104,13 @@ class OpenVINOOptions:
     save_ir: str = ""  # also write the OpenVINO IR (NAME.xml / NAME.bin) of the ONNX output into this folder
     layers: bool = True  # compile the written model and report which layers run in int8
     cache_dir: str = ""  # the model cache; "": $GRAPHOPT_CACHE_DIR/openvino (~/.cache/graphopt/openvino); none: off
+    cache_mb: int = 2048  # the model cache's size: the oldest blobs go past it
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
 
 
 @dataclass
@@ -246,7 +251,8 @@ class OpenVINOBackend(Backend):
         its own version, and imports it instead of compiling again: a second compile of the same model (the latency
         guard profiles a placement and later times it; ``bench`` per thread count; the next run) takes 0.1-0.2 s
         instead of 0.3-0.8 s (BERT-like, on a Xeon). ``PERF_COUNT`` is not part of the key: a profiled and a plain
-        session share a blob."""
+        session share a blob. A sweep compiles a new placement per trial, so the folder is kept to ``cache_mb``:
+        past it the oldest blobs are removed (a blob in use stays readable; one removed is compiled again)."""
         folder = cache_folder(self.options.cache_dir, "openvino")
         if folder is None:
             return None
@@ -254,7 +260,10 @@ class OpenVINOBackend(Backend):
             os.makedirs(folder, exist_ok=True)
         except OSError:
             return None
-        return folder if os.access(folder, os.W_OK) else None
+        if not os.access(folder, os.W_OK):
+            return None
+        trim_cache(folder, ".blob", self.options.cache_mb << 20)
+        return folder
 
     def profile_kernels(self, model: Any, feeds: Mapping[str, np.ndarray], runs: int = 5, threads: int = 1
                         ) -> list[dict]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from graphopt.backends.base import cache_folder as backend_cache_folder
+from graphopt.backends.cache import cache_folder as backend_cache_folder
 from graphopt.errors import UsageError
 from graphopt.ir.feeds import InputSpec
 

@@ -29,7 +29,8 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from graphopt.backends.base import BackendError, cache_folder
+from graphopt.backends.base import BackendError
+from graphopt.backends.cache import cache_folder
 from graphopt.backends.x86_export import dynamic_dims, export_dynamic, quiet, strip_guards, torch_module
 from graphopt.errors import first_line
 from graphopt.ir.feeds import InputSpec
