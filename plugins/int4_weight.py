@@ -267,15 +267,16 @@ def _gptq(w: np.ndarray, h: np.ndarray, block: int, symmetric: bool, damp: float
     GPTQ with the input Hessian ``h`` (K, K): rows of W in order, each block's parameters from its rows as
     updated so far, each row's error ``(w - q) / U[k, k]`` subtracted from the later rows along ``U[k]``, for
     ``U`` the upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹``; updates inside ``lazy`` rows at a time,
-    the rest in one product per batch (the paper's lazy batch). Inputs that are never nonzero (diag 0) get weight
-    0, which changes no output."""
+    the rest in one product per batch (the paper's lazy batch). An input the calibration data never made nonzero
+    (diag 0) gets a unit diagonal: its weights are rounded to nearest, not zeroed as the paper's code does (the
+    input may be nonzero later)."""
     k, n = w.shape
     blocks = -(-k // block)
     kp = blocks * block
     rows, hess = np.zeros((kp, n)), np.eye(kp)
     rows[:k], hess[:k, :k] = w, h
     dead = np.diag(hess) == 0
-    hess[dead, dead], rows[dead] = 1.0, 0.0
+    hess[dead, dead] = 1.0
     hess[np.diag_indices(kp)] += damp * np.mean(np.diag(hess))
     upper = np.linalg.cholesky(np.linalg.inv(hess)).T
     codes = np.zeros((kp, n), np.uint8)

@@ -228,6 +228,19 @@ def test_gptq_keeps_the_output_closer_than_rounding_to_nearest(registry, symmetr
     assert sqnr["gptq"] >= sqnr["rtn"] + 3.0, sqnr
 
 
+def test_gptq_rounds_an_input_the_calibration_never_saw_to_nearest(registry):
+    """An input channel that is zero in every calibration sample has no Hessian: its weights are rounded to nearest
+    (within one step), not zeroed, so an input that is nonzero later still reaches the output."""
+    rng = np.random.default_rng(11)
+    model, w, _ = matmul_model(64, 8, rng)
+    calib = rng.standard_normal((32, 3, 64)).astype(np.float32)
+    calib[..., 5] = 0.0
+    out = graphopt.optimize(model, "int4-weight:method=gptq", calibration={"x": calib}, check=False,
+                            registry=registry).model
+    deq, step = dequantize_nbits(out.graph.node[0], inits(out))
+    assert np.all(np.abs(deq[5] - w[5]) <= step[5] + 1e-6) and np.abs(deq[5]).max() > 0
+
+
 def test_gptq_needs_calibration_data(registry):
     model, _, _ = matmul_model(32, 4, np.random.default_rng(0))
     with pytest.raises(UsageError, match="method=gptq needs calibration data"):
