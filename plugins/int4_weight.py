@@ -47,12 +47,12 @@ class Int4Weight(Pass):
 
     ``method=gptq`` rounds the MatMul/Gemm weights by GPTQ (Frantar et al., 2022) instead of to nearest (``rtn``):
     from the calibration data (``--calib``; required) it gathers each weight's input Hessian ``H = Σ xᵀx`` (K x K,
-    float64: 8·K² bytes per distinct input tensor, held for the whole pass), then quantizes W's rows (its input
-    channels) in order, each block's scale and zero point from its weights as updated so far, and spreads each
-    row's rounding error over the rows not yet quantized through the Cholesky factor of ``H⁻¹`` (``damp`` of H's
-    mean diagonal added first): the output ``x·W``, not the weight itself, is what it keeps close. The packing is
-    the same; embedding tables are always rounded to nearest. All of H comes from the float model in one run (no
-    layer-by-layer propagation of the quantized layers' outputs).
+    float64: 8·K² bytes an input; as many at a time as fit in ``gptq_memory_mb``, one run of the data for each
+    such group), then quantizes W's rows (its input channels) in order, each block's scale and zero point from its
+    weights as updated so far, and spreads each row's rounding error over the rows not yet quantized through the
+    Cholesky factor of ``H⁻¹`` (``damp`` of H's mean diagonal added first): the output ``x·W``, not the weight
+    itself, is what it keeps close. The packing is the same; embedding tables are always rounded to nearest. Every
+    H comes from the float model (no layer-by-layer propagation of the quantized layers' outputs).
 
     Options: ``block_size`` (16, 32, 64, 128: smaller blocks are more accurate and larger: about 4 + 32/block
     bits a weight, + 4/block asymmetric), ``symmetric``, ``accuracy_level`` (MatMulNBits' hint: 0 unset, 4 lets
@@ -80,10 +80,11 @@ class Int4Weight(Pass):
         method: Literal["rtn", "gptq"] = "rtn"
         damp: float = 0.01  # gptq: the share of the Hessian's mean diagonal added to it (dampening)
         gptq_samples: int = 128  # gptq: calibration samples read at most
+        gptq_memory_mb: int = 2048  # gptq: input Hessians held at once (more weights: more runs of the data)
 
         def __post_init__(self):
-            if not 0 < self.damp <= 1 or self.gptq_samples < 1:
-                raise ValueError("damp must be in (0, 1] and gptq_samples >= 1")
+            if not 0 < self.damp <= 1 or self.gptq_samples < 1 or self.gptq_memory_mb < 0:
+                raise ValueError("damp must be in (0, 1], gptq_samples >= 1 and gptq_memory_mb >= 0")
 
     def requires(self, graph, ctx):
         if self.options.method == "gptq" and ctx.calibration is None:
@@ -117,18 +118,17 @@ class Int4Weight(Pass):
             return PassResult(graph, False, {}, notes + ["no MatMul/Gemm with a constant float32 2-D weight"
                                                          + (" nor embedding table" if opts.embeddings else "")
                                                          + " to quantize: nothing to do"], dict(skipped))
-        hessians = self._hessians(graph, ctx, todo) if opts.method == "gptq" else {}
+        by_gptq = self._gptq_weights(graph, ctx, todo) if opts.method == "gptq" else {}
         done: Counter = Counter()
         shared: dict[tuple, list[gs.Constant]] = {}
         size = [0, 0]  # bytes of the float weights replaced, of their 4-bit form (each shared weight once)
         for node, weight in todo:
-            key = (node.inputs[0 if node.op == "Gather" else 1].name, node.op, int(node.attrs.get("transB", 0)),
-                   float(node.attrs.get("alpha", 1.0)))
+            key = _key(node)
             if key not in shared:
                 if node.op == "Gather":
                     arrays = _quantize_table(weight, opts.block_size, opts.symmetric)
                 elif opts.method == "gptq":
-                    arrays = _gptq(weight, hessians[key[0]], opts.block_size, opts.symmetric, opts.damp)
+                    arrays = by_gptq[key]
                 else:
                     arrays = _quantize_matmul(weight, opts.block_size, opts.symmetric)
                 shared[key] = [gs.Constant(fresh_name(names, f"{key[0]}_{suffix}"), a)
@@ -149,22 +149,39 @@ class Int4Weight(Pass):
         stats = {f"quantized {op}": done[op] for op in ("MatMul", "Gemm", "Gather") if done[op]}
         return PassResult(graph, True, stats, notes, dict(skipped))
 
-    def _hessians(self, graph, ctx, todo) -> dict[str, np.ndarray]:
-        """Per MatMul/Gemm weight (by name), ``Σ xᵀx`` over the calibration data of the inputs of every node that
-        reads it (float64, K x K), from one run of the float graph on onnxruntime with those inputs exposed."""
-        readers: dict[str, set[str]] = {}
-        for node, _ in todo:
+    def _gptq_weights(self, graph, ctx, todo) -> dict[tuple, tuple]:
+        """GPTQ's arrays per MatMul/Gemm weight (by :func:`_key`), from ``Σ xᵀx`` over the calibration data of the
+        inputs of every node that reads it (float64, K x K: 8·K² bytes an input). The sums are gathered for as many
+        weights at a time as fit in ``gptq_memory_mb`` (a run of the float graph on onnxruntime per group, its
+        inputs exposed), then rounded and dropped: memory stays bounded on a model with wide layers."""
+        opts = self.options
+        weights: dict[tuple, tuple[np.ndarray, set[str]]] = {}
+        for node, weight in todo:
             if node.op != "Gather":
-                readers.setdefault(node.inputs[1].name, set()).add(node.inputs[0].name)
-        names = sorted(set().union(*readers.values()))
-        data = load_calibration(ctx.calibration, input_specs(graph), batch_size=8, limit=self.options.gptq_samples)
-        session = expose(graph, names).session(optimized=False)
-        sums: dict[str, np.ndarray] = {}
-        for batch in data.batches():
-            for name, value in zip(names, session.run(names, batch)):
-                rows = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
-                sums[name] = sums.get(name, 0.0) + rows.T @ rows
-        return {weight: sum(sums[x] for x in inputs) for weight, inputs in readers.items()}
+                weights.setdefault(_key(node), (weight, set()))[1].add(node.inputs[0].name)
+        groups: list[list[tuple]] = [[]]
+        size = 0
+        for key, (weight, inputs) in weights.items():
+            need = 8 * weight.shape[0] ** 2 * len(inputs)
+            if groups[-1] and size + need > opts.gptq_memory_mb << 20:
+                groups.append([])
+                size = 0
+            groups[-1].append(key)
+            size += need
+        data = load_calibration(ctx.calibration, input_specs(graph), batch_size=8, limit=opts.gptq_samples)
+        arrays = {}
+        for group in groups:
+            names = sorted(set().union(*(weights[key][1] for key in group)))
+            session = expose(graph, names).session(optimized=False)
+            sums: dict[str, np.ndarray] = {}
+            for batch in data.batches():
+                for name, value in zip(names, session.run(names, batch)):
+                    rows = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
+                    sums[name] = sums.get(name, 0.0) + rows.T @ rows
+            for key in group:
+                weight, inputs = weights[key]
+                arrays[key] = _gptq(weight, sum(sums[x] for x in inputs), opts.block_size, opts.symmetric, opts.damp)
+        return arrays
 
     def _matmul_weight(self, graph, node, excluded, ctx) -> tuple[np.ndarray | None, str]:
         """The weight as a float32 (K, N) array, Gemm's ``transB`` and ``alpha`` folded in, or why not."""
@@ -208,6 +225,12 @@ class Int4Weight(Pass):
                or r.inputs[0] is not data for r in readers):
             return None, "table also read by other nodes (tied weights)"
         return table, ""
+
+
+def _key(node) -> tuple:
+    """What makes one quantized weight: the tensor read, the op, and Gemm's transB and alpha folded into it."""
+    return (node.inputs[0 if node.op == "Gather" else 1].name, node.op, int(node.attrs.get("transB", 0)),
+            float(node.attrs.get("alpha", 1.0)))
 
 
 def _float_constant(graph, tensor) -> bool:

@@ -302,6 +302,17 @@ def test_exclude_nodes_keeps_them_float(bert, registry):
     assert rec.stats["quantized MatMul"] == 6 * LAYERS - 1 and rec.skipped["MatMul in exclude_nodes"] == 1
 
 
+def test_gptq_in_bounded_memory_gives_the_same_bytes(bert, registry):
+    """``gptq_memory_mb=0`` gathers one weight's input Hessian at a time (a run of the data each) instead of all of
+    them at once: the same packed weights, byte for byte."""
+    calib = {"input_ids": np.random.default_rng(5).integers(0, VOCAB, (8, SEQ)).astype(np.int64)}
+    models = [graphopt.optimize(bert, f"fold,int4-weight:method=gptq{extra}", calibration=calib, check=False,
+                                registry=registry).model for extra in ("", ":gptq_memory_mb=0")]
+    packed = [{t.name: numpy_helper.to_array(t).tobytes() for t in m.graph.initializer if "_int4" in t.name}
+              for m in models]
+    assert len(packed[0]) == 6 * LAYERS + 2 and packed[0] == packed[1]
+
+
 def test_gptq_on_bert_like_halves_the_encoders_error(bert, registry):
     """On the encoder, GPTQ (calibrated on other random sequences) leaves about half of round-to-nearest's error
     in the last hidden state (1 - cosine; measured 0.5x on hidden 256 x 4 layers)."""
