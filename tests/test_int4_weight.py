@@ -241,6 +241,16 @@ def test_gptq_rounds_an_input_the_calibration_never_saw_to_nearest(registry):
     assert np.all(np.abs(deq[5] - w[5]) <= step[5] + 1e-6) and np.abs(deq[5]).max() > 0
 
 
+def test_gptq_on_too_little_data_says_so(registry):
+    """Fewer calibration rows than THIN_ROWS per input channel: GPTQ can fit the data, and the run warns, naming
+    the weight and what to give."""
+    model, _, _ = matmul_model(64, 8, np.random.default_rng(2))
+    calib = {"x": np.random.default_rng(3).standard_normal((20, 3, 64)).astype(np.float32)}  # 60 rows for 64 inputs
+    result = graphopt.optimize(model, "int4-weight:method=gptq", calibration=calib, check=False, registry=registry)
+    (warning,) = [w for w in result.report.warnings if "GPTQ saw" in w]
+    assert "'w', 60 rows for 64" in warning and "gptq_samples" in warning
+
+
 def test_gptq_needs_calibration_data(registry):
     model, _, _ = matmul_model(32, 4, np.random.default_rng(0))
     with pytest.raises(UsageError, match="method=gptq needs calibration data"):
