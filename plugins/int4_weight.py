@@ -190,7 +190,7 @@ class Int4Weight(Pass):
                 if rows < THIN_ROWS * weight.shape[0]:
                     thin.append((rows / weight.shape[0], key[0], rows, weight.shape[0]))
         if thin:
-            ratio, name, rows, k = min(thin)
+            _, name, rows, k = min(thin)  # the fewest rows per input channel
             ctx.warn(f"{self.name}: GPTQ saw {len(thin)} weight(s) in fewer than {THIN_ROWS} calibration rows per "
                      f"input channel (least: '{name}', {rows} rows for {k}): on so few it can fit the calibration "
                      f"data and round worse than to nearest elsewhere; give more samples (gptq_samples, --calib) "

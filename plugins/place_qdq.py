@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
@@ -236,9 +237,6 @@ def _refuse_float16(pass_name: str, graph, nodes, tensors) -> None:
                 f"model, and convert to fp16 neither before nor after int8)")
 
 
-_FLOAT16 = 10  # onnx.TensorProto.FLOAT16
-
-
 def _float16_sources(g) -> bool:
     """Whether anything in the graph can make a float16 tensor: a tensor already typed float16, an op whose type
     attribute says float16 (Cast's ``to``, the Random ops' and EyeLike's ``dtype``), a Constant or ConstantOfShape
@@ -249,7 +247,7 @@ def _float16_sources(g) -> bool:
     for node in g.nodes:
         if not is_standard_domain(node.domain):
             return True
-        if node.attrs.get("to") == _FLOAT16 or node.attrs.get("dtype") == _FLOAT16:
+        if onnx.TensorProto.FLOAT16 in (node.attrs.get("to"), node.attrs.get("dtype")):
             return True
         value = node.attrs.get("value")
         if value is not None and getattr(getattr(value, "values", value), "dtype", None) == np.float16:

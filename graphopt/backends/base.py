@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 THREADS_ENV = "GRAPHOPT_THREADS"
+
+
 def default_threads() -> int:
     """The intra-op threads a session gets when none are asked for: ``$GRAPHOPT_THREADS`` when set (a worker's
     share of the cores: graphopt's executors set it in their worker processes, so that two trials side by side do

@@ -47,8 +47,8 @@ def _replace(graph, node, op: str, inputs: list[str], stand_in: str, elem_type: 
 def _matmul_nbits(graph, node, types) -> None:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     elem_type = types.get(node.input[2], (onnx.TensorProto.FLOAT, None))[0]
-    _replace(graph, node, "MatMul", [node.input[0], node.output[0] + STAND_IN_SUFFIX], node.output[0] + STAND_IN_SUFFIX,
-             elem_type, [int(attrs["K"]), int(attrs["N"])])
+    stand_in = node.output[0] + STAND_IN_SUFFIX
+    _replace(graph, node, "MatMul", [node.input[0], stand_in], stand_in, elem_type, [int(attrs["K"]), int(attrs["N"])])
 
 
 def _gather_block_quantized(graph, node, types) -> None:
