@@ -1,6 +1,6 @@
 """``int4-weight`` on the BERT-like encoder against fp32 and ``int8-dynamic``: file size, accuracy, CPU latency.
 
-    python benchmarks/bench_int4.py [--hidden 256] [--layers 4] [--vocab 1000] [--seq 128] [--samples 64]
+    python benchmarks/bench_int4.py [--hidden 256] [--layers 4] [--vocab 1000] [--seq 128] [--samples 256]
                                     [--calib 32] [--rounds 20] [--inner 10] [--json out.json] [--markdown out.md]
 
 The encoder is ``graphopt.zoo.transformer.bert_like`` (token + position embeddings, q/k/v/out projections, GELU
@@ -9,16 +9,18 @@ dynamic batch and sequence). Variants, made in the same process:
 
 * ``fp32``: the exported model;
 * ``int8-dynamic``: ``graphopt.optimize(path, "fold,int8-dynamic")``;
-* ``int4-sym`` / ``int4-asym``: ``fold,int4-weight`` (blocks of 32), symmetric / asymmetric, embeddings float;
+* ``int4-sym`` / ``int4-asym``: ``fold,int4-weight`` (blocks of 32), symmetric / asymmetric, embeddings float,
+  the last layer (the classifier) in 8-bit blocks (the pass's default, ``last=int8``);
 * ``int4-sym-emb`` / ``int4-asym-emb``: the same with ``embeddings=true`` (GatherBlockQuantized tables);
 * ``int4-sym-b16-emb``: informative, blocks of 16 (more scales: larger, more accurate);
+* ``int4-sym-last4`` / ``int4-sym-emb-last4``: informative, ``last=int4``: the classifier in 4 bits too;
 * ``int4-sym-emb-head``: informative, ``int4-sym-emb`` with the pooler and classifier Gemms kept float
   (``exclude_nodes``): the 2-class head's outputs take the full ~10 % rounding noise of 4-bit weights, which the
   encoder's residual stream dilutes;
 * ``int4-sym-acc4``: informative, ``accuracy_level=4`` (onnxruntime quantizes the MatMul inputs to int8 per
   block, its fastest CPU path for MatMulNBits);
-* ``int4-sym-gptq`` / ``int4-asym-gptq`` / ``int4-asym-emb-gptq``: ``method=gptq``, calibrated on ``--calib``
-  random sequences of another seed than the measured ones.
+* ``int4-sym-gptq`` / ``int4-asym-gptq`` / ``int4-sym-emb-gptq`` / ``int4-asym-emb-gptq``: ``method=gptq``,
+  calibrated on ``--calib`` random sequences of another seed than the measured ones.
 
 Measured: file size (and its ratio to fp32); cosine of the logits and of the last encoder layer's output
 (batch x seq x hidden) against fp32 on ``--samples`` fixed-seed random sequences; latency at batch 1 with ONE
@@ -46,8 +48,10 @@ from _common import interleaved_cpu_ms, latency_summary, machine, versions, writ
 
 INT4 = {"int4-sym": "", "int4-asym": ":symmetric=false", "int4-sym-emb": ":embeddings=true",
         "int4-asym-emb": ":symmetric=false:embeddings=true", "int4-sym-b16-emb": ":block_size=16:embeddings=true",
+        "int4-sym-last4": ":last=int4", "int4-sym-emb-last4": ":embeddings=true:last=int4",
         "int4-sym-emb-head": ":embeddings=true:exclude_nodes={head}", "int4-sym-acc4": ":accuracy_level=4",
         "int4-sym-gptq": ":method=gptq", "int4-asym-gptq": ":symmetric=false:method=gptq",
+        "int4-sym-emb-gptq": ":embeddings=true:method=gptq",
         "int4-asym-emb-gptq": ":symmetric=false:embeddings=true:method=gptq"}
 VARIANTS = ("fp32", "int8-dynamic", *INT4)
 SIZE_BAR = {False: 0.25, True: 0.18}  # embeddings float / 4-bit
@@ -118,9 +122,10 @@ def markdown(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
                      f"| {row['cosine_hidden']:.4f} | {row['median_ms']:.2f} | {row['iqr_ms']:.2f} "
                      f"| {row['vs_fp32']:.2f} | {row['vs_int8']:.2f} |")
     lines += ["", "**Bars** (issue 12): "]
-    for v in ("int4-sym", "int4-asym", "int4-sym-emb", "int4-asym-emb"):
+    for v in ("int4-sym", "int4-asym", "int4-sym-emb", "int4-asym-emb", "int4-sym-gptq", "int4-asym-gptq",
+              "int4-sym-emb-gptq", "int4-asym-emb-gptq"):
         row = rows[v]
-        bar = SIZE_BAR[v.endswith("-emb")]
+        bar = SIZE_BAR["-emb" in v]
         size_ok = row["size_bytes"] / fp32 <= bar
         hidden_ok, logits_ok = row["cosine_hidden"] >= COSINE_BAR, row["cosine"] >= COSINE_BAR
         lines.append(f"- {v}: size {row['size_bytes'] / fp32:.3f}x <= {bar}: {'pass' if size_ok else 'FAIL'}; "
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=1000)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--calib", type=int, default=32, help="GPTQ's calibration sequences (another seed)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--inner", type=int, default=10)
