@@ -174,6 +174,29 @@ def test_build_strongly_typed_then_cache_hit(fake_trt, tmp_path, capsys):
     assert timing.read_bytes() == b"FAKETIMING:++"
 
 
+def test_the_engine_cache_keeps_to_its_size(fake_trt, tmp_path, capsys):
+    """Past ``cache_mb`` the least recently used engines leave the cache with their layer reports (here 0 MB: only
+    the newest engine stays); the timing cache stays; an engine that left is built again."""
+    model = tiny_model(tmp_path / "m.onnx")
+    cache = tmp_path / "cache" / "tensorrt"
+
+    def build(workspace):
+        out = tmp_path / f"out-{workspace}.onnx"
+        assert main(["run", model, "--passes", "fold", "--backend", f"tensorrt:workspace={workspace}:cache_mb=0",
+                     "-o", str(out), "-q"]) == 0
+
+    build("256M")
+    (first,) = cache.glob("*.engine")
+    build("512M")  # another engine: the first leaves to make room
+    (second,) = cache.glob("*.engine")
+    assert second != first and [p.stem for p in cache.glob("*.layers.json")] == [second.stem + ".layers"]
+    assert list(cache.glob("timing-*.cache"))
+    build("256M")
+    assert len(fake_trt.BUILDS) == 3  # built again: it had left the cache
+    with pytest.raises(UsageError, match="cache_mb must be >= 0"):
+        get_backend(default_registry(), "tensorrt:cache_mb=-1")
+
+
 def test_build_uses_given_shapes_and_reports_facts(fake_trt, tmp_path, capsys):
     model = tiny_model(tmp_path / "m.onnx")
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"

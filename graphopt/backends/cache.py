@@ -20,14 +20,17 @@ def cache_folder(setting: str, kind: str) -> str | None:
     return os.path.join(root, kind)
 
 
-def trim_cache(folder: str, suffix: str, limit: int) -> None:
+def trim_cache(folder: str, suffix: str, limit: int, companions: tuple[str, ...] = ()) -> None:
     """Remove the oldest files of ``folder`` whose names end in ``suffix`` until the rest fit in ``limit`` bytes
-    (a file another process has open stays readable to it)."""
+    (a file another process has open stays readable to it; hidden files, a build being staged, are not counted),
+    each with its companions: the files named like it
+    with a suffix of ``companions`` instead (an engine's layer report, a package's facts and lock). Oldest by
+    modification time: a backend that calls :func:`used` on each hit trims the least recently used."""
     files = []
     with os.scandir(folder) as entries:
         for entry in entries:
             try:
-                if entry.name.endswith(suffix) and entry.is_file():
+                if entry.name.endswith(suffix) and not entry.name.startswith(".") and entry.is_file():
                     files.append((entry.stat().st_mtime, entry.stat().st_size, entry.path))
             except OSError:  # removed meanwhile by another process
                 continue
@@ -35,8 +38,17 @@ def trim_cache(folder: str, suffix: str, limit: int) -> None:
     for _, size, path in sorted(files):
         if total <= limit:
             break
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+        for name in (path, *(path[:-len(suffix)] + other for other in companions)):
+            try:
+                os.remove(name)
+            except OSError:
+                pass
         total -= size
+
+
+def used(path: str) -> None:
+    """Mark a cached file as just used (its modification time), so that :func:`trim_cache` keeps it longest."""
+    try:
+        os.utime(path)
+    except OSError:  # trimmed meanwhile, or a read-only cache: it is only an order
+        pass

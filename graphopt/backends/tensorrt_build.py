@@ -37,6 +37,7 @@ from typing import Any
 import onnx
 
 from graphopt.backends.base import BackendError
+from graphopt.backends.cache import trim_cache, used
 from graphopt.backends.tensorrt_layers import parse_engine_information
 from graphopt.backends.tensorrt_plan import (
     BuildOptions,
@@ -138,13 +139,14 @@ def deploy(onnx_path: str, options: BuildOptions) -> dict[str, Any]:
     if cached:
         engine_bytes = _read(os.path.join(cache, key + ".engine"))
         info = _read(os.path.join(cache, key + ".layers.json")).decode()
+        used(os.path.join(cache, key + ".engine"))
         took, timing_note = None, None
     else:
         start = time.perf_counter()
         engine_bytes, info, timing_note = build_engine(trt, onnx_path, plan, options, device)
         took = time.perf_counter() - start
         if cache is not None:
-            stored = _store(cache, key, engine_bytes, info)
+            stored = _store(cache, key, engine_bytes, info, options.cache_mb)
             notes += [stored] if stored else []
     write_bytes(engine_path, engine_bytes)
     write_bytes(layers_path, info.encode())
@@ -288,9 +290,12 @@ def write_bytes(path: str, data: bytes) -> None:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
-def _store(cache: str, key: str, engine_bytes: bytes, info: str) -> str | None:
-    """Put a built engine and its layer report in the cache; a failure is a report line, not an error."""
+def _store(cache: str, key: str, engine_bytes: bytes, info: str, cache_mb: int) -> str | None:
+    """Put a built engine and its layer report in the cache, after making room for it within ``cache_mb`` (the least
+    recently used engines go first, with their reports); a failure is a report line, not an error."""
     try:
+        if os.path.isdir(cache):
+            trim_cache(cache, ".engine", max(0, (cache_mb << 20) - len(engine_bytes)), (".layers.json",))
         write_bytes(os.path.join(cache, key + ".layers.json"), info.encode())
         write_bytes(os.path.join(cache, key + ".engine"), engine_bytes)  # last: its presence means both are there
     except OutputError as exc:

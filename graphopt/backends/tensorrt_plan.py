@@ -43,6 +43,7 @@ class BuildOptions:
     workspace: str = ""  # the workspace memory pool limit, e.g. 1G or 512M (bare number: MiB); "": TensorRT's
     engine: str = ""  # the engine file; "": beside the ONNX output, NAME.engine
     cache_dir: str = ""  # the engine cache; "": $GRAPHOPT_CACHE_DIR/tensorrt (~/.cache/graphopt/tensorrt); none: off
+    cache_mb: int = 2048  # the engine cache's size: the least recently used engines go past it
     timing_cache: str = ""  # the timing cache file; "": timing.cache in the engine cache; none: no timing cache
     emit_trtexec: bool = False  # write NAME.trtexec.sh (the same build as a trtexec command) instead of building
     build: bool = True  # false: write the ONNX graph only
@@ -51,6 +52,8 @@ class BuildOptions:
         if not 1 <= self.dynamic_opt <= self.dynamic_max:
             raise ValueError(f"need 1 <= dynamic_opt <= dynamic_max, got {self.dynamic_opt} and {self.dynamic_max}")
         workspace_bytes(self.workspace)  # a malformed size is a usage error before any pass runs
+        if self.cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
         if self.shapes:
             parse_shapes(self.shapes)
 

@@ -39,7 +39,7 @@ import numpy as np
 from graphopt.backends.base import Backend, BackendError, DataError
 from graphopt.backends.cpu import u8s8_saturates
 from graphopt.backends.scheme import QuantRequest, QuantScheme, TensorQuant, UnsupportedRequestError, restrict_ops
-from graphopt.backends.x86_aoti import LoweringFacts, build_package, load_package, specs_from_description
+from graphopt.backends.x86_aoti import CACHE_MB, LoweringFacts, build_package, load_package, specs_from_description
 from graphopt.backends.x86_export import torch_module
 from graphopt.errors import OutputError, UsageError, first_line
 from graphopt.ir.feeds import InputSpec
@@ -65,16 +65,18 @@ class X86Backend(Backend):
     name = "x86"
     irs = frozenset({"fx"})
 
-    def __init__(self, reduce_range: bool | None = None, engine: str = "inductor", use_cache: bool = True):
+    def __init__(self, reduce_range: bool | None = None, engine: str = "inductor", use_cache: bool = True,
+                 cache_mb: int = CACHE_MB):
         """``reduce_range``: weights in [-64, 64] (see the module docstring); None: when this CPU needs it.
         ``engine``: ``inductor`` (AOTInductor packages, oneDNN int8 kernels) or ``fx-x86`` / ``fx-fbgemm`` /
         ``fx-onednn`` (torch's deprecated eager quantized kernels, for comparison). ``use_cache``: reuse packages
-        from the compile cache (``$GRAPHOPT_CACHE_DIR/x86``)."""
+        from the compile cache (``$GRAPHOPT_CACHE_DIR/x86``), kept to ``cache_mb`` (the least recently used
+        packages go first)."""
         if engine not in ENGINES:
             raise UsageError(f"unknown x86 engine '{engine}' (known: {', '.join(ENGINES)})")
         self.reduce_range = u8s8_saturates() if reduce_range is None else reduce_range
         self.engine = engine
-        self.use_cache = use_cache
+        self.use_cache, self.cache_mb = use_cache, cache_mb
         if engine != "inductor":  # reports and the scheme say which engine ran
             self.name = f"x86-{engine}"
 
@@ -166,7 +168,7 @@ class X86Backend(Backend):
         outputs = fx_output_names(graph)
         if self.engine == "inductor":
             facts = build_package(graph.gm, graph.example_inputs, [s.name for s in specs], outputs,
-                                  use_cache=self.use_cache)
+                                  use_cache=self.use_cache, cache_mb=self.cache_mb)
             runner, description = load_package(facts.package)
             return X86Session(runner, specs_from_description(description), outputs, threads, facts=facts)
         from graphopt.backends.x86_fx import lower_fx

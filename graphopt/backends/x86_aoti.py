@@ -30,12 +30,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from graphopt.backends.base import BackendError
-from graphopt.backends.cache import cache_folder
+from graphopt.backends.cache import cache_folder, trim_cache, used
 from graphopt.backends.x86_export import dynamic_dims, export_dynamic, quiet, strip_guards, torch_module
 from graphopt.errors import first_line
 from graphopt.ir.feeds import InputSpec
 from graphopt.ir.fx_ops import get_attr
 
+CACHE_MB = 2048  # the compile cache's size: the least recently used packages go past it
 LOWERING_VERSION = 1  # bump when the lowering below changes what a package holds: old cache entries are not reused
 INDUCTOR_CONFIGS = {"freezing": True}
 METADATA_KEY = "graphopt"  # the package's AOTI metadata entry holding its inputs, outputs and dynamic dims
@@ -133,10 +134,11 @@ def _locked(path: str):
 
 
 # -- building a package --------------------------------------------------------------------------------------
-def build_package(gm, example_inputs, input_names: list[str], output_names: list[str], *, use_cache: bool = True
-                  ) -> LoweringFacts:
+def build_package(gm, example_inputs, input_names: list[str], output_names: list[str], *, use_cache: bool = True,
+                  cache_mb: int = CACHE_MB) -> LoweringFacts:
     """The AOTInductor package of ``gm`` (from the cache when it holds it): its path and the facts of its build.
-    ``gm`` is not modified."""
+    ``gm`` is not modified. After a compile the cache is kept to ``cache_mb`` (least recently used packages go
+    first, with their facts)."""
     import copy
 
     torch = torch_module()
@@ -169,6 +171,7 @@ def build_package(gm, example_inputs, input_names: list[str], output_names: list
                     recorded = json.load(f)
                 facts = LoweringFacts(**{**recorded, "package": package, "cache": "hit",
                                          "build_s": time.perf_counter() - start})
+                used(package)
                 return facts
             except (OSError, ValueError, TypeError):
                 pass  # a damaged entry: compile again over it
@@ -188,6 +191,8 @@ def build_package(gm, example_inputs, input_names: list[str], output_names: list
                 raise BackendError(f"inductor could not compile the model for x86: {first_line(exc)} (run it with "
                                    f"--backend onnxruntime, or report the op that fails)") from None
         compile_s = time.perf_counter() - compile_start
+        if cache_state == "miss":  # room for the new package: the least recently used ones go, with their facts
+            trim_cache(folder, ".pt2", max(0, (cache_mb << 20) - os.path.getsize(staged)), (".json", ".lock"))
         os.replace(staged, package)
         facts = LoweringFacts(package, cache_state, compile_s, time.perf_counter() - start, int8_features(),
                               torch.backends.cpu.get_cpu_capability(), torch.__version__, package_kernels(package),
