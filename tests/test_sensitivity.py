@@ -186,6 +186,23 @@ def test_a_study_keeps_its_backends_options(registry, fragile, tmp_path, monkeyp
         assert backend.spec() == spec and backend.options == get_backend(registry, spec).options
 
 
+def test_a_study_keeps_what_its_backends_constructor_was_given(registry, fragile, tmp_path, monkeypatch):
+    """A backend made in code with other arguments than the registered one (onnxruntime's graph optimisation
+    level, reduce_range) is the backend a worker scores the study's trials on, and gets a study folder of its own."""
+    from graphopt.backends import OnnxRuntimeBackend
+    from graphopt.report.study_files import read_study
+
+    monkeypatch.setenv("GRAPHOPT_STUDY_DIR", str(tmp_path / "studies"))
+    model, calib = fragile
+    default, custom = OnnxRuntimeBackend(), OnnxRuntimeBackend(graph_optimization="basic", reduce_range=True)
+    studies = [prepare(str(model), str(calib), registry=registry, backend=b, samples=8) for b in (default, custom)]
+    assert studies[0].folder != studies[1].folder
+    for made, study in zip((default, custom), studies):
+        backend = read_study(study.folder)[4]  # as a worker process loads it
+        assert (backend.graph_optimization, backend.reduce_range, backend.providers) == (
+            made.graph_optimization, made.reduce_range, made.providers)
+
+
 def test_cli_prints_cost_and_table_and_writes_the_png(fragile, tmp_path, capsys):
     model, calib = fragile
     png, js = tmp_path / "s.png", tmp_path / "s.json"

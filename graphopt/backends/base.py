@@ -4,6 +4,7 @@ runtime runs fast in int8 (:class:`QuantScheme`, data, in :mod:`graphopt.backend
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import time
 from abc import ABC, abstractmethod
@@ -239,11 +240,28 @@ class Backend(ABC):
     def spec(self) -> str:
         """The ``--backend`` text that makes this backend again (:func:`graphopt.backends.get_backend`): its name,
         then the options that differ from their defaults (``openvino:precision=bf16``). What a constructor was
-        given beyond its options (``reduce_range``) is not in it."""
+        given beyond its options (``reduce_range``, providers) is not in it: :meth:`init_args` is."""
         from graphopt.passes.options import format_options
 
         text = format_options(self.options) if self.Options is not None and self.options is not None else ""
         return f"{self.name}:{text}" if text else self.name
+
+    def init_args(self) -> dict[str, Any]:
+        """What this backend's constructor was given, read back from the attributes of the same names (those it
+        keeps as plain data: strings, numbers, booleans, lists and dicts of them; tuples as lists). With
+        :meth:`spec`, what a study records so that its trials, in any process, run on this very backend
+        (:meth:`remade`): a study made on ``OnnxRuntimeBackend(providers=...)`` or with ``reduce_range`` set must
+        not be scored on the registered default."""
+        params = inspect.signature(type(self).__init__).parameters
+        args = {p: _plain(getattr(self, p)) for p in params if p != "self" and hasattr(self, p)}
+        return {p: v for p, v in args.items() if v is not _NOT_PLAIN}
+
+    def remade(self, args: Mapping[str, Any]) -> "Backend":
+        """A backend of this class made with ``args`` (from :meth:`init_args`), with this one's options."""
+        fresh = type(self)(**args)
+        if self.Options is not None:
+            fresh.options = self.options
+        return fresh
 
     def configured(self, options: Any) -> "Backend":
         """This backend with ``options`` (an ``Options`` instance); the registered instance is left unchanged."""
@@ -366,3 +384,18 @@ class Backend(ABC):
         if labels.shape[0] != logits.shape[0]:
             raise DataError(f"{labels.shape[0]} labels for {logits.shape[0]} samples")
         return Accuracy(top1_correct(logits, labels), int(labels.shape[0]))
+
+
+_NOT_PLAIN = object()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON holds it (tuples as lists), so that a study's record compares equal once read back;
+    ``_NOT_PLAIN`` for what JSON cannot hold (an object: such an argument is not recorded)."""
+    if isinstance(value, (tuple, list)):
+        items = [_plain(v) for v in value]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
+    if isinstance(value, dict):
+        items = {str(k): _plain(v) for k, v in value.items()}
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items.values()) else items
+    return value if value is None or isinstance(value, (str, int, float, bool)) else _NOT_PLAIN

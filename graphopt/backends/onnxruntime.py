@@ -88,7 +88,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, providers: tuple[str, ...] = ("CPUExecutionProvider",),
                  graph_optimization: str = "all", reduce_range: bool | None = None):
         """``reduce_range``: weights in [-64, 64] (see the module docstring); None: when this CPU needs it."""
-        self.providers = tuple(providers)
+        self.providers = tuple(tuple(p) if isinstance(p, list) else p for p in providers)  # (name, options) pairs
         self.graph_optimization = graph_optimization
         self.reduce_range = u8s8_saturates() if reduce_range is None else reduce_range
 

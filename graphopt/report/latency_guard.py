@@ -91,10 +91,9 @@ clock = time.process_time  # CPU time of this process (tests replace it with a f
 
 # -- what the cache key holds besides the study ------------------------------------------------------------------
 def backend_identity(backend) -> str:
-    """The backend's name and its settings (options, providers, graph optimisation level...), as text."""
-    simple = {k: v for k, v in sorted(vars(backend).items())
-              if not k.startswith("_") and isinstance(v, (str, int, float, bool, tuple, type(None)))}
-    return json.dumps([backend.name, repr(getattr(backend, "options", None)), {k: repr(v) for k, v in simple.items()}])
+    """The backend's name and its settings (options; what its constructor was given: providers, graph optimisation
+    level...), as text."""
+    return json.dumps([backend.spec(), backend.init_args()], sort_keys=True)
 
 
 # -- the proxy ---------------------------------------------------------------------------------------------------

@@ -112,9 +112,10 @@ class PruneStudy(Scored):
         data = {k: np.ascontiguousarray(v) for k, v in data.items()}
         labels = None if labels is None else np.asarray(labels).reshape(-1)
         model = graph.to_model().SerializeToString()
-        folder = study_folder("prune-", model, [backend.spec(), pipeline], data, labels, folder)
+        folder = study_folder("prune-", model, [backend.spec(), backend.init_args(), pipeline], data, labels, folder)
         write_study(folder, "model.onnx", model, data, labels,
-                    {"backend": backend.name, "backend_spec": backend.spec(), "pipeline": pipeline})
+                    {"backend": backend.name, "backend_spec": backend.spec(), "backend_args": backend.init_args(),
+                     "pipeline": pipeline})
         study = cls(folder, graph, data, labels, pipeline, backend, registry, model_costs(graph).macs)
         return load_once(folder, cls.load, study)
 

@@ -133,10 +133,12 @@ class Study(Scored):
         if fallback_text:
             _fallback(fallback_text, registry)  # refused here, in one line, when it cannot be restricted
         prefix, model_file, model, extra = cls.serialize(graph)
-        settings = [sorted(ranges.items()), backend.spec(), place_text] + ([fallback_text] if fallback_text else [])
+        settings = [sorted(ranges.items()), backend.spec(), backend.init_args(), place_text] + (
+            [fallback_text] if fallback_text else [])
         folder = study_folder(prefix, model, settings, data, labels, folder)
         write_study(folder, model_file, model, data, labels,
-                    {"backend": backend.name, "backend_spec": backend.spec(), "place": place_text, "ranges": ranges,
+                    {"backend": backend.name, "backend_spec": backend.spec(), "backend_args": backend.init_args(),
+                     "place": place_text, "ranges": ranges,
                      "fallback": fallback_text,
                      "groups": [dataclasses.asdict(grp) for grp in groups], **extra})
         study = cls(folder, graph, ranges, data, None if labels is None else np.asarray(labels), backend.name,

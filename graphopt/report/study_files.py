@@ -80,8 +80,8 @@ def write_study(folder: str, model_file: str, model: bytes, data: dict[str, np.n
 
 def read_study(folder: str) -> tuple[dict, dict[str, np.ndarray], np.ndarray | None, Any, Any]:
     """(meta, samples, labels or None, registry, backend) of the study in ``folder`` (its backend made again from the
-    spec in its meta, options included, from the default registry); its time is touched (a study in use is
-    new)."""
+    spec in its meta, options included, from the default registry, then with its constructor's arguments); its
+    time is touched (a study in use is new)."""
     from graphopt.backends import get_backend
     from graphopt.plugins import default_registry
 
@@ -95,6 +95,8 @@ def read_study(folder: str) -> tuple[dict, dict[str, np.ndarray], np.ndarray | N
         arrays = {k: z[k] for k in z.files}
     registry = default_registry()
     backend = get_backend(registry, meta.get("backend_spec", meta["backend"]))
+    if meta.get("backend_args"):  # what its constructor was given: the study's very backend
+        backend = backend.remade(meta["backend_args"])
     return meta, arrays, arrays.pop(LABELS, None), registry, backend
 
 
