@@ -16,7 +16,7 @@ from graphopt.errors import EquivalenceError, OutputError, UsageError
 def add_run_command(sub, add_plugin_flags, add_trust_flag) -> None:
     run = sub.add_parser("run", help="run a pipeline of passes on a model")
     run.add_argument("model", help="an .onnx file or a torch.export .pt2 (a torch.save'd module needs --trust-pickle)")
-    run.add_argument("--passes", "-P", default="fold",
+    run.add_argument("--passes", "-P", default=None,
                      help="textual pipeline, e.g. fold or fold,prune:ratio=0.5 (default: fold)")
     run.add_argument("--recipe", metavar="FILE.yaml",
                      help="replay a decision graphopt sensitivity --recipe wrote (its passes and backend, or with "
@@ -71,9 +71,12 @@ def example_inputs(shapes: list[str]):
     out = []
     for text in shapes:
         try:
-            out.append(torch.randn(*[int(d) for d in text.lower().split("x")]))
+            dims = [int(d) for d in text.lower().split("x")]
         except ValueError:
             raise UsageError(f"--input-shape '{text}' is not like 1x3x224x224") from None
+        if any(d < 1 for d in dims):
+            raise UsageError(f"--input-shape '{text}': every dimension must be at least 1")
+        out.append(torch.randn(*dims))
     return tuple(out)
 
 
@@ -82,19 +85,15 @@ def default_output(path: str, ir: str = "onnx") -> str:
     return f"{root}.opt.onnx" if ir == "onnx" else f"{root}.opt.pt2"
 
 
-def _io_plan(args, steps, output: str, suffix: str):
-    """Every file the run reads and writes, checked against each other before any pass runs."""
-    from graphopt.passes.instruments import snapshot_name
-    from graphopt.paths import IOPlan
+CLI_FLAGS = {"output": "-o", "snapshot_dir": "--snapshot-dir", "reproducer": "--reproducer"}
 
-    plan = IOPlan()
-    plan.read("input model", args.model)
-    for data_file in _external_data_files(args.model):
-        plan.read("input model's external data", data_file)
-    plan.read("calibration data", args.calib)
+
+def _io_plan(args, driver, graph, output: str):
+    """Every file the run reads and writes (the driver's, and the command line's own), checked against each other
+    before any pass runs."""
+    plan = driver.io_plan(args.model, graph, output, CLI_FLAGS)
     plan.read("evaluation data", args.eval)
-    plan.write("-o", output)
-    plan.write("-o (its external data)", output + ".data")
+    plan.read("--recipe", args.recipe)
     plan.write("--json", args.json)
     if args.report:
         from graphopt.report.report_dir import FILES
@@ -105,26 +104,14 @@ def _io_plan(args, steps, output: str, suffix: str):
 
         for path in ir_paths(output, args.save_ir):
             plan.write("--save-ir", path)
-    snapshots = [snapshot_name(i, p.name, suffix) for i, p in enumerate(steps, start=1)]
-    plan.write_into("--snapshot-dir", args.snapshot_dir, snapshots + [n + ".data" for n in snapshots])
-    plan.write_into("--reproducer", args.reproducer, [f"input{suffix}", f"input{suffix}.data", "reproduce.txt"])
     plan.check()
-
-
-def _external_data_files(path: str) -> list[str]:
-    """The external data files an ONNX model at ``path`` reads (none for other files, or unreadable ones)."""
-    from graphopt.ir import TORCH_SUFFIXES, external_data_files
-
-    if path.endswith(TORCH_SUFFIXES) or not os.path.isfile(path):
-        return []
-    return external_data_files(path)
 
 
 def cmd_run(args) -> int:
     from graphopt.backends.base import DataError, model_size_bytes
     from graphopt.driver import Driver, RunConfig
-    from graphopt.passes.instruments import FloatReference, model_suffix
-    from graphopt.passes.manager import PassManager, bisect
+    from graphopt.passes.instruments import FloatReference
+    from graphopt.passes.manager import bisect
     from graphopt.paths import atomic_write
     from graphopt.report.run_report import (
         cost_report,
@@ -139,6 +126,7 @@ def cmd_run(args) -> int:
         from graphopt.recipe import apply_recipe
 
         apply_recipe(args)  # its passes, and the backend's form (--backend: another backend's)
+    args.passes = args.passes or "fold"
     args.backend = args.backend or "onnxruntime"
     registry = registry_from_args(args)
     eval_data, labels = _eval_data(args)
@@ -153,7 +141,7 @@ def cmd_run(args) -> int:
     driver = Driver(config, registry)  # pipeline, passes, backend, instruments: usage errors before loading
     graph = driver.load(args.model)  # reading writes nothing; what it reads is known once it is loaded
     output = args.output or default_output(args.model, graph.ir)
-    _io_plan(args, PassManager(driver.passes).plan(graph), output, model_suffix(graph))
+    _io_plan(args, driver, graph, output)
     say = (lambda *a: None) if args.quiet else print
 
     if args.bisect:

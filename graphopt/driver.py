@@ -4,12 +4,16 @@ A :class:`RunConfig` says what to run (pipeline, backend, data, checks, instrume
 once (syntax, passes, backend, instruments: every usage error before a model is read), loads the model, runs
 the pass manager with the instruments the config asks for, verifies the result, and — when it is given an
 output path — writes it beside its final place, runs the numeric check's last comparison on the written file,
-and moves it into place only if everything passed. The command line adds what is only about a terminal:
-argument parsing, the output-path plan (:mod:`graphopt.paths`), printing and the JSON report.
+and moves it into place only if everything passed. Every file the run reads and writes (the model, calibration
+data, files named in pass options, the output, snapshots) is checked against each other before any pass runs
+(:meth:`Driver.io_plan`, :mod:`graphopt.paths`), for the API as for the command line. The command line adds what
+is only about a terminal: argument parsing, its own output flags (``--json``, ``--report``), printing and the JSON
+report.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,12 +31,13 @@ from graphopt.errors import (
 from graphopt.ir import Graph, load_model
 from graphopt.passes.base import Equivalence, PassContext
 from graphopt.passes.check import CHECK_SAMPLES, NumericCheck
-from graphopt.passes.instruments import CrashReproducer, Instrument, Snapshot, Verify
+from graphopt.passes.instruments import CrashReproducer, Instrument, Snapshot, Verify, model_suffix, snapshot_name
 from graphopt.passes.manager import PassManager, RunReport
 from graphopt.passes.pipeline import format_passes, parse_pipeline, resolve
-from graphopt.paths import Staged
+from graphopt.paths import IOPlan, Staged
 
 DEFAULT_PIPELINE = "fold"  # an alias the registry resolves (graphopt's own plugins register it)
+API_FLAGS = {"output": "output=", "snapshot_dir": "snapshot_dir=", "reproducer": "reproducer="}  # how errors name them
 
 
 class FineTune(Instrument):
@@ -112,6 +117,12 @@ class Driver:
 
         self.config = config
         self.registry = registry or default_registry()
+        if not isinstance(config.passes, str):
+            raise UsageError("passes must be a pipeline as text, like 'fold,int8' "
+                             f"(got {type(config.passes).__name__})")
+        rtol = config.rtol
+        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not math.isfinite(rtol) or rtol < 0:
+            raise UsageError(f"rtol must be a number >= 0 (the relative error exact passes may leave), got {rtol!r}")
         self.pipeline = parse_pipeline(config.passes)
         self.passes = resolve(self.pipeline, self.registry)
         self.backend = self._backend(config.backend)
@@ -125,10 +136,13 @@ class Driver:
                              f"with a pass that trains it: int8-qat)")
 
     def _backend(self, backend):
-        if isinstance(backend, str):
-            from graphopt.backends import get_backend
+        from graphopt.backends import Backend, get_backend
 
+        if isinstance(backend, str):
             return get_backend(self.registry, backend)
+        if not isinstance(backend, Backend):
+            raise UsageError(f"backend must be a registered backend's name (e.g. 'onnxruntime') or a Backend, got "
+                             f"{type(backend).__name__}")
         return backend
 
     def _instrument(self, spec) -> Instrument:
@@ -148,6 +162,37 @@ class Driver:
             where = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "the model"
             raise UnsupportedError(f"{where}: {refusal}")
         return graph
+
+    def io_plan(self, model: Any, graph: Graph, output: str | None, flags: dict[str, str] = API_FLAGS) -> IOPlan:
+        """Every file this run reads (the model and its external data, calibration data given as a path, the files
+        pass options name) and writes (``output`` and its external data, files pass options name, snapshots, a
+        reproducer), for :meth:`IOPlan.check`; ``flags`` names the outputs in its errors (the CLI's: ``-o``)."""
+        from graphopt.ir import TORCH_SUFFIXES, external_data_files
+
+        plan = IOPlan()
+        if isinstance(model, (str, os.PathLike)):
+            path = os.fspath(model)
+            plan.read("input model", path)
+            if not path.endswith(TORCH_SUFFIXES) and os.path.isfile(path):
+                for data_file in external_data_files(path):
+                    plan.read("input model's external data", data_file)
+        if isinstance(self.config.calibration, (str, os.PathLike)):
+            plan.read("calibration data", os.fspath(self.config.calibration))
+        for pass_ in self.passes:
+            reads, writes = pass_.files()
+            for what, path in reads:
+                plan.read(f"{what} of {pass_.name}", path)
+            for option, path in writes:
+                plan.write(f"{pass_.name}:{option}=", path)
+        if output is not None:
+            plan.write(flags["output"], output)
+            plan.write(f"{flags['output']} (its external data)", output + ".data")
+        suffix = model_suffix(graph)
+        snapshots = [snapshot_name(i, p.name, suffix) for i, p in enumerate(PassManager(self.passes).plan(graph), 1)]
+        plan.write_into(flags["snapshot_dir"], self.config.snapshot_dir, snapshots + [n + ".data" for n in snapshots])
+        plan.write_into(flags["reproducer"], self.config.reproducer,
+                        [f"input{suffix}", f"input{suffix}.data", "reproduce.txt"])
+        return plan
 
     def context(self, graph: Graph) -> PassContext:
         ctx = self.ctx or PassContext(registry=self.registry)
@@ -206,6 +251,9 @@ class Driver:
         the caller still measures on it: a failure there leaves nothing behind)."""
         owned = graph is not None or not isinstance(model, Graph)
         graph = graph if graph is not None else self.load(model)
+        plan = self.io_plan(model, graph, output)
+        if plan.outputs or plan.folders:  # nothing it reads is written, every target writable: before any pass
+            plan.check()
         ctx = self.context(graph)
         original = None if owned else graph  # the caller's graph: the manager copies it before editing
         try:

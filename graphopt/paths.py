@@ -3,10 +3,12 @@
 No file graphopt reads is ever written: every output (``-o`` and its ``.data``, ``--json``, ``--snapshot-dir``'s
 files, ``--reproducer``'s files) is compared by real path — links resolved, hard links caught by inode — with
 every input (the model, each external data file it reads, calibration and evaluation data, the files inside a
-calibration folder), and with the other outputs. An output's folder must exist and be writable, and the output
-must not be a directory; all of it is known before the first pass, so a bad target costs nothing and leaves
-nothing. Files are written beside their final place under a temporary name and moved into place at the end
-(:func:`atomic_write` / :class:`Staged`).
+calibration folder, files named in pass options, a recipe), and with the other outputs. An output's folder must
+exist and be writable, and an output that exists must be a regular file (not a directory, a device such as
+/dev/null, a pipe or a broken link); all of it is known before the first pass, so a bad target costs nothing
+and leaves nothing. Files are written beside their final place under a temporary name and moved into place at
+the end (:func:`atomic_write` / :class:`Staged`); a symbolic link is written through, to its target, as a shell's
+``>`` would.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def file_sha256(*paths: str) -> str:
 
 def real(path: str) -> str:
     return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+def through_links(path: str) -> str:
+    """Where writing ``path`` goes: its target when it is a symbolic link (as a shell's ``>``), else itself."""
+    path = os.fspath(path)
+    return real(path) if os.path.islink(path) else path
 
 
 @dataclass
@@ -93,6 +101,9 @@ class IOPlan:
                 continue  # inside a folder checked above (created later)
             if os.path.isdir(path):
                 raise OutputError(f"{flag} {path}: is a directory (give a file path)")
+            if os.path.lexists(path) and not os.path.isfile(path):
+                raise OutputError(f"{flag} {path}: exists and is not a regular file (a device, a pipe or a broken "
+                                  f"link: graphopt replaces a file, it does not write into one; give a file path)")
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder):
                 raise OutputError(f"{flag} {path}: folder {folder} does not exist (create it first)")
@@ -126,7 +137,9 @@ def _check_writable(flag: str, path: str, folder: str) -> None:
 
 
 def atomic_write(path: str, text: str, flag: str = "output") -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then move it into place."""
+    """Write ``text`` to ``path`` (a link: to its target) through a temporary file in the same folder, then move it
+    into place."""
+    path = through_links(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=".graphopt-", dir=folder)
@@ -144,7 +157,7 @@ class Staged:
     moves them into place (companions first, the file last), ``discard`` removes everything."""
 
     def __init__(self, path: str):
-        self.path = os.path.abspath(path)
+        self.path = os.path.abspath(through_links(path))
         self.folder = os.path.dirname(self.path)
         try:
             self.tmp = tempfile.mkdtemp(prefix=".graphopt-", dir=self.folder)

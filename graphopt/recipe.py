@@ -50,6 +50,9 @@ def read_recipe(path: str) -> dict[str, Any]:
             text = f.read()
     except OSError as exc:
         raise UsageError(f"--recipe {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--recipe {path}: not a text file (a recipe is UTF-8 YAML, written by graphopt "
+                         f"sensitivity --recipe)") from None
     try:
         import yaml
 
@@ -85,9 +88,10 @@ def apply_recipe(args) -> None:
     checking it was made for this model: the analysed backend's pipeline, or another ``--backend``'s form."""
     import os
 
+    if args.passes is not None:
+        raise UsageError("--recipe gives the passes: drop --passes (the recipe's pipeline already starts with what "
+                         "it analysed)")
     recipe = read_recipe(args.recipe)
-    if args.passes != "fold":
-        raise UsageError("--recipe gives the passes: drop --passes")
     if not os.path.isfile(args.model):
         raise UsageError(f"{args.model}: no such file")
     check_recipe(recipe, args.recipe, args.model)

@@ -7,6 +7,7 @@ from typing import Literal
 
 from graphopt import Pass, PassResult, hookimpl
 from graphopt.backends import QuantRequest
+from graphopt.calib.errors import refused_data
 from graphopt.calib.observers import compute_range
 from graphopt.calib.sources import SYNTHETIC_WARNING, input_specs, load_calibration, synthetic
 from graphopt.calib.state import CALIBRATION, OBSERVERS, RANGES
@@ -117,6 +118,9 @@ class Calibrate(Pass):
             if not ops:
                 if not type(exc).__module__.startswith("onnxruntime"):
                     raise  # not onnxruntime's: a bug, reported as one
+                refused = refused_data(exc)
+                if refused is not None:
+                    raise refused from exc
                 raise self.fail(f"the model does not run on onnxruntime with the calibration data: "
                                 f"{first_line(exc, 160)} (check the model with graphopt verify, and that the data "
                                 f"fits its inputs)") from exc

@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.calib.blockwise import BITS, gptq, quantize_matmul, quantize_table
+from graphopt.calib.errors import refused_data
 from graphopt.calib.sources import input_specs, load_calibration
 from graphopt.errors import UsageError
 from graphopt.ir.contrib_shapes import MS_DOMAIN
@@ -198,7 +199,14 @@ class Int4Weight(Pass):
             sums: dict[str, np.ndarray] = {}
             seen: Counter = Counter()  # rows (samples x positions) each input was seen in
             for batch in data.batches():
-                for name, value in zip(names, session.run(names, batch)):
+                try:
+                    values = session.run(names, batch)
+                except Exception as exc:  # onnxruntime's own error types
+                    refused = refused_data(exc)
+                    if refused is None:
+                        raise
+                    raise refused from exc
+                for name, value in zip(names, values):
                     rows = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
                     sums[name] = sums.get(name, 0.0) + rows.T @ rows
                     seen[name] += len(rows)

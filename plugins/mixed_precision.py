@@ -66,6 +66,9 @@ class MixedPrecision(Pass):
             if self.samples < 1 or self.max_evals < 0:
                 raise ValueError("samples must be >= 1 and max_evals >= 0")
 
+    def files(self):
+        return ([("labelled data (eval=)", self.options.eval)] if self.options.eval else []), []
+
     def requires(self, graph, ctx):
         if self.options.min_cosine is None and self.options.max_drop is None:
             raise UsageError(f"pass '{self.name}': give a budget: min_cosine (e.g. int8-budget:min_cosine=0.99) "
@@ -93,7 +96,8 @@ class MixedPrecision(Pass):
 
         scored = scoring_samples(self.options.eval, self.options.labels, ctx.calibration, self.options.samples)
         if scored is None:
-            raise self.fail("no data to measure the budget on: give calibration data (--calib) or eval=labelled.npz")
+            raise UsageError(f"pass '{self.name}': no data to measure the budget on: give calibration data "
+                             f"(--calib) or eval=labelled.npz")
         fallback = {"fallback_text": self.options.fallback} if self.options.fallback else {}
         study = kind.create(graph, ctx.state[RANGES], *scored, backend=ctx.backend, place_text=self.options.place,
                             registry=ctx.registry, **fallback)

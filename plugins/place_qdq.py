@@ -165,6 +165,9 @@ class PlaceQdq(Pass):
     def _nodes_to_quantize(self, graph, scheme, ctx) -> tuple[list[gs.Node], list[str]]:
         """The nodes to quantize, and notes on the ones left float for their weights."""
         excluded = set(self.options.exclude_nodes) | set(ctx.state.get(FLOAT_NODES, ()))  # a budget's decision
+        missing = sorted(set(self.options.exclude_nodes) - {n.name for n in graph.gs.nodes})
+        if missing:
+            ctx.warn(f"{self.name}: exclude_nodes names no node in the graph: {', '.join(missing)}")
         nodes = [n for n in graph.gs.nodes if n.op in scheme.quantized_ops and is_standard_domain(n.domain)
                  and n.name not in excluded and not _already_quantized(n)]
         weighted = [n for n in nodes if n.op in scheme.weighted_ops]

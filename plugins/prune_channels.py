@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
-from graphopt.errors import GraphoptError, first_line
+from graphopt.errors import GraphoptError, UsageError, first_line
 from graphopt.prune import BUILTIN_HANDLERS, BUILTIN_IMPORTANCE, Outcome, prune_view, settle
 from graphopt.prune.importance import l1
 from graphopt.prune.propagate import internal_reason
@@ -101,6 +101,10 @@ class PruneChannels(Pass):
             if self.plot and not self.plot.lower().endswith(".png"):
                 raise ValueError(f"plot={self.plot}: the Pareto plot is a .png file")
 
+    def files(self):
+        o = self.options
+        return ([("labelled data (eval=)", o.eval)] if o.eval else []), ([("plot", o.plot)] if o.plot else [])
+
     # -- plumbing shared by both IRs ----------------------------------------------------------------------
     def _lookup(self, ir: str, ctx):
         registry = ctx.registry
@@ -121,6 +125,8 @@ class PruneChannels(Pass):
 
     def _result(self, graph, outcome: Outcome, ctx) -> PassResult:
         ctx.state["prune"] = outcome.rows()
+        if outcome.unmatched_ignore:
+            ctx.warn(f"{self.name}: ignore names no node in the graph: {', '.join(outcome.unmatched_ignore)}")
         reasons = outcome.blocked_reasons()
         internal = sum(n for reason, n in reasons.items() if reason.startswith("internal:"))
         shown = reasons.most_common(5)
@@ -215,7 +221,8 @@ class PruneChannels(Pass):
             raise self.fail("budget: found no channel group it can prune (see prune without a budget for why)")
         scored = study_files.scoring_samples(o.eval, o.labels, ctx.calibration, o.samples)
         if scored is None:
-            raise self.fail("budget: no data to score candidates on: give calibration data (--calib) or eval=")
+            raise UsageError(f"pass '{self.name}': budget: no data to score candidates on: give calibration "
+                             f"data (--calib) or eval=")
         study = search.PruneStudy.create(graph, *scored, backend=ctx.backend,
                                          pipeline=format_passes([type(self)(base)]),
                                          registry=ctx.registry or default_registry())

@@ -136,6 +136,7 @@ BAD_INPUTS = {
     "wrong IR": (lambda tmp, model: model, ["--passes", "fx-only", *HELPERS], "runs on fx graphs, not onnx"),
     "output over input": (lambda tmp, model: model, ["-o", "SELF"], "never writes a file it reads"),
     "bad flag": (lambda tmp, model: model, ["--frobnicate"], "unrecognized arguments"),
+    "negative rtol": (lambda tmp, model: model, ["--rtol=-1"], "rtol must be a number >= 0"),
 }
 
 

@@ -121,6 +121,56 @@ def test_bad_targets_are_io_errors_before_any_pass(model, tmp_path, capsys, case
     refused(capsys, ["run", str(model), *argv], 7, folder=tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["pipe", "broken link"])
+def test_a_target_that_is_not_a_regular_file_is_refused(model, tmp_path, capsys, kind):
+    """A device (/dev/null, /dev/full: as root they would be replaced), a pipe or a broken link is not a file to
+    replace: refused, and left as it was."""
+    target = tmp_path / "target.onnx"
+    if kind == "pipe":
+        os.mkfifo(target)
+    else:
+        os.symlink(tmp_path / "nowhere" / "x.onnx", target)
+    refused(capsys, ["run", str(model), "-o", str(target)], 7, "is not a regular file")
+    assert (target.is_fifo() if kind == "pipe" else target.is_symlink() and not target.exists())
+
+
+def test_a_link_to_a_file_is_written_through(model, tmp_path, capsys):
+    """As a shell's > does: the link stays a link, its target gets the model."""
+    (tmp_path / "real.onnx").write_bytes(b"old")
+    os.symlink(tmp_path / "real.onnx", tmp_path / "link.onnx")
+    assert main(["run", str(model), "-o", str(tmp_path / "link.onnx"), "-q"]) == 0
+    assert (tmp_path / "link.onnx").is_symlink()
+    onnx.checker.check_model(onnx.load(str(tmp_path / "real.onnx")))
+
+
+def test_files_named_in_pass_options_and_recipes_are_never_written(tmp_path, capsys, digits_files):
+    """eval= (read) and plot= (written) of a pass, and --recipe, are in the plan with -o and --json: an output
+    over one of them is refused, and plot= into a missing folder is an I/O error, before any pass runs."""
+    model, calib, evaluation = (str(digits_files / name) for name in ("digits.onnx", "calib.npz", "eval.npz"))
+    shutil.copy(evaluation, tmp_path / "ev.npz")
+    refused(capsys, ["run", model, "--passes", f"fold,int8-budget:max_drop=1:eval={tmp_path / 'ev.npz'}", "--calib",
+                     calib, "-o", str(tmp_path / "ev.npz")], 2, "is the labelled data (eval=) of mixed-precision",
+            folder=tmp_path)
+    refused(capsys, ["run", model, "--passes", f"fold,prune:budget=macs@0.5:plot={tmp_path / 'no' / 'p.png'}",
+                     "--calib", calib, "-o", str(tmp_path / "o.onnx")], 7, "prune-channels:plot=", "does not exist",
+            folder=tmp_path)
+    (tmp_path / "r.yaml").write_bytes(b"\xff\xfe not text")
+    refused(capsys, ["run", model, "--recipe", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o.onnx")], 2,
+            "not a text file", folder=tmp_path)
+
+
+def test_the_api_checks_its_paths_as_the_command_line_does(model, tmp_path):
+    import graphopt
+    from graphopt.errors import OutputError, UsageError
+
+    before = snapshot(tmp_path)
+    with pytest.raises(UsageError, match="output= .*is the input model"):
+        graphopt.optimize(str(model), "fold", output=str(model))
+    with pytest.raises(OutputError, match="snapshot_dir= .*exists and is not a folder"):
+        graphopt.optimize(str(model), "fold", snapshot_dir=str(model))
+    assert snapshot(tmp_path) == before
+
+
 def test_a_folder_that_refuses_writes_is_an_io_error(model, tmp_path, capsys, monkeypatch):
     """(Tests run as root, whom permission bits do not stop: the refusal is simulated where the write is tried.)"""
     import tempfile

@@ -364,6 +364,11 @@ class Backend(ABC):
                         raise UsageError(
                             f"input '{s.name}' has a fixed batch dimension {s.batch_dim}; batch {b} needs a model "
                             f"with a dynamic first dimension (export with dynamic_batch=True) or batch {s.batch_dim}")
+                fixed = {n: list(d)[0] for n, d in (shapes or {}).items() if list(d) and list(d)[0] is not None}
+                for name, first in fixed.items():
+                    if first != b:  # it would run that batch, not the one the table says
+                        raise UsageError(f"the shape given for '{name}' fixes its first dimension at {first}, not "
+                                         f"batch {b}: write N for the batch ({name}=Nx...) or ask for batch {first}")
                 inputs = feeds(specs, seed, b, shapes=shapes)
                 result.input_shapes[b] = {k: list(v.shape) for k, v in inputs.items()}
                 for _ in range(warmup):

@@ -8,10 +8,14 @@ shape (uint8 ``data`` holds 8 / bits values a byte along its quantized axis). Th
 the scales' type (the ops' output type), so ONNX's inference, data propagation included, types what follows
 them. (onnxruntime's symbolic shape inference knows these ops too, but took 1.7 s where ONNX takes 0.15 s on a
 BERT-like encoder, and mis-shapes a uint8-packed GatherBlockQuantized.)
+
+The same ops hold packed weights: :func:`packed_weights` counts them as the values they stand for, the one rule
+for a model's parameter count and a layer's.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -67,3 +71,26 @@ def _gather_block_quantized(graph, node, types) -> None:
 
 
 _STAND_INS = {"MatMulNBits": _matmul_nbits, "GatherBlockQuantized": _gather_block_quantized}
+
+
+def packed_input(node):
+    """The input of onnxruntime's packed contrib ops that holds their weights (MatMulNBits' B, GatherBlockQuantized's
+    table), or None for any other op; ``node`` is an onnx-graphsurgeon node."""
+    if node.domain != MS_DOMAIN or not node.inputs:
+        return None
+    return {"MatMulNBits": node.inputs[1] if len(node.inputs) > 1 else None,
+            "GatherBlockQuantized": node.inputs[0]}.get(node.op)
+
+
+def packed_weights(node, elements_of, dtype_of) -> int | None:
+    """The weights a packed contrib op holds, as the values they stand for: MatMulNBits K x N, a uint8
+    GatherBlockQuantized table 8 / bits values a byte (their scales, like a DequantizeLinear's, not counted);
+    None for any other op. ``elements_of(tensor)`` / ``dtype_of(tensor)`` read a tensor of the caller's graph."""
+    packed = packed_input(node)
+    if packed is None:
+        return None
+    if node.op == "MatMulNBits":
+        return int(node.attrs["K"]) * int(node.attrs["N"])
+    if dtype_of(packed) == np.uint8:
+        return elements_of(packed) * (8 // int(node.attrs.get("bits", 4)))
+    return None

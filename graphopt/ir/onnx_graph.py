@@ -27,9 +27,10 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from graphopt.errors import ModelLoadError, UnsupportedError, first_line
 from graphopt.ir import onnx_checks, onnx_external, onnx_io
 from graphopt.ir.base import Graph
-from graphopt.ir.contrib_shapes import STAND_IN_SUFFIX, with_stand_ins
+from graphopt.ir.contrib_shapes import STAND_IN_SUFFIX, packed_input, packed_weights, with_stand_ins
 from graphopt.ir.feeds import InputSpec, feeds, input_roles
 from graphopt.ir.gs_gaps import copy_gs, export_optional_types
+from graphopt.ir.onnx_io import fresh_name  # noqa: F401  (its home is loading, which names unnamed nodes; passes import it here)
 from graphopt.ir.ops import OpKind, onnx_kind
 from graphopt.ir.ort_quirks import session_kwargs
 
@@ -133,9 +134,18 @@ class OnnxGraph(Graph):
         return Counter(node.op for node in self.gs.nodes)
 
     def num_parameters(self) -> int:
-        """Elements of every initializer (default values of graph inputs included), counted without reading them."""
+        """Elements of every initializer (default values of graph inputs included), counted without reading them; a
+        packed weight of onnxruntime's 4-/8-bit contrib ops as the values it holds (:func:`packed_weights`)."""
         consts = [t for t in self.gs.tensors().values() if isinstance(t, gs.Constant)] + self._default_constants()
-        return int(sum(np.prod(t.shape, dtype=np.int64) for t in consts))
+        total, seen = int(sum(np.prod(t.shape, dtype=np.int64) for t in consts)), set()
+        for node in self.gs.nodes:
+            packed = packed_input(node)
+            if isinstance(packed, gs.Constant) and packed.name not in seen:
+                held = packed_weights(node, lambda t: int(np.prod(t.shape, dtype=np.int64)), lambda t: t.dtype)
+                if held is not None:
+                    seen.add(packed.name)
+                    total += held - int(np.prod(packed.shape, dtype=np.int64))
+        return total
 
     def too_big_for_protobuf(self) -> bool:
         """Whether the weights alone come near protobuf's 2 GB limit (cheaper than serializing to ask)."""
@@ -413,16 +423,6 @@ def _proto_nbytes(tensor: onnx.TensorProto) -> int:
         return _SKELETON_BYTES + 1
     itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-
-
-def fresh_name(names: set[str], base: str) -> str:
-    """``base``, or ``base_1``, ``base_2``, ...: the first not in ``names``, which it is then added to (pass the
-    set of the graph's tensor and node names, so new tensors never collide with existing ones)."""
-    name, i = base, 1
-    while name in names:
-        name, i = f"{base}_{i}", i + 1
-    names.add(name)
-    return name
 
 
 def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:

@@ -41,6 +41,7 @@ from graphopt.ir.onnx_external import (
     model_tensors,
     reference,
 )
+from graphopt.paths import through_links
 
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inside the model file (onnx's own default)
 _ALIGN = 4096  # data offsets aligned to pages, so onnxruntime can memory-map them
@@ -176,7 +177,7 @@ def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.
                              f"(check it with `graphopt verify`; report it if the checker accepts it)") from None
     restore_type_attributes(model.graph, graph)
     attach_sources(graph, sources, where)
-    notes: list[str] = []
+    notes: list[str] = _name_unnamed(graph)
     inits = {t.name for t in model.graph.initializer}
     listed = [vi for vi in model.graph.input if vi.name in inits]
     defaults = {}
@@ -190,6 +191,30 @@ def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.
                      f"inputs, so passes treat them as run-time inputs and do not fold them (re-export without "
                      f"keep_initializers_as_inputs to let them be folded)")
     return graph, defaults, notes
+
+
+def fresh_name(names: set[str], base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: the first not in ``names``, which it is then added to (pass the
+    set of the graph's tensor and node names, so new tensors never collide with existing ones)."""
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}_{i}", i + 1
+    names.add(name)
+    return name
+
+
+def _name_unnamed(graph: gs.Graph) -> list[str]:
+    """Name the nodes that have no name (ONNX allows it; hand-built graphs often do) after their op and first
+    output, so that reports, ``exclude_nodes``, sensitivity groups and recipes can name every node; a note
+    when it did."""
+    unnamed = [n for n in graph.nodes if not n.name]
+    if not unnamed:
+        return []
+    names = set(graph.tensors()) | {n.name for n in graph.nodes}
+    for node in unnamed:
+        node.name = fresh_name(names, f"{node.op}_{node.outputs[0].name}" if node.outputs else node.op)
+    return [f"{len(unnamed)} unnamed node(s) named after their op and first output (e.g. '{unnamed[0].name}'), so "
+            f"that reports and options such as exclude_nodes can name them"]
 
 
 def _nested_optional(type_proto, inside: bool = False) -> bool:
@@ -318,7 +343,7 @@ def write_files(path: str, consts: list[gs.Constant], export: Callable[[], onnx.
     before it is moved into place, and the files it writes beside it move with it; what it raises propagates and
     nothing is moved. OutputError (UsageError for an
     output over an input) when writing fails; nothing is left behind."""
-    path = os.fspath(path)
+    path = through_links(path)
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
     if not os.path.isdir(folder):

@@ -144,6 +144,12 @@ class Pass:
         if not (dataclasses.is_dataclass(cls.Options) and cls.Options.__dataclass_params__.frozen):
             raise PluginError(f"{where}: Options must be a frozen dataclass")
 
+    def files(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """The files this pass's options name: ``(reads, writes)``, as ``(what, path)`` and ``(option, path)``.
+        The driver checks them with the run's other files before any pass runs (nothing read is written, every
+        target's folder exists and is writable). Override where an option is a path."""
+        return [], []
+
     def requires(self, graph: Graph, ctx: PassContext) -> None:
         """Precondition; raise :class:`PassError` (via ``self.fail``) when the pass cannot run on ``graph``."""
 

@@ -11,7 +11,7 @@ registers itself.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -36,6 +36,7 @@ class Outcome:
     roots: np.ndarray  # each atom's class
     fallback_criterion: list[str]
     gave_up: str | None = None  # why nothing was pruned after all (see settle)
+    unmatched_ignore: list[str] = field(default_factory=list)  # ``ignore`` patterns no node matched (a typo?)
 
     @property
     def pruned_groups(self) -> list[Group]:
@@ -73,8 +74,12 @@ def prune_view(view: ChannelView, *, handlers: dict, criterion: Importance, fall
                scope: str = "uniform", layer_ratios: dict[str, float] | None = None, round_to: int = 1,
                min_channels: int = 1, ignore: tuple[str, ...] = (), split: str = "size") -> Outcome:
     """Analyse ``view`` and choose what to prune; ``layer_ratios`` and ``ignore`` match node names."""
+    matched: set[str] = set()
+
     def ignored(node: PNode) -> bool:
-        return any(name_matches(p, node.name) for p in ignore)
+        hits = {p for p in ignore if name_matches(p, node.name)}
+        matched.update(hits)
+        return bool(hits)
 
     prop = propagate(view, handlers, unknown, ignored, {"split": split})
     roots = prop.uf.find(np.arange(len(prop.uf.parent)))
@@ -89,7 +94,8 @@ def prune_view(view: ChannelView, *, handlers: dict, criterion: Importance, fall
     backup = score_classes(prop, roots, fallback) if fallback is not criterion else scores
     sel = select(prop, roots, groups, scores, backup, scope=scope, ratio=ratio, round_to=round_to,
                  min_channels=min_channels)
-    return Outcome(groups, prop, roots, sel.fallback_criterion)
+    return Outcome(groups, prop, roots, sel.fallback_criterion,
+                   unmatched_ignore=[p for p in ignore if p not in matched])
 
 
 def settle(outcome: Outcome, attempt: Callable[[Plan], Any], limit: int = 3) -> Any:

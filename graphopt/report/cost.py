@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from graphopt.ir.contrib_shapes import MS_DOMAIN
+from graphopt.ir.contrib_shapes import packed_weights
 from graphopt.ir.onnx_graph import fresh_name
 from graphopt.report.cost_fx import fx_costs
 from graphopt.report.layer_cost import LayerCost, is_weight_dtype, numel
@@ -105,25 +105,7 @@ def model_costs(graph) -> ModelCosts:
     """The model's parameter count (its own: every initializer / module parameter), MACs summed over its layers,
     and the layers."""
     rows = layer_costs(graph)
-    extra = _unpacked_extra(graph) if hasattr(graph, "gs") else 0
-    return ModelCosts(int(graph.num_parameters()) + extra, total_costs(rows)[1], rows)
-
-
-def _unpacked_extra(graph) -> int:
-    """The weights onnxruntime's 4-bit contrib ops hold beyond their packed uint8 elements (two a byte), each packed
-    tensor once: so that an int4 model's parameter count is its weights', as its layers' are."""
-    import onnx_graphsurgeon as gs
-
-    extra, seen = 0, set()
-    for node in graph.gs.nodes:
-        packed = node.inputs[1 if node.op == "MatMulNBits" else 0] if node.inputs else None
-        if not isinstance(packed, gs.Constant) or packed.values.dtype != np.uint8 or packed.name in seen:
-            continue
-        held = _packed_params(node, lambda t: int(t.values.size), lambda t: t.values.dtype)
-        if held is not None:
-            seen.add(packed.name)
-            extra += held - int(packed.values.size)
-    return extra
+    return ModelCosts(int(graph.num_parameters()), total_costs(rows)[1], rows)
 
 
 def compare_costs(before: Sequence[LayerCost], after: Sequence[LayerCost]) -> list[LayerDelta]:
@@ -261,24 +243,12 @@ def _onnx_costs(graph) -> list[LayerCost]:
             if t.name not in seen:  # a weight read twice by one node counts once
                 seen.add(t.name)
                 params += params_of(t)
-        params = _packed_params(node, params_of, dtype_of) or params
+        params = packed_weights(node, params_of, dtype_of) or params
         out = shape_of(node.outputs[0]) if node.outputs else None
         name = fresh_name(names, node.name or (node.outputs[0].name if node.outputs else "") or f"{node.op}_{i}")
         rows.append(LayerCost(name, node.op, params, _onnx_macs(node, out, shape_of),
                               tuple(out) if out is not None else None))
     return rows
-
-
-def _packed_params(node, params_of, dtype_of) -> int | None:
-    """The weight elements of onnxruntime's 4-bit contrib ops, whose uint8 inputs hold two weights a byte (their
-    scales, like a DequantizeLinear's, are not counted); None for any other op."""
-    if node.domain != MS_DOMAIN:
-        return None
-    if node.op == "MatMulNBits":
-        return int(node.attrs["K"]) * int(node.attrs["N"])
-    if node.op == "GatherBlockQuantized" and node.inputs and dtype_of(node.inputs[0]) == np.uint8:
-        return params_of(node.inputs[0]) * (8 // int(node.attrs.get("bits", 4)))
-    return None
 
 
 def _root_constant_elements(tensor) -> int:

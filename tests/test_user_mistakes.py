@@ -1,0 +1,137 @@
+"""What a new user gets wrong, each answered in one line (never a traceback) with nothing written, or done as they
+meant: found by trying the command line and the API as a new user would."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt.cli import main
+from graphopt.errors import UsageError
+
+
+def one_error_line(capsys, argv, code, *fragments) -> str:
+    assert main(argv) == code
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphopt: error: "), captured.err
+    assert "Traceback" not in captured.err + captured.out
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def unnamed(tmp_path):
+    """Conv -> Relu -> GlobalAveragePool -> Flatten -> MatMul, built with onnx.helper without node names (ONNX
+    allows it), and calibration data for it."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+                               numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w2")])
+    path = tmp_path / "unnamed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+    return path, tmp_path / "calib.npz"
+
+
+def test_a_model_without_node_names_runs_int8_with_its_default_guard(unnamed, tmp_path, capsys, monkeypatch):
+    """Nodes without names are named when the model is loaded (a note says so), so the guard's groups, reports and
+    exclude_nodes can name them: int8 (guard on by default) runs where int8:guard=off did."""
+    monkeypatch.delenv("GRAPHOPT_NO_TIMING", raising=False)
+    path, calib = unnamed
+    out = tmp_path / "out.onnx"
+    assert main(["run", str(path), "--passes", "int8", "--calib", str(calib), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: 5 unnamed node(s) named after their op and first output (e.g. 'Conv_c')" in printed
+    assert all(n.name for n in onnx.load(str(out)).graph.node)
+
+
+def test_typos_in_node_name_options_are_warned(unnamed, tmp_path, capsys):
+    path, calib = unnamed
+    assert main(["run", str(path), "--passes", "int8:guard=off:exclude_nodes=Conv_typo", "--calib", str(calib),
+                 "-o", str(tmp_path / "a.onnx")]) == 0
+    assert "warning: place-qdq: exclude_nodes names no node in the graph: Conv_typo" in capsys.readouterr().out
+    assert main(["run", str(path), "--passes", "prune:ratio=0.5:ignore=typo", "-o", str(tmp_path / "b.onnx")]) == 0
+    assert "warning: prune-channels: ignore names no node in the graph: typo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"passes": None}, "passes must be a pipeline as text"),
+    ({"passes": ["fold"]}, "passes must be a pipeline as text"),
+    ({"backend": None}, "backend must be a registered backend's name"),
+    ({"rtol": "abc"}, "rtol must be a number >= 0"),
+    ({"rtol": float("nan")}, "rtol must be a number >= 0"),
+])
+def test_api_arguments_of_the_wrong_kind_are_usage_errors(unnamed, kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        graphopt.optimize(str(unnamed[0]), **{"passes": "fold", **kwargs})
+
+
+def test_bench_refuses_a_shape_that_fixes_another_batch(unnamed, capsys):
+    """--shape x=2x3x8x8 with --batch 4 would time batch 2 and call it 4."""
+    one_error_line(capsys, ["bench", str(unnamed[0]), "--shape", "x=2x3x8x8", "--batch", "4", "--iters", "2"], 2,
+                   "fixes its first dimension at 2, not batch 4", "x=Nx")
+
+
+def test_an_input_shape_the_program_cannot_take_is_one_line(tmp_path, capsys):
+    """A torch.export program with a static 1x3x8x8 input, given --input-shape of another rank or size, or 0."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 8, 8),)), str(path))
+    out = str(tmp_path / "o.pt2")
+    one_error_line(capsys, ["run", str(path), "--input-shape", "1x3x8", "-o", out], 2,
+                   "has shape 1x3x8; the program takes 1x3x8x8")
+    one_error_line(capsys, ["run", str(path), "--input-shape", "0x3x8x8", "-o", out], 2,
+                   "every dimension must be at least 1")
+    assert not (tmp_path / "o.pt2").exists()
+
+
+def test_calibration_data_out_of_the_models_range_is_a_data_error(tmp_path, capsys):
+    """Token ids past the embedding table: exit 3 (the data), with onnxruntime's reason whole."""
+    table = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+                               helper.make_node("MatMul", ["e", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3, 2])],
+                              [numpy_helper.from_array(table, "table"),
+                               numpy_helper.from_array(np.ones((4, 2), np.float32), "w")])
+    path = tmp_path / "emb.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    np.savez(tmp_path / "ids.npz", ids=np.full((4, 3), 50, np.int64))
+    for passes in ("int8", "int4-weight:method=gptq:last=int4"):
+        one_error_line(capsys, ["run", str(path), "--passes", passes, "--calib", str(tmp_path / "ids.npz"), "-o",
+                                str(tmp_path / "o.onnx")], 3, "the calibration data do not fit the model",
+                       "idx=50 must be within the inclusive range")
+
+
+def test_a_recipe_and_passes_together_are_refused(unnamed, tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text("kind: graphopt-recipe\n")
+    one_error_line(capsys, ["run", str(unnamed[0]), "--recipe", str(tmp_path / "r.yaml"), "--passes", "fold"], 2,
+                   "--recipe gives the passes: drop --passes")
+
+
+def test_int4_reports_one_parameter_count(tmp_path, capsys):
+    """The written model's parameters (packed 4-bit weights counted as the values they hold) are the run report's."""
+    w = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])],
+                              [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "mm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert main(["run", str(path), "--passes", "int4-weight:last=int4", "-o", str(tmp_path / "o.onnx")]) == 0
+    out = capsys.readouterr().out
+    wrote = next(line for line in out.splitlines() if line.startswith("wrote "))
+    params = next(line for line in out.splitlines() if line.startswith("params: "))
+    count = params.split("->")[1].split()[0]
+    assert f", {count} parameters" in wrote, (wrote, params)
+    assert int(count.replace(",", "")) == 64 * 8 + 2 * 8  # the weights, and their 2 x 8 block scales
