@@ -103,7 +103,7 @@ def _one_op(domain: str, version: int, op: str) -> onnx.ModelProto:
 # -- the exit codes of test_cli's cases --------------------------------------------------------------------------
 EXIT_CODES = {"missing file": 3, "not onnx": 3, "truncated": 3, "empty": 3, "invalid graph": 3, "directory": 3,
               "unknown pass": 2, "malformed option": 2, "unknown option": 2, "wrong IR": 4, "output over input": 2,
-              "bad flag": 2}
+              "bad flag": 2, "negative rtol": 2}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

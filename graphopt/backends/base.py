@@ -364,7 +364,8 @@ class Backend(ABC):
                         raise UsageError(
                             f"input '{s.name}' has a fixed batch dimension {s.batch_dim}; batch {b} needs a model "
                             f"with a dynamic first dimension (export with dynamic_batch=True) or batch {s.batch_dim}")
-                fixed = {n: list(d)[0] for n, d in (shapes or {}).items() if list(d) and list(d)[0] is not None}
+                fixed = {n: list(d)[0] for n, d in (shapes or {}).items()
+                         if list(d) and list(d)[0] is not None and list(d)[0] > 0}  # None, -1: the batch
                 for name, first in fixed.items():
                     if first != b:  # it would run that batch, not the one the table says
                         raise UsageError(f"the shape given for '{name}' fixes its first dimension at {first}, not "

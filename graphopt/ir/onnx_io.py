@@ -177,7 +177,7 @@ def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.
                              f"(check it with `graphopt verify`; report it if the checker accepts it)") from None
     restore_type_attributes(model.graph, graph)
     attach_sources(graph, sources, where)
-    notes: list[str] = _name_unnamed(graph)
+    notes: list[str] = []
     inits = {t.name for t in model.graph.initializer}
     listed = [vi for vi in model.graph.input if vi.name in inits]
     defaults = {}
@@ -190,7 +190,7 @@ def import_graph(model: onnx.ModelProto, where: str, sources: dict) -> tuple[gs.
         notes.append(f"{len(listed)} graph input(s) have default values (initializers listed as inputs): kept as "
                      f"inputs, so passes treat them as run-time inputs and do not fold them (re-export without "
                      f"keep_initializers_as_inputs to let them be folded)")
-    return graph, defaults, notes
+    return graph, defaults, notes + _name_unnamed(graph)
 
 
 def fresh_name(names: set[str], base: str) -> str:
@@ -204,17 +204,17 @@ def fresh_name(names: set[str], base: str) -> str:
 
 
 def _name_unnamed(graph: gs.Graph) -> list[str]:
-    """Name the nodes that have no name (ONNX allows it; hand-built graphs often do) after their op and first
-    output, so that reports, ``exclude_nodes``, sensitivity groups and recipes can name every node; a note
-    when it did."""
+    """Name the nodes that have no name (ONNX allows it; hand-built graphs often do) after their first output (the
+    name reports showed for them before; node and tensor names are separate namespaces), so that ``exclude_nodes``,
+    sensitivity groups and recipes can name every node; a note when it did."""
     unnamed = [n for n in graph.nodes if not n.name]
     if not unnamed:
         return []
-    names = set(graph.tensors()) | {n.name for n in graph.nodes}
+    names = {n.name for n in graph.nodes}
     for node in unnamed:
-        node.name = fresh_name(names, f"{node.op}_{node.outputs[0].name}" if node.outputs else node.op)
-    return [f"{len(unnamed)} unnamed node(s) named after their op and first output (e.g. '{unnamed[0].name}'), so "
-            f"that reports and options such as exclude_nodes can name them"]
+        node.name = fresh_name(names, node.outputs[0].name if node.outputs else node.op)
+    return [f"{len(unnamed)} unnamed node(s) named after their first output (e.g. '{unnamed[0].name}'), so that "
+            f"options such as exclude_nodes can name them"]
 
 
 def _nested_optional(type_proto, inside: bool = False) -> bool:
