@@ -66,6 +66,12 @@ def cmd_sensitivity(args) -> int:
         raise UsageError("--all-but-one and --plot go with the sensitivity table (no --min-cosine / --max-drop)")
     if args.samples < 1 or (args.max_evals is not None and args.max_evals < 1):
         raise UsageError("--samples and --max-evals must be >= 1")
+    if args.min_cosine is not None and not -1 <= args.min_cosine <= 1:  # NaN fails both
+        raise UsageError(f"--min-cosine is a cosine, in [-1, 1] (got {args.min_cosine})")
+    if args.max_drop is not None and not args.max_drop >= 0:
+        raise UsageError(f"--max-drop is points of accuracy, >= 0 (got {args.max_drop})")
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UsageError(f"--plot {args.plot}: the chart is a .png file")
     plan = IOPlan()
     plan.read("input model", args.model)
     plan.read("calibration data", args.calib)
@@ -91,11 +97,12 @@ def cmd_sensitivity(args) -> int:
     print(f"{args.model}: {len(study.groups)} fusion groups in int8 on {backend.name} ({study.place_text})")
     if budget:
         g = len(study.groups)
-        n = g + 1 if not args.max_evals else min(g + 1, args.max_evals)
+        n = 2 * g + 1 if not args.max_evals else min(2 * g + 1, args.max_evals)
         more = (f"; then each group kept float that {args.fallback} takes, tried in it: at most "
                 f"{len(study.fallback_groups()) + 1} more") if args.fallback else ""
         print(f"cost: {g} groups -> at most {n} evaluations on {study.samples} samples (the fully-int8 model, then "
-              f"the most sensitive groups by a cheap proxy kept float one more at a time){more}")
+              f"the most sensitive groups by a cheap proxy kept float one more at a time, then each one kept float "
+              f"tried back in int8){more}")
         with get_executor(args.executor, os.path.join(study.folder, "runs")) as executor:
             result = search_budget(study, min_cosine=args.min_cosine, max_drop=args.max_drop,
                                    max_evals=args.max_evals, executor=executor)
@@ -119,7 +126,7 @@ def cmd_sensitivity(args) -> int:
                                                   fallback_groups=result.fallback_groups), "--recipe")
             others = ", ".join(k for k, f in forms.items() if f.get("available") and k != "x86")
             print(f"wrote {args.recipe}: replay with graphopt run {args.model} --recipe {args.recipe} "
-                  f"--calib {args.calib} (--backend {others}: that backend's form)")
+                  f"--calib {args.calib}" + (f" (--backend {others}: that backend's form)" if others else ""))
             for name, form in forms.items():
                 print(f"  {name}: " + _form_line(form))
     else:

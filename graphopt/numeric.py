@@ -70,8 +70,8 @@ def difference(reference, test) -> Difference:
     rf, xf = r64[both], x64[both]
     signal, noise = float(np.sum(rf * rf)), float(np.sum((xf - rf) ** 2))
     rel = rel_error(float(np.max(np.abs(xf - rf))), float(np.max(np.abs(rf)))) if rf.size else 0.0
-    if mismatches:
-        return Difference(math.inf, -math.inf, cosine(float(rf @ xf), signal, float(xf @ xf)), mismatches)
+    if mismatches:  # NaN/inf where the reference has numbers: no agreement to credit (not the finite rest's cosine)
+        return Difference(math.inf, -math.inf, 0.0, mismatches)
     return Difference(rel, sqnr(signal, noise), cosine(float(rf @ xf), signal, float(xf @ xf)))
 
 
@@ -126,14 +126,20 @@ def rel_error(max_abs_err: float, max_abs_ref: float) -> float:
 
 
 def top1(logits, axis: int = -1) -> np.ndarray:
-    return np.argmax(np.asarray(logits), axis=axis)
+    """The argmax over ``axis``; -1 (no class) for a sample whose logits hold NaN (numpy's argmax would pick the
+    NaN's index, and credit it when that happens to be the label)."""
+    logits = np.asarray(logits)
+    pred = np.argmax(logits, axis=axis)
+    if logits.dtype.kind in "fc":
+        pred = np.where(np.isnan(logits).any(axis=axis), -1, pred)
+    return pred
 
 
 def top1_agreement(logits_a, logits_b, axis: int = -1) -> float:
     """Fraction of samples on which both models' argmax over ``axis`` (the class axis) agree."""
     a, b = top1(logits_a, axis), top1(logits_b, axis)
     _check_shapes(a, b)
-    return float(np.mean(a == b)) if a.size else float("nan")
+    return float(np.mean((a == b) & (a >= 0))) if a.size else float("nan")  # two NaN rows do not agree
 
 
 def top1_correct(logits, labels, axis: int = -1) -> int:

@@ -53,7 +53,13 @@ _NODE_NAME_OK = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456
 def backend_forms(study, float_groups: list[str], model_path: str, fallback_groups: list[str] = ()) -> dict:
     """Each backend's form of keeping ``float_groups`` (names of ``study``'s groups) float and running
     ``fallback_groups`` in the study's fallback format: ``{backend: form}`` for :data:`ONNX_FORMS` and ``x86`` (see
-    the module docstring). ``model_path``: the ONNX file analysed (its node metadata gives the module paths)."""
+    the module docstring). ``model_path``: the ONNX file analysed (its node metadata gives the module paths). A
+    study of a PyTorch program has its own form only (the recipe's passes, for x86): the ONNX backends' forms come
+    from analysing the ONNX file it exports to."""
+    if study.graph.ir != "onnx":
+        why = ("the analysis ran on the PyTorch program (its form is the recipe's passes, for x86); analyse its "
+               "ONNX export (graphopt run ... -o m.onnx) for this backend's form")
+        return {name: {"available": False, "why": why} for name in ONNX_FORMS}
     forms = {name: _onnx_form(study, float_groups, name, list(fallback_groups)) for name in ONNX_FORMS}
     forms["x86"] = _x86_form(study, [*float_groups, *fallback_groups], model_path)
     if fallback_groups:

@@ -135,3 +135,16 @@ def test_int4_reports_one_parameter_count(tmp_path, capsys):
     count = params.split("->")[1].split()[0]
     assert f", {count} parameters" in wrote, (wrote, params)
     assert int(count.replace(",", "")) == 64 * 8 + 2 * 8  # the weights, and their 2 x 8 block scales
+
+
+def test_nan_outputs_get_no_credit():
+    """A model whose outputs turned NaN is not 'cosine 1.0' against its float original, and NaN logits are neither
+    a correct class nor an agreement."""
+    from graphopt.numeric import difference, top1_accuracy, top1_agreement
+
+    ref = np.random.default_rng(0).standard_normal((4, 10))
+    nan = np.full_like(ref, np.nan)
+    diff = difference(ref, nan)
+    assert diff.cosine == 0.0 and diff.sqnr_db == -np.inf and diff.nonfinite_mismatches == ref.size
+    labels = np.argmax(ref, -1)
+    assert top1_accuracy(nan, labels) == 0.0 and top1_agreement(nan, nan) == 0.0 and top1_agreement(ref, ref) == 1.0

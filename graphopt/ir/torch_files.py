@@ -210,6 +210,8 @@ def _pickle_globals(path: str) -> list[str]:
 def _load_export(path: str, trust_pickle: bool):
     import torch
 
+    with quiet_torch_logs(), contextlib.suppress(ImportError):  # the Q/DQ ops an int8 program calls (graphopt's
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  own int8 results): registered before it loads
     if not trust_pickle:
         _check_export_archive(path)
     with open(path, "rb") as f, quiet_torch_logs(), (contextlib.nullcontext() if trust_pickle

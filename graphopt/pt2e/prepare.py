@@ -49,11 +49,19 @@ def convert_ptq(gm, example_inputs, quantizer):
 
 
 def inference_module(gm):
-    """``gm`` with ``train()`` / ``eval()`` that only set the flag, as on any module. torchao makes them raise on
-    an exported module (its dropout and BatchNorm would not switch); a converted int8 graph has no BatchNorm left
-    and is meant for inference, so a user's ``model.eval()`` must not fail on it."""
+    """A converted int8 graph as an inference module: ``train()`` / ``eval()`` only set the flag, as on any module
+    (torchao makes them raise on an exported module, whose dropout and BatchNorm would not switch; a converted
+    graph has no BatchNorm left, and a user's ``model.eval()`` must not fail on it), and the parameters and buffers
+    no node reads any more are dropped: the float weights ``convert_pt2e`` replaced by their int8 copies would
+    otherwise stay in the module, its parameter count and every file saved from it."""
     for name in ("train", "eval"):
         gm.__dict__.pop(name, None)
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = tuple(n.target + "." for n in gm.graph.nodes if n.op == "call_module")
+    for name, _ in [*gm.named_parameters(), *gm.named_buffers()]:
+        if name not in read and not name.startswith(called):
+            owner, _, leaf = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, leaf)
     return gm
 
 
