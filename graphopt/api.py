@@ -92,7 +92,8 @@ def optimize(
     ``qat(module)`` is your training loop for quantization-aware training (the ``int8-qat`` pipeline, its ``qat``
     pass): it trains the fake-quantized ``GraphModule`` (in place, or returns it) before conversion to int8.
     """
-    after = None if finetune_after is None else tuple(finetune_after)
+    after = finetune_after.split(",") if isinstance(finetune_after, str) else finetune_after  # "prune,fold-bn"
+    after = None if after is None else tuple(after)
     config = RunConfig(passes=passes, backend=backend, example_inputs=example_inputs, calibration=calibration,
                        check=check, rtol=rtol, verify_each=verify_each, snapshot_dir=snapshot_dir,
                        instruments=tuple(instruments), finetune=finetune, finetune_after=after, qat=qat,

@@ -151,6 +151,7 @@ def cmd_run(args) -> int:
 
     costs_before = measure_costs(graph)  # parameters and MACs, before the passes edit the graph in place
     measured: dict = {}
+    unmeasured: list[str] = []  # what was asked but cannot be measured here
     # a PyTorch model on a backend that runs it (x86): before = the input lowered the same way, after = the file
     runs_fx = graph.ir == "fx" and "fx" in driver.backend.irs and not output.endswith(".onnx")
     original = graph.copy() if runs_fx and (args.bench or eval_data is not None) else None
@@ -172,6 +173,10 @@ def cmd_run(args) -> int:
         else:  # a PyTorch model: size, parameters and MACs
             measured.update(cost_report(*costs))
             measured["size_bytes"] = {"before": model_size_bytes(args.model), "after": model_size_bytes(staged_path)}
+            if eval_data is not None or args.bench:  # the input does not run on this backend: nothing to pair
+                unmeasured.append(f"--eval / --bench not measured: the input is a PyTorch program, which "
+                                  f"{driver.backend.name} does not run, so there is no before to compare (run "
+                                  f"graphopt compare / bench on {output}, or --backend x86)")
 
     run = driver.run(args.model, output, graph=graph, before_move=measure)
     out, report, before = run.graph, run.report, run.source
@@ -187,6 +192,7 @@ def cmd_run(args) -> int:
     numeric = report.checks.get("numeric")
     if numeric and numeric.get("compared") and numeric["comparisons"]:
         say(f"check: {_check_line(numeric)}")
+    report.warnings.extend(unmeasured)
     for warning in report.warnings:
         say(f"warning: {warning}")
     say(f"wrote {output}: {after['nodes']} nodes, {after['parameters']:,} parameters")

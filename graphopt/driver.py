@@ -131,9 +131,28 @@ class Driver:
         for label, fn in (("finetune=", config.finetune), ("qat=", config.qat)):
             if fn is not None and not callable(fn):
                 raise UsageError(f"{label} must be a function of the module, got {type(fn).__name__}")
+        self.finetune_after = None if config.finetune_after is None else self._finetune_after(config)
         if config.qat is not None and not any(p.trains for p in self.passes):
             raise UsageError(f"qat= is given but no pass of '{config.passes}' trains the model (use a pipeline "
                              f"with a pass that trains it: int8-qat)")
+
+    def _finetune_after(self, config: RunConfig) -> tuple[str, ...]:
+        """``finetune_after``'s names as the pipeline's pass names (an alias, ``prune``, names the passes it
+        stands for); a name that is no pass of the pipeline, or the option without ``finetune=``, is refused."""
+        if config.finetune is None:
+            raise UsageError("finetune_after= names the passes to fine-tune after: give finetune=your_loop too")
+        here = [p.name for p in self.passes]
+        names: list[str] = []
+        for name in config.finetune_after:
+            try:
+                resolved = [p.name for p in resolve(parse_pipeline(str(name)), self.registry)]
+            except GraphoptError:
+                resolved = []
+            if not set(resolved) & set(here):
+                raise UsageError(f"finetune_after: '{name}' is not a pass of the pipeline '{config.passes}' "
+                                 f"(its passes: {', '.join(here)})")
+            names += [n for n in resolved if n in here]
+        return tuple(dict.fromkeys(names))
 
     def _backend(self, backend):
         from graphopt.backends import Backend, get_backend
@@ -223,7 +242,7 @@ class Driver:
             if graph.ir != "fx":
                 raise UsageError("finetune= needs a PyTorch model (nn.Module with example_inputs): an ONNX model "
                                  "cannot be trained here")
-            chain.append(FineTune(config.finetune, config.finetune_after))
+            chain.append(FineTune(config.finetune, self.finetune_after))
         if config.verify_each:
             chain.append(Verify())
         check = None

@@ -121,11 +121,14 @@ class Int8Dynamic(Pass):
     def run_fx(self, graph, ctx):
         from graphopt.ir.fx_graph import FxGraph
         from graphopt.pt2e.prepare import convert_ptq
-        from graphopt.pt2e.quantizer import SchemeQuantizer
+        from graphopt.pt2e.quantizer import SchemeQuantizer, unmatched
 
         self._check_ops()
         scheme = ctx.scheme(QuantRequest(per_channel=self.options.per_channel), self.name)
         aten = graph.aten()
+        missing = unmatched(aten.gm, self.options.exclude_nodes)
+        if missing:
+            ctx.warn(f"{self.name}: exclude_nodes names no node or module of the model: {', '.join(missing)}")
         quantizer = SchemeQuantizer(scheme, {}, exclude=self.options.exclude_nodes, dynamic=dict(
             ops=tuple(self.options.ops), min_weight_elements=self.options.min_weight_elements))
         gm = convert_ptq(aten.gm, aten.example_inputs, quantizer)

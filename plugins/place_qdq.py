@@ -90,12 +90,15 @@ class PlaceQdq(Pass):
     def run_fx(self, graph, ctx):
         from graphopt.ir.fx_graph import FxGraph
         from graphopt.pt2e.prepare import convert_ptq, qdq_counts
-        from graphopt.pt2e.quantizer import SchemeQuantizer
+        from graphopt.pt2e.quantizer import SchemeQuantizer, unmatched
 
         scheme = self._scheme(ctx)
         if not graph.is_aten():
             raise self.fail("the PyTorch model is not an ATen graph: run insert-observers and calibrate first "
                             "(the int8 alias does)")
+        missing = unmatched(graph.gm, self.options.exclude_nodes)
+        if missing:
+            ctx.warn(f"{self.name}: exclude_nodes names no node or module of the model: {', '.join(missing)}")
         exclude = tuple(dict.fromkeys((*self.options.exclude_nodes, *ctx.state.get(FLOAT_NODES, ()))))  # a budget's
         quantizer = SchemeQuantizer(scheme, ctx.state[RANGES], exclude=exclude,
                                     keep_first=self.options.keep_first, keep_last=self.options.keep_last)

@@ -148,3 +148,39 @@ def test_nan_outputs_get_no_credit():
     assert diff.cosine == 0.0 and diff.sqnr_db == -np.inf and diff.nonfinite_mismatches == ref.size
     labels = np.argmax(ref, -1)
     assert top1_accuracy(nan, labels) == 0.0 and top1_agreement(nan, nan) == 0.0 and top1_agreement(ref, ref) == 1.0
+
+
+def test_finetune_after_names_passes_of_the_pipeline():
+    """An alias names the passes it stands for, a bare string is a list of one (or comma-separated), and a name
+    that is no pass of the pipeline, or finetune_after without finetune=, is refused (it used to turn fine-tuning
+    off without a word)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    calls = []
+
+    def loop(module):
+        calls.append(1)
+
+    graphopt.optimize(model, "fold,prune:ratio=0.5", example_inputs=(x,), finetune=loop, finetune_after="prune",
+                      check=False)
+    assert calls == [1]
+    with pytest.raises(UsageError, match="'bogus' is not a pass of the pipeline"):
+        graphopt.optimize(model, "fold,prune", example_inputs=(x,), finetune=loop, finetune_after=["bogus"])
+    with pytest.raises(UsageError, match="give finetune=your_loop too"):
+        graphopt.optimize(model, "fold,prune", example_inputs=(x,), finetune_after=["prune"])
+
+
+def test_a_module_that_cannot_take_the_example_inputs_is_one_line(capsys):
+    """The API used to print torch's traceback and then 'succeed' with nothing done."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval()
+    with pytest.raises(UsageError, match=r"Sequential does not run on the example inputs \(2x5x16x16\)"):
+        graphopt.optimize(model, "fold", example_inputs=(torch.randn(2, 5, 16, 16),))
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_typos_in_exclude_nodes_are_warned_on_a_pytorch_model_too():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    result = graphopt.optimize(model, "int8-dynamic:exclude_nodes=bogus+0", example_inputs=(torch.randn(2, 16),),
+                               check=False)
+    assert any("exclude_nodes names no node or module of the model: bogus" in w for w in result.report.warnings)
+    assert not any("0" in w.split(": ")[-1].split(", ") for w in result.report.warnings)  # module 0 exists

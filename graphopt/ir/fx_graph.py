@@ -10,7 +10,9 @@ it reloads without trusting a pickle) or exported to ``.onnx``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import warnings
 from collections import Counter
 from typing import Any, Sequence
@@ -43,6 +45,14 @@ class FxGraph(Graph):
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
         module = copy.deepcopy(module).eval()
+        try:  # inputs the module cannot take are the caller's mistake, said once, before any capture
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                module(*example_inputs)
+        except Exception as exc:
+            shapes = ", ".join("x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+                               for t in example_inputs)
+            raise UsageError(f"{type(module).__name__} does not run on the example inputs ({shapes}): "
+                             f"{first_line(exc)} (give --input-shape / example_inputs= it takes)") from None
         if isinstance(module, torch.fx.GraphModule):
             return cls(module, example_inputs, "fx")
         try:
@@ -277,7 +287,8 @@ class FxGraph(Graph):
     def infer_shapes(self) -> None:
         from torch.fx.passes.shape_prop import ShapeProp
 
-        ShapeProp(self.gm).propagate(*self.example_inputs)
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a failing node's traceback, then raises
+            ShapeProp(self.gm).propagate(*self.example_inputs)
 
     def export(self):
         return self.gm

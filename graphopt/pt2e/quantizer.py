@@ -76,6 +76,12 @@ def matches(node, patterns) -> bool:
     return any(p in names or any(n.startswith(p + ".") for n in names) for p in patterns)
 
 
+def unmatched(gm, patterns) -> list[str]:
+    """The patterns of ``exclude_nodes`` that name no node of ``gm`` (:func:`matches`): a typo, to warn about."""
+    nodes = list(gm.graph.nodes)
+    return [p for p in patterns if not any(matches(n, (p,)) for n in nodes)]
+
+
 def _constant_weight(gm, node) -> tuple[torch.fx.Node, torch.Tensor] | None:
     """The ``get_attr`` node of a weighted op's weight and its tensor, when it is a constant float matrix."""
     w = node.args[1] if len(node.args) > 1 else None
