@@ -1,13 +1,14 @@
 """Capturing a PyTorch module with ``torch.export`` with its batch (and token sequence) dimensions dynamic: the one
 home of graphopt's rule for which dims are dynamic (:func:`dynamic_dims`) and of the checked export
-(:func:`export_with_dims`), used by the FX IR's capture, its ``.pt2`` / ``.onnx`` saving and the x86 lowering."""
+(:func:`export_with_dims`), used by the FX IR's capture, its ``.pt2`` / ``.onnx`` saving and the x86 lowering; and
+an exported program's example inputs (:func:`program_inputs`, :func:`check_program_inputs`)."""
 
 from __future__ import annotations
 
 import warnings
 from typing import Any, Sequence
 
-from graphopt.errors import ModelLoadError, first_line
+from graphopt.errors import ModelLoadError, UsageError, first_line
 
 
 def _torch():
@@ -84,3 +85,41 @@ def export_dynamic(module, example_inputs: Sequence[Any]):
         return torch.export.export(module, tuple(example_inputs))
 
 
+def check_program_inputs(program, inputs: tuple, where: str) -> None:
+    """Example inputs that cannot fit the program — their count, a rank, a static size — refused in one line
+    (UsageError) before anything traces the program with them."""
+    import torch
+
+    user_inputs = set(program.graph_signature.user_inputs)
+    specs = [(n.name, n.meta.get("val")) for n in program.graph.nodes
+             if n.op == "placeholder" and n.name in user_inputs]
+    if len(inputs) != len(specs):
+        raise UsageError(f"{where}: {len(inputs)} example input(s) given; the program takes {len(specs)} "
+                         f"({', '.join(name for name, _ in specs)})")
+    for (name, val), given in zip(specs, inputs):
+        if not isinstance(val, torch.Tensor) or not isinstance(given, torch.Tensor):
+            continue
+        want = [d if isinstance(d, int) else None for d in val.shape]  # a symbolic size: dynamic
+        if given.dim() != len(want) or any(w is not None and w != g for w, g in zip(want, given.shape)):
+            takes = "x".join("N" if w is None else str(w) for w in want) or "a scalar"
+            raise UsageError(f"{where}: example input '{name}' has shape {'x'.join(map(str, given.shape))}; the "
+                             f"program takes {takes} (N: any size); give --input-shape / example_inputs= that fit")
+
+
+def program_inputs(program) -> tuple | None:
+    """The example inputs saved with an ExportedProgram, or random ones from its input specs when every input
+    is a tensor of static shape; None when neither is there."""
+    import torch
+
+    saved = program.example_inputs
+    if saved is not None:
+        args, kwargs = saved
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            return tuple(args)
+    user_inputs = set(program.graph_signature.user_inputs)
+    specs = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    if not specs or not all(isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape) for v in specs):
+        return None
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point()
+                 else torch.zeros(v.shape, dtype=v.dtype) for v in specs)

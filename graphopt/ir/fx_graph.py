@@ -21,7 +21,7 @@ import numpy as np
 
 from graphopt.errors import ModelLoadError, OutputError, UnsupportedError, UsageError, first_line
 from graphopt.ir.base import Graph
-from graphopt.ir.fx_export import _torch, dynamic_dims, export_dynamic
+from graphopt.ir.fx_export import _torch, check_program_inputs, dynamic_dims, export_dynamic, program_inputs
 from graphopt.ir.fx_ops import get_attr, layer_call
 from graphopt.ir.ops import OpKind
 
@@ -77,8 +77,8 @@ class FxGraph(Graph):
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
         if example_inputs is not None:
-            _check_inputs(program, tuple(example_inputs), where)
-        inputs = tuple(example_inputs) if example_inputs is not None else _program_inputs(program)
+            check_program_inputs(program, tuple(example_inputs), where)
+        inputs = tuple(example_inputs) if example_inputs is not None else program_inputs(program)
         if inputs is None:
             raise UsageError(f"{where}: the program keeps no example inputs and its input shapes are not static "
                              f"(give example inputs: --input-shape 1x3x224x224 / example_inputs=...)")
@@ -318,46 +318,6 @@ class FxGraph(Graph):
             out = self.gm(*args)
         flat, _ = torch.utils._pytree.tree_flatten(out)
         return [t.detach().cpu().numpy() for t in flat if isinstance(t, torch.Tensor)]
-
-
-def _check_inputs(program, inputs: tuple, where: str) -> None:
-    """Example inputs that cannot fit the program — their count, a rank, a static size — refused in one line
-    (UsageError) before anything traces the program with them."""
-    import torch
-
-    user_inputs = set(program.graph_signature.user_inputs)
-    specs = [(n.name, n.meta.get("val")) for n in program.graph.nodes
-             if n.op == "placeholder" and n.name in user_inputs]
-    if len(inputs) != len(specs):
-        raise UsageError(f"{where}: {len(inputs)} example input(s) given; the program takes {len(specs)} "
-                         f"({', '.join(name for name, _ in specs)})")
-    for (name, val), given in zip(specs, inputs):
-        if not isinstance(val, torch.Tensor) or not isinstance(given, torch.Tensor):
-            continue
-        want = [d if isinstance(d, int) else None for d in val.shape]  # a symbolic size: dynamic
-        if given.dim() != len(want) or any(w is not None and w != g for w, g in zip(want, given.shape)):
-            takes = "x".join("N" if w is None else str(w) for w in want) or "a scalar"
-            raise UsageError(f"{where}: example input '{name}' has shape {'x'.join(map(str, given.shape))}; the "
-                             f"program takes {takes} (N: any size); give --input-shape / example_inputs= that fit")
-
-
-def _program_inputs(program) -> tuple | None:
-    """The example inputs saved with an ExportedProgram, or random ones from its input specs when every input
-    is a tensor of static shape; None when neither is there."""
-    import torch
-
-    saved = program.example_inputs
-    if saved is not None:
-        args, kwargs = saved
-        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-            return tuple(args)
-    user_inputs = set(program.graph_signature.user_inputs)
-    specs = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
-    if not specs or not all(isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape) for v in specs):
-        return None
-    gen = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point()
-                 else torch.zeros(v.shape, dtype=v.dtype) for v in specs)
 
 
 # -- FX helpers passes share ----------------------------------------------------------------------------------
