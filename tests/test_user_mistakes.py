@@ -184,3 +184,16 @@ def test_typos_in_exclude_nodes_are_warned_on_a_pytorch_model_too():
                                check=False)
     assert any("exclude_nodes names no node or module of the model: bogus" in w for w in result.report.warnings)
     assert not any("0" in w.split(": ")[-1].split(", ") for w in result.report.warnings)  # module 0 exists
+
+
+def test_a_capture_that_fixes_the_batch_is_checked_on_that_batch():
+    """A BERT-like module whose example fills its position table is captured with static shapes (batch 1); the
+    numeric check then compares its first calibration sample instead of blaming the pass for not taking 8."""
+    from graphopt import zoo
+
+    model = zoo.bert_like(vocab=100, hidden=32, layers=1, heads=2, seq=16)
+    result = graphopt.optimize(model, "int8-dynamic", example_inputs=(torch.randint(0, 100, (1, 16)),),
+                               calibration=torch.randint(0, 100, (8, 16)))
+    numeric = result.report.checks["numeric"]
+    assert "the model's batch became fixed" in numeric["inputs"]
+    assert numeric["comparisons"][-1]["cosine"] > 0.99

@@ -185,6 +185,11 @@ class NumericCheck(Instrument):
         segment, self._segment = self._segment, []
         exact = self._kind == Equivalence.EXACT
         names = [p.name for p, _ in segment]
+        inputs = _fit_batch(graph, self._inputs)
+        if inputs is not self._inputs:  # the passes fixed the batch (a capture fell back to static shapes)
+            k = len(next(iter(inputs.values())))
+            self._inputs, self._ref = inputs, [r[:k] if np.ndim(r) else r for r in self._ref]
+            self._label = f"{self._label} (the first {k}: the model's batch became fixed)"
         try:  # the result is run as a user will load it, with onnxruntime's optimizations on
             outputs = run_model(graph, self._inputs, optimized=final or not exact, path=path)
         except NotRunnable as exc:
