@@ -270,9 +270,9 @@ class Driver:
         the caller still measures on it: a failure there leaves nothing behind)."""
         owned = graph is not None or not isinstance(model, Graph)
         graph = graph if graph is not None else self.load(model)
-        plan = self.io_plan(model, graph, output)
-        if plan.outputs or plan.folders:  # nothing it reads is written, every target writable: before any pass
-            plan.check()
+        config = self.config
+        if output is not None or config.snapshot_dir or config.reproducer or any(p.files()[1] for p in self.passes):
+            self.io_plan(model, graph, output).check()  # nothing it reads is written, every target writable
         ctx = self.context(graph)
         original = None if owned else graph  # the caller's graph: the manager copies it before editing
         try:
