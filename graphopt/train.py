@@ -25,6 +25,7 @@ short budget favours it as ``lr`` grows.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 from graphopt.errors import GraphoptError, UnsupportedError, UsageError, first_line
@@ -84,8 +85,8 @@ def distill(student, teacher, data, *, T: float = 4.0, alpha: float = 0.7, epoch
     or a torch.export module whose graph already runs BatchNorm/dropout in eval mode, is not touched."""
     import torch
 
-    if not T > 0:
-        raise UsageError(f"distill: T must be > 0, got {T}")
+    if not 0 < T < math.inf:
+        raise UsageError(f"distill: T must be a finite number > 0, got {T}")
     if not 0 <= alpha <= 1:
         raise UsageError(f"distill: alpha must be in [0, 1], got {alpha}")
     if teacher is student:
@@ -271,6 +272,8 @@ def _batches(data, batch_size: int, seed: int) -> tuple[int, Callable[[int], Ite
 
     if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (tuple, list)):
         xs, ys = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in data)
+        if xs.is_floating_point() and xs.dtype != torch.float32:  # numpy's default float64: the model's float32
+            xs = xs.float()
         if len(xs) != len(ys):
             raise UsageError(f"training data: {len(xs)} inputs but {len(ys)} labels")
         if len(xs) == 0:
@@ -285,12 +288,18 @@ def _batches(data, batch_size: int, seed: int) -> tuple[int, Callable[[int], Ite
         raise UsageError(f"training data must be (inputs, labels) or an iterable of such batches, got "
                          f"{type(data).__name__}")
     if hasattr(data, "__len__"):
+        if not len(data):
+            raise UsageError("training data is empty")
         return len(data), lambda epoch: data
     items = list(data)  # a one-shot iterator: kept, so every epoch sees its batches
+    if not items:
+        raise UsageError("training data is empty")
     return len(items), lambda epoch: items
 
 
 def _check_positive(**values) -> None:
     for name, value in values.items():
-        if not value > 0:
-            raise UsageError(f"{name} must be > 0, got {value}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not value > 0 or (name in ("epochs", "batch_size") and value != int(value)):
+            raise UsageError(f"{name} must be a {'whole ' if name in ('epochs', 'batch_size') else ''}number > 0, "
+                             f"got {value!r}")

@@ -126,9 +126,9 @@ def test_distillation_loss_falls(digits_teacher):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"T": 0}, "T must be > 0"),
+    ({"T": 0}, "T must be a finite number > 0"),
     ({"alpha": 1.5}, "alpha must be in [0, 1]"),
-    ({"epochs": 0}, "epochs must be > 0"),
+    ({"epochs": 0}, "epochs must be a whole number > 0"),
     ({"hints": {"nope": "block2"}}, "hint layer 'nope' is not a module of the student"),
 ])
 def test_bad_arguments_are_usage_errors(digits_teacher, kwargs, message):
