@@ -94,7 +94,10 @@ def cmd_sensitivity(args) -> int:
         from graphopt.report.sensitivity_fx import FxStudy as kind
     study = prepare(args.model, args.calib, registry=registry, backend=backend, pipeline=args.pipeline,
                     eval_data=eval_data, labels=labels, samples=args.samples, kind=kind, fallback=args.fallback or "")
-    print(f"{args.model}: {len(study.groups)} fusion groups in int8 on {backend.name} ({study.place_text})")
+    unplaced = study.unplaced
+    print(f"{args.model}: {len(study.groups)} fusion groups in int8 on {backend.name} ({study.place_text})"
+          + (f"; {len(unplaced)} more its placement leaves float there, not scored ({', '.join(unplaced[:4])}"
+             f"{', ...' if len(unplaced) > 4 else ''})" if unplaced else ""))
     if budget:
         g = len(study.groups)
         n = 2 * g + 1 if not args.max_evals else min(2 * g + 1, args.max_evals)
@@ -144,6 +147,7 @@ def cmd_sensitivity(args) -> int:
             result.plot(args.plot)
             print(f"wrote {args.plot}")
     if args.json:
+        report["unplaced_groups"] = unplaced  # left float by the placement on this backend: not scored
         atomic_write(args.json, json.dumps(report, indent=2, default=str), "--json")
     return 0
 

@@ -273,3 +273,19 @@ def test_a_budget_pass_without_a_budget_is_one_usage_line(tmp_path, capsys):
     assert main(["run", model, "--passes", "int8-budget", "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "give a budget" in err[0] and not out.exists()
+
+
+def test_groups_the_placement_leaves_float_are_not_scored(zoo_onnx, tmp_path, capsys):
+    """On TensorRT's scheme the tiny ResNet's first-stage convolutions are too small for int8 and its Adds are not
+    quantized alone: the table scores only the groups that run in int8 there, and says which it left out."""
+    np.savez(tmp_path / "c.npz", input=np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
+    js = tmp_path / "s.json"
+    assert main(["sensitivity", zoo_onnx("tiny_resnet"), "--calib", str(tmp_path / "c.npz"), "--backend", "tensorrt",
+                 "--samples", "4", "--executor", "inprocess", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(js.read_text())
+    assert data["unplaced_groups"] and "/layer1/layer1.0/conv1/Conv" in data["unplaced_groups"]
+    assert f"{len(data['unplaced_groups'])} more its placement leaves float there, not scored" in out
+    scored = {row["group"] for row in data["groups"]}
+    assert scored and not scored & set(data["unplaced_groups"])
+    assert all(row["sqnr_db"] not in (None, "inf") and row["sqnr_db"] < 200 for row in data["groups"])

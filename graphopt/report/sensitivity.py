@@ -115,6 +115,7 @@ class Study(Scored):
     ir: ClassVar[str] = "onnx"  # the IR of the graphs this kind of study takes
     prefix_text: str = ""  # the passes before the placing one (calibration), as pipeline text: the recipe's
     fallback_text: str = ""  # the fallback format (passes that take exclude_nodes), as pipeline text; "": none
+    unplaced: list[str] = field(default_factory=list)  # groups the placement leaves float here (not scored)
     _taken: tuple[str, ...] | None = field(default=None, repr=False)  # the nodes the fallback takes in the graph
     _reference: list[np.ndarray] | None = field(default=None, repr=False)
 
@@ -182,6 +183,16 @@ class Study(Scored):
         ctx = PassContext(backend=self.backend, registry=self.registry, state={RANGES: dict(self.ranges)})
         out, _ = PassManager([place, *self.fallback_passes(fallback_groups)], [], ctx).run(self.graph, in_place=False)
         return out
+
+    def drop_unplaced(self) -> list[str]:
+        """Drop the groups that the placing pass leaves float on this backend even in the fully-int8 model (none of
+        their nodes reads a DequantizeLinear: TensorRT's too-small convolutions, Adds it quantizes only inside a
+        fused group): scoring them measures nothing. Returns their names, in graph order."""
+        fed = {n.name for n in self.quantized().gs.nodes
+               if any(getattr(t, "inputs", None) and t.inputs[0].op == "DequantizeLinear" for t in n.inputs)}
+        dropped = [grp.name for grp in self.groups if not fed & set(grp.members)]
+        self.groups = [grp for grp in self.groups if grp.name not in dropped]
+        return dropped
 
     def fallback_groups(self) -> list[str]:
         """The groups the fallback format takes (their anchor), in graph order: it is run once on the float graph
@@ -402,4 +413,6 @@ def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", ev
                         place_text=format_passes([place]), registry=registry, folder=folder,
                         **({"fallback_text": fallback} if fallback else {}))
     study.prefix_text = format_passes(prefix)
+    if kind.ir == "onnx":
+        study.unplaced = study.drop_unplaced()
     return study
