@@ -108,8 +108,7 @@ class Int4Weight(Pass):
         names = set(g.tensors()) | {n.name for n in g.nodes}
         excluded = set(opts.exclude_nodes)
         missing = sorted(excluded - {n.name for n in g.nodes})
-        if missing:
-            ctx.warn(f"{self.name}: exclude_nodes names no node in the graph: {', '.join(missing)}")
+        self.warn_unmatched(ctx, "exclude_nodes", missing)
         skipped: Counter = Counter()
         todo = []  # (node, its weight, the bits it gets)
         last = _last_matmul(graph)

@@ -86,8 +86,7 @@ class Int8Dynamic(Pass):
         names = set(g.tensors()) | {n.name for n in g.nodes}
         excluded = set(self.options.exclude_nodes)
         missing = sorted(excluded - {n.name for n in g.nodes})
-        if missing:
-            ctx.warn(f"{self.name}: exclude_nodes names no node in the graph: {', '.join(missing)}")
+        self.warn_unmatched(ctx, "exclude_nodes", missing)
         floats: dict[str, Counter] = {}
         todo = []
         for node in list(g.nodes):
@@ -126,9 +125,8 @@ class Int8Dynamic(Pass):
         self._check_ops()
         scheme = ctx.scheme(QuantRequest(per_channel=self.options.per_channel), self.name)
         aten = graph.aten()
-        missing = unmatched(aten.gm, self.options.exclude_nodes)
-        if missing:
-            ctx.warn(f"{self.name}: exclude_nodes names no node or module of the model: {', '.join(missing)}")
+        self.warn_unmatched(ctx, "exclude_nodes", unmatched(aten.gm, self.options.exclude_nodes),
+                            "node or module of the model")
         quantizer = SchemeQuantizer(scheme, {}, exclude=self.options.exclude_nodes, dynamic=dict(
             ops=tuple(self.options.ops), min_weight_elements=self.options.min_weight_elements))
         gm = convert_ptq(aten.gm, aten.example_inputs, quantizer)

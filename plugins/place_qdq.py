@@ -96,9 +96,8 @@ class PlaceQdq(Pass):
         if not graph.is_aten():
             raise self.fail("the PyTorch model is not an ATen graph: run insert-observers and calibrate first "
                             "(the int8 alias does)")
-        missing = unmatched(graph.gm, self.options.exclude_nodes)
-        if missing:
-            ctx.warn(f"{self.name}: exclude_nodes names no node or module of the model: {', '.join(missing)}")
+        self.warn_unmatched(ctx, "exclude_nodes", unmatched(graph.gm, self.options.exclude_nodes),
+                            "node or module of the model")
         exclude = tuple(dict.fromkeys((*self.options.exclude_nodes, *ctx.state.get(FLOAT_NODES, ()))))  # a budget's
         quantizer = SchemeQuantizer(scheme, ctx.state[RANGES], exclude=exclude,
                                     keep_first=self.options.keep_first, keep_last=self.options.keep_last)
@@ -168,9 +167,8 @@ class PlaceQdq(Pass):
     def _nodes_to_quantize(self, graph, scheme, ctx) -> tuple[list[gs.Node], list[str]]:
         """The nodes to quantize, and notes on the ones left float for their weights."""
         excluded = set(self.options.exclude_nodes) | set(ctx.state.get(FLOAT_NODES, ()))  # a budget's decision
-        missing = sorted(set(self.options.exclude_nodes) - {n.name for n in graph.gs.nodes})
-        if missing:
-            ctx.warn(f"{self.name}: exclude_nodes names no node in the graph: {', '.join(missing)}")
+        self.warn_unmatched(ctx, "exclude_nodes", sorted(set(self.options.exclude_nodes)
+                                                         - {n.name for n in graph.gs.nodes}))
         nodes = [n for n in graph.gs.nodes if n.op in scheme.quantized_ops and is_standard_domain(n.domain)
                  and n.name not in excluded and not _already_quantized(n)]
         weighted = [n for n in nodes if n.op in scheme.weighted_ops]

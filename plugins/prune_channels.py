@@ -125,8 +125,7 @@ class PruneChannels(Pass):
 
     def _result(self, graph, outcome: Outcome, ctx) -> PassResult:
         ctx.state["prune"] = outcome.rows()
-        if outcome.unmatched_ignore:
-            ctx.warn(f"{self.name}: ignore names no node in the graph: {', '.join(outcome.unmatched_ignore)}")
+        self.warn_unmatched(ctx, "ignore", outcome.unmatched_ignore)
         reasons = outcome.blocked_reasons()
         internal = sum(n for reason, n in reasons.items() if reason.startswith("internal:"))
         shown = reasons.most_common(5)

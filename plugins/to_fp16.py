@@ -123,8 +123,7 @@ class ToFloat16(Pass):
         nodes = list(graph.gs.nodes)
         names = Counter(n.name for n in nodes)
         unknown = [name for name in opts.node_block_list if name not in names]
-        if unknown:
-            ctx.warn(f"{self.name}: node_block_list names no node of the graph: {', '.join(unknown)}")
+        self.warn_unmatched(ctx, "node_block_list", unknown)
         blocked = {id(n) for n in nodes if n.op in opts.op_block_list or n.name in opts.node_block_list}
         foreign = [n for n in nodes if not is_standard_domain(n.domain)]
         # the converter casts by tensor types: a node touching a tensor of unknown type (an output of a custom

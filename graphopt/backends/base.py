@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 import time
 from abc import ABC, abstractmethod
@@ -252,9 +253,14 @@ class Backend(ABC):
         :meth:`spec`, what a study records so that its trials, in any process, run on this very backend
         (:meth:`remade`): a study made on ``OnnxRuntimeBackend(providers=...)`` or with ``reduce_range`` set must
         not be scored on the registered default."""
-        params = inspect.signature(type(self).__init__).parameters
-        args = {p: _plain(getattr(self, p)) for p in params if p != "self" and hasattr(self, p)}
-        return {p: v for p, v in args.items() if v is not _NOT_PLAIN}
+        args = {}
+        for name in inspect.signature(type(self).__init__).parameters:
+            if name != "self" and hasattr(self, name):
+                try:  # as JSON holds it (tuples as lists), so that a study's record compares equal once read back
+                    args[name] = json.loads(json.dumps(getattr(self, name)))
+                except (TypeError, ValueError):  # an object JSON cannot hold: not recorded
+                    pass
+        return args
 
     def remade(self, args: Mapping[str, Any]) -> "Backend":
         """A backend of this class made with ``args`` (from :meth:`init_args`), with this one's options."""
@@ -364,10 +370,9 @@ class Backend(ABC):
                         raise UsageError(
                             f"input '{s.name}' has a fixed batch dimension {s.batch_dim}; batch {b} needs a model "
                             f"with a dynamic first dimension (export with dynamic_batch=True) or batch {s.batch_dim}")
-                fixed = {n: list(d)[0] for n, d in (shapes or {}).items()
-                         if list(d) and list(d)[0] is not None and list(d)[0] > 0}  # None, -1: the batch
-                for name, first in fixed.items():
-                    if first != b:  # it would run that batch, not the one the table says
+                for name, dims in (shapes or {}).items():
+                    first = next(iter(dims), None)  # None, -1: the batch
+                    if first is not None and first > 0 and first != b:  # it would run that batch, not the one asked
                         raise UsageError(f"the shape given for '{name}' fixes its first dimension at {first}, not "
                                          f"batch {b}: write N for the batch ({name}=Nx...) or ask for batch {first}")
                 inputs = feeds(specs, seed, b, shapes=shapes)
@@ -390,18 +395,3 @@ class Backend(ABC):
         if labels.shape[0] != logits.shape[0]:
             raise DataError(f"{labels.shape[0]} labels for {logits.shape[0]} samples")
         return Accuracy(top1_correct(logits, labels), int(labels.shape[0]))
-
-
-_NOT_PLAIN = object()
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON holds it (tuples as lists), so that a study's record compares equal once read back;
-    ``_NOT_PLAIN`` for what JSON cannot hold (an object: such an argument is not recorded)."""
-    if isinstance(value, (tuple, list)):
-        items = [_plain(v) for v in value]
-        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
-    if isinstance(value, dict):
-        items = {str(k): _plain(v) for k, v in value.items()}
-        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items.values()) else items
-    return value if value is None or isinstance(value, (str, int, float, bool)) else _NOT_PLAIN

@@ -144,6 +144,12 @@ class Pass:
         if not (dataclasses.is_dataclass(cls.Options) and cls.Options.__dataclass_params__.frozen):
             raise PluginError(f"{where}: Options must be a frozen dataclass")
 
+    def warn_unmatched(self, ctx: PassContext, option: str, missing, what: str = "node in the graph") -> None:
+        """Warn, in one line, that ``option`` names what the model does not have (``missing``: a typo, most
+        likely); nothing when none is missing."""
+        if missing:
+            ctx.warn(f"{self.name}: {option} names no {what}: {', '.join(missing)}")
+
     def files(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """The files this pass's options name: ``(reads, writes)``, as ``(what, path)`` and ``(option, path)``.
         The driver checks them with the run's other files before any pass runs (nothing read is written, every

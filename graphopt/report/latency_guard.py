@@ -93,7 +93,9 @@ clock = time.process_time  # CPU time of this process (tests replace it with a f
 def backend_identity(backend) -> str:
     """The backend's name and its settings (options; what its constructor was given: providers, graph optimisation
     level...), as text."""
-    return json.dumps([backend.spec(), backend.init_args()], sort_keys=True)
+    from graphopt.report.study_files import backend_record
+
+    return json.dumps(backend_record(backend), sort_keys=True)
 
 
 # -- the proxy ---------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import numpy as np
 from graphopt.errors import UsageError
 from graphopt.executors import InProcess
 from graphopt.ir.onnx_graph import OnnxGraph
-from graphopt.report.study_files import Scored, load_once, read_study, study_folder, write_study
+from graphopt.report.study_files import Scored, backend_record, load_once, read_study, study_folder, write_study
 
 __all__ = ["Budget", "PruneStudy", "SearchResult", "accuracy_trial", "latency_trial", "parse_budget", "plot_search",
            "search_ratios", "time_models"]
@@ -112,10 +112,9 @@ class PruneStudy(Scored):
         data = {k: np.ascontiguousarray(v) for k, v in data.items()}
         labels = None if labels is None else np.asarray(labels).reshape(-1)
         model = graph.to_model().SerializeToString()
-        folder = study_folder("prune-", model, [backend.spec(), backend.init_args(), pipeline], data, labels, folder)
-        write_study(folder, "model.onnx", model, data, labels,
-                    {"backend": backend.name, "backend_spec": backend.spec(), "backend_args": backend.init_args(),
-                     "pipeline": pipeline})
+        record = backend_record(backend)
+        folder = study_folder("prune-", model, [record, pipeline], data, labels, folder)
+        write_study(folder, "model.onnx", model, data, labels, {**record, "pipeline": pipeline})
         study = cls(folder, graph, data, labels, pipeline, backend, registry, model_costs(graph).macs)
         return load_once(folder, cls.load, study)
 

@@ -41,6 +41,7 @@ from graphopt.errors import UsageError
 from graphopt.executors import InProcess
 from graphopt.ir.onnx_graph import OnnxGraph
 from graphopt.ir.ops import is_standard_domain
+from graphopt.report import study_files
 from graphopt.report.study_files import Scored, calibration_arrays, load_once, read_study, study_folder, write_study
 
 __all__ = ["Group", "SensitivityResult", "Study", "decision_groups", "groups_from_json", "prepare", "proxy_scores",
@@ -118,6 +119,7 @@ class Study(Scored):
     unplaced: list[str] = field(default_factory=list)  # groups the placement leaves float here (not scored)
     _taken: tuple[str, ...] | None = field(default=None, repr=False)  # the nodes the fallback takes in the graph
     _reference: list[np.ndarray] | None = field(default=None, repr=False)
+    _int8: OnnxGraph | None = field(default=None, repr=False)  # the fully-int8 graph, built once (int8())
 
     @classmethod
     def create(cls, graph: OnnxGraph, ranges: dict, data: dict, labels, *, backend, place_text: str, registry,
@@ -134,12 +136,11 @@ class Study(Scored):
         if fallback_text:
             _fallback(fallback_text, registry)  # refused here, in one line, when it cannot be restricted
         prefix, model_file, model, extra = cls.serialize(graph)
-        settings = [sorted(ranges.items()), backend.spec(), backend.init_args(), place_text] + (
-            [fallback_text] if fallback_text else [])
+        record = study_files.backend_record(backend)
+        settings = [sorted(ranges.items()), record, place_text] + ([fallback_text] if fallback_text else [])
         folder = study_folder(prefix, model, settings, data, labels, folder)
         write_study(folder, model_file, model, data, labels,
-                    {"backend": backend.name, "backend_spec": backend.spec(), "backend_args": backend.init_args(),
-                     "place": place_text, "ranges": ranges,
+                    {**record, "place": place_text, "ranges": ranges,
                      "fallback": fallback_text,
                      "groups": [dataclasses.asdict(grp) for grp in groups], **extra})
         study = cls(folder, graph, ranges, data, None if labels is None else np.asarray(labels), backend.name,
@@ -184,15 +185,20 @@ class Study(Scored):
         out, _ = PassManager([place, *self.fallback_passes(fallback_groups)], [], ctx).run(self.graph, in_place=False)
         return out
 
-    def drop_unplaced(self) -> list[str]:
+    def int8(self) -> OnnxGraph:
+        """The fully-int8 graph (:meth:`quantized` with no group kept float), built once: read, never edited."""
+        if self._int8 is None:
+            self._int8 = self.quantized()
+        return self._int8
+
+    def drop_unplaced(self) -> None:
         """Drop the groups that the placing pass leaves float on this backend even in the fully-int8 model (none of
         their nodes reads a DequantizeLinear: TensorRT's too-small convolutions, Adds it quantizes only inside a
-        fused group): scoring them measures nothing. Returns their names, in graph order."""
-        fed = {n.name for n in self.quantized().gs.nodes
+        fused group): scoring them measures nothing. Their names go to ``unplaced``, in graph order."""
+        fed = {n.name for n in self.int8().gs.nodes
                if any(getattr(t, "inputs", None) and t.inputs[0].op == "DequantizeLinear" for t in n.inputs)}
-        dropped = [grp.name for grp in self.groups if not fed & set(grp.members)]
-        self.groups = [grp for grp in self.groups if grp.name not in dropped]
-        return dropped
+        self.unplaced = [grp.name for grp in self.groups if not fed & set(grp.members)]
+        self.groups = [grp for grp in self.groups if grp.name not in self.unplaced]
 
     def fallback_groups(self) -> list[str]:
         """The groups the fallback format takes (their anchor), in graph order: it is run once on the float graph
@@ -232,7 +238,7 @@ class Study(Scored):
 
         scheme = self.backend.scheme(_place_pass(resolve(self.place_text, self.registry)).options.request())
         subset = {k: v[:samples] for k, v in self.data.items()}
-        return own_noise_db(self.graph, self.quantized(), self.groups, scheme, subset, self.backend)
+        return own_noise_db(self.graph, self.int8(), self.groups, scheme, subset, self.backend)
 
     @staticmethod
     def trial_function():
@@ -414,5 +420,5 @@ def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", ev
                         **({"fallback_text": fallback} if fallback else {}))
     study.prefix_text = format_passes(prefix)
     if kind.ir == "onnx":
-        study.unplaced = study.drop_unplaced()
+        study.drop_unplaced()
     return study

@@ -78,6 +78,12 @@ def write_study(folder: str, model_file: str, model: bytes, data: dict[str, np.n
         json.dump(meta, f)
 
 
+def backend_record(backend) -> dict[str, Any]:
+    """What a study keeps of its backend (in its folder's hash and its study.json): its name, its spec (options)
+    and what its constructor was given; :func:`read_study` makes that very backend again from it."""
+    return {"backend": backend.name, "backend_spec": backend.spec(), "backend_args": backend.init_args()}
+
+
 def read_study(folder: str) -> tuple[dict, dict[str, np.ndarray], np.ndarray | None, Any, Any]:
     """(meta, samples, labels or None, registry, backend) of the study in ``folder`` (its backend made again from the
     spec in its meta, options included, from the default registry, then with its constructor's arguments); its
