@@ -34,3 +34,55 @@ def test_fx_result_saved_as_onnx_matches_on_onnxruntime(passes, tmp_path):
 
         written = sum(int(np.prod(t.dims)) for t in onnx.load(path).graph.initializer)
         assert written < 0.5 * params, (written, params)
+
+
+class TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(6, 8)
+        self.logits, self.embedding = torch.nn.Linear(8, 3), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return {"logits": self.logits(h), "embedding": self.embedding(h)}
+
+
+@pytest.mark.parametrize("passes", ["fold", "fold,prune:ratio=0.5", "int8"])
+def test_written_onnx_takes_any_batch_and_names_its_outputs(passes, tmp_path):
+    """Captured at batch 1, the written model runs a batch of 5 (its batch dim is called ``batch``), and its outputs
+    are named after the module's: a dict's keys, ``output`` for one tensor."""
+    torch.manual_seed(0)
+    cnn = "prune" in passes
+    module = (zoo.DigitsCNN() if cnn else TwoHeads()).eval()
+    x = torch.randn(5, 1, 16, 16) if cnn else torch.randn(5, 6)
+    extra = dict(calibration=x.numpy()) if passes == "int8" else {}
+    result = graphopt.optimize(module, passes, example_inputs=(x[:1],), **extra)
+    path = str(tmp_path / "m.onnx")
+    result.save(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (given,) = session.get_inputs()
+    assert given.name == "x" and given.shape[0] == "batch"
+    names = [o.name for o in session.get_outputs()]
+    assert names == (["output"] if cnn else ["logits", "embedding"])
+    assert all(o.shape[0] == "batch" for o in session.get_outputs())
+    got = session.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        out = result.model(x)
+    want = [out.numpy()] if cnn else [out[k].numpy() for k in names]
+    diff = max_difference(want, got)
+    assert diff.max_rel_err <= 1e-4 if passes != "int8" else diff.sqnr_db >= 30, diff
+
+
+def test_a_trace_that_keeps_its_batch_is_written_static(tmp_path):
+    class PadsWithOneRow(torch.nn.Module):
+        def forward(self, x):  # takes a batch of 1 only: the row it appends has one
+            return torch.cat([torch.relu(x), torch.zeros(1, 1, 4)], dim=1)
+
+    result = graphopt.optimize(PadsWithOneRow(), "fold", example_inputs=(torch.randn(1, 3, 4),))
+    path = str(tmp_path / "m.onnx")
+    result.save(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 3, 4]
+    x = np.random.default_rng(0).standard_normal((1, 3, 4)).astype(np.float32)
+    want = np.concatenate([np.maximum(x, 0), np.zeros((1, 1, 4), np.float32)], axis=1)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], want, rtol=1e-6)

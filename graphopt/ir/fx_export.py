@@ -58,11 +58,7 @@ def export_with_dims(module, example_inputs: Sequence[Any], dims: Sequence[Seque
                for i, v in enumerate(values)}
     if not any(dynamic.values()):
         return None, {}, "the model fixes every dim torch.export was asked to free"
-    probe = []
-    for i, x in enumerate(traced):
-        for d in dynamic.get(i, []):
-            x = torch.cat([x, x.narrow(d, 0, 1)], dim=d)  # its first slice repeated: token ids stay valid
-        probe.append(x)
+    probe = grown(traced, dynamic)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -83,6 +79,18 @@ def export_dynamic(module, example_inputs: Sequence[Any]):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.export(module, tuple(example_inputs))
+
+
+def grown(inputs: Sequence[Any], dims: dict[int, list[int]]) -> list[Any]:
+    """``inputs`` one larger in each of their ``dims`` (input index -> dims), each by its first slice repeated (token
+    ids stay valid): what a graph that really frees those dims must take."""
+    torch = _torch()
+    out = []
+    for i, x in enumerate(inputs):
+        for d in dims.get(i, []):
+            x = torch.cat([x, x.narrow(d, 0, 1)], dim=d)
+        out.append(x)
+    return out
 
 
 def check_program_inputs(program, inputs: tuple, where: str) -> None:

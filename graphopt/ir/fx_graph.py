@@ -21,7 +21,14 @@ import numpy as np
 
 from graphopt.errors import ModelLoadError, OutputError, UnsupportedError, UsageError, first_line
 from graphopt.ir.base import Graph
-from graphopt.ir.fx_export import _torch, check_program_inputs, dynamic_dims, export_dynamic, program_inputs
+from graphopt.ir.fx_export import (
+    _torch,
+    check_program_inputs,
+    dynamic_dims,
+    export_dynamic,
+    program_inputs,
+)
+from graphopt.ir.fx_onnx import save_onnx
 from graphopt.ir.fx_ops import get_attr, layer_call
 from graphopt.ir.ops import OpKind
 
@@ -109,15 +116,14 @@ class FxGraph(Graph):
         return cls.from_module(module, example_inputs)
 
     def save(self, path: str) -> None:
-        """``.onnx``: torch.onnx.export — an ATen graph (what torch.export and the int8 passes make, Q/DQ ops
-        included: they become QuantizeLinear / DequantizeLinear) through the dynamo exporter with its dynamic
-        dimensions kept and without its per-node debug notes (in a small int8 model they are 5x the weights), a
-        traced module through the TorchScript exporter. Any other suffix: a torch.export program
+        """``.onnx``: :func:`graphopt.ir.fx_onnx.save_onnx` (batch and sequence dims dynamic where the module allows,
+        outputs named, no exporter debug notes; Q/DQ ops become QuantizeLinear / DequantizeLinear). Any other
+        suffix: a torch.export program
         of the module and its example inputs (``torch.export.save``, batch dimension dynamic where the module
         allows), which graphopt reloads without trusting a pickle."""
         torch = _torch()
         if str(path).endswith(".onnx"):
-            self._save_onnx(path)
+            save_onnx(self.gm, self.example_inputs, path, aten=self.is_aten())
             return
         try:
             program = export_dynamic(self.gm, self.example_inputs)
@@ -127,37 +133,6 @@ class FxGraph(Graph):
         try:
             with open(path, "wb") as f:
                 torch.export.save(program, f)
-        except OSError as exc:
-            raise OutputError(f"{path}: cannot be written ({exc.strerror or first_line(exc)})") from None
-
-    def _save_onnx(self, path: str) -> None:
-        torch = _torch()
-        from graphopt.quiet import quiet_torch_logs
-
-        try:
-            with quiet_torch_logs():
-                if not self.is_aten():
-                    torch.onnx.export(self.gm, self.example_inputs, path, input_names=self.input_names(),
-                                      dynamo=False)
-                    return
-                program = torch.onnx.export(export_dynamic(self.gm, self.example_inputs), (), dynamo=True,
-                                            verbose=False)
-        except OSError:
-            raise
-        except Exception as exc:
-            raise UnsupportedError(f"{path}: torch.onnx cannot export the module ({first_line(exc)}) (keep it as a "
-                                   f".pt2 program, or the Python API's result.model)") from None
-        import onnx
-
-        model = program.model_proto
-        for node in model.graph.node:  # the exporter's debug notes (stack traces, module paths): most of a small file
-            del node.metadata_props[:]
-        del model.graph.value_info[:]  # intermediate shapes: onnxruntime infers them
-        kept = [p for p in model.graph.metadata_props if not p.key.startswith("pkg.torch.")]  # the graph signature
-        del model.graph.metadata_props[:]
-        model.graph.metadata_props.extend(kept)
-        try:
-            onnx.save_model(model, path, save_as_external_data=model.ByteSize() > 2**31 - 2**20)
         except OSError as exc:
             raise OutputError(f"{path}: cannot be written ({exc.strerror or first_line(exc)})") from None
 
