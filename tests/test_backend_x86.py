@@ -74,6 +74,17 @@ def reference(graph):
     return lambda x: gm(torch.from_numpy(x)).detach().numpy()
 
 
+def elf_sections(data: bytes) -> set[str]:
+    """The section names of a 64-bit little-endian ELF file (its section header table)."""
+    import struct
+
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names_at = headers[shstrndx][4]  # sh_offset of the section-name string table
+    return {data[names_at + h[0]:data.index(b"\0", names_at + h[0])].decode() for h in headers}
+
+
 def count(graph, target) -> int:
     return sum(1 for n in graph.gm.graph.nodes if n.target == target)
 
@@ -95,6 +106,10 @@ def test_package_runs_int8_kernels_and_matches_the_qdq_graph(qdq, package):
     assert sqnr_db(expected, out) >= LOWERED_MIN_DB
     assert np.mean(np.abs(expected - out).max(axis=1) <= 1e-5) >= LOWERED_MIN_EXACT
     assert any(line.startswith("x86: kernels 4 int8 conv, 1 int8 linear") for line in facts["summary"])
+    with zipfile.ZipFile(path) as zf:  # the library's debug information is stripped (most of a small package)
+        library = next(zf.read(n) for n in zf.namelist() if n.endswith(".so"))
+    sections = elf_sections(library)
+    assert ".text" in sections and not any(name.startswith(".debug") for name in sections), sections
 
 
 def test_package_keeps_a_dynamic_batch(qdq, package):
