@@ -15,7 +15,7 @@ a bar chart.
    exported stays beside it as ``*.full.onnx``).
 4. Each stage is written for both backends and measured there: held-out accuracy, file size (and an ONNX file's
    weights alone, and its size before ``compact``), median latency (batch 1, one thread).
-   An x86 package holds about 1.5 MB of compiled code whatever the model. The table goes to stdout and
+   An x86 package holds about 0.4 MB of compiled code whatever the model. The table goes to stdout and
    ``results.json``, the chart to ``digits_end_to_end.png``.
 
 Runs in about two minutes on two cores (most of it compiling the x86 packages). Needs ``graphopt[torch]``,
@@ -75,7 +75,7 @@ def chart(rows: list[dict], path: str) -> None:
         ax.set_title(label, fontsize=10)
         if key == "accuracy":
             ax.set_ylim(min(r["accuracy"] for r in rows) - 2, 100)
-        else:  # an x86 package carries ~1.5 MB of compiled code; onnxruntime files are KBs
+        else:  # an x86 package carries ~0.4 MB of compiled code; onnxruntime files are KBs
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle("digits CNN: fp32 -> pruned 50 % + distilled -> int8 (QAT)")
