@@ -6,10 +6,12 @@ It builds a :class:`graphopt.driver.RunConfig` and runs it through the same :cla
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from graphopt.driver import Driver, FineTune, RunConfig
+from graphopt.errors import UsageError
 from graphopt.ir import Graph
 from graphopt.passes.base import PassContext
 from graphopt.passes.manager import RunReport
@@ -26,6 +28,7 @@ class OptimizeResult:
     _exported: Any = None
     backend: Any = None  # the run's backend: save() writes what it deploys (x86: an AOTInductor package)
     artifact: dict = field(default_factory=dict)  # the backend's facts about the file output= wrote (x86: kernels)
+    reads: list = field(default_factory=list)  # (what, path) of every file the run read: save() never writes them
 
     @property
     def model(self) -> Any:
@@ -38,8 +41,13 @@ class OptimizeResult:
         """Write the model to ``path`` as the run's backend deploys it (ONNX: external data beside it when it has
         any; a PyTorch model with backend x86: an AOTInductor package, any suffix but .onnx), atomically; returns
         the backend's facts about the file (x86: compile time, kernels, CPU features)."""
-        from graphopt.paths import Staged
+        from graphopt.paths import IOPlan, Staged
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise UsageError(f"save(): the path must be a str or os.PathLike, got {type(path).__name__}")
+        path = os.fspath(path)
+        IOPlan(inputs=list(self.reads), outputs=[("save()", path), ("save() (its external data)", path + ".data")]
+               ).check()  # the model this came from, its calibration data, ...: never written
         staged = Staged(path)
         try:
             if self.backend is not None and self.graph.ir == "fx":
@@ -92,6 +100,9 @@ def optimize(
     ``qat(module)`` is your training loop for quantization-aware training (the ``int8-qat`` pipeline, its ``qat``
     pass): it trains the fake-quantized ``GraphModule`` (in place, or returns it) before conversion to int8.
     """
+    if output is not None and not isinstance(output, (str, os.PathLike)):
+        raise UsageError(f"output must be a path (str or os.PathLike), got {type(output).__name__}")
+    output = None if output is None else os.fspath(output)
     after = finetune_after.split(",") if isinstance(finetune_after, str) else finetune_after  # "prune,fold-bn"
     after = None if after is None else tuple(after)
     config = RunConfig(passes=passes, backend=backend, example_inputs=example_inputs, calibration=calibration,
@@ -101,4 +112,4 @@ def optimize(
     driver = Driver(config, registry or default_registry(), ctx)
     result = driver.run(model, output)
     return OptimizeResult(result.graph, result.report, result.resolved, backend=driver.backend,
-                          artifact=result.artifact)
+                          artifact=result.artifact, reads=driver.io_plan(model, result.graph, None).inputs)

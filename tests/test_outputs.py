@@ -220,3 +220,25 @@ def test_an_unrelated_data_file_in_the_working_folder_does_not_block(external, t
 def test_a_named_plugin_that_does_not_load_is_an_error(model, tmp_path, capsys, plugin):
     refused(capsys, ["run", str(model), "-p", plugin, "-o", str(tmp_path / "o.onnx")], 2, f"-p {plugin}",
             folder=tmp_path)
+
+
+def test_result_save_never_writes_what_the_run_read(tmp_path, zoo_onnx):
+    """OptimizeResult.save() runs the same check as output=: not onto the input model (nor its calibration
+    data), and a path must be a path."""
+    import graphopt
+    from graphopt.errors import UsageError
+
+    path = str(tmp_path / "m.onnx")
+    shutil.copyfile(zoo_onnx("tiny_resnet"), path)
+    calib = str(tmp_path / "c.npy")
+    np.save(calib, np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    before = snapshot(tmp_path)
+    result = graphopt.optimize(path, "fold,int8", calibration=calib)
+    for target in (path, calib):
+        with pytest.raises(UsageError, match="graphopt never writes a file it reads"):
+            result.save(target)
+    with pytest.raises(UsageError, match="must be a path"):
+        graphopt.optimize(path, "fold", output=123)
+    assert snapshot(tmp_path) == before
+    result.save(str(tmp_path / "out.onnx"))
+    assert onnx.load(str(tmp_path / "out.onnx")).graph.node

@@ -178,3 +178,17 @@ def test_hints_name_modules_that_run(digits):
     train.distill(student, teacher, (x_train[:64], y_train[:64]), epochs=1, hints={"block1.bn2": "block1.bn2"})
     with pytest.raises(UsageError, match="the teacher is the student"):
         train.distill(teacher, teacher, (x_train[:64], y_train[:64]))
+
+
+def test_an_exact_pass_named_in_finetune_after_is_not_held_to_the_outputs_before_training(digits):
+    """finetune_after=["prune", "fold-bn"] (the README's example) trains after fold-bn, an exact pass: the numeric
+    check measures that step instead of failing it as "declares itself exact but changed the outputs"."""
+    import graphopt
+
+    _, (x_train, y_train, x_test, _) = digits
+    torch.manual_seed(0)
+    result = graphopt.optimize(zoo.DigitsCNN().eval(), "fold,prune:ratio=0.5",
+                               example_inputs=(torch.from_numpy(x_test[:1]),), finetune_after=["prune", "fold-bn"],
+                               finetune=lambda m: train.finetune(m, (x_train[:128], y_train[:128]), epochs=1))
+    fold_bn = next(r for r in result.report.records if r.name == "fold-bn")
+    assert fold_bn.modified and fold_bn.checks["fine_tuned"] and fold_bn.checks["max_rel_err"] > 1e-2

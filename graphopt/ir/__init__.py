@@ -31,8 +31,10 @@ def load_model(model: Any, example_inputs: Any = None, *, trust_pickle: bool = F
 
             return FxGraph.load(path, example_inputs, trust_pickle=trust_pickle)
         return OnnxGraph.load(path)
-    if type(model).__name__ == "ModelProto":
-        return OnnxGraph.from_model(model)
+    if type(model).__name__ == "ModelProto":  # a copy: exporting renames the tensors the graph shares with it
+        own = type(model)()
+        own.CopyFrom(model)
+        return OnnxGraph.from_model(own)
     if type(model).__name__ == "ExportedProgram":
         from graphopt.ir.fx_graph import FxGraph
 
