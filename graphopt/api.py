@@ -50,11 +50,12 @@ class OptimizeResult:
                ).check()  # the model this came from, its calibration data, ...: never written
         staged = Staged(path)
         try:
-            if self.backend is not None and self.graph.ir == "fx":
-                facts = self.backend.write(self.graph, staged.staged_path)
-            else:
-                self.graph.save(staged.staged_path)
-                facts = {}
+            with staged.named():
+                if self.backend is not None and self.graph.ir == "fx":
+                    facts = self.backend.write(self.graph, staged.staged_path)
+                else:
+                    self.graph.save(staged.staged_path)
+                    facts = {}
             staged.commit()
         finally:
             staged.discard()

@@ -317,7 +317,8 @@ class Driver:
         else:
             staged = Staged(output)
             try:
-                artifact = self.backend.write(out, staged.staged_path)  # as the backend deploys it
+                with staged.named():
+                    artifact = self.backend.write(out, staged.staged_path)  # as the backend deploys it
                 manager.finish(out, report)
                 if before_move is not None:
                     before_move(staged.staged_path, out)

@@ -17,14 +17,19 @@ shows a traceback. Anything else that escapes is a bug in graphopt or a plugin (
 
 from __future__ import annotations
 
+import re
+
 INTERNAL_ERROR_EXIT = 70  # an exception that is not a GraphoptError: a bug, reported as "internal error"
 INTERRUPTED_EXIT = 130
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name if it has none), for one-line errors."""
-    text = str(exc).strip() or type(exc).__name__
+    text = _ANSI.sub("", str(exc)).strip() or type(exc).__name__  # torch.onnx colours its messages
     return text.splitlines()[0][:limit]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class GraphoptError(Exception):

@@ -13,13 +13,14 @@ the end (:func:`atomic_write` / :class:`Staged`); a symbolic link is written thr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 
-from graphopt.errors import OutputError, UsageError
+from graphopt.errors import GraphoptError, OutputError, UsageError
 
 
 def file_sha256(*paths: str) -> str:
@@ -157,6 +158,7 @@ class Staged:
     moves them into place (companions first, the file last), ``discard`` removes everything."""
 
     def __init__(self, path: str):
+        self.given = path
         self.path = os.path.abspath(through_links(path))
         self.folder = os.path.dirname(self.path)
         try:
@@ -168,6 +170,15 @@ class Staged:
     def staged_path(self) -> str:
         """Where to write the file: same name, in the temporary folder (so external data is named after it)."""
         return os.path.join(self.tmp, os.path.basename(self.path))
+
+    @contextlib.contextmanager
+    def named(self):
+        """Errors raised while writing the staged file name the path the user gave, not the temporary one."""
+        try:
+            yield
+        except GraphoptError as exc:
+            exc.args = tuple(a.replace(self.staged_path, self.given) if isinstance(a, str) else a for a in exc.args)
+            raise
 
     def commit(self) -> list[str]:
         names = sorted(os.listdir(self.tmp), key=lambda n: n == os.path.basename(self.path))

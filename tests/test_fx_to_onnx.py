@@ -4,6 +4,8 @@ x86 route)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -86,3 +88,66 @@ def test_a_trace_that_keeps_its_batch_is_written_static(tmp_path):
     x = np.random.default_rng(0).standard_normal((1, 3, 4)).astype(np.float32)
     want = np.concatenate([np.maximum(x, 0), np.zeros((1, 1, 4), np.float32)], axis=1)
     np.testing.assert_allclose(session.run(None, {"x": x})[0], want, rtol=1e-6)
+
+
+class Nested(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        return {"pair": (h, h * 2), "last": h + 1, "x": x - 1}  # nested, and a key that is an input's name
+
+
+@pytest.mark.parametrize("passes", ["fold", "int8"])
+def test_nested_outputs_and_clashing_keys_get_flat_names(passes, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    extra = dict(calibration=x.numpy()) if passes == "int8" else {}
+    path = str(tmp_path / "m.onnx")
+    result = graphopt.optimize(Nested().eval(), passes, example_inputs=(x,), output=path, **extra)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    assert [o.name for o in session.get_outputs()] == [f"output_{i}" for i in range(4)]
+    with torch.no_grad():
+        want = [t.numpy() for t in torch.utils._pytree.tree_leaves(result.model(x))]
+    diff = max_difference(want, session.run(None, {"x": x.numpy()}))
+    assert diff.max_rel_err <= 1e-4 if passes == "fold" else diff.sqnr_db >= 30, diff
+
+
+class PositionTable(torch.nn.Module):
+    """Token ids whose sequence length the position table fixes (7); any batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos, self.head = torch.nn.Embedding(50, 16), torch.nn.Parameter(torch.randn(7, 16)), \
+            torch.nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.head((self.emb(ids) + self.pos).mean(1))
+
+
+@pytest.mark.parametrize("passes", ["fold", "int8"])
+def test_a_fixed_sequence_leaves_the_batch_dynamic(passes, tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 7))
+    extra = dict(calibration=[torch.randint(0, 50, (4, 7))]) if passes == "int8" else {}
+    path = str(tmp_path / "m.onnx")
+    graphopt.optimize(PositionTable().eval(), passes, example_inputs=(ids,), output=path, **extra)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 7]
+    assert session.run(None, {"ids": torch.randint(0, 50, (5, 7)).numpy()})[0].shape == (5, 4)
+
+
+def test_dynamic_int8_is_refused_as_onnx_in_one_line_naming_the_path(tmp_path):
+    from graphopt.errors import UnsupportedError
+
+    module = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    result = graphopt.optimize(module, "int8-dynamic", example_inputs=(torch.randn(2, 8),))
+    target = str(tmp_path / "dyn.onnx")
+    with pytest.raises(UnsupportedError) as caught:
+        result.save(target)
+    message = str(caught.value)
+    assert message.startswith(f"{target}: a PyTorch model with dynamic int8") and "\x1b" not in message
+    assert "\n" not in message and os.listdir(tmp_path) == []

@@ -5,6 +5,8 @@ an exported program's example inputs (:func:`program_inputs`, :func:`check_progr
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from typing import Any, Sequence
 
@@ -60,8 +62,8 @@ def export_with_dims(module, example_inputs: Sequence[Any], dims: Sequence[Seque
         return None, {}, "the model fixes every dim torch.export was asked to free"
     probe = grown(traced, dynamic)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")  # and FX's print of a failing call's source: a failed probe is an answer
             program.module()(*probe)
     except Exception as exc:
         return None, {}, f"the graph holds a size of its example inputs: {first_line(exc, 120)}"
@@ -70,12 +72,15 @@ def export_with_dims(module, example_inputs: Sequence[Any], dims: Sequence[Seque
 
 def export_dynamic(module, example_inputs: Sequence[Any]):
     """``torch.export.export`` of ``module`` with :func:`dynamic_dims` dynamic where the model allows
-    (:func:`export_with_dims`): one program for any batch size and sequence length. A model that needs its
-    example sizes is exported as it is, with static shapes."""
+    (:func:`export_with_dims`): one program for any batch size and sequence length; the batch alone when the
+    sequence cannot be freed with it (a position table). A model that needs its example sizes is exported as it
+    is, with static shapes."""
     torch = _torch()
-    program, _, _ = export_with_dims(module, example_inputs, [dynamic_dims(x) for x in example_inputs])
-    if program is not None:
-        return program
+    wanted = [dynamic_dims(x) for x in example_inputs]
+    for dims in [wanted] + ([[d[:1] for d in wanted]] if any(len(d) > 1 for d in wanted) else []):
+        program, _, _ = export_with_dims(module, example_inputs, dims)  # all of them, then the batch alone
+        if program is not None:
+            return program
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.export(module, tuple(example_inputs))

@@ -5,8 +5,12 @@ through the dynamo exporter, a traced module through the TorchScript exporter; e
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from typing import Any, Sequence
+
+import numpy as np
 
 from graphopt.errors import OutputError, UnsupportedError, first_line
 from graphopt.ir.fx_export import _torch, dynamic_dims, export_dynamic, grown
@@ -18,6 +22,11 @@ def save_onnx(gm, example_inputs: Sequence[Any], path: str, *, aten: bool) -> No
     torch = _torch()
     from graphopt.quiet import quiet_torch_logs
 
+    dynamic_int8 = [n.name for n in gm.graph.nodes if "choose_qparams" in str(n.target)]
+    if dynamic_int8:
+        raise UnsupportedError(f"{path}: a PyTorch model with dynamic int8 (int8-dynamic: its activations' scales "
+                               f"are chosen at run time) has no ONNX form in torch's exporter; write it as .pt2 (or an "
+                               f"x86 package), or export the fp32 model to ONNX and run int8-dynamic on that")
     outputs = onnx_output_names(gm, example_inputs)
     try:
         with quiet_torch_logs():
@@ -45,6 +54,18 @@ def save_onnx(gm, example_inputs: Sequence[Any], path: str, *, aten: bool) -> No
         onnx.save_model(model, path, save_as_external_data=model.ByteSize() > 2**31 - 2**20)
     except OSError as exc:
         raise OutputError(f"{path}: cannot be written ({exc.strerror or first_line(exc)})") from None
+    _check_written(path)
+
+
+def _check_written(path: str) -> None:
+    """The exporter's file passes onnx's checker, or UnsupportedError (nothing is moved into place)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(path)
+    except Exception as exc:
+        raise UnsupportedError(f"{path}: torch.onnx wrote a model that is not valid ONNX ({first_line(exc)}) "
+                               f"(keep it as a .pt2 program, or the Python API's result.model)") from None
 
 
 def _save_traced(gm, example_inputs: Sequence[Any], path: str, outputs: list[str] | None) -> None:
@@ -53,14 +74,18 @@ def _save_traced(gm, example_inputs: Sequence[Any], path: str, outputs: list[str
     shapes when it does not (a size the trace kept)."""
     torch = _torch()
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    dims = {i: dynamic_dims(x) for i, x in enumerate(example_inputs) if dynamic_dims(x)}
-    axes = {names[i]: {d: DIM_NAMES[d] for d in ds} for i, ds in dims.items()}
+    wanted = {i: dynamic_dims(x) for i, x in enumerate(example_inputs) if dynamic_dims(x)}
+    attempts = [wanted, {i: ds[:1] for i, ds in wanted.items()}] if any(len(d) > 1 for d in wanted.values()) \
+        else [wanted]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(gm, tuple(example_inputs), path, input_names=names, output_names=outputs,
-                          dynamic_axes=axes or None, dynamo=False)
-        if axes and not _runs(gm, path, grown(example_inputs, dims)):
-            torch.onnx.export(gm, tuple(example_inputs), path, input_names=names, output_names=outputs, dynamo=False)
+        for dims in [*(d for d in attempts if d), {}]:  # all dynamic dims, the batch only, static
+            axes = {names[i]: {d: DIM_NAMES[d] for d in ds} for i, ds in dims.items()}
+            torch.onnx.export(gm, tuple(example_inputs), path, input_names=names, output_names=outputs,
+                              dynamic_axes=axes or None, dynamo=False)
+            if not dims or _runs(gm, path, grown(example_inputs, dims)):
+                break
+    _check_written(path)
 
 
 def _runs(gm, path: str, inputs: list) -> bool:
@@ -70,34 +95,39 @@ def _runs(gm, path: str, inputs: list) -> bool:
     from graphopt.numeric import max_difference
 
     torch = _torch()
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a model that fails the probe is expected here: not an error to print
     try:
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        got = session.run(None, {i.name: x.detach().numpy() for i, x in zip(session.get_inputs(), inputs)})
-        with torch.no_grad():
-            want = [t.numpy() for t in torch.utils._pytree.tree_flatten(gm(*inputs))[0]]
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feeds = [np.asarray(x.detach().numpy() if isinstance(x, torch.Tensor) else x) for x in inputs]
+        got = session.run(None, {i.name: x for i, x in zip(session.get_inputs(), feeds)})
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # FX prints a failing call's source
+            want = [t.numpy() for t in torch.utils._pytree.tree_flatten(gm(*inputs))[0] if isinstance(t, torch.Tensor)]
     except Exception:
         return False
     return max_difference(want, got).max_rel_err <= 1e-3
 
 
 def onnx_output_names(module, example_inputs: Sequence[Any]) -> list[str] | None:
-    """Names for ``module``'s ONNX outputs: a dict's keys, ``output`` for one tensor, ``output_0``, ``output_1``, …
-    for several; None (the exporter's own names) when an output is not a tensor or nests."""
+    """Names for ``module``'s ONNX outputs, its tensors in order: a flat dict's keys, ``output`` for one tensor,
+    ``output_0``, ``output_1``, … otherwise (nested structures, other values beside them; a key that is also an
+    input's name too). None when it returns no tensor."""
     torch = _torch()
     from torch.utils._pytree import tree_flatten
 
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         out = module(*example_inputs)
-    leaves, _ = tree_flatten(out)
-    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+    tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    if not tensors:
         return None
-    if isinstance(out, dict):
+    inputs = {n.target for n in module.graph.nodes if n.op == "placeholder"} if hasattr(module, "graph") else set()
+    if isinstance(out, dict) and len(out) == len(tensors) and all(isinstance(v, torch.Tensor) for v in out.values()):
         keys = list(out)
-        return keys if len(keys) == len(leaves) and all(isinstance(k, str) and k for k in keys) else None
-    if isinstance(out, (tuple, list)) and len(out) != len(leaves):
-        return None
-    return ["output"] if len(leaves) == 1 else [f"output_{i}" for i in range(len(leaves))]
+        if all(isinstance(k, str) and k for k in keys) and not inputs & set(keys):
+            return keys
+    names = ["output"] if len(tensors) == 1 else [f"output_{i}" for i in range(len(tensors))]
+    return names if not inputs & set(names) else [f"{n}_" for n in names]
 
 
 DIM_NAMES = {0: "batch", 1: "sequence"}  # what the dims of dynamic_dims are called in a written ONNX model
