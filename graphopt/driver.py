@@ -61,7 +61,7 @@ class FineTune(Instrument):
         if not chosen or not result.modified:
             return
         graph, start = result.graph, time.perf_counter()
-        returned = self.fn(graph.gm)
+        returned = trained_module(self.fn(graph.gm), "finetune=")
         if returned is not None:
             graph.gm = returned
         graph.gm.eval()
@@ -69,6 +69,17 @@ class FineTune(Instrument):
         name = getattr(self.fn, "__name__", type(self.fn).__name__)
         record.notes.append(f"fine-tuned by {name}() in {time.perf_counter() - start:.1f} s")
         record.checks["fine_tuned"] = True  # the numeric check holds no pass trained after to the outputs before
+
+
+def trained_module(returned: Any, who: str) -> Any:
+    """What a training loop (``finetune=``, ``qat=``) returned: None (it trained in place) or the GraphModule it
+    was given or replaced it with; anything else is the caller's mistake, said in one line."""
+    import torch
+
+    if returned is None or isinstance(returned, torch.fx.GraphModule):
+        return returned
+    raise UsageError(f"{who} returned a {type(returned).__name__}: a training loop trains the torch.fx.GraphModule "
+                     f"it is given, in place (return None) or returning that module")
 
 
 @dataclass
@@ -167,6 +178,9 @@ class Driver:
 
     def _instrument(self, spec) -> Instrument:
         if not isinstance(spec, str):
+            if not all(callable(getattr(spec, hook, None)) for hook in ("before_pass", "after_pass")):
+                raise UsageError(f"instruments: {spec!r} is not an instrument (a registered name, or an object with "
+                                 f"before_pass / after_pass, e.g. a graphopt.Instrument)")
             return spec
         if spec not in self.registry.instruments:
             known = ", ".join(sorted(self.registry.instruments)) or "none registered"

@@ -36,7 +36,10 @@ def distillation_loss(student_logits, teacher_logits, labels, *, T: float = 4.0,
     averaged over the batch."""
     import torch.nn.functional as F
 
-    hard = F.cross_entropy(student_logits, labels)
+    if teacher_logits.shape != student_logits.shape:
+        raise UsageError(f"distill: the teacher's outputs {tuple(teacher_logits.shape)} and the student's "
+                         f"{tuple(student_logits.shape)} differ (the same classes, in the same order, are needed)")
+    hard = classification_loss(student_logits, labels)
     soft = F.kl_div(F.log_softmax(student_logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
                     reduction="batchmean", log_target=True)
     return (1 - alpha) * hard + alpha * T * T * soft
@@ -68,12 +71,24 @@ def fit(model, data, loss: Callable, *, epochs: int = 3, lr: float = 3e-3, batch
     return set_mode(model, False)
 
 
-def finetune(model, data, *, epochs: int = 3, lr: float = 3e-3, batch_size: int = 32, seed: int = 0):
-    """Plain fine-tuning: :func:`fit` with the cross-entropy of the labels."""
+def classification_loss(logits, labels):
+    """The cross-entropy of ``labels`` (class indices) under ``logits``; labels that are no class index of the
+    logits are the caller's mistake, said in one line."""
+    import torch
     import torch.nn.functional as F
 
-    return fit(model, data, lambda m, x, y: F.cross_entropy(m(x), y), epochs=epochs, lr=lr, batch_size=batch_size,
-               seed=seed)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise UsageError(f"training data: labels must be integer class indices, got {labels.dtype}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]):
+        raise UsageError(f"training data: labels must be class indices in [0, {logits.shape[-1]}) (the model's "
+                         f"outputs), got {int(labels.min())}..{int(labels.max())}")
+    return F.cross_entropy(logits, labels)
+
+
+def finetune(model, data, *, epochs: int = 3, lr: float = 3e-3, batch_size: int = 32, seed: int = 0):
+    """Plain fine-tuning: :func:`fit` with the cross-entropy of the labels."""
+    return fit(model, data, lambda m, x, y: classification_loss(m(x), y), epochs=epochs, lr=lr,
+               batch_size=batch_size, seed=seed)
 
 
 def distill(student, teacher, data, *, T: float = 4.0, alpha: float = 0.7, epochs: int = 3, lr: float = 3e-3,
@@ -284,7 +299,7 @@ def _batches(data, batch_size: int, seed: int) -> tuple[int, Callable[[int], Ite
             return ((xs[i], ys[i]) for i in order.split(batch_size))
 
         return -(-len(xs) // batch_size), shuffled
-    if not hasattr(data, "__iter__"):
+    if not hasattr(data, "__iter__") or isinstance(data, (np.ndarray, torch.Tensor)):
         raise UsageError(f"training data must be (inputs, labels) or an iterable of such batches, got "
                          f"{type(data).__name__}")
     if hasattr(data, "__len__"):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.backends.scheme import Placement
 from graphopt.calib.state import RANGES
+from graphopt.driver import trained_module
 from graphopt.errors import UsageError
 
 
@@ -70,7 +71,7 @@ class Qat(Pass):
                                     keep_last=o.keep_last, qat=True, learn=o.learn_scales)
         model, schedule = qat.prepare(graph.gm, quantizer, graph.example_inputs, freeze_bn_after=o.freeze_bn_after,
                                       freeze_observers_after=o.freeze_observers_after)
-        returned = ctx.training(model)
+        returned = trained_module(ctx.training(model), "qat=")
         model = returned if returned is not None else model
         schedule.remove()
         converted, left = qat.convert(model)

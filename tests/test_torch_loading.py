@@ -457,3 +457,38 @@ print("no torch")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "no torch" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_branch_on_an_argument_left_to_its_default_is_captured_as_it_runs(tmp_path):
+    """symbolic_trace takes ``if mask is not None`` on the proxy it puts for mask; the module run on the example
+    inputs (mask left None) takes the other branch: the capture must be the one that runs (torch.export here)."""
+    import graphopt
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8)
+
+        def forward(self, x, mask=None):
+            y = self.a(x)
+            if mask is not None:
+                y = y * mask
+            return y
+
+    torch.manual_seed(0)
+    module, x = Masked().eval(), torch.randn(2, 8)
+    result = graphopt.optimize(module, "fold", example_inputs=(x,))
+    assert result.report.to_dict()["checks"]["numeric"]["compared"] is True
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), module(x))
+    result.save(str(tmp_path / "m.onnx"))
+
+
+def test_a_module_neither_capture_takes_is_unsupported_with_the_way_out(capfd):
+    class Branches(torch.nn.Module):  # a branch on the data: symbolic_trace and torch.export both refuse it
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else -x
+
+    with pytest.raises(UnsupportedError, match=r"could not capture Branches: .* torch\.cond"):
+        FxGraph.from_module(Branches(), (torch.ones(1, 3),))
+    assert capfd.readouterr().err == ""  # torch's dump of the graph it failed on stays off the terminal

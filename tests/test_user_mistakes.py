@@ -197,3 +197,35 @@ def test_a_capture_that_fixes_the_batch_is_checked_on_that_batch():
     numeric = result.report.checks["numeric"]
     assert "the model's batch became fixed" in numeric["inputs"]
     assert numeric["comparisons"][-1]["cosine"] > 0.99
+
+
+@pytest.mark.parametrize("mistake, match", [
+    ("float labels", "labels must be integer class indices"),
+    ("labels past the classes", r"labels must be class indices in \[0, 10\)"),
+    ("a teacher of other classes", "the teacher's outputs .* and the student's .* differ"),
+    ("inputs without labels", "must be \\(inputs, labels\\)"),
+])
+def test_training_data_mistakes_are_one_line(mistake, match):
+    from graphopt import train, zoo
+
+    x_train, y_train, _, _ = zoo.digits_data(0)
+    x, y = x_train[:64], y_train[:64]
+    student = zoo.DigitsCNN()
+    with pytest.raises(UsageError, match=match):
+        if mistake == "float labels":
+            train.finetune(student, (x, y.astype(np.float32)), epochs=1)
+        elif mistake == "labels past the classes":
+            train.finetune(student, (x, y + 100), epochs=1)
+        elif mistake == "a teacher of other classes":
+            train.distill(student, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 5)), (x, y), epochs=1)
+        else:
+            train.distill(student, zoo.DigitsCNN(), x, epochs=1)
+
+
+@pytest.mark.parametrize("returned", [42, torch.nn.Linear(8, 8)])
+def test_a_training_loop_that_returns_something_else_is_one_line(returned):
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8)).eval()
+    with pytest.raises(UsageError, match=f"finetune= returned a {type(returned).__name__}"):
+        graphopt.optimize(module, "prune", example_inputs=(torch.randn(2, 8),), finetune=lambda gm: returned)
+    with pytest.raises(UsageError, match="is not an instrument"):
+        graphopt.optimize(module, "fold", example_inputs=(torch.randn(2, 8),), instruments=[3])

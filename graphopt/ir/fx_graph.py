@@ -54,7 +54,7 @@ class FxGraph(Graph):
         module = copy.deepcopy(module).eval()
         try:  # inputs the module cannot take are the caller's mistake, said once, before any capture
             with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-                module(*example_inputs)
+                expected = module(*example_inputs)
         except Exception as exc:
             shapes = ", ".join("x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
                                for t in example_inputs)
@@ -65,15 +65,20 @@ class FxGraph(Graph):
         try:
             gm = torch.fx.symbolic_trace(module)
             how = "symbolic_trace"
-        except Exception as trace_error:  # dynamic control flow etc.: torch.export handles more
+            _same_outputs(gm, example_inputs, expected)
+        except Exception as trace_error:  # dynamic control flow, a branch on an argument left out: torch.export
+            from graphopt.quiet import quiet_torch_logs
+
             try:
-                gm = export_dynamic(module, example_inputs).module()
+                with quiet_torch_logs(), contextlib.redirect_stderr(io.StringIO()):  # torch prints the failing graph
+                    gm = export_dynamic(module, example_inputs).module()
                 how = "torch.export"
             except Exception as export_error:
-                raise ModelLoadError(
+                raise UnsupportedError(
                     f"could not capture {type(module).__name__}: symbolic_trace failed "
-                    f"({first_line(trace_error)}) and torch.export failed ({first_line(export_error)})"
-                ) from None
+                    f"({first_line(trace_error, 120)}) and torch.export failed ({first_line(export_error, 160)}) "
+                    f"(make data-dependent branches torch.cond, or move them out of forward; or export the model to "
+                    f"ONNX yourself and optimize that)") from None
         return cls(gm, example_inputs, how)
 
     @classmethod
@@ -293,6 +298,20 @@ class FxGraph(Graph):
             out = self.gm(*args)
         flat, _ = torch.utils._pytree.tree_flatten(out)
         return [t.detach().cpu().numpy() for t in flat if isinstance(t, torch.Tensor)]
+
+
+def _same_outputs(gm, example_inputs: Sequence[Any], expected) -> None:
+    """Raise unless the traced ``gm`` computes the module's ``expected`` outputs on its example inputs: a trace
+    follows the branch a placeholder takes (``if mask is not None`` with ``mask`` left to its default), which may
+    not be the one the example inputs take."""
+    torch = _torch()
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        got = gm(*example_inputs)
+    flat = [torch.utils._pytree.tree_leaves(o) for o in (got, expected)]
+    if len(flat[0]) != len(flat[1]) or not all(
+            torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
+            for a, b in zip(*flat)):
+        raise ValueError("the traced module computes other outputs than the module on the example inputs")
 
 
 # -- FX helpers passes share ----------------------------------------------------------------------------------
