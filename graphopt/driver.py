@@ -291,7 +291,9 @@ class Driver:
         ctx = self.context(graph)
         original = None if owned else graph  # the caller's graph: the manager copies it before editing
         try:
-            return self._execute(model, graph, owned, ctx, output, before_move)
+            result = self._execute(model, graph, owned, ctx, output, before_move)
+            result.written += ctx.write_deferred()  # the files pass options name, now that the run succeeded
+            return result
         except NumericMismatchError as exc:
             if len(getattr(exc, "passes", ())) > 1:
                 self._blame(model, original, ctx)

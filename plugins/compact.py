@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,8 +58,8 @@ class Compact(Pass):
         tensors, nodes = _shorten_names(g) if self.options.names == "short" else ({}, {})
         stats["shortened tensor names"] = len(tensors)
         stats["shortened node names"] = len(nodes)
-        if self.options.map:
-            _write_map(self.options.map, tensors, nodes)
+        if self.options.map:  # once the run succeeds: a failed run leaves no map of a model it never wrote
+            ctx.write_after(self.options.map, lambda target: _write_map(target, tensors, nodes))
         stats = {k: v for k, v in stats.items() if v}
         return PassResult(graph, bool(stats), stats)
 
@@ -136,10 +135,10 @@ def _short(i: int) -> str:
 
 def _write_map(path: str, tensors: dict[str, str], nodes: dict[str, str]) -> None:
     try:
-        with open(os.fspath(path), "w", encoding="utf-8") as f:
+        with open(path, "w", encoding="utf-8") as f:
             json.dump({"tensors": tensors, "nodes": nodes}, f, indent=1)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot be written ({exc.strerror})") from None
+        raise OutputError(f"compact:map={path}: cannot be written ({exc.strerror})") from None
 
 
 @hookimpl

@@ -235,8 +235,8 @@ class PruneChannels(Pass):
         chosen = {k: tuple(v) if isinstance(v, list) else v for k, v in result.best["options"].items()}
         out = type(self)(dataclasses.replace(base, **chosen)).run_onnx(graph, ctx)
         ctx.state[SEARCH] = result.to_dict()
-        if o.plot:
-            result.plot(o.plot)
+        if o.plot:  # once the run succeeds
+            ctx.write_after(o.plot, result.plot)
         out.notes.insert(0, result.describe())
         out.stats["evaluated candidate"] = len(result.candidates)
         return out

@@ -145,3 +145,18 @@ def test_map_onto_the_input_is_refused(tmp_path, zoo_onnx):
     with pytest.raises(UsageError):
         graphopt.optimize(model, f"compact:map={model}", output=str(tmp_path / "out.onnx"))
     assert onnx.load(model).graph.node  # still the model it was
+
+
+def test_a_failed_run_leaves_no_map(tmp_path, zoo_onnx):
+    """map= is written once the run succeeds: a run that fails after compact (int8 refuses a float16 model)
+    leaves neither the model nor a map of it behind."""
+    from graphopt.errors import GraphoptError
+
+    half = str(tmp_path / "half.onnx")
+    graphopt.optimize(zoo_onnx("tiny_resnet"), "fold,fp16", output=half)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(GraphoptError, match="float16"):
+        graphopt.optimize(half, f"compact:map={tmp_path / 'names.json'},int8", output=str(tmp_path / "out.onnx"))
+    assert sorted(os.listdir(tmp_path)) == before
+    graphopt.optimize(half, f"compact:map={tmp_path / 'names.json'}", output=str(tmp_path / "out.onnx"))
+    assert json.loads((tmp_path / "names.json").read_text())["tensors"]

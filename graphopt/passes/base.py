@@ -78,6 +78,8 @@ class PassContext:
     # unlike analyses, kept when the graph changes: the pass that reads an entry checks it still applies
     state: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # files the passes' options name (plot=, map=), written once the run succeeds: (path, write(path))
+    deferred: list[tuple[str, Callable[[str], None]]] = field(default_factory=list)
     _analyses: dict[str, Any] = field(default_factory=dict)
 
     def warn(self, message: str) -> None:
@@ -90,6 +92,27 @@ class PassContext:
             raise UsageError(f"{who}: no backend in the pass context (graphopt.optimize and graphopt run set one; "
                              f"give PassContext(backend=...) when running passes directly)")
         return self.backend.scheme(request)
+
+    def write_after(self, path: str, write: Callable[[str], None]) -> None:
+        """Have ``write(target)`` write the file at ``path`` once the run has succeeded (its model checked and
+        written): how a pass writes the files its options name, so that a failed run, or one that writes no model
+        (``--bisect``), leaves none behind. A pass called on its own (no context given) writes them when it ends."""
+        self.deferred.append((path, write))
+
+    def write_deferred(self) -> list[str]:
+        """Write the files :meth:`write_after` put off (each atomically, in order); the paths written."""
+        from graphopt.paths import Staged
+
+        written, todo, self.deferred = [], self.deferred, []
+        for path, write in todo:
+            staged = Staged(path)
+            try:
+                with staged.named():
+                    write(staged.staged_path)
+                written += staged.commit()
+            finally:
+                staged.discard()
+        return written
 
     def analysis(self, key: str, compute: Callable[[], Any]) -> Any:
         """A cached analysis; dropped after any pass that modifies the graph and does not preserve it."""
@@ -166,6 +189,7 @@ class Pass:
         return PassError(self.name, message)
 
     def __call__(self, graph: Graph, ctx: PassContext | None = None) -> PassResult:
+        own_ctx = ctx is None
         ctx = ctx or PassContext()
         if graph.ir not in self.irs:
             raise UnsupportedIRError(
@@ -181,6 +205,8 @@ class Pass:
             raise self.fail("declares changes_input=False (functional) but returned its input graph modified; "
                             "build a new graph, or declare changes_input=True")
         self.ensures(result.graph, ctx)
+        if own_ctx:
+            ctx.write_deferred()
         return result
 
     def __repr__(self) -> str:
