@@ -166,3 +166,23 @@ def test_compare_errors(models, tmp_path, capsys):
     shape = tmp_path / "shape.npz"
     np.savez(shape, input=np.zeros((2, 3, 16, 16), np.float32))
     one_line_error(capsys, main(["compare", fp32, fp32, "--data", str(shape)]), 2, "(2, 3, 16, 16)")
+
+
+def test_per_layer_compares_like_for_like_and_never_by_position(zoo_onnx, tmp_path):
+    """A Q/DQ model against itself is inf dB on every layer (A's own Q/DQ output is the reference where A quantizes
+    a tensor), and compact's short names, which are positions, match nothing between two different models."""
+    import graphopt
+    from graphopt.report.metrics import per_layer_sqnr
+
+    calib = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    fp32, int8 = str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx")
+    graphopt.optimize(zoo_onnx("tiny_resnet"), "fold", output=fp32)
+    graphopt.optimize(fp32, "int8:guard=off", calibration=calib, output=int8)
+    batches = [{"input": calib[i:i + 1]} for i in range(4)]  # the zoo model's batch is 1
+    itself = per_layer_sqnr(int8, int8, batches)
+    assert len(itself.rows) > 10 and all(r.sqnr_db == float("inf") for r in itself.rows)
+    small_fp32, small_int8 = str(tmp_path / "c32.onnx"), str(tmp_path / "c8.onnx")
+    graphopt.optimize(fp32, "compact", output=small_fp32)
+    graphopt.optimize(int8, "compact", output=small_int8)
+    positions = per_layer_sqnr(small_fp32, small_int8, batches)
+    assert {r.tensor for r in positions.rows} == {"input", "output"}  # the names compact keeps: the interface

@@ -12,8 +12,10 @@ constant, a QuantizeLinear or a DequantizeLinear output), and each of A's graph 
 1. the output of the DequantizeLinear in ``T -> QuantizeLinear -> DequantizeLinear`` when B quantizes the
    tensor ``T`` of the same name: that is the value B's next layer reads, so it includes the quantization of
    ``T`` itself (a QDQ model keeps the original name on the float tensor it quantizes, as onnxruntime's
-   quantizer and graphopt's place-qdq do);
-2. otherwise B's own tensor of that name (not for graph inputs: both models read the same feeds);
+   quantizer and graphopt's place-qdq do); when A quantizes ``T`` too, A's own DequantizeLinear output is the
+   reference (like for like: a Q/DQ model against itself is inf dB on every layer);
+2. otherwise B's own tensor of that name, made by the same op (not for graph inputs: both models read the same
+   feeds; short names such as ``compact`` writes are positions, not identities);
 3. otherwise nothing: tensors present in only one model (renamed, fused away, or B's Q/DQ tensors) are
    ignored, and counted as unmatched.
 
@@ -116,26 +118,16 @@ class TensorMatch:
     other: str  # the tensor compared in B (A's name, or the DequantizeLinear output that carries it)
     op_type: str  # the op that produces it in A ("input" for a graph input)
     index: int  # its position in A's node order (-1 for a graph input)
+    read: str = ""  # the tensor of A read instead of ``tensor``: its own DequantizeLinear output, when A quantizes it
 
 
 def match_tensors(model_a, model_b) -> tuple[list[TensorMatch], list[str]]:
     """B's counterpart of each tensor A computes, by the rule in the module docstring. Returns the matches and
     the names of A's tensors left unmatched."""
     a, b = _proto(model_a).graph, _proto(model_b).graph
-    b_produced = {o for n in b.node for o in n.output if o}
-    b_names = b_produced | {i.name for i in b.input}
-    consumers: dict[str, list[Any]] = {}
-    for n in b.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-
-    def dequantized(name: str) -> str | None:
-        for q in consumers.get(name, []):
-            if q.op_type == "QuantizeLinear" and q.input[0] == name:
-                for dq in consumers.get(q.output[0], []):
-                    if dq.op_type == "DequantizeLinear" and dq.input[0] == q.output[0]:
-                        return dq.output[0]
-        return None
+    b_op = {o: n.op_type for n in b.node for o in n.output if o}
+    b_names = set(b_op) | {i.name for i in b.input}
+    in_a, in_b = _dequantized_in(a), _dequantized_in(b)
 
     initializers = {t.name for t in a.initializer}
     candidates = [(i.name, "input", -1) for i in a.input if i.name not in initializers]
@@ -145,15 +137,33 @@ def match_tensors(model_a, model_b) -> tuple[list[TensorMatch], list[str]]:
         candidates += [(o, node.op_type, index) for o in node.output if o]
     matches, unmatched = [], []
     for name, op, index in candidates:
-        other = dequantized(name)
-        if other is None and op != "input" and name in b_names:
-            other = name
+        other = in_b.get(name)
+        if other is None and op != "input" and name in b_names and b_op.get(name) in (op, *QDQ_OPS):
+            other = name  # the same name made by the same op, or by the Q/DQ B put on it (a graph output's name);
+            # a name alone says little: compact's short names are positions
         if other is None:
             if op != "input":  # an input B feeds as it is needs no row
                 unmatched.append(name)
-        else:
-            matches.append(TensorMatch(name, other, op, index))
+        else:  # A quantizes it too: its own value after Q/DQ is the reference (a model against itself: inf dB)
+            matches.append(TensorMatch(name, other, op, index, in_a.get(name, "") if other != name else ""))
     return matches, unmatched
+
+
+def _dequantized_in(graph) -> dict[str, str]:
+    """Tensor name -> the output of the DequantizeLinear in ``T -> QuantizeLinear -> DequantizeLinear``, for every
+    tensor ``T`` the graph quantizes."""
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    found = {}
+    for q in graph.node:
+        if q.op_type == "QuantizeLinear" and q.input and q.input[0] not in found:
+            dq = next((d for d in consumers.get(q.output[0], []) if d.op_type == "DequantizeLinear"
+                       and d.input[0] == q.output[0]), None)
+            if dq is not None:
+                found[q.input[0]] = dq.output[0]
+    return found
 
 
 def _proto(model) -> onnx.ModelProto:
@@ -183,7 +193,7 @@ def per_layer_sqnr(model_a, model_b, batches: Iterable[Mapping[str, np.ndarray]]
     backend = backend or OnnxRuntimeBackend()
     a, b = _proto(model_a), _proto(model_b)
     matches, unmatched = match_tensors(a, b)
-    sess_a = backend.session(_expose(OnnxGraph.from_model(a), [m.tensor for m in matches]), threads)
+    sess_a = backend.session(_expose(OnnxGraph.from_model(a), [m.read or m.tensor for m in matches]), threads)
     sess_b = backend.session(_expose(OnnxGraph.from_model(b), [m.other for m in matches]), threads)
     names_a, names_b = backend.output_names(sess_a), backend.output_names(sess_b)
     acc = {m.tensor: LayerSQNR(m.tensor, m.other, m.op_type, m.index) for m in matches}
@@ -198,7 +208,7 @@ def per_layer_sqnr(model_a, model_b, batches: Iterable[Mapping[str, np.ndarray]]
         for m in matches:
             if m.tensor in skipped:
                 continue
-            ra, xb = outs_a[m.tensor], outs_b[m.other]
+            ra, xb = outs_a[m.read or m.tensor], outs_b[m.other]
             if real is not None and real < batch and ra.ndim and ra.shape[0] == batch and xb.shape[:1] == (batch,):
                 ra, xb = ra[:real], xb[:real]
             if not (np.issubdtype(ra.dtype, np.floating) and np.issubdtype(xb.dtype, np.floating)):
