@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from graphopt.driver import Driver, FineTune, RunConfig
+from graphopt.driver import Driver, FineTune, RunConfig, refuse_suffix
 from graphopt.errors import UsageError
 from graphopt.ir import Graph
 from graphopt.passes.base import PassContext
@@ -46,6 +46,7 @@ class OptimizeResult:
         if not isinstance(path, (str, os.PathLike)):
             raise UsageError(f"save(): the path must be a str or os.PathLike, got {type(path).__name__}")
         path = os.fspath(path)
+        refuse_suffix(self.graph, path, "save()")
         IOPlan(inputs=list(self.reads), outputs=[("save()", path), ("save() (its external data)", path + ".data")]
                ).check()  # the model this came from, its calibration data, ...: never written
         staged = Staged(path)

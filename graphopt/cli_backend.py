@@ -137,13 +137,14 @@ def _onnx_file(path: str):
     from google.protobuf.message import DecodeError
 
     from graphopt.errors import ModelLoadError, first_line
-    from graphopt.ir.torch_files import looks_like_torch_file
+    from graphopt.ir.torch_files import looks_like_torch_file, torch_file_kind
 
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
     if os.path.isdir(path):
         raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
     if looks_like_torch_file(path):
+        torch_file_kind(path)  # a zip or pickle that is no PyTorch model (an .npz) is said as such
         raise ModelLoadError(f"{path}: a PyTorch file, not ONNX (run it with --backend x86)")
     try:
         model = onnx.load(path)

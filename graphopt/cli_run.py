@@ -91,6 +91,9 @@ CLI_FLAGS = {"output": "-o", "snapshot_dir": "--snapshot-dir", "reproducer": "--
 def _io_plan(args, driver, graph, output: str):
     """Every file the run reads and writes (the driver's, and the command line's own), checked against each other
     before any pass runs."""
+    from graphopt.driver import refuse_suffix
+
+    refuse_suffix(graph, output, CLI_FLAGS["output"])
     plan = driver.io_plan(args.model, graph, output, CLI_FLAGS)
     plan.read("evaluation data", args.eval)
     plan.read("--recipe", args.recipe)
@@ -122,6 +125,9 @@ def cmd_run(args) -> int:
         per_layer_fx,
     )
 
+    for flag, value in (("--passes", args.passes), ("-o", args.output)):
+        if value is not None and not value.strip():  # an unset variable in a build script: not a default
+            raise UsageError(f"{flag} is empty (leave it out for its default)")
     if args.recipe:
         from graphopt.recipe import apply_recipe
 

@@ -71,6 +71,16 @@ class FineTune(Instrument):
         record.checks["fine_tuned"] = True  # the numeric check holds no pass trained after to the outputs before
 
 
+def refuse_suffix(graph: Graph, path: str | None, flag: str) -> None:
+    """An ONNX model written under a PyTorch suffix (.pt2, .pt, .pth) would be read back as a PyTorch file and
+    refused: said before anything runs."""
+    from graphopt.ir import TORCH_SUFFIXES
+
+    if path is not None and graph.ir == "onnx" and os.fspath(path).endswith(TORCH_SUFFIXES):
+        raise UsageError(f"{flag} {path}: an ONNX model is written as .onnx (graphopt reads "
+                         f"{', '.join(TORCH_SUFFIXES)} files as PyTorch ones)")
+
+
 def trained_module(returned: Any, who: str) -> Any:
     """What a training loop (``finetune=``, ``qat=``) returned: None (it trained in place) or the GraphModule it
     was given or replaced it with; anything else is the caller's mistake, said in one line."""
@@ -285,6 +295,7 @@ class Driver:
         the caller still measures on it: a failure there leaves nothing behind)."""
         owned = graph is not None or not isinstance(model, Graph)
         graph = graph if graph is not None else self.load(model)
+        refuse_suffix(graph, output, API_FLAGS["output"])
         config = self.config
         if output is not None or config.snapshot_dir or config.reproducer or any(p.files()[1] for p in self.passes):
             self.io_plan(model, graph, output).check()  # nothing it reads is written, every target writable

@@ -24,9 +24,9 @@ class Compact(Pass):
     where a tensor is made and again where each node reads it. This pass
 
     - renames every internal tensor (the top graph's and its If/Loop/Scan bodies') to a short name (``0``, ``1``,
-      …, ``z``, ``10``, … in order of first appearance), and names each node after its first output. The
-      model's inputs and outputs keep their names: they are its interface. Local functions keep theirs (their
-      own namespace). With ``names=keep`` nothing is renamed.
+      …, ``z``, ``10``, … in order of first appearance), and names each node after its first output (unless its
+      name is shorter already). The model's inputs and outputs keep their names: they are its interface. Local
+      functions keep theirs (their own namespace). With ``names=keep`` nothing is renamed.
     - removes attributes that equal their default in the operator's schema at the model's opset
       (``auto_pad="NOTSET"``, ``group=1``, ``axis=1`` on a DequantizeLinear, …), on standard-domain ops only.
 
@@ -117,7 +117,7 @@ def _shorten_names(g) -> tuple[dict[str, str], dict[str, str]]:
     for sub in gs_graphs(g):
         for node in sub.nodes:
             new = node.outputs[0].name if node.outputs and node.outputs[0].name else node.name
-            if new != node.name:
+            if new != node.name and (not node.name or len(new) < len(node.name)):  # never longer than it was
                 nodes[new] = node.name
                 node.name = new
     return tensors, nodes

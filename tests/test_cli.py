@@ -83,7 +83,9 @@ def test_bisect_names_the_pass_that_broke_equivalence(model, capsys):
     assert "pass #5 'scale-weights' is the first that broke equivalence" in out
     assert not (model.parent / "model.opt.onnx").exists()
     assert main(["run", str(model), "--passes", "fold", "--bisect"]) == 0
-    assert "every pass keeps the outputs" in capsys.readouterr().out
+    assert "the 4 exact pass(es) searched keep the outputs" in capsys.readouterr().out
+    assert main(["run", str(model), "--passes", "sparsify:sparsity=0.9", "--bisect"]) == 0
+    assert "bisect: nothing to search: sparsify:sparsity=0.9 is not held to equivalence" in capsys.readouterr().out
 
 
 def test_numeric_check_stops_a_pass_that_lies_about_being_exact(model, capsys):

@@ -186,17 +186,17 @@ def test_typos_in_exclude_nodes_are_warned_on_a_pytorch_model_too():
     assert not any("0" in w.split(": ")[-1].split(", ") for w in result.report.warnings)  # module 0 exists
 
 
-def test_a_capture_that_fixes_the_batch_is_checked_on_that_batch():
-    """A BERT-like module whose example fills its position table is captured with static shapes (batch 1); the
-    numeric check then compares its first calibration sample instead of blaming the pass for not taking 8."""
+def test_a_position_table_fixes_the_sequence_not_the_batch():
+    """A BERT-like module whose example fills its position table keeps its batch dynamic (the sequence alone is
+    fixed): the check compares all 8 calibration sequences."""
     from graphopt import zoo
 
     model = zoo.bert_like(vocab=100, hidden=32, layers=1, heads=2, seq=16)
     result = graphopt.optimize(model, "int8-dynamic", example_inputs=(torch.randint(0, 100, (1, 16)),),
                                calibration=torch.randint(0, 100, (8, 16)))
     numeric = result.report.checks["numeric"]
-    assert "the model's batch became fixed" in numeric["inputs"]
-    assert numeric["comparisons"][-1]["cosine"] > 0.99
+    assert numeric["inputs"] == "8 calibration samples" and numeric["comparisons"][-1]["cosine"] > 0.99
+    assert [s.shape for s in result.graph.input_specs()] == [(None, 16)]
 
 
 @pytest.mark.parametrize("mistake, match", [
@@ -229,3 +229,31 @@ def test_a_training_loop_that_returns_something_else_is_one_line(returned):
         graphopt.optimize(module, "prune", example_inputs=(torch.randn(2, 8),), finetune=lambda gm: returned)
     with pytest.raises(UsageError, match="is not an instrument"):
         graphopt.optimize(module, "fold", example_inputs=(torch.randn(2, 8),), instruments=[3])
+
+
+def test_an_onnx_model_is_not_written_under_a_pytorch_suffix(tmp_path, zoo_onnx, capsys):
+    """graphopt reads .pt2 / .pt / .pth as PyTorch files: an ONNX result written there could not be read back."""
+    model = zoo_onnx("tiny_resnet")
+    assert main(["run", model, "--passes", "fold", "-o", str(tmp_path / "m.pt2")]) == 2
+    assert "an ONNX model is written as .onnx" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="an ONNX model is written as .onnx"):
+        graphopt.optimize(model, "fold").save(str(tmp_path / "m.pt"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_read_inside_if_bodies_are_counted(tmp_path):
+    from graphopt.ir import OnnxGraph
+
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 4])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "z"], ["c"]),
+         helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [weight, helper.make_tensor("z", TensorProto.FLOAT, [], [0.0])])
+    model = OnnxGraph.from_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert model.num_parameters() == 17  # W (16) and the zero it compares with

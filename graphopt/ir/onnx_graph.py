@@ -29,7 +29,7 @@ from graphopt.ir import onnx_checks, onnx_external, onnx_io
 from graphopt.ir.base import Graph
 from graphopt.ir.contrib_shapes import STAND_IN_SUFFIX, packed_input, packed_weights, with_stand_ins
 from graphopt.ir.feeds import InputSpec, feeds, input_roles
-from graphopt.ir.gs_gaps import copy_gs, export_optional_types
+from graphopt.ir.gs_gaps import copy_gs, export_optional_types, gs_graphs
 from graphopt.ir.onnx_io import fresh_name  # noqa: F401  (its home is loading, which names unnamed nodes; passes import it here)
 from graphopt.ir.ops import OpKind, onnx_kind
 from graphopt.ir.ort_quirks import session_kwargs
@@ -80,8 +80,9 @@ class OnnxGraph(Graph):
     @classmethod
     def _import(cls, model: onnx.ModelProto, where: str, sources: dict, external_data: bool = False) -> "OnnxGraph":
         meta = onnx.ModelProto()
-        for name in _META_FIELDS:
-            setattr(meta, name, getattr(model, name))
+        for name in _META_FIELDS:  # only those the model has: an empty one written out is bytes for nothing
+            if model.HasField(name):
+                setattr(meta, name, getattr(model, name))
         meta.metadata_props.extend(model.metadata_props)
         graph, defaults, notes = onnx_io.import_graph(model, where, sources)
         return cls(graph, meta, external_data or bool(sources), defaults, notes)
@@ -93,7 +94,8 @@ class OnnxGraph(Graph):
     def _export(self, defaults: list[gs.Constant]) -> onnx.ModelProto:
         model = export_optional_types(self.gs)
         for name in _META_FIELDS:
-            setattr(model, name, getattr(self._meta, name))
+            if self._meta.HasField(name):
+                setattr(model, name, getattr(self._meta, name))
         del model.metadata_props[:]
         model.metadata_props.extend(self._meta.metadata_props)
         model.graph.initializer.extend(OnnxExporter.export_tensor_proto(c) for c in defaults)
@@ -136,7 +138,8 @@ class OnnxGraph(Graph):
     def num_parameters(self) -> int:
         """Elements of every initializer (default values of graph inputs included), counted without reading them; a
         packed weight of onnxruntime's 4-/8-bit contrib ops as the values it holds (:func:`packed_weights`)."""
-        consts = [t for t in self.gs.tensors().values() if isinstance(t, gs.Constant)] + self._default_constants()
+        consts = list({id(t): t for g in gs_graphs(self.gs) for t in g.tensors().values()  # If/Loop bodies too
+                       if isinstance(t, gs.Constant)}.values()) + self._default_constants()
         total, seen = int(sum(np.prod(t.shape, dtype=np.int64) for t in consts)), set()
         for node in self.gs.nodes:
             packed = packed_input(node)

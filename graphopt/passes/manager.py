@@ -186,10 +186,18 @@ class BisectResult:
     culprit: int | None  # 1-based index of the first pass whose output no longer matches, or None
     errors: dict[int, float]  # pass index -> max relative error against the original (those evaluated)
     passes: list[Pass]
+    searched: int = 0  # how many of the passes (the exact ones before the first approximate one) were searched
 
     def describe(self, rtol: float) -> str:
+        rest = self.passes[self.searched:]
+        unsearched = (f"; not searched: {', '.join(repr(p) for p in rest)} (from the first pass not held to "
+                      f"equivalence on)") if rest else ""
+        if self.culprit is None and not self.searched:
+            return (f"bisect: nothing to search: {self.passes[0]!r} is not held to equivalence (bisect searches the "
+                    f"exact passes before the first approximate one)")
         if self.culprit is None:
-            return f"bisect: every pass keeps the outputs within {rtol:g} of the original"
+            return (f"bisect: the {self.searched} exact pass(es) searched keep the outputs within {rtol:g} of the "
+                    f"original{unsearched}")
         p = self.passes[self.culprit - 1]
         return (f"bisect: pass #{self.culprit} '{p!r}' is the first that broke equivalence "
                 f"(max relative error {self.errors[self.culprit]:.3g} > {rtol:g})")
@@ -220,11 +228,11 @@ def bisect(graph: Graph, passes: list[Pass], ctx: PassContext | None = None, rto
 
     lo, hi = 1, len(exact)
     if not exact or not broken(hi):
-        return BisectResult(None, errors, passes)
+        return BisectResult(None, errors, passes, len(exact))
     while lo < hi:
         mid = (lo + hi) // 2
         if broken(mid):
             hi = mid
         else:
             lo = mid + 1
-    return BisectResult(lo, errors, passes)
+    return BisectResult(lo, errors, passes, len(exact))
