@@ -346,6 +346,8 @@ class Driver:
             try:
                 with staged.named():
                     artifact = self.backend.write(out, staged.staged_path)  # as the backend deploys it
+                for warning in artifact.get("warnings", ()):
+                    ctx.warn(warning)
                 manager.finish(out, report)
                 if before_move is not None:
                     before_move(staged.staged_path, out)

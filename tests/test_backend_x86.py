@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from graphopt.backends.base import BackendError, DataError, model_size_bytes
-from graphopt.backends.x86 import X86Backend
+from graphopt.backends.x86 import X86Backend, fx_input_specs
 from graphopt.backends.x86_aoti import package_kernels
 from graphopt.backends.x86_export import strip_guards
 from graphopt.cli import main
@@ -315,3 +315,25 @@ def test_token_inputs_get_a_dynamic_batch_and_sequence_unless_the_graph_fixes_th
     strip_guards(gm)
     _, dynamic, reason = export_dynamic(gm, (ids,))
     assert dynamic == {"input_ids": []} and reason.startswith("the graph holds a size of its example inputs")
+
+
+def test_a_static_package_is_written_with_a_warning(qdq, tmp_path, monkeypatch):
+    """AOTInductor checks no input shape when a package runs: one compiled for its example's shapes (an int8 conv on
+    a 1-channel input, which inductor miscompiles with dynamic shapes) computes a wrong result for another batch
+    without an error, so the run that writes it warns. (The compile is stood in for: its facts say static.)"""
+    from graphopt.backends.x86 import X86Session
+    from graphopt.backends.x86_aoti import LoweringFacts
+
+    stub = tmp_path / "built.pt2"
+    stub.write_bytes(b"package")
+    facts = LoweringFacts(str(stub), "miss", 1.0, 1.0, "avx2", "AVX2", torch.__version__, {}, {"x": []},
+                          "inductor miscompiles an int8 conv on a 1-channel input", 7)
+    backend = X86Backend()
+    monkeypatch.setattr(backend, "_lower", lambda graph, threads: X86Session(None, fx_input_specs(graph), ["y"],
+                                                                             facts=facts))
+    monkeypatch.setattr(backend, "_check_package", lambda graph, session: 50.0)
+    written = backend.write(qdq, str(tmp_path / "m.pt2"))
+    (warning,) = written["warnings"]
+    assert "takes only its example's shapes (x 2x3x16x16; inductor miscompiles" in warning
+    facts.dynamic = {"x": [0]}
+    assert backend.write(qdq, str(tmp_path / "d.pt2"))["warnings"] == []

@@ -219,7 +219,15 @@ class X86Backend(Backend):
         facts = session.facts.to_dict()
         facts.pop("package")
         check = f"x86: the package against the graph on its example inputs: SQNR {fmt_db(sqnr)} dB"
-        return {**facts, "engine": self.engine, "check_sqnr_db": sqnr, "summary": session.facts.lines() + [check]}
+        warnings = []
+        if not any(session.facts.dynamic.values()):  # a package checks no input shape: another batch runs wrong
+            shapes = ", ".join(f"{s.name} {'x'.join(map(str, s.shape))}" for s in session.inputs)
+            warnings.append(f"x86: the package takes only its example's shapes ({shapes}; "
+                            f"{session.facts.static_reason or 'no dim could be dynamic'}): AOTInductor checks no "
+                            f"input shape when it runs, so a package fed another batch computes a wrong result "
+                            f"without an error; feed it exactly these shapes")
+        return {**facts, "engine": self.engine, "check_sqnr_db": sqnr, "warnings": warnings,
+                "summary": session.facts.lines() + [check]}
 
     def _check_package(self, graph, session: X86Session) -> float:
         """The lowest output SQNR of the package against the graph on the graph's example inputs; below the
