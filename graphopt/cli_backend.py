@@ -218,6 +218,12 @@ def cmd_compare(args) -> int:
             labels = data.pop(labels_key)
         elif args.labels:
             raise UsageError(f"{args.data} has no array '{args.labels}' (it has: {', '.join(sorted(data))})")
+        import numpy as np
+
+        for name, values in data.items():  # NaN in, NaN out in both: 'inf dB' would say nothing about the models
+            if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+                raise InputError(f"{args.data}: array '{name}' holds NaN or infinite values (compare models on "
+                                 f"finite inputs)")
     result = compare_models(model_a, model_b, data, labels, labels_key=labels_key, samples=args.samples,
                             per_layer=args.per_layer, backend=backend, data_label=f"{args.data}")
     print(f"A: {args.a} ({model_size_bytes(args.a):,} bytes)  [reference]")

@@ -257,3 +257,11 @@ def test_weights_read_inside_if_bodies_are_counted(tmp_path):
         [weight, helper.make_tensor("z", TensorProto.FLOAT, [], [0.0])])
     model = OnnxGraph.from_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert model.num_parameters() == 17  # W (16) and the zero it compares with
+
+
+def test_compare_on_nan_data_is_refused(tmp_path, zoo_onnx, capsys):
+    data = tmp_path / "nan.npz"
+    np.savez(data, input=np.full((2, 3, 32, 32), np.nan, np.float32))
+    model = zoo_onnx("tiny_resnet")
+    assert main(["compare", model, model, "--data", str(data)]) == 3
+    assert "holds NaN or infinite values" in capsys.readouterr().err
