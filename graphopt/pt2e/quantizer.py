@@ -41,6 +41,7 @@ from graphopt.pt2e.observers import FakeQuant, PerChannelWeightObserver, RangeOb
 from graphopt.pt2e.torchao import pt2e
 
 _ao = pt2e()
+CALIBRATED_AS = "graphopt_calibrated_as"  # node meta: the name its calibrated range is kept under
 _TORCH_DTYPES = {"uint8": torch.uint8, "int8": torch.int8}
 
 
@@ -267,6 +268,8 @@ class SchemeQuantizer(_ao.Quantizer):
             self.plan = p = plan(gm, self.scheme, **self.options, ranged=None if self.qat else set(self.ranges))
         unsigned, signed, weight = self._specs()
         annotations: dict[Any, Any] = {}
+        for node in gm.graph.nodes:  # QAT's conv-BN fusion renames the nodes it rebuilds, but keeps their meta
+            node.meta.setdefault(CALIBRATED_AS, node.name)
 
         def act(tensor):  # the scheme's signed grid for a tensor calibrated to a signed range, as place-qdq does
             lo = self.ranges.get(tensor.name, (0.0, 0.0))[0]
@@ -305,9 +308,10 @@ class SchemeQuantizer(_ao.Quantizer):
             if not isinstance(obs, (RangeObserver, FakeQuant)) or getattr(obs, "observe", False):
                 continue  # weights (their observers read the weight itself) and dynamic placeholders
             tensor = key[0] if isinstance(key, tuple) else key
-            _, found, _ = groups.setdefault(id(obs), (obs, [], tensor.name))
-            if tensor.name in self.ranges:
-                found.append(self.ranges[tensor.name])
+            name = tensor.meta.get(CALIBRATED_AS, tensor.name)  # the name calibration knew it by
+            _, found, _ = groups.setdefault(id(obs), (obs, [], name))
+            if name in self.ranges:
+                found.append(self.ranges[name])
         for obs, found, name in groups.values():
             if found:
                 obs.set_range(min(r[0] for r in found), max(r[1] for r in found))
