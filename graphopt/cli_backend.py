@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from graphopt.errors import InputError, OutputError, UsageError
+from graphopt.errors import InputError, UsageError
 
 
 def add_backend_option_flags(parser, run: bool = False) -> None:
@@ -155,12 +155,27 @@ def _onnx_file(path: str):
     return model
 
 
+def _check_json(path: str | None, reads: list[tuple[str, str | None]]) -> None:
+    """Before any work: --json is none of the files the command reads (its models and their external data, its
+    data), and its folder is writable."""
+    if path is None:
+        return
+    from graphopt.ir import external_data_files
+    from graphopt.paths import IOPlan
+
+    plan = IOPlan(outputs=[("--json", path)])
+    for what, read in reads:
+        plan.read(what, read)
+        if read and read.endswith(".onnx") and os.path.isfile(read):
+            for data_file in external_data_files(read):
+                plan.read(f"{what}'s external data", data_file)
+    plan.check()
+
+
 def _write_json(path: str, data) -> None:
-    try:
-        with open(path, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    from graphopt.paths import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=2, default=str), "--json")
 
 
 def cmd_bench(args) -> int:
@@ -169,6 +184,7 @@ def cmd_bench(args) -> int:
     if args.iters < 1 or args.warmup < 0:
         raise UsageError(f"--iters must be at least 1 and --warmup at least 0 (got {args.iters}, {args.warmup})")
     shapes = _shape_overrides(args.shape)
+    _check_json(args.json, [("input model", args.model)])
     backend = backend_from_args(args)
     _model_file(backend, args.model)  # a missing or broken file gets graphopt's own one-line error
     result = backend.bench(args.model, batches, threads, warmup=args.warmup, iters=args.iters, shapes=shapes)
@@ -208,6 +224,7 @@ def cmd_compare(args) -> int:
         raise UsageError(f"--samples must be at least 1 and --top at least 0 (got {args.samples}, {args.top})")
     if args.labels and not args.data:
         raise UsageError("--labels names an array in --data; give --data too")
+    _check_json(args.json, [("model A", args.a), ("model B", args.b), ("--data", args.data)])
     backend = backend_from_args(args)
     model_a, model_b = _model_file(backend, args.a), _model_file(backend, args.b)
     data = labels = None

@@ -102,11 +102,6 @@ def _io_plan(args, driver, graph, output: str):
         from graphopt.report.report_dir import FILES
 
         plan.write_into("--report", args.report, list(FILES))
-    if args.save_ir:
-        from graphopt.backends.openvino import ir_paths
-
-        for path in ir_paths(output, args.save_ir):
-            plan.write("--save-ir", path)
     plan.check()
 
 

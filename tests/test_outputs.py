@@ -242,3 +242,27 @@ def test_result_save_never_writes_what_the_run_read(tmp_path, zoo_onnx):
     assert snapshot(tmp_path) == before
     result.save(str(tmp_path / "out.onnx"))
     assert onnx.load(str(tmp_path / "out.onnx")).graph.node
+
+
+def test_bench_and_compare_never_write_json_over_what_they_read(model, tmp_path, capsys):
+    data = tmp_path / "data.npz"
+    np.savez(data, input=np.zeros((2, 3, 32, 32), np.float32))
+    refused(capsys, ["bench", str(model), "--iters", "1", "--json", str(model)], 2, "is the input model",
+            folder=tmp_path)
+    for target, what in ((model, "model A"), (data, "--data")):
+        refused(capsys, ["compare", str(model), str(model), "--data", str(data), "--json", str(target)], 2,
+                f"is the {what}", folder=tmp_path)
+
+
+def test_files_backend_options_name_are_checked_like_the_output(model, tmp_path, capsys):
+    """openvino:save_ir= and tensorrt:engine= write files beside the model: the same check as -o (never a file the
+    run reads, the folder must exist), before any pass runs."""
+    pytest.importorskip("openvino")
+    ir_input = tmp_path / "net.xml"  # an ONNX model under an IR name: graphopt reads by content
+    shutil.copy(model, ir_input)
+    refused(capsys, ["run", str(ir_input), "--backend", f"openvino:save_ir={tmp_path}", "-o",
+                     str(tmp_path / "net.onnx")], 2, "--save-ir", "is the input model", folder=tmp_path)
+    refused(capsys, ["run", str(model), "--backend", f"openvino:save_ir={tmp_path / 'missing'}", "-o",
+                     str(tmp_path / "o.onnx")], 7, "does not exist", folder=tmp_path)
+    refused(capsys, ["run", str(model), "--backend", f"tensorrt:engine={model}", "--emit-trtexec", "-o",
+                     str(tmp_path / "o.onnx")], 2, "tensorrt:engine=", "is the input model", folder=tmp_path)

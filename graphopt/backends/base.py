@@ -308,6 +308,12 @@ class Backend(ABC):
         (:class:`graphopt.backends.lint.LintRule` instances, built on this backend's scheme). Default: none."""
         return ()
 
+    def files(self, output: str) -> list[tuple[str, str]]:
+        """The files this backend writes besides ``output`` when a run writes it, as ``(option, path)``: checked with
+        the run's other files before any pass runs (none is a file the run reads, every folder exists). Default:
+        none."""
+        return []
+
     def write_beside(self, graph: Any, path: str) -> dict[str, Any]:
         """Once ``graph`` is written at ``path`` in its own format (an ONNX run writes it there, staged, then calls
         this before moving it into place: files written in ``path``'s folder move with it, and nothing moves if

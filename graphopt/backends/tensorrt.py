@@ -41,6 +41,7 @@ backend's options (:class:`~graphopt.backends.tensorrt_plan.BuildOptions`: ``--b
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Any, Mapping
 
@@ -152,6 +153,14 @@ class TensorRTBackend(Backend):
         inspector's per-layer report ``NAME.layers.json``) when TensorRT and a GPU are there, or ``NAME.trtexec.sh``
         (``emit_trtexec``); facts for the report, with ``summary`` lines (one says why no engine was built)."""
         return {**super().write(graph, path), **self.write_beside(graph, path)}
+
+    def files(self, output: str) -> list[tuple[str, str]]:
+        """The engine and its layer report (``engine=``, or beside the output), and the trtexec script."""
+        stem = os.path.splitext(os.path.abspath(output))[0]
+        engine = os.path.abspath(self.options.engine) if self.options.engine else stem + ".engine"
+        written = [("tensorrt:engine=", engine), ("tensorrt:engine= (its layer report)",
+                                                  os.path.splitext(engine)[0] + ".layers.json")]
+        return written + ([("tensorrt:emit_trtexec", stem + ".trtexec.sh")] if self.options.emit_trtexec else [])
 
     def write_beside(self, graph, path: str) -> dict[str, Any]:
         """The engine (or trtexec command) of the ONNX graph written at ``path``, beside it; see :meth:`write`."""
