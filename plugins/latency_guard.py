@@ -93,7 +93,7 @@ class LatencyGuard(Pass):
 
     def _guard(self, graph, ctx):
         from graphopt.passes.pipeline import format_passes, resolve
-        from graphopt.report.latency_guard import guard_latency
+        from graphopt.report.latency_guard import FP32, guard_latency
         from graphopt.report.sensitivity import Study, _place_pass
 
         earlier = tuple(ctx.state.get(FLOAT_NODES, ()))  # a budget's decision: the guard starts from it
@@ -107,7 +107,8 @@ class LatencyGuard(Pass):
         result = guard_latency(study, seconds=self.options.seconds, rounds=self.options.rounds,
                                max_intensity=self.options.max_intensity, margin=self.options.margin,
                                min_gain=self.options.min_gain)
-        ctx.state[FLOAT_NODES] = tuple(dict.fromkeys((*earlier, *result.float_nodes)))
+        floats = result.float_nodes if result.kept != FP32 else tuple(n.name for n in graph.gs.nodes if n.name)
+        ctx.state[FLOAT_NODES] = tuple(dict.fromkeys((*earlier, *floats)))  # fp32: every node, so no Q/DQ at all
         for warning in result.warnings:
             ctx.warn(f"{self.name}: {warning}")
         stats = {"kept float groups": len(result.float_groups), "candidates": result.candidates}

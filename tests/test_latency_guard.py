@@ -395,3 +395,13 @@ def test_a_callers_own_context_with_calibration_arrays_reaches_every_pass(tmp_pa
                                    check=False)
         guard = [r for r in result.report.records if r.name == "latency-guard"]
         assert guard and guard[0].notes, passes  # it ran and said what it decided (tiny convs may stay float)
+
+
+def test_a_model_that_stays_float_gets_no_qdq_at_all(registry, clock, tmp_path, monkeypatch):
+    """When int8 is slower than fp32 the model stays float: nothing is quantized, also outside the groups the guard
+    studied (a BERT-like's bias Adds and Reshapes kept 15 Q/DQ pairs, 1.4x slower than fp32)."""
+    monkeypatch.delenv("GRAPHOPT_NO_TIMING")
+    decided = latency_guard.GuardResult(["conv_a"], ("conv_a",), latency_guard.FP32, 3)  # one group, as if studied
+    monkeypatch.setattr(latency_guard, "guard_latency", lambda study, **options: decided)
+    notes, int8 = _run_int8(registry, tmp_path, FakeProfiledBackend(clock, {}))
+    assert int8 == set() and "stays float" in notes[0]
