@@ -119,3 +119,12 @@ def test_to_bf16_called_directly_on_an_old_opset_refuses(models, registry):
     graph = OnnxGraph.from_model(onnx.load(models["resnet18_like"][0]))
     with pytest.raises(PassError, match="opset 22"):
         registry.passes["to-bf16"]()(graph, PassContext())
+
+
+def test_the_numeric_check_measures_bf16_through_the_emulation(models):
+    """onnxruntime's CPU provider cannot load a bfloat16 model (no Conv/Add kernels): the numeric check, which
+    refused every bf16 run ("left a model that no longer runs"), measures it emulated instead."""
+    path, _ = models["bert_like"]
+    result = graphopt.optimize(path, "fold,bf16", backend="tensorrt")
+    (bf16,) = [c for c in result.report.checks["numeric"]["comparisons"] if c["passes"] == ["to-bf16"]]
+    assert bf16["cosine"] > 0.999 and bf16["sqnr_db"] > 30

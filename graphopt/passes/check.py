@@ -55,7 +55,9 @@ def run_model(graph, inputs: dict, *, optimized: bool, path: str | None = None) 
     try:
         session = graph.session(optimized=optimized, path=path)
     except Exception as exc:
-        raise NotRunnable(f"onnxruntime cannot load it: {first_line(exc)}") from exc
+        session = _bfloat16_emulated(graph, path, optimized)
+        if session is None:
+            raise NotRunnable(f"onnxruntime cannot load it: {first_line(exc)}") from exc
     declared = {i.name: i.type for i in session.get_inputs()}
     feeds = {}
     for name, value in inputs.items():
@@ -70,6 +72,25 @@ def run_model(graph, inputs: dict, *, optimized: bool, path: str | None = None) 
         return [np.asarray(o) for o in session.run(None, feeds)]
     except Exception as exc:
         raise NotRunnable(f"onnxruntime cannot run it on these inputs: {first_line(exc)}") from exc
+
+
+def _bfloat16_emulated(graph, path: str | None, optimized: bool):
+    """A session of the model with bfloat16 compute emulated in float32 (:func:`graphopt.ir.bf16.emulate_bfloat16`:
+    onnxruntime's CPU provider has no bfloat16 Conv/MatMul/Add), or None when the model computes no bfloat16 or
+    cannot be emulated."""
+    import onnx
+
+    from graphopt.ir import OnnxGraph
+    from graphopt.ir.bf16 import BF16, emulate_bfloat16
+
+    model = onnx.load(path) if path else graph.to_model()
+    if not any(t.data_type == BF16 for t in model.graph.initializer) and \
+            not any(a.name == "to" and a.i == BF16 for n in model.graph.node for a in n.attribute):
+        return None
+    try:
+        return OnnxGraph.from_model(emulate_bfloat16(model)).session(optimized=optimized)
+    except Exception:  # control flow it does not rewrite, or what onnxruntime refuses even in float32
+        return None
 
 
 class NumericCheck(Instrument):
