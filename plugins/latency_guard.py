@@ -98,6 +98,8 @@ class LatencyGuard(Pass):
 
         earlier = tuple(ctx.state.get(FLOAT_NODES, ()))  # a budget's decision: the guard starts from it
         place = _place_pass(resolve(self.options.place, ctx.registry))
+        later = ctx.pipeline[ctx.pipeline.index(self) + 1:] if self in ctx.pipeline else []
+        place = next((p for p in later if p.name == place.name), place)  # what will place, exclusions and all
         if earlier:
             place = type(place)(dataclasses.replace(
                 place.options, exclude_nodes=tuple(dict.fromkeys((*place.options.exclude_nodes, *earlier)))))

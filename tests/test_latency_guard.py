@@ -405,3 +405,18 @@ def test_a_model_that_stays_float_gets_no_qdq_at_all(registry, clock, tmp_path, 
     monkeypatch.setattr(latency_guard, "guard_latency", lambda study, **options: decided)
     notes, int8 = _run_int8(registry, tmp_path, FakeProfiledBackend(clock, {}))
     assert int8 == set() and "stays float" in notes[0]
+
+
+def test_the_guard_times_the_placement_that_will_be_written(registry, clock, tmp_path, monkeypatch):
+    """place-qdq's own exclusions (a replayed recipe, int8:exclude_nodes=...) are part of what the guard times: it
+    timed the fully int8 placement, kept float what was excluded already, and let a slower model through."""
+    monkeypatch.delenv("GRAPHOPT_NO_TIMING")
+    seen = {}
+
+    def guard(study, **options):
+        seen["place"] = study.place_text
+        return latency_guard.GuardResult([], (), "int8", 0)
+
+    monkeypatch.setattr(latency_guard, "guard_latency", guard)
+    _run_int8(registry, tmp_path, FakeProfiledBackend(clock, {}), "int8:exclude_nodes=conv_b")
+    assert "exclude_nodes=conv_b" in seen["place"]

@@ -119,6 +119,7 @@ class PassManager:
         report = RunReport()
         owned = in_place
         index = 0
+        self.ctx.pipeline = list(self.passes)
         for pass_ in self.passes:
             for step in self._steps_before(pass_, graph):
                 index += 1
