@@ -88,7 +88,9 @@ def cmd_sensitivity(args) -> int:
         if args.labels not in eval_data:
             raise UsageError(f"{args.eval} has no labels array '{args.labels}' (it has: "
                              f"{', '.join(sorted(eval_data))}); name it with --labels")
-        labels = eval_data.pop(args.labels)
+        from graphopt.report.metrics import check_labelled
+
+        labels = check_labelled(eval_data, eval_data.pop(args.labels), f"--eval {args.eval}: ")
     kind = None
     if "fx" in backend.irs:  # a PyTorch backend (x86): the FX study
         from graphopt.report.sensitivity_fx import FxStudy as kind

@@ -265,3 +265,33 @@ def test_compare_on_nan_data_is_refused(tmp_path, zoo_onnx, capsys):
     model = zoo_onnx("tiny_resnet")
     assert main(["compare", model, model, "--data", str(data)]) == 3
     assert "holds NaN or infinite values" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mistake, match", [
+    ("fewer labels", "100 labels for 128 samples"),
+    ("two labels a sample", "labels must be one integer class per sample"),
+    ("float labels", "labels must be one integer class per sample"),
+    ("a NaN input", "holds NaN or infinite values"),
+])
+def test_labelled_data_is_checked_on_every_path_that_scores_it(mistake, match, tmp_path, capsys):
+    """sensitivity --eval and the budget searches' eval= read labels as run --eval does: a mistake is one line (it
+    was an internal error, or a budget decided on chance-level accuracy)."""
+    from graphopt import zoo
+
+    x_train, _, x_test, y_test = zoo.digits_data(0)
+    model = tmp_path / "digits.onnx"
+    zoo.export_onnx(zoo.DigitsCNN(), str(model), (1, 1, 16, 16), dynamic_batch=True)
+    np.savez(tmp_path / "calib.npz", input=x_train[:32])
+    x, y = x_test[:128].copy(), y_test[:128]
+    y = {"fewer labels": y[:100], "two labels a sample": np.stack([y, y], 1),
+         "float labels": y.astype(np.float32) + 0.5}.get(mistake, y)
+    if mistake == "a NaN input":
+        x[3, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "eval.npz", input=x, labels=y)
+    calib, data = str(tmp_path / "calib.npz"), str(tmp_path / "eval.npz")
+    assert main(["sensitivity", str(model), "--calib", calib, "--eval", data, "--max-evals", "1"]) == 2
+    assert match in capsys.readouterr().err
+    assert main(["run", str(model), "--passes", f"int8-budget:max_drop=0.5:eval={data}", "--calib", calib,
+                 "-o", str(tmp_path / "out.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1

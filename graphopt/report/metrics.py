@@ -222,6 +222,34 @@ def per_layer_sqnr(model_a, model_b, batches: Iterable[Mapping[str, np.ndarray]]
     return LayerTable(rows, unmatched, skipped, samples)
 
 
+def check_labels(labels, samples: int, where: str = "") -> np.ndarray:
+    """Labels checked as every path that scores accuracy reads them (``--eval``, ``eval=``, ``compare``): one
+    integer class per sample (a (N, 1) column is taken as N), as many as ``samples``; returned 1-D. DataError,
+    prefixed with ``where``."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)):
+        raise DataError(f"{where}labels must be one integer class per sample; got {labels.dtype} of shape "
+                        f"{labels.shape}")
+    if labels.shape[0] != samples:
+        raise DataError(f"{where}{labels.shape[0]} labels for {samples} samples")
+    return labels
+
+
+def check_labelled(data: Mapping[str, np.ndarray], labels, where: str) -> np.ndarray:
+    """Labelled evaluation data (input arrays and their labels): the labels as :func:`check_labels` takes them, one
+    per sample of every input, and finite float inputs (NaN in, NaN out: every score would read as chance)."""
+    counts = {name: len(v) for name, v in data.items() if np.ndim(v)}
+    if len(set(counts.values())) > 1:
+        raise DataError(f"{where}the inputs hold different numbers of samples: "
+                        + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    for name, values in data.items():
+        if np.issubdtype(np.asarray(values).dtype, np.floating) and not np.isfinite(values).all():
+            raise DataError(f"{where}array '{name}' holds NaN or infinite values")
+    return check_labels(labels, next(iter(counts.values()), 0), where)
+
+
 # -- a whole comparison ---------------------------------------------------------------------------------------
 @dataclass
 class Comparison:
@@ -276,14 +304,7 @@ def compare_models(model_a, model_b, data: Mapping[str, np.ndarray] | None = Non
         raise BackendError(f"the models cannot be compared: {exc}") from None
     result = Comparison(inputs, n, rows)
     if labels is not None:
-        labels = np.asarray(labels)
-        if labels.ndim == 2 and labels.shape[1] == 1:
-            labels = labels[:, 0]
-        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)):
-            raise DataError(f"labels must be one integer class per sample; got {labels.dtype} of shape "
-                            f"{labels.shape}")
-        if labels.shape[0] != n:
-            raise DataError(f"{labels.shape[0]} labels for {n} samples")
+        labels = check_labels(labels, n)
         if not is_logits(out_a[0]):
             raise DataError(f"accuracy needs (samples, classes) logits as the first output; it has shape "
                             f"{out_a[0].shape}")

@@ -186,7 +186,9 @@ def eval_arrays(path: str, labels_key: str) -> tuple[dict[str, np.ndarray], np.n
     if labels_key not in arrays:
         raise UsageError(f"{path} has no labels array '{labels_key}' (it has: {', '.join(sorted(arrays))})")
     labels = arrays.pop(labels_key)
-    return arrays, labels
+    from graphopt.report.metrics import check_labelled
+
+    return arrays, check_labelled(arrays, labels, f"eval={path}: ")
 
 
 def calibration_arrays(calibration) -> dict[str, np.ndarray]:
