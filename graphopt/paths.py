@@ -146,11 +146,18 @@ def atomic_write(path: str, text: str, flag: str = "output") -> None:
         fd, tmp = tempfile.mkstemp(prefix=".graphopt-", dir=folder)
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it: mkstemp's 0600 hid reports and recipes
         os.replace(tmp, path)
     except OSError as exc:
         if "tmp" in locals() and os.path.exists(tmp):
             os.unlink(tmp)
         raise OutputError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class Staged:

@@ -266,3 +266,16 @@ def test_files_backend_options_name_are_checked_like_the_output(model, tmp_path,
                      str(tmp_path / "o.onnx")], 7, "does not exist", folder=tmp_path)
     refused(capsys, ["run", str(model), "--backend", f"tensorrt:engine={model}", "--emit-trtexec", "-o",
                      str(tmp_path / "o.onnx")], 2, "tensorrt:engine=", "is the input model", folder=tmp_path)
+
+
+def test_reports_are_written_with_the_usual_permissions(model, tmp_path):
+    """--json (and recipes, through the same writer) get the umask's permissions, as the model does: mkstemp's 0600
+    made them unreadable to the rest of a CI team."""
+    old = os.umask(0o022)
+    try:
+        assert main(["run", str(model), "--passes", "fold", "-o", str(tmp_path / "o.onnx"), "--json",
+                     str(tmp_path / "r.json"), "-q"]) == 0
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "r.json").st_mode & 0o777) == oct(os.stat(tmp_path / "o.onnx").st_mode & 0o777)
+    assert os.stat(tmp_path / "r.json").st_mode & 0o044
