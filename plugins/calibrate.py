@@ -51,7 +51,7 @@ class Calibrate(Pass):
 
     def requires(self, graph, ctx):
         if OBSERVERS not in ctx.state:
-            raise self.fail("no observers: run insert-observers first (the int8 alias does)")
+            raise self.out_of_order("no observers: run insert-observers first (the int8 alias does)")
 
     def run_onnx(self, graph, ctx):
         observers = ctx.state[OBSERVERS]

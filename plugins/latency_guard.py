@@ -59,7 +59,8 @@ class LatencyGuard(Pass):
         if self._skip(graph, ctx):
             return
         if RANGES not in ctx.state:
-            raise self.fail("no calibrated ranges: run insert-observers and calibrate first (int8-guarded does)")
+            raise self.out_of_order("no calibrated ranges: "
+                                    "run insert-observers and calibrate first (int8-guarded does)")
         if ctx.backend is None:
             raise self.fail("no backend to time int8 on")
 

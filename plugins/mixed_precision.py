@@ -74,7 +74,7 @@ class MixedPrecision(Pass):
             raise UsageError(f"pass '{self.name}': give a budget: min_cosine (e.g. int8-budget:min_cosine=0.99) "
                              "and/or max_drop (accuracy points, with eval=labelled.npz)")
         if RANGES not in ctx.state:
-            raise self.fail("no calibrated ranges: run insert-observers and calibrate first (int8-budget does)")
+            raise self.out_of_order("no calibrated ranges: run insert-observers and calibrate first (int8-budget does)")
 
     def run_onnx(self, graph, ctx):
         from graphopt.report.sensitivity import Study

@@ -79,7 +79,8 @@ class PlaceQdq(Pass):
 
     def requires(self, graph, ctx):
         if RANGES not in ctx.state:
-            raise self.fail("no calibrated ranges: run insert-observers and calibrate first (the int8 alias does)")
+            raise self.out_of_order("no calibrated ranges: "
+                                    "run insert-observers and calibrate first (the int8 alias does)")
 
     def _scheme(self, ctx):
         scheme = ctx.scheme(self.options.request(), self.name)
@@ -94,7 +95,7 @@ class PlaceQdq(Pass):
 
         scheme = self._scheme(ctx)
         if not graph.is_aten():
-            raise self.fail("the PyTorch model is not an ATen graph: run insert-observers and calibrate first "
+            raise self.out_of_order("the PyTorch model is not an ATen graph: run insert-observers and calibrate first "
                             "(the int8 alias does)")
         self.warn_unmatched(ctx, "exclude_nodes", unmatched(graph.gm, self.options.exclude_nodes),
                             "node or module of the model")

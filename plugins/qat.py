@@ -53,9 +53,11 @@ class Qat(Pass):
                              f"graphopt.optimize(model, 'int8-qat', ..., qat=train) (train(module) trains the "
                              f"fake-quantized module); the command line cannot run one")
         if RANGES not in ctx.state:
-            raise self.fail("no calibrated ranges: run insert-observers and calibrate first (the int8-qat alias does)")
+            raise self.out_of_order("no calibrated ranges: "
+                                    "run insert-observers and calibrate first (the int8-qat alias does)")
         if not graph.is_aten():
-            raise self.fail("the PyTorch model is not an ATen graph: run insert-observers first (int8-qat does)")
+            raise self.out_of_order("the PyTorch model is not an ATen graph: "
+                                    "run insert-observers first (int8-qat does)")
 
     def run_fx(self, graph, ctx):
         from graphopt.ir.fx_graph import FxGraph

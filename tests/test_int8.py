@@ -9,7 +9,7 @@ import pytest
 
 import graphopt
 from graphopt import zoo
-from graphopt.errors import PassError
+from graphopt.errors import UsageError
 from graphopt.passes.base import PassContext
 from graphopt.plugins import load_registry
 from tests.conftest import graph_from_text
@@ -134,9 +134,10 @@ def test_place_qdq_twice_changes_nothing_and_needs_calibration(digits, reg):
     result, ctx = quantize(path, reg, {"input": x_train[:32]})
     again = reg.passes["place-qdq"]()(result.graph.copy(), ctx)
     assert not again.modified
-    with pytest.raises(PassError, match="run insert-observers and calibrate first"):
+    # a pipeline without what a pass needs before it is a usage error (exit 2), not a pass failure
+    with pytest.raises(UsageError, match="pass 'place-qdq': no calibrated ranges: run insert-observers and calibrate"):
         reg.passes["place-qdq"]()(result.graph.copy(), PassContext(registry=reg))
-    with pytest.raises(PassError, match="run insert-observers first"):
+    with pytest.raises(UsageError, match="run insert-observers first"):
         reg.passes["calibrate"]()(result.graph.copy(), PassContext(registry=reg))
 
 

@@ -190,6 +190,10 @@ class Pass:
     def fail(self, message: str) -> PassError:
         return PassError(self.name, message)
 
+    def out_of_order(self, message: str) -> UsageError:
+        """The pipeline lacks what this pass needs before it (observers, calibrated ranges): a usage error."""
+        return UsageError(f"pass '{self.name}': {message}")
+
     def __call__(self, graph: Graph, ctx: PassContext | None = None) -> PassResult:
         own_ctx = ctx is None
         ctx = ctx or PassContext()
