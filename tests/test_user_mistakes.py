@@ -107,7 +107,7 @@ def test_calibration_data_out_of_the_models_range_is_a_data_error(tmp_path, caps
     path = tmp_path / "emb.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     np.savez(tmp_path / "ids.npz", ids=np.full((4, 3), 50, np.int64))
-    for passes in ("int8", "int4-weight:method=gptq:last=int4"):
+    for passes in ("int8", "int4-weight:method=gptq:last=int4", "int8-dynamic"):  # the last: the check reads it
         one_error_line(capsys, ["run", str(path), "--passes", passes, "--calib", str(tmp_path / "ids.npz"), "-o",
                                 str(tmp_path / "o.onnx")], 3, "the calibration data do not fit the model",
                        "idx=50 must be within the inclusive range")

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.errors import NumericMismatchError, PassError, first_line
+from graphopt.errors import GraphoptError, NumericMismatchError, PassError, first_line
 from graphopt.numeric import Difference, fmt_db, max_difference
 from graphopt.passes.base import Equivalence
 from graphopt.passes.instruments import Instrument
@@ -176,10 +176,18 @@ class NumericCheck(Instrument):
                     reason = str(exc)
                     if reason.startswith("onnxruntime cannot load"):
                         break
+                    if label.endswith("calibration samples") and exc.__cause__ is not None:
+                        from graphopt.calib.errors import refused_data
+
+                        refused = refused_data(exc.__cause__)  # the data the user gave do not fit the model
+                        if refused is not None:
+                            raise refused from None
                     self._original_loads = True
                     continue
                 self._inputs, self._label = inputs, label
                 return True
+        except GraphoptError:
+            raise
         except Exception as exc:  # no inputs can be made for it: a type numpy lacks, a shape too large to allocate
             reason = f"no inputs can be generated for it: {type(exc).__name__}: {first_line(exc)}"
         what = "the model" if not self.comparisons else "the model after the previous passes"
