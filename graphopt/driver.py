@@ -336,7 +336,11 @@ class Driver:
                 if check is not None:
                     check.final_path = staged_path
                 manager.finish(out, report)
-                artifact.update(self.backend.write_beside(out, staged_path))  # an engine built from the file
+                try:
+                    artifact.update(self.backend.write_beside(out, staged_path))  # an engine built from the file
+                except GraphoptError as exc:  # named by the path the user gave, not the staging folder's
+                    exc.args = tuple(a.replace(staged_path, output) if isinstance(a, str) else a for a in exc.args)
+                    raise
                 if before_move is not None:
                     before_move(staged_path, out)
                 written.extend(os.path.join(os.path.dirname(os.path.abspath(output)), name)

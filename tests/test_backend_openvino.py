@@ -317,3 +317,25 @@ def test_torch_route_takes_the_signed_activation_grid(tmp_path, backend):
     with torch.no_grad():
         ref = np.concatenate([model(torch.from_numpy(x[i:i + 1])).numpy() for i in range(len(x))])
     assert sqnr_db(ref, run_all(backend, out, x)) >= 25.0
+
+
+def test_an_op_openvino_cannot_read_is_named_in_the_one_line(ov, tmp_path, capsys):
+    """OpenVINO's message starts with where in its C++ it was raised; the line that says why (the op) is kept, and
+    the run names the output the user gave, not its staging folder."""
+    from graphopt.cli import main
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv"),
+             helper.make_node("MyRelu", ["y"], ["out"], domain="com.acme", name="custom")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")])
+    path = tmp_path / "custom.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acme", 1)]),
+              str(path))
+    assert main(["bench", str(path), "--backend", "openvino"]) != 0
+    assert "No conversion rule found for operations: com.acme.MyRelu" in capsys.readouterr().err
+    out = str(tmp_path / "o.onnx")
+    assert main(["run", str(path), "--passes", "fold", "--backend", "openvino", "-o", out, "--no-check"]) != 0
+    err = capsys.readouterr().err
+    assert f"{out}: OpenVINO could not read the model" in err and ".graphopt-" not in err

@@ -72,7 +72,7 @@ from graphopt.backends.cache import cache_folder, trim_cache
 from graphopt.backends.cpu import u8s8_saturates
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.backends.scheme import FP8, QuantRequest, QuantScheme, TensorQuant, UnsupportedRequestError, restrict_ops
-from graphopt.errors import UnsupportedError, first_line
+from graphopt.errors import UnsupportedError
 from graphopt.ir.feeds import InputSpec
 
 INSTALL_HINT = "pip install 'graphopt[openvino]'"
@@ -206,7 +206,7 @@ class OpenVINOBackend(Backend):
             try:
                 return core.read_model(path)
             except Exception as exc:
-                raise BackendError(f"{path}: OpenVINO could not read the model: {first_line(exc)}") from exc
+                raise BackendError(f"{path}: OpenVINO could not read the model: {_reason(exc)}") from exc
         if hasattr(model, "to_model"):  # OnnxGraph
             model = model.to_model()
         if isinstance(model, (bytes, bytearray)):
@@ -226,7 +226,7 @@ class OpenVINOBackend(Backend):
             try:
                 return core.read_model(path)
             except Exception as exc:
-                raise BackendError(f"OpenVINO could not read the model: {first_line(exc)}") from exc
+                raise BackendError(f"OpenVINO could not read the model: {_reason(exc)}") from exc
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -242,7 +242,7 @@ class OpenVINOBackend(Backend):
         except (BackendError, UnsupportedError):
             raise
         except Exception as exc:
-            raise BackendError(f"OpenVINO could not compile the model: {first_line(exc)}") from exc
+            raise BackendError(f"OpenVINO could not compile the model: {_reason(exc)}") from exc
         return OVSession(compiled, compiled.create_infer_request(), config)
 
     def cache(self) -> str | None:
@@ -309,7 +309,7 @@ class OpenVINOBackend(Backend):
         try:
             results = session.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
         except Exception as exc:
-            raise BackendError(f"openvino run failed: {first_line(exc)}") from exc
+            raise BackendError(f"openvino run failed: {_reason(exc)}") from exc
         return [np.array(results[port]) for port in session.compiled.outputs]
 
     def settings(self, session) -> dict[str, Any]:
@@ -365,6 +365,15 @@ class OpenVINOBackend(Backend):
 def _type_name(value) -> str:
     """``f32`` for OpenVINO's ``Type.f32`` (``<Type: 'float32'>`` as str)."""
     return value.to_string() if hasattr(value, "to_string") else str(value)
+
+
+def _reason(exc: BaseException) -> str:
+    """OpenVINO's message without its first line when that only says where in its C++ it was raised
+    ("Exception from src/inference/src/cpp/core.cpp:84:"): the line that says why ("No conversion rule found for
+    operations: com.acme.MyRelu")."""
+    lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip(" -")]
+    useful = [line for line in lines if not line.startswith(("Exception from ", "Check '", "Summary:"))]
+    return " ".join(useful or lines or [type(exc).__name__])[:400]
 
 
 def ir_paths(onnx_path: str, folder: str) -> tuple[str, str]:
