@@ -73,13 +73,18 @@ class Net:
     def output(self, x: str) -> None:
         self.outputs.append(x)
 
-    def model(self) -> onnx.ModelProto:
+    def model(self, extra_domains: dict | None = None, outputs: dict | None = None) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, "case", self.inputs, [], self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        opsets = [helper.make_opsetid("", self.opset),
+                  *(helper.make_opsetid(d, v) for d, v in (extra_domains or {}).items())]
+        model = helper.make_model(graph, opset_imports=opsets)
         model.ir_version = 8
         inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
         model.graph.output.extend(inferred[name] for name in self.outputs)
-        onnx.checker.check_model(model)
+        for name, (dtype, shape) in (outputs or {}).items():  # outputs of ops onnx cannot infer (contrib domains)
+            model.graph.output.append(helper.make_tensor_value_info(name, dtype, shape))
+        if not extra_domains:
+            onnx.checker.check_model(model)
         return model
 
 
@@ -339,6 +344,22 @@ def small_gemm():
 
 
 # name -> (builder, planted findings {(rule id, node name)}); an empty set is a correct twin
+def dynamic_int8_matmul():
+    """int8-dynamic's form: DynamicQuantizeLinear + MatMulInteger (onnxruntime's integer ops), and an int4 MatMulNBits
+    (its com.microsoft contrib op): none has an importer in TensorRT's parser."""
+    net = Net()
+    x = net.input("x", [4, C])
+    net.nodes.append(helper.make_node("DynamicQuantizeLinear", [x], ["xq", "xs", "xz"], name="dql"))
+    w = net.const("w_int8", RNG.integers(-127, 128, size=(C, C)).astype(np.int8))
+    acc = net.add("MatMulInteger", ["xq", w, "xz"], "mmi")
+    net.output(acc)
+    packed = net.const("w4", RNG.integers(0, 255, size=(C, 1, 8)).astype(np.uint8))
+    scales = net.const("w4_scale", np.full((C,), 0.01, np.float32))
+    net.nodes.append(helper.make_node("MatMulNBits", [x, packed, scales], ["nbits_out"], name="nbits",
+                                      domain="com.microsoft", K=C, N=C, bits=4, block_size=16))
+    return net.model(extra_domains={"com.microsoft": 1}, outputs={"nbits_out": (TensorProto.FLOAT, [4, C])})
+
+
 CASES = {
     "good_conv": (good_conv, set()),
     "float_conv": (float_conv, set()),
@@ -372,4 +393,6 @@ CASES = {
     "good_gemm_rows": (good_gemm_rows, set()),
     "gemv": (gemv, {("gemv", "mm")}),
     "small_gemm": (small_gemm, {("gemv", "mm")}),
+    "dynamic_int8_matmul": (dynamic_int8_matmul, {("no-importer", "dql"), ("no-importer", "mmi"),
+                                                  ("no-importer", "nbits")}),
 }

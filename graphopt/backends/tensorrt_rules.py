@@ -333,12 +333,38 @@ class QuantizedOutput(LintRule):
         return out
 
 
+class NoImporter(LintRule):
+    id = "no-importer"
+    title = "op TensorRT's ONNX parser cannot import (onnxruntime's integer or contrib formats)"
+    severity = "error"
+    reason = ("TensorRT reads int8 only as explicit Q/DQ around float ops; onnxruntime's own quantized forms "
+              "(int8-dynamic's DynamicQuantizeLinear + MatMulInteger, QOperator's QLinearConv / QLinearMatMul) and "
+              "its com.microsoft contrib ops (int4-weight's MatMulNBits, GatherBlockQuantized) have no importer, so "
+              "the parser rejects the model.")
+    passage = ('"| DynamicQuantizeLinear | N | Not supported." "| MatMulInteger | N |" "| ConvInteger | N |" '
+               '"| QLinearConv | N |" "| QLinearMatMul | N |" (the support matrix lists no com.microsoft op)')
+    source = OPERATORS
+    fix_text = "quantize for TensorRT with static int8 Q/DQ (graphopt run --passes int8 --backend tensorrt)"
+    UNSUPPORTED = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"})
+
+    def check(self, view):
+        out = []
+        for node in view.gs.nodes:
+            domain = node.domain or ""
+            if domain in ("", "ai.onnx") and node.op in self.UNSUPPORTED:
+                out.append(self.finding(node, f"{node.op} has no importer in TensorRT's ONNX parser"))
+            elif domain == "com.microsoft":
+                out.append(self.finding(node, f"{node.op} is an onnxruntime contrib op ({domain}): TensorRT's "
+                                              f"ONNX parser has no importer for it"))
+        return out
+
+
 def tensorrt_rules(scheme) -> tuple[LintRule, ...]:
     """Every TensorRT placement rule, on ``scheme`` (the backend's QuantScheme)."""
     from graphopt.backends.tensorrt_fusion_rules import FUSION_RULES
 
     classes = (ZeroPoint, Uint8, Int32Bias, ScalePositive, WeightPerTensor, WeightAxis, WeightRange, Unpaired,
-               QuantizedOutput, *FUSION_RULES)
+               QuantizedOutput, NoImporter, *FUSION_RULES)
     return tuple(cls(scheme, THROUGH) for cls in classes)
 
 
