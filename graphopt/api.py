@@ -82,6 +82,7 @@ def optimize(
     qat: Callable[[Any], Any] | None = None,
     trust_pickle: bool = False,
     output: str | None = None,
+    executor: str | None = None,
 ) -> OptimizeResult:
     """Run a textual pipeline on ``model`` (an .onnx / .pt2 path, an ``onnx.ModelProto``, an ``nn.Module`` with
     ``example_inputs``, or a graphopt Graph); ``model`` is never modified.
@@ -99,6 +100,9 @@ def optimize(
     the model and is named in ``finetune_after`` (default: every pass meant to change the outputs — pruning,
     sparsity); see :class:`FineTune`. It needs an ``nn.Module`` model.
 
+    ``executor`` is where searches run their trials (``prune:budget=...``): ``"inprocess"``, ``"processes[:N]"``,
+    ``"ray"``, ``"ray://host:port"`` (default in-process; a pass's own ``executor=`` option wins).
+
     ``qat(module)`` is your training loop for quantization-aware training (the ``int8-qat`` pipeline, its ``qat``
     pass): it trains the fake-quantized ``GraphModule`` (in place, or returns it) before conversion to int8.
     """
@@ -110,7 +114,7 @@ def optimize(
     config = RunConfig(passes=passes, backend=backend, example_inputs=example_inputs, calibration=calibration,
                        check=check, rtol=rtol, verify_each=verify_each, snapshot_dir=snapshot_dir,
                        instruments=tuple(instruments), finetune=finetune, finetune_after=after, qat=qat,
-                       trust_pickle=trust_pickle)
+                       trust_pickle=trust_pickle, executor=executor)
     driver = Driver(config, registry or default_registry(), ctx)
     result = driver.run(model, output)
     return OptimizeResult(result.graph, result.report, result.resolved, backend=driver.backend,

@@ -22,6 +22,9 @@ def add_run_command(sub, add_plugin_flags, add_trust_flag) -> None:
                      help="replay a decision graphopt sensitivity --recipe wrote (its passes and backend, or with "
                           "--backend that backend's form); refused on another model")
     run.add_argument("-o", "--output", help="output path (default: beside the input, with .opt before the suffix)")
+    run.add_argument("--executor", metavar="SPEC", default=None,
+                     help="where searches run their trials (prune:budget=...): inprocess, processes[:N], ray, "
+                          "ray://host:port (default in-process; a pass's own executor= option wins)")
     run.add_argument("--verify-each", action="store_true",
                      help="onnx checker / FX lint and the numeric comparison after every modifying pass")
     run.add_argument("--no-check", action="store_true",
@@ -138,7 +141,7 @@ def cmd_run(args) -> int:
                        check=not args.no_check, rtol=args.rtol, verify_each=args.verify_each,
                        snapshot_dir=args.snapshot_dir, reproducer=args.reproducer,
                        instruments=tuple(args.instrument) + ((reference,) if eval_data is not None else ()),
-                       trust_pickle=args.trust_pickle)
+                       trust_pickle=args.trust_pickle, executor=args.executor)
     driver = Driver(config, registry)  # pipeline, passes, backend, instruments: usage errors before loading
     graph = driver.load(args.model)  # reading writes nothing; what it reads is known once it is loaded
     output = args.output or default_output(args.model, graph.ir)

@@ -115,6 +115,7 @@ class RunConfig:
     finetune_after: tuple | None = None
     qat: Callable[[Any], Any] | None = None  # the training loop of the passes that train (``trains``): qat
     trust_pickle: bool = False
+    executor: str | None = None  # where searches run their trials (--executor): PassContext.executor
 
 
 @dataclass
@@ -248,6 +249,8 @@ class Driver:
             ctx.backend = self.backend
         if ctx.training is None:
             ctx.training = self.config.qat
+        if not ctx.executor and self.config.executor:
+            ctx.executor = self.config.executor
         if ctx.calibration is None and self.config.calibration is not None:
             ctx.calibration = self._calibration(graph, self.config.calibration)
         elif ctx.calibration is not None and not hasattr(ctx.calibration, "batches"):

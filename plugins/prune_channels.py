@@ -225,7 +225,8 @@ class PruneChannels(Pass):
         study = search.PruneStudy.create(graph, *scored, backend=ctx.backend,
                                          pipeline=format_passes([type(self)(base)]),
                                          registry=ctx.registry or default_registry())
-        executor = get_executor(o.executor, f"{study.folder}/runs") if o.executor else None
+        spec = o.executor or ctx.executor  # the option, else the run's --executor
+        executor = get_executor(spec, f"{study.folder}/runs") if spec else None
         try:
             result = search.search_ratios(study, search.parse_budget(o.budget), units, _candidate_options,
                                           executor=executor)

@@ -159,3 +159,23 @@ def test_a_second_run_reruns_no_trial(planted, tmp_path):
     assert sorted(os.listdir(folder / "runs" / "trials")) == trials
     assert search2["chosen"] == search["chosen"]
     assert again.model.SerializeToString() == first.model.SerializeToString()
+
+
+def test_run_executor_reaches_the_search(planted, tmp_path, capsys, monkeypatch):
+    """graphopt run --executor SPEC runs a budget's search there (processes:N cannot be written inside a pass's
+    options, whose separator is the colon); a pass's own executor= wins."""
+    from graphopt import executors
+
+    model, calib, _ = planted
+    asked = []
+    real = executors.get_executor
+    monkeypatch.setattr(executors, "get_executor", lambda spec, run_dir: asked.append(spec) or real(spec, run_dir))
+    out = str(tmp_path / "out.onnx")
+    assert main(["run", model, "--passes", "prune:budget=macs@0.5", "--calib", calib, "-o", out,
+                 "--executor", "processes:2", "-q"]) == 0
+    assert main(["run", model, "--passes", "prune:budget=macs@0.5:executor=inprocess", "--calib", calib, "-o",
+                 str(tmp_path / "o2.onnx"), "--executor", "processes:2", "-q"]) == 0
+    assert asked == ["processes:2", "inprocess"]
+    assert main(["run", model, "--passes", "prune:budget=macs@0.5", "--calib", calib, "-o", out,
+                 "--executor", "bogus"]) == 2
+    assert "unknown executor" in capsys.readouterr().err

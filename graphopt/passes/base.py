@@ -78,6 +78,8 @@ class PassContext:
     # unlike analyses, kept when the graph changes: the pass that reads an entry checks it still applies
     state: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # where searches run their trials (--executor, optimize(executor=)); a pass's own executor= option wins
+    executor: str = ""
     # the passes of the run, in order (set by the pass manager): a pass that prepares another reads its options
     pipeline: list[Any] = field(default_factory=list)
     # files the passes' options name (plot=, map=), written once the run succeeds: (path, write(path))
