@@ -80,8 +80,9 @@ class Int8Dynamic(Pass):
     def run_onnx(self, graph, ctx):
         scheme = ctx.scheme(QuantRequest(per_channel=self.options.per_channel), self.name)
         if scheme.activations.dtype != "uint8":
-            raise self.fail(f"the {scheme.backend} scheme has {scheme.activations.dtype} activations; "
-                            "DynamicQuantizeLinear produces uint8 only")
+            raise UnsupportedError(f"pass '{self.name}': the {scheme.backend} scheme has {scheme.activations.dtype} "
+                                   f"activations; DynamicQuantizeLinear produces uint8 only (quantize with int8 for "
+                                   f"{scheme.backend})")
         g = graph.gs
         names = set(g.tensors()) | {n.name for n in g.nodes}
         excluded = set(self.options.exclude_nodes)

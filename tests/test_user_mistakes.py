@@ -295,3 +295,18 @@ def test_labelled_data_is_checked_on_every_path_that_scores_it(mistake, match, t
                  "-o", str(tmp_path / "out.onnx")]) == 2
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1
+
+
+def test_formats_tensorrt_cannot_import_are_refused_for_it(tmp_path, capsys):
+    """--backend tensorrt: int4-weight's MatMulNBits (an onnxruntime contrib op) would give a file no TensorRT
+    parses: refused, exit 4, nothing written; int8-dynamic (uint8 DynamicQuantizeLinear) too."""
+    from graphopt import zoo
+
+    model = str(tmp_path / "bert.onnx")
+    zoo.export_transformer_onnx(zoo.bert_like(vocab=100, hidden=32, layers=1, heads=2, seq=16), model, seq=16)
+    for passes, words in (("fold,int4-weight", "cannot import MatMulNBits"),
+                          ("fold,int8-dynamic", "DynamicQuantizeLinear produces uint8 only")):
+        assert main(["run", model, "--passes", passes, "--backend", "tensorrt", "-o",
+                     str(tmp_path / "out.onnx")]) == 4
+        assert words in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert.onnx"]

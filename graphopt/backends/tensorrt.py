@@ -59,6 +59,7 @@ from graphopt.backends.scheme import (
     restrict_ops,
 )
 from graphopt.backends.tensorrt_plan import BuildOptions
+from graphopt.errors import UnsupportedError
 from graphopt.ir.feeds import InputSpec
 
 QUANTIZED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"})  # Add: only as a fused residual
@@ -163,9 +164,19 @@ class TensorRTBackend(Backend):
         return written + ([("tensorrt:emit_trtexec", stem + ".trtexec.sh")] if self.options.emit_trtexec else [])
 
     def write_beside(self, graph, path: str) -> dict[str, Any]:
-        """The engine (or trtexec command) of the ONNX graph written at ``path``, beside it; see :meth:`write`."""
+        """The engine (or trtexec command) of the ONNX graph written at ``path``, beside it; see :meth:`write`.
+        A graph with ops TensorRT's parser cannot import (int4-weight's MatMulNBits, int8-dynamic's integer ops) is
+        refused: no file is left that no TensorRT could build."""
+        from graphopt.backends.lint import lint
         from graphopt.backends.tensorrt_build import deploy
+        from graphopt.backends.tensorrt_rules import NoImporter
 
+        if getattr(graph, "ir", None) == "onnx":
+            found = lint(graph, (NoImporter(),))
+            if found:
+                ops = sorted({f.message.split(" ", 1)[0] for f in found})
+                raise UnsupportedError(f"{path}: TensorRT's ONNX parser cannot import {', '.join(ops)} "
+                                       f"({len(found)} node(s), e.g. '{found[0].node}'): {NoImporter.fix_text}")
         return deploy(path, self.options)
 
     def bench(self, model: Any, *args, **kwargs):
