@@ -44,6 +44,10 @@ def model_sum(item: dict) -> float:
     return float(session.run(None, {"x": X})[0].sum())
 
 
+def refuse(item) -> None:
+    raise UsageError(f"trial {item}: labels of the wrong length")
+
+
 def expected(scale: float) -> float:
     return float(np.maximum(X * scale + 1, 0).sum())
 
@@ -197,3 +201,13 @@ def test_ray_local_head_is_locked_down(ray_head):
     token = run / "ray_auth_token"
     assert stat.S_IMODE(os.stat(token).st_mode) == 0o600 and len(token.read_text()) == 64
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0" and os.environ["RAY_AUTH_MODE"] == "token"
+
+
+def test_a_graphopt_error_in_a_ray_trial_reaches_the_user_as_itself(ray_head):
+    """Not Ray's coloured RayTaskError with the worker's traceback (an 'internal error' on the command line): the
+    one line the in-process executor gives."""
+    ex, _ = ray_head
+    with pytest.raises(UsageError, match="trial 3: labels of the wrong length"):
+        InProcess().map(refuse, [3])
+    with pytest.raises(UsageError, match="trial 3: labels of the wrong length"):
+        ex.map(refuse, [3])

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from typing import Any, Callable
 
-from graphopt.errors import UnsupportedError, UsageError, first_line
+from graphopt.errors import GraphoptError, UnsupportedError, UsageError, first_line
 from graphopt.executors.base import CachedExecutor, usable_cpus
 from graphopt.executors.local import share_threads
 
@@ -92,6 +92,9 @@ class RayExecutor(CachedExecutor):
         except Exception as exc:
             self.close()
             raise UnsupportedError(f"--executor ray: Ray did not start: {first_line(exc)}") from None
+        except BaseException:  # Ctrl-C while the head starts: stop what started, remove its temp dir
+            self.close()
+            raise
         self._task = self.ray.remote(_call)
         self._node_cpus = max(int(n["Resources"].get("CPU", 1)) for n in self.ray.nodes() if n["Alive"])
 
@@ -132,17 +135,28 @@ class RayExecutor(CachedExecutor):
         if kind == "latency":
             task = self._task.options(num_cpus=self._node_cpus)
             for i, item in enumerate(items):
-                done(i, ray.get(task.remote(fn, item, self._node_cpus)))
+                done(i, self._get(task.remote(fn, item, self._node_cpus)))
             return
         pending = {self._task.remote(fn, item, 1): i for i, item in enumerate(items)}
         try:
             while pending:
                 finished, _ = ray.wait(list(pending), num_returns=1)
                 for ref in finished:
-                    done(pending.pop(ref), ray.get(ref))
+                    done(pending.pop(ref), self._get(ref))
         finally:
             for ref in pending:
                 ray.cancel(ref)
+
+    def _get(self, ref) -> Any:
+        """A task's result; a graphopt error a trial raised reaches the user as itself, one line (not Ray's
+        coloured traceback of the worker)."""
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, GraphoptError):
+                raise cause from None
+            raise
 
     def close(self) -> None:
         if self.ray.is_initialized():
