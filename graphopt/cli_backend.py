@@ -145,7 +145,7 @@ def _onnx_file(path: str):
         raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
     if looks_like_torch_file(path):
         torch_file_kind(path)  # a zip or pickle that is no PyTorch model (an .npz) is said as such
-        raise ModelLoadError(f"{path}: a PyTorch file, not ONNX (run it with --backend x86)")
+        raise UsageError(f"{path}: a PyTorch file, not ONNX (run it with --backend x86)")  # readable: another backend
     try:
         model = onnx.load(path)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:

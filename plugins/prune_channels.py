@@ -94,8 +94,9 @@ class PruneChannels(Pass):
                 from graphopt.report.prune_search import parse_budget
 
                 parse_budget(self.budget)
-                if self.layer_ratios:
-                    raise ValueError("budget chooses the layer ratios itself: give budget or layer_ratios, not both")
+                if self.layer_ratios or self.ratio != 0.5 or self.scope != "uniform":
+                    raise ValueError("budget chooses the ratios and scope itself: give budget, or ratio / scope / "
+                                     "layer_ratios, not both")
             if self.samples < 1:
                 raise ValueError("samples must be at least 1")
             if self.plot and not self.plot.lower().endswith(".png"):

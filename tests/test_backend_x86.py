@@ -252,7 +252,7 @@ def test_onnx_models_are_refused_with_one_line(tmp_path, capsys):
 
 def test_a_package_given_to_onnxruntime_says_which_backend(package, capsys):
     code = main(["bench", package[0]])
-    one_line_error(capsys, code, 3, "a PyTorch file, not ONNX (run it with --backend x86)")
+    one_line_error(capsys, code, 2, "a PyTorch file, not ONNX (run it with --backend x86)")
 
 
 def test_a_damaged_package_is_one_line(package, tmp_path, capsys):

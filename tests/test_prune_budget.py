@@ -179,3 +179,11 @@ def test_run_executor_reaches_the_search(planted, tmp_path, capsys, monkeypatch)
     assert main(["run", model, "--passes", "prune:budget=macs@0.5", "--calib", calib, "-o", out,
                  "--executor", "bogus"]) == 2
     assert "unknown executor" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", ["ratio=0.3", "scope=global", "layer_ratios=conv@0.2"])
+def test_a_budget_with_ratios_of_its_own_is_refused(planted, tmp_path, capsys, extra):
+    """budget= chooses ratios and scope: ratio / scope given beside it were silently ignored."""
+    code = main(["run", planted[0], "--passes", f"prune:budget=macs@0.5:{extra}", "--calib", planted[1],
+                 "-o", str(tmp_path / "out.onnx")])
+    assert code == 2 and "give budget, or ratio / scope / layer_ratios, not both" in capsys.readouterr().err

@@ -403,6 +403,6 @@ def _final_check(study, result: GuardResult, fp32: float, guarded: float, noise:
     """What is kept must not be slower than fp32 beyond the noise: else the model stays float."""
     result.kept = "guarded" if result.float_groups else "int8"
     if guarded - fp32 > noise:
-        result.warnings.append(f"int8 ({guarded:.3f} ms/run) is slower than fp32 ({fp32:.3f} ms/run) beyond the "
-                               f"noise ({noise:.3f} ms) on this backend and CPU: the model stays float")
+        result.warnings.append(f"int8, guarded ({guarded:.3f} ms/run), is slower than fp32 ({fp32:.3f} ms/run) "
+                               f"beyond the noise ({noise:.3f} ms) on this backend and CPU: the model stays float")
         result.float_groups, result.kept = [g.name for g in study.groups], FP32
