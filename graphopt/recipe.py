@@ -44,6 +44,10 @@ def recipe_text(*, model: str, passes: str, backend: str, float_nodes, float_gro
     return yaml.safe_dump(data, sort_keys=False)
 
 
+RECIPE_KEYS = ("kind", "graphopt_version", "model", "model_sha256", "backend", "budget", "passes", "float_groups",
+               "float_nodes", "fallback", "fallback_groups", "formats", "metrics", "forms")
+
+
 def read_recipe(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -71,6 +75,13 @@ def read_recipe(path: str) -> dict[str, Any]:
         raise UsageError(f"--recipe {path}: not YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict) or data.get("kind") != KIND or not isinstance(data.get("passes"), str):
         raise UsageError(f"--recipe {path}: not a graphopt recipe (written by graphopt sensitivity --recipe)")
+    unknown = sorted(set(data) - set(RECIPE_KEYS))
+    if unknown:  # an edit, or a recipe of a newer graphopt: what it would mean is not known here
+        raise UsageError(f"--recipe {path}: unknown key(s) {', '.join(map(str, unknown))} (a recipe has: "
+                         f"{', '.join(RECIPE_KEYS)}; made by graphopt {data.get('graphopt_version')})")
+    if not isinstance(data.get("model_sha256"), str):
+        raise UsageError(f"--recipe {path}: no model_sha256 (the model it was made for): make the recipe again with "
+                         f"graphopt sensitivity --recipe")
     return data
 
 

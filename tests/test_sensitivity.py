@@ -234,6 +234,15 @@ def test_recipe_replays_the_same_exclusions_and_refuses_another_model(fragile, t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "made for another model" in err
     assert not (tmp_path / "x.onnx").exists()
+    # edited by hand: a key no recipe has, or the model's hash removed, is refused with what is wrong
+    text = recipe.read_text()
+    for edited, words in ((text + "bogus_key: 1\n", "unknown key(s) bogus_key"),
+                          ("".join(line + "\n" for line in text.splitlines() if not line.startswith("model_sha256")),
+                           "no model_sha256")):
+        recipe.write_text(edited)
+        assert main(["run", str(model), "--recipe", str(recipe), "--calib", str(calib), "-o",
+                     str(tmp_path / "x.onnx")]) == 2
+        assert words in capsys.readouterr().err
 
 
 def test_budget_pass_in_the_int8_budget_pipeline(fragile, tmp_path, capsys):
