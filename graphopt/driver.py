@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from graphopt.errors import (
     GraphoptError,
@@ -29,46 +28,23 @@ from graphopt.errors import (
     VerificationError,
 )
 from graphopt.ir import Graph, load_model
-from graphopt.passes.base import Equivalence, PassContext
+from graphopt.passes.base import PassContext
 from graphopt.passes.check import CHECK_SAMPLES, NumericCheck
-from graphopt.passes.instruments import CrashReproducer, Instrument, Snapshot, Verify, model_suffix, snapshot_name
+from graphopt.passes.instruments import (
+    CrashReproducer,
+    FineTune,
+    Instrument,
+    Snapshot,
+    Verify,
+    model_suffix,
+    snapshot_name,
+)
 from graphopt.passes.manager import PassManager, RunReport
 from graphopt.passes.pipeline import format_passes, parse_pipeline, resolve
 from graphopt.paths import IOPlan, Staged
 
 DEFAULT_PIPELINE = "fold"  # an alias the registry resolves (graphopt's own plugins register it)
 API_FLAGS = {"output": "output=", "snapshot_dir": "snapshot_dir=", "reproducer": "reproducer="}  # how errors name them
-
-
-class FineTune(Instrument):
-    """Runs the user's training loop on the model right after each modifying pass named in ``after`` (None:
-    every pass meant to change the outputs, ``equivalence = none``: pruning, sparsity; not one that trains the
-    model itself, ``trains``: qat).
-
-    ``fn(module)`` receives the FX ``GraphModule`` (parameters are trainable ``nn.Parameter``s; call ``.train()``
-    as your loop needs) and trains it in place or returns a replacement. The module is put back in eval mode and
-    its shapes re-propagated before the next pass, so ``prune, fine-tune, int8`` is one pipeline.
-    """
-
-    def __init__(self, fn: Callable[[Any], Any], after: Iterable[str] | None = None):
-        self.fn, self.after = fn, None if after is None else frozenset(after)
-
-    def after_pass(self, pass_, result, record, ctx) -> None:
-        if self.after is None:  # passes meant to change the outputs, except those that train the model themselves
-            chosen = pass_.equivalence == Equivalence.NONE and not pass_.trains
-        else:
-            chosen = pass_.name in self.after
-        if not chosen or not result.modified:
-            return
-        graph, start = result.graph, time.perf_counter()
-        returned = trained_module(self.fn(graph.gm), "finetune=")
-        if returned is not None:
-            graph.gm = returned
-        graph.gm.eval()
-        graph.infer_shapes()
-        name = getattr(self.fn, "__name__", type(self.fn).__name__)
-        record.notes.append(f"fine-tuned by {name}() in {time.perf_counter() - start:.1f} s")
-        record.checks["fine_tuned"] = True  # the numeric check holds no pass trained after to the outputs before
 
 
 def refuse_suffix(graph: Graph, path: str | None, flag: str) -> None:
@@ -79,17 +55,6 @@ def refuse_suffix(graph: Graph, path: str | None, flag: str) -> None:
     if path is not None and graph.ir == "onnx" and os.fspath(path).endswith(TORCH_SUFFIXES):
         raise UsageError(f"{flag} {path}: an ONNX model is written as .onnx (graphopt reads "
                          f"{', '.join(TORCH_SUFFIXES)} files as PyTorch ones)")
-
-
-def trained_module(returned: Any, who: str) -> Any:
-    """What a training loop (``finetune=``, ``qat=``) returned: None (it trained in place) or the GraphModule it
-    was given or replaced it with; anything else is the caller's mistake, said in one line."""
-    import torch
-
-    if returned is None or isinstance(returned, torch.fx.GraphModule):
-        return returned
-    raise UsageError(f"{who} returned a {type(returned).__name__}: a training loop trains the torch.fx.GraphModule "
-                     f"it is given, in place (return None) or returning that module")
 
 
 @dataclass

@@ -31,6 +31,17 @@ from typing import Any, Callable, Iterable
 from graphopt.errors import GraphoptError, UnsupportedError, UsageError, first_line
 
 
+def trained_module(returned: Any, who: str) -> Any:
+    """What a training loop (``finetune=``, ``qat=``) returned: None (it trained in place) or the GraphModule it
+    was given or replaced it with; anything else is the caller's mistake, said in one line."""
+    import torch
+
+    if returned is None or isinstance(returned, torch.fx.GraphModule):
+        return returned
+    raise UsageError(f"{who} returned a {type(returned).__name__}: a training loop trains the torch.fx.GraphModule "
+                     f"it is given, in place (return None) or returning that module")
+
+
 def distillation_loss(student_logits, teacher_logits, labels, *, T: float = 4.0, alpha: float = 0.7):
     """``(1 - alpha) * CE(labels, student) + alpha * T**2 * KL(softmax(teacher / T) || softmax(student / T))``,
     averaged over the batch."""

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.backends.scheme import Placement
 from graphopt.calib.state import RANGES
-from graphopt.driver import trained_module
 from graphopt.errors import UsageError
+from graphopt.train import trained_module
 
 
 class Qat(Pass):

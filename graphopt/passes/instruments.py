@@ -11,9 +11,12 @@ the manager for every pass. Plugins add more through ``graphopt_register_instrum
 from __future__ import annotations
 
 import os
+import time
+from typing import Any, Callable, Iterable
 
 from graphopt.errors import VerificationError
 from graphopt.numeric import relative_error  # noqa: F401  (re-exported: tests and plugins compare outputs)
+from graphopt.passes.base import Equivalence
 
 
 class Instrument:
@@ -27,6 +30,39 @@ class Instrument:
 
     def after_pipeline(self, graph, report, ctx) -> None:
         """Once, after the last pass, on the result (before it is written)."""
+
+
+class FineTune(Instrument):
+    """Runs the user's training loop on the model right after each modifying pass named in ``after`` (None:
+    every pass meant to change the outputs, ``equivalence = none``: pruning, sparsity; not one that trains the
+    model itself, ``trains``: qat).
+
+    ``fn(module)`` receives the FX ``GraphModule`` (parameters are trainable ``nn.Parameter``s; call ``.train()``
+    as your loop needs) and trains it in place or returns a replacement. The module is put back in eval mode and
+    its shapes re-propagated before the next pass, so ``prune, fine-tune, int8`` is one pipeline.
+    """
+
+    def __init__(self, fn: Callable[[Any], Any], after: Iterable[str] | None = None):
+        self.fn, self.after = fn, None if after is None else frozenset(after)
+
+    def after_pass(self, pass_, result, record, ctx) -> None:
+        if self.after is None:  # passes meant to change the outputs, except those that train the model themselves
+            chosen = pass_.equivalence == Equivalence.NONE and not pass_.trains
+        else:
+            chosen = pass_.name in self.after
+        if not chosen or not result.modified:
+            return
+        graph, start = result.graph, time.perf_counter()
+        from graphopt.train import trained_module
+
+        returned = trained_module(self.fn(graph.gm), "finetune=")
+        if returned is not None:
+            graph.gm = returned
+        graph.gm.eval()
+        graph.infer_shapes()
+        name = getattr(self.fn, "__name__", type(self.fn).__name__)
+        record.notes.append(f"fine-tuned by {name}() in {time.perf_counter() - start:.1f} s")
+        record.checks["fine_tuned"] = True  # the numeric check holds no pass trained after to the outputs before
 
 
 class Verify(Instrument):
