@@ -155,20 +155,19 @@ def _onnx_file(path: str):
     return model
 
 
-def _check_json(path: str | None, reads: list[tuple[str, str | None]]) -> None:
+def _check_json(path: str | None, models: list[tuple[str, str]], data: tuple[str, str | None] = ("", None)) -> None:
     """Before any work: --json is none of the files the command reads (its models and their external data, its
     data), and its folder is writable."""
     if path is None:
         return
-    from graphopt.ir import external_data_files
+    from graphopt.ir import model_reads
     from graphopt.paths import IOPlan
 
     plan = IOPlan(outputs=[("--json", path)])
-    for what, read in reads:
-        plan.read(what, read)
-        if read and read.endswith(".onnx") and os.path.isfile(read):
-            for data_file in external_data_files(read):
-                plan.read(f"{what}'s external data", data_file)
+    for what, model in models:
+        for each in model_reads(what, model):
+            plan.read(*each)
+    plan.read(*data)
     plan.check()
 
 
@@ -224,7 +223,7 @@ def cmd_compare(args) -> int:
         raise UsageError(f"--samples must be at least 1 and --top at least 0 (got {args.samples}, {args.top})")
     if args.labels and not args.data:
         raise UsageError("--labels names an array in --data; give --data too")
-    _check_json(args.json, [("model A", args.a), ("model B", args.b), ("--data", args.data)])
+    _check_json(args.json, [("model A", args.a), ("model B", args.b)], ("--data", args.data))
     backend = backend_from_args(args)
     model_a, model_b = _model_file(backend, args.a), _model_file(backend, args.b)
     data = labels = None

@@ -41,7 +41,7 @@ from graphopt.passes.instruments import (
 )
 from graphopt.passes.manager import PassManager, RunReport
 from graphopt.passes.pipeline import format_passes, parse_pipeline, resolve
-from graphopt.paths import IOPlan, Staged
+from graphopt.paths import IOPlan, Staged, named_as
 
 DEFAULT_PIPELINE = "fold"  # an alias the registry resolves (graphopt's own plugins register it)
 API_FLAGS = {"output": "output=", "snapshot_dir": "snapshot_dir=", "reproducer": "reproducer="}  # how errors name them
@@ -177,15 +177,12 @@ class Driver:
         """Every file this run reads (the model and its external data, calibration data given as a path, the files
         pass options name) and writes (``output`` and its external data, files pass options name, snapshots, a
         reproducer), for :meth:`IOPlan.check`; ``flags`` names the outputs in its errors (the CLI's: ``-o``)."""
-        from graphopt.ir import TORCH_SUFFIXES, external_data_files
+        from graphopt.ir import model_reads
 
         plan = IOPlan()
         if isinstance(model, (str, os.PathLike)):
-            path = os.fspath(model)
-            plan.read("input model", path)
-            if not path.endswith(TORCH_SUFFIXES) and os.path.isfile(path):
-                for data_file in external_data_files(path):
-                    plan.read("input model's external data", data_file)
+            for what, path in model_reads("input model", model):
+                plan.read(what, path)
         if isinstance(self.config.calibration, (str, os.PathLike)):
             plan.read("calibration data", os.fspath(self.config.calibration))
         for pass_ in self.passes:
@@ -304,11 +301,8 @@ class Driver:
                 if check is not None:
                     check.final_path = staged_path
                 manager.finish(out, report)
-                try:
-                    artifact.update(self.backend.write_beside(out, staged_path))  # an engine built from the file
-                except GraphoptError as exc:  # named by the path the user gave, not the staging folder's
-                    exc.args = tuple(a.replace(staged_path, output) if isinstance(a, str) else a for a in exc.args)
-                    raise
+                with named_as(staged_path, output):  # an engine built from the file; errors name -o's path
+                    artifact.update(self.backend.write_beside(out, staged_path))
                 if before_move is not None:
                     before_move(staged_path, out)
                 written.extend(os.path.join(os.path.dirname(os.path.abspath(output)), name)

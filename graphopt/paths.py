@@ -160,6 +160,16 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def named_as(staged_path: str, given: str):
+    """graphopt errors raised in the block name ``given`` (the path the user gave) where they say ``staged_path``."""
+    try:
+        yield
+    except GraphoptError as exc:
+        exc.args = tuple(a.replace(staged_path, given) if isinstance(a, str) else a for a in exc.args)
+        raise
+
+
 class Staged:
     """A temporary folder beside ``path`` to write a file and its companions (external data) into; ``commit``
     moves them into place (companions first, the file last), ``discard`` removes everything."""
@@ -178,14 +188,9 @@ class Staged:
         """Where to write the file: same name, in the temporary folder (so external data is named after it)."""
         return os.path.join(self.tmp, os.path.basename(self.path))
 
-    @contextlib.contextmanager
     def named(self):
         """Errors raised while writing the staged file name the path the user gave, not the temporary one."""
-        try:
-            yield
-        except GraphoptError as exc:
-            exc.args = tuple(a.replace(self.staged_path, self.given) if isinstance(a, str) else a for a in exc.args)
-            raise
+        return named_as(self.staged_path, self.given)
 
     def commit(self) -> list[str]:
         names = sorted(os.listdir(self.tmp), key=lambda n: n == os.path.basename(self.path))

@@ -47,4 +47,14 @@ def load_model(model: Any, example_inputs: Any = None, *, trust_pickle: bool = F
                          f"ExportedProgram)")
 
 
-__all__ = ["Graph", "OnnxGraph", "OpKind", "external_data_files", "load_model"]
+def model_reads(what: str, path: str) -> list[tuple[str, str]]:
+    """``(what, path)`` of every file a run reads for the model at ``path``: the file, and for an ONNX model that
+    exists its external data (for :class:`graphopt.paths.IOPlan`: none is ever written)."""
+    path = os.fspath(path)
+    reads = [(what, path)]
+    if not path.endswith(TORCH_SUFFIXES) and os.path.isfile(path):
+        reads += [(f"{what}'s external data", data) for data in external_data_files(path)]
+    return reads
+
+
+__all__ = ["Graph", "OnnxGraph", "OpKind", "external_data_files", "load_model", "model_reads"]
