@@ -43,7 +43,8 @@ class InsertObservers(Pass):
         types = graph.inferred_shapes()
         names = [t.name for t in graph.gs.inputs]
         names += [t.name for node in graph.gs.nodes for t in node.outputs if t.name and not t.is_empty()]
-        floats = [n for n in dict.fromkeys(names) if _is_float(graph, n, types)]
+        tensors = graph.gs.tensors()  # one map for all (gs rebuilds it on every call)
+        floats = [n for n in dict.fromkeys(names) if _is_float(tensors.get(n), types.get(n))]
         ctx.state[OBSERVERS] = {name: HistogramObserver(self.options.bins) for name in floats}
         return PassResult(graph, False, {"observed tensors": len(floats)})
 
@@ -60,9 +61,9 @@ class InsertObservers(Pass):
         return PassResult(aten, aten is not graph or folded > 0, {k: v for k, v in stats.items() if v})
 
 
-def _is_float(graph, name: str, types) -> bool:
-    tensor = graph.gs.tensors().get(name)
-    dtype = tensor.dtype if tensor is not None and tensor.dtype is not None else (types.get(name) or (None, None))[1]
+def _is_float(tensor, inferred) -> bool:
+    """Whether a tensor holds floats: its own dtype, else the inferred ``(shape, dtype)``."""
+    dtype = tensor.dtype if tensor is not None and tensor.dtype is not None else (inferred or (None, None))[1]
     return dtype is not None and np.issubdtype(np.dtype(dtype), np.floating)
 
 
