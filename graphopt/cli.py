@@ -138,6 +138,11 @@ def cmd_passes(args) -> int:
         if alias.doc:
             print(f"    {alias.doc}")
         print()
+    for name in sorted(registry.instruments) if not args.name else []:
+        doc = (textwrap.dedent(getattr(registry.instruments[name], "__doc__", None) or "").strip().splitlines()
+               or [""])[0]
+        print(f"{name}  [instrument, --instrument {name}; plugin {registry.origin.get(('instrument', name))}]"
+              + (f"\n    {doc}" if doc else "") + "\n")
     for plugin, reason in sorted(registry.failed.items()):
         print(f"plugin '{plugin}' failed to load: {reason}", file=sys.stderr)
     return 0

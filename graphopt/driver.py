@@ -20,15 +20,18 @@ from typing import Any, Callable
 
 from graphopt.errors import (
     GraphoptError,
+    InputError,
     ModelLoadError,
     NumericMismatchError,
     PassError,
+    PluginError,
     UnsupportedError,
     UsageError,
     VerificationError,
+    first_line,
 )
 from graphopt.ir import Graph, load_model
-from graphopt.passes.base import PassContext
+from graphopt.passes.base import PassContext, commit_staged
 from graphopt.passes.check import CHECK_SAMPLES, NumericCheck
 from graphopt.passes.instruments import (
     CrashReproducer,
@@ -162,7 +165,11 @@ class Driver:
             known = ", ".join(sorted(self.registry.instruments)) or "none registered"
             raise UsageError(f"unknown instrument '{spec}' (known: {known}; plugins add them with "
                              f"graphopt_register_instruments)")
-        return self.registry.instruments[spec]()
+        try:
+            return self.registry.instruments[spec]()
+        except Exception as exc:  # a plugin's instrument class that needs arguments, or fails to build
+            raise PluginError(f"instrument '{spec}' (plugin '{self.registry.origin.get(('instrument', spec))}') "
+                              f"could not be made: {type(exc).__name__}: {first_line(exc)}") from None
 
     # -- loading ------------------------------------------------------------------------------------------
     def load(self, model: Any) -> Graph:
@@ -188,6 +195,8 @@ class Driver:
         for pass_ in self.passes:
             reads, writes = pass_.files()
             for what, path in reads:
+                if not os.path.exists(path):  # said before any pass runs, not when the pass opens it
+                    raise InputError(f"{pass_.name}: {what} {path}: no such file")
                 plan.read(f"{what} of {pass_.name}", path)
             for option, path in writes:
                 plan.write(f"{pass_.name}:{option}=", path)
@@ -264,14 +273,14 @@ class Driver:
         graph = graph if graph is not None else self.load(model)
         refuse_suffix(graph, output, API_FLAGS["output"])
         config = self.config
+        plan = self.io_plan(model, graph, output)
         if output is not None or config.snapshot_dir or config.reproducer or any(p.files()[1] for p in self.passes):
-            self.io_plan(model, graph, output).check()  # nothing it reads is written, every target writable
+            plan.check()  # nothing it reads is written, every target writable
         ctx = self.context(graph)
+        ctx.io = plan  # what a pass's write_after must not write
         original = None if owned else graph  # the caller's graph: the manager copies it before editing
         try:
-            result = self._execute(model, graph, owned, ctx, output, before_move)
-            result.written += ctx.write_deferred()  # the files pass options name, now that the run succeeded
-            return result
+            return self._execute(model, graph, owned, ctx, output, before_move)
         except NumericMismatchError as exc:
             if len(getattr(exc, "passes", ())) > 1:
                 self._blame(model, original, ctx)
@@ -293,8 +302,10 @@ class Driver:
                 self._verify_as_the_input_allows(model, out, report, exc)
         written: list[str] = []
         artifact: dict[str, Any] = {}
+        pending: list = []  # the files pass options name, staged with the model and moved in after it
         if output is None:
             manager.finish(out, report)
+            written = ctx.write_deferred()
         elif out.ir == "onnx":  # written beside its place; the check's last run is on that file, then it moves
 
             def check_then_move(staged_path: str) -> None:
@@ -305,10 +316,17 @@ class Driver:
                     artifact.update(self.backend.write_beside(out, staged_path))
                 if before_move is not None:
                     before_move(staged_path, out)
+                pending.extend(ctx.stage_deferred())
                 written.extend(os.path.join(os.path.dirname(os.path.abspath(output)), name)
                                for name in sorted(os.listdir(os.path.dirname(staged_path))))
 
-            out.save(output, before_move=check_then_move)
+            try:
+                out.save(output, before_move=check_then_move)
+            except BaseException:
+                for staged_file in pending:  # the model did not move in: neither do they
+                    staged_file.discard()
+                raise
+            written += commit_staged(pending)
         else:
             staged = Staged(output)
             try:
@@ -319,9 +337,14 @@ class Driver:
                 manager.finish(out, report)
                 if before_move is not None:
                     before_move(staged.staged_path, out)
+                pending = ctx.stage_deferred()
                 written = staged.commit()
             finally:
                 staged.discard()
+                if not written:  # the model did not move in: neither do they
+                    for staged_file in pending:
+                        staged_file.discard()
+            written += commit_staged(pending)
         return RunResult(out, report, str(self.pipeline), format_passes(self.passes), ctx, source, written, artifact)
 
     def _verify_as_the_input_allows(self, model: Any, out: Graph, report: RunReport, exc: ValueError) -> None:

@@ -99,6 +99,14 @@ class UnsupportedIRError(UnsupportedError):
         super().__init__(f"pass '{pass_name}': {message}")
 
 
+class InstrumentError(PassError):
+    """An instrument (``--instrument NAME``, ``instruments=``) failed; the message names it."""
+
+    def __init__(self, instrument: str, message: str):
+        self.pass_name = instrument
+        GraphoptError.__init__(self, f"instrument '{instrument}': {message}")
+
+
 class VerificationError(PassError):
     """The graph a pass produced failed verification (checker, shape inference, FX lint)."""
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, ClassVar, Protocol
 
-from graphopt.errors import PassError, UnsupportedIRError, UsageError
+from graphopt.errors import GraphoptError, OutputError, PassError, UnsupportedIRError, UsageError, first_line
 from graphopt.ir.base import Graph
 
 IRS = frozenset({"onnx", "fx"})
@@ -82,8 +83,10 @@ class PassContext:
     executor: str = ""
     # the passes of the run, in order (set by the pass manager): a pass that prepares another reads its options
     pipeline: list[Any] = field(default_factory=list)
-    # files the passes' options name (plot=, map=), written once the run succeeds: (path, write(path))
-    deferred: list[tuple[str, Callable[[str], None]]] = field(default_factory=list)
+    # files the passes' options name (plot=, map=), written once the run succeeds: (path, write(path), pass name)
+    deferred: list[tuple[str, Callable[[str], None], str]] = field(default_factory=list)
+    io: Any = None  # the run's files (graphopt.paths.IOPlan, set by the driver): what write_after must not write
+    running: str = ""  # the pass running now (set by the pass manager), for messages
     _analyses: dict[str, Any] = field(default_factory=dict)
 
     def warn(self, message: str) -> None:
@@ -100,23 +103,45 @@ class PassContext:
     def write_after(self, path: str, write: Callable[[str], None]) -> None:
         """Have ``write(target)`` write the file at ``path`` once the run has succeeded (its model checked and
         written): how a pass writes the files its options name, so that a failed run, or one that writes no model
-        (``--bisect``), leaves none behind. A pass called on its own (no context given) writes them when it ends."""
-        self.deferred.append((path, write))
+        (``--bisect``), leaves none behind. A pass called on its own (no context given) writes them when it ends.
+        A path the run reads (the model, its data: :attr:`io`) is refused here, whether or not the pass declared
+        it in :meth:`Pass.files`."""
+        if self.io is not None:
+            from graphopt.paths import IOPlan
+
+            IOPlan(inputs=list(self.io.inputs), input_folders=list(self.io.input_folders),
+                   outputs=[(f"{_who(self.running)} writes", os.fspath(path))]).check()
+        self.deferred.append((os.fspath(path), write, self.running))
+
+    def stage_deferred(self) -> list:
+        """Write the files :meth:`write_after` put off beside their places (:class:`graphopt.paths.Staged`, in
+        order), for the caller to commit once the model is in place; a writer that fails leaves none of them."""
+        from graphopt.paths import Staged
+
+        staged, todo, self.deferred = [], self.deferred, []
+        try:
+            for path, write, pass_name in todo:
+                staged.append(Staged(path))
+                with staged[-1].named():
+                    try:
+                        write(staged[-1].staged_path)
+                    except GraphoptError:
+                        raise
+                    except OSError as exc:
+                        raise OutputError(f"{path} ({_who(pass_name)}): cannot write it "
+                                          f"({exc.strerror or first_line(exc)})") from None
+                    except Exception as exc:
+                        raise PassError(pass_name or "?", f"writing {path} raised {type(exc).__name__}: "
+                                                          f"{first_line(exc)}") from exc
+        except BaseException:
+            for s in staged:
+                s.discard()
+            raise
+        return staged
 
     def write_deferred(self) -> list[str]:
         """Write the files :meth:`write_after` put off (each atomically, in order); the paths written."""
-        from graphopt.paths import Staged
-
-        written, todo, self.deferred = [], self.deferred, []
-        for path, write in todo:
-            staged = Staged(path)
-            try:
-                with staged.named():
-                    write(staged.staged_path)
-                written += staged.commit()
-            finally:
-                staged.discard()
-        return written
+        return commit_staged(self.stage_deferred())
 
     def analysis(self, key: str, compute: Callable[[], Any]) -> Any:
         """A cached analysis; dropped after any pass that modifies the graph and does not preserve it."""
@@ -127,6 +152,33 @@ class PassContext:
     def invalidate(self, preserved: frozenset[str] = frozenset()) -> None:
         for key in [k for k in self._analyses if k not in preserved]:
             del self._analyses[key]
+
+
+def _who(pass_name: str) -> str:
+    return f"pass '{pass_name}'" if pass_name else "a pass"
+
+
+def commit_staged(staged: list) -> list[str]:
+    """Move staged files (:meth:`PassContext.stage_deferred`) into place; the paths written."""
+    written = []
+    try:
+        for s in staged:
+            written += s.commit()
+    finally:
+        for s in staged:
+            s.discard()
+    return written
+
+
+def is_builtin(pass_: Any) -> bool:
+    """A pass of graphopt's own (the core's steps, its plugins): held to its contract by graphopt's tests; a
+    plugin's pass is checked (:mod:`graphopt.passes.manager`)."""
+    return type(pass_).__module__.split(".")[0] in ("graphopt", "graphopt_plugins")
+
+
+def valid_pass_name(name: str) -> bool:
+    """A pass or pipeline alias name: non-empty, letters, digits and '-'."""
+    return bool(name) and all(c.isalnum() or c == "-" for c in name)
 
 
 class Pass:
@@ -158,18 +210,28 @@ class Pass:
     @classmethod
     def validate_class(cls) -> None:
         """Checked when a plugin registers the pass, so a malformed pass fails at load time, by name."""
+        import typing
+
         from graphopt.errors import PluginError
 
         where = f"{cls.__module__}.{cls.__qualname__}"
-        if not cls.name or not all(c.isalnum() or c == "-" for c in cls.name):
+        if not isinstance(cls.name, str) or not valid_pass_name(cls.name):
             raise PluginError(f"{where}: pass name {cls.name!r} must be non-empty, letters, digits and '-'")
-        if not cls.irs or not cls.irs <= IRS:
-            raise PluginError(f"{where}: irs must be a non-empty subset of {sorted(IRS)}")
+        if not isinstance(cls.irs, (frozenset, set)) or not cls.irs or not cls.irs <= IRS:
+            raise PluginError(f"{where}: irs must be a non-empty frozenset of {sorted(IRS)}, got {cls.irs!r}")
         missing = [ir for ir in cls.irs if not callable(getattr(cls, f"run_{ir}", None))]
         if missing:
             raise PluginError(f"{where}: declares irs {sorted(cls.irs)} but has no run_{missing[0]}()")
+        if cls.equivalence not in tuple(Equivalence):
+            raise PluginError(f"{where}: equivalence must be one of "
+                              f"{', '.join(f'Equivalence.{e.name}' for e in Equivalence)}, got {cls.equivalence!r}")
         if not (dataclasses.is_dataclass(cls.Options) and cls.Options.__dataclass_params__.frozen):
             raise PluginError(f"{where}: Options must be a frozen dataclass")
+        try:
+            typing.get_type_hints(cls.Options)
+        except Exception as exc:  # a misspelt annotation under `from __future__ import annotations`
+            raise PluginError(f"{where}: an annotation of its Options does not resolve "
+                              f"({type(exc).__name__}: {exc})") from None
 
     def warn_unmatched(self, ctx: PassContext, option: str, missing, what: str = "node in the graph") -> None:
         """Warn, in one line, that ``option`` names what the model does not have (``missing``: a typo, most
@@ -209,6 +271,9 @@ class Pass:
         result = getattr(self, f"run_{graph.ir}")(graph, ctx)
         if not isinstance(result, PassResult):
             raise self.fail(f"returned {type(result).__name__}, not a PassResult")
+        if not isinstance(result.graph, Graph) or result.graph.ir != graph.ir:
+            raise self.fail(f"returned a PassResult holding {type(result.graph).__name__}, not a graph of the IR it "
+                            f"was given ({graph.ir}): return PassResult(graph, ...) with the graph it edited or built")
         if not self.changes_input and result.modified and result.graph is graph:
             raise self.fail("declares changes_input=False (functional) but returned its input graph modified; "
                             "build a new graph, or declare changes_input=True")

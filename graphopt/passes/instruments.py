@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 from graphopt.errors import VerificationError
 from graphopt.numeric import relative_error  # noqa: F401  (re-exported: tests and plugins compare outputs)
-from graphopt.passes.base import Equivalence
+from graphopt.passes.base import Equivalence, is_builtin
 
 
 class Instrument:
@@ -132,6 +132,8 @@ class CrashReproducer(Instrument):
             saved = ""
         except Exception as save_error:  # never hide the pass's own error behind the reproducer's
             saved = f"(the input could not be saved: {type(save_error).__name__}: {save_error})\n"
+        origin = getattr(ctx.registry, "origin", {}).get(pass_.name)
+        plugin = f" -p {origin}" if origin and not is_builtin(pass_) else ""  # found with autoload off too
         with open(os.path.join(self.directory, "reproduce.txt"), "w") as f:
             f.write(f"failing pass: {pass_!r}\nerror: {exc}\n{saved}")
-            f.write(f"graphopt run {path} --passes {pass_!r} --debug\n")
+            f.write(f"graphopt run {path} --passes {pass_!r}{plugin} --debug\n")

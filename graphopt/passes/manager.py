@@ -15,14 +15,16 @@ first pass after which the model's outputs no longer match the original's.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from graphopt.errors import GraphoptError, PassError
+from graphopt.errors import GraphoptError, InstrumentError, PassError, first_line
 from graphopt.ir.base import Graph
+from graphopt.ir.identity import digest, interface
 from graphopt.numeric import relative_error
-from graphopt.passes.base import Equivalence, Pass, PassContext, PassResult
+from graphopt.passes.base import Equivalence, Pass, PassContext, PassResult, is_builtin
 from graphopt.passes.instruments import Instrument
 from graphopt.table import format_table
 
@@ -147,7 +149,7 @@ class PassManager:
 
     def finish(self, graph: Graph, report: RunReport) -> None:
         for inst in self.instruments:
-            inst.after_pipeline(graph, report, self.ctx)
+            _call(inst, "after_pipeline", graph, report, self.ctx)
 
     def _steps_before(self, pass_: Pass, graph: Graph, opset: int | None = None) -> list[Pass]:
         """Core steps a pass needs first: an opset upgrade when it needs a newer opset than the model has."""
@@ -159,27 +161,84 @@ class PassManager:
 
     def _run_one(self, index: int, pass_: Pass, graph: Graph, owned: bool = True):
         for inst in self.instruments:
-            inst.before_pass(pass_, graph, self.ctx)
+            _call(inst, "before_pass", pass_, graph, self.ctx)
         nodes_before = graph.num_nodes()
         copy = pass_.changes_input and (self.copy_each or not owned)
+        trusted = is_builtin(pass_)
+        before = None if trusted else digest(graph)  # a plugin's claims are checked, not taken
+        seam = interface(graph) if pass_.equivalence == Equivalence.EXACT else None
+        self.ctx.running = pass_.name
         start = time.perf_counter()
         try:
             result = pass_(graph.copy() if copy else graph, self.ctx)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin's sys.exit() is a failed pass, not graphopt's exit
             for inst in self.instruments:
-                inst.after_pass_failed(pass_, graph, exc, self.ctx)
+                _call(inst, "after_pass_failed", pass_, graph, exc, self.ctx)
             if isinstance(exc, GraphoptError):
-                raise
-            raise PassError(pass_.name, f"{type(exc).__name__}: {exc}") from exc
+                if trusted:
+                    raise
+                raise _named(pass_, exc) from None
+            what = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else \
+                f"{type(exc).__name__}: {first_line(exc)}"
+            raise PassError(pass_.name, what) from exc
+        finally:
+            self.ctx.running = ""
         seconds = time.perf_counter() - start
+        if before is not None:
+            result = self._check_claims(pass_, graph, result, before)
+        change = _seam_change(seam, interface(result.graph)) if seam is not None else None
+        if change:
+            raise PassError(pass_.name, f"declares itself exact but changed the model's interface: {change}")
         record = PassRecord(index, pass_.name, repr(pass_), nodes_before, result.graph.num_nodes(), result.modified,
                             result.describe(), dict(result.stats), seconds, list(result.notes),
                             skipped=dict(result.skipped))
         for inst in self.instruments:
-            inst.after_pass(pass_, result, record, self.ctx)
+            _call(inst, "after_pass", pass_, result, record, self.ctx)
         if result.modified:
             self.ctx.invalidate(pass_.preserves)
         return result.graph, record
+
+    def _check_claims(self, pass_: Pass, graph: Graph, result: PassResult, before: str) -> PassResult:
+        """A plugin pass's word checked against the graphs: a functional pass (``changes_input = False``) must leave
+        its input as it was, and one that says it changed nothing must not have (else it is checked as changed)."""
+        if not pass_.changes_input and result.graph is not graph and digest(graph) != before:
+            raise PassError(pass_.name, "declares changes_input=False (functional) but edited the graph it was "
+                                        "given; build a new graph, or declare changes_input=True")
+        if not result.modified and digest(result.graph) != before:
+            self.ctx.warn(f"pass '{pass_.name}' reported no change but changed the model: checked as changed")
+            return dataclasses.replace(result, modified=True)
+        return result
+
+
+def _named(pass_: Pass, exc: GraphoptError) -> GraphoptError:
+    """A plugin pass's graphopt error, naming the pass (a bare GraphoptError is a failed pass: exit 5)."""
+    if pass_.name in str(exc):
+        return exc
+    if type(exc) is GraphoptError:
+        return PassError(pass_.name, first_line(exc))
+    exc.args = (f"pass '{pass_.name}': {first_line(exc)}", *exc.args[1:])
+    return exc
+
+
+def _call(inst: Instrument, hook: str, *args) -> None:
+    """An instrument's hook; a plugin instrument that fails is named (exit 5), not an internal error."""
+    try:
+        getattr(inst, hook)(*args)
+    except GraphoptError:
+        raise
+    except Exception as exc:
+        raise InstrumentError(type(inst).__name__, f"{hook} raised {type(exc).__name__}: {first_line(exc)}") from exc
+
+
+def _seam_change(before, after) -> str | None:
+    """How an exact pass changed the model's interface (names, in order; dtypes where both are known), or None."""
+    for kind, old, new in (("inputs", before[0], after[0]), ("outputs", before[1], after[1])):
+        if [n for n, _ in old] != [n for n, _ in new]:
+            return f"its {kind} were {', '.join(n for n, _ in old)}, now {', '.join(n for n, _ in new)}"
+        for (name, was), (_, now) in zip(old, new):
+            if "?" not in (was, now) and was != now:
+                return f"{kind[:-1]} '{name}' was {was}, now {now}"
+    return None
 
 
 @dataclass

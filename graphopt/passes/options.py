@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any
 
-from graphopt.errors import PipelineError
+from graphopt.errors import PipelineError, first_line
 
 LIST_SEP = "+"
 _TRUE = {"true", "1", "yes", "on"}
@@ -32,15 +32,24 @@ def _convert(pass_name: str, key: str, text: str, hint: Any, kind: str = "pass")
         inner = [a for a in args if a is not type(None)]
         if text.lower() == "none" and len(inner) < len(args):
             return None
-        return _convert(pass_name, key, text, inner[0] if len(inner) == 1 else str, kind)
+        for i, alternative in enumerate(inner):  # the first type the text parses as (int | float: 2 -> 2, 1.5 -> 1.5)
+            try:
+                return _convert(pass_name, key, text, alternative, kind)
+            except PipelineError:
+                if i == len(inner) - 1:
+                    raise bad(" or ".join(_type_name(a) for a in inner)) from None
     if origin is typing.Literal:
         for choice in args:
             if str(choice) == text:
                 return choice
         raise bad("one of " + ", ".join(str(a) for a in args))
     if origin is tuple:
-        item = args[0] if args else str
-        return tuple(_convert(pass_name, key, part, item, kind) for part in text.split(LIST_SEP)) if text else ()
+        parts = text.split(LIST_SEP) if text else []
+        if len(args) == 2 and args[1] is Ellipsis or not args:  # tuple[T, ...]: any number of items
+            return tuple(_convert(pass_name, key, part, args[0] if args else str, kind) for part in parts)
+        if len(parts) != len(args):  # tuple[A, B]: exactly that many
+            raise bad(f"{len(args)} items joined by '{LIST_SEP}'")
+        return tuple(_convert(pass_name, key, part, item, kind) for part, item in zip(parts, args))
     if hint is bool:
         if text.lower() in _TRUE:
             return True
@@ -72,10 +81,14 @@ def parse_options(pass_name: str, options_cls: type, items: dict[str, str], kind
             known = ", ".join(fields) or "none"
             raise PipelineError(f"{kind} '{pass_name}' has no option '{key}' (its options: {known})")
         values[key] = _convert(pass_name, key, text, fields[key][1], kind)
+    required = [name for name, (f, _) in fields.items() if name not in values and _default(f) is dataclasses.MISSING]
+    if required:
+        raise PipelineError(f"{kind} '{pass_name}': option '{required[0]}' has no default: give it "
+                            f"({pass_name}:{required[0]}=...)")
     try:
         return options_cls(**values)
-    except (TypeError, ValueError) as exc:  # __post_init__ validation
-        raise PipelineError(f"{kind} '{pass_name}': {exc}") from None
+    except Exception as exc:  # __post_init__ validation (ValueError; a plugin's assert, ...)
+        raise PipelineError(f"{kind} '{pass_name}': {first_line(exc)}") from None
 
 
 def format_value(value: Any) -> str:
@@ -95,9 +108,7 @@ def format_options(options: Any) -> str:
     parts = []
     for f in dataclasses.fields(options):
         value = getattr(options, f.name)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-        if value != default:
+        if value != _default(f):
             parts.append(f"{f.name}={format_value(value)}")
     return ":".join(parts)
 
@@ -106,10 +117,16 @@ def describe_options(options_cls: type) -> list[tuple[str, str, str]]:
     """``(name, type, default)`` for each option, for ``graphopt passes``."""
     rows = []
     for name, (f, hint) in _fields(options_cls).items():
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        rows.append((name, _type_name(hint), format_value(default)))
+        default = _default(f)
+        rows.append((name, _type_name(hint), "required" if default is dataclasses.MISSING else format_value(default)))
     return rows
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default (its factory's value), or ``dataclasses.MISSING``."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
 
 
 def _type_name(hint: Any) -> str:
@@ -118,8 +135,10 @@ def _type_name(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Literal:
         return "one of " + "|".join(format_value(a) for a in args)
-    if origin is tuple:
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis or origin is tuple and not args:
         return f"list of {_type_name(args[0]) if args else 'str'} (joined by {LIST_SEP})"
+    if origin is tuple:
+        return f"{' + '.join(_type_name(a) for a in args)} (joined by {LIST_SEP})"
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         return " or ".join(_type_name(a) for a in inner) + (" or none" if len(inner) < len(args) else "")

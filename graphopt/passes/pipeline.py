@@ -96,14 +96,11 @@ def _route_options(spec: PassSpec, text: str, inner: Pipeline, registry) -> Pipe
     """An alias's options go to the pass of the alias that has them: all of them to an alias of one pass
     (``prune:ratio=0.3``), each to the one pass that declares it otherwise (``int8:method=entropy`` to calibrate,
     ``int8-qat:learn_scales=true`` to qat). An option no pass of the alias has, or several do, is refused."""
-    import dataclasses
-
     specs = list(inner.specs)
     if len(specs) == 1:
         owners_of = lambda key: [0]  # noqa: E731  (the pass checks its own option names)
     else:
-        fields = [{f.name for f in dataclasses.fields(registry.pass_class(s.name).Options)}
-                  if s.name in registry.passes else set() for s in specs]
+        fields = [_option_names(s.name, registry) for s in specs]
         owners_of = lambda key: [i for i, names in enumerate(fields) if key in names]  # noqa: E731
     for key, value in spec.options:
         owners = owners_of(key)
@@ -114,6 +111,19 @@ def _route_options(spec: PassSpec, text: str, inner: Pipeline, registry) -> Pipe
         target = specs[owners[0]]
         specs[owners[0]] = PassSpec(target.name, tuple({**dict(target.options), key: value}.items()))
     return Pipeline(tuple(specs))
+
+
+def _option_names(name: str, registry, seen: tuple[str, ...] = ()) -> set[str]:
+    """The options a pipeline element takes: a pass's own, an alias's passes' (through nested aliases: the alias
+    inside routes them on)."""
+    import dataclasses
+
+    if name in registry.passes:
+        return {f.name for f in dataclasses.fields(registry.pass_class(name).Options)}
+    alias = registry.pipelines.get(name)
+    if alias is None or name in seen:
+        return set()
+    return set().union(*(_option_names(s.name, registry, (*seen, name)) for s in parse_pipeline(alias.text).specs))
 
 
 def format_passes(passes: list) -> str:
