@@ -123,36 +123,32 @@ def _model_file(backend, path: str):
     if "onnx" in backend.irs:
         return _onnx_file(path)
     from graphopt.errors import ModelLoadError
+    from graphopt.paths import require_regular
 
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
     if os.path.isdir(path):
         raise ModelLoadError(f"{path}: is a directory, not a model file")
+    require_regular(path, "model")
     return path
 
 
 def _onnx_file(path: str):
     """An .onnx file as a ModelProto, with the one-line errors `graphopt run` gives for bad models."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    from graphopt.errors import ModelLoadError, first_line
+    from graphopt.errors import ModelLoadError
+    from graphopt.ir.onnx_graph import OnnxGraph
     from graphopt.ir.torch_files import looks_like_torch_file, torch_file_kind
+    from graphopt.paths import require_regular
 
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
     if os.path.isdir(path):
         raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
+    require_regular(path, "model")
     if looks_like_torch_file(path):
         torch_file_kind(path)  # a zip or pickle that is no PyTorch model (an .npz) is said as such
         raise UsageError(f"{path}: a PyTorch file, not ONNX (run it with --backend x86)")  # readable: another backend
-    try:
-        model = onnx.load(path)
-    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(exc)}); truncated or not ONNX?")
-    if not model.graph.node and not model.graph.output:
-        raise ModelLoadError(f"{path}: not an ONNX model (no graph, no outputs)")
-    return model
+    return OnnxGraph.load(path).to_model()  # graphopt's loader: its checks of the file and its external data
 
 
 def _check_json(path: str | None, models: list[tuple[str, str]], data: tuple[str, str | None] = ("", None)) -> None:
@@ -200,19 +196,26 @@ def cmd_bench(args) -> int:
 
 
 def load_npz(path: str) -> dict:
-    import zipfile
 
     import numpy as np
 
+    from graphopt.errors import first_line
+    from graphopt.paths import require_regular
+
+    require_regular(path, "data")
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise ValueError("a single array, not an .npz archive of named arrays")
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # whatever a damaged or foreign file makes numpy raise: the file is named
+        raise InputError(f"{path}: not a readable .npz file ({first_line(exc)})") from None
+    if not hasattr(archive, "files"):
+        raise InputError(f"{path}: a single array, not an .npz archive of named arrays (np.savez(path, name=array))")
+    try:
+        with archive:
             return {k: archive[k] for k in archive.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else exc})")
+    except Exception as exc:  # a bad CRC, an unknown compression, a pickled member
+        raise InputError(f"{path}: not a readable .npz file ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def cmd_compare(args) -> int:

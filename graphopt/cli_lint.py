@@ -52,6 +52,7 @@ def cmd_lint(args) -> int:
     from graphopt.backends import get_backend
     from graphopt.backends.lint import FixContext, apply_fixes, calibrated_ranges, lint, summary_line
     from graphopt.cli_backend import _onnx_file, registry_from_args
+    from graphopt.ir import model_reads
     from graphopt.ir.onnx_graph import OnnxGraph
     from graphopt.paths import IOPlan, atomic_write
 
@@ -66,7 +67,8 @@ def cmd_lint(args) -> int:
                          f"(backends with rules: {', '.join(with_rules) or 'none'})")
     output = (args.output or default_fixed(args.model)) if args.fix else None
     plan = IOPlan()
-    plan.read("input model", args.model)
+    for what, path in model_reads("input model", args.model):  # the file and its external data
+        plan.read(what, path)
     plan.read("calibration data", args.calib)
     plan.write("-o", output)
     plan.write("-o (its external data)", output + ".data" if output else None)

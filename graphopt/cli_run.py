@@ -113,7 +113,7 @@ def cmd_run(args) -> int:
     from graphopt.driver import Driver, RunConfig
     from graphopt.passes.instruments import FloatReference
     from graphopt.passes.manager import bisect
-    from graphopt.paths import atomic_write
+    from graphopt.paths import atomic_write, real
     from graphopt.report.run_report import (
         cost_report,
         format_run,
@@ -182,6 +182,8 @@ def cmd_run(args) -> int:
                                   f"{driver.backend.name} does not run, so there is no before to compare (run "
                                   f"graphopt compare / bench on {output}, or --backend x86)")
 
+    target = os.path.dirname(real(output))  # where the files go (a link's target's folder)
+    existed = {real(os.path.join(target, n)) for n in os.listdir(target)}
     run = driver.run(args.model, output, graph=graph, before_move=measure)
     out, report, before = run.graph, run.report, run.source
     if reference.graph is not None and measured.get("_comparison") is not None:  # per layer, by FX node name
@@ -212,7 +214,7 @@ def cmd_run(args) -> int:
                 "output": {"path": output, **after},
                 "backend": driver.backend.name, **run.to_dict(), **jsonable_run(measured),
                 **search_data(run.ctx.state)}
-        try:
+        try:  # every target was checked before the passes: what fails now is the disk (full, gone)
             if args.json:
                 atomic_write(args.json, json.dumps(data, indent=2, default=_json_default), "--json")
             if args.report:
@@ -221,9 +223,9 @@ def cmd_run(args) -> int:
                 written = write_report_dir(args.report, json.loads(json.dumps(data, default=_json_default)),
                                            report.table())
                 say(f"wrote the report into {args.report}: {', '.join(os.path.basename(p) for p in written)}")
-        except OutputError:  # a failed run leaves nothing behind: not the model without its report either
-            for path in run.written + ([args.json] if args.json else []):
-                if os.path.lexists(path):
+        except OutputError:  # a failed run leaves nothing behind: the files it created go (one it replaced stays)
+            for path in run.written:
+                if real(path) not in existed:
                     os.remove(path)
             raise
     return 0

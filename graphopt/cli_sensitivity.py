@@ -51,6 +51,7 @@ def cmd_sensitivity(args) -> int:
     from graphopt.backends import get_backend
     from graphopt.cli_backend import _model_file, load_npz, registry_from_args
     from graphopt.executors import get_executor
+    from graphopt.ir import model_reads
     from graphopt.paths import IOPlan, atomic_write
     from graphopt.report.budget import search_budget
     from graphopt.report.sensitivity import cost_line, prepare, sensitivity
@@ -73,7 +74,8 @@ def cmd_sensitivity(args) -> int:
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UsageError(f"--plot {args.plot}: the chart is a .png file")
     plan = IOPlan()
-    plan.read("input model", args.model)
+    for what, path in model_reads("input model", args.model):  # the file and its external data
+        plan.read(what, path)
     plan.read("calibration data", args.calib)
     plan.read("--eval", args.eval)
     for flag in ("recipe", "plot", "json"):

@@ -44,7 +44,7 @@ from graphopt.passes.instruments import (
 )
 from graphopt.passes.manager import PassManager, RunReport
 from graphopt.passes.pipeline import format_passes, parse_pipeline, resolve
-from graphopt.paths import IOPlan, Staged, named_as
+from graphopt.paths import IOPlan, Staged, named_as, real
 
 DEFAULT_PIPELINE = "fold"  # an alias the registry resolves (graphopt's own plugins register it)
 API_FLAGS = {"output": "output=", "snapshot_dir": "snapshot_dir=", "reproducer": "reproducer="}  # how errors name them
@@ -317,7 +317,7 @@ class Driver:
                 if before_move is not None:
                     before_move(staged_path, out)
                 pending.extend(ctx.stage_deferred())
-                written.extend(os.path.join(os.path.dirname(os.path.abspath(output)), name)
+                written.extend(os.path.join(os.path.dirname(real(output)), name)  # a link: where its target is
                                for name in sorted(os.listdir(os.path.dirname(staged_path))))
 
             try:

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 
-from graphopt.errors import GraphoptError, OutputError, UsageError
+from graphopt.errors import GraphoptError, InputError, OutputError, UsageError
 
 
 def file_sha256(*paths: str) -> str:
@@ -32,6 +32,15 @@ def file_sha256(*paths: str) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def require_regular(path: str, what: str = "input") -> None:
+    """An input graphopt reads must be a regular file (or a link to one) when it exists: a device (/dev/zero) or a
+    pipe would be read without end, or only once where graphopt reads twice. InputError otherwise; a missing path
+    is left to the caller, which says that its own way."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+        raise InputError(f"{path}: the {what} is not a regular file (a device, a pipe or a socket); give a file")
 
 
 def real(path: str) -> str:
@@ -89,23 +98,26 @@ class IOPlan:
                 if target.startswith(real(folder) + os.sep):
                     raise UsageError(f"{flag} {path}: is inside the {what} folder {folder}, which graphopt reads "
                                      f"(write elsewhere)")
-            if target in seen and seen[target] != flag:
-                raise UsageError(f"{flag} {path}: is also the output of {seen[target]} (give them different paths)")
+            if target in seen:
+                also = "written twice by" if seen[target] == flag else "also the output of"
+                raise UsageError(f"{flag} {path}: is {also} {seen[target]} (give them different paths)")
             seen[target] = flag
         for flag, folder in self.folders:
             if os.path.exists(folder) and not os.path.isdir(folder):
                 raise OutputError(f"{flag} {folder}: exists and is not a folder (give a folder path)")
             parent = folder if os.path.isdir(folder) else _existing_parent(folder)
+            _check_name_lengths(flag, folder, parent)
             _check_writable(flag, folder, parent)
         for flag, path in self.outputs:
-            if any(path.startswith(os.path.join(f, "")) for _, f in self.folders):
-                continue  # inside a folder checked above (created later)
+            inside = any(path.startswith(os.path.join(f, "")) for _, f in self.folders)
+            if inside and not os.path.lexists(path):
+                continue  # a new file in a folder checked above (created later)
             if os.path.isdir(path):
                 raise OutputError(f"{flag} {path}: is a directory (give a file path)")
             if os.path.lexists(path) and not os.path.isfile(path):
                 raise OutputError(f"{flag} {path}: exists and is not a regular file (a device, a pipe or a broken "
                                   f"link: graphopt replaces a file, it does not write into one; give a file path)")
-            folder = os.path.dirname(os.path.abspath(path))
+            folder = os.path.dirname(real(path))  # a link is written through: its target's folder takes the file
             if not os.path.isdir(folder):
                 raise OutputError(f"{flag} {path}: folder {folder} does not exist (create it first)")
             _check_writable(flag, path, folder)
@@ -126,6 +138,17 @@ def _existing_parent(path: str) -> str:
             break
         path = parent
     return path
+
+
+def _check_name_lengths(flag: str, folder: str, parent: str) -> None:
+    """A folder to create whose name is longer than the file system takes: said now, not after the passes."""
+    try:
+        longest = os.statvfs(parent).f_namemax
+    except OSError:
+        return
+    for part in os.path.relpath(os.path.abspath(folder), os.path.abspath(parent)).split(os.sep):
+        if len(os.fsencode(part)) > longest:
+            raise OutputError(f"{flag} {folder}: a name longer than {longest} bytes (choose a shorter one)")
 
 
 def _check_writable(flag: str, path: str, folder: str) -> None:

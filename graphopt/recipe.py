@@ -18,7 +18,7 @@ import json
 from typing import Any
 
 from graphopt.errors import UsageError
-from graphopt.paths import file_sha256
+from graphopt.paths import file_sha256, require_regular
 
 __all__ = ["apply_recipe", "check_recipe", "file_sha256", "read_recipe", "recipe_text"]
 
@@ -49,6 +49,7 @@ RECIPE_KEYS = ("kind", "graphopt_version", "model", "model_sha256", "backend", "
 
 
 def read_recipe(path: str) -> dict[str, Any]:
+    require_regular(path, "recipe")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -82,7 +83,26 @@ def read_recipe(path: str) -> dict[str, Any]:
     if not isinstance(data.get("model_sha256"), str):
         raise UsageError(f"--recipe {path}: no model_sha256 (the model it was made for): make the recipe again with "
                          f"graphopt sensitivity --recipe")
+    for key, kind in (("backend", str), ("forms", dict), ("model", str)):
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            raise UsageError(f"--recipe {path}: '{key}' must be a {'text' if kind is str else 'mapping'}, got "
+                             f"{type(data[key]).__name__} (a hand edit? make the recipe again)")
     return data
+
+
+def replayable(passes: str, path: str) -> str:
+    """A recipe's pipeline, refused when a pass option in it names a file: a recipe comes from someone else, and
+    must not choose where graphopt reads or writes (give such options on the command line)."""
+    from graphopt.passes.pipeline import resolve
+    from graphopt.plugins import default_registry
+
+    for pass_ in resolve(passes, default_registry()):
+        reads, writes = pass_.files()
+        named = [f"{option}={target}" for option, target in writes] + [f"{what} {target}" for what, target in reads]
+        if named:
+            raise UsageError(f"--recipe {path}: its pass '{pass_!r}' names a file ({named[0]}); a recipe does not "
+                             f"choose the files graphopt reads or writes")
+    return passes
 
 
 def check_recipe(recipe: dict, path: str, model: str) -> None:
@@ -110,11 +130,11 @@ def apply_recipe(args) -> None:
     spec = args.backend or made
     name = spec.split(":")[0]
     if name == made:
-        args.passes, args.backend = recipe["passes"], spec
+        args.passes, args.backend = replayable(recipe["passes"], args.recipe), spec
         return
     forms = recipe.get("forms") or {}
     form = forms.get(name)
-    if not isinstance(form, dict):
+    if not isinstance(form, dict) or not isinstance(form.get("passes", ""), str):
         has = ", ".join([made] + [k for k, v in forms.items() if isinstance(v, dict) and v.get("available")])
         raise UsageError(f"--recipe {args.recipe} has no {name} form (it has: {has}): make it again with graphopt "
                          f"sensitivity --recipe")
@@ -124,4 +144,6 @@ def apply_recipe(args) -> None:
         raise UsageError(f"--recipe {args.recipe}: the x86 form is for the PyTorch model (module paths "
                          f"{', '.join(form.get('module_paths') or []) or 'none'}): graphopt run MODEL.pt2 --backend "
                          f"x86 --passes {form.get('passes')}, or {form.get('x86_inductor')}")
-    args.passes, args.backend = form["passes"], spec
+    if not isinstance(form.get("passes"), str):
+        raise UsageError(f"--recipe {args.recipe}: its {name} form has no passes (a hand edit? make it again)")
+    args.passes, args.backend = replayable(form["passes"], args.recipe), spec

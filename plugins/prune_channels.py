@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
-from graphopt.errors import GraphoptError, UsageError, first_line
+from graphopt.errors import GraphoptError, UnsupportedError, UsageError, first_line
 from graphopt.prune import BUILTIN_HANDLERS, BUILTIN_IMPORTANCE, Outcome, prune_view, settle
 from graphopt.prune.importance import l1
 from graphopt.prune.propagate import internal_reason
@@ -115,7 +115,8 @@ class PruneChannels(Pass):
             handlers.update({op: fn for (where, op), fn in registry.channel_handlers.items() if where in (ir, "*")})
             criteria.update(registry.importance)
         if self.options.criterion not in criteria:
-            raise self.fail(f"unknown criterion '{self.options.criterion}' (known: {', '.join(sorted(criteria))})")
+            raise UsageError(f"pass '{self.name}': unknown criterion '{self.options.criterion}' (known: "
+                             f"{', '.join(sorted(criteria))})")
         return handlers, criteria[self.options.criterion]
 
     def _prune(self, view, handlers, criterion) -> Outcome:
@@ -249,7 +250,8 @@ class PruneChannels(Pass):
 
         handlers, criterion = self._lookup("fx", ctx)
         if self.options.budget:
-            raise self.fail("budget= searches on ONNX models (export the model to ONNX, or give ratios)")
+            raise UnsupportedError(f"pass '{self.name}': budget= searches on ONNX models (export the model to ONNX, "
+                                   f"or give ratios)")
         adapter = FxChannels(graph)
         try:
             view = adapter.view()
@@ -259,7 +261,8 @@ class PruneChannels(Pass):
             return _unchanged(graph, exc)
         if getattr(criterion, "needs_gradients", False):
             if ctx.calibration is None:
-                raise self.fail(f"criterion '{self.options.criterion}' needs calibration data (calibration=...)")
+                raise UsageError(f"pass '{self.name}': criterion '{self.options.criterion}' needs calibration data "
+                                 f"(--calib / calibration=...)")
             from graphopt.calib.sources import load_calibration
 
             specs = [(name, (None, *ex.shape[1:]), ex.detach().numpy().dtype)

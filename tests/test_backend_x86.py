@@ -335,5 +335,9 @@ def test_a_static_package_is_written_with_a_warning(qdq, tmp_path, monkeypatch):
     written = backend.write(qdq, str(tmp_path / "m.pt2"))
     (warning,) = written["warnings"]
     assert "takes only its example's shapes (x 2x3x16x16; inductor miscompiles" in warning
-    facts.dynamic = {"x": [0]}
+    facts.dynamic, facts.static_reason = {"x": [0]}, "the token sequence is fixed: a position table"
+    (warning,) = backend.write(qdq, str(tmp_path / "s.pt2"))["warnings"]  # a dim it meant to free stayed fixed
+    assert "its example's sizes in every dim but those it lists as dynamic" in warning
+    assert "the token sequence is fixed" in warning
+    facts.static_reason = ""
     assert backend.write(qdq, str(tmp_path / "d.pt2"))["warnings"] == []

@@ -220,12 +220,14 @@ class X86Backend(Backend):
         facts.pop("package")
         check = f"x86: the package against the graph on its example inputs: SQNR {fmt_db(sqnr)} dB"
         warnings = []
-        if not any(session.facts.dynamic.values()):  # a package checks no input shape: another batch runs wrong
+        if not any(session.facts.dynamic.values()) or session.facts.static_reason:  # a package checks no shape
             shapes = ", ".join(f"{s.name} {'x'.join(map(str, s.shape))}" for s in session.inputs)
-            warnings.append(f"x86: the package takes only its example's shapes ({shapes}; "
+            what = "its example's shapes" if not any(session.facts.dynamic.values()) else \
+                "its example's sizes in every dim but those it lists as dynamic"
+            warnings.append(f"x86: the package takes only {what} ({shapes}; "
                             f"{session.facts.static_reason or 'no dim could be dynamic'}): AOTInductor checks no "
-                            f"input shape when it runs, so a package fed another batch computes a wrong result "
-                            f"without an error; feed it exactly these shapes")
+                            f"input shape when it runs, so a package fed other sizes there computes a wrong result "
+                            f"without an error; feed it exactly these sizes")
         return {**facts, "engine": self.engine, "check_sqnr_db": sqnr, "warnings": warnings,
                 "summary": session.facts.lines() + [check]}
 

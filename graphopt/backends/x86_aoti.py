@@ -39,7 +39,7 @@ from graphopt.ir.feeds import InputSpec
 from graphopt.ir.fx_ops import get_attr
 
 CACHE_MB = 2048  # the compile cache's size: the least recently used packages go past it
-LOWERING_VERSION = 2  # bump when the lowering below changes what a package holds: old cache entries are not reused
+LOWERING_VERSION = 3  # bump when the lowering below changes what a package holds: old cache entries are not reused
 INDUCTOR_CONFIGS = {"freezing": True}
 METADATA_KEY = "graphopt"  # the package's AOTI metadata entry holding its inputs, outputs and dynamic dims
 # extern kernels in AOTInductor's generated wrapper (aoti_torch_cpu_<op>), by what they compute

@@ -59,7 +59,8 @@ def strip_guards(gm) -> None:
 
 
 def export_dynamic(gm, example_inputs) -> tuple[Any, dict[str, list[int]], str]:
-    """``(exported program, input name -> dynamic dims, why static)``: :func:`graphopt.ir.fx_export.export_with_dims`
+    """``(exported program, input name -> dynamic dims, why a dim graphopt frees stays static, or "")``:
+    :func:`graphopt.ir.fx_export.export_with_dims`
     with :func:`dynamic_dims`, then with the batch dims only (each program probed one size larger: an AOTInductor
     package checks no guard at run time, so a dim the graph does not really free must not reach it); static, with
     the reason, when every attempt fails or inductor would miscompile the dynamic form (:func:`_dynamic_hazard`)."""
@@ -72,11 +73,14 @@ def export_dynamic(gm, example_inputs) -> tuple[Any, dict[str, list[int]], str]:
         return _export_static(gm, example_inputs), static, reason
     wanted = dynamic_dims(example_inputs)
     attempts = [wanted] + ([[d[:1] for d in wanted]] if any(len(d) > 1 for d in wanted) else [])
+    reasons = []
     for dims in attempts:
         program, dynamic, reason = export_with_dims(gm, example_inputs, dims)
-        if program is not None:
-            return program, {name: dynamic.get(i, []) for i, name in enumerate(names)}, ""
-    return _export_static(gm, example_inputs), static, reason
+        if program is not None:  # the batch alone after the first attempt failed: the sequence is fixed, and why
+            fixed = f"the token sequence is fixed: {reasons[0]}" if reasons else ""
+            return program, {name: dynamic.get(i, []) for i, name in enumerate(names)}, fixed
+        reasons.append(reason)
+    return _export_static(gm, example_inputs), static, reasons[-1]
 
 
 def _export_static(gm, example_inputs):

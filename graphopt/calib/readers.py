@@ -10,6 +10,7 @@ of ``.npz``, in-memory arrays, an iterable or a function, fixed-seed synthetic s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import zipfile
@@ -22,7 +23,9 @@ import numpy as np
 
 from graphopt.calib.errors import CalibrationDataError, CalibrationInputError
 from graphopt.calib.validate import InputChecks
+from graphopt.errors import first_line
 from graphopt.ir.feeds import InputSpec, dim_str, random_array
+from graphopt.paths import require_regular
 
 __all__ = ["ArraysSource", "IterableSource", "NpyFolderSource", "NpzFolderSource", "NpzSource", "Source",
            "SyntheticSource", "natural_key", "to_numpy"]
@@ -69,24 +72,28 @@ class NpzSource(Source):
     def headers(self) -> dict[str, tuple]:
         """{member name: (shape, dtype)} of every array in the file, from the headers only."""
         if self._headers is None:
-            try:
-                zf = zipfile.ZipFile(self.path)
-            except (zipfile.BadZipFile, OSError) as exc:
-                raise CalibrationDataError(f"{self.path}: not a readable .npz file ({exc})") from None
-            headers = {}
-            with zf:
-                for info in zf.infolist():
-                    if not info.filename.endswith(".npy"):
-                        continue
-                    with zf.open(info) as fp:
-                        header = _read_npy_header(fp)
-                    if header is None:
-                        with np.load(self.path, allow_pickle=False) as npz:
-                            arr = npz[info.filename[:-4]]
-                        header = (arr.shape, False, arr.dtype)
-                    headers[info.filename[:-4]] = (tuple(header[0]), header[2], header[1])
-            self._headers = headers
+            with _reading(self.path, ".npz"):
+                self._headers = self._read_headers()
         return self._headers
+
+    def _read_headers(self) -> dict[str, tuple]:
+        try:
+            zf = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise CalibrationDataError(f"{self.path}: not a readable .npz file ({exc})") from None
+        headers = {}
+        with zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as fp:
+                    header = _read_npy_header(fp)
+                if header is None:
+                    with np.load(self.path, allow_pickle=False) as npz:
+                        arr = npz[info.filename[:-4]]
+                    header = (arr.shape, False, arr.dtype)
+                headers[info.filename[:-4]] = (tuple(header[0]), header[2], header[1])
+        return headers
 
     def count(self) -> int | None:
         headers = self.headers()
@@ -107,6 +114,10 @@ class NpzSource(Source):
         checks.counts(counts, self.description)
 
     def chunks(self, read_size: int):
+        with _reading(self.path, ".npz"):
+            yield from self._chunks(read_size)
+
+    def _chunks(self, read_size: int):
         headers = self.headers()
         with zipfile.ZipFile(self.path) as zf:
             streams, whole = {}, {}
@@ -146,12 +157,27 @@ class NpzSource(Source):
 
 
 def _mmap(path: Path) -> np.ndarray:
+    with _reading(path, ".npy"):
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:  # an empty array cannot be mapped
+            if "pickle" in str(exc):
+                raise
+            return np.load(path, allow_pickle=False)
+
+
+@contextlib.contextmanager
+def _reading(path: Path, kind: str):
+    """Reading a user's file: whatever a damaged or foreign file makes numpy or zipfile raise (a bad CRC, a pickle,
+    an unknown compression, a device) is one CalibrationDataError naming it."""
+    require_regular(str(path), "calibration data")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError:  # an empty array cannot be mapped
-        return np.load(path, allow_pickle=False)
-    except OSError as exc:
-        raise CalibrationDataError(f"{path}: not a readable .npy file ({exc})") from None
+        yield
+    except CalibrationDataError:
+        raise
+    except Exception as exc:
+        raise CalibrationDataError(f"{path}: not a readable {kind} file ({type(exc).__name__}: "
+                                   f"{first_line(exc)})") from None
 
 
 class NpyFolderSource(Source):

@@ -11,6 +11,7 @@ from graphopt.ir.onnx_graph import OnnxGraph
 from graphopt.ir.onnx_io import external_data_files
 from graphopt.ir.ops import OpKind
 from graphopt.ir.torch_files import looks_like_torch_file
+from graphopt.paths import require_regular
 
 TORCH_SUFFIXES = (".pt", ".pth", ".pt2")
 
@@ -26,6 +27,7 @@ def load_model(model: Any, example_inputs: Any = None, *, trust_pickle: bool = F
         return model
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
+        require_regular(path, "model")  # before anything opens it: a pipe is read once, a device never ends
         if path.endswith(TORCH_SUFFIXES) or (not path.endswith(".onnx") and looks_like_torch_file(path)):
             from graphopt.ir.fx_graph import FxGraph
 

@@ -60,14 +60,54 @@ def export_with_dims(module, example_inputs: Sequence[Any], dims: Sequence[Seque
                for i, v in enumerate(values)}
     if not any(dynamic.values()):
         return None, {}, "the model fixes every dim torch.export was asked to free"
+    bounded = _bounded_dims(program)
+    if bounded:  # a branch on a size (if seq > 8) kept as a range: files written from the graph would lose it
+        return None, {}, f"torch.export keeps {bounded} only: the model branches on that size"
     probe = grown(traced, dynamic)
     try:
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")  # and FX's print of a failing call's source: a failed probe is an answer
-            program.module()(*probe)
+            gm = program.module()
+            for inputs in (probe, example_inputs):  # one larger, and the example's own sizes (traced at >= 2)
+                if not _agree(gm(*inputs), module(*inputs)):
+                    return None, {}, (f"the graph traced at sizes {_sizes(traced)} computes other outputs than the "
+                                      f"module at {_sizes(inputs)}: the model branches on a size")
     except Exception as exc:
         return None, {}, f"the graph holds a size of its example inputs: {first_line(exc, 120)}"
     return program, {i: d for i, d in dynamic.items() if d}, ""
+
+
+def _bounded_dims(program) -> str:
+    """The symbolic sizes torch.export kept within bounds other than [2, inf) (a guard like ``s0 >= 9``), as text."""
+    out = []
+    for symbol, bounds in getattr(program, "range_constraints", {}).items():
+        lower, upper = bounds.lower, bounds.upper
+        if (lower.is_number and int(lower) > 2) or str(upper) not in ("oo", "int_oo"):
+            out.append(f"{symbol} in [{lower}, {upper}]")
+    return ", ".join(out)
+
+
+def _agree(got, expected) -> bool:
+    """Whether two outputs (tensors, or nests of them) are the same computation: each within 2 % of the other in
+    norm (another branch is far off; a quantized graph's re-roundings are not)."""
+    torch = _torch()
+    a, b = torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape:
+                return False
+            x, y = x.double(), y.double()
+            if float((x - y).norm()) > 0.02 * float(y.norm()) + 1e-12:
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _sizes(inputs) -> str:
+    return ", ".join("x".join(map(str, x.shape)) for x in inputs if hasattr(x, "shape"))
 
 
 def export_dynamic(module, example_inputs: Sequence[Any]):

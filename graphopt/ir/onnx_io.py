@@ -41,7 +41,7 @@ from graphopt.ir.onnx_external import (
     model_tensors,
     reference,
 )
-from graphopt.paths import through_links
+from graphopt.paths import require_regular, through_links
 
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inside the model file (onnx's own default)
 _ALIGN = 4096  # data offsets aligned to pages, so onnxruntime can memory-map them
@@ -55,6 +55,7 @@ def parse_model(path: str) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: no such file (check the path)")
     if os.path.isdir(path):
         raise ModelLoadError(f"{path}: is a directory, not an ONNX file (give the .onnx file)")
+    require_regular(path, "model")
     try:
         with open(path, "rb") as f:
             data = f.read()

@@ -326,8 +326,8 @@ def _fit_batch(graph, inputs: dict) -> dict:
 def _calibration_batch(graph, ctx) -> dict | None:
     """The first samples of the pipeline's calibration data (real inputs make approximate passes' errors mean
     something), or None when there is none or it does not fit the graph."""
-    if getattr(ctx, "calibration", None) is None:
-        return None
+    if getattr(ctx, "calibration", None) is None or not getattr(ctx.calibration, "reiterable", True):
+        return None  # a generator is read once, by calibrate: taking samples here would take them from it
     from graphopt.calib.sources import input_specs, load_calibration
 
     try:

@@ -1,0 +1,157 @@
+"""Files a user (or someone sending them a model or recipe) gets wrong on purpose or by accident: devices and pipes as
+inputs, damaged .npz files, links that lead an output elsewhere, recipes that name files, external data behind a
+--json path, one-shot calibration iterators, a module that branches on its batch size. Each is one line and a
+documented exit code, and nothing a run reads is written."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import graphopt
+from graphopt.cli import main
+
+
+@pytest.fixture
+def external(tmp_path):
+    """A model in its own folder whose weights are external data (w.data)."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [onnx.numpy_helper.from_array(w, "w")])
+    path = str(folder / "m.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path,
+              save_as_external_data=True, location="w.data", size_threshold=0)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).standard_normal((8, 1, 64)).astype(np.float32))
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """The shipped example model (input 'input', 1x3x32x32), copied."""
+    import shutil
+
+    path = str(tmp_path / "tiny.onnx")
+    shutil.copyfile(os.path.join(os.path.dirname(__file__), "..", "examples", "tiny_resnet.onnx"), path)
+    return path
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("graphopt: error: "), err
+    return err[0]
+
+
+def test_json_never_overwrites_a_models_external_data(external, tmp_path, capsys):
+    data = os.path.join(os.path.dirname(external), "w.data")
+    before = open(data, "rb").read()
+    calib = str(tmp_path / "calib.npz")
+    assert main(["sensitivity", external, "--calib", calib, "--json", data, "--executor", "inprocess"]) == 2
+    assert "is the input model's external data" in _error(capsys)
+    assert main(["verify", "--backend", "tensorrt", external, "--json", data]) == 2
+    assert "is the input model's external data" in _error(capsys)
+    assert open(data, "rb").read() == before
+
+
+def test_a_pipe_or_a_device_is_refused_not_read_forever(tmp_path, capsys, tiny):
+    fifo = str(tmp_path / "fifo.onnx")
+    os.mkfifo(fifo)
+    for argv in (["inspect", fifo], ["run", fifo, "-o", str(tmp_path / "o.onnx")], ["bench", fifo],
+                 ["inspect", "/dev/zero"], ["run", tiny, "--recipe", "/dev/zero", "-o", str(tmp_path / "r.onnx")]):
+        assert main(argv) == 3, argv
+        assert "not a regular file" in _error(capsys)
+
+
+@pytest.mark.parametrize("damage", ["crc", "single-array", "pickle"])
+def test_damaged_data_files_are_named_with_exit_3(tmp_path, capsys, tiny, damage):
+    path = str(tmp_path / "d.npz")
+    if damage == "single-array":
+        path = str(tmp_path / "d.npy")
+        np.save(path, np.zeros((2, 3, 32, 32), np.float32))
+    elif damage == "pickle":
+        np.savez(path, input=np.array([{"a": 1}], dtype=object))
+    else:
+        np.savez(path, input=np.zeros((2, 3, 32, 32), np.float32))
+        raw = bytearray(open(path, "rb").read())
+        raw[200] ^= 0xFF  # inside the member's data: its CRC no longer matches
+        open(path, "wb").write(bytes(raw))
+        with zipfile.ZipFile(path) as zf:
+            assert zf.testzip() is not None
+    out = str(tmp_path / "o.onnx")
+    assert main(["compare", tiny, tiny, "--data", path]) == 3
+    assert path in _error(capsys)
+    if damage != "single-array":
+        assert main(["run", tiny, "--passes", "fold,int8", "--calib", path, "-o", out]) == 3
+        assert path in _error(capsys)
+        assert not os.path.exists(out)
+
+
+def test_a_recipe_may_not_choose_files(tmp_path, capsys, tiny):
+    from graphopt.paths import file_sha256
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"kind: graphopt-recipe\nmodel_sha256: {file_sha256(tiny)}\nbackend: onnxruntime\n"
+                      f"passes: fold,compact:map={victim}\n")
+    assert main(["run", tiny, "--recipe", str(recipe), "-o", str(tmp_path / "o.onnx")]) == 2
+    assert "names a file (map=" in _error(capsys) and victim.read_text() == "precious"
+    recipe.write_text(f"kind: graphopt-recipe\nmodel_sha256: {file_sha256(tiny)}\nbackend: 42\npasses: fold\n")
+    assert main(["run", tiny, "--recipe", str(recipe), "-o", str(tmp_path / "o.onnx")]) == 2
+    assert "'backend' must be a text" in _error(capsys)
+
+
+def test_an_output_link_is_checked_where_it_leads_before_any_pass(tmp_path, capsys, tiny):
+    link = tmp_path / "l.onnx"
+    link.symlink_to("/proc/version")
+    assert main(["run", tiny, "-o", str(link)]) == 7
+    assert "cannot write in /proc" in _error(capsys)
+    snapshots = tmp_path / "snaps"
+    snapshots.mkdir()
+    fifo = tmp_path / "victim.fifo"
+    os.mkfifo(fifo)
+    (snapshots / "01-eliminate-identity.onnx").symlink_to(fifo)
+    assert main(["run", tiny, "-o", str(tmp_path / "o.onnx"), "--snapshot-dir", str(snapshots)]) == 7
+    assert "exists and is not a regular file" in _error(capsys)
+    assert not os.path.isfile(fifo) and not (tmp_path / "o.onnx").exists()
+    assert main(["run", tiny, "-o", str(tmp_path / "o.onnx"), "--snapshot-dir", str(tmp_path / ("a" * 300))]) == 7
+    assert "a name longer than" in _error(capsys)
+
+
+def test_a_one_shot_calibration_iterator_is_read_whole():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 8 * 8, 10)).eval()
+    x = torch.randn(96, 3, 8, 8)
+    batches = ((x[i:i + 32],) for i in range(0, 96, 32))
+    result = graphopt.optimize(model, "int8", example_inputs=(x[:1],), calibration=batches, backend="x86")
+    calibrate = next(r for r in result.report.records if r.name == "calibrate")
+    assert "read 96 samples" in calibrate.changes, calibrate.changes
+
+
+def test_a_module_that_branches_on_its_batch_is_captured_at_the_example_batch():
+    class Branches(torch.nn.Module):
+        """Another computation for a batch of one: a capture traced at batch 2 must not answer for batch 1."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x)).mean((2, 3))
+            return y * 2 if x.shape[0] == 1 else y - 1
+
+    torch.manual_seed(0)
+    model, x = Branches().eval(), torch.randn(1, 3, 8, 8)
+    result = graphopt.optimize(model, "fold", example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.allclose(result.graph.gm(x), model(x), rtol=1e-5, atol=1e-6)
