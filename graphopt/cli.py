@@ -188,6 +188,12 @@ COMMANDS = {"run": cmd_run, "passes": cmd_passes, "inspect": cmd_inspect, "verif
             "bench": cmd_bench, "compare": cmd_compare, "sensitivity": cmd_sensitivity}
 
 
+def printable(text: str) -> str:
+    """One line a terminal shows as it is: control characters from names and paths inside a model (a newline that
+    would forge a second error line, ANSI escapes, NUL) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     except GraphoptError as exc:
         if debug:
             raise
-        print(f"graphopt: error: {exc}", file=sys.stderr)
+        print(f"graphopt: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # `graphopt passes | head`
         sys.stderr.close()

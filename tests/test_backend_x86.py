@@ -341,3 +341,25 @@ def test_a_static_package_is_written_with_a_warning(qdq, tmp_path, monkeypatch):
     assert "the token sequence is fixed" in warning
     facts.static_reason = ""
     assert backend.write(qdq, str(tmp_path / "d.pt2"))["warnings"] == []
+
+
+def test_a_conv3d_stays_float_on_x86():
+    """inductor lowers int8 conv1d / conv2d to oneDNN, not conv3d (it runs a float convolution): Q/DQ there would
+    only add rounding. The Conv2d beside it is quantized."""
+    import graphopt
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c3, self.c2 = torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.c2(self.c3(x).mean(2))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 4, 8, 8)
+    result = graphopt.optimize(Mixed().eval(), "int8", example_inputs=(x[:1],), calibration=x, backend="x86",
+                               check=False)
+    place = next(r for r in result.report.records if r.name == "place-qdq")
+    weights = [n for n in result.graph.gm.graph.nodes if "dequantize_per_channel" in str(n.target)]
+    assert len(weights) == 1 and "Conv3d" in " ".join(place.notes), (place.notes, len(weights))

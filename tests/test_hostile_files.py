@@ -36,12 +36,12 @@ def external(tmp_path):
 
 
 @pytest.fixture
-def tiny(tmp_path):
-    """The shipped example model (input 'input', 1x3x32x32), copied."""
+def tiny(tmp_path, zoo_onnx):
+    """The zoo's tiny ResNet (input 'input', 1x3x32x32, BatchNorm kept), copied."""
     import shutil
 
     path = str(tmp_path / "tiny.onnx")
-    shutil.copyfile(os.path.join(os.path.dirname(__file__), "..", "examples", "tiny_resnet.onnx"), path)
+    shutil.copyfile(zoo_onnx("tiny_resnet"), path)
     return path
 
 
@@ -155,3 +155,21 @@ def test_a_module_that_branches_on_its_batch_is_captured_at_the_example_batch():
     result = graphopt.optimize(model, "fold", example_inputs=(x,))
     with torch.no_grad():
         assert torch.allclose(result.graph.gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_error_lines_escape_what_a_model_carries():
+    from graphopt.cli import printable
+
+    assert printable("w.data\ngraphopt: error: forged\x1b[31m\x00") == \
+        "w.data\\ngraphopt: error: forged\\x1b[31m\\x00"
+
+
+def test_the_command_line_starts_before_the_heavy_imports():
+    """`import graphopt.cli` loads neither onnx nor numpy: a Ctrl-C while they load happens inside main(), which
+    says "graphopt: interrupted" (exit 130), not a traceback."""
+    import subprocess
+    import sys
+
+    code = "import sys, graphopt.cli; print(sorted(m for m in ('onnx', 'numpy', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -198,3 +198,30 @@ def test_nothing_to_prune_returns_the_graph_as_it_came(tmp_path):
     record = result.report.records[-1]
     assert not record.modified and record.nodes_before == record.nodes_after == before
     assert any("fold first" in n for n in record.notes)
+
+
+def test_a_tied_weight_stays_one_weight():
+    """An embedding tied to the classifier (one Parameter, two names): pruning may not split it into two, and a
+    .pt2's module, which gives it two Parameter objects over one storage, counts and copies it as one."""
+
+    class TiedLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.l = torch.nn.Embedding(60, 16), torch.nn.Linear(16, 16)
+            self.out = torch.nn.Linear(16, 60, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.l(self.emb(ids))))
+
+    torch.manual_seed(0)
+    model, ids = TiedLM().eval(), torch.randint(0, 60, (1, 7))
+    result = optimize(model, "prune", example_inputs=(ids,))
+    assert result.model.out.weight is result.model.emb.weight  # still one weight (its group is kept whole)
+    assert any("tied" in n for r in result.report.records for n in r.notes)
+    from graphopt.ir.fx_graph import FxGraph
+
+    graph = FxGraph.from_exported(torch.export.export(model, (ids,)))
+    assert graph.num_parameters() == sum(p.numel() for p in model.parameters())  # 1,232, not 2,192
+    twin = graph.copy().gm
+    assert twin.emb.weight.data_ptr() == twin.out.weight.data_ptr()

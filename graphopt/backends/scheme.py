@@ -182,10 +182,11 @@ class QuantScheme:
     min_channels: int = 0
     signed_activations: TensorQuant | None = None
     warnings: tuple[str, ...] = ()
+    conv_dims: frozenset[int] = frozenset()  # spatial dims of the convs with int8 kernels (x86: 2); empty: any
 
     def __post_init__(self):
         object.__setattr__(self, "weight_channel_axis", FrozenDict(self.weight_channel_axis))
-        for name in ("quantized_ops", "passthrough_ops", "fused_activations"):
+        for name in ("quantized_ops", "passthrough_ops", "fused_activations", "conv_dims"):
             object.__setattr__(self, name, frozenset(getattr(self, name)))
         object.__setattr__(self, "warnings", tuple(self.warnings))
         if self.min_channels < 0:

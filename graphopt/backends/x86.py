@@ -16,7 +16,8 @@ into oneDNN kernels, checked on this machine by lowering and reading the lowered
   form for them.
 - MaxPool, average pooling, Flatten and Concat run on int8 sharing their input's scale.
 - Bias stays float (oneDNN takes it in float).
-- ConvTranspose and a MatMul of two activations (attention's) have no int8 lowering here: they stay float.
+- ConvTranspose, Conv3d and a MatMul of two activations (attention's) have no int8 lowering here: they stay float
+  (a Conv3d's Q/DQ would only add rounding: inductor runs it as a float convolution).
 
 Running models: engine ``inductor`` (the default) lowers an FX graph to an AOTInductor package with freezing
 (:mod:`graphopt.backends.x86_aoti`: dynamic batch, a compile cache, the kernels the package calls) and runs the
@@ -103,6 +104,7 @@ class X86Backend(Backend):
             bias="float",
             format="QDQ",
             min_opset=13,
+            conv_dims=frozenset({1, 2}),  # inductor lowers conv1d / conv2d to int8 oneDNN kernels, not conv3d
         )
 
     def scheme(self, request: QuantRequest | None = None) -> QuantScheme:

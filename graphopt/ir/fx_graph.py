@@ -144,7 +144,9 @@ class FxGraph(Graph):
     def copy(self) -> "FxGraph":
         with warnings.catch_warnings():  # torch 2.13's own graph deepcopy trips its LeafSpec deprecation
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-            return FxGraph(copy.deepcopy(self.gm), self.example_inputs, self.captured_with)
+            twin = copy.deepcopy(self.gm)
+        _retie(self.gm, twin)
+        return FxGraph(twin, self.example_inputs, self.captured_with)
 
     # -- the protocol -------------------------------------------------------------------------------------------
     def compute_nodes(self):
@@ -197,12 +199,16 @@ class FxGraph(Graph):
         quantized graph holds its int8 weights and scales in; BatchNorm statistics read by an ATen graph): the
         count ONNX's initializers give."""
         torch = _torch()
-        seen = {id(p): p.numel() for p in self.gm.parameters()}
+
+        def key(t):  # one weight under two names (a tied embedding) is counted once: torch.export's module gives it
+            return (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else id(t)  # two objects over one storage
+
+        seen = {key(p): p.numel() for p in self.gm.parameters()}
         for node in self.gm.graph.nodes:
             if node.op == "get_attr":
                 value = get_attr(self.gm, node.target)
                 if isinstance(value, torch.Tensor):
-                    seen.setdefault(id(value), value.numel())
+                    seen.setdefault(key(value), value.numel())
         return int(sum(seen.values()))
 
     def input_names(self) -> list[str]:
@@ -218,6 +224,10 @@ class FxGraph(Graph):
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         specs = []
         for node, example in zip(placeholders, self.example_inputs):
+            if not isinstance(example, torch.Tensor):  # a dict / list of tensors as one argument
+                raise UnsupportedError(f"input '{node.target}' is a {type(example).__name__}, not a tensor: data for "
+                                       f"it (calibration, checks, ONNX export) needs one tensor per argument; wrap the "
+                                       f"module so that forward takes tensors (forward(self, img, meta))")
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):  # recorded by torch.export: its symbolic dims are dynamic
                 shape = tuple(d if isinstance(d, int) else None for d in val.shape)
@@ -230,13 +240,16 @@ class FxGraph(Graph):
 
     def as_arrays(self, data: Any) -> Any:
         """Tensors given for the model's inputs as numpy arrays by input name: a tensor (one-input models), a
-        tuple / list of tensors in input order, or a mapping of tensors. Anything else is returned as it is (the
+        tuple / list of tensors in input order (for a one-input model, a list of several tensors is a list of its
+        batches), or a mapping of tensors. Anything else is returned as it is (the
         calibration readers take paths, arrays and iterables)."""
         torch = _torch()
         names = self.input_names()
         if isinstance(data, torch.Tensor):
             data = (data,)
         if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+            if isinstance(data, list) and len(names) == 1 and len(data) > 1:  # a list of batches of the one input
+                return [t.detach().cpu().numpy() for t in data]
             if len(data) != len(names):
                 raise UsageError(f"{len(data)} tensors given for a model with {len(names)} inputs "
                                  f"({', '.join(names)})")
@@ -298,6 +311,22 @@ class FxGraph(Graph):
             out = self.gm(*args)
         flat, _ = torch.utils._pytree.tree_flatten(out)
         return [t.detach().cpu().numpy() for t in flat if isinstance(t, torch.Tensor)]
+
+
+def _retie(original, twin) -> None:
+    """Parameters that share memory in ``original`` (a tied weight: torch.export's module gives it one Parameter
+    object per name) share it in its deepcopy ``twin`` too, which deepcopy does not keep for Parameters."""
+    first: dict[tuple, Any] = {}
+    twins = dict(twin.named_parameters(remove_duplicate=False))
+    for name, param in original.named_parameters(remove_duplicate=False):
+        if not param.numel():
+            continue
+        key = (param.data_ptr(), tuple(param.shape), tuple(param.stride()), param.dtype)
+        if key not in first:
+            first[key] = twins[name]
+        elif twins[name] is not first[key]:
+            owner, _, attr = name.rpartition(".")
+            setattr(twin.get_submodule(owner) if owner else twin, attr, first[key])
 
 
 def _same_outputs(gm, example_inputs: Sequence[Any], expected) -> None:

@@ -38,6 +38,12 @@ _BINARY = {operator.add: "Add", torch.add: "Add", operator.sub: "Sub", torch.sub
            "div": "Div"}
 
 
+def _storage(t) -> tuple:
+    """What makes two tensors one weight: the same memory, shape and strides (torch.export's module gives a tied
+    weight two Parameter objects over one storage)."""
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else ("empty", id(t))
+
+
 class FxChannels:
     def __init__(self, graph):
         self.graph = graph
@@ -204,13 +210,20 @@ class FxChannels:
         return twin
 
     def apply(self, plan: Plan) -> None:
+        replaced: dict[tuple, tuple] = {}  # the old weight's storage -> (old, new): a weight tied to others stays tied
         for qualified, array in plan.consts.items():
             owner_name, _, attr = qualified.rpartition(".")
             owner = self.gm.get_submodule(owner_name) if owner_name else self.gm
             old = getattr(owner, attr)
             new = torch.from_numpy(np.ascontiguousarray(array)).to(old.dtype)
-            if isinstance(old, nn.Parameter):
-                setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+            if _storage(old) in replaced:  # the same weight under another name (an embedding tied to the classifier)
+                twin = replaced[_storage(old)][1]
+                if twin.shape != new.shape or not torch.equal(twin.data, new):
+                    raise ValueError(f"'{qualified}' is a weight tied to another that this plan prunes differently")
+                setattr(owner, attr, twin)
+            elif isinstance(old, nn.Parameter):
+                replaced[_storage(old)] = (old, nn.Parameter(new, requires_grad=old.requires_grad))
+                setattr(owner, attr, replaced[_storage(old)][1])
             elif attr in owner._buffers:
                 owner.register_buffer(attr, new, persistent=attr not in owner._non_persistent_buffers_set)
             else:  # a plain tensor attribute (a constant torch.export lifted)
@@ -235,6 +248,9 @@ class FxChannels:
                 node.args, node.kwargs = (node.args[0], [int(v) for v in value]), {"dim": arg(node, 2, "dim", 0)}
             else:
                 raise ValueError(f"the FX pruning adapter cannot set '{key}' on '{name}'")
+        for name, param in self.gm.named_parameters(remove_duplicate=False):  # a tied weight's every name
+            if _storage(param) in replaced:
+                raise ValueError(f"'{name}' is a weight tied to one this plan prunes, and is not pruned with it")
         for module in self.gm.modules():
             _fix_sizes(module)
         fx_aten.fix_sizes(self.gm)

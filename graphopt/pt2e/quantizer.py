@@ -112,6 +112,11 @@ def plan(gm, scheme: QuantScheme, exclude: tuple[str, ...] = (), keep_first: boo
         return True
 
     chosen = [n for n in nodes if ops[n] in scheme.quantized_ops and not matches(n, exclude)]
+    if scheme.conv_dims:  # a Conv3d where the backend's int8 kernels are 2-D: Q/DQ would add rounding, no speed
+        other = [n for n in chosen if ops[n] == "Conv" and _constant_weight(gm, n) is not None
+                 and _constant_weight(gm, n)[1].dim() - 2 not in scheme.conv_dims]
+        result.left_float.update(f"Conv{_constant_weight(gm, n)[1].dim() - 2}d" for n in other)
+        chosen = [n for n in chosen if n not in other]
     weighted = [n for n in chosen if ops[n] in scheme.weighted_ops]
     for keep, pick in ((keep_first, 0), (keep_last, -1)):
         if keep and weighted and weighted[pick] in chosen:
