@@ -157,7 +157,7 @@ def cmd_run(args) -> int:
     measured: dict = {}
     unmeasured: list[str] = []  # what was asked but cannot be measured here
     # a PyTorch model on a backend that runs it (x86): before = the input lowered the same way, after = the file
-    runs_fx = graph.ir == "fx" and "fx" in driver.backend.irs and not output.endswith(".onnx")
+    runs_fx = graph.ir == "fx" and "fx" in driver.backend.irs and not output.lower().endswith(".onnx")
     original = graph.copy() if runs_fx and (args.bench or eval_data is not None) else None
 
     def measure(staged_path: str, result) -> None:  # on the written file before it moves: a failure leaves nothing

@@ -55,7 +55,7 @@ def refuse_suffix(graph: Graph, path: str | None, flag: str) -> None:
     refused: said before anything runs."""
     from graphopt.ir import TORCH_SUFFIXES
 
-    if path is not None and graph.ir == "onnx" and os.fspath(path).endswith(TORCH_SUFFIXES):
+    if path is not None and graph.ir == "onnx" and os.fspath(path).lower().endswith(TORCH_SUFFIXES):
         raise UsageError(f"{flag} {path}: an ONNX model is written as .onnx (graphopt reads "
                          f"{', '.join(TORCH_SUFFIXES)} files as PyTorch ones)")
 
@@ -278,6 +278,8 @@ class Driver:
             plan.check()  # nothing it reads is written, every target writable
         ctx = self.context(graph)
         ctx.io = plan  # what a pass's write_after must not write
+        for note in getattr(graph, "notes", []) if graph.ir == "fx" else []:  # a module captured in train() mode
+            ctx.warn(note)
         original = None if owned else graph  # the caller's graph: the manager copies it before editing
         try:
             return self._execute(model, graph, owned, ctx, output, before_move)

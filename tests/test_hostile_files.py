@@ -173,3 +173,30 @@ def test_the_command_line_starts_before_the_heavy_imports():
     code = "import sys, graphopt.cli; print(sorted(m for m in ('onnx', 'numpy', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_module_in_train_mode_is_said_to_be_optimized_in_eval_mode():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), torch.nn.ReLU())
+    assert model.training
+    result = graphopt.optimize(model, "fold", example_inputs=(torch.randn(1, 4),))
+    assert any("was in train() mode" in w for w in result.report.warnings), result.report.warnings
+    assert model.training  # the caller's module is left as it was
+
+
+def test_suffixes_are_read_whatever_their_case(tiny, tmp_path, capsys):
+    assert main(["run", tiny, "-o", str(tmp_path / "x.PT2")]) == 2  # an ONNX model is not written as a .pt2
+    assert "an ONNX model is written as .onnx" in _error(capsys)
+    assert main(["run", tiny, "-o", str(tmp_path / "x.ONNX"), "-q"]) == 0
+    assert onnx.load(str(tmp_path / "x.ONNX")).graph.node
+
+
+def test_nodes_that_share_a_name_are_renamed_on_load(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["h"], name="n"), helper.make_node("Neg", ["h"], ["y"], name="n")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = str(tmp_path / "dup.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    result = graphopt.optimize(path, "fold", output=str(tmp_path / "o.onnx"))
+    assert [n.name for n in result.graph.gs.nodes] == ["n", "n_1"]
+    assert result.report.checks["numeric"]["compared"]  # onnxruntime loads it now: the check ran

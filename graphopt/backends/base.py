@@ -192,7 +192,7 @@ def model_size_bytes(model: Any) -> int:
 
         path = os.fspath(model)
         size = os.path.getsize(path)
-        if not path.endswith(".onnx") and looks_like_torch_file(path):  # a program, a package: one file
+        if not path.lower().endswith(".onnx") and looks_like_torch_file(path):  # a program, a package: one file
             return size
         proto = onnx.load(path, load_external_data=False)
         locations = set()

@@ -335,7 +335,7 @@ class OpenVINOBackend(Backend):
         """The graph in its own format (a PyTorch model as ONNX when ``path`` ends in .onnx), then, for an ONNX
         file, what :meth:`write_beside` writes."""
         facts = super().write(graph, path)
-        if path.endswith(".onnx"):
+        if path.lower().endswith(".onnx"):
             facts = {**facts, **self.write_beside(graph, path)}
         return facts
 

@@ -161,7 +161,7 @@ class X86Backend(Backend):
 
         if not os.path.isfile(path):
             raise BackendError(f"{path}: no such file")
-        if path.endswith(".onnx") or not looks_like_torch_file(path):
+        if path.lower().endswith(".onnx") or not looks_like_torch_file(path):
             raise BackendError(f"{path}: {ONNX_REFUSAL}")
         return torch_file_kind(path)
 
@@ -206,7 +206,7 @@ class X86Backend(Backend):
         cache when it holds it), checked against the graph on its example inputs before it is written; returns
         the lowering facts (:class:`~graphopt.backends.x86_aoti.LoweringFacts` as a dict, with ``summary``
         lines). The fx engines run in this process only: they write the graph's torch.export program."""
-        if str(path).endswith(".onnx") or graph.ir != "fx":
+        if str(path).lower().endswith(".onnx") or graph.ir != "fx":
             return super().write(graph, path)
         if self.engine != "inductor":
             graph.save(path)

@@ -28,7 +28,8 @@ def load_model(model: Any, example_inputs: Any = None, *, trust_pickle: bool = F
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         require_regular(path, "model")  # before anything opens it: a pipe is read once, a device never ends
-        if path.endswith(TORCH_SUFFIXES) or (not path.endswith(".onnx") and looks_like_torch_file(path)):
+        suffix = path.lower()  # X.PT2 is a .pt2
+        if suffix.endswith(TORCH_SUFFIXES) or (not suffix.endswith(".onnx") and looks_like_torch_file(path)):
             from graphopt.ir.fx_graph import FxGraph
 
             return FxGraph.load(path, example_inputs, trust_pickle=trust_pickle)
@@ -54,7 +55,7 @@ def model_reads(what: str, path: str) -> list[tuple[str, str]]:
     exists its external data (for :class:`graphopt.paths.IOPlan`: none is ever written)."""
     path = os.fspath(path)
     reads = [(what, path)]
-    if not path.endswith(TORCH_SUFFIXES) and os.path.isfile(path):
+    if not path.lower().endswith(TORCH_SUFFIXES) and os.path.isfile(path):
         reads += [(f"{what}'s external data", data) for data in external_data_files(path)]
     return reads
 

@@ -40,6 +40,7 @@ class FxGraph(Graph):
         self.gm = gm
         self.example_inputs = tuple(example_inputs)
         self.captured_with = captured_with
+        self.notes: list[str] = []  # what capturing changed, for the report
 
     # -- capture, loading and saving --------------------------------------------------------------------------
     @classmethod
@@ -51,6 +52,7 @@ class FxGraph(Graph):
             raise UsageError("a PyTorch model needs example inputs (example_inputs=... / --input-shape)")
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
+        training = module.training
         module = copy.deepcopy(module).eval()
         try:  # inputs the module cannot take are the caller's mistake, said once, before any capture
             with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
@@ -60,8 +62,11 @@ class FxGraph(Graph):
                                for t in example_inputs)
             raise UsageError(f"{type(module).__name__} does not run on the example inputs ({shapes}): "
                              f"{first_line(exc)} (give --input-shape / example_inputs= it takes)") from None
+        notes = [f"{type(module).__name__} was in train() mode: it is captured and optimized in eval mode (dropout "
+                 f"off, BatchNorm with its running statistics); the module itself is left as it was"] \
+            if training else []
         if isinstance(module, torch.fx.GraphModule):
-            return cls(module, example_inputs, "fx")
+            return cls(module, example_inputs, "fx").noted(notes)
         try:
             gm = torch.fx.symbolic_trace(module)
             how = "symbolic_trace"
@@ -79,7 +84,11 @@ class FxGraph(Graph):
                     f"({first_line(trace_error, 120)}) and torch.export failed ({first_line(export_error, 160)}) "
                     f"(make data-dependent branches torch.cond, or move them out of forward; or export the model to "
                     f"ONNX yourself and optimize that)") from None
-        return cls(gm, example_inputs, how)
+        return cls(gm, example_inputs, how).noted(notes)
+
+    def noted(self, notes: list[str]) -> "FxGraph":
+        self.notes += notes
+        return self
 
     @classmethod
     def from_exported(cls, program, example_inputs: Sequence[Any] | None = None, where: str = "the program"):
@@ -127,7 +136,7 @@ class FxGraph(Graph):
         of the module and its example inputs (``torch.export.save``, batch dimension dynamic where the module
         allows), which graphopt reloads without trusting a pickle."""
         torch = _torch()
-        if str(path).endswith(".onnx"):
+        if str(path).lower().endswith(".onnx"):
             save_onnx(self.gm, self.example_inputs, path, aten=self.is_aten())
             return
         try:

@@ -206,16 +206,29 @@ def fresh_name(names: set[str], base: str) -> str:
 
 def _name_unnamed(graph: gs.Graph) -> list[str]:
     """Name the nodes that have no name (ONNX allows it; hand-built graphs often do) after their first output (the
-    name reports showed for them before; node and tensor names are separate namespaces), so that ``exclude_nodes``,
-    sensitivity groups and recipes can name every node; a note when it did."""
-    unnamed = [n for n in graph.nodes if not n.name]
-    if not unnamed:
-        return []
+    name reports showed for them before; node and tensor names are separate namespaces), and rename all but the
+    first of nodes that share a name (which onnxruntime refuses to load), so that ``exclude_nodes``, sensitivity
+    groups and recipes can name every node, once; a note when it did."""
+    seen: set[str] = set()
+    unnamed, repeated = [], []
+    for node in graph.nodes:
+        if not node.name:
+            unnamed.append(node)
+        elif node.name in seen:
+            repeated.append(node)
+        seen.add(node.name)
     names = {n.name for n in graph.nodes}
     for node in unnamed:
         node.name = fresh_name(names, node.outputs[0].name if node.outputs else node.op)
-    return [f"{len(unnamed)} unnamed node(s) named after their first output (e.g. '{unnamed[0].name}'), so that "
-            f"options such as exclude_nodes can name them"]
+    notes = [f"{len(unnamed)} unnamed node(s) named after their first output (e.g. '{unnamed[0].name}'), so that "
+             f"options such as exclude_nodes can name them"] if unnamed else []
+    if repeated:
+        old = repeated[0].name
+        for node in repeated:
+            node.name = fresh_name(names, node.name)
+        notes.append(f"{len(repeated)} node(s) named like an earlier one renamed (e.g. '{old}' -> "
+                     f"'{repeated[0].name}'): node names must be unique")
+    return notes
 
 
 def _nested_optional(type_proto, inside: bool = False) -> bool:
