@@ -10,9 +10,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from graphopt.driver import Driver, RunConfig, refuse_suffix
+from graphopt.driver import Driver, RunConfig
 from graphopt.errors import UsageError
-from graphopt.ir import Graph
+from graphopt.ir import Graph, refuse_suffix
 from graphopt.passes.base import PassContext
 from graphopt.passes.instruments import FineTune
 from graphopt.passes.manager import RunReport

@@ -94,7 +94,7 @@ CLI_FLAGS = {"output": "-o", "snapshot_dir": "--snapshot-dir", "reproducer": "--
 def _io_plan(args, driver, graph, output: str):
     """Every file the run reads and writes (the driver's, and the command line's own), checked against each other
     before any pass runs."""
-    from graphopt.driver import refuse_suffix
+    from graphopt.ir import refuse_suffix
 
     refuse_suffix(graph, output, CLI_FLAGS["output"])
     plan = driver.io_plan(args.model, graph, output, CLI_FLAGS)

@@ -30,7 +30,7 @@ from graphopt.errors import (
     VerificationError,
     first_line,
 )
-from graphopt.ir import Graph, load_model
+from graphopt.ir import Graph, load_model, refuse_suffix
 from graphopt.passes.base import PassContext, commit_staged
 from graphopt.passes.check import CHECK_SAMPLES, NumericCheck
 from graphopt.passes.instruments import (
@@ -48,16 +48,6 @@ from graphopt.paths import IOPlan, Staged, named_as, real
 
 DEFAULT_PIPELINE = "fold"  # an alias the registry resolves (graphopt's own plugins register it)
 API_FLAGS = {"output": "output=", "snapshot_dir": "snapshot_dir=", "reproducer": "reproducer="}  # how errors name them
-
-
-def refuse_suffix(graph: Graph, path: str | None, flag: str) -> None:
-    """An ONNX model written under a PyTorch suffix (.pt2, .pt, .pth) would be read back as a PyTorch file and
-    refused: said before anything runs."""
-    from graphopt.ir import TORCH_SUFFIXES
-
-    if path is not None and graph.ir == "onnx" and os.fspath(path).lower().endswith(TORCH_SUFFIXES):
-        raise UsageError(f"{flag} {path}: an ONNX model is written as .onnx (graphopt reads "
-                         f"{', '.join(TORCH_SUFFIXES)} files as PyTorch ones)")
 
 
 @dataclass
@@ -354,7 +344,7 @@ class Driver:
         the same check (onnx's strict inference rejects some valid models, e.g. its own function bodies): then
         the basic checker must pass, and the report says so. An input onnxruntime cannot load either is
         refused as invalid (exit 3)."""
-        who, hint = _culprits(report)
+        who, hint = report.culprits()
         failure = VerificationError(who, f"the result is not a valid model ({exc}); nothing written{hint}")
         if out.ir != "onnx" or isinstance(model, Graph):
             raise failure from None
@@ -402,13 +392,3 @@ class Driver:
         fresh = PassContext(registry=ctx.registry, backend=ctx.backend, calibration=ctx.calibration, seed=ctx.seed,
                             training=ctx.training)
         PassManager(self.passes, [check], fresh).run(graph, in_place=original is None)
-
-
-def _culprits(report: RunReport) -> tuple[str, str]:
-    """Who to name for a result that fails verification, and a hint when it could be any of several passes."""
-    modified = [r.name for r in report.records if r.modified]
-    if len(modified) == 1:
-        return modified[0], ""
-    if not modified:
-        return "load", " (the model as loaded, before any pass changed it)"
-    return " + ".join(modified), " (rerun with --verify-each to name the pass)"

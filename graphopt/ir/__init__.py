@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from graphopt.errors import ModelLoadError
+from graphopt.errors import ModelLoadError, UsageError
 from graphopt.ir.base import Graph
 from graphopt.ir.onnx_graph import OnnxGraph
 from graphopt.ir.onnx_io import external_data_files
@@ -60,4 +60,12 @@ def model_reads(what: str, path: str) -> list[tuple[str, str]]:
     return reads
 
 
-__all__ = ["Graph", "OnnxGraph", "OpKind", "external_data_files", "load_model", "model_reads"]
+def refuse_suffix(graph: Graph, path: str | None, flag: str) -> None:
+    """An ONNX model written under a PyTorch suffix (.pt2, .pt, .pth) would be read back as a PyTorch file and
+    refused: said before anything runs."""
+    if path is not None and graph.ir == "onnx" and os.fspath(path).lower().endswith(TORCH_SUFFIXES):
+        raise UsageError(f"{flag} {path}: an ONNX model is written as .onnx (graphopt reads "
+                         f"{', '.join(TORCH_SUFFIXES)} files as PyTorch ones)")
+
+
+__all__ = ["Graph", "OnnxGraph", "OpKind", "external_data_files", "load_model", "model_reads", "refuse_suffix"]

@@ -67,6 +67,15 @@ class RunReport:
     def modified(self) -> bool:
         return any(r.modified for r in self.records)
 
+    def culprits(self) -> tuple[str, str]:
+        """Who to name for a result that fails verification, and a hint when it could be any of several passes."""
+        modified = [r.name for r in self.records if r.modified]
+        if len(modified) == 1:
+            return modified[0], ""
+        if not modified:
+            return "load", " (the model as loaded, before any pass changed it)"
+        return " + ".join(modified), " (rerun with --verify-each to name the pass)"
+
     def table(self) -> str:
         rows = [("#", "pass", "nodes", "changes", "check", "time")]
         for r in self.records:
