@@ -30,6 +30,7 @@ from graphopt.ir.fx_export import (
 )
 from graphopt.ir.fx_onnx import save_onnx
 from graphopt.ir.fx_ops import get_attr, layer_call
+from graphopt.ir.identity import retie, storage_key
 from graphopt.ir.ops import OpKind
 
 
@@ -154,7 +155,7 @@ class FxGraph(Graph):
         with warnings.catch_warnings():  # torch 2.13's own graph deepcopy trips its LeafSpec deprecation
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
             twin = copy.deepcopy(self.gm)
-        _retie(self.gm, twin)
+        retie(self.gm, twin)
         return FxGraph(twin, self.example_inputs, self.captured_with)
 
     # -- the protocol -------------------------------------------------------------------------------------------
@@ -209,15 +210,12 @@ class FxGraph(Graph):
         count ONNX's initializers give."""
         torch = _torch()
 
-        def key(t):  # one weight under two names (a tied embedding) is counted once: torch.export's module gives it
-            return (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else id(t)  # two objects over one storage
-
-        seen = {key(p): p.numel() for p in self.gm.parameters()}
+        seen = {storage_key(p): p.numel() for p in self.gm.parameters()}  # a tied weight once
         for node in self.gm.graph.nodes:
             if node.op == "get_attr":
                 value = get_attr(self.gm, node.target)
                 if isinstance(value, torch.Tensor):
-                    seen.setdefault(key(value), value.numel())
+                    seen.setdefault(storage_key(value), value.numel())
         return int(sum(seen.values()))
 
     def input_names(self) -> list[str]:
@@ -320,22 +318,6 @@ class FxGraph(Graph):
             out = self.gm(*args)
         flat, _ = torch.utils._pytree.tree_flatten(out)
         return [t.detach().cpu().numpy() for t in flat if isinstance(t, torch.Tensor)]
-
-
-def _retie(original, twin) -> None:
-    """Parameters that share memory in ``original`` (a tied weight: torch.export's module gives it one Parameter
-    object per name) share it in its deepcopy ``twin`` too, which deepcopy does not keep for Parameters."""
-    first: dict[tuple, Any] = {}
-    twins = dict(twin.named_parameters(remove_duplicate=False))
-    for name, param in original.named_parameters(remove_duplicate=False):
-        if not param.numel():
-            continue
-        key = (param.data_ptr(), tuple(param.shape), tuple(param.stride()), param.dtype)
-        if key not in first:
-            first[key] = twins[name]
-        elif twins[name] is not first[key]:
-            owner, _, attr = name.rpartition(".")
-            setattr(twin.get_submodule(owner) if owner else twin, attr, first[key])
 
 
 def _same_outputs(gm, example_inputs: Sequence[Any], expected) -> None:

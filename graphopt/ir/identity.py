@@ -1,4 +1,5 @@
-"""What a graph is, for checking what a pass claims about it: its interface and a digest of its content.
+"""What a graph is, for checking what a pass claims about it: its interface and a digest of its content; and what
+makes two tensors one weight (a tied embedding under two names).
 
 The pass manager does not take a plugin's word for it: a pass from outside graphopt that says it changed nothing
 is checked against :func:`digest` (structure and every weight), and one that says it left its input alone (a
@@ -67,3 +68,23 @@ def _is_numpy(dtype) -> bool:
     except TypeError:  # onnx types numpy lacks (bfloat16, float8)
         return False
     return True
+
+
+def storage_key(t) -> tuple:
+    """What makes two tensors one weight: the same memory, shape and strides (torch.export's module gives a tied
+    weight one Parameter object per name, over one storage)."""
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else ("empty", id(t))
+
+
+def retie(original, twin) -> None:
+    """Parameters that share memory in module ``original`` share it in its deepcopy ``twin`` too (deepcopy does not
+    keep that for Parameters)."""
+    first: dict[tuple, object] = {}
+    twins = dict(twin.named_parameters(remove_duplicate=False))
+    for name, param in original.named_parameters(remove_duplicate=False):
+        key = storage_key(param)
+        if key not in first:
+            first[key] = twins[name]
+        elif twins[name] is not first[key]:
+            owner, _, attr = name.rpartition(".")
+            setattr(twin.get_submodule(owner) if owner else twin, attr, first[key])

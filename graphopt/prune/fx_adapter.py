@@ -18,6 +18,7 @@ import numpy as np
 
 from graphopt.ir.fx_graph import _torch
 from graphopt.ir.fx_ops import arg, get_attr
+from graphopt.ir.identity import storage_key
 from graphopt.prune import fx_aten
 from graphopt.prune.propagate import internal_reason
 from graphopt.prune.view import ChannelView, Plan, PNode
@@ -36,12 +37,6 @@ _UNARY_METHODS = {"relu", "sigmoid", "tanh", "softmax", "contiguous", "exp", "sq
 _BINARY = {operator.add: "Add", torch.add: "Add", operator.sub: "Sub", torch.sub: "Sub", operator.mul: "Mul",
            torch.mul: "Mul", operator.truediv: "Div", torch.div: "Div", "add": "Add", "sub": "Sub", "mul": "Mul",
            "div": "Div"}
-
-
-def _storage(t) -> tuple:
-    """What makes two tensors one weight: the same memory, shape and strides (torch.export's module gives a tied
-    weight two Parameter objects over one storage)."""
-    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else ("empty", id(t))
 
 
 class FxChannels:
@@ -216,14 +211,14 @@ class FxChannels:
             owner = self.gm.get_submodule(owner_name) if owner_name else self.gm
             old = getattr(owner, attr)
             new = torch.from_numpy(np.ascontiguousarray(array)).to(old.dtype)
-            if _storage(old) in replaced:  # the same weight under another name (an embedding tied to the classifier)
-                twin = replaced[_storage(old)][1]
+            if storage_key(old) in replaced:  # the same weight under another name (an embedding tied to the classifier)
+                twin = replaced[storage_key(old)][1]
                 if twin.shape != new.shape or not torch.equal(twin.data, new):
                     raise ValueError(f"'{qualified}' is a weight tied to another that this plan prunes differently")
                 setattr(owner, attr, twin)
             elif isinstance(old, nn.Parameter):
-                replaced[_storage(old)] = (old, nn.Parameter(new, requires_grad=old.requires_grad))
-                setattr(owner, attr, replaced[_storage(old)][1])
+                replaced[storage_key(old)] = (old, nn.Parameter(new, requires_grad=old.requires_grad))
+                setattr(owner, attr, replaced[storage_key(old)][1])
             elif attr in owner._buffers:
                 owner.register_buffer(attr, new, persistent=attr not in owner._non_persistent_buffers_set)
             else:  # a plain tensor attribute (a constant torch.export lifted)
@@ -249,7 +244,7 @@ class FxChannels:
             else:
                 raise ValueError(f"the FX pruning adapter cannot set '{key}' on '{name}'")
         for name, param in self.gm.named_parameters(remove_duplicate=False):  # a tied weight's every name
-            if _storage(param) in replaced:
+            if storage_key(param) in replaced:
                 raise ValueError(f"'{name}' is a weight tied to one this plan prunes, and is not pruned with it")
         for module in self.gm.modules():
             _fix_sizes(module)
