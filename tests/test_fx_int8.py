@@ -282,3 +282,19 @@ def test_cli_eval_on_a_pytorch_model_prints_the_per_layer_table(tmp_path, capsys
     layers = json.loads(report.read_text())["comparison"]["per_layer"]["layers"]
     names = {layer["tensor"] for layer in layers}
     assert {"conv2d", "relu", "linear"} <= names and layers[0]["sqnr_db"] <= layers[-1]["sqnr_db"]
+
+
+def test_a_fusion_torch_cannot_do_is_one_line_and_fold_first_works():
+    """torch's conv + BatchNorm weight fusion (torchao's, in prepare_pt2e) breaks on a grouped ConvTranspose: a clear
+    UnsupportedError saying what works — graphopt's own fold first."""
+    from graphopt.errors import UnsupportedError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(16, 8, 3, padding=1, groups=2), torch.nn.BatchNorm2d(8),
+                                torch.nn.ReLU()).eval()
+    x = torch.randn(8, 16, 6, 6)
+    for passes in ("int8", "int8-dynamic"):
+        with pytest.raises(UnsupportedError, match="run 'fold' first"):
+            graphopt.optimize(model, passes, example_inputs=(x[:1],), calibration=x, backend="x86")
+    result = graphopt.optimize(model, "fold,int8", example_inputs=(x[:1],), calibration=x, backend="x86")
+    assert result.report.checks["numeric"]["compared"]

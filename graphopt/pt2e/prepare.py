@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from graphopt.errors import UnsupportedError, first_line
 from graphopt.ir.fx_ops import aten_name, computes_float
 from graphopt.pt2e.torchao import pt2e, quiet_torch_logs
 
@@ -23,9 +24,14 @@ def fold_batch_norms(gm) -> int:
     before = len(batch_norms(gm))
     if not before:
         return 0
-    with quiet_torch_logs():
-        _fuse_conv_bn_(gm)
-        _fuse_linear_bn_(gm)
+    try:
+        with quiet_torch_logs():
+            _fuse_conv_bn_(gm)
+            _fuse_linear_bn_(gm)
+    except RuntimeError as exc:  # torch's fuse_conv_bn_weights on a grouped ConvTranspose: shapes do not match
+        raise UnsupportedError(f"torchao's conv + BatchNorm fusion fails on this model ({first_line(exc, 120)}; a "
+                               f"grouped ConvTranspose before a BatchNorm does this): run 'fold' first (fold,int8: "
+                               f"graphopt's own BatchNorm folding handles it)") from None
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return before - len(batch_norms(gm))
@@ -41,6 +47,7 @@ def convert_ptq(gm, example_inputs, quantizer):
     ``prepare_pt2e`` (graphopt's: activation ranges already calibrated), one run on ``example_inputs`` so the weight
     observers see the weights, then ``convert_pt2e``'s Q/DQ graph."""
     ao = pt2e()
+    fold_batch_norms(gm)  # prepare_pt2e folds them too: here, a fusion torch cannot do is one line
     with quiet_torch_logs():
         prepared = ao.prepare_pt2e(gm, quantizer)
         with torch.no_grad():
