@@ -363,3 +363,25 @@ def test_a_conv3d_stays_float_on_x86():
     place = next(r for r in result.report.records if r.name == "place-qdq")
     weights = [n for n in result.graph.gm.graph.nodes if "dequantize_per_channel" in str(n.target)]
     assert len(weights) == 1 and "Conv3d" in " ".join(place.notes), (place.notes, len(weights))
+
+
+def test_a_dynamic_form_inductor_cannot_compile_falls_back_to_static_shapes_and_says_so(tmp_path, monkeypatch):
+    """inductor fails on some dynamic programs (attention with a padding mask: 'torch.Size() takes an iterable of
+    int'): the package is compiled at the example's shapes instead, and the run warns that it is static."""
+    real = torch._inductor.aoti_compile_and_package
+
+    def dynamic_fails(program, *args, **kwargs):
+        specs = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"]
+        if any(not isinstance(d, int) for v in specs if isinstance(v, torch.Tensor) for d in v.shape):
+            raise RuntimeError("torch.Size() takes an iterable of 'int' (item 0 is 'Node')")
+        return real(program, *args, **kwargs)
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", dynamic_fails)
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
+    from graphopt.api import optimize
+
+    result = optimize(small_qdq(batch=2, seed=3), "eliminate-dead", backend="x86", output=str(tmp_path / "s.pt2"),
+                      check=False)
+    assert result.artifact["dynamic"] == {"x": []}
+    assert "inductor could not compile the dynamic form" in result.artifact["static_reason"]
+    assert any("takes only its example's shapes" in w for w in result.report.warnings)

@@ -33,7 +33,14 @@ from typing import Any
 
 from graphopt.backends.base import BackendError
 from graphopt.backends.cache import cache_folder, trim_cache, used
-from graphopt.backends.x86_export import dynamic_dims, export_dynamic, quiet, strip_guards, torch_module
+from graphopt.backends.x86_export import (
+    dynamic_dims,
+    export_dynamic,
+    export_static,
+    quiet,
+    strip_guards,
+    torch_module,
+)
 from graphopt.errors import first_line
 from graphopt.ir.feeds import InputSpec
 from graphopt.ir.fx_ops import get_attr
@@ -180,18 +187,21 @@ def build_package(gm, example_inputs, input_names: list[str], output_names: list
         compile_start = time.perf_counter()
         with quiet():
             program, dynamic, static_reason = export_dynamic(gm, example_inputs)
-            metadata = {METADATA_KEY: json.dumps(_describe(program, input_names, output_names, dynamic))}
             staged = os.path.join(folder, f".{key}.{os.getpid()}.pt2")
             try:
-                with torch.no_grad():
-                    torch._inductor.aoti_compile_and_package(
-                        program, package_path=staged,
-                        inductor_configs={**INDUCTOR_CONFIGS, "aot_inductor.metadata": metadata})
+                _compile(program, staged, input_names, output_names, dynamic)
             except Exception as exc:
-                if os.path.exists(staged):
-                    os.unlink(staged)
-                raise BackendError(f"inductor could not compile the model for x86: {first_line(exc)} (run it with "
-                                   f"--backend onnxruntime, or report the op that fails)") from None
+                if not any(dynamic.values()):
+                    raise BackendError(f"inductor could not compile the model for x86: {first_line(exc)} (run it "
+                                       f"with --backend onnxruntime, or report the op that fails)") from None
+                # inductor fails on some dynamic forms (attention with a padding mask): the example's shapes, said
+                program, dynamic = export_static(gm, example_inputs), {name: [] for name in dynamic}
+                static_reason = f"inductor could not compile the dynamic form: {first_line(exc, 120)}"
+                try:
+                    _compile(program, staged, input_names, output_names, dynamic)
+                except Exception as again:
+                    raise BackendError(f"inductor could not compile the model for x86: {first_line(again)} (run "
+                                       f"it with --backend onnxruntime, or report the op that fails)") from None
             strip_debug_info(staged)
         compile_s = time.perf_counter() - compile_start
         if cache_state == "miss":  # room for the new package: the least recently used ones go, with their facts
@@ -204,6 +214,21 @@ def build_package(gm, example_inputs, input_names: list[str], output_names: list
             _write_json(sidecar, {k: v for k, v in facts.to_dict().items() if k not in ("package", "cache",
                                                                                       "build_s")})
     return facts
+
+
+def _compile(program, staged: str, input_names, output_names, dynamic) -> None:
+    """AOTInductor's package of ``program`` at ``staged``, described for graphopt (inputs, outputs, dynamic dims);
+    nothing left there when it fails."""
+    torch = torch_module()
+    metadata = {METADATA_KEY: json.dumps(_describe(program, input_names, output_names, dynamic))}
+    try:
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=staged, inductor_configs={**INDUCTOR_CONFIGS, "aot_inductor.metadata": metadata})
+    except BaseException:
+        if os.path.exists(staged):
+            os.unlink(staged)
+        raise
 
 
 def strip_debug_info(package: str) -> None:

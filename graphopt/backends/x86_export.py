@@ -70,7 +70,7 @@ def export_dynamic(gm, example_inputs) -> tuple[Any, dict[str, list[int]], str]:
     static = {n: [] for n in names}
     reason = _dynamic_hazard(gm)
     if reason:
-        return _export_static(gm, example_inputs), static, reason
+        return export_static(gm, example_inputs), static, reason
     wanted = dynamic_dims(example_inputs)
     attempts = [wanted] + ([[d[:1] for d in wanted]] if any(len(d) > 1 for d in wanted) else [])
     reasons = []
@@ -80,10 +80,10 @@ def export_dynamic(gm, example_inputs) -> tuple[Any, dict[str, list[int]], str]:
             fixed = f"the token sequence is fixed: {reasons[0]}" if reasons else ""
             return program, {name: dynamic.get(i, []) for i, name in enumerate(names)}, fixed
         reasons.append(reason)
-    return _export_static(gm, example_inputs), static, reasons[-1]
+    return export_static(gm, example_inputs), static, reasons[-1]
 
 
-def _export_static(gm, example_inputs):
+def export_static(gm, example_inputs):
     torch = torch_module()
     try:
         return torch.export.export(gm, tuple(example_inputs))
