@@ -46,7 +46,7 @@ from graphopt.ir.feeds import InputSpec
 from graphopt.ir.fx_ops import get_attr
 
 CACHE_MB = 2048  # the compile cache's size: the least recently used packages go past it
-LOWERING_VERSION = 3  # bump when the lowering below changes what a package holds: old cache entries are not reused
+LOWERING_VERSION = 4  # bump when the lowering below changes what a package holds: old cache entries are not reused
 INDUCTOR_CONFIGS = {"freezing": True}
 METADATA_KEY = "graphopt"  # the package's AOTI metadata entry holding its inputs, outputs and dynamic dims
 # extern kernels in AOTInductor's generated wrapper (aoti_torch_cpu_<op>), by what they compute
@@ -207,8 +207,12 @@ def build_package(gm, example_inputs, input_names: list[str], output_names: list
         if cache_state == "miss":  # room for the new package: the least recently used ones go, with their facts
             trim_cache(folder, ".pt2", max(0, (cache_mb << 20) - os.path.getsize(staged)), (".json", ".lock"))
         os.replace(staged, package)
+        kernels = package_kernels(package)
+        inlined = quantized_layers(gm) - kernels.get("int8 conv", 0) - kernels.get("int8 linear", 0)
+        if kernels and inlined > 0:  # Q/DQ layers inductor wrote as float code of its own (no extern int8 call)
+            kernels["int8 layer lowered as float code"] = inlined
         facts = LoweringFacts(package, cache_state, compile_s, time.perf_counter() - start, int8_features(),
-                              torch.backends.cpu.get_cpu_capability(), torch.__version__, package_kernels(package),
+                              torch.backends.cpu.get_cpu_capability(), torch.__version__, kernels,
                               dynamic, static_reason, os.path.getsize(package))
         if cache_state == "miss":
             _write_json(sidecar, {k: v for k, v in facts.to_dict().items() if k not in ("package", "cache",
@@ -285,6 +289,19 @@ def _describe(program, input_names: list[str], output_names: list[str], dynamic:
 
 
 # -- reading a package -------------------------------------------------------------------------------------------
+def quantized_layers(gm) -> int:
+    """How many conv / linear nodes of ATen graph ``gm`` read a dequantized weight (the layers a Q/DQ graph means to
+    run in int8): what the package's int8 kernels are counted against."""
+    count = 0
+    for node in gm.graph.nodes:
+        name = str(getattr(node.target, "__name__", node.target))
+        weight = node.args[1] if node.op == "call_function" and len(node.args) > 1 else None
+        if ("conv" in name or "linear" in name) and getattr(weight, "op", "") == "call_function" \
+                and "dequantize" in str(getattr(weight.target, "__name__", weight.target)):
+            count += 1
+    return count
+
+
 def package_kernels(path: str) -> dict[str, int]:
     """How many extern kernel calls of each kind (int8 / float conv, int8 / float linear or matmul) the package's
     generated wrapper code makes; ``{}`` when the package holds no wrapper source."""
