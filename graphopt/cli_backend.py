@@ -5,7 +5,6 @@ Split from :mod:`graphopt.cli`, which registers them; the same one-line error ru
 
 from __future__ import annotations
 
-import json
 import os
 
 from graphopt.errors import InputError, UsageError
@@ -169,8 +168,9 @@ def _check_json(path: str | None, models: list[tuple[str, str]], data: tuple[str
 
 def _write_json(path: str, data) -> None:
     from graphopt.paths import atomic_write
+    from graphopt.report.layers import json_text
 
-    atomic_write(path, json.dumps(data, indent=2, default=str), "--json")
+    atomic_write(path, json_text(data), "--json")
 
 
 def cmd_bench(args) -> int:

@@ -10,7 +10,6 @@ flags on ``verify``; the same one-line error rules apply.
 
 from __future__ import annotations
 
-import json
 import os
 
 from graphopt.errors import UsageError
@@ -55,6 +54,7 @@ def cmd_lint(args) -> int:
     from graphopt.ir import model_reads
     from graphopt.ir.onnx_graph import OnnxGraph
     from graphopt.paths import IOPlan, atomic_write
+    from graphopt.report.layers import json_text
 
     if (args.output or args.calib) and not args.fix:
         raise UsageError("-o and --calib go with --fix")
@@ -100,5 +100,5 @@ def cmd_lint(args) -> int:
         else:
             print("nothing fixed: no file written")
     if args.json:
-        atomic_write(args.json, json.dumps(report, indent=2), "--json")
+        atomic_write(args.json, json_text(report), "--json")
     return FINDINGS_EXIT if args.strict and left else 0

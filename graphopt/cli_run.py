@@ -114,6 +114,7 @@ def cmd_run(args) -> int:
     from graphopt.passes.instruments import FloatReference
     from graphopt.passes.manager import bisect
     from graphopt.paths import atomic_write, real
+    from graphopt.report.layers import json_text
     from graphopt.report.run_report import (
         cost_report,
         format_run,
@@ -216,11 +217,11 @@ def cmd_run(args) -> int:
                 **search_data(run.ctx.state)}
         try:  # every target was checked before the passes: what fails now is the disk (full, gone)
             if args.json:
-                atomic_write(args.json, json.dumps(data, indent=2, default=_json_default), "--json")
+                atomic_write(args.json, json_text(data, default=_json_default), "--json")
             if args.report:
                 from graphopt.report.report_dir import write_report_dir
 
-                written = write_report_dir(args.report, json.loads(json.dumps(data, default=_json_default)),
+                written = write_report_dir(args.report, json.loads(json_text(data, default=_json_default)),
                                            report.table())
                 say(f"wrote the report into {args.report}: {', '.join(os.path.basename(p) for p in written)}")
         except OutputError:  # a failed run leaves nothing behind: the files it created go (one it replaced stays)
@@ -280,6 +281,9 @@ def _eval_data(args):
         raise UsageError(f"{args.eval} has no labels array '{args.labels}' (it has: {', '.join(sorted(data))}); "
                          f"name it with --labels")
     labels = data.pop(args.labels)
+    from graphopt.report.metrics import check_labelled
+
+    check_labelled(data, labels, f"--eval {args.eval}: ")  # one class per sample, finite inputs (as compare)
     return data, labels
 
 

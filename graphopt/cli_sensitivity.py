@@ -13,7 +13,6 @@ rules as :mod:`graphopt.cli` apply.
 
 from __future__ import annotations
 
-import json
 import os
 
 from graphopt.errors import UsageError
@@ -54,6 +53,7 @@ def cmd_sensitivity(args) -> int:
     from graphopt.ir import model_reads
     from graphopt.paths import IOPlan, atomic_write
     from graphopt.report.budget import search_budget
+    from graphopt.report.layers import json_text
     from graphopt.report.sensitivity import cost_line, prepare, sensitivity
 
     budget = args.min_cosine is not None or args.max_drop is not None
@@ -152,7 +152,7 @@ def cmd_sensitivity(args) -> int:
             print(f"wrote {args.plot}")
     if args.json:
         report["unplaced_groups"] = unplaced  # left float by the placement on this backend: not scored
-        atomic_write(args.json, json.dumps(report, indent=2, default=str), "--json")
+        atomic_write(args.json, json_text(report), "--json")
     return 0
 
 

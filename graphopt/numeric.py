@@ -171,5 +171,10 @@ def cosine(dot: float, aa: float, bb: float) -> float:
     return dot / math.sqrt(aa * bb)
 
 
+def fmt_ms(value: float) -> str:
+    """A time in ms for a message, with the digits that tell two small ones apart (23.4 µs, not 0.023 ms)."""
+    return f"{value:.3f} ms" if value >= 1 else f"{value * 1000:.1f} µs"
+
+
 def fmt_db(value: float) -> str:
     return "inf" if value == math.inf else ("-inf" if value == -math.inf else f"{value:.2f}")

@@ -200,3 +200,34 @@ def test_nodes_that_share_a_name_are_renamed_on_load(tmp_path):
     result = graphopt.optimize(path, "fold", output=str(tmp_path / "o.onnx"))
     assert [n.name for n in result.graph.gs.nodes] == ["n", "n_1"]
     assert result.report.checks["numeric"]["compared"]  # onnxruntime loads it now: the check ran
+
+
+def test_labels_out_of_the_models_classes_are_refused(tiny, tmp_path, capsys):
+    x = np.random.default_rng(0).standard_normal((6, 3, 32, 32)).astype(np.float32)
+    for bad in (10, -1):  # the model has 10 classes: a label 10 or -1 counted as wrong for every model alike
+        labels = np.array([0, 1, 2, 3, 4, bad])
+        np.savez(tmp_path / "e.npz", input=x, labels=labels)
+        assert main(["run", tiny, "--eval", str(tmp_path / "e.npz"), "-o", str(tmp_path / "o.onnx"), "-q"]) == 2
+        assert "labels must be classes 0 to 9 of the model's 10 outputs" in _error(capsys)
+        assert main(["compare", tiny, tiny, "--data", str(tmp_path / "e.npz")]) == 2
+        assert "labels must be classes 0 to 9" in _error(capsys)
+
+
+def test_json_reports_are_strict_json():
+    import json
+
+    from graphopt.report.layers import json_text
+
+    text = json_text({"a": float("nan"), "b": [float("inf"), np.float32(-np.inf)], "c": 1.5})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == \
+        {"a": None, "b": ["inf", "-inf"], "c": 1.5}
+
+
+def test_macs_are_per_sample_whatever_the_examples_batch():
+    from graphopt.ir.fx_graph import FxGraph
+    from graphopt.report.cost import model_costs
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4)).eval()
+    macs = {b: model_costs(FxGraph.from_exported(torch.export.export(model, (torch.randn(b, 3, 8, 8),), dynamic_shapes=(
+        {0: torch.export.Dim("b")},)))).macs for b in (2, 4)}
+    assert macs[2] == macs[4] == 8 * 3 * 9 * 36 + 288 * 4, macs

@@ -57,6 +57,15 @@ class DataError(UsageError):
     """Data given for a model does not fit it: missing inputs, wrong shapes, labels that do not match."""
 
 
+def check_classes(labels, logits, where: str = "") -> None:
+    """Labels must be classes of the logits (0 to classes - 1): a label -1, or 10 of 10 classes, would count as
+    wrong for every model alike and lower the accuracy without a word. DataError, prefixed with ``where``."""
+    labels, classes = np.asarray(labels), np.shape(logits)[-1] if np.ndim(logits) else 0
+    if labels.size and labels.dtype != np.bool_ and (labels.min() < 0 or labels.max() >= classes):
+        raise DataError(f"{where}labels must be classes 0 to {classes - 1} of the model's {classes} outputs; they "
+                        f"hold {int(labels.min())} to {int(labels.max())}")
+
+
 # -- timing results ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LatencyStats:
@@ -400,4 +409,5 @@ class Backend(ABC):
         labels = np.asarray(labels)
         if labels.shape[0] != logits.shape[0]:
             raise DataError(f"{labels.shape[0]} labels for {logits.shape[0]} samples")
+        check_classes(labels, logits)
         return Accuracy(top1_correct(logits, labels), int(labels.shape[0]))

@@ -212,7 +212,7 @@ class FxGraph(Graph):
 
         seen = {storage_key(p): p.numel() for p in self.gm.parameters()}  # a tied weight once
         for node in self.gm.graph.nodes:
-            if node.op == "get_attr":
+            if node.op == "get_attr" and not str(node.target).endswith("num_batches_tracked"):  # a counter
                 value = get_attr(self.gm, node.target)
                 if isinstance(value, torch.Tensor):
                     seen.setdefault(storage_key(value), value.numel())

@@ -24,8 +24,13 @@ def fx_costs(graph) -> list[LayerCost]:
 
     gm = graph.gm
     try:
-        with torch.no_grad():
-            inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in graph.example_inputs]
+        dynamic = [spec.shape[:1] == (None,) for spec in graph.input_specs()]
+    except Exception:  # an input that is no tensor
+        dynamic = []
+    try:
+        with torch.no_grad():  # per sample, as the ONNX count (a dynamic batch at 1), whatever the example's batch
+            inputs = [(x[:1] if i < len(dynamic) and dynamic[i] else x).clone() if isinstance(x, torch.Tensor) else x
+                      for i, x in enumerate(graph.example_inputs)]
             ShapeProp(gm).propagate(*inputs)  # on copies: a model may write to its inputs in place
     except Exception:  # a graph ShapeProp cannot run: the shapes already recorded, if any
         pass

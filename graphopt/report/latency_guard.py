@@ -77,6 +77,7 @@ import numpy as np
 
 from graphopt.backends.cpu import cpu_identity
 from graphopt.executors import InProcess
+from graphopt.numeric import fmt_ms
 from graphopt.report.kernel_profile import Unit, kernel_groups, profile_units
 
 __all__ = ["GuardResult", "backend_identity", "guard_latency", "intensities", "profile_placements",
@@ -402,7 +403,8 @@ def _guard_by_timing(study, timed, seconds, rounds, warmup, max_intensity, min_g
 def _final_check(study, result: GuardResult, fp32: float, guarded: float, noise: float) -> None:
     """What is kept must not be slower than fp32 beyond the noise: else the model stays float."""
     result.kept = "guarded" if result.float_groups else "int8"
+    noise = max(noise, 0.01 * fp32)  # one A/A pair of medians can differ by nothing: 1 % is the least noise
     if guarded - fp32 > noise:
-        result.warnings.append(f"int8, guarded ({guarded:.3f} ms/run), is slower than fp32 ({fp32:.3f} ms/run) "
-                               f"beyond the noise ({noise:.3f} ms) on this backend and CPU: the model stays float")
+        result.warnings.append(f"int8, guarded ({fmt_ms(guarded)}/run), is slower than fp32 ({fmt_ms(fp32)}/run) "
+                               f"beyond the noise ({fmt_ms(noise)}) on this backend and CPU: the model stays float")
         result.float_groups, result.kept = [g.name for g in study.groups], FP32

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -20,6 +21,21 @@ def jsonable(value: float | None) -> Any:
     if isinstance(value, float) and math.isinf(value):
         return "inf" if value > 0 else "-inf"
     return value
+
+
+def json_text(data: Any, default=str) -> str:
+    """``data`` as strict JSON text (indented): every float through :func:`jsonable`, so a NaN or an infinity
+    anywhere in a report is null / "inf", never the bare NaN / Infinity strict parsers reject."""
+    def strict(value):
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        if isinstance(value, (float, np.floating)):
+            return jsonable(float(value))
+        return value
+
+    return json.dumps(strict(data), indent=2, default=default, allow_nan=False)
 
 
 def count_samples(feeds: Mapping[str, np.ndarray]) -> int:

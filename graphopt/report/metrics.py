@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import onnx
 
-from graphopt.backends.base import Accuracy, BackendError, DataError, check_feeds, iter_batches
+from graphopt.backends.base import Accuracy, BackendError, DataError, check_classes, check_feeds, iter_batches
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.errors import UsageError
 from graphopt.ir.expose import expose as _expose
@@ -308,6 +308,7 @@ def compare_models(model_a, model_b, data: Mapping[str, np.ndarray] | None = Non
         if not is_logits(out_a[0]):
             raise DataError(f"accuracy needs (samples, classes) logits as the first output; it has shape "
                             f"{out_a[0].shape}")
+        check_classes(labels, out_a[0])
         result.accuracy = {"labels": labels_key, "a": Accuracy(top1_correct(out_a[0], labels), n),
                            "b": Accuracy(top1_correct(out_b[0], labels), n)}
     if per_layer:

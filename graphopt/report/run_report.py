@@ -59,9 +59,10 @@ def measure_run(before: Any, after: str, backend, *, data: dict | None = None, l
     report.update(cost_report(*costs, top=top))
     threads = threads or os.cpu_count() or 1
     if bench:
-        results = [backend.bench(path, [1], [threads]) for path in (before, after)]
+        batch = _common_batch(backend, before, after)
+        results = [backend.bench(path, [batch], [threads]) for path in (before, after)]
         stats = [r.rows[0] for r in results]
-        report["latency_ms"] = {"before": stats[0].p50_ms, "after": stats[1].p50_ms, "batch": 1,
+        report["latency_ms"] = {"before": stats[0].p50_ms, "after": stats[1].p50_ms, "batch": batch,
                                 "threads": threads, "statistic": "p50"}
         settings = next(iter(results[1].settings.values()), None)  # what the runtime ran with (openvino)
         if settings:
@@ -97,8 +98,9 @@ def format_run(report: dict[str, Any]) -> str:
             lines.append(f"output {out.name}: SQNR {fmt_db(out.sqnr_db)}, max rel. error {out.max_rel_err:.2e}")
         layers = comparison.per_layer
         if layers is not None and layers.rows:
+            on = f", on the first {layers.samples} samples" if layers.samples else ""
             lines.append(f"per-layer SQNR, worst first ({min(report['_top'], len(layers.rows))} of "
-                         f"{len(layers.rows)}):")
+                         f"{len(layers.rows)}{on}):")
             lines.append(layers.table(report["_top"]))
     lines.extend(costs[1:])  # the per-layer params/MACs table, after the one-line results
     return "\n".join(lines)
@@ -143,3 +145,18 @@ def per_layer_fx(reference, result, data: dict, samples: int = 64, batch: int = 
     whole = count - count % step  # whole batches only (a fixed batch size takes no remainder); all when fewer
     batches = [{n: v[i:i + step] for n, v in subset.items()} for i in range(0, whole or count, step)]
     return per_layer_sqnr(reference, result, batches)
+
+
+def _common_batch(backend, before, after) -> int:
+    """The batch both models are timed at: 1, or the batch a model fixed (a static x86 package, exported at batch 2)."""
+    from graphopt.backends.base import DataError
+
+    fixed = {}
+    for label, model in (("before", before), ("after", after)):
+        batches = {s.batch_dim for s in backend.input_specs(backend.session(model)) if s.batch_dim is not None}
+        if batches:
+            fixed[label] = min(batches)
+    if len(set(fixed.values())) > 1:
+        raise DataError(f"--bench: the input takes batch {fixed['before']} only and the result batch "
+                        f"{fixed['after']} only: their latencies cannot be paired (graphopt bench each)")
+    return next(iter(fixed.values()), 1)

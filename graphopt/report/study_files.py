@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from graphopt.backends.base import check_classes
 from graphopt.errors import UsageError
 from graphopt.numeric import cosine_similarity, sqnr_db, top1_accuracy
 
@@ -169,11 +170,16 @@ class Scored:
         floats = [i for i, o in enumerate(ref) if np.issubdtype(np.asarray(o).dtype, np.floating)]
         a = np.concatenate([np.ravel(ref[i]) for i in floats]).astype(np.float64)
         b = np.concatenate([np.ravel(outputs[i]) for i in floats]).astype(np.float64)
+        if self.labels is not None:
+            check_classes(self.labels, outputs[0])
         acc = None if self.labels is None else 100.0 * top1_accuracy(outputs[0], self.labels)
         return {"sqnr_db": sqnr_db(a, b), "cosine": cosine_similarity(a, b), "accuracy": acc}
 
     def fp32_accuracy(self) -> float | None:
-        return None if self.labels is None else 100.0 * top1_accuracy(self.reference()[0], self.labels)
+        if self.labels is None:
+            return None
+        check_classes(self.labels, self.reference()[0])
+        return 100.0 * top1_accuracy(self.reference()[0], self.labels)
 
 
 def eval_arrays(path: str, labels_key: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
