@@ -219,7 +219,7 @@ def load_npz(path: str) -> dict:
 
 
 def cmd_compare(args) -> int:
-    from graphopt.backends.base import model_size_bytes
+    from graphopt.backends.base import DataError, model_size_bytes
     from graphopt.report.metrics import compare_models, outputs_table
 
     if args.samples < 1 or args.top < 0:
@@ -243,8 +243,14 @@ def cmd_compare(args) -> int:
             if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
                 raise InputError(f"{args.data}: array '{name}' holds NaN or infinite values (compare models on "
                                  f"finite inputs)")
-    result = compare_models(model_a, model_b, data, labels, labels_key=labels_key, samples=args.samples,
-                            per_layer=args.per_layer, backend=backend, data_label=f"{args.data}")
+            if np.iscomplexobj(values):  # a float model would get its real part only
+                raise InputError(f"{args.data}: array '{name}' is complex ({values.dtype}); give real inputs")
+    try:
+        result = compare_models(model_a, model_b, data, labels, labels_key=labels_key, samples=args.samples,
+                                per_layer=args.per_layer, backend=backend, data_label=f"{args.data}")
+    except DataError as exc:  # labels, shapes: the file they came from is named
+        raise DataError(f"--data {args.data}: {exc} (give data that fits the models)" if args.data else str(exc)) \
+            from None
     print(f"A: {args.a} ({model_size_bytes(args.a):,} bytes)  [reference]")
     print(f"B: {args.b} ({model_size_bytes(args.b):,} bytes)")
     print(f"inputs: {result.inputs}" + (f", {result.samples} samples" if args.data else ""))

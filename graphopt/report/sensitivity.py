@@ -352,7 +352,8 @@ def cost_line(study: Study, mode: str, max_evals: int | None) -> str:
     bound = f" (--max-evals {max_evals}: the top {n} by a cheap proxy, from one fully-int8 run)" \
         if max_evals and max_evals < g else ""
     return (f"cost: {g} groups -> {n} evaluations{bound} on {study.samples} samples, "
-            f"{'one group at a time' if mode == 'one' else 'all but one group'} in int8")
+            f"{'one group at a time' if mode == 'one' else 'all but one group'} in int8, and 1 of the fully-int8 "
+            f"model (the baseline)")
 
 
 def sensitivity(study: Study, *, mode: str = "one", max_evals: int | None = None, executor=None
