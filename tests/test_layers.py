@@ -139,3 +139,23 @@ def test_the_onnx_route_never_imports_torch(tmp_path, zoo_onnx):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_an_output_b_dequantizes_under_its_own_name_is_said_to_be_after_qdq():
+    """B's graph output keeps A's name but is its DequantizeLinear's output: the row says after Q/DQ, not as is."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphopt.report.metrics import match_tensors
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    io = ([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    a = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "a", *io, [w]))
+    scale, zero = numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(0), "z")
+    b = helper.make_model(helper.make_graph([
+        helper.make_node("MatMul", ["x", "w"], ["y_float"]),
+        helper.make_node("QuantizeLinear", ["y_float", "s", "z"], ["y_q"]),
+        helper.make_node("DequantizeLinear", ["y_q", "s", "z"], ["y"])], "b", *io, [w, scale, zero]))
+    (match,), _ = match_tensors(a, b)
+    assert match.tensor == match.other == "y" and match.quantized

@@ -57,6 +57,7 @@ class LayerSQNR:
     other_power: float = 0.0
     max_abs_ref: float = 0.0
     max_abs_err: float = 0.0
+    quantized: bool | None = None  # B's value went through Q/DQ; None: as its name says (another name: it did)
 
     def add(self, ref: np.ndarray, x: np.ndarray) -> None:
         ref, x = np.asarray(ref, np.float64), np.asarray(x, np.float64)
@@ -81,6 +82,10 @@ class LayerSQNR:
     def max_rel_err(self) -> float:
         return rel_error(self.max_abs_err, self.max_abs_ref)
 
+    @property
+    def went_through_qdq(self) -> bool:
+        return self.quantized if self.quantized is not None else self.other != self.tensor
+
     def to_dict(self) -> dict[str, Any]:
         return {"tensor": self.tensor, "compared_with": self.other, "op_type": self.op_type, "index": self.index,
                 "sqnr_db": jsonable(self.sqnr_db), "cosine": self.cosine, "max_rel_err": self.max_rel_err}
@@ -101,7 +106,7 @@ class LayerTable:
         table = [("#", "tensor", "op", "in B", "SQNR dB", "cosine", "max rel err")]
         for r in shown:
             table.append((str(r.index) if r.index >= 0 else "input", r.tensor, r.op_type,
-                          "as is" if r.other == r.tensor else "after Q/DQ", fmt_db(r.sqnr_db), f"{r.cosine:.6f}",
+                          "after Q/DQ" if r.went_through_qdq else "as is", fmt_db(r.sqnr_db), f"{r.cosine:.6f}",
                           f"{r.max_rel_err:.2e}"))
         return format_table(table)
 

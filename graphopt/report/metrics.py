@@ -119,6 +119,7 @@ class TensorMatch:
     op_type: str  # the op that produces it in A ("input" for a graph input)
     index: int  # its position in A's node order (-1 for a graph input)
     read: str = ""  # the tensor of A read instead of ``tensor``: its own DequantizeLinear output, when A quantizes it
+    quantized: bool = False  # B's value went through Q/DQ (also where B's DequantizeLinear keeps A's name: an output)
 
 
 def match_tensors(model_a, model_b) -> tuple[list[TensorMatch], list[str]]:
@@ -145,7 +146,8 @@ def match_tensors(model_a, model_b) -> tuple[list[TensorMatch], list[str]]:
             if op != "input":  # an input B feeds as it is needs no row
                 unmatched.append(name)
         else:  # A quantizes it too: its own value after Q/DQ is the reference (a model against itself: inf dB)
-            matches.append(TensorMatch(name, other, op, index, in_a.get(name, "") if other != name else ""))
+            matches.append(TensorMatch(name, other, op, index, in_a.get(name, "") if other != name else "",
+                                       other != name or b_op.get(name) in QDQ_OPS))
     return matches, unmatched
 
 
@@ -196,7 +198,7 @@ def per_layer_sqnr(model_a, model_b, batches: Iterable[Mapping[str, np.ndarray]]
     sess_a = backend.session(_expose(OnnxGraph.from_model(a), [m.read or m.tensor for m in matches]), threads)
     sess_b = backend.session(_expose(OnnxGraph.from_model(b), [m.other for m in matches]), threads)
     names_a, names_b = backend.output_names(sess_a), backend.output_names(sess_b)
-    acc = {m.tensor: LayerSQNR(m.tensor, m.other, m.op_type, m.index) for m in matches}
+    acc = {m.tensor: LayerSQNR(m.tensor, m.other, m.op_type, m.index, quantized=m.quantized) for m in matches}
     skipped: dict[str, str] = {}
     samples = 0
     for item in batches:
