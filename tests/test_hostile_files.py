@@ -231,3 +231,15 @@ def test_macs_are_per_sample_whatever_the_examples_batch():
     macs = {b: model_costs(FxGraph.from_exported(torch.export.export(model, (torch.randn(b, 3, 8, 8),), dynamic_shapes=(
         {0: torch.export.Dim("b")},)))).macs for b in (2, 4)}
     assert macs[2] == macs[4] == 8 * 3 * 9 * 36 + 288 * 4, macs
+
+
+def test_inputs_too_large_to_generate_are_not_allocated(tmp_path):
+    """A declared input of 2e9 x 4 floats (32 GB): the check says why it compares nothing, without trying."""
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2_000_000_000, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2_000_000_000, 4])])
+    path = str(tmp_path / "huge.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    result = graphopt.optimize(path, "fold")
+    assert not result.report.checks["numeric"]["compared"]
+    assert "generated inputs would take 29.8 GiB" in result.report.checks["numeric"]["reason"]

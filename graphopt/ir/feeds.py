@@ -13,6 +13,7 @@ calibration): a name, a shape whose dims are fixed ints or symbolic (a name, or 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence, Union
 
@@ -132,6 +133,9 @@ def random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype, role: 
     return rng.integers(0, 2, size=shape).astype(dtype)
 
 
+MAX_GENERATED_BYTES = 4 << 30  # fixed-seed inputs graphopt makes for a check or a benchmark, at most
+
+
 def feeds(specs: Sequence[InputSpec], seed: int = 0, batch: int = 1, roles: Mapping[str, str] | None = None,
           shapes: Mapping[str, Sequence] | None = None) -> dict[str, np.ndarray]:
     """Fixed-seed inputs for ``specs`` at ``batch`` (shapes as :func:`concrete_shape` fills them, ``shapes``
@@ -139,8 +143,12 @@ def feeds(specs: Sequence[InputSpec], seed: int = 0, batch: int = 1, roles: Mapp
     :func:`input_roles`."""
     rng = np.random.default_rng(seed)
     roles, shapes = roles or {}, shapes or {}
-    return {s.name: random_array(rng, concrete_shape(s.shape, batch, shapes.get(s.name)), s.dtype,
-                                 roles.get(s.name)) for s in specs}
+    concrete = {s.name: concrete_shape(s.shape, batch, shapes.get(s.name)) for s in specs}
+    total = sum(math.prod(shape) * np.dtype(s.dtype).itemsize for s, shape in zip(specs, concrete.values()))
+    if total > MAX_GENERATED_BYTES:  # a declared shape like 1e12 x 3: said, not allocated (or tried until swap)
+        raise ValueError(f"generated inputs would take {total / 2**30:.1f} GiB (over "
+                         f"{MAX_GENERATED_BYTES >> 30} GiB): the model's declared input shapes are that large")
+    return {s.name: random_array(rng, concrete[s.name], s.dtype, roles.get(s.name)) for s in specs}
 
 
 def samples(specs: Sequence[InputSpec], n: int, seed: int = 0) -> dict[str, np.ndarray]:
