@@ -242,7 +242,10 @@ class Driver:
             if config.eval_inputs:
                 inputs = {k: v[:CHECK_SAMPLES] for k, v in config.eval_inputs.items()}
                 label = f"{len(next(iter(inputs.values())))} samples of the evaluation data"
-            reference = os.fspath(model) if isinstance(model, (str, os.PathLike)) and graph.ir == "onnx" else None
+            # the file itself is the first reference, unless loading changed it (nodes sharing a name renamed: a
+            # file onnxruntime refuses)
+            from_file = isinstance(model, (str, os.PathLike)) and graph.ir == "onnx" and not graph.notes
+            reference = os.fspath(model) if from_file else None
             check = NumericCheck(rtol=config.rtol, per_pass=config.verify_each, inputs=inputs, inputs_label=label,
                                  reference_path=reference)
             chain.append(check)

@@ -355,14 +355,15 @@ class Backend(ABC):
         return [np.concatenate([p[i] for p in parts], axis=0) if np.ndim(parts[0][i]) else parts[0][i]
                 for i in range(len(parts[0]))]
 
-    def bench(self, model: Any, batch_sizes: Iterable[int] = (1,), threads: Iterable[int] = (1,), warmup: int = 10,
-              iters: int = 50, shapes: Mapping[str, Iterable[int | None]] | None = None, seed: int = 0
+    def bench(self, model: Any, batch_sizes: Iterable[int] | None = (1,), threads: Iterable[int] = (1,),
+              warmup: int = 10, iters: int = 50, shapes: Mapping[str, Iterable[int | None]] | None = None, seed: int = 0
               ) -> BenchResult:
         """Latency percentiles per (batch size, threads): ``warmup`` untimed runs, then ``iters`` timed ones on
         fixed-seed inputs (:func:`graphopt.ir.feeds.feeds`; see :meth:`InputSpec.concrete` for how shapes are
         filled; ``shapes`` overrides them per input name). One session per thread count, shared by the batch
-        sizes."""
-        batch_sizes, threads = list(batch_sizes), list(threads)
+        sizes. ``batch_sizes=None``: 1, or the batch the model fixes (a static package exported at 2)."""
+        own = batch_sizes is None
+        batch_sizes, threads = [1] if own else list(batch_sizes), list(threads)
         if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
             raise UsageError(f"batch sizes must be positive integers, got {batch_sizes}")
         if not threads or any(int(t) < 1 for t in threads):
@@ -378,7 +379,8 @@ class Backend(ABC):
             if unknown:
                 raise UsageError(f"shape given for unknown input(s) {', '.join(unknown)} "
                                  f"(model inputs: {', '.join(s.name for s in specs)})")
-            for b in batch_sizes:
+            fixed = [s.batch_dim for s in specs if s.batch_dim is not None]
+            for b in [min(fixed)] if own and fixed else batch_sizes:
                 b = int(b)
                 for s in specs:
                     if s.batch_dim is not None and s.batch_dim != b and (shapes or {}).get(s.name) is None:

@@ -192,16 +192,14 @@ def build_package(gm, example_inputs, input_names: list[str], output_names: list
                 _compile(program, staged, input_names, output_names, dynamic)
             except Exception as exc:
                 if not any(dynamic.values()):
-                    raise BackendError(f"inductor could not compile the model for x86: {first_line(exc)} (run it "
-                                       f"with --backend onnxruntime, or report the op that fails)") from None
+                    raise _cannot_compile(exc) from None
                 # inductor fails on some dynamic forms (attention with a padding mask): the example's shapes, said
                 program, dynamic = export_static(gm, example_inputs), {name: [] for name in dynamic}
                 static_reason = f"inductor could not compile the dynamic form: {first_line(exc, 120)}"
                 try:
                     _compile(program, staged, input_names, output_names, dynamic)
                 except Exception as again:
-                    raise BackendError(f"inductor could not compile the model for x86: {first_line(again)} (run "
-                                       f"it with --backend onnxruntime, or report the op that fails)") from None
+                    raise _cannot_compile(again) from None
             strip_debug_info(staged)
         compile_s = time.perf_counter() - compile_start
         if cache_state == "miss":  # room for the new package: the least recently used ones go, with their facts
@@ -218,6 +216,11 @@ def build_package(gm, example_inputs, input_names: list[str], output_names: list
             _write_json(sidecar, {k: v for k, v in facts.to_dict().items() if k not in ("package", "cache",
                                                                                       "build_s")})
     return facts
+
+
+def _cannot_compile(exc: Exception) -> BackendError:
+    return BackendError(f"inductor could not compile the model for x86: {first_line(exc)} (run it with --backend "
+                        f"onnxruntime, or report the op that fails)")
 
 
 def _compile(program, staged: str, input_names, output_names, dynamic) -> None:
@@ -292,14 +295,10 @@ def _describe(program, input_names: list[str], output_names: list[str], dynamic:
 def quantized_layers(gm) -> int:
     """How many conv / linear nodes of ATen graph ``gm`` read a dequantized weight (the layers a Q/DQ graph means to
     run in int8): what the package's int8 kernels are counted against."""
-    count = 0
-    for node in gm.graph.nodes:
-        name = str(getattr(node.target, "__name__", node.target))
-        weight = node.args[1] if node.op == "call_function" and len(node.args) > 1 else None
-        if ("conv" in name or "linear" in name) and getattr(weight, "op", "") == "call_function" \
-                and "dequantize" in str(getattr(weight.target, "__name__", weight.target)):
-            count += 1
-    return count
+    from graphopt.ir.fx_ops import aten_name, onnx_op_type
+
+    return sum(1 for n in gm.graph.nodes if onnx_op_type(n) in ("Conv", "Gemm") and len(n.args) > 1
+               and aten_name(n.args[1]).startswith("dequantize"))
 
 
 def package_kernels(path: str) -> dict[str, int]:

@@ -171,13 +171,7 @@ class NumericCheck(Instrument):
         try:
             for label, inputs in self._candidates(graph, ctx):
                 try:
-                    try:
-                        self._ref = run_model(graph, inputs, optimized=False, path=path)
-                    except NotRunnable as exc:  # the file as it is on disk (nodes sharing a name): the loaded graph
-                        if path is None or not str(exc).startswith("onnxruntime cannot load"):
-                            raise
-                        path = None
-                        self._ref = run_model(graph, inputs, optimized=False)
+                    self._ref = run_model(graph, inputs, optimized=False, path=path)
                 except NotRunnable as exc:
                     reason = str(exc)
                     if reason.startswith("onnxruntime cannot load"):

@@ -59,8 +59,9 @@ def measure_run(before: Any, after: str, backend, *, data: dict | None = None, l
     report.update(cost_report(*costs, top=top))
     threads = threads or os.cpu_count() or 1
     if bench:
-        batch = _common_batch(backend, before, after)
-        results = [backend.bench(path, [batch], [threads]) for path in (before, after)]
+        timed = backend.bench(after, None, [threads])  # at the batch a static result takes (x86), else 1
+        batch = timed.rows[0].batch
+        results = [backend.bench(before, [batch], [threads]), timed]
         stats = [r.rows[0] for r in results]
         report["latency_ms"] = {"before": stats[0].p50_ms, "after": stats[1].p50_ms, "batch": batch,
                                 "threads": threads, "statistic": "p50"}
@@ -146,17 +147,3 @@ def per_layer_fx(reference, result, data: dict, samples: int = 64, batch: int = 
     batches = [{n: v[i:i + step] for n, v in subset.items()} for i in range(0, whole or count, step)]
     return per_layer_sqnr(reference, result, batches)
 
-
-def _common_batch(backend, before, after) -> int:
-    """The batch both models are timed at: 1, or the batch a model fixed (a static x86 package, exported at batch 2)."""
-    from graphopt.backends.base import DataError
-
-    fixed = {}
-    for label, model in (("before", before), ("after", after)):
-        batches = {s.batch_dim for s in backend.input_specs(backend.session(model)) if s.batch_dim is not None}
-        if batches:
-            fixed[label] = min(batches)
-    if len(set(fixed.values())) > 1:
-        raise DataError(f"--bench: the input takes batch {fixed['before']} only and the result batch "
-                        f"{fixed['after']} only: their latencies cannot be paired (graphopt bench each)")
-    return next(iter(fixed.values()), 1)
