@@ -1,12 +1,12 @@
 """OnnxGraph: an ONNX model held as an onnx-graphsurgeon graph.
 
-Loading (:mod:`graphopt.ir.onnx_io`) checks the file — it parses, its versions are known to onnx, its external
-data is safe, the onnx checker accepts it — and leaves external weights on disk, memory-mapped when read. IR < 4
-models (which had to list every initializer as a graph input) are upgraded: the initializers are dropped from the
-inputs and ``ir_version`` raised to the one their opsets need (at least 4). In IR >= 4 an initializer that is
-also a graph input is an input with a default value: it stays a graph input here (passes see a run-time input,
-not a constant, as onnxruntime does) and is written back with its default. Saving is atomic and writes external
-data (``<out>.data``) when the input had it or the weights come near protobuf's 2 GB limit.
+Loading (:mod:`graphopt.ir.onnx_io`) checks the file — it parses, its versions are known to onnx, its external data
+is safe, the onnx checker accepts it — and leaves external weights on disk, memory-mapped when read. IR < 4 models
+(which had to list every initializer as a graph input) are upgraded: the initializers are dropped from the inputs
+and ``ir_version`` raised to the one their opsets need (at least 4). In IR >= 4 an initializer that is also a graph
+input is an input with a default value: it stays a graph input here (passes see a run-time input, not a constant, as
+onnxruntime does) and is written back with its default. Saving (:mod:`graphopt.ir.onnx_write`) is atomic and writes
+external data (``<out>.data``) when the input had it or the weights come near protobuf's 2 GB limit.
 
 Passes edit ``graph.gs`` with onnx-graphsurgeon; they never change a ``gs.Constant``'s array in place (``copy()``
 shares weights; mapped weights are read-only), they put a new Constant in its slot.
@@ -15,7 +15,6 @@ shares weights; mapped weights are read-only), they put a new Constant in its sl
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 
 import numpy as np
@@ -25,14 +24,14 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from graphopt.errors import ModelLoadError, UnsupportedError, first_line
-from graphopt.ir import onnx_checks, onnx_external, onnx_io
+from graphopt.ir import onnx_checks, onnx_external, onnx_io, onnx_write
 from graphopt.ir.base import Graph
 from graphopt.ir.contrib_shapes import STAND_IN_SUFFIX, packed_input, packed_weights, with_stand_ins
 from graphopt.ir.feeds import InputSpec, feeds, input_roles
 from graphopt.ir.gs_gaps import copy_gs, export_optional_types, gs_graphs
 from graphopt.ir.onnx_io import fresh_name  # noqa: F401  (its home is loading, which names unnamed nodes; passes import it here)
 from graphopt.ir.ops import OpKind, onnx_kind
-from graphopt.ir.ort_quirks import session_kwargs
+from graphopt.ir.ort_quirks import create_session
 
 # graphsurgeon's warnings (a subgraph onnxruntime could not fold, ...) are printed, not raised: graphopt reports
 # what matters in its own notes, so only its errors get through
@@ -41,9 +40,6 @@ G_LOGGER.severity = max(G_LOGGER.severity, G_LOGGER.ERROR)
 _PROTOBUF_MARGIN = 64 * 2**20  # room for everything in a model that is not a weight
 _SKELETON_BYTES = 1024
 _META_FIELDS = ("doc_string", "domain", "model_version")
-# onnxruntime's words for an op it has no kernel for (a custom domain, an opset it does not support yet)
-_NO_KERNEL = ("is not a registered function/op", "Could not find an implementation", "NOT_IMPLEMENTED",
-              "is under development", "No opset import for domain", "not supported")
 _IN_MEMORY = "graphopt-in-memory"  # the location of weights handed to onnxruntime as arrays (never read)
 
 
@@ -118,7 +114,7 @@ class OnnxGraph(Graph):
         it, say) before it is moved into place: if it raises, nothing is written."""
         defaults = self._default_constants()
         external = self.external_data or self.too_big_for_protobuf()
-        onnx_io.write_files(path, [*onnx_io.constants(self.gs), *defaults], lambda: self._export(defaults),
+        onnx_write.write_files(path, [*onnx_io.constants(self.gs), *defaults], lambda: self._export(defaults),
                             external, self._reads(), before_move)
 
     def copy(self) -> "OnnxGraph":
@@ -152,7 +148,7 @@ class OnnxGraph(Graph):
 
     def too_big_for_protobuf(self) -> bool:
         """Whether the weights alone come near protobuf's 2 GB limit (cheaper than serializing to ask)."""
-        weights = sum(onnx_io.nbytes(c) for c in [*onnx_io.constants(self.gs), *self._default_constants()])
+        weights = sum(onnx_write.nbytes(c) for c in [*onnx_io.constants(self.gs), *self._default_constants()])
         return weights > onnx_io.PROTOBUF_LIMIT - _PROTOBUF_MARGIN
 
     def skeleton(self, exported: onnx.ModelProto | None = None) -> onnx.ModelProto:
@@ -186,7 +182,7 @@ class OnnxGraph(Graph):
         g = copy_gs(self.gs)
         values = {}
         for tensor in list(g.tensors().values()):
-            big = isinstance(tensor, gs.Constant) and onnx_io.nbytes(tensor) > _SKELETON_BYTES
+            big = isinstance(tensor, gs.Constant) and onnx_write.nbytes(tensor) > _SKELETON_BYTES
             if big and tensor not in g.outputs:
                 stand_in = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
                 for consumer in list(tensor.outputs):
@@ -316,10 +312,10 @@ class OnnxGraph(Graph):
             if not optimized:
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if path is not None:
-            return _create_session(ort, os.fspath(path), options, providers)
+            return create_session(ort, os.fspath(path), options, providers)
         defaults = self._default_constants()
         initializers = [t for t in self.gs.tensors().values() if isinstance(t, gs.Constant)]  # not in subgraphs
-        big = [c for c in [*initializers, *defaults] if onnx_io.nbytes(c) > _SKELETON_BYTES]
+        big = [c for c in [*initializers, *defaults] if onnx_write.nbytes(c) > _SKELETON_BYTES]
         files = {s.path for s in map(onnx_external.file_source, (c._values for c in big)) if s is not None}
         folder = os.path.commonpath([os.path.dirname(f) for f in files]) if files else None
         arrays: dict[str, np.ndarray] = {}
@@ -331,14 +327,15 @@ class OnnxGraph(Graph):
             arrays[const.name] = np.ascontiguousarray(const.values)
             return _IN_MEMORY, 0
 
-        big = [c for c in big if onnx_external.file_source(c._values) or onnx_io.raw_type(c) in onnx_external.RAW_NUMPY]
-        model = onnx_io.export_with_references(big, lambda: self._export(defaults), refer)
+        big = [c for c in big
+               if onnx_external.file_source(c._values) or onnx_write.raw_type(c) in onnx_external.RAW_NUMPY]
+        model = onnx_write.export_with_references(big, lambda: self._export(defaults), refer)
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
         if values:
             options.add_external_initializers(list(arrays), values)
         if folder:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
-        session = _create_session(ort, model.SerializeToString(), options, providers)
+        session = create_session(ort, model.SerializeToString(), options, providers)
         session._graphopt_arrays = (values, arrays)  # onnxruntime reads them in place: they must outlive it
         return session
 
@@ -432,27 +429,3 @@ def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
     for i, tensor in enumerate(node.inputs):
         if tensor is old:
             node.inputs[i] = new
-
-
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Fatal error: )?(Load model from .*? failed:)?")
-_ORT_SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[^()]*\((?:[^()]|\([^()]*\))*\) )?")  # file:line signature
-_ORT_OPSET = re.compile(r"Opset (\d+) is under development.*support for domain (\S+) is till opset (\d+)", re.S)
-
-
-def _create_session(ort, source, options, providers):
-    try:
-        return ort.InferenceSession(source, options, providers=list(providers), **session_kwargs(source))
-    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NotImplemented
-        text = str(exc)
-        if not any(m in text for m in _NO_KERNEL):
-            raise
-        opset = _ORT_OPSET.search(text)
-        if opset:
-            version, domain, newest = opset.groups()
-            raise UnsupportedError(f"{domain} opset {version} is newer than onnxruntime {ort.__version__} supports "
-                                   f"(up to {newest}) (re-export the model at opset {newest} or lower, or upgrade "
-                                   f"onnxruntime; --no-check skips running it)") from None
-        reason = _ORT_SOURCE.sub("", _ORT_PREFIX.sub("", text.strip().splitlines()[0]))[:300]
-        raise UnsupportedError(f"onnxruntime cannot run this model: {reason} (an op outside the standard domains "
-                               f"needs its custom-op library; or skip running the model, e.g. with --no-check)") \
-            from None

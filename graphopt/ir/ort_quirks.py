@@ -7,15 +7,21 @@ float8 E4M3 with zero point 0 keeps negative values down to -448 x scale, so wit
 the graph computes something else (a ResNet-18-like fp8 graph: output SQNR -3.9 dB instead of 25.8 dB). Sessions
 on a model holding float8 Q/DQ are built with those two rewrites off (:func:`session_kwargs`): they only save a
 Relu/Clip kernel, nothing else changes.
+
+:func:`create_session` builds a session with those options and turns onnxruntime's words for "no kernel for this
+op" (a custom domain, an opset newer than it knows) into one UnsupportedError line without its source paths.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import onnx
 
-__all__ = ["FLOAT8_UNSAFE_OPTIMIZERS", "holds_float8_qdq", "session_kwargs"]
+from graphopt.errors import UnsupportedError
+
+__all__ = ["FLOAT8_UNSAFE_OPTIMIZERS", "create_session", "holds_float8_qdq", "session_kwargs"]
 
 FLOAT8_UNSAFE_OPTIMIZERS = ("ReluQuantRewrite", "ClipQuantRewrite")
 _FLOAT8 = frozenset(getattr(onnx.TensorProto, name) for name in (
@@ -52,3 +58,32 @@ def session_kwargs(source) -> dict:
     except Exception:  # unreadable or unparsable: onnxruntime reports it when it loads the model
         return {}
     return {"disabled_optimizers": list(FLOAT8_UNSAFE_OPTIMIZERS)} if holds_float8_qdq(model) else {}
+
+
+# onnxruntime's words for an op it has no kernel for (a custom domain, an opset it does not support yet)
+_NO_KERNEL = ("is not a registered function/op", "Could not find an implementation", "NOT_IMPLEMENTED",
+              "is under development", "No opset import for domain", "not supported")
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Fatal error: )?(Load model from .*? failed:)?")
+_ORT_SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[^()]*\((?:[^()]|\([^()]*\))*\) )?")  # file:line signature
+_ORT_OPSET = re.compile(r"Opset (\d+) is under development.*support for domain (\S+) is till opset (\d+)", re.S)
+
+
+def create_session(ort, source, options, providers):
+    """``ort.InferenceSession`` on ``source`` (a path or serialized model) with :func:`session_kwargs`;
+    UnsupportedError when onnxruntime has no kernel for one of its ops, other failures as onnxruntime raised them."""
+    try:
+        return ort.InferenceSession(source, options, providers=list(providers), **session_kwargs(source))
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NotImplemented
+        text = str(exc)
+        if not any(m in text for m in _NO_KERNEL):
+            raise
+        opset = _ORT_OPSET.search(text)
+        if opset:
+            version, domain, newest = opset.groups()
+            raise UnsupportedError(f"{domain} opset {version} is newer than onnxruntime {ort.__version__} supports "
+                                   f"(up to {newest}) (re-export the model at opset {newest} or lower, or upgrade "
+                                   f"onnxruntime; --no-check skips running it)") from None
+        reason = _ORT_SOURCE.sub("", _ORT_PREFIX.sub("", text.strip().splitlines()[0]))[:300]
+        raise UnsupportedError(f"onnxruntime cannot run this model: {reason} (an op outside the standard domains "
+                               f"needs its custom-op library; or skip running the model, e.g. with --no-check)") \
+            from None
