@@ -244,6 +244,10 @@ def _check_line(numeric: dict) -> str:
     for c in comparisons:
         if c["equivalence"] != "exact":
             parts.append(f"{' + '.join(c['passes'])}: SQNR {fmt_db(c['sqnr_db'])} dB, cosine {c['cosine']:.4f}")
+    there = numeric.get("on_backend")
+    if there:
+        parts.append(f"the written file on {there['backend']}: SQNR {fmt_db(there['sqnr_db'])} dB, cosine "
+                     f"{there['cosine']:.4f}")
     return "; ".join(parts) + f", on {numeric['inputs']}"
 
 

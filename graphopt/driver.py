@@ -309,6 +309,9 @@ class Driver:
                 manager.finish(out, report)
                 with named_as(staged_path, output):  # an engine built from the file; errors name -o's path
                     artifact.update(self.backend.write_beside(out, staged_path))
+                    if check is not None and report.modified:  # the file as the backend runs it
+                        check.check_on_backend(self.backend, staged_path, ctx)
+                        report.checks["numeric"] = check.summary()
                 if before_move is not None:
                     before_move(staged_path, out)
                 pending.extend(ctx.stage_deferred())

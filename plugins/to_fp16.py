@@ -15,7 +15,7 @@ from graphopt.calib.sources import load_calibration
 from graphopt.calib.specs import input_specs
 from graphopt.errors import first_line
 from graphopt.ir.expose import expose
-from graphopt.ir.onnx_graph import fresh_name
+from graphopt.ir.onnx_graph import fresh_name, replace_input
 from graphopt.ir.ops import custom_ops, is_standard_domain
 from graphopt.passes.rules import Rule, apply_rules
 
@@ -439,7 +439,7 @@ def _restore_constants(out: OnnxGraph, original: OnnxGraph) -> int:
             continue
         copy = gs.Constant(fresh_name(used, f"{orig.name}_fp32"), orig.values)
         for consumer in list(y.outputs):
-            consumer.inputs[:] = [copy if t is y else t for t in consumer.inputs]
+            replace_input(consumer, y, copy)  # (graphsurgeon's input lists take no slice assignment)
         node.inputs.clear()
         node.outputs.clear()
         restored += 1

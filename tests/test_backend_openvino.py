@@ -339,3 +339,73 @@ def test_an_op_openvino_cannot_read_is_named_in_the_one_line(ov, tmp_path, capsy
     assert main(["run", str(path), "--passes", "fold", "--backend", "openvino", "-o", out, "--no-check"]) != 0
     err = capsys.readouterr().err
     assert f"{out}: OpenVINO could not read the model" in err and ".graphopt-" not in err
+
+
+# -- what OpenVINO computes otherwise ------------------------------------------------------------------------------
+def pooled_encoder(path) -> str:
+    """x[B,10,32] -> MatMul (32x32) -> LayerNorm -> h (an output), and ReduceMean over axis 1 of the same
+    LayerNorm output -> pooled (an output): the mean pooling of a BERT-like encoder, the tensor read by an int8
+    MatMul and by a reduction both."""
+    rng = np.random.default_rng(SEED)
+    inits = [numpy_helper.from_array((rng.standard_normal((32, 32)) / 6).astype(np.float32), "w"),
+             numpy_helper.from_array(np.ones(32, np.float32), "gamma"),
+             numpy_helper.from_array(np.zeros(32, np.float32), "beta"),
+             numpy_helper.from_array((rng.standard_normal((32, 32)) / 6).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="proj"),
+             helper.make_node("LayerNormalization", ["m", "gamma", "beta"], ["ln"], name="ln", axis=-1),
+             helper.make_node("MatMul", ["ln", "w2"], ["h"], name="head"),
+             helper.make_node("ReduceMean", ["ln", "axes"], ["pooled"], name="pool", keepdims=0)]
+    graph = helper.make_graph(nodes, "pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 10, 32])],
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["B", 10, 32]),
+                               helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["B", 32])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return str(path)
+
+
+def test_reductions_read_the_float_tensor_where_openvino_gets_int8_wrong(tmp_path, backend):
+    """OpenVINO 2026.4 computes a ReduceMean over axis 1 of a 3-D tensor read through a DequantizeLinear as zeros
+    past a batch's first sample; the scheme's float_readers keep the reduction on the float tensor, so the written
+    model computes on OpenVINO what it computes on onnxruntime, batch 4 included."""
+    assert {"ReduceMean", "ReduceSum"} <= backend.default_scheme().float_readers
+    model = pooled_encoder(tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((16, 10, 32)).astype(np.float32)
+    out = str(tmp_path / "q.onnx")
+    graphopt.optimize(model, "int8:guard=off", backend=backend, calibration={"x": x}).save(out)
+    pool = next(n for n in onnx.load(out).graph.node if n.op_type == "ReduceMean")
+    assert pool.input[0] == "ln"  # the float tensor, not its DequantizeLinear
+    feeds = {"x": x[:4]}
+    ours = backend.run(backend.session(out, threads=1), feeds)
+    theirs = graphopt.ir.OnnxGraph.load(out).run(feeds)
+    for a, b in zip(theirs, ours):
+        assert sqnr_db(a, b) >= 30.0  # both outputs, all four samples (the bug zeroed samples 1-3)
+
+
+def test_the_check_runs_the_written_file_on_openvino_too(tmp_path, backend, capsys, monkeypatch):
+    """The run's check also runs the written file on the target backend: its line says what OpenVINO computes, and a
+    backend that computes the file otherwise than onnxruntime (simulated: outputs scaled by 0.5) is warned about,
+    with both numbers, though onnxruntime's run is within the threshold."""
+    model = small_cnn(tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **calib())
+    out, report = str(tmp_path / "q.onnx"), tmp_path / "r.json"
+    args = ["run", model, "--passes", "fold,int8", "--backend", "openvino", "--calib", str(tmp_path / "c.npz"),
+            "-o", out, "--json", str(report)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "the written file on openvino: SQNR" in text and "warning" not in text
+    there = json.loads(report.read_text())["checks"]["numeric"]["on_backend"]
+    assert there["backend"] == "openvino" and there["sqnr_db"] >= 25.0 and "past_threshold" not in there
+
+    from graphopt.backends.openvino import OpenVINOBackend
+
+    real_run = OpenVINOBackend.run_written
+
+    def wrong(self, path, feeds):
+        return [0.5 * o for o in real_run(self, path, feeds)]
+
+    monkeypatch.setattr(OpenVINOBackend, "run_written", wrong)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "warning: numeric check: on openvino the written model's outputs moved past the accuracy threshold" \
+        in text and "onnxruntime runs the same file at SQNR" in text
+    assert json.loads(report.read_text())["checks"]["numeric"]["on_backend"]["past_threshold"] is True

@@ -276,3 +276,31 @@ def test_calibration_given_to_the_api_as_a_mapping(zoo_onnx):
     record = result.report.records[-1]
     assert record.stats["converted nodes"] > 0
     assert any("the calibration data" in n for n in record.notes), record.notes
+
+
+def test_a_constant_shared_by_a_float32_op_and_a_float16_op(tmp_path):
+    """An attention mask's fill (scaled_dot_product_attention with a bool mask, as torch's dynamo exporter writes
+    it): the scalar 0 is read by a Where kept float32 (its output holds -inf) and by a Where made float16. The
+    float32 reader gets the float32 original back instead of a Cast of the float16 copy — that rewiring failed
+    with "'list' object has no attribute 'outputs'" (graphsurgeon's input lists take no slice assignment)."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Where", ["mask", "zero", "ninf"], ["bias"], name="fill"),
+             helper.make_node("Add", ["x", "bias"], ["scores"], name="add"),
+             helper.make_node("Softmax", ["scores"], ["p"], name="softmax", axis=-1),
+             helper.make_node("IsNaN", ["p"], ["nan"], name="isnan"),
+             helper.make_node("Where", ["nan", "zero", "p"], ["y"], name="clean")]
+    graph = helper.make_graph(nodes, "mask", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                                              helper.make_tensor_value_info("mask", TensorProto.BOOL, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                               numpy_helper.from_array(np.array(-np.inf, np.float32), "ninf")])
+    path = str(tmp_path / "m.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32),
+             "mask": np.array([[True, True, False, True], [True, False, True, True]])}
+    result = graphopt.optimize(path, "fp16", calibration=feeds)
+    check_valid(result.graph)
+    assert relative_error(OnnxGraph.load(path).run(feeds)[0], result.graph.run(feeds)[0]) < 1e-2
+    fill = next(n for n in result.graph.gs.nodes if n.name == "fill")
+    assert fill.inputs[1].dtype == np.float32 and fill.inputs[1].name != "zero"  # the float32 original, restored

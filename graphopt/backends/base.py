@@ -330,6 +330,12 @@ class Backend(ABC):
         report, as :meth:`write`. Default: nothing."""
         return {}
 
+    def run_written(self, path: str, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray] | None:
+        """The written ONNX file ``path`` run here on ``feeds``, for the numeric check's look at it on this backend
+        (:meth:`graphopt.passes.check.NumericCheck.check_on_backend`); None where that adds nothing: onnxruntime's
+        run is the check's own, and a backend that cannot run here (TensorRT without a GPU) measures on it too."""
+        return None
+
     def refuse_ir(self, ir: str) -> str | None:
         """Why a run on this backend must refuse a model of IR ``ir`` outright (None: it is accepted, even when the
         backend cannot time it, as a PyTorch model with the default onnxruntime backend is optimized and saved)."""

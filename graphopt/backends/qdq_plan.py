@@ -61,8 +61,9 @@ class ActivationPlan:
         reads the int8 tensor dequantized, as onnxruntime's QLinear chain does). Inputs-only form: only the ops
         that read int8 (the planned ones, and passthrough ops on the way to one); a float op that reads the same
         tensor (a LayerNorm or a float Add beside the q/k/v MatMuls) keeps reading it unrounded, as it would on
-        the backend, where only the int8 kernel's input is quantized."""
-        readers = list(tensor.outputs)
+        the backend, where only the int8 kernel's input is quantized. In either form, the scheme's
+        ``float_readers`` read it unrounded."""
+        readers = [r for r in tensor.outputs if r.op not in scheme.float_readers]
         if not self.inputs_only:
             return readers
         planned = {id(n) for n in self.quantized}

@@ -163,6 +163,8 @@ class QuantScheme:
     pairs in a float graph, which the backend fuses); ``min_opset`` is the opset the placement needs (13:
     per-channel DequantizeLinear; 19 when a tensor class is float8). ``warnings`` carry the cost of a request
     honoured against the backend's advice; a pass copies them into its context (``ctx.warn``) so the user sees them.
+    ``float_readers``: ops that read a quantized tensor unrounded — the float tensor, not its DequantizeLinear —
+    in the requantizing form too, where the backend computes them wrongly from int8 (OpenVINO's: see its scheme).
     """
 
     backend: str
@@ -183,10 +185,11 @@ class QuantScheme:
     signed_activations: TensorQuant | None = None
     warnings: tuple[str, ...] = ()
     conv_dims: frozenset[int] = frozenset()  # spatial dims of the convs with int8 kernels (x86: 2); empty: any
+    float_readers: frozenset[str] = frozenset()
 
     def __post_init__(self):
         object.__setattr__(self, "weight_channel_axis", FrozenDict(self.weight_channel_axis))
-        for name in ("quantized_ops", "passthrough_ops", "fused_activations", "conv_dims"):
+        for name in ("quantized_ops", "passthrough_ops", "fused_activations", "conv_dims", "float_readers"):
             object.__setattr__(self, name, frozenset(getattr(self, name)))
         object.__setattr__(self, "warnings", tuple(self.warnings))
         if self.min_channels < 0:
@@ -244,7 +247,7 @@ class QuantScheme:
                 "requantize_graph_outputs": self.requantize_graph_outputs, "bias": self.bias, "format": self.format,
                 "min_opset": self.min_opset, "min_channels": self.min_channels,
                 "signed_activations": asdict(self.signed_activations) if self.signed_activations else None,
-                "warnings": list(self.warnings)}
+                "float_readers": sorted(self.float_readers), "warnings": list(self.warnings)}
 
     def describe(self) -> str:
         return (f"{self.backend}: activations {self.activations.describe()}, weights {self.weights.describe()}, "

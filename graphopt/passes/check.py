@@ -108,6 +108,8 @@ class NumericCheck(Instrument):
         self._original_loads = False  # not compared, but onnxruntime could build a session on the original
         self.comparisons: list[dict[str, Any]] = []
         self._ref: list[np.ndarray] | None = None
+        self._original: list[np.ndarray] | None = None  # the first reference: the input model's outputs
+        self.on_backend: dict[str, Any] | None = None  # the written file on the target backend (check_on_backend)
         self._segment: list[tuple[Any, Any]] = []  # (pass, record) of the modifying passes not yet compared
         self._kind: Equivalence | None = None
 
@@ -150,8 +152,35 @@ class NumericCheck(Instrument):
     def summary(self) -> dict[str, Any]:
         if self.not_compared:
             return {"compared": False, "reason": self.not_compared}
-        return {"compared": True, "inputs": self._label, "rtol": self.rtol, "min_cosine": self.min_cosine,
-                "min_sqnr_db": self.min_sqnr_db, "comparisons": self.comparisons}
+        summary = {"compared": True, "inputs": self._label, "rtol": self.rtol, "min_cosine": self.min_cosine,
+                   "min_sqnr_db": self.min_sqnr_db, "comparisons": self.comparisons}
+        if self.on_backend is not None:
+            summary["on_backend"] = self.on_backend
+        return summary
+
+    def check_on_backend(self, backend, path: str, ctx) -> None:
+        """Run the written file ``path`` on ``backend`` (one that runs ONNX files here, other than onnxruntime:
+        :meth:`~graphopt.backends.Backend.run_written`) on the check's inputs, against the input model's outputs
+        on onnxruntime: a backend that computes the file otherwise than onnxruntime does (a kernel of its own
+        that is wrong, or less precise) is measured, and a result past the accuracy threshold there is warned
+        about even when onnxruntime's run of the same file was within it."""
+        if self.not_compared or self._original is None or self._ref is None or not self.comparisons:
+            return
+        outputs = backend.run_written(path, self._inputs)
+        if outputs is None:
+            return
+        original = [r[:len(o)] if np.ndim(r) and np.ndim(o) else r for r, o in zip(self._original, outputs)]
+        there, here = max_difference(original, outputs), max_difference(original, self._ref)
+        self.on_backend = {"backend": backend.name, "sqnr_db": there.sqnr_db, "cosine": there.cosine,
+                           "max_rel_err": there.max_rel_err, "onnxruntime_sqnr_db": here.sqnr_db,
+                           "onnxruntime_cosine": here.cosine}
+        if there.cosine < self.min_cosine or there.sqnr_db < self.min_sqnr_db or there.nonfinite_mismatches:
+            self.on_backend["past_threshold"] = True
+            ctx.warn(f"numeric check: on {backend.name} the written model's outputs moved past the accuracy "
+                     f"threshold ({_moved(there, self.min_cosine, self.min_sqnr_db)}; onnxruntime runs the same file "
+                     f"at SQNR {fmt_db(here.sqnr_db)} dB, cosine {here.cosine:.4f}, on {self._label}): "
+                     f"{backend.name} computes this model differently; measure it there with --eval data, or "
+                     f"keep the layers it gets wrong float (exclude_nodes)")
 
     # -- inputs and the first reference --------------------------------------------------------------------
     def _start(self, graph, ctx) -> bool:
@@ -185,6 +214,7 @@ class NumericCheck(Instrument):
                     self._original_loads = True
                     continue
                 self._inputs, self._label = inputs, label
+                self._original = self._ref
                 return True
         except GraphoptError:
             raise
