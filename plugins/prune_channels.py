@@ -40,6 +40,7 @@ from typing import Literal
 
 from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.errors import GraphoptError, UnsupportedError, UsageError, first_line
+from graphopt.passes.check import run_inputs
 from graphopt.prune import BUILTIN_HANDLERS, BUILTIN_IMPORTANCE, Outcome, prune_view, settle
 from graphopt.prune.importance import l1
 from graphopt.prune.propagate import internal_reason
@@ -179,16 +180,17 @@ class PruneChannels(Pass):
         except Exception as exc:  # an engine bug: prune nothing and say so, never fail the pipeline
             return _unchanged(graph, exc)
         ran_before: list[str | None] = []  # whether the original runs: asked once, at the first failed attempt
+        feeds = run_inputs(graph, ctx)
 
         def check(fork, v) -> None:
             """:func:`_check_onnx`; when the pruned graph fails and the original does not run either, that is the
             input's problem (a PassError, not contained as a handler bug)."""
             try:
-                _check_onnx(fork.graph, v)
+                _check_onnx(fork.graph, v, feeds)
             except RuntimeError as exc:
                 if not ran_before:
                     try:
-                        graph.run(graph.sample_inputs())
+                        graph.run(feeds)
                         ran_before.append(None)
                     except Exception as before:
                         ran_before.append(first_line(before))
@@ -307,12 +309,13 @@ def _check_fx(fork, view) -> None:
         raise RuntimeError(f"the pruned module does not run ({first_line(exc)})") from exc
 
 
-def _check_onnx(graph, view) -> None:
-    """The pruned graph passes the onnx checker's strict shape inference, runs, and keeps its outputs' shapes."""
+def _check_onnx(graph, view, feeds: dict) -> None:
+    """The pruned graph passes the onnx checker's strict shape inference, runs on ``feeds``, and keeps its outputs'
+    shapes."""
     try:
         graph.verify()
         _check_conv_channels(graph)
-        outputs = graph.run(graph.sample_inputs())
+        outputs = graph.run(feeds)
     except Exception as exc:  # the checker, shape inference or onnxruntime: any failure is a handler bug
         raise RuntimeError(f"the pruned graph does not run ({first_line(exc)})") from exc
     for name, out in zip(view.outputs, outputs):

@@ -326,8 +326,9 @@ def test_min_gain_is_an_option_of_int8_guarded(registry):
         resolve("int8-guarded:min_gain=1.5", registry)
 
 
-def _run_int8(registry, tmp_path, backend, passes="int8"):
-    """``passes`` on the tiny CNN with ``backend``: (the latency guard's notes, the Convs left int8)."""
+def _run_int8(registry, tmp_path, backend, passes="int8", warnings: list | None = None):
+    """``passes`` on the tiny CNN with ``backend``: (the latency guard's notes, the Convs left int8); the run's
+    warnings go into ``warnings``."""
     from graphopt.calib.sources import input_specs, load_calibration
     from graphopt.ir import load_model
     from graphopt.passes.base import PassContext
@@ -340,6 +341,8 @@ def _run_int8(registry, tmp_path, backend, passes="int8"):
     ctx.calibration = load_calibration(str(tmp_path / "calib.npz"), input_specs(graph))
     out, report = PassManager(resolve(passes, registry), [], ctx).run(graph, in_place=False)
     notes = [n for r in report.records if r.name == "latency-guard" for n in r.notes]
+    if warnings is not None:
+        warnings.extend(ctx.warnings)
     model = out.to_model()
     dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     return notes, {n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in dq}
@@ -405,6 +408,18 @@ def test_a_model_that_stays_float_gets_no_qdq_at_all(registry, clock, tmp_path, 
     monkeypatch.setattr(latency_guard, "guard_latency", lambda study, **options: decided)
     notes, int8 = _run_int8(registry, tmp_path, FakeProfiledBackend(clock, {}))
     assert int8 == set() and "stays float" in notes[0]
+
+
+def test_every_group_kept_float_is_said_as_a_warning(registry, clock, tmp_path, monkeypatch):
+    """Every group faster in float (each on its own, so the model is 'guarded', not 'fp32'): the int8 run writes a
+    float model, and says so as a warning, not only in a note."""
+    monkeypatch.delenv("GRAPHOPT_NO_TIMING")
+    decided = latency_guard.GuardResult(list(GROUPS), GROUPS, "guarded", 3)
+    monkeypatch.setattr(latency_guard, "guard_latency", lambda study, **options: decided)
+    warnings: list[str] = []
+    _, int8 = _run_int8(registry, tmp_path, FakeProfiledBackend(clock, {}), warnings=warnings)
+    assert int8 == set()
+    assert any("every group ran faster in float" in w and "guard=off" in w for w in warnings), warnings
 
 
 def test_the_guard_times_the_placement_that_will_be_written(registry, clock, tmp_path, monkeypatch):

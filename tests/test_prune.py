@@ -225,3 +225,33 @@ def test_a_tied_weight_stays_one_weight():
     assert graph.num_parameters() == sum(p.numel() for p in model.parameters())  # 1,232, not 2,192
     twin = graph.copy().gm
     assert twin.emb.weight.data_ptr() == twin.out.weight.data_ptr()
+
+
+class _PoolBranch(nn.Module):
+    """A stem, then a full-size branch and a pooled one brought back up and concatenated: at the 1x1 size
+    generated inputs take for dynamic height and width, the pooled branch is 0x0 and the model does not run."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.pooled = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        a = torch.relu(self.stem(x))
+        b = nn.functional.interpolate(torch.relu(self.pooled(nn.functional.max_pool2d(a, 2))), scale_factor=2.0)
+        return self.head(torch.cat([a, b], 1))
+
+
+def test_prune_checks_a_model_with_dynamic_height_and_width_on_the_calibration_data(tmp_path):
+    """prune's own check that the pruned graph runs used generated inputs (every dynamic dim 1), so a model that
+    needs a real image size was refused as "does not run on onnxruntime even before pruning"; with calibration data
+    it runs on those."""
+    path = str(tmp_path / "m.onnx")
+    torch.onnx.export(_PoolBranch().eval(), (torch.randn(2, 3, 16, 16),), path, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}, "y": {0: "N", 2: "H", 3: "W"}},
+                      dynamo=False, opset_version=17)
+    x = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    result = optimize(path, "prune:ratio=0.5", calibration={"x": x})
+    assert result.report.records[-1].modified
+    assert _conv_widths(result.graph)[:2] == [8, 8]  # stem and the pooled branch halved; the head keeps 8 outputs
+    assert result.graph.run({"x": x[:2]})[0].shape == (2, 8, 16, 16)

@@ -233,7 +233,7 @@ class NumericCheck(Instrument):
             if inputs is not self._inputs:
                 label = f"{label} (the first {len(next(iter(inputs.values())))}: the model's batch is fixed)"
             return [(label, inputs)]
-        batch = _calibration_batch(graph, ctx)
+        batch = calibration_batch(graph, ctx)
         if batch is not None:
             return [(f"{len(next(iter(batch.values())))} calibration samples", batch)]
         if graph.ir != "onnx":
@@ -353,7 +353,7 @@ def _fit_batch(graph, inputs: dict) -> dict:
     return {name: v[:k] if np.ndim(v) and np.shape(v)[0] > k else v for name, v in inputs.items()}
 
 
-def _calibration_batch(graph, ctx) -> dict | None:
+def calibration_batch(graph, ctx) -> dict | None:
     """The first samples of the pipeline's calibration data (real inputs make approximate passes' errors mean
     something), or None when there is none or it does not fit the graph."""
     if getattr(ctx, "calibration", None) is None or not getattr(ctx.calibration, "reiterable", True):
@@ -367,4 +367,13 @@ def _calibration_batch(graph, ctx) -> dict | None:
         return None
 
 
-__all__ = ["CHECK_SAMPLES", "DEFAULT_MIN_COSINE", "DEFAULT_MIN_SQNR_DB", "NotRunnable", "NumericCheck", "run_model"]
+def run_inputs(graph, ctx) -> dict:
+    """Inputs to run ``graph`` on for a pass's own check that it still runs: the calibration data's first samples
+    (a model whose dynamic dims must be large enough — a CNN's height and width — runs on them), cut to a fixed
+    batch, else fixed-seed generated ones (every dynamic dim 1)."""
+    batch = calibration_batch(graph, ctx)
+    return _fit_batch(graph, batch) if batch is not None else graph.sample_inputs()
+
+
+__all__ = ["CHECK_SAMPLES", "DEFAULT_MIN_COSINE", "DEFAULT_MIN_SQNR_DB", "NotRunnable", "NumericCheck", "run_inputs",
+           "run_model"]
