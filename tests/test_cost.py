@@ -262,3 +262,23 @@ def test_sizes_computed_from_shape_ops_are_resolved(tmp_path):
     fx = FxGraph.from_module(zoo.shufflenet_v2_like(), (torch.randn(1, 3, 64, 64),))
     assert model_costs(graph).macs == model_costs(fx).macs
     assert len(graph.gs.nodes) == nodes  # the graph counted is not changed
+
+
+def test_macs_say_which_dynamic_dims_they_count_at_one():
+    """A dynamic sequence length cannot be resolved by shape inference: the MACs count it as 1, and the run's line
+    and JSON say so (a BERT-like model read 102.85K MACs, its figure at sequence 1, with nothing to say why)."""
+    w = numpy_helper.from_array(np.ones((16, 16), np.float32), "w")
+
+    def model(dims):
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+        return OnnxGraph.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+    dynamic, static = measure_costs(model(["batch", "seq", 16])), measure_costs(model(["batch", 8, 16]))
+    assert dynamic.dims_at_one == ["seq"] and dynamic.macs == 256  # 1 x 16 x 16
+    assert static.dims_at_one == [] and static.macs == 8 * 256
+    report = cost_report(dynamic, dynamic)
+    assert report["macs"]["dims_at_one"] == ["seq"]
+    assert "at seq = 1" in format_run(report)
+    assert "dims_at_one" not in cost_report(static, static)["macs"]

@@ -54,6 +54,7 @@ class ModelCosts:
     params: int
     macs: int
     layers: list[LayerCost] = field(default_factory=list)
+    dims_at_one: list[str] = field(default_factory=list)  # dynamic input dims past the batch, counted as 1
 
 
 @dataclass
@@ -105,7 +106,17 @@ def model_costs(graph) -> ModelCosts:
     """The model's parameter count (its own: every initializer / module parameter), MACs summed over its layers,
     and the layers."""
     rows = layer_costs(graph)
-    return ModelCosts(int(graph.num_parameters()), total_costs(rows)[1], rows)
+    return ModelCosts(int(graph.num_parameters()), total_costs(rows)[1], rows, _dims_at_one(graph))
+
+
+def _dims_at_one(graph) -> list[str]:
+    """The ONNX model's dynamic input dimensions past the first (a sequence length, an image size), which shape
+    inference cannot resolve and the MACs count as 1 (the batch is per sample by definition): their names."""
+    if graph.ir != "onnx":
+        return []  # FX shapes come from the example inputs, at their real sizes
+    found = [str(d) if d not in (None, "") else f"{t.name}[{i}]" for t in graph.gs.inputs if t.name not in
+             getattr(graph, "defaults", {}) for i, d in enumerate(t.shape or ()) if i > 0 and not isinstance(d, int)]
+    return list(dict.fromkeys(found))
 
 
 def compare_costs(before: Sequence[LayerCost], after: Sequence[LayerCost]) -> list[LayerDelta]:

@@ -36,8 +36,10 @@ def cost_report(before: ModelCosts | str, after: ModelCosts | str, top: int = 10
     # with the same totals (int8-dynamic's MatMul -> MatMulInteger) or only move parameters (fold-bn)
     structural = before.macs != after.macs or any(
         d.status == "kept" and (d.macs_after != d.macs_before or d.params_after < d.params_before) for d in deltas)
-    return {"params": {"before": before.params, "after": after.params},
-            "macs": {"before": before.macs, "after": after.macs},
+    macs = {"before": before.macs, "after": after.macs}
+    if before.dims_at_one:
+        macs["dims_at_one"] = before.dims_at_one
+    return {"params": {"before": before.params, "after": after.params}, "macs": macs,
             "layers": [d.to_dict() for d in deltas], "_layer_deltas": deltas if structural else None,
             "_layers_top": top}
 
@@ -117,7 +119,9 @@ def format_costs(report: dict[str, Any]) -> list[str]:
     p, m = report["params"], report["macs"]
     unit = next((u for u in (1e9, 1e6, 1e3) if max(m["before"], m["after"]) >= u), 1)
     lines = [f"params: {p['before']:,} -> {p['after']:,}{_ratio(p['before'], p['after'])}; "
-             f"MACs: {fmt_count(m['before'], unit)} -> {fmt_count(m['after'], unit)}{_ratio(m['before'], m['after'])}"]
+             f"MACs: {fmt_count(m['before'], unit)} -> {fmt_count(m['after'], unit)}{_ratio(m['before'], m['after'])}"
+             + (f" (per sample, at {', '.join(m['dims_at_one'])} = 1: dynamic dims past the batch count as 1)"
+                if m.get("dims_at_one") else "")]
     deltas = report.get("_layer_deltas")
     if deltas:
         changed = sum(d.changed for d in deltas)
