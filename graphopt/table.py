@@ -16,3 +16,11 @@ def format_table(rows: list[tuple[str, ...]], right: Iterable[int] = ()) -> str:
     lines = [line(row).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def fmt_bytes(n: int) -> str:
+    """``1.5 MB``, ``12.0 KB``, ``900 B`` (binary units: 1 KB = 1024 bytes)."""
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"

@@ -22,7 +22,8 @@ from graphopt.errors import UsageError
 from graphopt.ir.contrib_shapes import MS_DOMAIN
 from graphopt.ir.expose import expose
 from graphopt.ir.onnx_graph import fresh_name
-from graphopt.ir.ops import is_standard_domain
+from graphopt.ir.ops import is_standard_domain, nested_nodes
+from graphopt.table import fmt_bytes
 
 THIN_ROWS = 4  # GPTQ: calibration rows per input channel below which it may fit the data: on white inputs with
 # K=256 it left 1.38x round-to-nearest's output error on other data at 2 rows a channel, 1.17x at 4, 1.03x at 16
@@ -129,6 +130,8 @@ class Int4Weight(Pass):
                 skipped[f"{node.op} {why}"] += 1
             else:
                 todo.append((node, weight, bits))
+        skipped.update(f"{n.op} inside an If/Loop/Scan body" for n in nested_nodes(g.nodes)
+                       if n.op in ("MatMul", "Gemm"))
         notes = ["stay float: " + ", ".join(f"{what} (x{k})" for what, k in skipped.most_common())] if skipped else []
         if not todo:
             return PassResult(graph, False, {}, notes + ["no MatMul/Gemm with a constant float32 2-D weight"
@@ -158,8 +161,8 @@ class Int4Weight(Pass):
             else:
                 _to_matmul_nbits(graph, node, weight.shape, shared[key], opts, names, bits)
         g.cleanup().toposort()
-        notes.append(f"weights {_mib(size[0])} -> {_mib(size[1])} ({size[1] / size[0]:.3f}x): 4-bit blocks of "
-                     f"{opts.block_size}, {'symmetric' if opts.symmetric else 'asymmetric'}, float32 scales, "
+        notes.append(f"weights {fmt_bytes(size[0])} -> {fmt_bytes(size[1])} ({size[1] / size[0]:.3f}x): 4-bit "
+                     f"blocks of {opts.block_size}, {'symmetric' if opts.symmetric else 'asymmetric'}, float32 scales, "
                      + ("MatMul/Gemm weights by GPTQ" if opts.method == "gptq" else "rounded to nearest"))
         if bits_8 := done["in 8 bits (the last layer)"]:
             notes.append(f"the last MatMul/Gemm '{last.name or last.outputs[0].name}' (the model's head) in 8-bit "
@@ -318,10 +321,6 @@ def _to_gather_block_quantized(node, constants, block: int) -> None:
     node.attrs = dict(bits=BITS, block_size=block, gather_axis=0, quantize_axis=1)
     node.inputs.clear()
     node.inputs.extend([constants[0], indices, *constants[1:]])
-
-
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.2f} MiB"
 
 
 @hookimpl

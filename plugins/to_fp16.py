@@ -18,6 +18,7 @@ from graphopt.ir.expose import expose
 from graphopt.ir.onnx_graph import fresh_name, replace_input
 from graphopt.ir.ops import custom_ops, is_standard_domain
 from graphopt.passes.rules import Rule, apply_rules
+from graphopt.table import fmt_bytes
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
@@ -187,7 +188,7 @@ class ToFloat16(Pass):
         if casts > 0:
             stats["inserted Casts"] = casts
         size_before, size_after = _weight_bytes(graph), _weight_bytes(out)
-        notes.insert(0, f"initializers {_fmt_bytes(size_before)} -> {_fmt_bytes(size_after)} "
+        notes.insert(0, f"initializers {fmt_bytes(size_before)} -> {fmt_bytes(size_after)} "
                         f"({size_after / max(size_before, 1):.2f}x)")
         reasons = {id(n) for n in [*foreign, *untyped]} | set(overflow)
         by_list = Counter(n.op for n in kept if id(n) not in reasons and n.op != "Constant")
@@ -449,13 +450,6 @@ def _restore_constants(out: OnnxGraph, original: OnnxGraph) -> int:
 def _weight_bytes(graph: OnnxGraph) -> int:
     return int(sum(np.prod(t.shape, dtype=np.int64) * np.dtype(t.dtype).itemsize
                    for t in graph.gs.tensors().values() if isinstance(t, gs.Constant) and _dtype(t.dtype)))
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 @hookimpl

@@ -7,6 +7,7 @@ bias and there is no LayerNorm, so a pruned channel is exactly zero in the "mask
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -209,3 +210,34 @@ PATTERNS = {
     "attention-size": (Attention, (1, 6, 12), {"q.weight": (16, 16), "k.weight": (16, 16), "v.weight": (16, 16),
                                                "out.weight": (16, 16), "embed.weight": (16, 12)}),
 }
+
+
+def if_model():
+    """x[N,8] -> MatMul W0 -> Relu -> 'hid', read by name inside both branches of an If (cond, a scalar input):
+    then MatMul W1, else MatMul W2 -> z[N,4]; beside it x -> MatMul A -> Relu -> MatMul B -> y2[N,4], an
+    ordinary hidden layer of 16. A ModelProto (opset 17)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    def branch(name, w, out):
+        return helper.make_graph([helper.make_node("MatMul", ["hid", w], [out], name=f"{name}_mm")], name, [],
+                                 [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h0"], name="mm0"),
+             helper.make_node("Relu", ["h0"], ["hid"], name="relu0"),
+             helper.make_node("If", ["cond"], ["z"], name="if", then_branch=branch("then", "W1", "t"),
+                              else_branch=branch("else", "W2", "e")),
+             helper.make_node("MatMul", ["x", "A"], ["a"], name="mm_a"),
+             helper.make_node("Relu", ["a"], ["ar"], name="relu_a"),
+             helper.make_node("MatMul", ["ar", "B"], ["y2"], name="mm_b")]
+    graph = helper.make_graph(nodes, "if", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+                                            helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 4]),
+                               helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["N", 4])],
+                              [init("W0", 8, 16), init("W1", 16, 4), init("W2", 16, 4), init("A", 8, 16),
+                               init("B", 16, 4)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

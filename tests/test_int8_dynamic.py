@@ -164,3 +164,14 @@ def test_gemm_with_a_scalar_c_and_beta(registry):
     result = graphopt.optimize(g, "int8-dynamic", check=False, registry=registry)
     ref, out = g.run(x)[0], result.graph.run(x)[0]
     assert np.max(np.abs(out - ref)) < 0.05 * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("passes", ["int8-dynamic", "int4-weight"])
+def test_matmuls_inside_if_branches_are_named_as_left_float(passes):
+    """Weight-only passes rewrite the main graph's MatMuls; those inside If / Loop bodies stay float, and the note
+    says so (they were skipped without a word)."""
+    from tests.prune_patterns import if_model
+
+    result = graphopt.optimize(if_model(), passes, check=False)
+    notes = " ".join(n for r in result.report.records for n in r.notes)
+    assert "inside an If/Loop/Scan body" in notes and ("MatMul x2" in notes or "(x2)" in notes), notes

@@ -20,7 +20,7 @@ from graphopt.ir import OnnxGraph
 from graphopt.ir.fx_graph import FxGraph
 from graphopt.plugins import load_registry
 from graphopt.prune.handlers import passthrough
-from tests.prune_patterns import ConvChain
+from tests.prune_patterns import ConvChain, if_model
 
 
 def _conv_widths(graph: OnnxGraph) -> list[int]:
@@ -255,3 +255,17 @@ def test_prune_checks_a_model_with_dynamic_height_and_width_on_the_calibration_d
     assert result.report.records[-1].modified
     assert _conv_widths(result.graph)[:2] == [8, 8]  # stem and the pooled branch halved; the head keeps 8 outputs
     assert result.graph.run({"x": x[:2]})[0].shape == (2, 8, 16, 16)
+
+
+def test_a_tensor_an_if_branch_reads_by_name_is_kept_whole():
+    """An If's branches read 'hid' from the enclosing graph without listing it as an input: its channels must stay
+    whole (they were pruned, and the branches' MatMuls no longer fit: a contained internal error asking for a
+    report); the other hidden layer is still pruned."""
+    result = optimize(if_model(), "prune:ratio=0.5")
+    notes = " ".join(n for r in result.report.records for n in r.notes)
+    assert "internal" not in notes and "If 'if' has no channel handler" in notes
+    weights = {t.name: t.values.shape for t in result.graph.gs.tensors().values() if hasattr(t, "values")}
+    assert weights["W0"] == (8, 16) and weights["A"] == (8, 8) and weights["B"] == (8, 4)
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    for cond in (True, False):
+        assert result.graph.run({"x": x, "cond": np.array(cond)})[0].shape == (3, 4)

@@ -1,15 +1,16 @@
 """Show an OnnxGraph to the pruning engine and apply its plan.
 
-The view names values by tensor name; shapes come from ONNX shape inference. Constant-node outputs are lifted
-to initializers and subgraphs of constants folded (onnx-graphsurgeon's ``fold_constants``) first, so every weight
-and shape target is a ``gs.Constant`` (torch's exporter writes ``MatMul(x, Transpose(W))`` without folding).
-A constant several nodes read (torch's TorchScript exporter shares every pair of equal initializers, so with
-random weights all zero biases of one size are one tensor) is shown once per reader, under its own name after the
-first (``name@node``): each reader is pruned with its own channels, never coupled to, nor sliced for, another.
-Applying a plan puts new Constants in the slots of sliced weights (never changing an array in place), writes new
-Reshape targets, Split sizes and Slice bounds as fresh Constants (the old ones may be shared) and updates Conv
-``group``. Inferred shapes of intermediate tensors are dropped; the pass then checks the result (strict shape
-inference, a run on onnxruntime).
+The view names values by tensor name; shapes come from ONNX shape inference. Constant-node outputs are lifted to
+initializers and subgraphs of constants folded (onnx-graphsurgeon's ``fold_constants``) first, so every weight and
+shape target is a ``gs.Constant`` (torch's exporter writes ``MatMul(x, Transpose(W))`` without folding). A constant
+several nodes read (torch's TorchScript exporter shares every pair of equal initializers, so with random weights all
+zero biases of one size are one tensor) is shown once per reader, under its own name after the first
+(``name@node``): each reader is pruned with its own channels, never coupled to, nor sliced for, another. Applying a
+plan puts new Constants in the slots of sliced weights (never changing an array in place), writes new Reshape
+targets, Split sizes and Slice bounds as fresh Constants (the old ones may be shared) and updates Conv ``group``.
+What an If / Loop / Scan subgraph reads from the enclosing graph by name is shown as an input of that node (which
+has no handler: those channels stay whole). Inferred shapes of intermediate tensors are dropped; the pass then
+checks the result (strict shape inference, a run on onnxruntime).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class OnnxChannels:
             self.nodes[node.name] = node
             inputs = [self._constant(t, node, consts, shapes, values) if isinstance(t, gs.Constant) else t.name or None
                       for t in node.inputs]
+            inputs += [name for name in dict.fromkeys(outer_reads(node)) if name not in inputs]
             nodes.append(PNode(node.name, node.op, inputs, [t.name for t in node.outputs], dict(node.attrs)))
         return ChannelView(nodes, shapes, consts, [t.name for t in g.inputs], [t.name for t in g.outputs], "onnx")
 
@@ -135,3 +137,19 @@ class OnnxChannels:
                 raise ValueError(f"the ONNX pruning adapter cannot set '{key}' on {node.op} '{node_name}'")
         self.graph.forget_shapes()
         g.cleanup()
+
+
+def outer_reads(node: gs.Node) -> list[str]:
+    """The tensors of the enclosing graph that ``node``'s subgraphs (If branches, Loop and Scan bodies) read by
+    name without listing them as inputs: shown to the engine as inputs of the node, so their channels are
+    blocked (no handler looks inside a subgraph) instead of pruned under a reader that cannot follow."""
+    found: list[str] = []
+    for value in node.attrs.values():
+        for sub in value if isinstance(value, list) else [value]:
+            if not isinstance(sub, gs.Graph):
+                continue
+            inner = {t.name for t in sub.inputs} | {t.name for n in sub.nodes for t in n.outputs}
+            for n in sub.nodes:
+                reads = [t.name for t in n.inputs if isinstance(t, gs.Variable) and t.name] + outer_reads(n)
+                found += [name for name in reads if name not in inner]
+    return found
