@@ -93,14 +93,12 @@ class LatencyGuard(Pass):
         return self._guard(graph, ctx)
 
     def _guard(self, graph, ctx):
-        from graphopt.passes.pipeline import format_passes, resolve
+        from graphopt.passes.pipeline import format_passes
         from graphopt.report.latency_guard import FP32, guard_latency
-        from graphopt.report.sensitivity import Study, _place_pass
+        from graphopt.report.sensitivity import Study, placement_to_score
 
         earlier = tuple(ctx.state.get(FLOAT_NODES, ()))  # a budget's decision: the guard starts from it
-        place = _place_pass(resolve(self.options.place, ctx.registry))
-        later = ctx.pipeline[ctx.pipeline.index(self) + 1:] if self in ctx.pipeline else []
-        place = next((p for p in later if p.name == place.name), place)  # what will place, exclusions and all
+        place = placement_to_score(self.options.place, ctx, self)  # what will place, exclusions and all
         if earlier:
             place = type(place)(dataclasses.replace(
                 place.options, exclude_nodes=tuple(dict.fromkeys((*place.options.exclude_nodes, *earlier)))))

@@ -17,14 +17,15 @@ class MixedPrecision(Pass):
     """Keep the most sensitive fusion groups float until ``min_cosine`` (the outputs' cosine against the float
     model) and/or ``max_drop`` (top-1 accuracy points below float, on the labelled ``eval`` data) holds.
 
-    Runs after ``calibrate`` and before ``place-qdq``: it does not change the graph, it decides. Groups (a
-    weighted op with its fused epilogue, or an op the backend quantizes on its own; see
-    :mod:`graphopt.report.sensitivity`) are ranked by a cheap proxy from one fully-int8 run, then moved to float
-    one more at a time, each step confirmed by quantizing the model with those groups float (place-qdq's own
-    placement) and running it on the backend over ``samples`` samples (``eval``'s, else the calibration data's),
-    until the budget holds or ``max_evals`` trials have run (0: no bound). The decision goes to place-qdq as node
-    exclusions (``exclude_nodes`` replays it: ``graphopt sensitivity --recipe`` writes it down). When the budget
-    cannot be met, the pass warns and keeps the closest placement it tried.
+    Runs after ``calibrate`` and before ``place-qdq``: it does not change the graph, it decides. Groups (a weighted
+    op with its fused epilogue, or an op the backend quantizes on its own; see :mod:`graphopt.report.sensitivity`)
+    are ranked by a cheap proxy from one fully-int8 run, then moved to float one more at a time, each step confirmed
+    by quantizing the model with those groups float (place-qdq's own placement) and running it on the backend over
+    ``samples`` samples (``eval``'s, else the calibration data's), until the budget holds or ``max_evals`` trials
+    have run (0: no bound). The placement scored is the one the pipeline writes: its later place pass with the
+    options the pipeline gave it (``int8-budget:per_channel=no``). The decision goes to place-qdq as node exclusions
+    (``exclude_nodes`` replays it: ``graphopt sensitivity --recipe`` writes it down). When the budget cannot be met,
+    the pass warns and keeps the closest placement it tried.
 
     With ``fallback`` (a pass that takes ``exclude_nodes``: ``int8-dynamic``, int8 weights with activations
     quantized at run time; ``int4-weight``, 4-bit weights with float activations), the groups kept float are then
@@ -98,8 +99,12 @@ class MixedPrecision(Pass):
         if scored is None:
             raise UsageError(f"pass '{self.name}': no data to measure the budget on: give calibration data "
                              f"(--calib) or eval=labelled.npz")
+        from graphopt.passes.pipeline import format_passes
+        from graphopt.report.sensitivity import placement_to_score
+
         fallback = {"fallback_text": self.options.fallback} if self.options.fallback else {}
-        study = kind.create(graph, ctx.state[RANGES], *scored, backend=ctx.backend, place_text=self.options.place,
+        place = format_passes([placement_to_score(self.options.place, ctx, self)])  # the pipeline's, options and all
+        study = kind.create(graph, ctx.state[RANGES], *scored, backend=ctx.backend, place_text=place,
                             registry=ctx.registry, **fallback)
         result = search_budget(study, min_cosine=self.options.min_cosine, max_drop=self.options.max_drop,
                                max_evals=self.options.max_evals or None)

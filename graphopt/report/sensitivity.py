@@ -259,6 +259,19 @@ def _place_pass(passes: list):
     return placing[-1]
 
 
+def placement_to_score(text: str, ctx, after) -> Any:
+    """The place pass a decision made by pass ``after`` (a budget, the latency guard) is to be scored with: the
+    one ``text`` names (e.g. ``place-qdq``), or, when the run's pipeline places with that pass later on, that
+    very pass with the options the pipeline gave it (``int8-budget:per_channel=no`` reaches place-qdq, not
+    the scoring; scored with the defaults, a budget held on a placement that was not the one written)."""
+    from graphopt.passes.pipeline import resolve
+
+    place = _place_pass(resolve(text, ctx.registry))
+    pipeline = list(getattr(ctx, "pipeline", None) or [])
+    later = pipeline[pipeline.index(after) + 1:] if after in pipeline else []
+    return next((p for p in later if p.name == place.name), place)
+
+
 def _fallback(text: str, registry) -> list:
     """The passes of a fallback format; each must take ``exclude_nodes`` (it runs on chosen groups only)."""
     from graphopt.passes.pipeline import resolve
