@@ -149,3 +149,13 @@ def test_processes_executor_runs_fx_trials_as_in_process(study, tmp_path):
     with LocalProcesses(2, str(tmp_path / "runs")) as executor:
         remote = trials(study, executor, sets)
     assert remote == [pytest.approx(study.score(s)) for s in sets]
+
+
+def test_the_same_program_is_the_same_study(registry, fragile, study, tmp_path):
+    """A second study of the same program and data, in a named folder of the first, is accepted as the same study
+    (so a rerun resumes): its identity is the program's code and tensors, not torch.export.save's bytes, which
+    hold object ids and a random serialization id (every rerun made a new study and ran every trial again)."""
+    _, pt2, calib, _ = fragile
+    again = prepare_fx(str(pt2), str(calib), registry=registry, backend=get_backend(registry, "x86"), samples=32,
+                       folder=study.folder)
+    assert again.folder == study.folder

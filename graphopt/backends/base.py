@@ -246,6 +246,21 @@ class Backend(ABC):
     # named after the node or tensor it came from, with its time per run); the latency guard then starts from it
     # (:mod:`graphopt.report.kernel_profile`). None: it cannot.
     profile_kernels: Any = None
+    # The packages whose version decides what the backend computes and how fast: a study's cached trials are
+    # keyed by them too (an upgraded onnxruntime rounds and fuses differently)
+    runtime_packages: ClassVar[tuple[str, ...]] = ()
+
+    def runtime_versions(self) -> dict[str, str]:
+        """``{package: version}`` of :attr:`runtime_packages` as installed (absent ones left out)."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        found = {}
+        for package in self.runtime_packages:
+            try:
+                found[package] = version(package)
+            except PackageNotFoundError:
+                pass
+        return found
 
     def spec(self) -> str:
         """The ``--backend`` text that makes this backend again (:func:`graphopt.backends.get_backend`): its name,

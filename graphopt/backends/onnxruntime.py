@@ -84,6 +84,7 @@ class OnnxRuntimeBackend(Backend):
     """onnxruntime's CPU execution provider (``providers`` may name others; the scheme is the x86 CPU one)."""
 
     name = "onnxruntime"
+    runtime_packages = ("onnxruntime",)
 
     def __init__(self, providers: tuple[str, ...] = ("CPUExecutionProvider",),
                  graph_optimization: str = "all", reduce_range: bool | None = None):

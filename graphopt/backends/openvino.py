@@ -130,6 +130,7 @@ class OpenVINOBackend(Backend):
     """OpenVINO's CPU plugin running ONNX graphs (Q/DQ graphs in int8 through its low-precision transformations)."""
 
     name = "openvino"
+    runtime_packages = ("openvino",)
     irs = frozenset({"onnx"})
     Options = OpenVINOOptions
     options = OpenVINOOptions()

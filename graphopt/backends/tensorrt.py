@@ -77,6 +77,7 @@ class TensorRTBackend(Backend):
     """TensorRT's explicit quantization: the ONNX form it fuses; accuracy measured on onnxruntime's CPU provider."""
 
     name = "tensorrt"
+    runtime_packages = ("onnxruntime", "tensorrt")
     irs = frozenset({"onnx"})
     Options = BuildOptions
     options = BuildOptions()

@@ -64,6 +64,7 @@ class X86Backend(Backend):
     """PyTorch models on x86 CPUs: inductor with freezing (oneDNN int8 kernels), AOTInductor packages."""
 
     name = "x86"
+    runtime_packages = ("torch", "torchao")
     irs = frozenset({"fx"})
 
     def __init__(self, reduce_range: bool | None = None, engine: str = "inductor", use_cache: bool = True,

@@ -138,7 +138,7 @@ class Study(Scored):
         prefix, model_file, model, extra = cls.serialize(graph)
         record = study_files.backend_record(backend)
         settings = [sorted(ranges.items()), record, place_text] + ([fallback_text] if fallback_text else [])
-        folder = study_folder(prefix, model, settings, data, labels, folder)
+        folder = study_folder(prefix, cls.identity(graph, model), settings, data, labels, folder)
         write_study(folder, model_file, model, data, labels,
                     {**record, "place": place_text, "ranges": ranges,
                      "fallback": fallback_text,
@@ -157,6 +157,11 @@ class Study(Scored):
     def serialize(graph) -> tuple[str, str, bytes, dict]:
         """(folder-name prefix, model file name, its bytes, more for study.json) of this kind's ``graph``."""
         return "", "model.onnx", graph.to_model().SerializeToString(), {}
+
+    @staticmethod
+    def identity(graph, model: bytes) -> bytes:
+        """What names this kind's study of ``graph`` (its folder's hash): the serialized model itself, here."""
+        return model
 
     @classmethod
     def _read(cls, folder: str) -> "Study":

@@ -128,6 +128,18 @@ class FxStudy(Study):
         torch.export.save(export_dynamic(graph.gm, graph.example_inputs), buffer)
         return "fx-", "model.pt2", buffer.getvalue(), {"ir": "fx", "activations": _activations(graph.gm)}
 
+    @staticmethod
+    def identity(graph, model: bytes) -> bytes:
+        """The program's code and its tensors, by name: ``torch.export.save`` writes object ids and a random
+        serialization id into the file, so its bytes differ on every run and a rerun never found its study."""
+        import torch
+
+        parts = [graph.gm.code.encode()]
+        for name, t in sorted({**dict(graph.gm.named_parameters()), **dict(graph.gm.named_buffers())}.items()):
+            parts += [name.encode(), str(t.dtype).encode(), str(tuple(t.shape)).encode(),
+                      t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""]
+        return b"\0".join(parts)
+
     @classmethod
     def _read(cls, folder: str) -> "FxStudy":
         """Ranges are keyed by ATen node name; a program that comes back with other names (same graph, same order)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from graphopt.backends.base import check_classes
-from graphopt.errors import UsageError
+from graphopt.errors import OutputError, UsageError
 from graphopt.numeric import cosine_similarity, sqnr_db, top1_accuracy
 
 __all__ = ["AUTO_MARKER", "KEEP_STUDIES", "ROOT_ENV", "Scored", "calibration_arrays", "eval_arrays", "load_once",
@@ -35,6 +35,7 @@ __all__ = ["AUTO_MARKER", "KEEP_STUDIES", "ROOT_ENV", "Scored", "calibration_arr
 KEEP_STUDIES = 8  # study folders graphopt chose that are kept under studies_root(), newest first
 ROOT_ENV = "GRAPHOPT_STUDY_DIR"  # where graphopt puts the study folders it names (default: the temp dir's)
 AUTO_MARKER = ".graphopt-auto"  # in a study folder graphopt chose (only such folders are ever removed)
+IDENTITY = "study.id"  # in a study folder: the hash of what it studies (a named folder holds one study)
 LABELS = "__labels__"  # the labels' array in a study's data.npz
 _LOADED: dict[str, Any] = {}  # the studies this process holds, by folder (a trial loads each once)
 
@@ -49,24 +50,53 @@ def study_folder(prefix: str, model: bytes, settings: Any, data: dict[str, np.nd
     """``folder`` (created, unmarked: the caller's) or, when None, a folder under :func:`studies_root` named
     ``prefix`` + the hash of ``model`` (bytes), ``settings`` (JSON), ``data`` and ``labels`` (created, marked, and
     the oldest marked folders beside it pruned)."""
-    if folder is not None:
-        os.makedirs(folder, exist_ok=True)
-        marker = os.path.join(folder, AUTO_MARKER)
-        if os.path.exists(marker):  # a folder the caller names is never removed
-            os.remove(marker)
-        return folder
     digest = hashlib.sha256(model)
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for key in sorted(data):
         digest.update(key.encode() + np.ascontiguousarray(data[key]).tobytes())
     if labels is not None:
         digest.update(np.asarray(labels).tobytes())
+    if folder is not None:
+        _make(folder, "the study folder")
+        marker = os.path.join(folder, AUTO_MARKER)
+        if os.path.exists(marker):  # a folder the caller names is never removed
+            os.remove(marker)
+        _claim(folder, digest.hexdigest())
+        return folder
     folder = os.path.join(studies_root(), prefix + digest.hexdigest()[:16])
-    os.makedirs(folder, exist_ok=True)
+    _make(folder, f"the studies folder (${ROOT_ENV} sets another)")
     open(os.path.join(folder, AUTO_MARKER), "w").close()
     os.utime(folder)
     prune_studies(os.path.dirname(folder), keep=KEEP_STUDIES, current=folder)
     return folder
+
+
+def _make(folder: str, what: str) -> None:
+    """``folder`` created (with its parents); an OutputError naming ``what`` when it cannot be."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write {what} ({exc.strerror or exc})") from None
+
+
+def _claim(folder: str, identity: str) -> None:
+    """A folder the caller names holds one study: its identity (the hash an automatic folder is named by) is
+    written there once, and a different study in it is refused — its cached trials are another model's or another
+    data's results, which a sweep would reuse as this one's."""
+    path = os.path.join(folder, IDENTITY)
+    try:
+        with open(path) as f:
+            held = f.read().strip()
+    except FileNotFoundError:
+        held = None
+    if held is not None and held != identity:
+        raise UsageError(f"{folder}: this folder holds the study of another model, data, placement or backend "
+                         f"(its cached trials would be taken as this one's): give an empty or a new folder")
+    if held is None:
+        with open(path, "w") as f:
+            f.write(identity + "\n")
 
 
 def write_study(folder: str, model_file: str, model: bytes, data: dict[str, np.ndarray], labels,
@@ -80,9 +110,11 @@ def write_study(folder: str, model_file: str, model: bytes, data: dict[str, np.n
 
 
 def backend_record(backend) -> dict[str, Any]:
-    """What a study keeps of its backend (in its folder's hash and its study.json): its name, its spec (options)
-    and what its constructor was given; :func:`read_study` makes that very backend again from it."""
-    return {"backend": backend.name, "backend_spec": backend.spec(), "backend_args": backend.init_args()}
+    """What a study keeps of its backend (in its folder's hash and its study.json): its name, its spec (options),
+    what its constructor was given and its runtime's versions (a new onnxruntime: a new study);
+    :func:`read_study` makes that very backend again from it."""
+    return {"backend": backend.name, "backend_spec": backend.spec(), "backend_args": backend.init_args(),
+            "runtime": backend.runtime_versions()}
 
 
 def read_study(folder: str) -> tuple[dict, dict[str, np.ndarray], np.ndarray | None, Any, Any]:
