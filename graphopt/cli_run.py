@@ -102,8 +102,10 @@ def _io_plan(args, driver, graph, output: str):
     plan.read("--recipe", args.recipe)
     plan.write("--json", args.json)
     if args.report:
+        from graphopt.report.plots import need_matplotlib
         from graphopt.report.report_dir import FILES
 
+        need_matplotlib("--report")
         plan.write_into("--report", args.report, list(FILES))
     plan.check()
 

@@ -73,6 +73,10 @@ def cmd_sensitivity(args) -> int:
         raise UsageError(f"--max-drop is points of accuracy, >= 0 (got {args.max_drop})")
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UsageError(f"--plot {args.plot}: the chart is a .png file")
+    if args.plot:
+        from graphopt.report.plots import need_matplotlib
+
+        need_matplotlib("--plot")
     plan = IOPlan()
     for what, path in model_reads("input model", args.model):  # the file and its external data
         plan.read(what, path)

@@ -107,6 +107,12 @@ class PruneChannels(Pass):
         o = self.options
         return ([("labelled data (eval=)", o.eval)] if o.eval else []), ([("plot", o.plot)] if o.plot else [])
 
+    def requires(self, graph, ctx):
+        if self.options.plot:
+            from graphopt.report.plots import need_matplotlib
+
+            need_matplotlib(f"{self.name}:plot=")
+
     # -- plumbing shared by both IRs ----------------------------------------------------------------------
     def _lookup(self, ir: str, ctx):
         registry = ctx.registry

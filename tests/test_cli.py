@@ -225,3 +225,22 @@ def test_fold_on_the_dynamo_exporters_raw_output(tmp_path, capsys):
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     ref, got = run_outputs(path, x), run_outputs(tmp_path / "out.onnx", x)
     assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref))
+
+
+def test_charts_without_matplotlib_are_refused_before_any_work(model, tmp_path, capsys, monkeypatch):
+    """matplotlib is not in the base install: --report, sensitivity's --plot and prune's plot= say so in one line,
+    exit 4, before anything runs or is written (--report was exit 70 after writing the model and an empty folder)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    np.savez(tmp_path / "c.npz", input=np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    for argv in (["run", str(model), "--passes", "fold", "-o", str(out), "--report", str(tmp_path / "rep")],
+                 ["sensitivity", str(model), "--calib", str(tmp_path / "c.npz"), "--plot", str(tmp_path / "s.png")],
+                 ["run", str(model), "--passes", "prune:budget=macs@0.5:plot=" + str(tmp_path / "f.png"), "--calib",
+                  str(tmp_path / "c.npz"), "-o", str(out)]):
+        assert main(argv) == 4, argv
+        err = capsys.readouterr().err
+        assert "matplotlib, which is not installed: pip install 'graphopt[plots]'" in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["c.npz", "model.onnx"]

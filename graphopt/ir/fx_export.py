@@ -11,7 +11,7 @@ import math
 import warnings
 from typing import Any, Sequence
 
-from graphopt.errors import ModelLoadError, UsageError, first_line
+from graphopt.errors import UnsupportedError, UsageError, first_line
 
 
 def _torch():
@@ -19,7 +19,7 @@ def _torch():
         import torch
         import torch.fx  # noqa: F401
     except ImportError:  # pragma: no cover - exercised only without the torch extra
-        raise ModelLoadError("PyTorch models need torch: pip install 'graphopt[torch]'") from None
+        raise UnsupportedError("PyTorch models need torch: pip install 'graphopt[torch]'") from None
     return torch
 
 

@@ -14,6 +14,18 @@ from typing import Any, Sequence
 CAP_DB = 150.0
 
 
+def need_matplotlib(flag: str) -> None:
+    """Refuse ``flag`` (``--report``, ``--plot``, ``plot=``) in one line, before any work, when matplotlib is not
+    installed (it comes with the ``plots`` and ``dev`` extras, not with the base install)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        from graphopt.errors import UnsupportedError
+
+        raise UnsupportedError(f"{flag} draws its charts with matplotlib, which is not installed: "
+                               f"pip install 'graphopt[plots]' (or pip install matplotlib)")
+
+
 def _pyplot():
     import matplotlib
 
