@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from graphopt.cli_backend import add_backend_option_flags, backend_from_args, load_npz, registry_from_args
-from graphopt.errors import EquivalenceError, OutputError, UsageError
+from graphopt.errors import EquivalenceError, UsageError
 
 
 def add_run_command(sub, add_plugin_flags, add_trust_flag) -> None:
@@ -113,6 +114,7 @@ def _io_plan(args, driver, graph, output: str):
 def cmd_run(args) -> int:
     from graphopt.backends.base import DataError, model_size_bytes
     from graphopt.driver import Driver, RunConfig
+    from graphopt.ir import load_model
     from graphopt.passes.instruments import FloatReference
     from graphopt.passes.manager import bisect
     from graphopt.paths import atomic_write, real
@@ -188,36 +190,41 @@ def cmd_run(args) -> int:
     target = os.path.dirname(real(output))  # where the files go (a link's target's folder)
     existed = {real(os.path.join(target, n)) for n in os.listdir(target)}
     run = driver.run(args.model, output, graph=graph, before_move=measure)
-    out, report, before = run.graph, run.report, run.source
-    if reference.graph is not None and measured.get("_comparison") is not None:  # per layer, by FX node name
-        measured["_comparison"].per_layer = per_layer_fx(reference.graph, out, eval_data)
-        measured["comparison"]["per_layer"] = measured["_comparison"].per_layer.to_dict()
-    after = out.describe()
-    say(f"{args.model}: {before['ir']}, {before['nodes']} nodes, {before['parameters']:,} parameters")
-    for note in getattr(graph, "notes", []):  # what loading changed: IR < 4 upgraded, inputs with defaults
-        say(f"note: {note}")
-    say(f"pipeline: {run.pipeline}" + (f"  (= {run.resolved})" if run.pipeline != run.resolved else ""))
-    say(report.table())
-    numeric = report.checks.get("numeric")
-    if numeric and numeric.get("compared") and numeric["comparisons"]:
-        say(f"check: {_check_line(numeric)}")
-    report.warnings.extend(unmeasured)
-    for warning in report.warnings:
-        say(f"warning: {warning}")
-    say(f"wrote {output}: {after['nodes']} nodes, {after['parameters']:,} parameters")
-    for line in run.artifact.get("summary", []):  # the backend's facts about the file (x86: the lowering)
-        say(line)
-    say(format_run(measured))
-    if original is not None:
-        say(f"before: the input model run on {driver.backend.name} the same way (lowered like the result)")
-    if args.json or args.report:
-        from graphopt.report.report_dir import search_data
+    report_dir_existed = bool(args.report) and os.path.exists(args.report)
+    json_existed = bool(args.json) and os.path.lexists(args.json)
+    try:
+        out, report, before = run.graph, run.report, run.source
+        if reference.graph is not None and measured.get("_comparison") is not None:  # per layer, by FX node name
+            measured["_comparison"].per_layer = per_layer_fx(reference.graph, out, eval_data)
+            measured["comparison"]["per_layer"] = measured["_comparison"].per_layer.to_dict()
+        # what was written: a PyTorch program saved as ONNX is described as the file (the export adds and folds nodes)
+        after = load_model(output).describe() if out.ir == "fx" and output.lower().endswith(".onnx") \
+            else out.describe()
+        say(f"{args.model}: {before['ir']}, {before['nodes']} nodes, {before['parameters']:,} parameters")
+        for note in getattr(graph, "notes", []):  # what loading changed: IR < 4 upgraded, inputs with defaults
+            say(f"note: {note}")
+        say(f"pipeline: {run.pipeline}" + (f"  (= {run.resolved})" if run.pipeline != run.resolved else ""))
+        say(report.table())
+        numeric = report.checks.get("numeric")
+        if numeric and numeric.get("compared") and numeric["comparisons"]:
+            say(f"check: {_check_line(numeric)}")
+        report.warnings.extend(unmeasured)
+        for warning in report.warnings:
+            say(f"warning: {warning}")
+        say(f"wrote {output}: {after['nodes']} nodes, {after['parameters']:,} parameters")
+        for line in run.artifact.get("summary", []):  # the backend's facts about the file (x86: the lowering)
+            say(line)
+        say(format_run(measured))
+        if original is not None:
+            say(f"before: the input model run on {driver.backend.name} the same way (lowered like the result)")
+        if args.json or args.report:
+            from graphopt.report.report_dir import search_data
 
-        data = {"input": {"path": args.model, **before, "notes": list(getattr(graph, "notes", []))},
-                "output": {"path": output, **after},
-                "backend": driver.backend.name, **run.to_dict(), **jsonable_run(measured),
-                **search_data(run.ctx.state)}
-        try:  # every target was checked before the passes: what fails now is the disk (full, gone)
+            data = {"input": {"path": args.model, **before, "notes": list(getattr(graph, "notes", []))},
+                    "output": {"path": output, **after},
+                    "backend": driver.backend.name, **run.to_dict(), **jsonable_run(measured),
+                    **search_data(run.ctx.state)}
+            # every target was checked before the passes: what fails now is the disk (full, gone)
             if args.json:
                 atomic_write(args.json, json_text(data, default=_json_default), "--json")
             if args.report:
@@ -226,11 +233,15 @@ def cmd_run(args) -> int:
                 written = write_report_dir(args.report, json.loads(json_text(data, default=_json_default)),
                                            report.table())
                 say(f"wrote the report into {args.report}: {', '.join(os.path.basename(p) for p in written)}")
-        except OutputError:  # a failed run leaves nothing behind: the files it created go (one it replaced stays)
-            for path in run.written:
-                if real(path) not in existed:
-                    os.remove(path)
-            raise
+    except BaseException:  # a failed or interrupted run leaves nothing behind: the files it created go (one it
+        for path in run.written:  # replaced stays), and a report folder it made
+            if real(path) not in existed and os.path.lexists(path):
+                os.remove(path)
+        if args.json and not json_existed and os.path.lexists(args.json):
+            os.remove(args.json)
+        if args.report and not report_dir_existed:
+            shutil.rmtree(args.report, ignore_errors=True)
+        raise
     return 0
 
 

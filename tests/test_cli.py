@@ -244,3 +244,20 @@ def test_charts_without_matplotlib_are_refused_before_any_work(model, tmp_path, 
         err = capsys.readouterr().err
         assert "matplotlib, which is not installed: pip install 'graphopt[plots]'" in err and err.count("\n") == 1
     assert sorted(os.listdir(tmp_path)) == ["c.npz", "model.onnx"]
+
+
+def test_an_interrupt_after_the_model_is_written_leaves_nothing_behind(model, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while --json / --report are written, after the model moved into place: exit 130 and the files the
+    run created are gone, the report folder it made too (the model and an empty folder stayed)."""
+    from graphopt.report import report_dir
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_dir, "write_report_dir", interrupted)
+    out = tmp_path / "out.onnx"
+    before = sorted(os.listdir(tmp_path))
+    assert main(["run", str(model), "--passes", "fold", "-o", str(out), "--json", str(tmp_path / "r.json"),
+                 "--report", str(tmp_path / "rep")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == before
