@@ -134,7 +134,8 @@ def cmd_sensitivity(args) -> int:
                                                   float_nodes=result.float_nodes, float_groups=result.float_groups,
                                                   metrics=result.metrics, budget=result.budget, forms=forms,
                                                   formats=result.formats(), fallback=result.fallback,
-                                                  fallback_groups=result.fallback_groups), "--recipe")
+                                                  fallback_groups=result.fallback_groups, holds=result.holds),
+                         "--recipe")
             others = ", ".join(k for k, f in forms.items() if f.get("available") and k != "x86")
             print(f"wrote {args.recipe}: replay with graphopt run {args.model} --recipe {args.recipe} "
                   f"--calib {args.calib}" + (f" (--backend {others}: that backend's form)" if others else ""))

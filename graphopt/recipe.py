@@ -27,14 +27,16 @@ KIND = "graphopt-recipe"
 
 def recipe_text(*, model: str, passes: str, backend: str, float_nodes, float_groups, metrics: dict,
                 budget: str, forms: dict | None = None, formats: dict | None = None, fallback: str = "",
-                fallback_groups=()) -> str:
+                fallback_groups=(), holds: bool = True) -> str:
     """The YAML of a recipe for the model file ``model``; ``forms``: each backend's form of the decision
     (:func:`graphopt.recipe_forms.backend_forms`); ``formats``: each group out of static int8 and its format;
-    ``fallback``: the fallback format (pipeline text) ``fallback_groups`` run in."""
+    ``fallback``: the fallback format (pipeline text) ``fallback_groups`` run in; ``holds``: whether the budget was
+    met (a replay of a decision that missed it says so)."""
     from graphopt import __version__
 
     data = {"kind": KIND, "graphopt_version": __version__, "model": model, "model_sha256": file_sha256(model),
-            "backend": backend, "budget": budget, "passes": passes, "float_groups": list(float_groups),
+            "backend": backend, "budget": budget, "holds": bool(holds), "passes": passes,
+            "float_groups": list(float_groups),
             "float_nodes": list(float_nodes), "fallback": fallback, "fallback_groups": list(fallback_groups),
             "formats": formats or {g: "fp32" for g in float_groups}, "metrics": metrics, "forms": forms or {}}
     try:
@@ -44,8 +46,8 @@ def recipe_text(*, model: str, passes: str, backend: str, float_nodes, float_gro
     return yaml.safe_dump(data, sort_keys=False)
 
 
-RECIPE_KEYS = ("kind", "graphopt_version", "model", "model_sha256", "backend", "budget", "passes", "float_groups",
-               "float_nodes", "fallback", "fallback_groups", "formats", "metrics", "forms")
+RECIPE_KEYS = ("kind", "graphopt_version", "model", "model_sha256", "backend", "budget", "holds", "passes",
+               "float_groups", "float_nodes", "fallback", "fallback_groups", "formats", "metrics", "forms")
 
 
 def read_recipe(path: str) -> dict[str, Any]:
@@ -126,6 +128,11 @@ def apply_recipe(args) -> None:
     if not os.path.isfile(args.model):
         raise UsageError(f"{args.model}: no such file")
     check_recipe(recipe, args.recipe, args.model)
+    if recipe.get("holds") is False:
+        import sys
+
+        print(f"warning: --recipe {args.recipe}: its budget ({recipe.get('budget')}) was NOT met when it was made: "
+              f"this replays the closest placement it tried", file=sys.stderr)
     made = recipe.get("backend") or "onnxruntime"
     spec = args.backend or made
     name = spec.split(":")[0]

@@ -39,6 +39,7 @@ class LatencyGuard(Pass):
     name = "latency-guard"
     irs = frozenset({"onnx", "fx"})
     equivalence = Equivalence.APPROXIMATE
+    decides_by_timing = True
 
     @dataclass(frozen=True)
     class Options:

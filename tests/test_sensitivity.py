@@ -245,6 +245,25 @@ def test_recipe_replays_the_same_exclusions_and_refuses_another_model(fragile, t
         assert words in capsys.readouterr().err
 
 
+def test_a_recipe_replays_without_deciding_again_and_says_when_its_budget_missed(fragile, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """The recipe's pipeline has no pass that decides by timing (the latency guard's guard=auto made a replay keep
+    other groups float than the decision recorded); a recipe whose budget was not met says so, and its replay warns."""
+    monkeypatch.delenv("GRAPHOPT_NO_TIMING", raising=False)  # timing allowed: the recipe must not use it
+    model, calib = fragile
+    recipe = tmp_path / "r.yaml"
+    assert main(["sensitivity", str(model), "--calib", str(calib), "--min-cosine", "0.99", "--recipe",
+                 str(recipe)]) == 0
+    text = recipe.read_text()
+    assert "latency-guard" not in text and "holds: true" in text
+    assert main(["sensitivity", str(model), "--calib", str(calib), "--min-cosine", "1.0", "--max-evals", "1",
+                 "--recipe", str(recipe)]) == 0
+    assert "NOT met" in capsys.readouterr().out and "holds: false" in recipe.read_text()
+    assert main(["run", str(model), "--recipe", str(recipe), "--calib", str(calib), "-o", str(tmp_path / "q.onnx"),
+                 "-q"]) == 0
+    assert "was NOT met when it was made" in capsys.readouterr().err
+
+
 def test_budget_pass_in_the_int8_budget_pipeline(fragile, tmp_path, capsys):
     model, calib = fragile
     out = tmp_path / "b.onnx"

@@ -201,6 +201,9 @@ class Pass:
     recovery: ClassVar[str] = ""
     # the pass runs the user's training loop (``PassContext.training``; ``optimize(..., qat=fn)``) itself
     trains: ClassVar[bool] = False
+    # the pass decides by timing the model (so two runs may decide differently): a study, which scores placements
+    # itself, and the recipe that replays its decision leave it out (graphopt/report/sensitivity.py)
+    decides_by_timing: ClassVar[bool] = False
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()

@@ -423,7 +423,9 @@ def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", ev
                          f"budget keeps groups float (drop the fallback)")
     passes = resolve(pipeline, registry)
     place = _place_pass(passes)
-    prefix = passes[:passes.index(place)]
+    # what calibrates before the placing pass, without passes that decide by timing (the latency guard): their
+    # choice is not the study's, and the recipe replaying the decision must not make another one
+    prefix = [p for p in passes[:passes.index(place)] if not p.decides_by_timing]
     ctx = PassContext(backend=backend, registry=registry)
     ctx.calibration = load_calibration(calibration, input_specs(graph))
     calibrated, _ = PassManager(prefix, [], ctx).run(graph, in_place=True)
