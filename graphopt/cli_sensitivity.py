@@ -49,7 +49,7 @@ def add_sensitivity_command(sub, add_plugin_flags) -> None:
 def cmd_sensitivity(args) -> int:
     from graphopt.backends import get_backend
     from graphopt.cli_backend import _model_file, load_npz, registry_from_args
-    from graphopt.executors import get_executor
+    from graphopt.executors import get_executor, parse_executor
     from graphopt.ir import model_reads
     from graphopt.paths import IOPlan, atomic_write
     from graphopt.report.budget import search_budget
@@ -77,6 +77,7 @@ def cmd_sensitivity(args) -> int:
         from graphopt.report.plots import need_matplotlib
 
         need_matplotlib("--plot")
+    parse_executor(args.executor)  # a bad --executor said before the model is calibrated
     plan = IOPlan()
     for what, path in model_reads("input model", args.model):  # the file and its external data
         plan.read(what, path)

@@ -107,6 +107,10 @@ class Driver:
         self.pipeline = parse_pipeline(config.passes)
         self.passes = resolve(self.pipeline, self.registry)
         self.backend = self._backend(config.backend)
+        if config.executor:  # a bad --executor said before any pass runs (a search starts it much later)
+            from graphopt.executors import parse_executor
+
+            parse_executor(config.executor)
         self.extra_instruments = [self._instrument(i) for i in config.instruments]
         self.ctx = ctx
         for label, fn in (("finetune=", config.finetune), ("qat=", config.qat)):

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphopt.errors import UnsupportedError, UsageError
-from graphopt.executors import InProcess, LocalProcesses, get_executor, trial_key
+from graphopt.executors import InProcess, LocalProcesses, get_executor, parse_executor, trial_key
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 X = np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(3, 4)
@@ -137,9 +137,29 @@ def test_get_executor_specs(tmp_path):
     assert isinstance(get_executor(None, str(tmp_path)), LocalProcesses)
     assert get_executor("processes:3", str(tmp_path)).workers == 3
     assert isinstance(get_executor("inprocess", str(tmp_path)), InProcess)
-    for bad in ("processes:0", "threads", "ray:localhost:6379"):
-        with pytest.raises(UsageError):
+    for bad in ("processes:0", "processes:²", "threads", "ray:localhost:6379", "ray://", "ray://:"):
+        with pytest.raises(UsageError):  # "²".isdigit() is true: it was int()'s ValueError, exit 70
             get_executor(bad, str(tmp_path))
+    assert parse_executor("ray://head.example:10001") == ("ray", "ray://head.example:10001")
+
+
+def test_a_bad_executor_is_refused_before_any_work(tmp_path, capsys):
+    """--executor is checked when the run is set up, not when a search first starts it (after calibration, the
+    latency guard and writing a study), and also where no search would use it."""
+    from graphopt.cli import main
+
+    model = tmp_path / "m.onnx"
+    np.savez(tmp_path / "c.npz", x=np.zeros((2, 4), np.float32))
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    with open(model, "wb") as f:
+        f.write(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    for argv in (["run", str(model), "--passes", "fold", "--executor", "bogus", "-o", str(tmp_path / "o.onnx")],
+                 ["sensitivity", str(model), "--calib", str(tmp_path / "c.npz"), "--executor", "processes:0"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["c.npz", "m.onnx"]
     with pytest.raises(UsageError, match="module level"):
         InProcess().map(lambda x: x, [1])
 

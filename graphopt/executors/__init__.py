@@ -22,6 +22,7 @@ default; one worker per core) or ``ray`` / ``ray://host:port`` / ``ray:auto`` (s
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Protocol
 
 from graphopt.errors import UsageError
@@ -38,25 +39,38 @@ class Executor(Protocol):
     def map(self, fn: Callable[[Any], Any], items: list, kind: str = "accuracy") -> list: ...
 
 
-def get_executor(spec: str | None, run_dir: str | None) -> Executor:
-    """The executor ``--executor SPEC`` names, caching its trials under ``run_dir`` (None: no cache)."""
+def parse_executor(spec: str | None) -> tuple[str, Any]:
+    """``(kind, argument)`` of ``--executor SPEC``, checked without starting anything (a UsageError said before any
+    work): ``("inprocess", None)``, ``("processes", workers or None)``, ``("ray", None | "auto" | "ray://h:p")``."""
     spec = (spec or DEFAULT_SPEC).strip()
     if spec == "inprocess":
-        return InProcess(run_dir)
+        return "inprocess", None
     if spec == "processes" or spec.startswith("processes:"):
         count = spec.partition(":")[2]
-        if count and not (count.isdigit() and int(count) > 0):
+        if count and not (count.isascii() and count.isdigit() and int(count) > 0):
             raise UsageError(f"--executor {spec}: the worker count must be a positive integer (e.g. processes:4)")
-        return LocalProcesses(int(count) if count else None, run_dir)
+        return "processes", int(count) if count else None
     if spec == "ray" or spec.startswith("ray:"):
-        from graphopt.executors.ray import RayExecutor
-
         address = spec.partition(":")[2] or None
-        if address is not None and address != "auto" and not address.startswith("//"):
+        if address is None or address == "auto":
+            return "ray", address
+        if not re.fullmatch(r"//[A-Za-z0-9._\[\]-]+(:[0-9]+)?", address):
             raise UsageError(f"--executor {spec}: expected ray, ray:auto or ray://host:port")
-        return RayExecutor(f"ray:{address}" if address and address.startswith("//") else address, run_dir)
+        return "ray", f"ray:{address}"
     raise UsageError(f"--executor {spec}: unknown executor (one of: {SPECS})")
 
 
+def get_executor(spec: str | None, run_dir: str | None) -> Executor:
+    """The executor ``--executor SPEC`` names, caching its trials under ``run_dir`` (None: no cache)."""
+    kind, argument = parse_executor(spec)
+    if kind == "inprocess":
+        return InProcess(run_dir)
+    if kind == "processes":
+        return LocalProcesses(argument, run_dir)
+    from graphopt.executors.ray import RayExecutor
+
+    return RayExecutor(argument, run_dir)
+
+
 __all__ = ["CachedExecutor", "DEFAULT_SPEC", "Executor", "InProcess", "KINDS", "LocalProcesses", "TrialCache",
-           "canonical", "get_executor", "trial_key"]
+           "canonical", "get_executor", "parse_executor", "trial_key"]
