@@ -133,6 +133,34 @@ def test_workers_get_their_share_of_the_cores(tmp_path, monkeypatch):
         assert ex.map(thread_share, [1, 2]) == [[share, str(share)]] * 2
 
 
+def nap(seconds: float) -> float:
+    """A trial that sleeps ``seconds`` (a long one keeps its worker busy)."""
+    time.sleep(seconds)
+    return seconds
+
+
+def test_ctrl_c_stops_the_workers_at_once(tmp_path, monkeypatch):
+    """Ctrl-C during a sweep on processes: the workers (which leave SIGINT to the driver) are stopped at once, not
+    waited for; a second Ctrl-C while the pool shut down left the driver waiting on its workers for good. What
+    finished is stored."""
+    from graphopt.executors.base import TrialCache
+
+    real_put = TrialCache.put
+
+    def put_then_interrupt(self, key, fn_name, item, result):
+        real_put(self, key, fn_name, item, result)
+        raise KeyboardInterrupt  # as if Ctrl-C came right after the first trial finished
+
+    monkeypatch.setattr(TrialCache, "put", put_then_interrupt)
+    start = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        with LocalProcesses(2, str(tmp_path)) as ex:
+            ex.map(nap, [0.0, 60.0])
+    assert time.time() - start < 30  # the 60 s trial was not waited for
+    assert ex._pool is None
+    assert len(os.listdir(tmp_path / "trials")) == 1  # the finished trial is stored
+
+
 def test_get_executor_specs(tmp_path):
     assert isinstance(get_executor(None, str(tmp_path)), LocalProcesses)
     assert get_executor("processes:3", str(tmp_path)).workers == 3

@@ -135,5 +135,11 @@ class CachedExecutor:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.interrupt()
         self.close()
+
+    def interrupt(self) -> None:
+        """Ctrl-C: stop the workers now, without waiting for the trials they run (their results are lost; what
+        finished is stored). Nothing for in-process."""

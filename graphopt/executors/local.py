@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Callable
@@ -32,6 +33,14 @@ def share_threads(threads: int) -> None:
     os.environ[THREADS_ENV] = os.environ["OMP_NUM_THREADS"] = str(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
+
+
+def _worker_init(threads: int) -> None:
+    """A pool worker: its share of the cores, and Ctrl-C left to the driver, which stops the workers itself (a
+    terminal's Ctrl-C reaches every process of the group: workers that took it printed tracebacks, and a second
+    one while the pool shut down left the driver waiting for them for good)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    share_threads(threads)
 
 
 class InProcess(CachedExecutor):
@@ -56,7 +65,7 @@ class LocalProcesses(CachedExecutor):
         if self._pool is None:
             share = max(1, usable_cpus() // self.workers)
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=share_threads, initargs=(share,))
+                                             initializer=_worker_init, initargs=(share,))
         return self._pool
 
     def _run(self, fn: Callable, items: list, kind: str, done: Callable[[int, Any], None]) -> None:
@@ -81,13 +90,32 @@ class LocalProcesses(CachedExecutor):
                                 other.cancel()
                         continue
                     done(i, future.result())
-        finally:  # Ctrl-C: drop what has not started (what finished is stored)
+        except KeyboardInterrupt:  # Ctrl-C: interrupt() stops the workers (cancelled futures here would make the
+            raise  # pool's thread fail on them as it marks the pool broken)
+        except BaseException:  # drop what has not started (what finished is stored)
             for future in pending:
                 future.cancel()
+            raise
         if failure is not None:
             raise failure
 
+    def interrupt(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        items = getattr(pool, "_pending_work_items", None)  # Python 3.11's pool thread fails on cancelled items
+        if isinstance(items, dict):  # as it marks the pool broken: drop them first
+            for key in [k for k, w in list(items.items()) if w.future.cancelled()]:
+                items.pop(key, None)
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()  # the pool sees them gone and fails what they had (a BrokenProcessPool)
+        pool.shutdown(wait=False)
+
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            try:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+            except KeyboardInterrupt:  # Ctrl-C while the running trials finish: stop them
+                self.interrupt()
+                raise
             self._pool = None
