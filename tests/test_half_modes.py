@@ -128,3 +128,24 @@ def test_the_numeric_check_measures_bf16_through_the_emulation(models):
     result = graphopt.optimize(path, "fold,bf16", backend="tensorrt")
     (bf16,) = [c for c in result.report.checks["numeric"]["comparisons"] if c["passes"] == ["to-bf16"]]
     assert bf16["cosine"] > 0.999 and bf16["sqnr_db"] > 30
+
+
+def test_a_bf16_model_is_measured_emulated_by_eval_and_compare_and_not_timed(models, tmp_path, capsys):
+    """--eval and compare (onnxruntime, and tensorrt, which measures accuracy on onnxruntime) run a bfloat16 model
+    emulated in float32, as the check does (they were exit 4: onnxruntime has no bfloat16 Conv/MatMul); --bench
+    refuses to time the emulation, in one line, and leaves nothing behind."""
+    from graphopt.cli import main
+
+    path, feeds = models["bert_like"]
+    out = tmp_path / "bf.onnx"
+    ids = np.random.default_rng(5).integers(0, 1000, (16, 32)).astype(np.int64)
+    np.savez(tmp_path / "e.npz", input_ids=ids, labels=np.arange(16) % 2)
+    assert main(["run", path, "--passes", "fold,bf16", "--backend", "tensorrt", "--eval", str(tmp_path / "e.npz"),
+                 "-o", str(out)]) == 0
+    assert "accuracy on 16 labelled samples" in capsys.readouterr().out
+    assert main(["compare", path, str(out), "--data", str(tmp_path / "e.npz")]) == 0
+    assert sqnr_db(run(path, feeds), run(str(out), feeds)) > 30  # the backend's session: the emulation
+    assert main(["run", path, "--passes", "fold,bf16", "--bench", "-o", str(tmp_path / "t.onnx")]) != 0
+    err = capsys.readouterr().err
+    assert "only as an emulation (bfloat16, emulated in float32)" in err and err.count("\n") == 1
+    assert not (tmp_path / "t.onnx").exists()

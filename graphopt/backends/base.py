@@ -395,6 +395,10 @@ class Backend(ABC):
                              model_size_bytes(model) if not self.is_session(model) else 0, warmup)
         for t in threads:
             session = self.session(model, int(t))
+            emulated = getattr(session, "_graphopt_emulated", None)
+            if emulated:  # an emulation's latency says nothing of the model's
+                raise BackendError(f"{self.name} runs this model only as an emulation ({emulated}): its latency "
+                                   f"is not measured here (on its backend: a GPU for TensorRT's bfloat16)")
             specs = self.input_specs(session)
             unknown = sorted(set(shapes or {}) - {s.name for s in specs})
             if unknown:

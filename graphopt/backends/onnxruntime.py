@@ -176,6 +176,9 @@ class OnnxRuntimeBackend(Backend):
             try:
                 return model.session(threads, options, self.providers)
             except Exception as exc:
+                session = _bfloat16_emulated(ort, model.to_model().SerializeToString(), options, self.providers)
+                if session is not None:
+                    return session
                 raise BackendError(f"onnxruntime could not load the model: {first_line(exc)}") from exc
         elif hasattr(model, "SerializeToString"):
             source = model.SerializeToString()
@@ -185,6 +188,9 @@ class OnnxRuntimeBackend(Backend):
         try:
             return ort.InferenceSession(source, options, providers=list(self.providers), **session_kwargs(source))
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeError types
+            session = _bfloat16_emulated(ort, source, options, self.providers)
+            if session is not None:
+                return session
             where = f"{source}: " if isinstance(source, str) else ""
             raise BackendError(f"{where}onnxruntime could not load the model: {first_line(exc)}") from exc
 
@@ -236,3 +242,24 @@ class OnnxRuntimeBackend(Backend):
             return [np.asarray(o) for o in session.run(None, dict(feeds))]
         except Exception as exc:
             raise BackendError(f"onnxruntime run failed: {first_line(exc)}") from exc
+
+
+def _bfloat16_emulated(ort, source, options, providers):
+    """For a bfloat16 model (which onnxruntime's CPU provider has no Conv/MatMul/Add kernels for): a session of its
+    float32 emulation (:func:`graphopt.ir.bf16.emulate_bfloat16`), marked ``_graphopt_emulated``, so that its
+    accuracy can be measured here (--eval, compare) and its latency is refused (that is TensorRT's, on a GPU); None
+    for any other model, or one the emulation cannot take."""
+    import onnx
+
+    from graphopt.ir.bf16 import computes_bfloat16, emulate_bfloat16
+
+    try:
+        model = onnx.load(source) if isinstance(source, str) else onnx.load_from_string(source)
+        if not computes_bfloat16(model):
+            return None
+        session = ort.InferenceSession(emulate_bfloat16(model).SerializeToString(), options,
+                                       providers=list(providers))
+    except Exception:  # control flow it does not rewrite, or what onnxruntime refuses even in float32
+        return None
+    session._graphopt_emulated = "bfloat16, emulated in float32"
+    return session

@@ -14,9 +14,16 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, numpy_helper
 
-__all__ = ["emulate_bfloat16"]
+__all__ = ["computes_bfloat16", "emulate_bfloat16"]
 
 BF16, F32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+
+
+def computes_bfloat16(model: onnx.ModelProto) -> bool:
+    """Whether ``model``'s main graph holds bfloat16 weights or casts to bfloat16 (what :func:`emulate_bfloat16`
+    is for)."""
+    return any(t.data_type == BF16 for t in model.graph.initializer) or \
+        any(a.name == "to" and a.i == BF16 for n in model.graph.node for a in n.attribute)
 
 
 def emulate_bfloat16(model: onnx.ModelProto) -> onnx.ModelProto:

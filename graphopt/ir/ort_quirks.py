@@ -84,6 +84,18 @@ def create_session(ort, source, options, providers):
                                    f"(up to {newest}) (re-export the model at opset {newest} or lower, or upgrade "
                                    f"onnxruntime; --no-check skips running it)") from None
         reason = _ORT_SOURCE.sub("", _ORT_PREFIX.sub("", text.strip().splitlines()[0]))[:300]
-        raise UnsupportedError(f"onnxruntime cannot run this model: {reason} (an op outside the standard domains "
-                               f"needs its custom-op library; or skip running the model, e.g. with --no-check)") \
-            from None
+        hint = ("its CPU provider has no bfloat16 kernels for most ops: graphopt's check, --eval and compare run "
+                "such a model emulated in float32" if _computes_bfloat16(source) else
+                "an op outside the standard domains needs its custom-op library; or skip running the model, e.g. "
+                "with --no-check")
+        raise UnsupportedError(f"onnxruntime cannot run this model: {reason} ({hint})") from None
+
+
+def _computes_bfloat16(source) -> bool:
+    from graphopt.ir.bf16 import computes_bfloat16
+
+    try:
+        return computes_bfloat16(onnx.load(source, load_external_data=False) if isinstance(source, (str, os.PathLike))
+                                 else onnx.load_from_string(bytes(source)))
+    except Exception:  # unreadable here: no hint about it
+        return False

@@ -82,11 +82,10 @@ def _bfloat16_emulated(graph, path: str | None, optimized: bool):
     import onnx
 
     from graphopt.ir import OnnxGraph
-    from graphopt.ir.bf16 import BF16, emulate_bfloat16
+    from graphopt.ir.bf16 import computes_bfloat16, emulate_bfloat16
 
     model = onnx.load(path) if path else graph.to_model()
-    if not any(t.data_type == BF16 for t in model.graph.initializer) and \
-            not any(a.name == "to" and a.i == BF16 for n in model.graph.node for a in n.attribute):
+    if not computes_bfloat16(model):
         return None
     try:
         return OnnxGraph.from_model(emulate_bfloat16(model)).session(optimized=optimized)
