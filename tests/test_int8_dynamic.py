@@ -175,3 +175,16 @@ def test_matmuls_inside_if_branches_are_named_as_left_float(passes):
     result = graphopt.optimize(if_model(), passes, check=False)
     notes = " ".join(n for r in result.report.records for n in r.notes)
     assert "inside an If/Loop/Scan body" in notes and ("MatMul x2" in notes or "(x2)" in notes), notes
+
+
+def test_static_int8_on_a_model_with_a_scalar_input_is_unsupported_not_bad_data(tmp_path, capsys):
+    """An If's scalar condition input: calibration has no batch axis to go through. That is exit 4 (unsupported),
+    said without any --calib, not exit 3 ("unreadable input": the user gave no data)."""
+    from graphopt.cli import main
+    from tests.prune_patterns import if_model
+
+    path = tmp_path / "if.onnx"
+    path.write_bytes(if_model().SerializeToString())
+    assert main(["run", str(path), "--passes", "int8", "-o", str(tmp_path / "q.onnx")]) == 4
+    err = capsys.readouterr().err
+    assert "input 'cond' is a scalar" in err and err.count("\n") == 1

@@ -101,8 +101,11 @@ class CalibrationData:
             raise CalibrationInputError("the model has no inputs to calibrate with")
         for spec in self.specs:
             if not spec.shape:
-                raise CalibrationInputError(f"model input '{spec.name}' is a scalar: calibration needs a batch "
-                                            "axis on every input")
+                from graphopt.errors import UnsupportedError
+
+                raise UnsupportedError(f"model input '{spec.name}' is a scalar: graphopt calibrates through a batch "
+                                       f"axis on every input, which a scalar has not (make it a 1-element tensor, "
+                                       f"or fix it to a constant, before quantizing)")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise CalibrationDataError(f"batch_size must be a positive integer, got {batch_size!r}")
         if limit is not None and (not isinstance(limit, (int, np.integer)) or limit < 1):
