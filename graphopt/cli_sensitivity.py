@@ -107,6 +107,10 @@ def cmd_sensitivity(args) -> int:
     print(f"{args.model}: {len(study.groups)} fusion groups in int8 on {backend.name} ({study.place_text})"
           + (f"; {len(unplaced)} more its placement leaves float there, not scored ({', '.join(unplaced[:4])}"
              f"{', ...' if len(unplaced) > 4 else ''})" if unplaced else ""))
+    if not study.groups:  # no table, plot or recipe of nothing
+        print(f"nothing to score: no op of this model runs in int8 on {backend.name} (its int8 form is the float "
+              f"model)")
+        return 0
     if budget:
         g = len(study.groups)
         n = 2 * g + 1 if not args.max_evals else min(2 * g + 1, args.max_evals)

@@ -354,3 +354,23 @@ def test_a_named_study_folder_holds_one_study(registry, fragile, tmp_path, monke
     monkeypatch.setenv(study_files.ROOT_ENV, str(calib))  # a file, not a folder: one line naming the variable
     with pytest.raises(OutputError, match=r"GRAPHOPT_STUDY_DIR"):
         prepare(str(model), str(calib), registry=registry, backend=get_backend(registry, "onnxruntime"))
+
+
+def test_a_model_with_nothing_to_quantize_says_so_and_writes_nothing(tmp_path, capsys):
+    """Tanh -> Erf: no op the scheme quantizes. One line says so; no empty table, chart or recipe (they were)."""
+    model = tmp_path / "none.onnx"
+    graph = h.make_graph([h.make_node("Tanh", ["x"], ["t"]), h.make_node("Erf", ["t"], ["y"])], "none",
+                         [h.make_tensor_value_info("x", 1, ["N", 4])], [h.make_tensor_value_info("y", 1, ["N", 4])])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(model))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))
+    assert main(["sensitivity", str(model), "--calib", str(tmp_path / "c.npz"), "--plot", str(tmp_path / "p.png")]) == 0
+    assert "nothing to score: no op of this model runs in int8" in capsys.readouterr().out
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_boolean_labels_of_a_ten_class_model_are_refused():
+    from graphopt.backends.base import DataError, check_classes
+
+    with pytest.raises(DataError, match="labels are booleans, but the model has 10 outputs"):
+        check_classes(np.array([True, False]), np.zeros((2, 10)))
+    check_classes(np.array([True, False]), np.zeros((2, 2)))  # a binary classifier's labels

@@ -61,6 +61,9 @@ def check_classes(labels, logits, where: str = "") -> None:
     """Labels must be classes of the logits (0 to classes - 1): a label -1, or 10 of 10 classes, would count as
     wrong for every model alike and lower the accuracy without a word. DataError, prefixed with ``where``."""
     labels, classes = np.asarray(labels), np.shape(logits)[-1] if np.ndim(logits) else 0
+    if labels.dtype == np.bool_ and classes != 2:
+        raise DataError(f"{where}labels are booleans, but the model has {classes} outputs: give class indices "
+                        f"0 to {classes - 1}")
     if labels.size and labels.dtype != np.bool_ and (labels.min() < 0 or labels.max() >= classes):
         raise DataError(f"{where}labels must be classes 0 to {classes - 1} of the model's {classes} outputs; they "
                         f"hold {int(labels.min())} to {int(labels.max())}")
