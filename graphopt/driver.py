@@ -197,8 +197,10 @@ class Driver:
         if output is not None:
             plan.write(flags["output"], output)
             plan.write(f"{flags['output']} (its external data)", output + ".data")
-            for flag, path in self.backend.files(output):  # an engine, OpenVINO IR: written with the model, into
-                plan.write_into(flag, os.path.dirname(path) or ".", [os.path.basename(path)])  # a folder it makes
+            for flag, folder in self.backend.folders(output):  # made if missing (OpenVINO's --save-ir DIR)
+                plan.write_into(flag, folder, [])
+            for flag, path in self.backend.files(output):  # an engine, OpenVINO IR: written with the model
+                plan.write(flag, path)
         suffix = model_suffix(graph)
         snapshots = [snapshot_name(i, p.name, suffix) for i, p in enumerate(PassManager(self.passes).plan(graph), 1)]
         plan.write_into(flags["snapshot_dir"], self.config.snapshot_dir, snapshots + [n + ".data" for n in snapshots])

@@ -91,10 +91,6 @@ class PruneChannels(Pass):
             if self.round_to < 1 or self.min_channels < 1:
                 raise ValueError("round_to and min_channels must be at least 1")
             _layer_ratios(self.layer_ratios)
-            if self.executor:
-                from graphopt.executors import parse_executor
-
-                parse_executor(self.executor)
             if self.budget:
                 from graphopt.report.prune_search import parse_budget
 
@@ -116,6 +112,10 @@ class PruneChannels(Pass):
             from graphopt.report.plots import need_matplotlib
 
             need_matplotlib(f"{self.name}:plot=")
+        if self.options.executor:  # said before the search calibrates and scores anything
+            from graphopt.executors import parse_executor
+
+            parse_executor(self.options.executor)
 
     # -- plumbing shared by both IRs ----------------------------------------------------------------------
     def _lookup(self, ir: str, ctx):

@@ -273,7 +273,7 @@ def test_macs_say_which_dynamic_dims_they_count_at_one():
         graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
                                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
-        return OnnxGraph.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+        return OnnxGraph.from_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
     dynamic, static = measure_costs(model(["batch", "seq", 16])), measure_costs(model(["batch", 8, 16]))
     assert dynamic.dims_at_one == ["seq"] and dynamic.macs == 256  # 1 x 16 x 16

@@ -256,14 +256,16 @@ def test_bench_and_compare_never_write_json_over_what_they_read(model, tmp_path,
 
 def test_files_backend_options_name_are_checked_like_the_output(model, tmp_path, capsys):
     """openvino:save_ir= and tensorrt:engine= write files beside the model: the same check as -o (never a file the
-    run reads, the folder must exist), before any pass runs."""
+    run reads; an engine's folder must exist, the IR's folder is made as --report's is), before any pass runs."""
     pytest.importorskip("openvino")
     ir_input = tmp_path / "net.xml"  # an ONNX model under an IR name: graphopt reads by content
     shutil.copy(model, ir_input)
     refused(capsys, ["run", str(ir_input), "--backend", f"openvino:save_ir={tmp_path}", "-o",
                      str(tmp_path / "net.onnx")], 2, "--save-ir", "is the input model", folder=tmp_path)
-    refused(capsys, ["run", str(model), "--backend", f"openvino:save_ir={tmp_path / 'missing'}", "-o",
-                     str(tmp_path / "o.onnx")], 7, "does not exist", folder=tmp_path)
+    refused(capsys, ["run", str(model), "--backend", f"openvino:save_ir={model}", "-o",  # a file: no folder
+                     str(tmp_path / "o.onnx")], 7, "exists and is not a folder", folder=tmp_path)
+    refused(capsys, ["run", str(model), "--backend", f"tensorrt:engine={tmp_path / 'missing' / 'e.engine'}",
+                     "--emit-trtexec", "-o", str(tmp_path / "o.onnx")], 7, "does not exist", folder=tmp_path)
     refused(capsys, ["run", str(model), "--backend", f"tensorrt:engine={model}", "--emit-trtexec", "-o",
                      str(tmp_path / "o.onnx")], 2, "tensorrt:engine=", "is the input model", folder=tmp_path)
 

@@ -341,6 +341,11 @@ class Backend(ABC):
         none."""
         return []
 
+    def folders(self, output: str) -> list[tuple[str, str]]:
+        """The folders this backend writes :meth:`files` into and makes when missing, as ``(option, folder)``
+        (checked as ``--report DIR`` is: not a file, writable where it will be made). Default: none."""
+        return []
+
     def write_beside(self, graph: Any, path: str) -> dict[str, Any]:
         """Once ``graph`` is written at ``path`` in its own format (an ONNX run writes it there, staged, then calls
         this before moving it into place: files written in ``path``'s folder move with it, and nothing moves if

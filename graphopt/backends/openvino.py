@@ -352,6 +352,9 @@ class OpenVINOBackend(Backend):
     def files(self, output: str) -> list[tuple[str, str]]:
         return [("--save-ir", path) for path in ir_paths(output, self.options.save_ir)] if self.options.save_ir else []
 
+    def folders(self, output: str) -> list[tuple[str, str]]:
+        return [("--save-ir", self.options.save_ir)] if self.options.save_ir else []
+
     def write_beside(self, graph, path: str) -> dict[str, Any]:
         """For the ONNX graph written at ``path``: the per-layer int8/float report of OpenVINO's execution graph
         (``layers``), and with ``save_ir`` the IR files (``NAME.xml`` / ``NAME.bin``; in the output's own folder
