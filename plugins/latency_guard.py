@@ -112,7 +112,8 @@ class LatencyGuard(Pass):
         floats = result.float_nodes if result.kept != FP32 else tuple(n.name for n in graph.gs.nodes if n.name)
         ctx.state[FLOAT_NODES] = tuple(dict.fromkeys((*earlier, *floats)))  # fp32: every node, so no Q/DQ at all
         for warning in result.warnings:
-            ctx.warn(f"{self.name}: {warning} (int8:guard=off quantizes it all the same)")
+            hint = " (int8:guard=off quantizes it all the same)" if result.kept == FP32 else ""
+            ctx.warn(f"{self.name}: {warning}{hint}")
         if result.kept != FP32 and study.groups and len(result.float_groups) >= len(study.groups):
             ctx.warn(f"{self.name}: every group ran faster in float than in int8 on this backend and CPU: the model "
                      f"stays float (int8:guard=off quantizes it all the same)")

@@ -175,7 +175,9 @@ class NumericCheck(Instrument):
         self.on_backend = {"backend": backend.name, "sqnr_db": there.sqnr_db, "cosine": there.cosine,
                            "max_rel_err": there.max_rel_err, "onnxruntime_sqnr_db": here.sqnr_db,
                            "onnxruntime_cosine": here.cosine}
-        past = lambda d: d.cosine < self.min_cosine or d.sqnr_db < self.min_sqnr_db or d.nonfinite_mismatches  # noqa: E731
+        def past(d: Difference) -> bool:
+            return d.cosine < self.min_cosine or d.sqnr_db < self.min_sqnr_db or bool(d.nonfinite_mismatches)
+
         if past(there):
             self.on_backend["past_threshold"] = True
         if past(there) and (not past(here) or there.sqnr_db < here.sqnr_db - BACKEND_GAP_DB):
