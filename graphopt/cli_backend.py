@@ -187,12 +187,29 @@ def cmd_bench(args) -> int:
           f"{args.iters} timed runs per row, fixed-seed inputs")
     for batch, feeds in result.input_shapes.items():
         print(f"  batch {batch}: " + ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in feeds.items()))
+    at_one = _dims_timed_at_one(args.model, shapes)
+    if at_one:
+        print(f"  note: dynamic {', '.join(at_one)} timed at 1, which says little of a real size: give "
+              f"--shape NAME=Nx... for the size you run")
     for label, values in result.settings.items():
         print(f"  {backend.name} {label}: " + ", ".join(f"{k} {v}" for k, v in values.items()))
     print(result.table())
     if args.json:
         _write_json(args.json, result.to_dict())
     return 0
+
+
+def _dims_timed_at_one(model: str, shapes) -> list[str]:
+    """The ONNX model's dynamic dims past the batch that the timing filled with 1 (no --shape for their input)."""
+    if not str(model).lower().endswith(".onnx"):
+        return []
+    from graphopt.ir import load_model
+    from graphopt.report.cost import dims_at_one
+
+    try:
+        return dims_at_one(load_model(model), given=shapes or {})
+    except Exception:  # a note, not a check: the timing itself succeeded
+        return []
 
 
 def load_npz(path: str) -> dict:

@@ -65,7 +65,11 @@ def test_bench_shape_option(tmp_path, capsys):
     onnx.save(model, str(path))
     assert main(["bench", str(path), "--batch", "2", "--threads", "1", "--iters", "2", "--warmup", "0",
                  "--shape", "x=Nx7"]) == 0
-    assert "batch 2: x 2x7" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "batch 2: x 2x7" in out and "timed at 1" not in out
+    # without --shape the dynamic S is filled with 1, and the run says so
+    assert main(["bench", str(path), "--threads", "1", "--iters", "2", "--warmup", "0"]) == 0
+    assert "note: dynamic S timed at 1" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, exit_code, fragments", [

@@ -43,8 +43,8 @@ from graphopt.report.cost_fx import fx_costs
 from graphopt.report.layer_cost import LayerCost, is_weight_dtype, numel
 from graphopt.table import format_table
 
-__all__ = ["LayerCost", "LayerDelta", "ModelCosts", "compare_costs", "cost_table", "fmt_count", "layer_costs",
-           "model_costs", "total_costs"]
+__all__ = ["LayerCost", "LayerDelta", "ModelCosts", "compare_costs", "cost_table", "dims_at_one", "fmt_count",
+           "layer_costs", "model_costs", "total_costs"]
 
 
 @dataclass
@@ -106,16 +106,18 @@ def model_costs(graph) -> ModelCosts:
     """The model's parameter count (its own: every initializer / module parameter), MACs summed over its layers,
     and the layers."""
     rows = layer_costs(graph)
-    return ModelCosts(int(graph.num_parameters()), total_costs(rows)[1], rows, _dims_at_one(graph))
+    return ModelCosts(int(graph.num_parameters()), total_costs(rows)[1], rows, dims_at_one(graph))
 
 
-def _dims_at_one(graph) -> list[str]:
+def dims_at_one(graph, given: Iterable[str] = ()) -> list[str]:
     """The ONNX model's dynamic input dimensions past the first (a sequence length, an image size), which shape
-    inference cannot resolve and the MACs count as 1 (the batch is per sample by definition): their names."""
+    inference cannot resolve and the MACs count as 1 (the batch is per sample by definition), as generated inputs
+    (``graphopt bench``) fill them, except on the inputs named in ``given``: their names."""
     if graph.ir != "onnx":
         return []  # FX shapes come from the example inputs, at their real sizes
-    found = [str(d) if d not in (None, "") else f"{t.name}[{i}]" for t in graph.gs.inputs if t.name not in
-             getattr(graph, "defaults", {}) for i, d in enumerate(t.shape or ()) if i > 0 and not isinstance(d, int)]
+    skip = set(given) | set(getattr(graph, "defaults", {}))
+    found = [str(d) if d not in (None, "") else f"{t.name}[{i}]" for t in graph.gs.inputs if t.name not in skip
+             for i, d in enumerate(t.shape or ()) if i > 0 and not isinstance(d, int)]
     return list(dict.fromkeys(found))
 
 
