@@ -374,3 +374,10 @@ def test_boolean_labels_of_a_ten_class_model_are_refused():
     with pytest.raises(DataError, match="labels are booleans, but the model has 10 outputs"):
         check_classes(np.array([True, False]), np.zeros((2, 10)))
     check_classes(np.array([True, False]), np.zeros((2, 2)))  # a binary classifier's labels
+
+
+def test_passes_after_the_placement_are_refused_not_dropped(fragile, capsys):
+    """--pipeline int8,prune: a study scores the placement; the trailing prune was dropped without a word."""
+    model, calib = fragile
+    assert main(["sensitivity", str(model), "--calib", str(calib), "--pipeline", "int8,prune"]) == 2
+    assert "prune-channels after its placing pass (place-qdq) would not be part" in capsys.readouterr().err

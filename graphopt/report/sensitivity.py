@@ -423,6 +423,10 @@ def prepare(model, calibration, *, registry, backend, pipeline: str = "int8", ev
                          f"budget keeps groups float (drop the fallback)")
     passes = resolve(pipeline, registry)
     place = _place_pass(passes)
+    after = [p.name for p in passes[passes.index(place) + 1:]]
+    if after:  # a study scores the placement: what would follow it is never run (it was dropped without a word)
+        raise UsageError(f"pipeline '{pipeline}': {', '.join(after)} after its placing pass ({place.name}) would not "
+                         f"be part of what is scored: give the pipeline up to the placement (run the rest after)")
     # what calibrates before the placing pass, without passes that decide by timing (the latency guard): their
     # choice is not the study's, and the recipe replaying the decision must not make another one
     prefix = [p for p in passes[:passes.index(place)] if not p.decides_by_timing]
