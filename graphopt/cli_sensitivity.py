@@ -23,7 +23,7 @@ def add_sensitivity_command(sub, add_plugin_flags) -> None:
                                            "an accuracy budget (--min-cosine / --max-drop, --recipe)")
     p.add_argument("model", help="an .onnx file, or a torch.export .pt2 program (with --backend x86)")
     p.add_argument("--calib", required=True, metavar="DATA", help="calibration data (.npz, .npy, folders)")
-    p.add_argument("--eval", metavar="DATA.npz", help="labelled data: the samples scored, and accuracy")
+    p.add_argument("--eval", metavar="DATA.npz", help="the samples scored; with a labels array, accuracy too")
     p.add_argument("--labels", default="labels", metavar="KEY", help="the labels array in --eval (default: labels)")
     p.add_argument("--samples", type=int, default=64, help="samples each evaluation runs (default 64)")
     p.add_argument("--backend", default="onnxruntime", help="the target backend (default: onnxruntime)")
@@ -92,12 +92,14 @@ def cmd_sensitivity(args) -> int:
     eval_data = labels = None
     if args.eval:
         eval_data = load_npz(args.eval)
-        if args.labels not in eval_data:
+        if args.labels in eval_data:
+            from graphopt.report.metrics import check_labelled
+
+            labels = check_labelled(eval_data, eval_data.pop(args.labels), f"--eval {args.eval}: ")
+        elif args.max_drop is not None or args.labels != "labels":  # accuracy asked for, or labels named
             raise UsageError(f"{args.eval} has no labels array '{args.labels}' (it has: "
                              f"{', '.join(sorted(eval_data))}); name it with --labels")
-        from graphopt.report.metrics import check_labelled
-
-        labels = check_labelled(eval_data, eval_data.pop(args.labels), f"--eval {args.eval}: ")
+        # else: samples to score cosine / SQNR on (a BERT-like model's held-out inputs), without accuracy
     kind = None
     if "fx" in backend.irs:  # a PyTorch backend (x86): the FX study
         from graphopt.report.sensitivity_fx import FxStudy as kind

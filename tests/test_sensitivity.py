@@ -381,3 +381,16 @@ def test_passes_after_the_placement_are_refused_not_dropped(fragile, capsys):
     model, calib = fragile
     assert main(["sensitivity", str(model), "--calib", str(calib), "--pipeline", "int8,prune"]) == 2
     assert "prune-channels after its placing pass (place-qdq) would not be part" in capsys.readouterr().err
+
+
+def test_a_cosine_budget_scores_unlabelled_eval_samples(fragile, tmp_path, capsys):
+    """--eval without labels is the samples a --min-cosine budget is scored on (held-out inputs of a model that has
+    no classes); accuracy (--max-drop) still needs labels."""
+    model, calib = fragile
+    np.savez(tmp_path / "held.npz", x=np.load(calib)["x"][:20])
+    assert main(["sensitivity", str(model), "--calib", str(calib), "--eval", str(tmp_path / "held.npz"),
+                 "--min-cosine", "0.99"]) == 0
+    assert "on 20 samples" in capsys.readouterr().out
+    assert main(["sensitivity", str(model), "--calib", str(calib), "--eval", str(tmp_path / "held.npz"),
+                 "--max-drop", "0.5"]) == 2
+    assert "has no labels array 'labels'" in capsys.readouterr().err
