@@ -16,6 +16,10 @@ from graphopt.errors import UnsupportedError
 from graphopt.ir.onnx_graph import fresh_name, replace_input
 from graphopt.ir.ops import is_standard_domain
 
+# A calibrated range this wide holds a fill value (an attention mask of float32's lowest, -3.4e38), not data: on
+# any 8-bit grid the tensor's real values all round to the zero point (scores + mask: a uniform softmax), and its
+# ends overflow (OpenVINO's FakeQuantize turns every value into NaN). Such tensors stay float.
+FILL_MAGNITUDE = 1e30
 _SHAPE_OPS = frozenset({"Shape", "Constant", "ConstantOfShape", "Identity", "QuantizeLinear", "DequantizeLinear"})
 
 
@@ -129,14 +133,23 @@ class PlaceQdq(Pass):
         _refuse_float16(self.name, graph, nodes, plan.tensors)
         params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         missing = []
+        overflow = []
         for name, sources in plan.sources.items():
             known = [ranges[s] for s in sources if s in ranges]
             if not known:
                 missing.append(name)
                 continue
-            params[name] = scheme.activation_params(min(r[0] for r in known), max(r[1] for r in known))
+            lo, hi = min(r[0] for r in known), max(r[1] for r in known)
+            scale, zero = scheme.activation_params(lo, hi)
+            if max(abs(lo), abs(hi)) >= FILL_MAGNITUDE or not _dequantizes_finite(scale, zero):
+                overflow.append(name)
+                continue
+            params[name] = scale, zero
         if missing:
             notes.append(f"{len(missing)} tensors have no calibrated range and stay float: {', '.join(missing[:5])}")
+        if overflow:  # an attention mask filled with float32's lowest value: its grid's ends overflow to inf
+            notes.append(f"{len(overflow)} tensors range near float32's limit (a mask's fill value) and stay float: "
+                         f"{', '.join(overflow[:5])}")
         names = set(g.tensors())
         first_input = {id(node): node.inputs[0].name for node in nodes}  # before Q/DQ renames what they read
         for name, (scale, zero) in params.items():
@@ -215,6 +228,19 @@ def _fx_notes(placed, unranged, ctx) -> list[str]:
     if ctx.state.get(CALIBRATION, {}).get("synthetic"):
         notes.append("scales come from synthetic random inputs: not fit for production")
     return notes
+
+
+def _dequantizes_finite(scale, zero) -> bool:
+    """Whether every value of the integer grid dequantizes to a finite float32 with ``scale``: a range reaching
+    float32's lowest value (torch's ``finfo.min`` mask fill, -3.4e38) gives ends that overflow to -inf in
+    onnxruntime and to NaN for every value in OpenVINO (a masked attention's softmax then NaN)."""
+    zero = np.asarray(zero)
+    info = np.iinfo(zero.dtype) if zero.dtype.kind in "iu" else None
+    if info is None:  # float8 grids: their own saturation
+        return bool(np.all(np.isfinite(scale)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        ends = (np.array([info.min, info.max], np.float64) - zero.astype(np.float64)) * np.asarray(scale, np.float64)
+    return bool(np.all(np.isfinite(scale)) and np.all(np.abs(ends) <= np.finfo(np.float32).max))
 
 
 def _count_nonfinite(value) -> int:
