@@ -21,8 +21,9 @@ from graphopt.calib.sources import input_specs, load_calibration
 from graphopt.errors import UsageError
 from graphopt.ir.contrib_shapes import MS_DOMAIN
 from graphopt.ir.expose import expose
+from graphopt.ir.gs_gaps import gs_graphs
 from graphopt.ir.onnx_graph import fresh_name
-from graphopt.ir.ops import is_standard_domain, nested_nodes
+from graphopt.ir.ops import is_standard_domain
 from graphopt.table import fmt_bytes
 
 THIN_ROWS = 4  # GPTQ: calibration rows per input channel below which it may fit the data: on white inputs with
@@ -130,7 +131,7 @@ class Int4Weight(Pass):
                 skipped[f"{node.op} {why}"] += 1
             else:
                 todo.append((node, weight, bits))
-        skipped.update(f"{n.op} inside an If/Loop/Scan body" for n in nested_nodes(g.nodes)
+        skipped.update(f"{n.op} inside an If/Loop/Scan body" for sub in gs_graphs(g)[1:] for n in sub.nodes
                        if n.op in ("MatMul", "Gemm"))
         notes = ["stay float: " + ", ".join(f"{what} (x{k})" for what, k in skipped.most_common())] if skipped else []
         if not todo:

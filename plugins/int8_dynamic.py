@@ -13,8 +13,9 @@ from graphopt import Equivalence, Pass, PassResult, hookimpl
 from graphopt.backends import QuantRequest
 from graphopt.errors import UnsupportedError, UsageError
 from graphopt.ir.fx_ops import onnx_op_type
+from graphopt.ir.gs_gaps import gs_graphs
 from graphopt.ir.onnx_graph import fresh_name
-from graphopt.ir.ops import OpKind, is_standard_domain, nested_nodes
+from graphopt.ir.ops import OpKind, is_standard_domain
 
 SUPPORTED_OPS = ("MatMul", "Gemm")
 _CONVOLUTIONS = frozenset({OpKind.CONV, OpKind.CONV_TRANSPOSE})  # listed in the note when they stay float
@@ -101,7 +102,7 @@ class Int8Dynamic(Pass):
                 floats.setdefault(why, Counter())[node.op] += 1
             else:
                 todo.append((node, weight))
-        for node in nested_nodes(g.nodes):
+        for node in (n for sub in gs_graphs(g)[1:] for n in sub.nodes):
             if node.op in SUPPORTED_OPS:
                 floats.setdefault("inside an If/Loop/Scan body, left as it is", Counter())[node.op] += 1
         notes = [f"stay float ({why}): " + ", ".join(f"{op} x{k}" for op, k in c.most_common())

@@ -140,14 +140,13 @@ class PlaceQdq(Pass):
                 missing.append(name)
                 continue
             lo, hi = min(r[0] for r in known), max(r[1] for r in known)
-            scale, zero = scheme.activation_params(lo, hi)
-            if max(abs(lo), abs(hi)) >= FILL_MAGNITUDE or not _dequantizes_finite(scale, zero):
+            if not (abs(lo) < FILL_MAGNITUDE and abs(hi) < FILL_MAGNITUDE):  # (NaN too)
                 overflow.append(name)
                 continue
-            params[name] = scale, zero
+            params[name] = scheme.activation_params(lo, hi)
         if missing:
             notes.append(f"{len(missing)} tensors have no calibrated range and stay float: {', '.join(missing[:5])}")
-        if overflow:  # an attention mask filled with float32's lowest value: its grid's ends overflow to inf
+        if overflow:  # an attention mask filled with float32's lowest value (see FILL_MAGNITUDE)
             notes.append(f"{len(overflow)} tensors range near float32's limit (a mask's fill value) and stay float: "
                          f"{', '.join(overflow[:5])}")
         names = set(g.tensors())
@@ -228,19 +227,6 @@ def _fx_notes(placed, unranged, ctx) -> list[str]:
     if ctx.state.get(CALIBRATION, {}).get("synthetic"):
         notes.append("scales come from synthetic random inputs: not fit for production")
     return notes
-
-
-def _dequantizes_finite(scale, zero) -> bool:
-    """Whether every value of the integer grid dequantizes to a finite float32 with ``scale``: a range reaching
-    float32's lowest value (torch's ``finfo.min`` mask fill, -3.4e38) gives ends that overflow to -inf in
-    onnxruntime and to NaN for every value in OpenVINO (a masked attention's softmax then NaN)."""
-    zero = np.asarray(zero)
-    info = np.iinfo(zero.dtype) if zero.dtype.kind in "iu" else None
-    if info is None:  # float8 grids: their own saturation
-        return bool(np.all(np.isfinite(scale)))
-    with np.errstate(over="ignore", invalid="ignore"):
-        ends = (np.array([info.min, info.max], np.float64) - zero.astype(np.float64)) * np.asarray(scale, np.float64)
-    return bool(np.all(np.isfinite(scale)) and np.all(np.abs(ends) <= np.finfo(np.float32).max))
 
 
 def _count_nonfinite(value) -> int:

@@ -251,15 +251,14 @@ def _bfloat16_emulated(ort, source, options, providers):
     for any other model, or one the emulation cannot take."""
     import onnx
 
-    from graphopt.ir.bf16 import computes_bfloat16, emulate_bfloat16
+    from graphopt.ir.bf16 import emulation
 
     try:
-        model = onnx.load(source) if isinstance(source, str) else onnx.load_from_string(source)
-        if not computes_bfloat16(model):
+        emulated = emulation(onnx.load(source) if isinstance(source, str) else onnx.load_from_string(source))
+        if emulated is None:
             return None
-        session = ort.InferenceSession(emulate_bfloat16(model).SerializeToString(), options,
-                                       providers=list(providers))
-    except Exception:  # control flow it does not rewrite, or what onnxruntime refuses even in float32
+        session = ort.InferenceSession(emulated.SerializeToString(), options, providers=list(providers))
+    except Exception:  # unreadable, or what onnxruntime refuses even in float32
         return None
     session._graphopt_emulated = "bfloat16, emulated in float32"
     return session

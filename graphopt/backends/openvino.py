@@ -362,7 +362,6 @@ class OpenVINOBackend(Backend):
         from graphopt.backends.openvino_layers import layer_report
 
         facts: dict[str, Any] = {"summary": []}
-        model = self.read_model(path)
         if self.options.layers:
             session = self.session(path, threads=1)
             report = layer_report(session.compiled, path)
@@ -370,7 +369,7 @@ class OpenVINOBackend(Backend):
             facts["openvino_settings"] = self.settings(session)
             facts["summary"].append(report["summary"])
         if self.options.save_ir:
-            facts["ir"] = save_ir(model, path, self.options.save_ir)
+            facts["ir"] = save_ir(self.read_model(path), path, self.options.save_ir)
             facts["summary"].append(f"openvino: wrote IR {facts['ir']['xml']} (+ .bin)")
         return facts
 

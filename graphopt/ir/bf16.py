@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, numpy_helper
 
-__all__ = ["computes_bfloat16", "emulate_bfloat16"]
+__all__ = ["computes_bfloat16", "emulate_bfloat16", "emulation"]
 
 BF16, F32 = TensorProto.BFLOAT16, TensorProto.FLOAT
 
@@ -24,6 +24,17 @@ def computes_bfloat16(model: onnx.ModelProto) -> bool:
     is for)."""
     return any(t.data_type == BF16 for t in model.graph.initializer) or \
         any(a.name == "to" and a.i == BF16 for n in model.graph.node for a in n.attribute)
+
+
+def emulation(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """:func:`emulate_bfloat16` of a model that computes bfloat16; None for any other model, or one the emulation
+    cannot take (control flow)."""
+    if not computes_bfloat16(model):
+        return None
+    try:
+        return emulate_bfloat16(model)
+    except ValueError:
+        return None
 
 
 def emulate_bfloat16(model: onnx.ModelProto) -> onnx.ModelProto:

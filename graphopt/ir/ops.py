@@ -68,14 +68,3 @@ def custom_ops(nodes) -> list[str]:
     """``domain:op`` of every node (onnx-graphsurgeon) outside the default ONNX domain, sorted: ops whose
     semantics and kernels graphopt does not know (a runtime here may not have them)."""
     return sorted({f"{n.domain}:{n.op}" for n in nodes if not is_standard_domain(n.domain)})
-
-
-def nested_nodes(nodes):
-    """The nodes inside the subgraphs (If branches, Loop and Scan bodies) of ``nodes`` (onnx-graphsurgeon), at
-    any depth: what a pass that rewrites the main graph's nodes leaves as it is (and should say so)."""
-    for node in nodes:
-        for value in node.attrs.values():
-            for sub in value if isinstance(value, list) else [value]:
-                if hasattr(sub, "nodes") and hasattr(sub, "inputs"):  # a gs.Graph
-                    yield from sub.nodes
-                    yield from nested_nodes(sub.nodes)

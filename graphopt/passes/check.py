@@ -82,14 +82,14 @@ def _bfloat16_emulated(graph, path: str | None, optimized: bool):
     import onnx
 
     from graphopt.ir import OnnxGraph
-    from graphopt.ir.bf16 import computes_bfloat16, emulate_bfloat16
+    from graphopt.ir.bf16 import emulation
 
-    model = onnx.load(path) if path else graph.to_model()
-    if not computes_bfloat16(model):
+    emulated = emulation(onnx.load(path) if path else graph.to_model())
+    if emulated is None:
         return None
     try:
-        return OnnxGraph.from_model(emulate_bfloat16(model)).session(optimized=optimized)
-    except Exception:  # control flow it does not rewrite, or what onnxruntime refuses even in float32
+        return OnnxGraph.from_model(emulated).session(optimized=optimized)
+    except Exception:  # what onnxruntime refuses even in float32
         return None
 
 

@@ -143,13 +143,7 @@ def outer_reads(node: gs.Node) -> list[str]:
     """The tensors of the enclosing graph that ``node``'s subgraphs (If branches, Loop and Scan bodies) read by
     name without listing them as inputs: shown to the engine as inputs of the node, so their channels are
     blocked (no handler looks inside a subgraph) instead of pruned under a reader that cannot follow."""
-    found: list[str] = []
-    for value in node.attrs.values():
-        for sub in value if isinstance(value, list) else [value]:
-            if not isinstance(sub, gs.Graph):
-                continue
-            inner = {t.name for t in sub.inputs} | {t.name for n in sub.nodes for t in n.outputs}
-            for n in sub.nodes:
-                reads = [t.name for t in n.inputs if isinstance(t, gs.Variable) and t.name] + outer_reads(n)
-                found += [name for name in reads if name not in inner]
-    return found
+    subs = list(node.subgraphs(recursive=True))
+    inner = {t.name for sub in subs for t in [*sub.inputs, *(o for n in sub.nodes for o in n.outputs)]}
+    return [t.name for sub in subs for n in sub.nodes for t in n.inputs
+            if isinstance(t, gs.Variable) and t.name and t.name not in inner]
